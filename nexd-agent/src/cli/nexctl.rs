@@ -1,0 +1,306 @@
+//! `nexctl`: the command line for a running nexd. Argument definitions and
+//! one function per verb; all talking goes through `control::client`.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use super::output::{self, OutputFormat, Table, human_age, human_bytes};
+use crate::control::{
+    client::{self, ClientError},
+    protocol::{
+        ErrorCode, Method, PROTOCOL_VERSION, PeerRow, Reply, StatsInfo, StatusInfo, VersionInfo,
+    },
+};
+
+/// Default control socket path, shared with nexd.
+pub const DEFAULT_SOCKET: &str = "/run/nexd.sock";
+
+/// Exit statuses, documented in the README. Scripts may rely on them.
+pub mod exit {
+    /// nexd reported a failure, or something else went wrong.
+    pub const FAILURE: u8 = 1;
+    /// The command line was invalid (clap's own status).
+    pub const USAGE: u8 = 2;
+    /// nexd is not running or did not answer.
+    pub const UNREACHABLE: u8 = 3;
+    /// The caller may not talk to nexd or may not make this change.
+    pub const PERMISSION: u8 = 4;
+    /// nexctl and nexd speak different protocol versions.
+    pub const VERSION_MISMATCH: u8 = 5;
+    /// The request was valid but cannot be done now; nothing changed.
+    pub const UNAVAILABLE: u8 = 6;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nexctl",
+    version,
+    about = "Inspect and control the nexd mesh agent",
+    after_help = "Exit status: 0 ok, 1 failure, 2 bad usage, 3 nexd unreachable, 4 permission denied, 5 version mismatch, 6 unavailable (nothing changed)."
+)]
+pub struct Cli {
+    /// nexd's control socket.
+    #[arg(long, global = true, env = "NEXCTL_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Output format of listings.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Column)]
+    pub output: OutputFormat,
+    /// Seconds to wait for nexd's answer.
+    #[arg(long, global = true, default_value_t = 10)]
+    pub timeout: u64,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Commands for the nexd agent.
+    #[command(subcommand)]
+    Nexd(NexdCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NexdCommand {
+    /// nexctl's and nexd's versions.
+    Version,
+    /// This device, its interface and the mesh at a glance.
+    Status,
+    /// Mesh peers.
+    #[command(subcommand)]
+    Peers(PeersCommand),
+    /// eBPF data path counters.
+    Stats,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PeersCommand {
+    /// Every peer with its endpoint, handshake and traffic.
+    List,
+}
+
+/// Runs the parsed command line and returns the process exit status.
+pub fn run(cli: Cli) -> ExitCode {
+    let ctx = Ctx {
+        socket: cli.socket,
+        output: cli.output,
+        timeout: Duration::from_secs(cli.timeout.max(1)),
+    };
+    let result = match cli.command {
+        Command::Nexd(NexdCommand::Version) => version(&ctx),
+        Command::Nexd(NexdCommand::Status) => status(&ctx),
+        Command::Nexd(NexdCommand::Peers(PeersCommand::List)) => peers_list(&ctx),
+        Command::Nexd(NexdCommand::Stats) => stats(&ctx),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(exit_status(&e))
+        }
+    }
+}
+
+/// The exit status for a failed call.
+pub fn exit_status(e: &ClientError) -> u8 {
+    match e {
+        ClientError::NotRunning(_) | ClientError::Stale(_) | ClientError::Timeout { .. } => {
+            exit::UNREACHABLE
+        }
+        ClientError::PermissionDenied(_) => exit::PERMISSION,
+        ClientError::ProtocolMismatch(_) => exit::VERSION_MISMATCH,
+        ClientError::Remote(r) => match r.code {
+            ErrorCode::PermissionDenied => exit::PERMISSION,
+            ErrorCode::ProtocolMismatch => exit::VERSION_MISMATCH,
+            ErrorCode::Unavailable => exit::UNAVAILABLE,
+            ErrorCode::BadRequest | ErrorCode::Internal => exit::FAILURE,
+        },
+        ClientError::Io { .. } | ClientError::BadReply(_) => exit::FAILURE,
+    }
+}
+
+struct Ctx {
+    socket: PathBuf,
+    output: OutputFormat,
+    timeout: Duration,
+}
+
+impl Ctx {
+    fn call(&self, method: Method) -> Result<Reply, ClientError> {
+        client::call(&self.socket, method, self.timeout)
+    }
+}
+
+fn unexpected(reply: &Reply) -> ClientError {
+    ClientError::BadReply(format!("unexpected reply {reply:?}"))
+}
+
+fn version(ctx: &Ctx) -> Result<(), ClientError> {
+    #[derive(Serialize)]
+    struct Versions {
+        nexctl: VersionInfo,
+        nexd: Option<VersionInfo>,
+    }
+    let mine = VersionInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        protocol: PROTOCOL_VERSION,
+    };
+    let theirs = match ctx.call(Method::Version) {
+        Ok(Reply::Version(v)) => Ok(v),
+        Ok(other) => Err(unexpected(&other)),
+        Err(e) => Err(e),
+    };
+    let both = Versions {
+        nexctl: mine.clone(),
+        nexd: theirs.as_ref().ok().cloned(),
+    };
+    output::print(ctx.output, &both, || {
+        let mut t = Table::new(&["COMPONENT", "VERSION", "PROTOCOL"]);
+        t.row(vec![
+            "nexctl".into(),
+            mine.version.clone(),
+            mine.protocol.to_string(),
+        ]);
+        if let Ok(v) = &theirs {
+            t.row(vec![
+                "nexd".into(),
+                v.version.clone(),
+                v.protocol.to_string(),
+            ]);
+        }
+        t
+    });
+    theirs.map(|_| ())
+}
+
+fn status(ctx: &Ctx) -> Result<(), ClientError> {
+    let info: StatusInfo = match ctx.call(Method::Status)? {
+        Reply::Status(s) => s,
+        other => return Err(unexpected(&other)),
+    };
+    output::print(ctx.output, &info, || {
+        let mut t = Table::new(&["FIELD", "VALUE"]);
+        let datapath = if info.datapath.attached {
+            format!(
+                "attached ({})",
+                info.datapath
+                    .mode
+                    .map(|m| format!("{m:?}").to_lowercase())
+                    .unwrap_or_default()
+            )
+        } else {
+            format!(
+                "not attached: {}",
+                info.datapath.error.clone().unwrap_or_default()
+            )
+        };
+        for (k, v) in [
+            ("DEVICE", info.device_name.clone()),
+            ("PUBLIC KEY", info.public_key.clone()),
+            ("INTERFACE", info.interface.clone()),
+            ("BACKEND", info.backend.to_string()),
+            ("LISTEN PORT", info.listen_port.to_string()),
+            ("MESH IPV4", info.mesh_ipv4.clone()),
+            ("MESH IPV6", info.mesh_ipv6.clone()),
+            (
+                "PEERS",
+                format!("{} ({} healthy)", info.peers, info.healthy_peers),
+            ),
+            ("DATA PATH", datapath),
+            ("MESH FILE", info.mesh_file.clone()),
+            ("UPTIME", format!("{}s", info.uptime_seconds)),
+            ("VERSION", info.version.clone()),
+        ] {
+            t.row(vec![k.into(), v]);
+        }
+        t
+    });
+    Ok(())
+}
+
+fn peers_list(ctx: &Ctx) -> Result<(), ClientError> {
+    let peers: Vec<PeerRow> = match ctx.call(Method::PeersList)? {
+        Reply::Peers { peers } => peers,
+        other => return Err(unexpected(&other)),
+    };
+    output::print(ctx.output, &peers, || {
+        let mut t = Table::new(&[
+            "PUBLIC KEY",
+            "ENDPOINT",
+            "ALLOWED IPS",
+            "LATEST HANDSHAKE",
+            "TRANSMITTED",
+            "RECEIVED",
+            "HEALTHY",
+            "NAME",
+            "MESH IP",
+        ]);
+        for p in &peers {
+            t.row(vec![
+                p.public_key.clone(),
+                p.endpoint.clone().unwrap_or_else(|| "-".into()),
+                if p.allowed_ips.is_empty() {
+                    "-".into()
+                } else {
+                    p.allowed_ips.join(",")
+                },
+                human_age(p.latest_handshake_seconds),
+                human_bytes(p.transmitted_bytes),
+                human_bytes(p.received_bytes),
+                p.healthy.to_string(),
+                p.name.clone(),
+                format!("{},{}", p.mesh_ipv4, p.mesh_ipv6),
+            ]);
+        }
+        t
+    });
+    Ok(())
+}
+
+fn stats(ctx: &Ctx) -> Result<(), ClientError> {
+    let info: StatsInfo = match ctx.call(Method::Stats)? {
+        Reply::Stats(s) => s,
+        other => return Err(unexpected(&other)),
+    };
+    output::print(ctx.output, &info, || {
+        let mut t = Table::new(&["COUNTER", "PACKETS", "BYTES"]);
+        for c in &info.counters {
+            t.row(vec![
+                c.name.clone(),
+                c.total.packets.to_string(),
+                c.total.bytes.to_string(),
+            ]);
+        }
+        t
+    });
+    if !info.datapath.attached {
+        eprintln!(
+            "note: the eBPF data path is not attached: {}",
+            info.datapath.error.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn output_flag_accepts_both_forms_and_any_position() {
+        let a =
+            Cli::try_parse_from(["nexctl", "--output=json", "nexd", "peers", "list"]).expect("a");
+        assert_eq!(a.output, OutputFormat::Json);
+        let b =
+            Cli::try_parse_from(["nexctl", "nexd", "peers", "list", "-o", "no-header"]).expect("b");
+        assert_eq!(b.output, OutputFormat::NoHeader);
+        assert!(Cli::try_parse_from(["nexctl", "--output=xml", "nexd", "status"]).is_err());
+    }
+}

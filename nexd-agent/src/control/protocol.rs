@@ -1,0 +1,259 @@
+//! The control protocol between `nexctl` and `nexd`: one JSON object per
+//! line over a unix stream socket, one request and one reply per
+//! connection. Documented in docs/CONTROL-PROTOCOL.md.
+//!
+//! Every message carries `protocol`, the protocol version. The envelope
+//! (`protocol`, `method`, `ok`/`error`) never changes shape, so a nexctl and
+//! a nexd of different versions can always tell each other so plainly.
+
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::{AttachMode, CounterTotal};
+use crate::wireguard::BackendKind;
+
+/// Version of the request/reply formats. Bump it on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest request nexd reads; anything longer is refused unread.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+
+/// Largest reply nexctl reads (a 1,000-peer list is about 400 KiB).
+pub const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
+
+/// A request as sent on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub protocol: u32,
+    #[serde(flatten)]
+    pub method: Method,
+}
+
+/// What nexctl asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Method {
+    /// nexd's version and protocol.
+    Version,
+    /// Device, interface, backend and mesh summary.
+    Status,
+    /// Every configured peer with its live WireGuard state.
+    PeersList,
+    /// Data path counters.
+    Stats,
+}
+
+impl Method {
+    /// Whether the request changes state (and so needs a privileged caller).
+    pub fn is_mutating(&self) -> bool {
+        match self {
+            Method::Version | Method::Status | Method::PeersList | Method::Stats => false,
+        }
+    }
+}
+
+/// A reply as sent on the wire: exactly one of `ok` and `error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub protocol: u32,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// Success or failure of a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok(Reply),
+    Error(ErrorReply),
+}
+
+/// A failure, with a stable machine-readable code and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Stable error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request was not valid JSON, too large, or named an unknown method.
+    BadRequest,
+    /// nexctl and nexd speak different protocol versions.
+    ProtocolMismatch,
+    /// The caller may not make this request.
+    PermissionDenied,
+    /// The request is valid but cannot be done now (and nothing changed).
+    Unavailable,
+    /// nexd failed while doing it.
+    Internal,
+}
+
+/// The successful result of each method.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Version(VersionInfo),
+    Status(StatusInfo),
+    Peers { peers: Vec<PeerRow> },
+    Stats(StatsInfo),
+}
+
+/// Reply to `version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    pub version: String,
+    pub protocol: u32,
+}
+
+/// Reply to `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    pub version: String,
+    pub device_name: String,
+    pub public_key: String,
+    pub interface: String,
+    pub backend: BackendKind,
+    pub listen_port: u16,
+    pub mesh_ipv4: String,
+    pub mesh_ipv6: String,
+    pub mesh_file: String,
+    pub peers: usize,
+    pub healthy_peers: usize,
+    pub uptime_seconds: u64,
+    pub datapath: DatapathInfo,
+}
+
+/// State of the eBPF data path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatapathInfo {
+    pub attached: bool,
+    pub mode: Option<AttachMode>,
+    /// Why it is not attached, when it is not.
+    pub error: Option<String>,
+}
+
+/// One row of `peers list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRow {
+    pub name: String,
+    pub public_key: String,
+    /// Current endpoint as WireGuard sees it (it follows roaming peers).
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    pub mesh_ipv4: String,
+    pub mesh_ipv6: String,
+    /// Seconds since the last handshake; `None` if there was none.
+    pub latest_handshake_seconds: Option<u64>,
+    pub transmitted_bytes: u64,
+    pub received_bytes: u64,
+    /// A handshake completed within the last 180 seconds (WireGuard's
+    /// reject-after time), so the session is usable.
+    pub healthy: bool,
+}
+
+/// Reply to `stats`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsInfo {
+    pub datapath: DatapathInfo,
+    pub counters: Vec<CounterRow>,
+}
+
+/// One data path counter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterRow {
+    pub name: String,
+    #[serde(flatten)]
+    pub total: CounterTotal,
+}
+
+impl Response {
+    pub fn ok(reply: Reply) -> Self {
+        Response {
+            protocol: PROTOCOL_VERSION,
+            outcome: Outcome::Ok(reply),
+        }
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Response {
+            protocol: PROTOCOL_VERSION,
+            outcome: Outcome::Error(ErrorReply {
+                code,
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+/// Decodes one request line, checking the protocol version before the
+/// method so a version mismatch is reported as such, not as a bad method.
+pub fn decode_request(line: &[u8]) -> Result<Request, ErrorReply> {
+    let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| ErrorReply {
+        code: ErrorCode::BadRequest,
+        message: format!("request is not valid JSON: {e}"),
+    })?;
+    let protocol = value
+        .get("protocol")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| ErrorReply {
+            code: ErrorCode::BadRequest,
+            message: "request has no numeric \"protocol\" field".into(),
+        })?;
+    if protocol != u64::from(PROTOCOL_VERSION) {
+        return Err(ErrorReply {
+            code: ErrorCode::ProtocolMismatch,
+            message: format!(
+                "this nexd (version {}) speaks control protocol {PROTOCOL_VERSION}, the client speaks {protocol}; use the nexctl that came with this nexd",
+                env!("CARGO_PKG_VERSION")
+            ),
+        });
+    }
+    serde_json::from_value(value).map_err(|e| ErrorReply {
+        code: ErrorCode::BadRequest,
+        message: format!("invalid request: {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format_is_stable() {
+        let req = Request {
+            protocol: PROTOCOL_VERSION,
+            method: Method::PeersList,
+        };
+        let json = serde_json::to_string(&req).expect("encode");
+        assert_eq!(json, r#"{"protocol":1,"method":"peers_list"}"#);
+        assert_eq!(decode_request(json.as_bytes()), Ok(req));
+    }
+
+    #[test]
+    fn error_reply_wire_format_is_stable() {
+        let resp = Response::error(ErrorCode::Unavailable, "no exit node");
+        let json = serde_json::to_string(&resp).expect("encode");
+        assert_eq!(
+            json,
+            r#"{"protocol":1,"error":{"code":"unavailable","message":"no exit node"}}"#
+        );
+        let back: Response = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back, resp);
+    }
+
+    #[test]
+    fn bad_requests_are_named() {
+        let e = decode_request(b"{nope").expect_err("bad json");
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        let e = decode_request(br#"{"method":"status"}"#).expect_err("no protocol");
+        assert!(e.message.contains("protocol"), "{e:?}");
+        let e = decode_request(br#"{"protocol":1,"method":"reboot"}"#).expect_err("unknown");
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(e.message.contains("reboot"), "{e:?}");
+        let e = decode_request(br#"{"protocol":99,"method":"reboot"}"#).expect_err("version");
+        assert_eq!(e.code, ErrorCode::ProtocolMismatch);
+        assert!(e.message.contains("99"), "{e:?}");
+    }
+}

@@ -1,0 +1,132 @@
+//! The nexd daemon: start-up, the event loop, and shutdown.
+//!
+//! One task owns all state and is the only one that changes kernel objects;
+//! signals, control requests and timers reach it as events. Start-up,
+//! SIGHUP reloads and control requests all go through the same reconcile
+//! step (`state::Daemon::apply`), which computes the wanted state and
+//! applies only the difference.
+
+mod answers;
+pub mod lock;
+pub mod reconcile;
+mod state;
+
+use std::{os::unix::fs::DirBuilderExt as _, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, anyhow};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    control::server::{self, ControlServer},
+    keys, mesh,
+    netlink::Netlink,
+    wireguard::BackendChoice,
+};
+
+pub use state::Daemon;
+
+/// Everything the daemon needs to know from its command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub mesh_file: PathBuf,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub interface: String,
+    pub wireguard: BackendChoice,
+}
+
+/// How often the loop wakes up without an event (health, retries).
+const TICK: Duration = Duration::from_secs(1);
+
+/// Runs nexd until SIGINT or SIGTERM, then removes everything it created.
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    // Signal handlers first: a SIGTERM during start-up must still lead to a
+    // clean teardown, not the default "die with things installed".
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&opts.state_dir)
+        .with_context(|| format!("cannot create state directory {}", opts.state_dir.display()))?;
+    let _lock = lock::InstanceLock::acquire(&opts.state_dir)?;
+    server::check_socket_free(&opts.socket)?;
+
+    let (key, created) = keys::load_or_create(&opts.state_dir)?;
+    let own = key.public_key();
+    if created {
+        info!(public_key = %own, path = %keys::key_path(&opts.state_dir).display(), "generated a new private key");
+    }
+    let mesh = mesh::read(&opts.mesh_file)?;
+    let me = mesh.device(&own).ok_or_else(|| {
+        anyhow!(
+            "this device's public key {own} is not in the mesh file {}; add a [[device]] entry with public_key = \"{own}\"",
+            opts.mesh_file.display()
+        )
+    })?;
+    info!(device = %me.name, public_key = %own, interface = %opts.interface, "starting nexd {}", env!("CARGO_PKG_VERSION"));
+
+    let nl = Netlink::connect()?;
+    let mut daemon = Daemon::new(opts.clone(), key, nl, mesh);
+    let started = tokio::select! {
+        r = daemon.start() => r,
+        _ = sigterm.recv() => Err(anyhow!("stopped by SIGTERM during start-up")),
+        _ = sigint.recv() => Err(anyhow!("stopped by SIGINT during start-up")),
+    };
+    if let Err(e) = started {
+        daemon.teardown().await;
+        return Err(e);
+    }
+    let (control, mut calls) = match ControlServer::bind(&opts.socket) {
+        Ok(x) => x,
+        Err(e) => {
+            daemon.teardown().await;
+            return Err(e.into());
+        }
+    };
+    info!(socket = %opts.socket.display(), "ready");
+
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let reason = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            _ = sighup.recv() => {
+                info!(mesh_file = %opts.mesh_file.display(), "SIGHUP: reloading the mesh file");
+                daemon.reload().await;
+            }
+            Some(call) = calls.recv() => {
+                let response = daemon.answer(call.method).await;
+                let _ = call.reply.send(response);
+            }
+            _ = tick.tick() => daemon.tick().await,
+        }
+    };
+    info!(reason, "stopping: removing everything nexd installed");
+    control.shutdown();
+    daemon.teardown().await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Logs every line of a multi-line error at error level, so each mesh-file
+/// problem is its own log line.
+pub(crate) fn log_error_lines(context: &str, err: &dyn std::fmt::Display) {
+    let text = err.to_string();
+    let mut lines = text.lines();
+    if let Some(first) = lines.next() {
+        error!("{context}: {first}");
+    }
+    for line in lines {
+        error!("{context}: {}", line.trim());
+    }
+}
+
+/// Logs a failure to undo something during teardown; teardown carries on.
+pub(crate) fn teardown_warning(what: &str, err: &dyn std::fmt::Display) {
+    warn!(error = %err, "teardown: {what} failed");
+}

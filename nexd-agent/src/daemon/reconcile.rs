@@ -1,0 +1,233 @@
+//! The decisions of the reconcile loop as pure functions: from the mesh and
+//! local settings to the wanted peers, and from wanted vs. applied to the
+//! smallest change. No I/O here, so every rule is unit-tested.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::{
+    keys::PublicKey,
+    mesh::{Endpoint, Host, Mesh},
+    wireguard::PeerConfig,
+};
+
+/// The default routes an exit peer carries in addition to its own addresses.
+pub fn default_routes() -> [IpNet; 2] {
+    [
+        IpNet::V4(Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).unwrap_or_default()),
+        IpNet::V6(Ipv6Net::new(Ipv6Addr::UNSPECIFIED, 0).unwrap_or_default()),
+    ]
+}
+
+/// The mesh addresses of this device with the mesh prefix lengths, as they
+/// go on the interface (which also routes the whole mesh prefix into it).
+pub fn interface_addresses(mesh: &Mesh, own: &PublicKey) -> Option<[IpNet; 2]> {
+    let me = mesh.device(own)?;
+    Some([
+        IpNet::new(IpAddr::V4(me.ipv4), mesh.ipv4_prefix.prefix_len()).ok()?,
+        IpNet::new(IpAddr::V6(me.ipv6), mesh.ipv6_prefix.prefix_len()).ok()?,
+    ])
+}
+
+/// Turns endpoints into socket addresses: literal addresses directly, names
+/// through `resolved` (filled by the caller's DNS lookups).
+pub fn endpoint_addr(
+    ep: &Endpoint,
+    resolved: &HashMap<Endpoint, SocketAddr>,
+) -> Option<SocketAddr> {
+    match &ep.host {
+        Host::Ip(ip) => Some(SocketAddr::new(*ip, ep.port)),
+        Host::Name(_) => resolved.get(ep).copied(),
+    }
+}
+
+/// The peer config every other device should have on this one: its /32 and
+/// /128, its endpoint, the mesh keepalive. `exit_peer`, when set, also
+/// carries the default routes (exit-node client mode).
+pub fn wanted_peers(
+    mesh: &Mesh,
+    own: &PublicKey,
+    resolved: &HashMap<Endpoint, SocketAddr>,
+    exit_peer: Option<&PublicKey>,
+) -> Vec<PeerConfig> {
+    mesh.peers_of(own)
+        .map(|d| {
+            let mut allowed_ips = vec![
+                IpNet::V4(Ipv4Net::new(d.ipv4, 32).unwrap_or_default()),
+                IpNet::V6(Ipv6Net::new(d.ipv6, 128).unwrap_or_default()),
+            ];
+            if exit_peer == Some(&d.public_key) {
+                allowed_ips.extend(default_routes());
+            }
+            PeerConfig {
+                public_key: d.public_key,
+                endpoint: d.endpoint.as_ref().and_then(|e| endpoint_addr(e, resolved)),
+                allowed_ips,
+                persistent_keepalive: mesh.persistent_keepalive,
+            }
+        })
+        .collect()
+}
+
+/// The change that turns `applied` into `wanted`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PeerDiff {
+    /// New peers and peers whose config changed.
+    pub upsert: Vec<PeerConfig>,
+    /// Peers that are no longer wanted.
+    pub remove: Vec<PublicKey>,
+}
+
+impl PeerDiff {
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// Compares against what nexd last applied (not the live device, whose
+/// endpoints follow roaming peers), so an unchanged peer is never touched
+/// and its session survives the reload.
+pub fn diff_peers(applied: &BTreeMap<PublicKey, PeerConfig>, wanted: &[PeerConfig]) -> PeerDiff {
+    let mut diff = PeerDiff::default();
+    let mut wanted_keys = std::collections::HashSet::with_capacity(wanted.len());
+    for w in wanted {
+        wanted_keys.insert(w.public_key);
+        if applied.get(&w.public_key) != Some(w) {
+            diff.upsert.push(w.clone());
+        }
+    }
+    diff.remove = applied
+        .keys()
+        .filter(|k| !wanted_keys.contains(*k))
+        .copied()
+        .collect();
+    diff
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{keys::PrivateKey, mesh::Device};
+
+    fn mesh(n: u8) -> Mesh {
+        Mesh {
+            ipv4_prefix: "100.64.0.0/10".parse().expect("v4"),
+            ipv6_prefix: "fd00::/64".parse().expect("v6"),
+            persistent_keepalive: 25,
+            mtu: 1420,
+            devices: (1..=n)
+                .map(|i| Device {
+                    name: format!("d{i}"),
+                    public_key: PrivateKey::generate().public_key(),
+                    endpoint: Some(Endpoint {
+                        host: Host::Ip(format!("192.0.2.{i}").parse().expect("ip")),
+                        port: 51820,
+                    }),
+                    listen_port: 51820,
+                    ipv4: format!("100.64.0.{i}").parse().expect("ip"),
+                    ipv6: format!("fd00::{i}").parse().expect("ip"),
+                })
+                .collect(),
+        }
+    }
+
+    fn applied(peers: &[PeerConfig]) -> BTreeMap<PublicKey, PeerConfig> {
+        peers.iter().map(|p| (p.public_key, p.clone())).collect()
+    }
+
+    #[test]
+    fn every_other_device_is_a_peer_with_host_routes() {
+        let m = mesh(3);
+        let own = m.devices[0].public_key;
+        let peers = wanted_peers(&m, &own, &HashMap::new(), None);
+        assert_eq!(peers.len(), 2);
+        assert!(peers.iter().all(|p| p.public_key != own));
+        assert_eq!(peers[0].allowed_ips[0].to_string(), "100.64.0.2/32");
+        assert_eq!(peers[0].allowed_ips[1].to_string(), "fd00::2/128");
+        assert_eq!(
+            peers[0].endpoint,
+            Some("192.0.2.2:51820".parse().expect("sa"))
+        );
+        assert_eq!(peers[0].persistent_keepalive, 25);
+        let addrs = interface_addresses(&m, &own).expect("own");
+        assert_eq!(addrs[0].to_string(), "100.64.0.1/10");
+        assert_eq!(addrs[1].to_string(), "fd00::1/64");
+    }
+
+    #[test]
+    fn only_the_exit_peer_gets_default_routes() {
+        let m = mesh(3);
+        let own = m.devices[0].public_key;
+        let exit = m.devices[2].public_key;
+        let peers = wanted_peers(&m, &own, &HashMap::new(), Some(&exit));
+        let by_key: HashMap<_, _> = peers.iter().map(|p| (p.public_key, p)).collect();
+        assert_eq!(by_key[&exit].allowed_ips.len(), 4);
+        assert!(
+            by_key[&exit]
+                .allowed_ips
+                .contains(&"0.0.0.0/0".parse().expect("net"))
+        );
+        assert!(
+            by_key[&exit]
+                .allowed_ips
+                .contains(&"::/0".parse().expect("net"))
+        );
+        assert_eq!(by_key[&m.devices[1].public_key].allowed_ips.len(), 2);
+    }
+
+    #[test]
+    fn unresolved_names_leave_the_endpoint_empty() {
+        let mut m = mesh(2);
+        let ep = Endpoint {
+            host: Host::Name("peer.example".into()),
+            port: 1,
+        };
+        m.devices[1].endpoint = Some(ep.clone());
+        let own = m.devices[0].public_key;
+        assert_eq!(
+            wanted_peers(&m, &own, &HashMap::new(), None)[0].endpoint,
+            None
+        );
+        let resolved = HashMap::from([(ep, "198.51.100.7:1".parse().expect("sa"))]);
+        assert_eq!(
+            wanted_peers(&m, &own, &resolved, None)[0].endpoint,
+            Some("198.51.100.7:1".parse().expect("sa"))
+        );
+    }
+
+    #[test]
+    fn diff_touches_only_changed_peers() {
+        let m = mesh(4);
+        let own = m.devices[0].public_key;
+        let before = wanted_peers(&m, &own, &HashMap::new(), None);
+        let applied = applied(&before);
+        assert!(diff_peers(&applied, &before).is_empty());
+
+        // Remove d3, change d4's endpoint, keep d2.
+        let mut m2 = m.clone();
+        let removed = m2.devices.remove(2).public_key;
+        m2.devices[2].endpoint = Some(Endpoint {
+            host: Host::Ip("203.0.113.9".parse().expect("ip")),
+            port: 4000,
+        });
+        let after = wanted_peers(&m2, &own, &HashMap::new(), None);
+        let diff = diff_peers(&applied, &after);
+        assert_eq!(diff.remove, vec![removed]);
+        assert_eq!(diff.upsert.len(), 1);
+        assert_eq!(diff.upsert[0].public_key, m2.devices[2].public_key);
+    }
+
+    #[test]
+    fn diff_from_nothing_adds_everyone() {
+        let m = mesh(3);
+        let own = m.devices[0].public_key;
+        let wanted = wanted_peers(&m, &own, &HashMap::new(), None);
+        let diff = diff_peers(&BTreeMap::new(), &wanted);
+        assert_eq!(diff.upsert.len(), 2);
+        assert!(diff.remove.is_empty());
+    }
+}

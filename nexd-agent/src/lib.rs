@@ -1,0 +1,14 @@
+//! nexd: a WireGuard mesh agent with an eBPF exit-node data path.
+//!
+//! One module per concern, each the single owner of the kernel objects it
+//! creates; see docs/ARCHITECTURE.md for the map.
+
+pub mod cli;
+pub mod control;
+pub mod daemon;
+pub mod datapath;
+pub mod keys;
+pub mod mesh;
+pub mod netif;
+pub mod netlink;
+pub mod wireguard;

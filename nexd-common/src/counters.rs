@@ -1,0 +1,54 @@
+//! Per-CPU counters: one slot per verdict a program can reach.
+//!
+//! Counters are per CPU so the hot path never contends on a cache line; user
+//! space sums the CPUs when it reads them.
+
+/// What happened to a packet. The discriminant is the index into the
+/// counters map, so values are fixed forever: new verdicts get new numbers.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// IP packets the mesh interface received from the tunnel.
+    TunnelRx = 0,
+    /// IP packets the mesh interface sent into the tunnel.
+    TunnelTx = 1,
+    /// Frames on a watched interface that were neither IPv4 nor IPv6.
+    NotIp = 2,
+}
+
+impl Counter {
+    /// Number of slots in the counters map.
+    pub const COUNT: u32 = 3;
+
+    /// Every counter, in index order, for user space to iterate.
+    pub const ALL: [Counter; Self::COUNT as usize] =
+        [Counter::TunnelRx, Counter::TunnelTx, Counter::NotIp];
+
+    /// The stable snake_case name used by `nexctl nexd stats` and its JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::TunnelRx => "tunnel_rx",
+            Counter::TunnelTx => "tunnel_tx",
+            Counter::NotIp => "not_ip",
+        }
+    }
+
+    /// The map index of this counter.
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+}
+
+/// One counter slot on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    /// Packets counted.
+    pub packets: u64,
+    /// Bytes counted (the skb length the program saw).
+    pub bytes: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: CounterValue is repr(C), Copy, and made of two u64 with no padding.
+unsafe impl aya::Pod for CounterValue {}

@@ -1,0 +1,291 @@
+//! A mesh device under test: a network namespace, a state directory and,
+//! while started, a real nexd process.
+//!
+//! nexd runs in a private mount namespace with its own tmpfs on
+//! /run/wireguard and its own bpffs on /sys/fs/bpf: userspace WireGuard
+//! UAPI sockets and BPF pins are files, not per network namespace, and
+//! would otherwise clash between nodes (see NOTES-userspace-wireguard.md).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+use crate::{bins, cmd, netns::Netns, wait_for};
+
+static DIRS: AtomicU32 = AtomicU32::new(0);
+
+/// How a node's nexd is started.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// Extra arguments placed before nexd's own (`router --exit-node`...).
+    pub args: Vec<String>,
+    /// `--wireguard` value.
+    pub wireguard: String,
+    /// `--log-level` value.
+    pub log_level: String,
+}
+
+impl Default for NodeSpec {
+    fn default() -> Self {
+        NodeSpec {
+            args: Vec::new(),
+            wireguard: std::env::var("NEXD_TEST_WIREGUARD").unwrap_or_else(|_| "userspace".into()),
+            log_level: "info,nexd=debug".into(),
+        }
+    }
+}
+
+/// One device: its namespace, files and (maybe) running nexd.
+pub struct Node {
+    pub name: String,
+    pub ns: Netns,
+    dir: PathBuf,
+    child: Option<Child>,
+    runs: u32,
+}
+
+impl Node {
+    /// Creates the node's namespace and directory (nothing runs yet).
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let ns = Netns::new(name)?;
+        let n = DIRS.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("nexd-test-{}-{n}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Node {
+            name: name.to_owned(),
+            ns,
+            dir,
+            child: None,
+            runs: 0,
+        })
+    }
+
+    /// The node's working directory (state dir, mesh file, socket, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("nexd.sock")
+    }
+
+    pub fn mesh_file(&self) -> PathBuf {
+        self.dir.join("mesh.toml")
+    }
+
+    /// Path of the log of the current (or last) run.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("nexd.{}.log", self.runs))
+    }
+
+    /// Creates the node's key (if needed) and returns its public key.
+    pub fn keygen(&self) -> anyhow::Result<String> {
+        let nexd = bins::nexd()?;
+        let out = cmd::run(
+            nexd.to_str().context("path")?,
+            [
+                "--state-dir",
+                self.state_dir().to_str().context("path")?,
+                "keygen",
+            ],
+        )?;
+        Ok(out.trim().to_owned())
+    }
+
+    /// Writes the node's mesh file.
+    pub fn write_mesh(&self, text: &str) -> anyhow::Result<()> {
+        fs::write(self.mesh_file(), text).context("writing mesh file")
+    }
+
+    /// Starts nexd and waits until its control socket answers.
+    pub fn start(&mut self, spec: &NodeSpec) -> anyhow::Result<()> {
+        self.spawn(spec)?;
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    /// Starts nexd without waiting for it to be ready.
+    pub fn spawn(&mut self, spec: &NodeSpec) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("{}: nexd is already running", self.name);
+        }
+        fs::create_dir_all("/run/wireguard").context("creating /run/wireguard mount point")?;
+        self.runs += 1;
+        let log = fs::File::create(self.log_path()).context("creating log file")?;
+        let nexd = bins::nexd()?;
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", self.ns.name(), "sh", "-c"])
+            .arg(
+                "mount -t tmpfs nexd-wg /run/wireguard && mount -t bpf bpf /sys/fs/bpf && exec \"$0\" \"$@\"",
+            )
+            .arg(&nexd)
+            .args(&spec.args)
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--mesh-file")
+            .arg(self.mesh_file())
+            .arg("--socket")
+            .arg(self.socket())
+            .args(["--wireguard", &spec.wireguard, "--log-level", &spec.log_level])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.child = Some(c.spawn().context("starting nexd")?);
+        Ok(())
+    }
+
+    /// Waits until `nexctl nexd version` succeeds.
+    pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit_status()? {
+                bail!(
+                    "{}: nexd exited ({status}) before it was ready; log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            if self.nexctl(&["nexd", "version"])?.status.success() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{}: nexd not ready after {timeout:?}; log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// nexd's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn try_exit_status(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            None => Ok(None),
+            Some(c) => Ok(c.try_wait()?),
+        }
+    }
+
+    /// Sends `sig` to nexd.
+    pub fn signal(&self, sig: Signal) -> anyhow::Result<()> {
+        let pid = self.pid().context("nexd is not running")?;
+        kill(Pid::from_raw(pid as i32), sig).context("kill")?;
+        Ok(())
+    }
+
+    /// SIGTERM, then waits (bounded) for nexd to exit; returns its status.
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        self.signal(Signal::SIGTERM)?;
+        self.wait_exit(Duration::from_secs(15))
+    }
+
+    /// SIGKILL, then waits for the process to be gone.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGKILL)?;
+        self.wait_exit(Duration::from_secs(5)).map(|_| ())
+    }
+
+    /// Waits for nexd to exit; SIGKILLs it after `timeout` and fails.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("nexd is not running")?;
+        let status = wait_for("nexd to exit", timeout, Duration::from_millis(20), || {
+            child.try_wait().ok().flatten()
+        });
+        match status {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e.context(format!("{}: log:\n{}", self.name, self.log())))
+            }
+        }
+    }
+
+    /// Runs nexctl against this node's socket; returns the raw output.
+    pub fn nexctl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let nexctl = bins::nexctl()?;
+        let mut c = Command::new(nexctl);
+        c.arg("--socket").arg(self.socket()).args(args);
+        cmd::output_with_timeout(&mut c, Duration::from_secs(20))
+    }
+
+    /// Runs nexctl with `--output json` and parses the result; fails unless
+    /// nexctl exits 0.
+    pub fn nexctl_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut full = vec!["--output=json"];
+        full.extend_from_slice(args);
+        let out = self.nexctl(&full)?;
+        if !out.status.success() {
+            bail!(
+                "{}: nexctl {args:?} failed ({}): {}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "nexctl output is not JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// `wg show` as seen from inside nexd's mount namespace (where its
+    /// UAPI socket lives).
+    pub fn wg_show(&self) -> anyhow::Result<String> {
+        let pid = self.pid().context("nexd is not running")?.to_string();
+        cmd::run("nsenter", ["-t", &pid, "-m", "-n", "wg", "show"])
+    }
+
+    /// The log of the current (or last) run.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- {} nexd log ({}) ----\n{}",
+                self.name,
+                self.log_path().display(),
+                self.log()
+            );
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}

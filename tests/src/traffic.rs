@@ -1,0 +1,192 @@
+//! Real traffic between namespaces: ping through the system tool, TCP and
+//! UDP through sockets opened inside the namespaces. Every operation has a
+//! deadline.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::netns::Netns;
+
+/// One ICMP echo from `from` to `to`; true if a reply came within `wait`.
+pub fn ping_once(from: &Netns, to: IpAddr, wait: Duration) -> anyhow::Result<bool> {
+    let w = wait.as_secs().max(1).to_string();
+    let target = to.to_string();
+    let out = from.exec_output(
+        &["ping", "-n", "-q", "-c", "1", "-W", &w, &target],
+        wait + Duration::from_secs(5),
+    )?;
+    Ok(out.status.success())
+}
+
+/// Pings until one reply arrives or `timeout` passes (the first packets of
+/// a tunnel wait for a handshake).
+pub fn ping_until(from: &Netns, to: IpAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ping_once(from, to, Duration::from_secs(1))? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no ping reply from {to} in {} within {timeout:?}",
+                from.name()
+            );
+        }
+    }
+}
+
+/// FNV-1a, enough to prove the bytes arrived intact and in order.
+fn fnv(data: &[u8], mut h: u64) -> u64 {
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i.wrapping_mul(31) % 251) as u8).collect()
+}
+
+/// Result of a TCP transfer.
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer {
+    /// The client address as the server saw it.
+    pub seen_from: SocketAddr,
+    pub bytes: usize,
+    pub elapsed: Duration,
+}
+
+/// Sends `len` bytes over TCP from a socket in `from` to a listener on
+/// `to_addr` in `to`, and checks the server received exactly those bytes.
+pub fn tcp_transfer(
+    from: &Netns,
+    to: &Netns,
+    to_addr: IpAddr,
+    len: usize,
+    timeout: Duration,
+) -> anyhow::Result<Transfer> {
+    let listener =
+        to.run_in(move || TcpListener::bind(SocketAddr::new(to_addr, 0)).context("bind"))?;
+    let port = listener.local_addr()?.port();
+    listener.set_nonblocking(true)?;
+    let server = std::thread::spawn(move || -> anyhow::Result<(SocketAddr, usize, u64)> {
+        let deadline = Instant::now() + timeout;
+        let (mut conn, peer) = loop {
+            match listener.accept() {
+                Ok(c) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        bail!("no connection within {timeout:?}");
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(timeout))?;
+        let mut total = 0usize;
+        let mut h = FNV_OFFSET;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = conn.read(&mut buf).context("server read")?;
+            if n == 0 {
+                break;
+            }
+            h = fnv(&buf[..n], h);
+            total += n;
+        }
+        conn.write_all(&(total as u64).to_be_bytes())?;
+        conn.write_all(&h.to_be_bytes())?;
+        Ok((peer, total, h))
+    });
+    let data = pattern(len);
+    let expect_hash = fnv(&data, FNV_OFFSET);
+    let start = Instant::now();
+    let client = from.run_in(move || -> anyhow::Result<(usize, u64)> {
+        let addr = SocketAddr::new(to_addr, port);
+        let mut s = TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("connect {addr}"))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(&data).context("client write")?;
+        s.shutdown(Shutdown::Write)?;
+        let mut reply = [0u8; 16];
+        s.read_exact(&mut reply).context("client read reply")?;
+        let total = u64::from_be_bytes(reply[..8].try_into()?) as usize;
+        let h = u64::from_be_bytes(reply[8..].try_into()?);
+        Ok((total, h))
+    });
+    let elapsed = start.elapsed();
+    let server = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))?;
+    let (total, h) = client?;
+    let (peer, s_total, s_hash) = server?;
+    if total != len || s_total != len || h != expect_hash || s_hash != expect_hash {
+        bail!("TCP transfer to {to_addr} corrupted: sent {len} bytes, server got {s_total}");
+    }
+    Ok(Transfer {
+        seen_from: peer,
+        bytes: len,
+        elapsed,
+    })
+}
+
+/// Sends one UDP datagram from `from` to a socket on `to_addr` in `to` and
+/// waits for the echo; returns the client address the server saw.
+pub fn udp_exchange(
+    from: &Netns,
+    to: &Netns,
+    to_addr: IpAddr,
+    timeout: Duration,
+) -> anyhow::Result<SocketAddr> {
+    let server_sock =
+        to.run_in(move || UdpSocket::bind(SocketAddr::new(to_addr, 0)).context("bind"))?;
+    let port = server_sock.local_addr()?.port();
+    server_sock.set_read_timeout(Some(timeout))?;
+    let server = std::thread::spawn(move || -> anyhow::Result<SocketAddr> {
+        let mut buf = [0u8; 1500];
+        let (n, peer) = server_sock.recv_from(&mut buf).context("udp server recv")?;
+        server_sock.send_to(&buf[..n], peer)?;
+        Ok(peer)
+    });
+    let unspecified: IpAddr = if to_addr.is_ipv4() {
+        "0.0.0.0".parse()?
+    } else {
+        "::".parse()?
+    };
+    from.run_in(move || -> anyhow::Result<()> {
+        let s = UdpSocket::bind(SocketAddr::new(unspecified, 0))?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let deadline = Instant::now() + timeout;
+        let msg = b"nexd-udp-probe";
+        loop {
+            s.send_to(msg, SocketAddr::new(to_addr, port))?;
+            let mut buf = [0u8; 64];
+            match s.recv_from(&mut buf) {
+                Ok((n, _)) if &buf[..n] == msg => return Ok(()),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if Instant::now() >= deadline {
+                bail!("no UDP echo from {to_addr}:{port} within {timeout:?}");
+            }
+        }
+    })?;
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("udp server thread panicked"))?
+}
