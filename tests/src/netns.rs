@@ -19,6 +19,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 pub struct Netns {
     name: String,
     label: String,
+    /// Set by `keep`: the namespace outlives the guard.
+    kept: bool,
 }
 
 impl Netns {
@@ -26,17 +28,30 @@ impl Netns {
     /// loopback up.
     pub fn new(label: &str) -> anyhow::Result<Self> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("nx{}x{n}-{label}", std::process::id());
-        cmd::ip(["netns", "add", &name])?;
+        Self::named(&format!("nx{}x{n}-{label}", std::process::id()), label)
+    }
+
+    /// Creates a namespace with exactly this name (the lab uses fixed
+    /// names so `cargo xtask lab down` can find them later).
+    pub fn named(name: &str, label: &str) -> anyhow::Result<Self> {
+        cmd::ip(["netns", "add", name])?;
         let ns = Netns {
-            name,
+            name: name.to_owned(),
             label: label.to_owned(),
+            kept: false,
         };
         ns.ip("link set lo up")?;
         // Keep DAD out of the way of test addresses on veths.
         ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
         ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
         Ok(ns)
+    }
+
+    /// Gives up ownership: the namespace outlives this guard. Returns its
+    /// name, for whoever removes it later.
+    pub fn keep(&mut self) -> String {
+        self.kept = true;
+        self.name.clone()
     }
 
     /// The namespace's name for `ip netns exec`.
@@ -138,6 +153,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         // Anything still running inside keeps the namespace alive: kill it.
         if let Ok(pids) = cmd::ip(["netns", "pids", &self.name]) {
             for pid in pids

@@ -52,6 +52,8 @@ pub struct Node {
     dir: PathBuf,
     child: Option<Child>,
     runs: u32,
+    /// Set by `keep`: leave process and files when dropped.
+    kept: bool,
 }
 
 impl Node {
@@ -68,6 +70,7 @@ impl Node {
             dir,
             child: None,
             runs: 0,
+            kept: false,
         })
     }
 
@@ -263,8 +266,49 @@ impl Node {
     }
 }
 
+/// What is left of a node whose namespace and nexd were kept running.
+#[derive(Debug, Clone)]
+pub struct KeptNode {
+    pub name: String,
+    pub netns: String,
+    pub pid: Option<u32>,
+    pub dir: PathBuf,
+}
+
+impl Node {
+    /// Creates a node whose namespace has exactly the name `netns`.
+    pub fn named(name: &str, netns: &str, dir: &Path) -> anyhow::Result<Self> {
+        let ns = Netns::named(netns, name)?;
+        let _ = fs::remove_dir_all(dir);
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Node {
+            name: name.to_owned(),
+            ns,
+            dir: dir.to_owned(),
+            child: None,
+            runs: 0,
+            kept: false,
+        })
+    }
+
+    /// Leaves the namespace, nexd and files in place when this value goes
+    /// away (`cargo xtask lab --keep`).
+    pub fn keep(mut self) -> KeptNode {
+        self.kept = true;
+        KeptNode {
+            name: self.name.clone(),
+            netns: self.ns.keep(),
+            pid: self.child.take().map(|c| c.id()),
+            dir: self.dir.clone(),
+        }
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         if let Some(mut child) = self.child.take() {
             let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(5);

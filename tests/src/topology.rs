@@ -13,7 +13,11 @@ pub struct Switch {
 
 impl Switch {
     pub fn new(label: &str) -> anyhow::Result<Self> {
-        let ns = Netns::new(label)?;
+        Self::in_netns(Netns::new(label)?)
+    }
+
+    /// A switch inside the given (fresh) namespace.
+    pub fn in_netns(ns: Netns) -> anyhow::Result<Self> {
         ns.ip("link add br0 type bridge")?;
         ns.ip("link set br0 up")?;
         Ok(Switch { ns, ports: 0 })

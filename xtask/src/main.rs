@@ -1,1 +1,66 @@
-fn main() {}
+//! `cargo xtask <task>`: the one entry point for chores around nexd.
+//!
+//! * `setup`      install what a fresh Debian machine needs (idempotent)
+//! * `build-ebpf` build the eBPF programs and show the compiler's output
+//! * `test`       the whole test suite (what CI runs)
+//! * `lab`        a local mesh of namespaced devices, narrated
+
+mod build_ebpf;
+mod lab;
+mod setup;
+mod test;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Chores for the nexd workspace")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install everything building and testing nexd needs: Debian packages
+    /// (--no-install-recommends), nightly with rust-src, bpf-linker built
+    /// against Debian's LLVM 22. Quick when everything is there.
+    Setup(setup::Args),
+    /// Build the eBPF programs for bpfel-unknown-none (nightly, build-std).
+    BuildEbpf(build_ebpf::Args),
+    /// Run the whole test suite: setup, formatting, clippy, unit tests and
+    /// the end-to-end tests in network namespaces (needs root).
+    Test(test::Args),
+    /// Start a local mesh of nexd agents in network namespaces and show it
+    /// working (needs root).
+    Lab(lab::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup(a) => setup::run(&a),
+        Task::BuildEbpf(a) => build_ebpf::run(&a),
+        Task::Test(a) => test::run(&a),
+        Task::Lab(a) => lab::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// Prints a step header, so long runs show where they are.
+pub fn step(msg: &str) {
+    println!("\x1b[1m==> {msg}\x1b[0m");
+}

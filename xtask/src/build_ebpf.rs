@@ -1,0 +1,61 @@
+//! `cargo xtask build-ebpf`: builds the eBPF crate on its own, with the
+//! compiler's messages shown, for people working on the programs. (A plain
+//! `cargo build` builds and embeds the same object through nexd-agent's
+//! build.rs; this task is the fast loop with readable errors.)
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::{step, workspace_root};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Build without optimisations (the verifier may reject the result; the
+    /// embedded object is always built with --release).
+    #[arg(long)]
+    pub debug: bool,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let arch = std::env::consts::ARCH;
+    step("building nexd-ebpf for bpfel-unknown-none");
+    let mut cmd = Command::new("rustup");
+    cmd.args([
+        "run",
+        "nightly",
+        "cargo",
+        "build",
+        "--package",
+        "nexd-ebpf",
+        "--bins",
+    ])
+    .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+    .current_dir(root.join("nexd-ebpf"))
+    .env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        [
+            format!("--cfg=bpf_target_arch=\"{arch}\""),
+            "-Cdebuginfo=2".into(),
+            "-Clink-arg=--btf".into(),
+        ]
+        .join("\x1f"),
+    );
+    if !args.debug {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .context("cannot run rustup; run `cargo xtask setup`")?;
+    if !status.success() {
+        bail!(
+            "the eBPF build failed ({status}); `cargo xtask setup` installs nightly, rust-src and bpf-linker"
+        );
+    }
+    let profile = if args.debug { "debug" } else { "release" };
+    let object = root.join(format!("target/bpfel-unknown-none/{profile}/nexd"));
+    let size = std::fs::metadata(&object).map(|m| m.len()).unwrap_or(0);
+    println!("eBPF object: {} ({size} bytes)", object.display());
+    Ok(())
+}

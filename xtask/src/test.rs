@@ -1,0 +1,61 @@
+//! `cargo xtask test`: the whole suite, as CI runs it.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::{setup, step, workspace_root};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Skip `cargo xtask setup` (when you know everything is installed).
+    #[arg(long)]
+    pub no_setup: bool,
+    /// Skip the formatting and clippy checks.
+    #[arg(long)]
+    pub no_lint: bool,
+    /// Extra arguments for `cargo test` (a test name filter, `--nocapture`...).
+    #[arg(last = true)]
+    pub cargo_test_args: Vec<String>,
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args).current_dir(workspace_root());
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run cargo {args:?}"))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    if !args.no_setup {
+        setup::run(&setup::Args { check: false })?;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the end-to-end tests create network namespaces and need root; run `sudo cargo xtask test`"
+        );
+    }
+    if !args.no_lint {
+        step("cargo fmt --check");
+        cargo(&["fmt", "--all", "--", "--check"])?;
+        step("cargo clippy --all-targets -- -D warnings");
+        cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    }
+    step("building nexd and nexctl (with the embedded eBPF object)");
+    cargo(&["build", "--package", "nexd-agent", "--bins"])?;
+    step("running unit and end-to-end tests");
+    // Default members: the eBPF crate only builds for the BPF target.
+    let mut test_args = vec!["test"];
+    if !args.cargo_test_args.is_empty() {
+        test_args.push("--");
+        test_args.extend(args.cargo_test_args.iter().map(String::as_str));
+    }
+    cargo(&test_args)?;
+    step("all tests passed");
+    Ok(())
+}
