@@ -12,6 +12,7 @@ pub mod netns;
 pub mod node;
 pub mod topology;
 pub mod traffic;
+pub mod world;
 
 pub use netns::Netns;
 pub use node::{Node, NodeSpec};

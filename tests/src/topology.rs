@@ -72,3 +72,84 @@ pub fn mesh_toml(devices: &[MeshDevice]) -> String {
     }
     s
 }
+
+/// The "internet": a namespace on the switch that is every node's default
+/// router and hosts the server addresses (TCP/UDP/ICMP all answered
+/// there). Per-source nftables counters show who reached it.
+pub struct Internet {
+    pub ns: Netns,
+}
+
+/// Server addresses in the documentation ranges.
+pub const SERVER_V4: &str = "203.0.113.10";
+pub const SERVER_V6: &str = "2001:db8:203::10";
+/// The router's addresses on the switch.
+pub const ROUTER_V4: &str = "192.0.2.254";
+pub const ROUTER_V6: &str = "2001:db8:1::fe";
+
+impl Internet {
+    /// Creates the namespace and plugs it into `sw`.
+    pub fn new(sw: &mut Switch, label: &str) -> anyhow::Result<Self> {
+        Self::in_netns(sw, Netns::new(label)?)
+    }
+
+    /// The same, in a namespace the caller made.
+    pub fn in_netns(sw: &mut Switch, ns: Netns) -> anyhow::Result<Self> {
+        sw.attach(
+            &ns,
+            "eth0",
+            &[&format!("{ROUTER_V4}/24"), &format!("{ROUTER_V6}/64")],
+        )?;
+        ns.ip(&format!("addr add {SERVER_V4}/32 dev lo"))?;
+        ns.ip(&format!("addr add {SERVER_V6}/128 dev lo nodad"))?;
+        crate::cmd::run(
+            "ip",
+            ["netns", "exec", ns.name(), "nft", "add table inet watch"],
+        )?;
+        Ok(Internet { ns })
+    }
+
+    /// Counts, from now on, packets from `src` (an underlay address) to the
+    /// server, under counter `name`; ICMP echo requests also under
+    /// `<name>_icmp`.
+    pub fn watch(&self, name: &str, src: &str) -> anyhow::Result<()> {
+        let (fam, server, icmp) = if src.contains(':') {
+            ("ip6", SERVER_V6, "icmpv6 type echo-request")
+        } else {
+            ("ip", SERVER_V4, "icmp type echo-request")
+        };
+        let script = format!(
+            "add counter inet watch {name}\n\
+             add counter inet watch {name}_icmp\n\
+             add chain inet watch input {{ type filter hook input priority -10; policy accept; }}\n\
+             add rule inet watch input {fam} saddr {src} {fam} daddr {server} counter name {name}\n\
+             add rule inet watch input {fam} saddr {src} {fam} daddr {server} {icmp} counter name {name}_icmp\n"
+        );
+        nft_script(&self.ns, &script)
+    }
+
+    /// Packets counted under `name`.
+    pub fn count(&self, name: &str) -> anyhow::Result<u64> {
+        nft_counter(&self.ns, "inet", "watch", name)
+    }
+}
+
+/// Runs an nft script inside `ns`.
+pub fn nft_script(ns: &Netns, script: &str) -> anyhow::Result<()> {
+    let path =
+        std::env::temp_dir().join(format!("nexd-nft-{}-{}.nft", std::process::id(), ns.name()));
+    std::fs::write(&path, script)?;
+    let r = ns.exec(&["nft", "-f", path.to_str().unwrap_or_default()]);
+    let _ = std::fs::remove_file(&path);
+    r.map(|_| ())
+}
+
+/// Reads the packet count of a named nftables counter inside `ns`.
+pub fn nft_counter(ns: &Netns, family: &str, table: &str, name: &str) -> anyhow::Result<u64> {
+    let out = ns.exec(&["nft", "-j", "list", "counter", family, table, name])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    v["nftables"]
+        .as_array()
+        .and_then(|a| a.iter().find_map(|e| e["counter"]["packets"].as_u64()))
+        .ok_or_else(|| anyhow::anyhow!("no counter {name} in {out}"))
+}

@@ -10,7 +10,8 @@ use super::output::{self, OutputFormat, Table, human_age, human_bytes};
 use crate::control::{
     client::{self, ClientError},
     protocol::{
-        ErrorCode, Method, PROTOCOL_VERSION, PeerRow, Reply, StatsInfo, StatusInfo, VersionInfo,
+        ErrorCode, ExitNodeRow, Method, PROTOCOL_VERSION, PeerRow, Reply, StatsInfo, StatusInfo,
+        VersionInfo,
     },
 };
 
@@ -59,6 +60,9 @@ pub enum Command {
     /// Commands for the nexd agent.
     #[command(subcommand)]
     Nexd(NexdCommand),
+    /// Same as `nexctl nexd exit-node`.
+    #[command(subcommand)]
+    ExitNode(ExitNodeCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,6 +76,22 @@ pub enum NexdCommand {
     Peers(PeersCommand),
     /// eBPF data path counters.
     Stats,
+    /// Exit nodes: list them, send this device's internet traffic through
+    /// one, or go back to the direct path.
+    #[command(subcommand)]
+    ExitNode(ExitNodeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExitNodeCommand {
+    /// Exit nodes of the mesh: ENDPOINT ADDRESS, PUBLIC KEY, NAME, MESH IP,
+    /// STATUS, ACTIVE, RTT.
+    List,
+    /// Send this device's non-mesh traffic through an exit node. Fails (and
+    /// changes nothing) when none is available.
+    Enable,
+    /// Remove the exit-node client config and restore the direct path.
+    Disable,
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +112,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Nexd(NexdCommand::Status) => status(&ctx),
         Command::Nexd(NexdCommand::Peers(PeersCommand::List)) => peers_list(&ctx),
         Command::Nexd(NexdCommand::Stats) => stats(&ctx),
+        Command::Nexd(NexdCommand::ExitNode(c)) | Command::ExitNode(c) => exit_node(&ctx, c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -176,7 +197,7 @@ fn version(ctx: &Ctx) -> Result<(), ClientError> {
 
 fn status(ctx: &Ctx) -> Result<(), ClientError> {
     let info: StatusInfo = match ctx.call(Method::Status)? {
-        Reply::Status(s) => s,
+        Reply::Status(s) => *s,
         other => return Err(unexpected(&other)),
     };
     output::print(ctx.output, &info, || {
@@ -208,6 +229,14 @@ fn status(ctx: &Ctx) -> Result<(), ClientError> {
                 format!("{} ({} healthy)", info.peers, info.healthy_peers),
             ),
             ("DATA PATH", datapath),
+            ("EXIT NODE ROLE", info.exit_node.role.clone()),
+            (
+                "EXIT NODE CLIENT",
+                match &info.exit_node.active_exit_node {
+                    Some(name) => format!("{} via {name}", info.exit_node.client_phase),
+                    None => info.exit_node.client_phase.clone(),
+                },
+            ),
             ("MESH FILE", info.mesh_file.clone()),
             ("UPTIME", format!("{}s", info.uptime_seconds)),
             ("VERSION", info.version.clone()),
@@ -258,6 +287,52 @@ fn peers_list(ctx: &Ctx) -> Result<(), ClientError> {
     Ok(())
 }
 
+fn exit_node(ctx: &Ctx, cmd: ExitNodeCommand) -> Result<(), ClientError> {
+    let method = match cmd {
+        ExitNodeCommand::List => Method::ExitNodeList,
+        ExitNodeCommand::Enable => Method::ExitNodeEnable,
+        ExitNodeCommand::Disable => Method::ExitNodeDisable,
+    };
+    match ctx.call(method)? {
+        Reply::Done { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        Reply::ExitNodes { exit_nodes } => {
+            print_exit_nodes(ctx.output, &exit_nodes);
+            Ok(())
+        }
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn print_exit_nodes(format: OutputFormat, rows: &[ExitNodeRow]) {
+    output::print(format, &rows, || {
+        let mut t = Table::new(&[
+            "ENDPOINT ADDRESS",
+            "PUBLIC KEY",
+            "NAME",
+            "MESH IP",
+            "STATUS",
+            "ACTIVE",
+            "RTT",
+        ]);
+        for r in rows {
+            t.row(vec![
+                r.endpoint_address.clone().unwrap_or_else(|| "-".into()),
+                r.public_key.clone(),
+                r.name.clone(),
+                format!("{},{}", r.mesh_ipv4, r.mesh_ipv6),
+                format!("{:?}", r.status).to_lowercase(),
+                if r.active { "yes".into() } else { "no".into() },
+                r.rtt_ms
+                    .map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms")),
+            ]);
+        }
+        t
+    });
+}
+
 fn stats(ctx: &Ctx) -> Result<(), ClientError> {
     let info: StatsInfo = match ctx.call(Method::Stats)? {
         Reply::Stats(s) => s,
@@ -291,6 +366,20 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn exit_node_alias_parses_like_the_long_form() {
+        let a = Cli::try_parse_from(["nexctl", "exit-node", "disable"]).expect("alias");
+        let b = Cli::try_parse_from(["nexctl", "nexd", "exit-node", "disable"]).expect("long");
+        assert!(matches!(
+            a.command,
+            Command::ExitNode(ExitNodeCommand::Disable)
+        ));
+        assert!(matches!(
+            b.command,
+            Command::Nexd(NexdCommand::ExitNode(ExitNodeCommand::Disable))
+        ));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::{daemon, keys, wireguard::BackendChoice};
+use crate::{daemon, keys, routing, wireguard::BackendChoice};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -61,10 +61,36 @@ pub struct AgentArgs {
     /// directives such as "info,nexd::wireguard=debug".
     #[arg(long, global = true, env = "NEXD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Send this device's internet traffic through an exit node of the mesh
+    /// as soon as one is available (mesh traffic still goes direct).
+    #[arg(long, global = true, env = "NEXD_EXIT_NODE_CLIENT")]
+    pub exit_node_client: bool,
+    /// Routing table for the exit-node client's default routes.
+    #[arg(long, global = true, env = "NEXD_EXIT_TABLE", default_value_t = routing::DEFAULT_TABLE)]
+    pub exit_table: u32,
+    /// fwmark on WireGuard's own packets in exit-node client mode.
+    #[arg(long, global = true, env = "NEXD_EXIT_FWMARK", value_parser = parse_u32, default_value_t = routing::DEFAULT_FWMARK)]
+    pub exit_fwmark: u32,
+    /// Priority of the first of the two exit-node client rules (the second
+    /// is this + 1).
+    #[arg(long, global = true, env = "NEXD_EXIT_RULE_PRIORITY", default_value_t = routing::DEFAULT_PRIORITY)]
+    pub exit_rule_priority: u32,
+}
+
+/// Accepts decimal or 0x-prefixed hex (marks are usually written in hex).
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a number (decimal or 0x hex)"))
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the agent as a router: with --exit-node, forward the mesh's
+    /// internet traffic.
+    Router(RouterArgs),
     /// Create this device's private key if there is none, and print its
     /// public key for the mesh file.
     Keygen,
@@ -72,12 +98,26 @@ pub enum Command {
     Pubkey,
 }
 
+/// Options of `nexd router`.
+#[derive(Debug, Clone, Args)]
+pub struct RouterArgs {
+    /// Serve as exit node: advertise 0.0.0.0/0 and ::/0 to the mesh and
+    /// masquerade mesh traffic out of the uplink.
+    #[arg(long)]
+    pub exit_node: bool,
+    /// The interface mesh traffic leaves through (default: the interface
+    /// of the default route, per address family).
+    #[arg(long, requires = "exit_node")]
+    pub uplink: Option<String>,
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Some(Command::Keygen) => key_command(&cli.agent, true),
         Some(Command::Pubkey) => key_command(&cli.agent, false),
-        None => run_agent(cli.agent),
+        Some(Command::Router(r)) => run_agent(cli.agent, Some(r)),
+        None => run_agent(cli.agent, None),
     }
 }
 
@@ -104,7 +144,7 @@ fn key_command(args: &AgentArgs, create: bool) -> ExitCode {
     }
 }
 
-fn run_agent(args: AgentArgs) -> ExitCode {
+fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
     // boringtun logs every peer change at info; keep it to warnings unless
     // the operator asks for it by name.
     let directives = if args.log_level.contains("boringtun") {
@@ -145,6 +185,15 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         socket: args.socket,
         interface: args.interface,
         wireguard: args.wireguard,
+        exit_server: router
+            .filter(|r| r.exit_node)
+            .map(|r| daemon::ExitServerOptions { uplink: r.uplink }),
+        exit_node_client: args.exit_node_client,
+        policy: routing::PolicyNumbers {
+            table: args.exit_table,
+            fwmark: args.exit_fwmark,
+            priority: args.exit_rule_priority,
+        },
     };
     match runtime.block_on(daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -166,6 +215,28 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn router_and_client_flags_parse() {
+        let c = Cli::try_parse_from(["nexd", "router", "--exit-node", "--uplink", "eth1"])
+            .expect("router");
+        match c.command {
+            Some(Command::Router(r)) => {
+                assert!(r.exit_node);
+                assert_eq!(r.uplink.as_deref(), Some("eth1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = Cli::try_parse_from(["nexd", "--exit-node-client", "--exit-fwmark", "0x10"])
+            .expect("client");
+        assert!(c.agent.exit_node_client);
+        assert_eq!(c.agent.exit_fwmark, 16);
+        // Global options also work after the subcommand.
+        let c = Cli::try_parse_from(["nexd", "router", "--exit-node", "--interface", "wg9"])
+            .expect("global");
+        assert_eq!(c.agent.interface, "wg9");
+        assert!(Cli::try_parse_from(["nexd", "router", "--uplink", "eth1"]).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::{AttachMode, CounterTotal};
+use crate::exit::ExitStatus;
 use crate::wireguard::BackendKind;
 
 /// Version of the request/reply formats. Bump it on any incompatible change.
@@ -40,13 +41,24 @@ pub enum Method {
     PeersList,
     /// Data path counters.
     Stats,
+    /// Exit nodes announced in the mesh.
+    ExitNodeList,
+    /// Send this device's internet traffic through an exit node.
+    ExitNodeEnable,
+    /// Restore the direct path.
+    ExitNodeDisable,
 }
 
 impl Method {
     /// Whether the request changes state (and so needs a privileged caller).
     pub fn is_mutating(&self) -> bool {
         match self {
-            Method::Version | Method::Status | Method::PeersList | Method::Stats => false,
+            Method::Version
+            | Method::Status
+            | Method::PeersList
+            | Method::Stats
+            | Method::ExitNodeList => false,
+            Method::ExitNodeEnable | Method::ExitNodeDisable => true,
         }
     }
 }
@@ -95,9 +107,53 @@ pub enum ErrorCode {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
     Version(VersionInfo),
-    Status(StatusInfo),
-    Peers { peers: Vec<PeerRow> },
+    Status(Box<StatusInfo>),
+    Peers {
+        peers: Vec<PeerRow>,
+    },
     Stats(StatsInfo),
+    ExitNodes {
+        exit_nodes: Vec<ExitNodeRow>,
+    },
+    /// A change was made (or was already in place); `message` says what.
+    Done {
+        message: String,
+    },
+}
+
+/// One row of `exit-node list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExitNodeRow {
+    /// The exit node's underlay endpoint as WireGuard sees it.
+    pub endpoint_address: Option<String>,
+    pub public_key: String,
+    pub name: String,
+    pub mesh_ipv4: String,
+    pub mesh_ipv6: String,
+    /// `available`: fresh announcement and recent handshake; else `stale`.
+    pub status: ExitStatus,
+    /// This client sends its internet traffic through it now.
+    pub active: bool,
+    /// Round-trip time through the tunnel, milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Seconds since its last announcement.
+    pub last_heard_seconds: Option<f64>,
+}
+
+/// The exit-node side of `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// `client`, `exit_node` or `none`.
+    pub role: String,
+    /// Client: whether the client is wanted (flag or nexctl).
+    pub client_wanted: bool,
+    /// Client: `off`, `waiting`, `active` or `held`.
+    pub client_phase: String,
+    /// Client: name of the exit node in use.
+    pub active_exit_node: Option<String>,
+    /// Exit node: uplink interfaces.
+    pub uplink_ipv4: Option<String>,
+    pub uplink_ipv6: Option<String>,
 }
 
 /// Reply to `version`.
@@ -123,6 +179,7 @@ pub struct StatusInfo {
     pub healthy_peers: usize,
     pub uptime_seconds: u64,
     pub datapath: DatapathInfo,
+    pub exit_node: ExitInfo,
 }
 
 /// State of the eBPF data path.

@@ -6,9 +6,10 @@ use std::time::Duration;
 use super::state::Daemon;
 use crate::{
     control::protocol::{
-        CounterRow, DatapathInfo, ErrorCode, Method, PROTOCOL_VERSION, PeerRow, Reply, Response,
-        StatsInfo, StatusInfo, VersionInfo,
+        CounterRow, DatapathInfo, ErrorCode, ExitInfo, Method, PROTOCOL_VERSION, PeerRow, Reply,
+        Response, StatsInfo, StatusInfo, VersionInfo,
     },
+    exit::Phase,
     wireguard::DeviceStatus,
 };
 
@@ -25,7 +26,7 @@ impl Daemon {
                 protocol: PROTOCOL_VERSION,
             })),
             Method::Status => match self.live() {
-                Ok(dev) => Response::ok(Reply::Status(self.status_info(&dev))),
+                Ok(dev) => Response::ok(Reply::Status(Box::new(self.status_info(&dev)))),
                 Err(e) => Response::error(ErrorCode::Internal, e),
             },
             Method::PeersList => match self.live() {
@@ -35,6 +36,11 @@ impl Daemon {
                 Err(e) => Response::error(ErrorCode::Internal, e),
             },
             Method::Stats => Response::ok(Reply::Stats(self.stats_info())),
+            Method::ExitNodeList => Response::ok(Reply::ExitNodes {
+                exit_nodes: self.exit_rows(std::time::Instant::now()),
+            }),
+            Method::ExitNodeEnable => self.exit_enable().await,
+            Method::ExitNodeDisable => self.exit_disable().await,
         }
     }
 
@@ -85,6 +91,34 @@ impl Daemon {
             healthy_peers: healthy,
             uptime_seconds: self.started.elapsed().as_secs(),
             datapath: self.datapath_info(),
+            exit_node: self.exit_info(),
+        }
+    }
+
+    fn exit_info(&self) -> ExitInfo {
+        let role = if self.forwarding.is_some() {
+            "exit_node"
+        } else if self.exit_wanted || self.phase != Phase::Off {
+            "client"
+        } else {
+            "none"
+        };
+        ExitInfo {
+            role: role.into(),
+            client_wanted: self.exit_wanted,
+            client_phase: match self.phase {
+                Phase::Off => "off",
+                Phase::Waiting => "waiting",
+                Phase::Active(_) => "active",
+                Phase::Held => "held",
+            }
+            .into(),
+            active_exit_node: self
+                .phase
+                .exit_peer()
+                .and_then(|k| self.book.name(&k).map(str::to_owned)),
+            uplink_ipv4: self.forwarding.as_ref().and_then(|f| f.uplinks.v4.clone()),
+            uplink_ipv6: self.forwarding.as_ref().and_then(|f| f.uplinks.v6.clone()),
         }
     }
 

@@ -7,6 +7,7 @@
 //! applies only the difference.
 
 mod answers;
+mod exitnode;
 pub mod lock;
 pub mod reconcile;
 mod state;
@@ -21,6 +22,7 @@ use crate::{
     control::server::{self, ControlServer},
     keys, mesh,
     netlink::Netlink,
+    routing::PolicyNumbers,
     wireguard::BackendChoice,
 };
 
@@ -34,10 +36,25 @@ pub struct Options {
     pub socket: PathBuf,
     pub interface: String,
     pub wireguard: BackendChoice,
+    /// `nexd router --exit-node`: serve as exit node.
+    pub exit_server: Option<ExitServerOptions>,
+    /// `--exit-node-client`: send internet traffic through an exit node
+    /// as soon as one is available.
+    pub exit_node_client: bool,
+    /// Table, mark and rule priorities of the client's policy routing.
+    pub policy: PolicyNumbers,
 }
 
-/// How often the loop wakes up without an event (health, retries).
-const TICK: Duration = Duration::from_secs(1);
+/// Options of the exit node role.
+#[derive(Debug, Clone, Default)]
+pub struct ExitServerOptions {
+    /// Interface to masquerade out of; default: the default route's.
+    pub uplink: Option<String>,
+}
+
+/// How often the loop wakes up without an event: backend status,
+/// heartbeats, exit-node health.
+const TICK: Duration = Duration::from_millis(500);
 
 /// Runs nexd until SIGINT or SIGTERM, then removes everything it created.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -69,6 +86,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     })?;
     info!(device = %me.name, public_key = %own, interface = %opts.interface, "starting nexd {}", env!("CARGO_PKG_VERSION"));
 
+    if opts.exit_server.is_some() && opts.exit_node_client {
+        anyhow::bail!(
+            "--exit-node-client cannot be combined with `router --exit-node`: an exit node sends its own traffic out directly"
+        );
+    }
     let nl = Netlink::connect()?;
     let mut daemon = Daemon::new(opts.clone(), key, nl, mesh);
     let started = tokio::select! {
@@ -91,7 +113,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut incoming = daemon
+        .new_incoming
+        .take()
+        .unwrap_or_else(|| tokio::sync::mpsc::channel(1).1);
     let reason = loop {
+        if let Some(rx) = daemon.new_incoming.take() {
+            incoming = rx;
+        }
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
@@ -103,6 +132,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 let response = daemon.answer(call.method).await;
                 let _ = call.reply.send(response);
             }
+            Some(inc) = incoming.recv() => daemon.on_announcement(inc).await,
             _ = tick.tick() => daemon.tick().await,
         }
     };

@@ -119,6 +119,7 @@ mod tests {
             ipv6_prefix: "fd00::/64".parse().expect("v6"),
             persistent_keepalive: 25,
             mtu: 1420,
+            agent_port: 51829,
             devices: (1..=n)
                 .map(|i| Device {
                     name: format!("d{i}"),

@@ -5,28 +5,39 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use ipnet::IpNet;
+use tokio::sync::mpsc;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::{Options, log_error_lines, reconcile, teardown_warning};
 use crate::{
+    announce::{Announcer, Incoming, book::PeerBook, wire},
     datapath::Datapath,
+    exit::Phase,
     keys::{PrivateKey, PublicKey},
     mesh::{self, Endpoint, Host, Mesh},
     netif,
     netlink::Netlink,
-    wireguard::{self, DeviceConfig, PeerConfig, WireGuard},
+    routing::{
+        forward::{self, ExitForwarding, Uplinks},
+        policy::ClientRouting,
+        sysctl::Sysctls,
+        uplink,
+    },
+    wireguard::{self, DeviceConfig, DeviceStatus, PeerConfig, WireGuard},
 };
 
 /// How long a DNS lookup of a peer endpoint may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a userspace device's TUN link may take to disappear on stop.
 const LINK_GONE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Interval of the heartbeats to every peer.
+pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Everything the daemon owns.
 pub struct Daemon {
@@ -43,11 +54,32 @@ pub struct Daemon {
     pub(super) applied: BTreeMap<PublicKey, PeerConfig>,
     pub(super) datapath: Result<Datapath, String>,
     pub(super) started: Instant,
+    /// What nexd knows from its peers' announcements.
+    pub(super) book: PeerBook,
+    pub(super) announcer: Option<Announcer>,
+    /// A receiver for a freshly bound announcer, for the event loop to pick up.
+    pub(super) new_incoming: Option<mpsc::Receiver<Incoming>>,
+    last_announce: Option<Instant>,
+    /// The backend's view, refreshed every tick.
+    pub(super) last_status: Option<DeviceStatus>,
+    pub(super) sysctls: Sysctls,
+    /// Exit-node client: wanted (flag or nexctl), its phase, its routing.
+    pub(super) exit_wanted: bool,
+    pub(super) phase: Phase,
+    pub(super) client: ClientRouting,
+    /// Exit node: the forwarding it installed.
+    pub(super) forwarding: Option<ExitForwarding>,
 }
 
 impl Daemon {
     pub fn new(opts: Options, key: PrivateKey, nl: Netlink, mesh: Mesh) -> Self {
         let own = key.public_key();
+        let now = Instant::now();
+        let mut book = PeerBook::new(key.clone(), now);
+        book.sync(&mesh);
+        let sysctls = Sysctls::open(&opts.state_dir);
+        let client = ClientRouting::new(opts.policy);
+        let exit_wanted = opts.exit_node_client;
         Daemon {
             opts,
             key,
@@ -59,15 +91,32 @@ impl Daemon {
             addresses: Vec::new(),
             applied: BTreeMap::new(),
             datapath: Err("not attached yet".into()),
-            started: Instant::now(),
+            started: now,
+            book,
+            announcer: None,
+            new_incoming: None,
+            last_announce: None,
+            last_status: None,
+            sysctls,
+            exit_wanted,
+            phase: Phase::Off,
+            client,
+            forwarding: None,
         }
     }
 
-    /// Creates the interface, attaches the data path, applies the mesh.
+    /// Creates the interface, applies the mesh, sets up the exit node role,
+    /// attaches the data path.
     pub async fn start(&mut self) -> anyhow::Result<()> {
         let iface = self.opts.interface.clone();
         let span = info_span!("start", iface = %iface);
         async {
+            // Whatever a crashed nexd left at nexd's fixed numbers goes first.
+            if let Err(e) = self.client.remove(&self.nl, &mut self.sysctls).await {
+                warn!(error = %e, "removing leftover exit-node client routing failed");
+            }
+            forward::remove_table();
+
             let wg = wireguard::open(self.opts.wireguard, &self.nl, &iface).await?;
             self.wg = Some(wg);
             self.link_index = Some(
@@ -78,14 +127,55 @@ impl Daemon {
             );
             let mesh = self.mesh.clone();
             self.apply(&mesh).await?;
+            if let Some(server) = self.opts.exit_server.clone() {
+                self.start_exit_node(server.uplink.as_deref()).await?;
+            }
             self.datapath = Datapath::attach(&iface).map_err(|e| {
                 warn!(error = %e, "eBPF data path not attached; the mesh works without its counters");
                 e.to_string()
             });
+            if self.exit_wanted {
+                info!("exit-node client requested (--exit-node-client): it applies as soon as an exit node is available");
+            }
             Ok(())
         }
         .instrument(span)
         .await
+    }
+
+    async fn start_exit_node(&mut self, uplink_override: Option<&str>) -> anyhow::Result<()> {
+        let uplinks = match uplink_override {
+            Some(u) => {
+                if self.nl.link_index(u).await?.is_none() {
+                    anyhow::bail!("--uplink {u}: no such interface");
+                }
+                Uplinks {
+                    v4: Some(u.to_owned()),
+                    v6: Some(u.to_owned()),
+                }
+            }
+            None => {
+                let (v4, v6) = uplink::default_route_interfaces(&self.nl).await?;
+                if v4.is_none() {
+                    warn!("no IPv4 default route: this exit node will not forward IPv4");
+                }
+                if v6.is_none() {
+                    warn!("no IPv6 default route: this exit node will not forward IPv6");
+                }
+                Uplinks { v4, v6 }
+            }
+        };
+        let fw = ExitForwarding::install(
+            &self.opts.interface,
+            uplinks,
+            self.mesh.ipv4_prefix,
+            self.mesh.ipv6_prefix,
+            &mut self.sysctls,
+        )
+        .context("setting up the exit node")?;
+        self.forwarding = Some(fw);
+        info!("serving as exit node: advertising 0.0.0.0/0 and ::/0 to the mesh");
+        Ok(())
     }
 
     /// Re-reads the mesh file and applies the difference. A file with errors
@@ -105,16 +195,82 @@ impl Daemon {
             );
             return;
         }
+        self.book.sync(&mesh);
         if let Err(e) = self.apply(&mesh).await {
             log_error_lines("applying the reloaded mesh file failed", &e);
         }
+        if let Some(fw) = &self.forwarding {
+            let uplinks = fw.uplinks.clone();
+            match ExitForwarding::install(
+                &self.opts.interface,
+                uplinks,
+                mesh.ipv4_prefix,
+                mesh.ipv6_prefix,
+                &mut self.sysctls,
+            ) {
+                Ok(fw) => self.forwarding = Some(fw),
+                Err(e) => warn!(error = %e, "updating exit node forwarding failed"),
+            }
+        }
+        // An exit node that left the mesh must not stay in use.
+        self.evaluate_exit().await;
     }
 
-    /// Periodic work: nothing yet beyond keeping the loop honest.
-    pub async fn tick(&mut self) {}
+    /// Periodic work: refresh the backend's view, send heartbeats, and
+    /// re-evaluate the exit node.
+    pub async fn tick(&mut self) {
+        let now = Instant::now();
+        if let Some(wg) = &self.wg {
+            match wg.status() {
+                Ok(st) => {
+                    for p in &st.peers {
+                        self.book
+                            .observe_handshake(&p.public_key, p.last_handshake, now);
+                    }
+                    self.last_status = Some(st);
+                }
+                Err(e) => debug!(error = %e, "reading WireGuard status failed"),
+            }
+        }
+        if self
+            .last_announce
+            .is_none_or(|t| now.saturating_duration_since(t) >= ANNOUNCE_INTERVAL)
+        {
+            self.announce(now);
+        }
+        self.evaluate_exit().await;
+    }
+
+    fn announce(&mut self, now: Instant) {
+        let Some(ann) = &self.announcer else { return };
+        let flags = if self.forwarding.is_some() {
+            wire::FLAG_EXIT
+        } else {
+            0
+        };
+        for (to, bytes) in self.book.outgoing(flags, self.mesh.agent_port, now) {
+            ann.send(to, &bytes);
+        }
+        self.last_announce = Some(now);
+    }
+
+    /// Handles one datagram from the announcement sockets.
+    pub async fn on_announcement(&mut self, inc: Incoming) {
+        match self.book.receive(inc.from.ip(), &inc.bytes, Instant::now()) {
+            Ok((key, exit_changed)) => {
+                if exit_changed {
+                    let name = self.book.name(&key).unwrap_or("?").to_owned();
+                    let is_exit = self.book.live(&key).is_some_and(|l| l.is_exit());
+                    info!(peer = %name, exit_node = is_exit, "peer announces a new exit-node capability");
+                    self.evaluate_exit().await;
+                }
+            }
+            Err(e) => debug!(from = %inc.from, reason = %e, "announcement ignored"),
+        }
+    }
 
     /// The reconcile step: moves interface, addresses and peers to what
-    /// `mesh` wants, touching only what differs.
+    /// `mesh` and the exit-node phase want, touching only what differs.
     pub(super) async fn apply(&mut self, mesh: &Mesh) -> anyhow::Result<()> {
         let (Some(wg), Some(index)) = (self.wg.as_ref(), self.link_index) else {
             anyhow::bail!("the WireGuard interface is not up");
@@ -127,9 +283,23 @@ impl Daemon {
         wg.configure(&DeviceConfig {
             private_key: self.key.clone(),
             listen_port: me.listen_port,
-            fwmark: None,
+            fwmark: self
+                .phase
+                .routing_installed()
+                .then_some(self.opts.policy.fwmark),
         })?;
-        netif::set_up(&self.nl, index, &iface, mesh.mtu).await?;
+        let mtu = match wg.kind() {
+            // boringtun reads at most the MTU it saw at creation (1500).
+            wireguard::BackendKind::Userspace if mesh.mtu > 1500 => {
+                warn!(
+                    mtu = mesh.mtu,
+                    "the userspace backend supports an MTU of at most 1500; using 1500"
+                );
+                1500
+            }
+            _ => mesh.mtu,
+        };
+        netif::set_up(&self.nl, index, &iface, mtu).await?;
 
         let wanted_addrs = reconcile::interface_addresses(mesh, &self.own)
             .context("this device is not in the mesh file")?;
@@ -147,7 +317,8 @@ impl Daemon {
         }
 
         let resolved = resolve_endpoints(mesh).await;
-        let wanted = reconcile::wanted_peers(mesh, &self.own, &resolved, None);
+        let wanted =
+            reconcile::wanted_peers(mesh, &self.own, &resolved, self.phase.exit_peer().as_ref());
         let diff = reconcile::diff_peers(&self.applied, &wanted);
         if !diff.is_empty() {
             wg.apply_peers(&diff.upsert, &diff.remove)?;
@@ -161,19 +332,54 @@ impl Daemon {
                     .iter()
                     .find(|d| d.public_key == p.public_key)
                     .map_or("?", |d| d.name.as_str());
-                info!(peer = %name, public_key = %p.public_key, endpoint = ?p.endpoint, "peer configured");
+                info!(peer = %name, public_key = %p.public_key, endpoint = ?p.endpoint, allowed_ips = ?p.allowed_ips, "peer configured");
                 self.applied.insert(p.public_key, p.clone());
             }
         } else {
             debug!("peers unchanged");
         }
         self.mesh = mesh.clone();
+        self.bind_announcer(me.ipv4.into(), me.ipv6.into(), mesh.agent_port);
         Ok(())
+    }
+
+    /// (Re)binds the announcement sockets when this device's mesh
+    /// addresses or the agent port changed.
+    fn bind_announcer(&mut self, v4: IpAddr, v6: IpAddr, port: u16) {
+        if self
+            .announcer
+            .as_ref()
+            .is_some_and(|a| a.bound() == (v4, v6, port))
+        {
+            return;
+        }
+        self.announcer = None;
+        match Announcer::bind(v4, v6, port) {
+            Ok((a, rx)) => {
+                self.announcer = Some(a);
+                self.new_incoming = Some(rx);
+                debug!(%v4, %v6, port, "announcement sockets bound");
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot bind the announcement sockets; exit nodes and peer health will not be seen")
+            }
+        }
     }
 
     /// Removes everything nexd installed, in reverse order. Never fails:
     /// each step logs its own problem and the next step still runs.
     pub async fn teardown(&mut self) {
+        if self.phase.routing_installed() {
+            if let Err(e) = self.client.remove(&self.nl, &mut self.sysctls).await {
+                teardown_warning("removing the exit-node client routing", &e);
+            }
+            self.phase = Phase::Off;
+        }
+        if let Some(fw) = self.forwarding.take() {
+            fw.remove(&mut self.sysctls);
+        }
+        self.sysctls.restore_all();
+        self.announcer = None;
         if let Ok(dp) = std::mem::replace(&mut self.datapath, Err("stopped".into())) {
             drop(dp);
             debug!("eBPF programs detached");

@@ -17,8 +17,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, DEFAULT_KEEPALIVE, DEFAULT_LISTEN_PORT, DEFAULT_MTU,
-    Device, Endpoint, Host, Mesh,
+    DEFAULT_AGENT_PORT, DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, DEFAULT_KEEPALIVE,
+    DEFAULT_LISTEN_PORT, DEFAULT_MTU, Device, Endpoint, Host, Mesh,
 };
 use crate::keys::PublicKey;
 
@@ -104,6 +104,7 @@ struct RawMesh {
     ipv6_prefix: Option<Spanned<String>>,
     persistent_keepalive: Option<Spanned<i64>>,
     mtu: Option<Spanned<i64>>,
+    agent_port: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -156,6 +157,7 @@ pub fn parse(text: &str) -> Result<Mesh, Vec<Problem>> {
         ipv6_prefix: None,
         persistent_keepalive: None,
         mtu: None,
+        agent_port: None,
     });
     let ipv4_prefix = match &raw_mesh.ipv4_prefix {
         None => default_v4(),
@@ -197,6 +199,23 @@ pub fn parse(text: &str) -> Result<Mesh, Vec<Problem>> {
                     ),
                 ));
                 DEFAULT_MTU
+            }
+        },
+    };
+
+    let agent_port = match &raw_mesh.agent_port {
+        None => DEFAULT_AGENT_PORT,
+        Some(v) => match u16::try_from(*v.get_ref()) {
+            Ok(p) if p != 0 => p,
+            _ => {
+                problems.push(loc.span(
+                    v.span(),
+                    format!(
+                        "mesh.agent_port: {} is not a port (1 to 65535)",
+                        v.get_ref()
+                    ),
+                ));
+                DEFAULT_AGENT_PORT
             }
         },
     };
@@ -361,6 +380,7 @@ pub fn parse(text: &str) -> Result<Mesh, Vec<Problem>> {
             ipv6_prefix,
             persistent_keepalive,
             mtu,
+            agent_port,
             devices,
         })
     } else {

@@ -30,6 +30,9 @@ pub const DEFAULT_KEEPALIVE: u16 = 25;
 pub const DEFAULT_MTU: u32 = 1420;
 /// Listen port for a device whose entry gives neither endpoint nor port.
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
+/// UDP port agents use for announcements inside the tunnel, on their mesh
+/// addresses only.
+pub const DEFAULT_AGENT_PORT: u16 = 51829;
 
 /// The whole mesh as the file describes it, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +42,8 @@ pub struct Mesh {
     /// Seconds between keepalives to each peer; 0 turns them off.
     pub persistent_keepalive: u16,
     pub mtu: u32,
+    /// UDP port of the in-tunnel announcements (same on every device).
+    pub agent_port: u16,
     pub devices: Vec<Device>,
 }
 

@@ -1,0 +1,49 @@
+//! Running nftables transactions with the `nft` tool. Each script is one
+//! transaction: it applies completely or not at all.
+
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+};
+
+/// Why an nftables change failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run `nft` ({0}); install nftables")]
+    Spawn(std::io::Error),
+    #[error("nft rejected the change: {0}")]
+    Rejected(String),
+}
+
+/// Applies `script` as one transaction (`nft -f -`).
+pub fn apply(script: &str) -> Result<(), NftError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(NftError::Spawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(NftError::Spawn)?;
+    }
+    let out = child.wait_with_output().map_err(NftError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NftError::Rejected(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ))
+    }
+}
+
+/// Deletes the table `family name` if it exists.
+pub fn delete_table(family: &str, name: &str) -> Result<(), NftError> {
+    // "add" first makes the delete succeed whether or not it existed, in
+    // one transaction.
+    apply(&format!(
+        "add table {family} {name}\ndelete table {family} {name}\n"
+    ))
+}

@@ -1,0 +1,281 @@
+//! Exit-node client policy routing, for IPv4 and IPv6 alike:
+//!
+//! ```text
+//! <priority>     from all lookup main suppress_prefixlength 0
+//! <priority+1>   from all not fwmark <mark> lookup <table>
+//! table <table>: default dev <wg>
+//! ```
+//!
+//! The first rule keeps every route of the main table except its default
+//! routes (LAN, mesh prefix, anything more specific stays reachable). The
+//! second sends everything else that is not WireGuard's own marked UDP into
+//! the tunnel, where only the exit peer accepts 0.0.0.0/0 and ::/0.
+//! WireGuard's own packets carry the mark and fall through to the main
+//! table's default route. The same scheme as wg-quick, with nexd's own,
+//! fixed numbers (see `PolicyNumbers`).
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt as _;
+use netlink_packet_route::{
+    route::RouteScope,
+    rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
+};
+use rtnetlink::{IpVersion, RouteMessageBuilder};
+use tracing::{debug, info};
+
+use super::{PolicyNumbers, sysctl::Sysctls, uplink::table_of};
+use crate::netlink::{Netlink, NetlinkError};
+
+const MAIN_TABLE: u32 = 254;
+const SRC_VALID_MARK: &str = "net.ipv4.conf.all.src_valid_mark";
+
+/// Owner of the client's rules, table routes and `src_valid_mark`.
+pub struct ClientRouting {
+    numbers: PolicyNumbers,
+}
+
+fn rule_table(r: &RuleMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table))
+}
+
+fn rule_priority(r: &RuleMessage) -> Option<u32> {
+    r.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Priority(p) => Some(*p),
+        _ => None,
+    })
+}
+
+impl ClientRouting {
+    pub fn new(numbers: PolicyNumbers) -> Self {
+        ClientRouting { numbers }
+    }
+
+    pub fn numbers(&self) -> PolicyNumbers {
+        self.numbers
+    }
+
+    /// Installs routes, rules and `src_valid_mark`. Idempotent: whatever
+    /// sits at nexd's priorities is replaced, so re-enabling never piles
+    /// rules up.
+    pub async fn install(
+        &self,
+        nl: &Netlink,
+        wg_index: u32,
+        wg_name: &str,
+        sysctls: &mut Sysctls,
+    ) -> Result<(), NetlinkError> {
+        let n = self.numbers;
+        // Routes first, so the moment the rules exist they have somewhere
+        // to send traffic.
+        let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .output_interface(wg_index)
+            .scope(RouteScope::Link)
+            .table_id(n.table)
+            .build();
+        nl.handle()
+            .route()
+            .add(v4)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                NetlinkError::new(format!("adding default dev {wg_name} table {}", n.table), e)
+            })?;
+        let v6 = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+            .output_interface(wg_index)
+            .table_id(n.table)
+            .build();
+        nl.handle()
+            .route()
+            .add(v6)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                NetlinkError::new(
+                    format!("adding IPv6 default dev {wg_name} table {}", n.table),
+                    e,
+                )
+            })?;
+
+        self.remove_rules(nl).await?;
+        for v6 in [false, true] {
+            let fam = if v6 { "IPv6" } else { "IPv4" };
+            // <priority>: lookup main suppress_prefixlength 0
+            let mut suppress = nl
+                .handle()
+                .rule()
+                .add()
+                .priority(n.priority)
+                .table_id(MAIN_TABLE)
+                .action(RuleAction::ToTable);
+            suppress
+                .message_mut()
+                .attributes
+                .push(RuleAttribute::SuppressPrefixLen(0));
+            // <priority+1>: not fwmark <mark> lookup <table>
+            let mut not_marked = nl
+                .handle()
+                .rule()
+                .add()
+                .priority(n.priority + 1)
+                .table_id(n.table)
+                .fw_mark(n.fwmark)
+                .action(RuleAction::ToTable);
+            not_marked.message_mut().header.flags |= RuleFlags::Invert;
+            let (r1, r2) = if v6 {
+                (
+                    suppress.v6().execute().await,
+                    not_marked.v6().execute().await,
+                )
+            } else {
+                (
+                    suppress.v4().execute().await,
+                    not_marked.v4().execute().await,
+                )
+            };
+            r1.map_err(|e| {
+                NetlinkError::new(
+                    format!(
+                        "adding {fam} rule {}: lookup main suppress_prefixlength 0",
+                        n.priority
+                    ),
+                    e,
+                )
+            })?;
+            r2.map_err(|e| {
+                NetlinkError::new(
+                    format!(
+                        "adding {fam} rule {}: not fwmark {:#x} lookup {}",
+                        n.priority + 1,
+                        n.fwmark,
+                        n.table
+                    ),
+                    e,
+                )
+            })?;
+        }
+        // As wg-quick: reverse-path checks honour marks, so strict rp_filter
+        // does not drop the tunnel's own replies.
+        if let Err(e) = sysctls.set(SRC_VALID_MARK, "1") {
+            tracing::warn!(error = %e, "cannot set src_valid_mark");
+        }
+        info!(
+            table = n.table,
+            fwmark = n.fwmark,
+            priorities = %format!("{}/{}", n.priority, n.priority + 1),
+            "exit-node client routing installed"
+        );
+        Ok(())
+    }
+
+    /// Removes nexd's rules, its table's routes, and restores
+    /// `src_valid_mark`. Also cleans up after a crashed instance, since it
+    /// finds everything by nexd's fixed numbers. Every step runs even if
+    /// an earlier one failed; the first error is returned.
+    pub async fn remove(&self, nl: &Netlink, sysctls: &mut Sysctls) -> Result<(), NetlinkError> {
+        let rules = self.remove_rules(nl).await;
+        let routes = self.remove_routes(nl).await;
+        sysctls.restore(SRC_VALID_MARK);
+        rules?;
+        routes?;
+        debug!("exit-node client routing removed");
+        Ok(())
+    }
+
+    /// Deletes every rule at nexd's two priorities that points at the main
+    /// table or nexd's table.
+    async fn remove_rules(&self, nl: &Netlink) -> Result<(), NetlinkError> {
+        let n = self.numbers;
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let mut found = Vec::new();
+            let mut rules = nl.handle().rule().get(version.clone()).execute();
+            while let Some(r) = rules
+                .try_next()
+                .await
+                .map_err(|e| NetlinkError::new("listing policy rules", e))?
+            {
+                let ours = rule_priority(&r)
+                    .is_some_and(|p| p == n.priority || p == n.priority + 1)
+                    && matches!(rule_table(&r), t if t == MAIN_TABLE || t == n.table);
+                if ours {
+                    found.push(r);
+                }
+            }
+            for r in found {
+                match nl.handle().rule().del(r).execute().await {
+                    Ok(()) => {}
+                    Err(rtnetlink::Error::NetlinkError(m))
+                        if m.raw_code().abs() == libc::ENOENT => {}
+                    Err(e) => return Err(NetlinkError::new("deleting a policy rule", e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every route in nexd's table.
+    async fn remove_routes(&self, nl: &Netlink) -> Result<(), NetlinkError> {
+        let table = self.numbers.table;
+        let mut found = Vec::new();
+        let mut v4 = nl
+            .handle()
+            .route()
+            .get(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .table_id(table)
+                    .build(),
+            )
+            .execute();
+        while let Some(r) = v4
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::new("listing IPv4 routes", e))?
+        {
+            if table_of(&r) == table {
+                found.push(r);
+            }
+        }
+        let mut v6 = nl
+            .handle()
+            .route()
+            .get(
+                RouteMessageBuilder::<Ipv6Addr>::new()
+                    .table_id(table)
+                    .build(),
+            )
+            .execute();
+        while let Some(r) = v6
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::new("listing IPv6 routes", e))?
+        {
+            if table_of(&r) == table {
+                found.push(r);
+            }
+        }
+        for r in found {
+            match nl.handle().route().del(r).execute().await {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(m))
+                    if matches!(m.raw_code().abs(), libc::ESRCH | libc::ENOENT) => {}
+                Err(e) => {
+                    return Err(NetlinkError::new(
+                        format!("deleting a route of table {table}"),
+                        e,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

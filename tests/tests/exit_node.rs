@@ -1,0 +1,477 @@
+//! End-to-end: exit nodes. An "internet" namespace hosts the server and
+//! routes for everyone; every device's underlay can reach it directly, so
+//! the source address the server sees tells which path a packet took.
+//!
+//! Covered: the direct path before, the exit node's address after enable
+//! (TCP, UDP, ICMP; IPv4 and IPv6), no packet from the client's underlay to
+//! the server while exit mode is on, mesh traffic staying direct (the exit
+//! node's forwarding counter does not move), enable refused without an
+//! exit node, `--exit-node-client` waiting and then applying, disable and
+//! SIGTERM restoring the exact original state, no rule pile-up over five
+//! enable/disable rounds, fail-closed when the exit node dies, and failover
+//! to a second exit node with the switch-over time measured.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use nexd_testkit::{
+    Netns, Node, NodeSpec,
+    topology::nft_counter,
+    traffic::{ping_once, ping_until, tcp_transfer, udp_exchange},
+    wait_for,
+    world::World,
+};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(10);
+const ENABLED: &str = "Successfully enabled exit node client on this device";
+const DISABLED: &str = "Successfully disabled exit node client on this device";
+
+fn spec(args: &[&str]) -> NodeSpec {
+    NodeSpec {
+        args: args.iter().map(|s| (*s).to_owned()).collect(),
+        ..NodeSpec::default()
+    }
+}
+
+fn exit_list(node: &Node) -> anyhow::Result<Vec<Value>> {
+    Ok(node
+        .nexctl_json(&["nexd", "exit-node", "list"])?
+        .as_array()
+        .context("exit-node list is not an array")?
+        .clone())
+}
+
+fn wait_exit_available(client: &Node, name: &str) -> anyhow::Result<()> {
+    wait_for(
+        &format!("{name} to be listed as available on {}", client.name),
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            exit_list(client)
+                .ok()?
+                .iter()
+                .any(|r| r["name"] == name && r["status"] == "available")
+                .then_some(())
+        },
+    )
+}
+
+fn phase(node: &Node) -> String {
+    node.nexctl_json(&["nexd", "status"])
+        .ok()
+        .and_then(|v| v["exit_node"]["client_phase"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Source the server sees for TCP from `from`.
+fn tcp_source(w: &World, from: &str, v6: bool) -> anyhow::Result<IpAddr> {
+    Ok(tcp_transfer(
+        &w.node(from).ns,
+        &w.inet.ns,
+        World::server(v6),
+        32 * 1024,
+        T,
+    )?
+    .seen_from
+    .ip())
+}
+
+fn udp_source(w: &World, from: &str, v6: bool, timeout: Duration) -> anyhow::Result<IpAddr> {
+    Ok(udp_exchange(&w.node(from).ns, &w.inet.ns, World::server(v6), timeout)?.ip())
+}
+
+fn nexctl_ok(node: &Node, args: &[&str]) -> anyhow::Result<String> {
+    let out = node.nexctl(args)?;
+    if !out.status.success() {
+        bail!(
+            "nexctl {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The routing state a client's exit mode touches.
+fn routing_state(ns: &Netns) -> anyhow::Result<String> {
+    let mut s = String::new();
+    for args in [
+        "-4 rule show",
+        "-6 rule show",
+        "-4 route show table all",
+        "-6 route show table all",
+    ] {
+        s.push_str(&ns.ip(args)?);
+    }
+    s.push_str(&ns.exec(&["nft", "list", "ruleset"])?);
+    Ok(s)
+}
+
+fn sysctls(ns: &Netns) -> anyhow::Result<String> {
+    ns.exec(&[
+        "sysctl",
+        "net.ipv4.ip_forward",
+        "net.ipv6.conf.all.forwarding",
+        "net.ipv4.conf.all.src_valid_mark",
+    ])
+}
+
+/// `wg show` without the lines that change by themselves.
+fn wg_config(node: &Node) -> anyhow::Result<String> {
+    Ok(node
+        .wg_show()?
+        .lines()
+        .filter(|l| !l.contains("latest handshake") && !l.contains("transfer:"))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+fn skip() -> bool {
+    if !nexd_testkit::can_run_network_tests() {
+        eprintln!("skipped: needs root to create network namespaces");
+        return true;
+    }
+    false
+}
+
+#[test]
+fn exit_node_client_end_to_end() -> anyhow::Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client", "peer"])?;
+    let before_client = (
+        w.node("client").ns.snapshot()?,
+        sysctls(&w.node("client").ns)?,
+    );
+    let before_exit = (
+        w.node("exit1").ns.snapshot()?,
+        sysctls(&w.node("exit1").ns)?,
+    );
+    w.node_mut("client").start(&spec(&[]))?;
+    w.node_mut("peer").start(&spec(&[]))?;
+    let client_v4 = w.underlay("client", false);
+    let client_v6 = w.underlay("client", true);
+    let exit_v4 = w.underlay("exit1", false);
+    let exit_v6 = w.underlay("exit1", true);
+
+    // 1. Exit mode off: the server sees the client's own underlay address.
+    assert_eq!(tcp_source(&w, "client", false)?, client_v4);
+    assert_eq!(tcp_source(&w, "client", true)?, client_v6);
+
+    // No exit node yet: the JSON list is an empty array, not null.
+    let empty = w
+        .node("client")
+        .nexctl_json(&["nexd", "exit-node", "list"])?;
+    assert_eq!(empty, serde_json::json!([]));
+
+    // 4a. Enable with no exit node: refused, non-zero, nothing changed.
+    let started_state = routing_state(&w.node("client").ns)?;
+    let out = w.node("client").nexctl(&["nexd", "exit-node", "enable"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "stderr: {stderr}");
+    assert!(stderr.contains("no exit node is available"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("Successfully"));
+    assert_eq!(routing_state(&w.node("client").ns)?, started_state);
+    assert_eq!(tcp_source(&w, "client", false)?, client_v4);
+
+    // The exit node comes up and announces itself.
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    wait_exit_available(w.node("client"), "exit1")?;
+    let list = exit_list(w.node("client"))?;
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["endpoint_address"], "192.0.2.1:51820");
+    assert_eq!(list[0]["public_key"], w.devices[0].public_key.as_str());
+    assert_eq!(list[0]["active"], false);
+    let table = nexctl_ok(w.node("client"), &["nexd", "exit-node", "list"])?;
+    let header = table.lines().next().unwrap_or_default();
+    assert!(header.starts_with("ENDPOINT ADDRESS"), "{table}");
+    assert!(
+        header.contains("PUBLIC KEY") && header.contains("STATUS") && header.contains("ACTIVE"),
+        "{table}"
+    );
+    // The peer (not a client) ignores the advertisement: /32 and /128 only.
+    let peer_cfg = wg_config(w.node("peer"))?;
+    assert!(!peer_cfg.contains("0.0.0.0/0"), "{peer_cfg}");
+
+    let pre_enable = routing_state(&w.node("client").ns)?;
+    let pre_enable_wg = wg_config(w.node("client"))?;
+    w.inet.watch("client4", &client_v4.to_string())?;
+    w.inet.watch("client6", &client_v6.to_string())?;
+    w.inet.watch("exit4", &exit_v4.to_string())?;
+    w.inet.watch("exit6", &exit_v6.to_string())?;
+
+    // 2. Enable: exactly the promised message; the server sees the exit
+    // node's uplink address for TCP, UDP and ICMP, IPv4 and IPv6.
+    assert_eq!(
+        nexctl_ok(w.node("client"), &["nexd", "exit-node", "enable"])?,
+        format!("{ENABLED}\n")
+    );
+    assert_eq!(tcp_source(&w, "client", false)?, exit_v4);
+    assert_eq!(tcp_source(&w, "client", true)?, exit_v6);
+    assert_eq!(udp_source(&w, "client", false, T)?, exit_v4);
+    assert_eq!(udp_source(&w, "client", true, T)?, exit_v6);
+    let (icmp4, icmp6) = (w.inet.count("exit4_icmp")?, w.inet.count("exit6_icmp")?);
+    ping_until(&w.node("client").ns, World::server(false), T)?;
+    ping_until(&w.node("client").ns, World::server(true), T)?;
+    assert!(
+        w.inet.count("exit4_icmp")? > icmp4,
+        "ping did not come from the exit node"
+    );
+    assert!(
+        w.inet.count("exit6_icmp")? > icmp6,
+        "ping6 did not come from the exit node"
+    );
+    let list = exit_list(w.node("client"))?;
+    assert_eq!(list[0]["active"], true, "{list:?}");
+    let wg = wg_config(w.node("client"))?;
+    assert!(wg.contains("0.0.0.0/0") && wg.contains("::/0"), "{wg}");
+
+    // 3. Mesh traffic goes direct: the peer sees the client's mesh address
+    // and the exit node's forwarding counter does not move.
+    let fwd_before = nft_counter(&w.node("exit1").ns, "inet", "nexd", "forwarded")?;
+    for v6 in [false, true] {
+        let t = tcp_transfer(
+            &w.node("client").ns,
+            &w.node("peer").ns,
+            w.mesh_ip("peer", v6),
+            256 * 1024,
+            T,
+        )?;
+        assert_eq!(t.seen_from.ip(), w.mesh_ip("client", v6));
+        ping_until(&w.node("client").ns, w.mesh_ip("peer", v6), T)?;
+    }
+    let fwd_after = nft_counter(&w.node("exit1").ns, "inet", "nexd", "forwarded")?;
+    assert_eq!(
+        fwd_before, fwd_after,
+        "mesh traffic went through the exit node"
+    );
+
+    // 2 (cont.). Not one packet from the client's underlay reached the server.
+    assert_eq!(
+        w.inet.count("client4")?,
+        0,
+        "IPv4 leaked past the exit node"
+    );
+    assert_eq!(
+        w.inet.count("client6")?,
+        0,
+        "IPv6 leaked past the exit node"
+    );
+
+    // 5. Disable restores exactly the state before enable.
+    assert_eq!(
+        nexctl_ok(w.node("client"), &["nexd", "exit-node", "disable"])?,
+        format!("{DISABLED}\n")
+    );
+    assert_eq!(routing_state(&w.node("client").ns)?, pre_enable);
+    assert_eq!(wg_config(w.node("client"))?, pre_enable_wg);
+    assert_eq!(tcp_source(&w, "client", false)?, client_v4);
+    assert_eq!(tcp_source(&w, "client", true)?, client_v6);
+    // ...and the leak counters do see direct traffic (they can fail).
+    assert!(w.inet.count("client4")? > 0 && w.inet.count("client6")? > 0);
+
+    // 7. Five rounds through the short alias: no rule piles up.
+    let base_rules = w.node("client").ns.ip("-4 rule show")?.lines().count();
+    let base_rules6 = w.node("client").ns.ip("-6 rule show")?.lines().count();
+    for round in 0..5 {
+        assert_eq!(
+            nexctl_ok(w.node("client"), &["exit-node", "enable"])?,
+            format!("{ENABLED}\n")
+        );
+        assert_eq!(
+            w.node("client").ns.ip("-4 rule show")?.lines().count(),
+            base_rules + 2,
+            "round {round}"
+        );
+        assert_eq!(
+            w.node("client").ns.ip("-6 rule show")?.lines().count(),
+            base_rules6 + 2,
+            "round {round}"
+        );
+        // Enabling twice is fine and adds nothing.
+        assert_eq!(
+            nexctl_ok(w.node("client"), &["exit-node", "enable"])?,
+            format!("{ENABLED}\n")
+        );
+        assert_eq!(
+            w.node("client").ns.ip("-4 rule show")?.lines().count(),
+            base_rules + 2
+        );
+        assert_eq!(
+            nexctl_ok(w.node("client"), &["exit-node", "disable"])?,
+            format!("{DISABLED}\n")
+        );
+        assert_eq!(
+            routing_state(&w.node("client").ns)?,
+            pre_enable,
+            "round {round}"
+        );
+    }
+
+    // 5. SIGTERM with exit mode on: everything goes, on both sides.
+    assert_eq!(
+        nexctl_ok(w.node("client"), &["exit-node", "enable"])?,
+        format!("{ENABLED}\n")
+    );
+    for name in ["client", "exit1", "peer"] {
+        let status = w.node_mut(name).stop()?;
+        assert!(status.success(), "{name}: {status}");
+    }
+    assert_eq!(
+        (
+            w.node("client").ns.snapshot()?,
+            sysctls(&w.node("client").ns)?
+        ),
+        before_client
+    );
+    assert_eq!(
+        (
+            w.node("exit1").ns.snapshot()?,
+            sysctls(&w.node("exit1").ns)?
+        ),
+        before_exit
+    );
+    Ok(())
+}
+
+#[test]
+fn exit_node_client_waits_then_fails_closed() -> anyhow::Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client"])?;
+    let client_v4 = w.underlay("client", false);
+    // 4b. Started with --exit-node-client before any exit node: it waits,
+    // and the device keeps its direct path meanwhile.
+    w.node_mut("client").start(&spec(&["--exit-node-client"]))?;
+    assert_eq!(phase(w.node("client")), "waiting");
+    assert_eq!(tcp_source(&w, "client", false)?, client_v4);
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    wait_for(
+        "the client to apply",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || (phase(w.node("client")) == "active").then_some(()),
+    )?;
+    assert!(
+        w.node("client").log().contains("exit-node client enabled"),
+        "{}",
+        w.node("client").log()
+    );
+    assert_eq!(tcp_source(&w, "client", false)?, w.underlay("exit1", false));
+
+    // 6. The exit node dies: traffic is held back, nothing leaks.
+    w.inet.watch("client4", &client_v4.to_string())?;
+    w.inet
+        .watch("client6", &w.underlay("client", true).to_string())?;
+    w.node_mut("exit1").kill()?;
+    wait_for(
+        "the client to hold traffic",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || (phase(w.node("client")) == "held").then_some(()),
+    )?;
+    assert!(udp_source(&w, "client", false, Duration::from_secs(2)).is_err());
+    assert!(!ping_once(
+        &w.node("client").ns,
+        World::server(true),
+        Duration::from_secs(1)
+    )?);
+    assert_eq!(
+        w.inet.count("client4")?,
+        0,
+        "IPv4 leaked after the exit node died"
+    );
+    assert_eq!(
+        w.inet.count("client6")?,
+        0,
+        "IPv6 leaked after the exit node died"
+    );
+    assert!(
+        w.node("client").log().contains("held back"),
+        "{}",
+        w.node("client").log()
+    );
+
+    // Disable gives the direct path back (and the counter sees it).
+    assert_eq!(
+        nexctl_ok(w.node("client"), &["exit-node", "disable"])?,
+        format!("{DISABLED}\n")
+    );
+    assert_eq!(tcp_source(&w, "client", false)?, client_v4);
+    assert!(w.inet.count("client4")? > 0);
+    Ok(())
+}
+
+#[test]
+fn exit_node_failover() -> anyhow::Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "exit2", "client"])?;
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("exit2")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client").start(&spec(&["--exit-node-client"]))?;
+    wait_for(
+        "the client to apply",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || (phase(w.node("client")) == "active").then_some(()),
+    )?;
+    // Exactly one exit node is active, and it carries the traffic.
+    let list = exit_list(w.node("client"))?;
+    let active: Vec<&Value> = list.iter().filter(|r| r["active"] == true).collect();
+    assert_eq!(active.len(), 1, "{list:?}");
+    let first = active[0]["name"].as_str().context("name")?.to_owned();
+    let second = if first == "exit1" { "exit2" } else { "exit1" };
+    assert_eq!(tcp_source(&w, "client", false)?, w.underlay(&first, false));
+    let wg = wg_config(w.node("client"))?;
+    assert_eq!(
+        wg.matches("0.0.0.0/0").count(),
+        1,
+        "two exit nodes fight over 0/0: {wg}"
+    );
+
+    let client_v4 = w.underlay("client", false);
+    w.inet.watch("client4", &client_v4.to_string())?;
+    w.inet
+        .watch("client6", &w.underlay("client", true).to_string())?;
+
+    // 6. Kill the active exit node; traffic resumes through the other.
+    w.node_mut(&first).kill()?;
+    let killed = Instant::now();
+    let resumed = wait_for(
+        "traffic through the second exit node",
+        Duration::from_secs(30),
+        Duration::from_millis(1),
+        || match udp_source(&w, "client", false, Duration::from_millis(300)) {
+            Ok(src) if src == w.underlay(second, false) => Some(killed.elapsed()),
+            _ => None,
+        },
+    )?;
+    eprintln!(
+        "exit node switch-over: {:.2} s from SIGKILL to the first UDP echo through {second}",
+        resumed.as_secs_f64()
+    );
+    assert_eq!(tcp_source(&w, "client", true)?, w.underlay(second, true));
+    assert_eq!(w.inet.count("client4")?, 0, "IPv4 leaked during failover");
+    assert_eq!(w.inet.count("client6")?, 0, "IPv6 leaked during failover");
+    let log = w.node("client").log();
+    assert!(log.contains("switching to"), "{log}");
+    let list = exit_list(w.node("client"))?;
+    assert_eq!(
+        list.iter().filter(|r| r["active"] == true).count(),
+        1,
+        "{list:?}"
+    );
+    Ok(())
+}
