@@ -347,6 +347,14 @@ fn exit_node_client_waits_then_fails_closed() -> anyhow::Result<()> {
     }
     let mut w = World::new(&["exit1", "client"])?;
     let client_v4 = w.underlay("client", false);
+    // Strict reverse-path filtering, as many distributions ship it: the
+    // tunnel's replies must still get through (nexd sets src_valid_mark).
+    w.node("client")
+        .ns
+        .sysctl("net.ipv4.conf.all.rp_filter", "1")?;
+    w.node("client")
+        .ns
+        .sysctl("net.ipv4.conf.default.rp_filter", "1")?;
     // 4b. Started with --exit-node-client before any exit node: it waits,
     // and the device keeps its direct path meanwhile.
     w.node_mut("client").start(&spec(&["--exit-node-client"]))?;

@@ -1,6 +1,7 @@
-//! `cargo xtask lab`: a local mesh of real nexd agents in network
-//! namespaces, narrated step by step, then torn down (or kept with
-//! `--keep`, and removed later with `cargo xtask lab down`).
+//! `cargo xtask lab`: real nexd agents in network namespaces (an exit
+//! node, a client, a peer, and an internet server), narrated step by step,
+//! then torn down (or kept with `--keep`, and removed later with
+//! `cargo xtask lab down`).
 
 use std::{
     net::IpAddr,
@@ -14,8 +15,9 @@ use anyhow::{Context as _, bail};
 use nexd_testkit::{
     Node, NodeSpec,
     node::KeptNode,
-    topology::{MeshDevice, Switch, mesh_toml},
     traffic::{ping_until, tcp_transfer},
+    wait_for,
+    world::{Naming, World},
 };
 
 use crate::{setup, step, workspace_root};
@@ -121,7 +123,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // SAFETY: set before any thread of ours reads the environment.
     unsafe { std::env::set_var("NEXD_BIN_DIR", workspace_root().join("target/debug")) };
     let started = Instant::now();
-    let result = mesh_story(args.keep);
+    let result = lab_story(args.keep);
     match &result {
         Ok(()) if args.keep => {}
         Ok(()) => say(&format!(
@@ -133,120 +135,158 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     result
 }
 
-fn mesh_story(keep: bool) -> anyhow::Result<()> {
+fn show_source(w: &World, from: &str, v6: bool) -> anyhow::Result<IpAddr> {
+    let server = World::server(v6);
+    let t = tcp_transfer(
+        &w.node(from).ns,
+        &w.inet.ns,
+        server,
+        256 * 1024,
+        Duration::from_secs(10),
+    )?;
+    println!(
+        "  {from} -> server {server:<18} TCP 256 KiB ok; the server saw it come from {}",
+        t.seen_from.ip()
+    );
+    Ok(t.seen_from.ip())
+}
+
+fn lab_story(keep: bool) -> anyhow::Result<()> {
     let base = PathBuf::from(STATE_DIR);
     std::fs::create_dir_all(&base)?;
     say(
-        "A lab mesh: three devices (alpha, beta, gamma) on one LAN segment, each in its own network namespace, each running a real nexd with userspace WireGuard (boringtun).",
+        "The lab: an \"internet\" namespace with a server (203.0.113.10, 2001:db8:203::10) that routes for a LAN segment, and three devices on that segment, each in its own network namespace running a real nexd (userspace WireGuard, boringtun): exit (an exit node), client, and peer.",
     );
-    let mut sw = Switch::in_netns(nexd_testkit::Netns::named(
-        &format!("{NS_PREFIX}switch"),
-        "switch",
-    )?)?;
-    let names = ["alpha", "beta", "gamma"];
-    let mut nodes = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let n = i + 1;
-        let node = Node::named(name, &format!("{NS_PREFIX}{name}"), &base.join(name))?;
-        sw.attach(
-            &node.ns,
-            "eth0",
-            &[&format!("192.0.2.{n}/24"), &format!("2001:db8:1::{n}/64")],
-        )?;
+    let names = ["exit", "client", "peer"];
+    let mut w = World::build(
+        &names,
+        &Naming::Fixed {
+            prefix: NS_PREFIX,
+            dir: &base,
+        },
+    )?;
+    for name in names {
         println!(
-            "  {name:<6} namespace {}  underlay 192.0.2.{n} / 2001:db8:1::{n}",
-            node.ns.name()
+            "  {name:<7} namespace {:<20} underlay {} / {}   mesh {} / {}",
+            w.node(name).ns.name(),
+            w.underlay(name, false),
+            w.underlay(name, true),
+            w.mesh_ip(name, false),
+            w.mesh_ip(name, true)
         );
-        nodes.push(node);
     }
     check_interrupt()?;
-
     say(
-        "Each device gets a key pair (`nexd keygen` writes the private key to its state directory, mode 0600, and prints the public key).",
+        "Each device made its key with `nexd keygen`; one mesh file lists them all, and each nexd finds itself in it by its public key:",
     );
-    let mut devices = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        let n = i + 1;
-        let key = node.keygen()?;
-        println!("  {:<6} {key}", node.name);
-        devices.push(MeshDevice {
-            name: node.name.clone(),
-            public_key: key,
-            endpoint: Some(if n == 2 {
-                format!("[2001:db8:1::{n}]:51820")
-            } else {
-                format!("192.0.2.{n}:51820")
-            }),
-            ipv4: format!("100.64.0.{n}"),
-            ipv6: format!("fd6e:6578:6400::{n}"),
-        });
-    }
-    let mesh = mesh_toml(&devices);
-    say(
-        "The mesh file lists every device; each nexd finds itself in it by its public key. beta is reached over IPv6, the others over IPv4.",
-    );
-    print!("{mesh}");
+    print!("{}", std::fs::read_to_string(w.node("client").mesh_file())?);
 
-    say("Starting nexd on every device.");
-    let spec = NodeSpec {
+    say("Starting nexd: `nexd router --exit-node` on exit, plain `nexd` on client and peer.");
+    let spec = |args: &[&str]| NodeSpec {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
         log_level: "info".into(),
         ..NodeSpec::default()
     };
-    for node in &mut nodes {
-        node.write_mesh(&mesh)?;
-        node.start(&spec)?;
+    w.node_mut("exit")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client").start(&spec(&[]))?;
+    w.node_mut("peer").start(&spec(&[]))?;
+    for name in names {
+        let n = w.node(name);
         println!(
-            "  {:<6} nexd pid {}  log {}",
-            node.name,
-            node.pid().unwrap_or(0),
-            node.log_path().display()
+            "  {name:<7} nexd pid {:<7} log {}",
+            n.pid().unwrap_or(0),
+            n.log_path().display()
         );
     }
     check_interrupt()?;
-    nexctl_show(&nodes[0], &["nexd", "status"])?;
+    nexctl_show(w.node("client"), &["nexd", "status"])?;
 
-    say("Traffic across the mesh, IPv4 and IPv6, between every pair: ping, then 1 MiB over TCP.");
-    for a in 0..3 {
-        for b in 0..3 {
-            if a == b {
-                continue;
-            }
-            for addr in [
-                format!("100.64.0.{}", b + 1).parse::<IpAddr>()?,
-                format!("fd6e:6578:6400::{}", b + 1).parse::<IpAddr>()?,
-            ] {
-                ping_until(&nodes[a].ns, addr, Duration::from_secs(10))?;
-                let t = tcp_transfer(
-                    &nodes[a].ns,
-                    &nodes[b].ns,
-                    addr,
-                    1 << 20,
-                    Duration::from_secs(10),
-                )?;
-                println!(
-                    "  {:<6} -> {:<6} {:<22} ping ok, TCP 1 MiB in {:>6.1} ms (server saw {})",
-                    names[a],
-                    names[b],
-                    addr.to_string(),
-                    t.elapsed.as_secs_f64() * 1000.0,
-                    t.seen_from.ip()
-                );
-                check_interrupt()?;
-            }
+    say("The mesh works peer to peer, IPv4 and IPv6 (ping, then 1 MiB over TCP):");
+    for (a, b) in [("client", "peer"), ("peer", "exit"), ("exit", "client")] {
+        for v6 in [false, true] {
+            let addr = w.mesh_ip(b, v6);
+            ping_until(&w.node(a).ns, addr, Duration::from_secs(10))?;
+            let t = tcp_transfer(
+                &w.node(a).ns,
+                &w.node(b).ns,
+                addr,
+                1 << 20,
+                Duration::from_secs(10),
+            )?;
+            println!(
+                "  {a:<7} -> {b:<7} {:<20} {:>6.1} ms; {b} saw {}",
+                addr.to_string(),
+                t.elapsed.as_secs_f64() * 1000.0,
+                t.seen_from.ip()
+            );
         }
+        check_interrupt()?;
+    }
+
+    say("The exit node announces itself inside the tunnel; the client lists it:");
+    wait_for(
+        "the exit node to be available",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            w.node("client")
+                .nexctl_json(&["nexd", "exit-node", "list"])
+                .ok()
+                .filter(|v| v[0]["status"] == "available")
+        },
+    )?;
+    nexctl_show(w.node("client"), &["nexd", "exit-node", "list"])?;
+
+    say("Before: the client reaches the internet server directly, from its own address.");
+    show_source(&w, "client", false)?;
+    show_source(&w, "client", true)?;
+
+    say("Enable the exit node client:");
+    nexctl_show(w.node("client"), &["nexd", "exit-node", "enable"])?;
+    say("After: the server sees the exit node's address, for IPv4 and IPv6.");
+    show_source(&w, "client", false)?;
+    show_source(&w, "client", true)?;
+    say("Mesh traffic still goes straight to the peer (it sees the client's mesh address):");
+    for v6 in [false, true] {
+        let t = tcp_transfer(
+            &w.node("client").ns,
+            &w.node("peer").ns,
+            w.mesh_ip("peer", v6),
+            1 << 20,
+            Duration::from_secs(10),
+        )?;
+        println!(
+            "  client -> peer {:<20} peer saw {}",
+            w.mesh_ip("peer", v6).to_string(),
+            t.seen_from.ip()
+        );
     }
     say(
-        "The server always saw the sender's mesh address: the traffic went through WireGuard. Look at the peers from alpha's side:",
+        "What nexd installed on the client: two rules per family at fixed priorities, and a table with default routes into wg0.",
     );
-    nexctl_show(&nodes[0], &["nexd", "peers", "list"])?;
-    say("And the eBPF counters on alpha's wg0 (TC programs attached by nexd):");
-    nexctl_show(&nodes[0], &["nexd", "stats"])?;
+    show(
+        &format!("ip -n {} rule", w.node("client").ns.name()),
+        &w.node("client").ns.ip("rule")?,
+    );
+    show(
+        &format!(
+            "ip -n {} route show table 28280",
+            w.node("client").ns.name()
+        ),
+        &w.node("client").ns.ip("route show table 28280")?,
+    );
+    nexctl_show(w.node("client"), &["nexd", "peers", "list"])?;
+    nexctl_show(w.node("client"), &["nexd", "stats"])?;
+    check_interrupt()?;
 
     if keep {
-        let kept: Vec<KeptNode> = nodes.into_iter().map(Node::keep).collect();
-        let sw_name = sw.ns.keep();
+        let kept: Vec<KeptNode> = w.nodes.drain(..).map(Node::keep).collect();
+        let mut namespaces: Vec<String> = kept.iter().map(|k| k.netns.clone()).collect();
+        namespaces.push(w.inet.ns.keep());
+        namespaces.push(w.sw.ns.keep());
         let state = serde_json::json!({
-            "namespaces": kept.iter().map(|k| k.netns.clone()).chain([sw_name]).collect::<Vec<_>>(),
+            "namespaces": namespaces,
             "pids": kept.iter().filter_map(|k| k.pid).collect::<Vec<_>>(),
         });
         std::fs::write(base.join("lab.json"), serde_json::to_vec_pretty(&state)?)?;
@@ -260,31 +300,38 @@ fn mesh_story(keep: bool) -> anyhow::Result<()> {
                 k.dir.display()
             );
         }
-        println!("  ip netns exec {}alpha ping fd6e:6578:6400::2", NS_PREFIX);
-        println!("  tail -f {}/alpha/nexd.1.log", STATE_DIR);
+        println!(
+            "  ip netns exec {NS_PREFIX}client {} --socket {STATE_DIR}/client/nexd.sock nexd exit-node disable",
+            nexctl.display()
+        );
+        println!("  ip netns exec {NS_PREFIX}client ping 203.0.113.10");
+        println!("  tail -f {STATE_DIR}/client/nexd.1.log");
         println!("Remove it with: sudo cargo xtask lab down");
         return Ok(());
     }
 
+    say("Disable: the direct path comes back.");
+    nexctl_show(w.node("client"), &["nexd", "exit-node", "disable"])?;
+    show_source(&w, "client", false)?;
+
     say(
-        "Stopping every nexd with SIGTERM: each removes its interface, addresses and eBPF programs.",
+        "Stopping every nexd with SIGTERM: each removes its interface, routes, rules, nftables table and eBPF programs.",
     );
-    for node in &mut nodes {
-        let status = node.stop()?;
-        let links = node.ns.ip("-o link show")?;
+    for name in names {
+        let status = w.node_mut(name).stop()?;
+        let links = w.node(name).ns.ip("-o link show")?;
         println!(
-            "  {:<6} exited {status}; links left: {}",
-            node.name,
+            "  {name:<7} exited {status}; links left: {}; rules left: {}",
             links
                 .lines()
                 .filter_map(|l| l.split(':').nth(1))
                 .map(str::trim)
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            w.node(name).ns.ip("-4 rule")?.lines().count()
         );
     }
-    drop(nodes);
-    drop(sw);
+    drop(w);
     let _ = std::fs::remove_dir_all(&base);
     Ok(())
 }
