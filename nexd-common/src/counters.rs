@@ -12,17 +12,46 @@ pub enum Counter {
     TunnelRx = 0,
     /// IP packets the mesh interface sent into the tunnel.
     TunnelTx = 1,
-    /// Frames on a watched interface that were neither IPv4 nor IPv6.
+    /// Frames that were neither IPv4 nor IPv6 (ARP...): passed untouched.
     NotIp = 2,
+    /// LAN traffic left to policy routing, which sends it to the exit node.
+    SteeredExit = 3,
+    /// LAN traffic to a mesh address: goes straight to that peer.
+    DirectMesh = 4,
+    /// LAN traffic to a bypass prefix (LAN, excluded route, endpoint,
+    /// link-local, multicast): marked to leave directly.
+    Bypassed = 5,
+    /// Uplink traffic the leak guard let through (WireGuard to an
+    /// endpoint, bypass prefixes, neighbour discovery, DHCP).
+    GuardPassed = 6,
+    /// Uplink traffic the leak guard dropped.
+    GuardDropped = 7,
+    /// IP packets with a header the programs cannot read (truncated, bad
+    /// version or length). The classifier passes them on (the kernel drops
+    /// them); the leak guard drops them.
+    Malformed = 8,
+    /// VLAN-tagged frames. The classifier passes them on unsteered; the
+    /// leak guard drops them.
+    Vlan = 9,
 }
 
 impl Counter {
     /// Number of slots in the counters map.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 10;
 
     /// Every counter, in index order, for user space to iterate.
-    pub const ALL: [Counter; Self::COUNT as usize] =
-        [Counter::TunnelRx, Counter::TunnelTx, Counter::NotIp];
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::TunnelRx,
+        Counter::TunnelTx,
+        Counter::NotIp,
+        Counter::SteeredExit,
+        Counter::DirectMesh,
+        Counter::Bypassed,
+        Counter::GuardPassed,
+        Counter::GuardDropped,
+        Counter::Malformed,
+        Counter::Vlan,
+    ];
 
     /// The stable snake_case name used by `nexctl nexd stats` and its JSON.
     pub const fn name(self) -> &'static str {
@@ -30,6 +59,13 @@ impl Counter {
             Counter::TunnelRx => "tunnel_rx",
             Counter::TunnelTx => "tunnel_tx",
             Counter::NotIp => "not_ip",
+            Counter::SteeredExit => "steered_exit",
+            Counter::DirectMesh => "direct_mesh",
+            Counter::Bypassed => "bypassed",
+            Counter::GuardPassed => "guard_passed",
+            Counter::GuardDropped => "guard_dropped",
+            Counter::Malformed => "malformed",
+            Counter::Vlan => "vlan",
         }
     }
 

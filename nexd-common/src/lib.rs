@@ -7,6 +7,7 @@
 //! the map must agree on every bit.
 #![no_std]
 
+pub mod config;
 pub mod counters;
 
 /// Names of the programs and maps in the eBPF object. User space looks them
@@ -14,8 +15,36 @@ pub mod counters;
 pub mod names {
     /// Per-CPU packet and byte counters, indexed by [`crate::counters::Counter`].
     pub const COUNTERS_MAP: &str = "NEXD_COUNTERS";
+    /// One-slot array of [`crate::config::DatapathConfig`].
+    pub const CONFIG_MAP: &str = "NEXD_CONFIG";
+    /// LPM tries of the mesh prefixes (IPv4, IPv6).
+    pub const MESH_V4_MAP: &str = "NEXD_MESH_V4";
+    pub const MESH_V6_MAP: &str = "NEXD_MESH_V6";
+    /// LPM tries of the bypass prefixes (IPv4, IPv6), value a
+    /// [`crate::config::BypassReason`].
+    pub const BYPASS_V4_MAP: &str = "NEXD_BYPASS_V4";
+    pub const BYPASS_V6_MAP: &str = "NEXD_BYPASS_V6";
+    /// Hash sets of mesh peers' endpoint addresses (IPv4, IPv6).
+    pub const ENDPOINTS_V4_MAP: &str = "NEXD_ENDPOINTS_V4";
+    pub const ENDPOINTS_V6_MAP: &str = "NEXD_ENDPOINTS_V6";
+
     /// Classifier on the mesh interface's ingress (traffic out of the tunnel).
     pub const TUNNEL_INGRESS_PROG: &str = "nexd_tunnel_ingress";
     /// Classifier on the mesh interface's egress (traffic into the tunnel).
     pub const TUNNEL_EGRESS_PROG: &str = "nexd_tunnel_egress";
+    /// Steering classifier for LAN interfaces' ingress: Ethernet and L3
+    /// (no link-layer header) variants.
+    pub const STEER_PROG: &str = "nexd_steer";
+    pub const STEER_L3_PROG: &str = "nexd_steer_l3";
+    /// Leak guard for the uplink's egress: Ethernet and L3 variants.
+    pub const GUARD_PROG: &str = "nexd_guard";
+    pub const GUARD_L3_PROG: &str = "nexd_guard_l3";
 }
+
+/// Capacity of each bypass trie. LPM tries allocate on demand, so a large
+/// bound costs nothing until used.
+pub const BYPASS_MAX_ENTRIES: u32 = 1 << 20;
+/// Capacity of each mesh-prefix trie.
+pub const MESH_MAX_ENTRIES: u32 = 64;
+/// Capacity of each endpoint set.
+pub const ENDPOINTS_MAX_ENTRIES: u32 = 1 << 16;

@@ -1,13 +1,25 @@
-//! nexd's eBPF programs.
+//! nexd's eBPF programs: TC classifiers that classify a packet once, bump a
+//! per-CPU counter for the verdict, and return a TC action.
 //!
-//! Every program here classifies a packet once, bumps a per-CPU counter for
-//! the verdict it reached and returns a TC action. Packets are never read
-//! past what the verifier has proven in bounds.
+//! * `tunnel`: observers on the WireGuard interface;
+//! * `steer`: the steering classifier for a gateway's LAN interfaces;
+//! * `guard`: the leak guard on the uplink.
+//!
+//! Packets are never read past what the verifier has proven in bounds
+//! (`parse`). Minimum kernel: 5.8 (LPM tries, bpf_skb_pull_data, BTF for
+//! aya's loader, and the ring buffer aya-log uses); TCX attachment needs
+//! 6.6 and falls back to clsact before that.
 #![no_std]
 #![no_main]
 
-mod counters;
+mod guard;
+mod maps;
+mod parse;
+mod steer;
 mod tunnel;
+
+/// TC_ACT_UNSPEC, which is also TCX_NEXT: "no opinion, carry on".
+pub const TC_NEXT: i32 = -1;
 
 #[cfg(not(test))]
 #[panic_handler]

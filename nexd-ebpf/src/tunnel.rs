@@ -5,10 +5,7 @@
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use nexd_common::counters::Counter;
 
-use crate::counters::count;
-
-/// TC_ACT_UNSPEC, which is also TCX_NEXT: "no opinion, carry on".
-const TC_NEXT: i32 = -1;
+use crate::{TC_NEXT, maps::count};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;

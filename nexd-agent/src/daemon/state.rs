@@ -130,7 +130,7 @@ impl Daemon {
             if let Some(server) = self.opts.exit_server.clone() {
                 self.start_exit_node(server.uplink.as_deref()).await?;
             }
-            self.datapath = Datapath::attach(&iface).map_err(|e| {
+            self.datapath = Datapath::start(&iface).map_err(|e| {
                 warn!(error = %e, "eBPF data path not attached; the mesh works without its counters");
                 e.to_string()
             });

@@ -1,47 +1,64 @@
-//! The eBPF data path: the one owner of nexd's programs, their links and
-//! maps. It loads the object embedded at build time, attaches programs,
-//! reads counters, and detaches everything when dropped.
+//! The eBPF data path: the one owner of nexd's programs, their links, maps
+//! and pins. It loads the object embedded at build time, attaches
+//! programs, keeps the maps in sync with what the reconcile loop wants,
+//! reads counters, and detaches everything when dropped (except a leak
+//! guard pinned on purpose for `--kill-switch`).
 //!
 //! Attachment uses TCX on kernels that have it (6.6+) and a clsact qdisc
-//! with a direct-action cls_bpf filter otherwise; aya picks by kernel
-//! version.
+//! with direct-action cls_bpf filters otherwise.
 
-use std::collections::BTreeMap;
+mod attach;
+mod bpffs;
+mod maps;
+
+use std::{collections::BTreeMap, path::PathBuf};
 
 use aya::{
     Ebpf,
-    maps::PerCpuArray,
-    programs::{SchedClassifier, TcAttachType, tc},
+    maps::{Array, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
     util::KernelVersion,
 };
 use nexd_common::{
+    config::DatapathConfig,
     counters::{Counter, CounterValue},
     names,
 };
 use serde::{Deserialize, Serialize};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
+
+pub use attach::{GuardState, guard_pin_path, remove_leftovers};
+pub use bpffs::is_bpffs;
+pub use maps::BypassSet;
 
 /// The eBPF object built from `nexd-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nexd"));
 
-/// Why the data path could not be set up or read.
+/// Every program of the object, loaded (verified) at start-up.
+const PROGRAMS: [&str; 6] = [
+    names::TUNNEL_INGRESS_PROG,
+    names::TUNNEL_EGRESS_PROG,
+    names::STEER_PROG,
+    names::STEER_L3_PROG,
+    names::GUARD_PROG,
+    names::GUARD_L3_PROG,
+];
+
+/// Why the data path could not be set up or used.
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("loading the eBPF object failed: {0}")]
     Load(Box<aya::EbpfError>),
     #[error("the eBPF object has no {kind} called {name}; nexd and its embedded programs disagree")]
-    Missing {
-        kind: &'static str,
-        name: &'static str,
-    },
+    Missing { kind: &'static str, name: String },
     #[error("eBPF program {name}: {source}")]
     Program {
-        name: &'static str,
+        name: String,
         source: Box<aya::programs::ProgramError>,
     },
     #[error("attaching {name} to {iface} ({direction}) failed: {source}")]
     Attach {
-        name: &'static str,
+        name: String,
         iface: String,
         direction: &'static str,
         source: Box<aya::programs::ProgramError>,
@@ -49,13 +66,33 @@ pub enum DatapathError {
     #[error("adding a clsact qdisc to {iface} failed: {source}")]
     Qdisc {
         iface: String,
-        source: Box<tc::TcError>,
+        source: Box<aya::programs::tc::TcError>,
     },
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
         source: Box<aya::maps::MapError>,
     },
+    #[error("pinning the leak guard at {path}: {reason}")]
+    Pin { path: PathBuf, reason: String },
+    #[error("bpffs at {path}: {reason}")]
+    Bpffs { path: PathBuf, reason: String },
+}
+
+impl DatapathError {
+    fn program(name: &str, e: aya::programs::ProgramError) -> Self {
+        DatapathError::Program {
+            name: name.to_owned(),
+            source: Box::new(e),
+        }
+    }
+
+    fn map(name: &'static str, e: aya::maps::MapError) -> Self {
+        DatapathError::Map {
+            name,
+            source: Box::new(e),
+        }
+    }
 }
 
 /// Packets and bytes of one counter, summed over CPUs.
@@ -73,81 +110,109 @@ pub enum AttachMode {
     Clsact,
 }
 
-/// The loaded object and its attachments. Dropping it detaches every
-/// program and frees the maps.
-pub struct Datapath {
-    ebpf: Ebpf,
-    iface: String,
-    mode: AttachMode,
-}
-
-impl Datapath {
-    /// Loads the programs and attaches the tunnel observers to `iface`.
-    pub fn attach(iface: &str) -> Result<Self, DatapathError> {
-        raise_memlock_limit();
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        let mode = if tcx {
+impl AttachMode {
+    /// TCX on 6.6 and later, clsact before.
+    pub fn for_running_kernel() -> Self {
+        if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
             AttachMode::Tcx
         } else {
             AttachMode::Clsact
-        };
-        if mode == AttachMode::Clsact {
-            // EEXIST means the qdisc is already there, which is fine.
-            match tc::qdisc_add_clsact(iface) {
-                Ok(()) => {}
-                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(source) => {
-                    return Err(DatapathError::Qdisc {
-                        iface: iface.to_owned(),
-                        source: Box::new(source),
-                    });
-                }
-            }
         }
-        for (name, direction) in [
-            (names::TUNNEL_INGRESS_PROG, TcAttachType::Ingress),
-            (names::TUNNEL_EGRESS_PROG, TcAttachType::Egress),
-        ] {
+    }
+}
+
+/// What a `BPF_PROG_TEST_RUN` of a classifier returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TestOutcome {
+    /// The TC action (as i32: -1 is TCX_NEXT / TC_ACT_UNSPEC).
+    pub action: i32,
+    /// `skb->mark` after the program.
+    pub mark: u32,
+    /// Average time per run, as the kernel measured it.
+    pub nanos_per_run: u64,
+}
+
+/// The loaded object and its attachments.
+pub struct Datapath {
+    pub(crate) ebpf: Ebpf,
+    pub(crate) mode: AttachMode,
+    pub(crate) attached: attach::Attachments,
+    pub(crate) bypass: maps::BypassSet,
+    pub(crate) mesh_prefixes: std::collections::HashSet<ipnet::IpNet>,
+    pub(crate) endpoints: std::collections::HashSet<std::net::IpAddr>,
+    config: DatapathConfig,
+    _logger: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Datapath {
+    /// Loads the object and verifies every program, attaching nothing.
+    /// `BPF_PROG_TEST_RUN` works on a detached data path.
+    pub fn load() -> Result<Self, DatapathError> {
+        raise_memlock_limit();
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
+        for name in PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
-                .ok_or(DatapathError::Missing {
+                .ok_or_else(|| DatapathError::Missing {
                     kind: "program",
-                    name,
+                    name: name.to_owned(),
                 })?
                 .try_into()
-                .map_err(|source| DatapathError::Program {
-                    name,
-                    source: Box::new(source),
-                })?;
-            prog.load().map_err(|source| DatapathError::Program {
-                name,
-                source: Box::new(source),
-            })?;
-            prog.attach(iface, direction)
-                .map_err(|source| DatapathError::Attach {
-                    name,
-                    iface: iface.to_owned(),
-                    direction: if direction == TcAttachType::Ingress {
-                        "ingress"
-                    } else {
-                        "egress"
-                    },
-                    source: Box::new(source),
-                })?;
-            debug!(iface, program = name, "eBPF program attached");
+                .map_err(|e| DatapathError::program(name, e))?;
+            prog.load().map_err(|e| DatapathError::program(name, e))?;
         }
-        info!(iface, ?mode, "eBPF tunnel counters attached");
         Ok(Datapath {
             ebpf,
-            iface: iface.to_owned(),
-            mode,
+            mode: AttachMode::for_running_kernel(),
+            attached: attach::Attachments::default(),
+            bypass: maps::BypassSet::default(),
+            mesh_prefixes: Default::default(),
+            endpoints: Default::default(),
+            config: DatapathConfig::default(),
+            _logger: None,
         })
     }
 
-    /// The interface the tunnel programs are attached to.
-    pub fn interface(&self) -> &str {
-        &self.iface
+    /// Loads and attaches the tunnel observers to the WireGuard interface.
+    pub fn start(tunnel_iface: &str) -> Result<Self, DatapathError> {
+        let mut dp = Self::load()?;
+        dp.forward_logs();
+        dp.attach_tunnel(tunnel_iface)?;
+        info!(iface = tunnel_iface, mode = ?dp.mode, "eBPF data path loaded, tunnel counters attached");
+        Ok(dp)
+    }
+
+    /// Forwards the programs' aya-log records into nexd's log (they are
+    /// only produced when asked, e.g. guard drop logging).
+    fn forward_logs(&mut self) {
+        match aya_log::EbpfLogger::init(&mut self.ebpf) {
+            Ok(logger) => {
+                // SAFETY: the logger owns its ring buffer's descriptor and
+                // keeps it open, unchanged, for as long as it lives, which
+                // is as long as the AsyncFd that owns it.
+                let registered = unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        logger,
+                        tokio::io::Interest::READABLE,
+                    )
+                };
+                match registered {
+                    Ok(mut fd) => {
+                        self._logger = Some(tokio::spawn(async move {
+                            loop {
+                                let Ok(mut guard) = fd.readable_mut().await else {
+                                    return;
+                                };
+                                guard.get_inner_mut().flush();
+                                guard.clear_ready();
+                            }
+                        }));
+                    }
+                    Err(e) => debug!(error = %e, "cannot poll the eBPF log buffer"),
+                }
+            }
+            Err(e) => debug!(error = %e, "eBPF logging not available"),
+        }
     }
 
     /// TCX or clsact.
@@ -155,26 +220,51 @@ impl Datapath {
         self.mode
     }
 
+    /// Writes the runtime configuration (flags, fwmark).
+    pub fn set_config(&mut self, cfg: DatapathConfig) -> Result<(), DatapathError> {
+        if cfg == self.config {
+            return Ok(());
+        }
+        let name = names::CONFIG_MAP;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or_else(|| DatapathError::Missing {
+                kind: "map",
+                name: name.to_owned(),
+            })?;
+        let mut arr: Array<&mut aya::maps::MapData, DatapathConfig> =
+            Array::try_from(map).map_err(|e| DatapathError::map(name, e))?;
+        arr.set(0, cfg, 0)
+            .map_err(|e| DatapathError::map(name, e))?;
+        self.config = cfg;
+        debug!(
+            flags = cfg.flags,
+            fwmark = cfg.fwmark,
+            "data path config written"
+        );
+        Ok(())
+    }
+
+    /// The configuration last written.
+    pub fn config(&self) -> DatapathConfig {
+        self.config
+    }
+
     /// Every counter, summed over CPUs, keyed by its stable name.
     pub fn counters(&self) -> Result<BTreeMap<&'static str, CounterTotal>, DatapathError> {
         let name = names::COUNTERS_MAP;
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or(DatapathError::Missing { kind: "map", name })?;
-        let array: PerCpuArray<&aya::maps::MapData, CounterValue> = PerCpuArray::try_from(map)
-            .map_err(|source| DatapathError::Map {
-                name,
-                source: Box::new(source),
-            })?;
+        let map = self.ebpf.map(name).ok_or_else(|| DatapathError::Missing {
+            kind: "map",
+            name: name.to_owned(),
+        })?;
+        let array: PerCpuArray<&aya::maps::MapData, CounterValue> =
+            PerCpuArray::try_from(map).map_err(|e| DatapathError::map(name, e))?;
         let mut out = BTreeMap::new();
         for counter in Counter::ALL {
             let per_cpu = array
                 .get(&counter.index(), 0)
-                .map_err(|source| DatapathError::Map {
-                    name,
-                    source: Box::new(source),
-                })?;
+                .map_err(|e| DatapathError::map(name, e))?;
             let total = per_cpu
                 .iter()
                 .fold(CounterTotal::default(), |acc, v| CounterTotal {
@@ -184,6 +274,59 @@ impl Datapath {
             out.insert(counter.name(), total);
         }
         Ok(out)
+    }
+
+    /// Runs `program` once (or `repeat` times) over `packet` with
+    /// BPF_PROG_TEST_RUN, starting from `skb->mark = mark`.
+    pub fn test_run(
+        &mut self,
+        program: &str,
+        packet: &[u8],
+        mark: u32,
+        repeat: u32,
+    ) -> Result<TestOutcome, DatapathError> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program)
+            .ok_or_else(|| DatapathError::Missing {
+                kind: "program",
+                name: program.to_owned(),
+            })?
+            .try_into()
+            .map_err(|e| DatapathError::program(program, e))?;
+        // struct __sk_buff is 192 bytes; `mark` is at offset 8. The kernel
+        // accepts a context with only the writable fields set.
+        let mut ctx_in = [0u8; SK_BUFF_SIZE];
+        ctx_in[8..12].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SK_BUFF_SIZE];
+        let mut data_out = vec![0u8; packet.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut data_out);
+        opts.ctx_in = Some(&ctx_in);
+        opts.ctx_out = Some(&mut ctx_out);
+        opts.repeat = repeat.max(1);
+        let r = prog
+            .test_run(opts)
+            .map_err(|e| DatapathError::program(program, e))?;
+        let mut m = [0u8; 4];
+        m.copy_from_slice(&ctx_out[8..12]);
+        Ok(TestOutcome {
+            action: r.return_value as i32,
+            mark: u32::from_ne_bytes(m),
+            nanos_per_run: r.duration.as_nanos() as u64,
+        })
+    }
+}
+
+/// Size of the UAPI `struct __sk_buff`.
+const SK_BUFF_SIZE: usize = 192;
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if let Err(e) = self.detach_all() {
+            warn!(error = %e, "detaching eBPF programs failed");
+        }
     }
 }
 

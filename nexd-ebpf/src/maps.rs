@@ -1,0 +1,77 @@
+//! Every map of the object. User space finds them by these names
+//! (`nexd_common::names`) and keeps them in sync from its reconcile loop;
+//! programs only read them (and bump counters).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+};
+use nexd_common::{
+    BYPASS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, MESH_MAX_ENTRIES,
+    config::DatapathConfig,
+    counters::{Counter, CounterValue},
+};
+
+#[map(name = "NEXD_COUNTERS")]
+static NEXD_COUNTERS: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[map(name = "NEXD_CONFIG")]
+static NEXD_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "NEXD_MESH_V4")]
+pub static MESH_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MESH_MAX_ENTRIES, 0);
+#[map(name = "NEXD_MESH_V6")]
+pub static MESH_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MESH_MAX_ENTRIES, 0);
+
+#[map(name = "NEXD_BYPASS_V4")]
+pub static BYPASS_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(BYPASS_MAX_ENTRIES, 0);
+#[map(name = "NEXD_BYPASS_V6")]
+pub static BYPASS_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(BYPASS_MAX_ENTRIES, 0);
+
+#[map(name = "NEXD_ENDPOINTS_V4")]
+pub static ENDPOINTS_V4: HashMap<[u8; 4], u8> = HashMap::with_max_entries(ENDPOINTS_MAX_ENTRIES, 0);
+#[map(name = "NEXD_ENDPOINTS_V6")]
+pub static ENDPOINTS_V6: HashMap<[u8; 16], u8> =
+    HashMap::with_max_entries(ENDPOINTS_MAX_ENTRIES, 0);
+
+/// Adds one packet of `len` bytes to `counter` on this CPU.
+#[inline(always)]
+pub fn count(counter: Counter, len: u32) {
+    if let Some(slot) = NEXD_COUNTERS.get_ptr_mut(counter.index()) {
+        // SAFETY: the pointer comes from the map lookup and is valid for this
+        // CPU's slot; per-CPU slots are never touched concurrently.
+        unsafe {
+            (*slot).packets += 1;
+            (*slot).bytes += u64::from(len);
+        }
+    }
+}
+
+/// The current configuration (all zero, i.e. everything off, until user
+/// space writes it).
+#[inline(always)]
+pub fn config() -> DatapathConfig {
+    NEXD_CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// Longest-prefix match of an IPv4 address.
+#[inline(always)]
+pub fn in_trie4(trie: &LpmTrie<[u8; 4], u8>, addr: [u8; 4]) -> bool {
+    trie.get(Key::new(32, addr)).is_some()
+}
+
+/// Longest-prefix match of an IPv6 address.
+#[inline(always)]
+pub fn in_trie6(trie: &LpmTrie<[u8; 16], u8>, addr: [u8; 16]) -> bool {
+    trie.get(Key::new(128, addr)).is_some()
+}
+
+#[inline(always)]
+pub fn is_endpoint4(addr: [u8; 4]) -> bool {
+    ENDPOINTS_V4.get_ptr(addr).is_some()
+}
+
+#[inline(always)]
+pub fn is_endpoint6(addr: [u8; 16]) -> bool {
+    ENDPOINTS_V6.get_ptr(addr).is_some()
+}
