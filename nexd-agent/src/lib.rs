@@ -8,6 +8,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod exclude;
 pub mod exit;
 pub mod keys;
 pub mod mesh;

@@ -5,6 +5,10 @@
 //! /run/wireguard and its own bpffs on /sys/fs/bpf: userspace WireGuard
 //! UAPI sockets and BPF pins are files, not per network namespace, and
 //! would otherwise clash between nodes (see NOTES-userspace-wireguard.md).
+//! A small holder process (`sleep infinity`) owns that mount namespace for
+//! the node's whole life, and every nexd run joins it with nsenter: so,
+//! like on a real machine, pins (the kill switch's leak guard) survive a
+//! SIGKILLed nexd and the next nexd finds them.
 
 use std::{
     fs,
@@ -51,6 +55,8 @@ pub struct Node {
     pub ns: Netns,
     dir: PathBuf,
     child: Option<Child>,
+    /// Owner of the node's mount namespace.
+    holder: Option<Child>,
     runs: u32,
     /// Set by `keep`: leave process and files when dropped.
     kept: bool,
@@ -69,6 +75,7 @@ impl Node {
             ns,
             dir,
             child: None,
+            holder: None,
             runs: 0,
             kept: false,
         })
@@ -121,20 +128,54 @@ impl Node {
         self.wait_ready(Duration::from_secs(20))
     }
 
+    /// The pid of the process owning the node's mount namespace, started
+    /// on first use: it mounts the private tmpfs and bpffs, then sleeps.
+    pub fn holder_pid(&mut self) -> anyhow::Result<u32> {
+        if let Some(h) = &self.holder {
+            return Ok(h.id());
+        }
+        fs::create_dir_all("/run/wireguard").context("creating /run/wireguard mount point")?;
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", self.ns.name(), "sh", "-c"])
+            .arg("mount -t tmpfs nexd-wg /run/wireguard && mount -t bpf bpf /sys/fs/bpf && exec sleep infinity")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = c.spawn().context("starting the mount namespace holder")?;
+        let pid = child.id();
+        self.holder = Some(child);
+        // Ready once the holder is `sleep` (the mounts happened before exec).
+        wait_for(
+            "the mount namespace holder",
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            || {
+                fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .ok()
+                    .filter(|c| c.trim() == "sleep")
+            },
+        )?;
+        Ok(pid)
+    }
+
+    /// Whether a file exists at `path` inside the node's mount namespace
+    /// (e.g. a pin in its bpffs).
+    pub fn file_exists(&mut self, path: &str) -> anyhow::Result<bool> {
+        let pid = self.holder_pid()?;
+        Ok(Path::new(&format!("/proc/{pid}/root{path}")).exists())
+    }
+
     /// Starts nexd without waiting for it to be ready.
     pub fn spawn(&mut self, spec: &NodeSpec) -> anyhow::Result<()> {
         if self.child.is_some() {
             bail!("{}: nexd is already running", self.name);
         }
-        fs::create_dir_all("/run/wireguard").context("creating /run/wireguard mount point")?;
+        let holder = self.holder_pid()?.to_string();
         self.runs += 1;
         let log = fs::File::create(self.log_path()).context("creating log file")?;
         let nexd = bins::nexd()?;
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", self.ns.name(), "sh", "-c"])
-            .arg(
-                "mount -t tmpfs nexd-wg /run/wireguard && mount -t bpf bpf /sys/fs/bpf && exec \"$0\" \"$@\"",
-            )
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &holder, "-m", "-n", "--"])
             .arg(&nexd)
             .args(&spec.args)
             .arg("--state-dir")
@@ -143,7 +184,12 @@ impl Node {
             .arg(self.mesh_file())
             .arg("--socket")
             .arg(self.socket())
-            .args(["--wireguard", &spec.wireguard, "--log-level", &spec.log_level])
+            .args([
+                "--wireguard",
+                &spec.wireguard,
+                "--log-level",
+                &spec.log_level,
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -256,7 +302,12 @@ impl Node {
     /// `wg show` as seen from inside nexd's mount namespace (where its
     /// UAPI socket lives).
     pub fn wg_show(&self) -> anyhow::Result<String> {
-        let pid = self.pid().context("nexd is not running")?.to_string();
+        let pid = self
+            .holder
+            .as_ref()
+            .map(Child::id)
+            .context("the node has no mount namespace yet")?
+            .to_string();
         cmd::run("nsenter", ["-t", &pid, "-m", "-n", "wg", "show"])
     }
 
@@ -286,6 +337,7 @@ impl Node {
             ns,
             dir: dir.to_owned(),
             child: None,
+            holder: None,
             runs: 0,
             kept: false,
         })
@@ -295,6 +347,8 @@ impl Node {
     /// away (`cargo xtask lab --keep`).
     pub fn keep(mut self) -> KeptNode {
         self.kept = true;
+        // The holder goes with the namespace when the lab is taken down.
+        let _ = self.holder.take().map(|h| h.id());
         KeptNode {
             name: self.name.clone(),
             netns: self.ns.keep(),
@@ -320,6 +374,10 @@ impl Drop for Node {
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(mut holder) = self.holder.take() {
+            let _ = holder.kill();
+            let _ = holder.wait();
         }
         if std::thread::panicking() {
             eprintln!(

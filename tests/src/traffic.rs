@@ -140,6 +140,54 @@ pub fn tcp_transfer(
     })
 }
 
+/// Socket options for a UDP probe, to imitate applications that route
+/// around the routing table (the leaks a kill switch must stop).
+#[derive(Debug, Clone, Default)]
+pub struct UdpOpts {
+    /// SO_BINDTODEVICE: send out of this interface whatever the routes say.
+    pub bind_device: Option<String>,
+    /// SO_MARK on the socket.
+    pub mark: Option<u32>,
+}
+
+fn apply_opts(s: &UdpSocket, opts: &UdpOpts) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let fd = s.as_raw_fd();
+    if let Some(dev) = &opts.bind_device {
+        let name = std::ffi::CString::new(dev.as_str())?;
+        let bytes = name.as_bytes_with_nul();
+        // SAFETY: valid fd, pointer and length of a NUL-terminated name.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                bytes.as_ptr().cast(),
+                bytes.len() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            bail!("SO_BINDTODEVICE {dev}: {}", std::io::Error::last_os_error());
+        }
+    }
+    if let Some(mark) = opts.mark {
+        // SAFETY: valid fd, pointer to a u32 and its size.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&mark as *const u32).cast(),
+                std::mem::size_of::<u32>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            bail!("SO_MARK: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Sends one UDP datagram from `from` to a socket on `to_addr` in `to` and
 /// waits for the echo; returns the client address the server saw.
 pub fn udp_exchange(
@@ -148,6 +196,18 @@ pub fn udp_exchange(
     to_addr: IpAddr,
     timeout: Duration,
 ) -> anyhow::Result<SocketAddr> {
+    udp_exchange_with(from, to, to_addr, timeout, &UdpOpts::default())
+}
+
+/// `udp_exchange` with socket options on the sender.
+pub fn udp_exchange_with(
+    from: &Netns,
+    to: &Netns,
+    to_addr: IpAddr,
+    timeout: Duration,
+    opts: &UdpOpts,
+) -> anyhow::Result<SocketAddr> {
+    let opts = opts.clone();
     let server_sock =
         to.run_in(move || UdpSocket::bind(SocketAddr::new(to_addr, 0)).context("bind"))?;
     let port = server_sock.local_addr()?.port();
@@ -165,6 +225,7 @@ pub fn udp_exchange(
     };
     from.run_in(move || -> anyhow::Result<()> {
         let s = UdpSocket::bind(SocketAddr::new(unspecified, 0))?;
+        apply_opts(&s, &opts)?;
         s.set_read_timeout(Some(Duration::from_millis(500)))?;
         let deadline = Instant::now() + timeout;
         let msg = b"nexd-udp-probe";

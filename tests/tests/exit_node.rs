@@ -286,12 +286,12 @@ fn exit_node_client_end_to_end() -> anyhow::Result<()> {
         );
         assert_eq!(
             w.node("client").ns.ip("-4 rule show")?.lines().count(),
-            base_rules + 2,
+            base_rules + 3,
             "round {round}"
         );
         assert_eq!(
             w.node("client").ns.ip("-6 rule show")?.lines().count(),
-            base_rules6 + 2,
+            base_rules6 + 3,
             "round {round}"
         );
         // Enabling twice is fine and adds nothing.
@@ -301,7 +301,7 @@ fn exit_node_client_end_to_end() -> anyhow::Result<()> {
         );
         assert_eq!(
             w.node("client").ns.ip("-4 rule show")?.lines().count(),
-            base_rules + 2
+            base_rules + 3
         );
         assert_eq!(
             nexctl_ok(w.node("client"), &["exit-node", "disable"])?,

@@ -263,7 +263,7 @@ fn lab_story(keep: bool) -> anyhow::Result<()> {
         );
     }
     say(
-        "What nexd installed on the client: two rules per family at fixed priorities, and a table with default routes into wg0.",
+        "What nexd installed on the client: three rules per family at fixed priorities (excluded routes, main without its default, the tunnel), and a table with default routes into wg0.",
     );
     show(
         &format!("ip -n {} rule", w.node("client").ns.name()),

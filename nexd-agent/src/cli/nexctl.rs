@@ -229,6 +229,31 @@ fn status(ctx: &Ctx) -> Result<(), ClientError> {
                 format!("{} ({} healthy)", info.peers, info.healthy_peers),
             ),
             ("DATA PATH", datapath),
+            (
+                "STEERING",
+                if info.datapath.steering_interfaces.is_empty() {
+                    "-".into()
+                } else {
+                    info.datapath.steering_interfaces.join(",")
+                },
+            ),
+            (
+                "LEAK GUARD",
+                if info.datapath.guard_interfaces.is_empty() {
+                    "off".into()
+                } else {
+                    format!(
+                        "on {}{}",
+                        info.datapath.guard_interfaces.join(","),
+                        if info.datapath.guard_pinned {
+                            " (pinned)"
+                        } else {
+                            ""
+                        }
+                    )
+                },
+            ),
+            ("EXCLUDED ROUTES", info.datapath.excluded_routes.to_string()),
             ("EXIT NODE ROLE", info.exit_node.role.clone()),
             (
                 "EXIT NODE CLIENT",

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::{daemon, keys, routing, wireguard::BackendChoice};
+use crate::{daemon, exclude, keys, routing, wireguard::BackendChoice};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,10 +71,43 @@ pub struct AgentArgs {
     /// fwmark on WireGuard's own packets in exit-node client mode.
     #[arg(long, global = true, env = "NEXD_EXIT_FWMARK", value_parser = parse_u32, default_value_t = routing::DEFAULT_FWMARK)]
     pub exit_fwmark: u32,
-    /// Priority of the first of the two exit-node client rules (the second
-    /// is this + 1).
+    /// Priority of the main-table rule of the exit-node client; the rule
+    /// into the tunnel is this + 1, the excluded routes' rule this - 1.
     #[arg(long, global = true, env = "NEXD_EXIT_RULE_PRIORITY", default_value_t = routing::DEFAULT_PRIORITY)]
     pub exit_rule_priority: u32,
+    /// A LAN interface this device is the gateway for: its traffic is
+    /// steered by the eBPF classifier like the device's own (repeatable).
+    #[arg(long = "lan-interface", global = true, value_name = "IFACE")]
+    pub lan_interfaces: Vec<String>,
+    /// A destination (CIDR or address) that bypasses the exit node
+    /// (repeatable).
+    #[arg(long = "exclude-route", global = true, value_name = "CIDR", value_parser = exclude::parse_cidr)]
+    pub exclude_routes: Vec<ipnet::IpNet>,
+    /// A file of destinations that bypass the exit node, one CIDR a line
+    /// (`#` comments); re-read on SIGHUP.
+    #[arg(
+        long,
+        global = true,
+        env = "NEXD_EXCLUDE_ROUTES_FILE",
+        value_name = "FILE"
+    )]
+    pub exclude_routes_file: Option<PathBuf>,
+    /// While exit mode is active, drop everything on the uplink that is not
+    /// WireGuard to a mesh endpoint or to a bypass prefix; the guard stays
+    /// in force if nexd dies, until nexd starts again or exit mode is
+    /// disabled.
+    #[arg(long, global = true, env = "NEXD_KILL_SWITCH")]
+    pub kill_switch: bool,
+    /// Log each packet the leak guard drops (debug level).
+    #[arg(long, global = true)]
+    pub log_guard_drops: bool,
+    /// The uplink interface (exit node masquerade, leak guard). Default:
+    /// the interface of the default route, per address family.
+    #[arg(long, global = true, env = "NEXD_UPLINK", value_name = "IFACE")]
+    pub uplink: Option<String>,
+    /// Where bpffs is mounted (nexd mounts it there if needed).
+    #[arg(long, global = true, env = "NEXD_BPFFS", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
 }
 
 /// Accepts decimal or 0x-prefixed hex (marks are usually written in hex).
@@ -102,13 +135,10 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct RouterArgs {
     /// Serve as exit node: advertise 0.0.0.0/0 and ::/0 to the mesh and
-    /// masquerade mesh traffic out of the uplink.
+    /// masquerade mesh traffic out of the uplink (`--uplink`, default: the
+    /// interface of the default route, per address family).
     #[arg(long)]
     pub exit_node: bool,
-    /// The interface mesh traffic leaves through (default: the interface
-    /// of the default route, per address family).
-    #[arg(long, requires = "exit_node")]
-    pub uplink: Option<String>,
 }
 
 /// Runs the parsed command line.
@@ -187,13 +217,20 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
         wireguard: args.wireguard,
         exit_server: router
             .filter(|r| r.exit_node)
-            .map(|r| daemon::ExitServerOptions { uplink: r.uplink }),
+            .map(|_| daemon::ExitServerOptions {}),
         exit_node_client: args.exit_node_client,
         policy: routing::PolicyNumbers {
             table: args.exit_table,
             fwmark: args.exit_fwmark,
             priority: args.exit_rule_priority,
         },
+        lan_interfaces: args.lan_interfaces,
+        exclude_routes: args.exclude_routes,
+        exclude_routes_file: args.exclude_routes_file,
+        kill_switch: args.kill_switch,
+        log_guard_drops: args.log_guard_drops,
+        bpffs: args.bpffs,
+        uplink: args.uplink,
     };
     match runtime.block_on(daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -221,11 +258,9 @@ mod tests {
     fn router_and_client_flags_parse() {
         let c = Cli::try_parse_from(["nexd", "router", "--exit-node", "--uplink", "eth1"])
             .expect("router");
+        assert_eq!(c.agent.uplink.as_deref(), Some("eth1"));
         match c.command {
-            Some(Command::Router(r)) => {
-                assert!(r.exit_node);
-                assert_eq!(r.uplink.as_deref(), Some("eth1"));
-            }
+            Some(Command::Router(r)) => assert!(r.exit_node),
             other => panic!("{other:?}"),
         }
         let c = Cli::try_parse_from(["nexd", "--exit-node-client", "--exit-fwmark", "0x10"])
@@ -236,7 +271,26 @@ mod tests {
         let c = Cli::try_parse_from(["nexd", "router", "--exit-node", "--interface", "wg9"])
             .expect("global");
         assert_eq!(c.agent.interface, "wg9");
-        assert!(Cli::try_parse_from(["nexd", "router", "--uplink", "eth1"]).is_err());
+        let c = Cli::try_parse_from([
+            "nexd",
+            "--exit-node-client",
+            "--lan-interface",
+            "lan0",
+            "--lan-interface",
+            "lan1",
+            "--exclude-route",
+            "198.51.100.0/24",
+            "--exclude-route",
+            "2001:db8::1",
+            "--kill-switch",
+        ])
+        .expect("gateway");
+        assert_eq!(c.agent.lan_interfaces, ["lan0", "lan1"]);
+        assert_eq!(c.agent.exclude_routes.len(), 2);
+        assert!(c.agent.kill_switch);
+        let e = Cli::try_parse_from(["nexd", "--exclude-route", "198.51.100.1/24"])
+            .expect_err("host bits");
+        assert!(e.to_string().contains("host bits"), "{e}");
     }
 
     #[test]

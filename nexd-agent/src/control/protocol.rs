@@ -189,6 +189,16 @@ pub struct DatapathInfo {
     pub mode: Option<AttachMode>,
     /// Why it is not attached, when it is not.
     pub error: Option<String>,
+    /// LAN interfaces with the steering classifier.
+    pub steering_interfaces: Vec<String>,
+    /// Uplinks with the leak guard attached.
+    pub guard_interfaces: Vec<String>,
+    /// The guards are pinned (`--kill-switch`): they survive a crash.
+    pub guard_pinned: bool,
+    /// Prefixes in the bypass tries (built-ins, LAN, exclusions, endpoints).
+    pub bypass_prefixes: usize,
+    /// Excluded prefixes (split tunnelling).
+    pub excluded_routes: usize,
 }
 
 /// One row of `peers list`.

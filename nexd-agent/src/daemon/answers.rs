@@ -58,11 +58,21 @@ impl Daemon {
                 attached: true,
                 mode: Some(dp.mode()),
                 error: None,
+                steering_interfaces: dp.steered_interfaces(),
+                guard_interfaces: dp.guards().map(|g| g.iface().to_owned()).collect(),
+                guard_pinned: dp.guards().any(|g| g.pinned()),
+                bypass_prefixes: dp.bypass().len(),
+                excluded_routes: self.exclusions.len(),
             },
             Err(e) => DatapathInfo {
                 attached: false,
                 mode: None,
                 error: Some(e.clone()),
+                steering_interfaces: Vec::new(),
+                guard_interfaces: Vec::new(),
+                guard_pinned: false,
+                bypass_prefixes: 0,
+                excluded_routes: self.exclusions.len(),
             },
         }
     }

@@ -82,6 +82,7 @@ impl Daemon {
             (true, false) => {
                 let removed = self.client.remove(&self.nl, &mut self.sysctls).await;
                 self.phase = next;
+                // apply() also syncs the data path: steering off, guard gone.
                 self.apply(&mesh).await?;
                 removed?;
             }

@@ -11,6 +11,7 @@ mod exitnode;
 pub mod lock;
 pub mod reconcile;
 mod state;
+mod steering;
 
 use std::{os::unix::fs::DirBuilderExt as _, path::PathBuf, time::Duration};
 
@@ -43,14 +44,26 @@ pub struct Options {
     pub exit_node_client: bool,
     /// Table, mark and rule priorities of the client's policy routing.
     pub policy: PolicyNumbers,
+    /// LAN interfaces this device is a gateway for (steering classifier).
+    pub lan_interfaces: Vec<String>,
+    /// `--exclude-route` prefixes.
+    pub exclude_routes: Vec<ipnet::IpNet>,
+    /// `--exclude-routes-file`, re-read on SIGHUP.
+    pub exclude_routes_file: Option<PathBuf>,
+    /// `--kill-switch`: the leak guard, pinned so it survives a crash.
+    pub kill_switch: bool,
+    /// Log every packet the leak guard drops (debug level).
+    pub log_guard_drops: bool,
+    /// Where bpffs is (pins).
+    pub bpffs: PathBuf,
+    /// The uplink (exit node masquerade, leak guard); default: the
+    /// interfaces of the default routes.
+    pub uplink: Option<String>,
 }
 
 /// Options of the exit node role.
 #[derive(Debug, Clone, Default)]
-pub struct ExitServerOptions {
-    /// Interface to masquerade out of; default: the default route's.
-    pub uplink: Option<String>,
-}
+pub struct ExitServerOptions {}
 
 /// How often the loop wakes up without an event: backend status,
 /// heartbeats, exit-node health.
@@ -91,8 +104,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             "--exit-node-client cannot be combined with `router --exit-node`: an exit node sends its own traffic out directly"
         );
     }
+    if opts.exit_server.is_some() && (opts.kill_switch || !opts.lan_interfaces.is_empty()) {
+        anyhow::bail!(
+            "--kill-switch and --lan-interface are exit-node client options; they cannot be used with `router --exit-node`"
+        );
+    }
+    let exclusions =
+        crate::exclude::load(&opts.exclude_routes, opts.exclude_routes_file.as_deref())?;
     let nl = Netlink::connect()?;
-    let mut daemon = Daemon::new(opts.clone(), key, nl, mesh);
+    let mut daemon = Daemon::new(opts.clone(), key, nl, mesh, exclusions);
     let started = tokio::select! {
         r = daemon.start() => r,
         _ = sigterm.recv() => Err(anyhow!("stopped by SIGTERM during start-up")),

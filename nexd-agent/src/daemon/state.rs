@@ -24,10 +24,12 @@ use crate::{
     netif,
     netlink::Netlink,
     routing::{
+        exclusions::ExcludedRoutes,
         forward::{self, ExitForwarding, Uplinks},
+        gateway::Gateway,
         policy::ClientRouting,
         sysctl::Sysctls,
-        uplink,
+        uplink::{self, DefaultRoute},
     },
     wireguard::{self, DeviceConfig, DeviceStatus, PeerConfig, WireGuard},
 };
@@ -38,6 +40,8 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 const LINK_GONE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Interval of the heartbeats to every peer.
 pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the default routes are checked for the excluded routes.
+const ROUTE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Everything the daemon owns.
 pub struct Daemon {
@@ -69,16 +73,32 @@ pub struct Daemon {
     pub(super) client: ClientRouting,
     /// Exit node: the forwarding it installed.
     pub(super) forwarding: Option<ExitForwarding>,
+    /// LAN gateway: the masquerade into the tunnel it installed.
+    pub(super) gateway: Option<Gateway>,
+    /// Excluded prefixes (split tunnelling), merged from flags and file.
+    pub(super) exclusions: Vec<IpNet>,
+    /// The excluded-routes table (device's own traffic).
+    pub(super) excluded_routes: ExcludedRoutes,
+    /// The default routes the excluded routes were installed via.
+    pub(super) default_routes: (Option<DefaultRoute>, Option<DefaultRoute>),
+    last_route_check: Option<Instant>,
 }
 
 impl Daemon {
-    pub fn new(opts: Options, key: PrivateKey, nl: Netlink, mesh: Mesh) -> Self {
+    pub fn new(
+        opts: Options,
+        key: PrivateKey,
+        nl: Netlink,
+        mesh: Mesh,
+        exclusions: Vec<IpNet>,
+    ) -> Self {
         let own = key.public_key();
         let now = Instant::now();
         let mut book = PeerBook::new(key.clone(), now);
         book.sync(&mesh);
         let sysctls = Sysctls::open(&opts.state_dir);
         let client = ClientRouting::new(opts.policy);
+        let excluded_routes = ExcludedRoutes::new(opts.policy.exclusion_table());
         let exit_wanted = opts.exit_node_client;
         Daemon {
             opts,
@@ -102,6 +122,11 @@ impl Daemon {
             phase: Phase::Off,
             client,
             forwarding: None,
+            gateway: None,
+            exclusions,
+            excluded_routes,
+            default_routes: (None, None),
+            last_route_check: None,
         }
     }
 
@@ -116,6 +141,7 @@ impl Daemon {
                 warn!(error = %e, "removing leftover exit-node client routing failed");
             }
             forward::remove_table();
+            self.remove_datapath_leftovers().await;
 
             let wg = wireguard::open(self.opts.wireguard, &self.nl, &iface).await?;
             self.wg = Some(wg);
@@ -127,13 +153,13 @@ impl Daemon {
             );
             let mesh = self.mesh.clone();
             self.apply(&mesh).await?;
-            if let Some(server) = self.opts.exit_server.clone() {
-                self.start_exit_node(server.uplink.as_deref()).await?;
+            if self.opts.exit_server.is_some() {
+                let uplink = self.opts.uplink.clone();
+                self.start_exit_node(uplink.as_deref()).await?;
             }
-            self.datapath = Datapath::start(&iface).map_err(|e| {
-                warn!(error = %e, "eBPF data path not attached; the mesh works without its counters");
-                e.to_string()
-            });
+            self.start_datapath().await?;
+            self.sync_datapath().await?;
+            self.sync_excluded_routes().await?;
             if self.exit_wanted {
                 info!("exit-node client requested (--exit-node-client): it applies as soon as an exit node is available");
             }
@@ -196,8 +222,12 @@ impl Daemon {
             return;
         }
         self.book.sync(&mesh);
+        self.reload_exclusions().await;
         if let Err(e) = self.apply(&mesh).await {
             log_error_lines("applying the reloaded mesh file failed", &e);
+        }
+        if let Err(e) = self.sync_excluded_routes().await {
+            log_error_lines("updating the excluded routes failed", &e);
         }
         if let Some(fw) = &self.forwarding {
             let uplinks = fw.uplinks.clone();
@@ -239,6 +269,17 @@ impl Daemon {
             self.announce(now);
         }
         self.evaluate_exit().await;
+        // Follow default route changes (DHCP, roaming) for the excluded
+        // routes, every few seconds.
+        if self
+            .last_route_check
+            .is_none_or(|t| now.saturating_duration_since(t) >= ROUTE_CHECK_INTERVAL)
+        {
+            self.last_route_check = Some(now);
+            if let Err(e) = self.sync_excluded_routes().await {
+                debug!(error = %e, "excluded routes not updated");
+            }
+        }
     }
 
     fn announce(&mut self, now: Instant) {
@@ -340,6 +381,9 @@ impl Daemon {
         }
         self.mesh = mesh.clone();
         self.bind_announcer(me.ipv4.into(), me.ipv6.into(), mesh.agent_port);
+        if self.datapath.is_ok() {
+            self.sync_datapath().await?;
+        }
         Ok(())
     }
 
@@ -378,12 +422,18 @@ impl Daemon {
         if let Some(fw) = self.forwarding.take() {
             fw.remove(&mut self.sysctls);
         }
-        self.sysctls.restore_all();
         self.announcer = None;
         if let Ok(dp) = std::mem::replace(&mut self.datapath, Err("stopped".into())) {
             drop(dp);
             debug!("eBPF programs detached");
         }
+        if let Err(e) = self.excluded_routes.clear(&self.nl).await {
+            teardown_warning("removing the excluded routes", &e);
+        }
+        if let Some(gw) = self.gateway.take() {
+            gw.remove(&mut self.sysctls);
+        }
+        self.sysctls.restore_all();
         let Some(wg) = self.wg.take() else {
             return;
         };

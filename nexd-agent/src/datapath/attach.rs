@@ -68,30 +68,37 @@ impl GuardState {
 pub struct Attachments {
     tunnel: Option<(String, Vec<Attached>)>,
     steer: BTreeMap<String, Attached>,
-    pub(crate) guard: Option<GuardState>,
+    guards: BTreeMap<String, GuardState>,
 }
 
-/// The pin path of the leak guard of the nexd that owns `wg_iface`.
-pub fn guard_pin_path(bpffs: &Path, wg_iface: &str) -> PathBuf {
-    bpffs.join("nexd").join(wg_iface).join("guard")
+/// The directory of the pins of the nexd that owns `wg_iface`.
+pub fn pin_dir(bpffs: &Path, wg_iface: &str) -> PathBuf {
+    bpffs.join("nexd").join(wg_iface)
 }
 
-/// Removes a leak guard pinned by a previous nexd for `wg_iface`, and (on
+/// The pin path of the leak guard on `uplink`.
+pub fn guard_pin_path(bpffs: &Path, wg_iface: &str, uplink: &str) -> PathBuf {
+    pin_dir(bpffs, wg_iface).join(format!("guard-{uplink}"))
+}
+
+/// Removes leak guards pinned by a previous nexd for `wg_iface`, and (on
 /// clsact kernels) nexd's filters left on `ifaces`. Returns whether
 /// anything was found.
 pub fn remove_leftovers(bpffs: &Path, wg_iface: &str, ifaces: &[String]) -> bool {
     let mut found = false;
-    let pin = guard_pin_path(bpffs, wg_iface);
-    if pin.exists() {
-        found = true;
-        match std::fs::remove_file(&pin) {
-            Ok(()) => {
-                warn!(path = %pin.display(), "removed the leak guard left by a previous nexd")
-            }
-            Err(e) => {
-                warn!(path = %pin.display(), error = %e, "cannot remove a leftover leak guard pin")
+    let dir = pin_dir(bpffs, wg_iface);
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let pin = entry.path();
+            found = true;
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {
+                    warn!(path = %pin.display(), "removed a leak guard left by a previous nexd")
+                }
+                Err(e) => warn!(path = %pin.display(), error = %e, "cannot remove a leftover pin"),
             }
         }
+        let _ = std::fs::remove_dir(&dir);
     }
     if AttachMode::for_running_kernel() == AttachMode::Clsact {
         for iface in ifaces {
@@ -240,15 +247,9 @@ impl Datapath {
         l2: bool,
         pin: Option<(&Path, &str)>,
     ) -> Result<(), DatapathError> {
-        if self
-            .attached
-            .guard
-            .as_ref()
-            .is_some_and(|g| g.iface() == iface)
-        {
+        if self.attached.guards.contains_key(iface) {
             return Ok(());
         }
-        self.detach_guard()?;
         let name = if l2 {
             names::GUARD_PROG
         } else {
@@ -275,7 +276,7 @@ impl Datapath {
                 }
             }
             (Some((bpffs_root, wg_iface)), AttachMode::Tcx) => {
-                let path = guard_pin_path(bpffs_root, wg_iface);
+                let path = guard_pin_path(bpffs_root, wg_iface, iface);
                 let pin_err = |reason: String| DatapathError::Pin {
                     path: path.clone(),
                     reason,
@@ -303,15 +304,21 @@ impl Datapath {
             pinned = state.pinned(),
             "leak guard attached to the uplink"
         );
-        self.attached.guard = Some(state);
+        self.attached.guards.insert(iface.to_owned(), state);
         Ok(())
     }
 
-    /// Detaches the leak guard (and removes its pin).
-    pub fn detach_guard(&mut self) -> Result<(), DatapathError> {
-        let Some(state) = self.attached.guard.take() else {
-            return Ok(());
-        };
+    /// Detaches every leak guard (and removes their pins).
+    pub fn detach_guards(&mut self) -> Result<(), DatapathError> {
+        let guards = std::mem::take(&mut self.attached.guards);
+        for state in guards.into_values() {
+            self.detach_guard_state(state)?;
+        }
+        Ok(())
+    }
+
+    fn detach_guard_state(&mut self, state: GuardState) -> Result<(), DatapathError> {
+        let iface = state.iface().to_owned();
         match state {
             GuardState::Owned { program, link, .. } => {
                 self.detach_one(Attached { program, link })?;
@@ -321,24 +328,24 @@ impl Datapath {
                 Ok(fd) => drop(fd),
                 Err(e) => warn!(error = %e, "cannot remove the leak guard's pin"),
             },
-            GuardState::Filter { iface, program } => {
+            GuardState::Filter { program, .. } => {
                 if let Err(e) = tc::qdisc_detach_program(&iface, TcAttachType::Egress, program) {
                     warn!(iface, error = %e, "cannot remove the leak guard filter");
                 }
             }
         }
-        info!("leak guard detached");
+        info!(iface, "leak guard detached");
         Ok(())
     }
 
-    /// Where the guard is, if attached.
-    pub fn guard(&self) -> Option<&GuardState> {
-        self.attached.guard.as_ref()
+    /// Where leak guards are attached.
+    pub fn guards(&self) -> impl Iterator<Item = &GuardState> {
+        self.attached.guards.values()
     }
 
-    /// Detaches everything (the guard's pin included).
+    /// Detaches everything (the guards' pins included).
     pub(super) fn detach_all(&mut self) -> Result<(), DatapathError> {
-        self.detach_guard()?;
+        self.detach_guards()?;
         for iface in self.steered_interfaces() {
             self.detach_steer(&iface)?;
         }

@@ -27,7 +27,7 @@ use nexd_common::{
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-pub use attach::{GuardState, guard_pin_path, remove_leftovers};
+pub use attach::{GuardState, guard_pin_path, pin_dir, remove_leftovers};
 pub use bpffs::is_bpffs;
 pub use maps::BypassSet;
 

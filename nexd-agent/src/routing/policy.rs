@@ -1,6 +1,7 @@
 //! Exit-node client policy routing, for IPv4 and IPv6 alike:
 //!
 //! ```text
+//! <priority-1>   from all lookup <table+1>            (excluded routes)
 //! <priority>     from all lookup main suppress_prefixlength 0
 //! <priority+1>   from all not fwmark <mark> lookup <table>
 //! table <table>: default dev <wg>
@@ -109,6 +110,29 @@ impl ClientRouting {
 
         self.remove_rules(nl).await?;
         for v6 in [false, true] {
+            // <priority-1>: lookup <exclusion table>
+            let excl = nl
+                .handle()
+                .rule()
+                .add()
+                .priority(n.priority - 1)
+                .table_id(n.exclusion_table())
+                .action(RuleAction::ToTable);
+            let r0 = if v6 {
+                excl.v6().execute().await
+            } else {
+                excl.v4().execute().await
+            };
+            r0.map_err(|e| {
+                NetlinkError::new(
+                    format!(
+                        "adding rule {}: lookup {}",
+                        n.priority - 1,
+                        n.exclusion_table()
+                    ),
+                    e,
+                )
+            })?;
             let fam = if v6 { "IPv6" } else { "IPv4" };
             // <priority>: lookup main suppress_prefixlength 0
             let mut suppress = nl
@@ -192,8 +216,8 @@ impl ClientRouting {
         Ok(())
     }
 
-    /// Deletes every rule at nexd's two priorities that points at the main
-    /// table or nexd's table.
+    /// Deletes every rule at nexd's three priorities that points at the
+    /// main table or one of nexd's tables.
     async fn remove_rules(&self, nl: &Netlink) -> Result<(), NetlinkError> {
         let n = self.numbers;
         for version in [IpVersion::V4, IpVersion::V6] {
@@ -205,8 +229,8 @@ impl ClientRouting {
                 .map_err(|e| NetlinkError::new("listing policy rules", e))?
             {
                 let ours = rule_priority(&r)
-                    .is_some_and(|p| p == n.priority || p == n.priority + 1)
-                    && matches!(rule_table(&r), t if t == MAIN_TABLE || t == n.table);
+                    .is_some_and(|p| p + 1 >= n.priority && p <= n.priority + 1)
+                    && matches!(rule_table(&r), t if t == MAIN_TABLE || t == n.table || t == n.exclusion_table());
                 if ours {
                     found.push(r);
                 }

@@ -1,12 +1,19 @@
-//! Finding the uplink: the interface of the default route.
+//! Finding the uplink: the interface (and gateway) of the default route.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt as _;
-use netlink_packet_route::route::{RouteAttribute, RouteMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::RouteMessageBuilder;
 
 use crate::netlink::{Netlink, NetlinkError};
+
+/// The main table's default route of one family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DefaultRoute {
+    pub oif: u32,
+    pub gateway: Option<IpAddr>,
+}
 
 /// The routing table a route message belongs to.
 pub fn table_of(msg: &RouteMessage) -> u32 {
@@ -19,51 +26,59 @@ pub fn table_of(msg: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(msg.header.table))
 }
 
-fn oif(msg: &RouteMessage) -> Option<u32> {
-    msg.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Oif(i) => Some(*i),
-        RouteAttribute::MultiPath(hops) => hops.first().map(|h| h.interface_index),
-        _ => None,
-    })
+fn default_of(msg: &RouteMessage) -> Option<DefaultRoute> {
+    let mut oif = None;
+    let mut gateway = None;
+    for a in &msg.attributes {
+        match a {
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
+            RouteAttribute::MultiPath(hops) if oif.is_none() => {
+                oif = hops.first().map(|h| h.interface_index);
+            }
+            _ => {}
+        }
+    }
+    oif.map(|oif| DefaultRoute { oif, gateway })
+}
+
+/// The IPv4 and IPv6 default routes of the main table.
+pub async fn default_routes(
+    nl: &Netlink,
+) -> Result<(Option<DefaultRoute>, Option<DefaultRoute>), NetlinkError> {
+    let mut out = (None, None);
+    for v6 in [false, true] {
+        let query = if v6 {
+            RouteMessageBuilder::<Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new().build()
+        };
+        let mut routes = nl.handle().route().get(query).execute();
+        while let Some(r) = routes
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::new("listing routes", e))?
+        {
+            if r.header.destination_prefix_length == 0 && table_of(&r) == 254 {
+                let slot = if v6 { &mut out.1 } else { &mut out.0 };
+                if slot.is_none() {
+                    *slot = default_of(&r);
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Interface names of the IPv4 and IPv6 default routes in the main table.
 pub async fn default_route_interfaces(
     nl: &Netlink,
 ) -> Result<(Option<String>, Option<String>), NetlinkError> {
-    let mut v4 = None;
-    let mut routes = nl
-        .handle()
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute();
-    while let Some(r) = routes
-        .try_next()
-        .await
-        .map_err(|e| NetlinkError::new("listing IPv4 routes", e))?
-    {
-        if r.header.destination_prefix_length == 0 && table_of(&r) == 254 {
-            v4 = v4.or(oif(&r));
-        }
-    }
-    let mut v6 = None;
-    let mut routes = nl
-        .handle()
-        .route()
-        .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
-        .execute();
-    while let Some(r) = routes
-        .try_next()
-        .await
-        .map_err(|e| NetlinkError::new("listing IPv6 routes", e))?
-    {
-        if r.header.destination_prefix_length == 0 && table_of(&r) == 254 {
-            v6 = v6.or(oif(&r));
-        }
-    }
-    let name = |idx: Option<u32>| async move {
-        match idx {
-            Some(i) => nl.link_name(i).await,
+    let (v4, v6) = default_routes(nl).await?;
+    let name = |r: Option<DefaultRoute>| async move {
+        match r {
+            Some(r) => nl.link_name(r.oif).await,
             None => Ok(None),
         }
     };

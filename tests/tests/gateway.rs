@@ -1,0 +1,405 @@
+//! End-to-end: the eBPF data path on a client that is the gateway of a LAN.
+//!
+//! A LAN host sits behind the client (`--lan-interface lan0`); the client
+//! runs with excluded routes and `--kill-switch`. Proves: the LAN host
+//! reaches the internet server through the exit node, a mesh peer
+//! directly, and an excluded prefix directly (from the gateway's own
+//! underlay address), and so does the gateway's own traffic; the
+//! classifier's counters move; the leak guard drops an application that
+//! binds to the uplink; killing the exit node leaks nothing; a SIGKILLed
+//! nexd leaves the pinned guard in force (still nothing leaks); the next
+//! nexd removes it and normal service returns.
+
+use std::{net::IpAddr, time::Duration};
+
+use anyhow::Context as _;
+use nexd_testkit::{
+    Netns, Node, NodeSpec,
+    netns::veth,
+    topology::{nft_counter, nft_script},
+    traffic::{UdpOpts, tcp_transfer, udp_exchange, udp_exchange_with},
+    wait_for,
+    world::World,
+};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(10);
+const EXCLUDED_V4: &str = "198.51.100.10";
+const EXCLUDED_V6: &str = "2001:db8:198::10";
+
+fn phase(node: &Node) -> String {
+    node.nexctl_json(&["nexd", "status"])
+        .ok()
+        .and_then(|v| v["exit_node"]["client_phase"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn wait_phase(node: &Node, want: &str) -> anyhow::Result<()> {
+    wait_for(
+        &format!("{} to be {want}", node.name),
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || (phase(node) == want).then_some(()),
+    )
+}
+
+fn counter(stats: &Value, name: &str) -> u64 {
+    stats["counters"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == name))
+        .and_then(|c| c["packets"].as_u64())
+        .unwrap_or_else(|| panic!("no counter {name} in {stats}"))
+}
+
+fn source(from: &Netns, w: &World, to: IpAddr) -> anyhow::Result<IpAddr> {
+    Ok(tcp_transfer(from, &w.inet.ns, to, 16 * 1024, T)?
+        .seen_from
+        .ip())
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+#[test]
+fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
+    if !nexd_testkit::can_run_network_tests() {
+        eprintln!("skipped: needs root to create network namespaces");
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client", "peer"])?;
+    // Excluded destinations live in the internet namespace too.
+    w.inet.ns.ip(&format!("addr add {EXCLUDED_V4}/32 dev lo"))?;
+    w.inet
+        .ns
+        .ip(&format!("addr add {EXCLUDED_V6}/128 dev lo nodad"))?;
+    // The LAN: lanhost -- client:lan0, with the client as its router, and
+    // the client's own NAT to its uplink (a home router's usual setup,
+    // not nexd's business).
+    let lan = Netns::new("lanhost")?;
+    veth(&w.node("client").ns, "lan0", &lan, "eth0")?;
+    w.node("client").ns.ip("addr add 10.99.0.1/24 dev lan0")?;
+    w.node("client")
+        .ns
+        .ip("addr add fd99::1/64 dev lan0 nodad")?;
+    lan.ip("addr add 10.99.0.2/24 dev eth0")?;
+    lan.ip("addr add fd99::2/64 dev eth0 nodad")?;
+    lan.ip("route add default via 10.99.0.1")?;
+    lan.ip("-6 route add default via fd99::1")?;
+    nft_script(
+        &w.node("client").ns,
+        "table inet homenat {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  iifname \"lan0\" oifname \"eth0\" masquerade\n }\n}\n",
+    )?;
+
+    let client_v4 = w.underlay("client", false);
+    let client_v6 = w.underlay("client", true);
+    let exit_v4 = w.underlay("exit1", false);
+    let exit_v6 = w.underlay("exit1", true);
+    let spec = |args: &[&str]| NodeSpec {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        ..NodeSpec::default()
+    };
+    let client_args = [
+        "--exit-node-client",
+        "--lan-interface",
+        "lan0",
+        "--exclude-route",
+        "198.51.100.0/24",
+        "--exclude-route",
+        "2001:db8:198::/48",
+        "--kill-switch",
+    ];
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("peer").start(&spec(&[]))?;
+    w.node_mut("client").start(&spec(&client_args))?;
+    wait_phase(w.node("client"), "active")?;
+    let status = w.node("client").nexctl_json(&["nexd", "status"])?;
+    assert_eq!(
+        status["datapath"]["steering_interfaces"],
+        serde_json::json!(["lan0"]),
+        "{status}"
+    );
+    assert_eq!(status["datapath"]["guard_pinned"], true, "{status}");
+    assert_eq!(status["datapath"]["excluded_routes"], 2, "{status}");
+
+    let stats0 = w.node("client").nexctl_json(&["nexd", "stats"])?;
+
+    // The LAN host: internet through the exit node...
+    assert_eq!(source(&lan, &w, World::server(false))?, exit_v4);
+    assert_eq!(source(&lan, &w, World::server(true))?, exit_v6);
+    // ...a mesh peer directly (the peer sees the gateway's mesh address,
+    // and the exit node forwards nothing for it)...
+    let fwd = nft_counter(&w.node("exit1").ns, "inet", "nexd", "forwarded")?;
+    for v6 in [false, true] {
+        let t = tcp_transfer(
+            &lan,
+            &w.node("peer").ns,
+            w.mesh_ip("peer", v6),
+            64 * 1024,
+            T,
+        )?;
+        assert_eq!(t.seen_from.ip(), w.mesh_ip("client", v6));
+    }
+    assert_eq!(
+        nft_counter(&w.node("exit1").ns, "inet", "nexd", "forwarded")?,
+        fwd
+    );
+    // ...and an excluded prefix directly, from the gateway's own address.
+    assert_eq!(source(&lan, &w, ip(EXCLUDED_V4))?, client_v4);
+    assert_eq!(source(&lan, &w, ip(EXCLUDED_V6))?, client_v6);
+    // The gateway's own traffic follows the same split.
+    let client_ns = &w.node("client").ns;
+    assert_eq!(source(client_ns, &w, World::server(false))?, exit_v4);
+    assert_eq!(source(client_ns, &w, ip(EXCLUDED_V4))?, client_v4);
+    assert_eq!(source(client_ns, &w, ip(EXCLUDED_V6))?, client_v6);
+
+    // The classifier counted each class.
+    let stats1 = w.node("client").nexctl_json(&["nexd", "stats"])?;
+    for c in ["steered_exit", "direct_mesh", "bypassed"] {
+        assert!(
+            counter(&stats1, c) > counter(&stats0, c),
+            "{c} did not move: {stats1}"
+        );
+    }
+    let table = w.node("client").nexctl(&["nexd", "stats"])?;
+    assert!(
+        String::from_utf8_lossy(&table.stdout).starts_with("COUNTER"),
+        "{table:?}"
+    );
+
+    // The leak guard: an application binding to the uplink (SO_BINDTODEVICE
+    // skips policy routing) gets nowhere, and the drop is counted.
+    w.inet.watch("client4", &client_v4.to_string())?;
+    w.inet.watch("client6", &client_v6.to_string())?;
+    let dropped = counter(&stats1, "guard_dropped");
+    let bound = UdpOpts {
+        bind_device: Some("eth0".into()),
+        mark: None,
+    };
+    assert!(
+        udp_exchange_with(
+            client_ns,
+            &w.inet.ns,
+            World::server(false),
+            Duration::from_secs(2),
+            &bound
+        )
+        .is_err()
+    );
+    let stats2 = w.node("client").nexctl_json(&["nexd", "stats"])?;
+    assert!(
+        counter(&stats2, "guard_dropped") > dropped,
+        "guard drops not counted: {stats2}"
+    );
+    assert_eq!(w.inet.count("client4")?, 0, "a bound socket leaked");
+
+    // Kill the exit node: traffic is held back; nothing leaks.
+    w.node_mut("exit1").kill()?;
+    wait_phase(w.node("client"), "held")?;
+    assert!(
+        udp_exchange(
+            &lan,
+            &w.inet.ns,
+            World::server(false),
+            Duration::from_secs(2)
+        )
+        .is_err()
+    );
+    assert!(
+        udp_exchange(
+            &w.node("client").ns,
+            &w.inet.ns,
+            World::server(true),
+            Duration::from_secs(2)
+        )
+        .is_err()
+    );
+    assert!(
+        udp_exchange_with(
+            &w.node("client").ns,
+            &w.inet.ns,
+            World::server(false),
+            Duration::from_secs(1),
+            &bound
+        )
+        .is_err()
+    );
+    assert_eq!(
+        w.inet.count("client4")?,
+        0,
+        "IPv4 leaked with the exit node dead"
+    );
+    assert_eq!(
+        w.inet.count("client6")?,
+        0,
+        "IPv6 leaked with the exit node dead"
+    );
+
+    // SIGKILL nexd itself: its rules stay but the tunnel is gone, so
+    // traffic falls back to the main table; the pinned guard stops it.
+    let pin = "/sys/fs/bpf/nexd/wg0/guard-eth0";
+    w.node_mut("client").kill()?;
+    assert!(
+        w.node_mut("client").file_exists(pin)?,
+        "the guard's pin is gone"
+    );
+    assert!(
+        udp_exchange(
+            &w.node("client").ns,
+            &w.inet.ns,
+            World::server(false),
+            Duration::from_secs(2)
+        )
+        .is_err()
+    );
+    assert!(
+        udp_exchange(
+            &w.node("client").ns,
+            &w.inet.ns,
+            World::server(true),
+            Duration::from_secs(2)
+        )
+        .is_err()
+    );
+    assert!(
+        udp_exchange(
+            &lan,
+            &w.inet.ns,
+            World::server(false),
+            Duration::from_secs(2)
+        )
+        .is_err()
+    );
+    assert_eq!(
+        w.inet.count("client4")?,
+        0,
+        "IPv4 leaked after nexd was SIGKILLed"
+    );
+    assert_eq!(
+        w.inet.count("client6")?,
+        0,
+        "IPv6 leaked after nexd was SIGKILLed"
+    );
+
+    // The next nexd removes the guard; with no exit node it waits and the
+    // device has its direct path; once an exit node is back, exit service.
+    w.node_mut("client").start(&spec(&client_args))?;
+    let log = w.node("client").log();
+    assert!(
+        log.contains("removed a leak guard left by a previous nexd"),
+        "{log}"
+    );
+    assert!(!w.node_mut("client").file_exists(pin)?);
+    wait_phase(w.node("client"), "waiting")?;
+    assert_eq!(
+        source(&w.node("client").ns, &w, World::server(false))?,
+        client_v4
+    );
+    assert!(
+        w.inet.count("client4")? > 0,
+        "the leak counter cannot see direct traffic"
+    );
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    wait_phase(w.node("client"), "active")?;
+    assert_eq!(source(&lan, &w, World::server(false))?, exit_v4);
+
+    // Disable removes the guard and its pin too.
+    let out = w.node("client").nexctl(&["exit-node", "disable"])?;
+    assert!(out.status.success(), "{out:?}");
+    assert!(!w.node_mut("client").file_exists(pin)?);
+    assert_eq!(
+        source(&w.node("client").ns, &w, World::server(false))?,
+        client_v4
+    );
+    let status = w.node("client").nexctl_json(&["nexd", "status"])?;
+    assert_eq!(
+        status["datapath"]["guard_interfaces"],
+        serde_json::json!([]),
+        "{status}"
+    );
+    drop(lan);
+    Ok(())
+}
+
+#[test]
+fn excluded_routes_file_reloads_live() -> anyhow::Result<()> {
+    if !nexd_testkit::can_run_network_tests() {
+        eprintln!("skipped: needs root to create network namespaces");
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client"])?;
+    w.inet.ns.ip(&format!("addr add {EXCLUDED_V4}/32 dev lo"))?;
+    let file = w.node("client").dir().join("exclude.txt");
+    std::fs::write(&file, "# nothing excluded yet\n")?;
+    let spec = |args: Vec<String>| NodeSpec {
+        args,
+        ..NodeSpec::default()
+    };
+    w.node_mut("exit1")
+        .start(&spec(vec!["router".into(), "--exit-node".into()]))?;
+    w.node_mut("client").start(&spec(vec![
+        "--exit-node-client".into(),
+        "--exclude-routes-file".into(),
+        file.to_str().context("path")?.into(),
+    ]))?;
+    wait_phase(w.node("client"), "active")?;
+    let exit_v4 = w.underlay("exit1", false);
+    let client_v4 = w.underlay("client", false);
+    assert_eq!(source(&w.node("client").ns, &w, ip(EXCLUDED_V4))?, exit_v4);
+    let rules_before = w.node("client").ns.ip("rule show")?;
+
+    // 50,000 lines, one of which covers the excluded server; SIGHUP.
+    let mut text = String::from("# generated\n");
+    for i in 0..49_999u32 {
+        text.push_str(&format!("10.{}.{}.0/24\n", i >> 8, i & 255));
+    }
+    text.push_str("198.51.100.0/24\n");
+    std::fs::write(&file, text)?;
+    w.node("client").signal(nix::sys::signal::Signal::SIGHUP)?;
+    wait_for(
+        "the exclusions to load",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            w.node("client")
+                .nexctl_json(&["nexd", "status"])
+                .ok()
+                .filter(|s| s["datapath"]["excluded_routes"] == 50_000)
+        },
+    )?;
+    wait_for(
+        "the excluded server to go direct",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || (source(&w.node("client").ns, &w, ip(EXCLUDED_V4)).ok()? == client_v4).then_some(()),
+    )?;
+    // Not one rule more in the routing policy database.
+    assert_eq!(w.node("client").ns.ip("rule show")?, rules_before);
+    // The rest still goes through the exit node.
+    assert_eq!(
+        source(&w.node("client").ns, &w, World::server(false))?,
+        exit_v4
+    );
+
+    // A broken file is rejected with its line and the running list stays.
+    std::fs::write(&file, "198.51.100.0/24\nnot-a-prefix\n")?;
+    w.node("client").signal(nix::sys::signal::Signal::SIGHUP)?;
+    wait_for("the rejection", T, Duration::from_millis(100), || {
+        w.node("client")
+            .log()
+            .contains("exclude.txt:2:")
+            .then_some(())
+    })?;
+    assert_eq!(
+        w.node("client").nexctl_json(&["nexd", "status"])?["datapath"]["excluded_routes"],
+        50_000
+    );
+    // SIGTERM clears the 50,000 routes.
+    let status = w.node_mut("client").stop()?;
+    assert!(status.success());
+    let left = w.node("client").ns.ip("route show table all")?;
+    assert!(!left.contains("10.1.2.0/24"), "excluded routes left behind");
+    Ok(())
+}
