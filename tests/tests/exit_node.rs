@@ -264,6 +264,29 @@ fn exit_node_client_end_to_end() -> anyhow::Result<()> {
         "IPv6 leaked past the exit node"
     );
 
+    // Packets claiming a mesh source from outside the tunnel are dropped
+    // at the exit node's door.
+    let spoofed = nft_counter(&w.node("exit1").ns, "inet", "nexd", "spoofed")?;
+    w.inet.ns.ip("addr add 100.64.0.99/32 dev lo")?;
+    let inet_name = w.inet.ns.name().to_owned();
+    let _ = w.inet.ns.exec_output(
+        &[
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            "-I",
+            "100.64.0.99",
+            "192.0.2.1",
+        ],
+        Duration::from_secs(5),
+    );
+    assert!(
+        nft_counter(&w.node("exit1").ns, "inet", "nexd", "spoofed")? > spoofed,
+        "spoofed mesh source from {inet_name} not dropped"
+    );
+
     // 5. Disable restores exactly the state before enable.
     assert_eq!(
         nexctl_ok(w.node("client"), &["nexd", "exit-node", "disable"])?,

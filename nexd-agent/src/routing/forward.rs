@@ -1,6 +1,8 @@
 //! Exit node forwarding: IP forwarding on (v4 and v6) while serving, and
 //! one nftables table, `inet nexd`, that masquerades mesh traffic leaving
-//! the uplink and accepts forwarding from the WireGuard interface.
+//! the uplink, accepts forwarding from the WireGuard interface, and drops
+//! packets claiming a mesh source address that arrive anywhere but the
+//! WireGuard interface (spoofed from outside the mesh).
 //!
 //! The table is replaced atomically (one `nft -f` transaction) and deleted
 //! on stop; forwarding sysctls go back to their original values.
@@ -60,6 +62,12 @@ pub fn script(wg: &str, uplinks: &Uplinks, v4: Ipv4Net, v6: Ipv6Net) -> String {
          \x20 counter forwarded {{ }}\n\
          \x20 counter returned {{ }}\n\
          \x20 counter masqueraded {{ }}\n\
+         \x20 counter spoofed {{ }}\n\
+         \x20 chain prerouting {{\n\
+         \x20   type filter hook prerouting priority raw; policy accept;\n\
+         \x20   iifname != \"{wg}\" ip saddr {v4} counter name \"spoofed\" drop\n\
+         \x20   iifname != \"{wg}\" ip6 saddr {v6} counter name \"spoofed\" drop\n\
+         \x20 }}\n\
          \x20 chain forward {{\n\
          \x20   type filter hook forward priority filter; policy accept;\n\
          \x20   iifname \"{wg}\" counter name \"forwarded\" accept\n\
@@ -174,6 +182,9 @@ mod tests {
             "100.64.0.0/10".parse().expect("v4"),
             "fd00::/48".parse().expect("v6"),
         );
-        assert!(!s.contains("ip6 saddr"), "{s}");
+        assert!(
+            !s.contains("ip6 saddr fd00::/48 counter name \"masqueraded\""),
+            "{s}"
+        );
     }
 }
