@@ -103,6 +103,11 @@ impl PrivateKey {
         ))
     }
 
+    /// A key from raw bytes (clamped by X25519 as usual).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        PrivateKey(x25519_dalek::StaticSecret::from(bytes))
+    }
+
     /// The matching public key.
     pub fn public_key(&self) -> PublicKey {
         PublicKey(x25519_dalek::PublicKey::from(&self.0).to_bytes())

@@ -39,6 +39,8 @@ pub mod names {
     /// Leak guard for the uplink's egress: Ethernet and L3 variants.
     pub const GUARD_PROG: &str = "nexd_guard";
     pub const GUARD_L3_PROG: &str = "nexd_guard_l3";
+    /// A classifier that does nothing (benchmark floor).
+    pub const NOOP_PROG: &str = "nexd_noop";
 }
 
 /// Capacity of each bypass trie. LPM tries allocate on demand, so a large

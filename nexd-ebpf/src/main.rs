@@ -12,6 +12,7 @@
 #![no_std]
 #![no_main]
 
+mod bench;
 mod guard;
 mod maps;
 mod parse;

@@ -6,7 +6,6 @@
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
-    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -20,7 +19,7 @@ use nexd_testkit::{
     world::{Naming, World},
 };
 
-use crate::{setup, step, workspace_root};
+use crate::setup;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -103,15 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.no_setup {
         setup::run(&setup::Args { check: false })?;
     }
-    step("building nexd and nexctl");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--package", "nexd-agent", "--bins"])
-        .current_dir(workspace_root())
-        .status()
-        .context("cannot run cargo")?;
-    if !status.success() {
-        bail!("building nexd failed");
-    }
+    crate::build_agent(false)?;
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         let _ = nix::sys::signal::signal(
@@ -119,9 +110,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             nix::sys::signal::SigHandler::Handler(on_sigint),
         );
     }
-    // Binaries for the toolkit.
-    // SAFETY: set before any thread of ours reads the environment.
-    unsafe { std::env::set_var("NEXD_BIN_DIR", workspace_root().join("target/debug")) };
     let started = Instant::now();
     let result = lab_story(args.keep);
     match &result {

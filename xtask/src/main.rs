@@ -4,7 +4,9 @@
 //! * `build-ebpf` build the eBPF programs and show the compiler's output
 //! * `test`       the whole test suite (what CI runs)
 //! * `lab`        a local mesh of namespaced devices, narrated
+//! * `bench`      benchmarks, each against a baseline measured in the same run
 
+mod bench;
 mod build_ebpf;
 mod lab;
 mod setup;
@@ -35,6 +37,9 @@ enum Task {
     /// Start a local mesh of nexd agents in network namespaces and show it
     /// working (needs root).
     Lab(lab::Args),
+    /// Benchmarks: classifier cost, split tunnelling at scale, throughput,
+    /// control-plane timings; each a ratio against a baseline (needs root).
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +49,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf(a) => build_ebpf::run(&a),
         Task::Test(a) => test::run(&a),
         Task::Lab(a) => lab::run(a),
+        Task::Bench(a) => bench::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -58,6 +64,49 @@ fn main() -> ExitCode {
 pub fn workspace_root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// Builds nexd and nexctl (debug, or release for measurements) and points
+/// the test toolkit at them.
+pub fn build_agent(release: bool) -> anyhow::Result<()> {
+    step(&format!(
+        "building nexd and nexctl ({})",
+        if release { "release" } else { "debug" }
+    ));
+    let mut c = cargo_command();
+    c.args(["build", "--package", "nexd-agent", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    if !c.status()?.success() {
+        anyhow::bail!("building nexd failed");
+    }
+    let dir = workspace_root().join(if release {
+        "target/release"
+    } else {
+        "target/debug"
+    });
+    // SAFETY: set while this process has no other threads reading the
+    // environment.
+    unsafe { std::env::set_var("NEXD_BIN_DIR", dir) };
+    Ok(())
+}
+
+/// A `cargo` command in the workspace root without the `CARGO_*`
+/// variables the outer `cargo run` set for xtask: inherited, they change
+/// build-script fingerprints and make the inner build recompile crates
+/// every time.
+pub fn cargo_command() -> std::process::Command {
+    let mut c =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR" {
+            c.env_remove(k);
+        }
+    }
+    c.current_dir(workspace_root());
+    c
 }
 
 /// Prints a step header, so long runs show where they are.

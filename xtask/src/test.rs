@@ -1,10 +1,8 @@
 //! `cargo xtask test`: the whole suite, as CI runs it.
 
-use std::process::Command;
-
 use anyhow::{Context as _, bail};
 
-use crate::{setup, step, workspace_root};
+use crate::{setup, step};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -20,8 +18,8 @@ pub struct Args {
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(args).current_dir(workspace_root());
+    let mut cmd = crate::cargo_command();
+    cmd.args(args);
     let status = cmd
         .status()
         .with_context(|| format!("cannot run cargo {args:?}"))?;

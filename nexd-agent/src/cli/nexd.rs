@@ -105,6 +105,10 @@ pub struct AgentArgs {
     /// the interface of the default route, per address family.
     #[arg(long, global = true, env = "NEXD_UPLINK", value_name = "IFACE")]
     pub uplink: Option<String>,
+    /// Run without the eBPF data path (no counters, no steering
+    /// classifier, no leak guard): the benchmarks' "wg-quick way" baseline.
+    #[arg(long, global = true, hide = true, conflicts_with = "kill_switch")]
+    pub no_ebpf: bool,
     /// Where bpffs is mounted (nexd mounts it there if needed).
     #[arg(long, global = true, env = "NEXD_BPFFS", default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,
@@ -231,6 +235,7 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
         log_guard_drops: args.log_guard_drops,
         bpffs: args.bpffs,
         uplink: args.uplink,
+        no_ebpf: args.no_ebpf,
     };
     match runtime.block_on(daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,

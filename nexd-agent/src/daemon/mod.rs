@@ -59,6 +59,8 @@ pub struct Options {
     /// The uplink (exit node masquerade, leak guard); default: the
     /// interfaces of the default routes.
     pub uplink: Option<String>,
+    /// Run without the eBPF data path (benchmark baseline).
+    pub no_ebpf: bool,
 }
 
 /// Options of the exit node role.

@@ -64,6 +64,17 @@ impl Daemon {
     /// classifier, installs the LAN gateway role. Failing to get the data
     /// path is fatal only where it carries a promise: `--kill-switch`.
     pub(super) async fn start_datapath(&mut self) -> anyhow::Result<()> {
+        if !self.opts.lan_interfaces.is_empty() {
+            self.gateway = Some(Gateway::install(
+                &self.opts.interface,
+                &self.opts.lan_interfaces,
+                &mut self.sysctls,
+            )?);
+        }
+        if self.opts.no_ebpf {
+            self.datapath = Err("disabled with --no-ebpf".into());
+            return Ok(());
+        }
         let iface = self.opts.interface.clone();
         let mut dp = match Datapath::start(&iface) {
             Ok(dp) => dp,
@@ -84,13 +95,6 @@ impl Daemon {
                 .with_context(|| format!("attaching the steering classifier to {lan}"))?;
         }
         self.datapath = Ok(dp);
-        if !self.opts.lan_interfaces.is_empty() {
-            self.gateway = Some(Gateway::install(
-                &self.opts.interface,
-                &self.opts.lan_interfaces,
-                &mut self.sysctls,
-            )?);
-        }
         Ok(())
     }
 

@@ -35,13 +35,14 @@ pub use maps::BypassSet;
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nexd"));
 
 /// Every program of the object, loaded (verified) at start-up.
-const PROGRAMS: [&str; 6] = [
+const PROGRAMS: [&str; 7] = [
     names::TUNNEL_INGRESS_PROG,
     names::TUNNEL_EGRESS_PROG,
     names::STEER_PROG,
     names::STEER_L3_PROG,
     names::GUARD_PROG,
     names::GUARD_L3_PROG,
+    names::NOOP_PROG,
 ];
 
 /// Why the data path could not be set up or used.

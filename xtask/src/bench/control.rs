@@ -1,0 +1,363 @@
+//! Benchmark 4, control-plane timings and memory, each against a baseline measured
+//! in the same run:
+//!
+//! * enable -> first packet through the exit node, against one probe round
+//!   trip once exit mode is on (the floor of the measurement itself);
+//! * exit node SIGKILLed -> traffic through the second one, against
+//!   SIGKILL -> the client listing it as stale (detection alone);
+//! * start-up with a 1,000-device mesh file, against a 10-device one;
+//! * applying a 1-device change to the 1,000-device file (SIGHUP), against
+//!   a SIGHUP that changes nothing;
+//! * peak RSS with 1,000 peers against 10 peers.
+
+use std::{
+    fmt::Write as _,
+    time::{Duration, Instant},
+};
+
+use nexd::keys::PrivateKey;
+use nexd_testkit::{
+    Node, NodeSpec,
+    topology::{MESH_V6_PREFIX, MeshDevice},
+    traffic::udp_exchange,
+    wait_for,
+    world::World,
+};
+use nix::sys::signal::Signal;
+
+use super::{Plan, Row};
+
+fn spec(args: &[&str]) -> NodeSpec {
+    NodeSpec {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        log_level: "warn".into(),
+        ..NodeSpec::default()
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Time until a UDP echo from the server comes back from `via`.
+fn first_packet_via(
+    w: &World,
+    via: std::net::IpAddr,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    wait_for(
+        "a packet through the exit node",
+        timeout,
+        Duration::from_millis(1),
+        || match udp_exchange(
+            &w.node("client").ns,
+            &w.inet.ns,
+            World::server(false),
+            Duration::from_millis(200),
+        ) {
+            Ok(src) if src.ip() == via => Some(t0.elapsed()),
+            _ => None,
+        },
+    )
+}
+
+fn enable_and_failover(plan: &Plan) -> anyhow::Result<Vec<Row>> {
+    let mut w = World::new(&["exit1", "exit2", "client"])?;
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client").start(&spec(&[]))?;
+    wait_for(
+        "exit1 available",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            w.node("client")
+                .nexctl_json(&["nexd", "exit-node", "list"])
+                .ok()
+                .filter(|v| v[0]["status"] == "available")
+        },
+    )?;
+    let exit1 = w.underlay("exit1", false);
+    let (mut enable, mut probe) = (Vec::new(), Vec::new());
+    for round in 0..=plan.rounds() {
+        let t0 = Instant::now();
+        let out = w.node("client").nexctl(&["exit-node", "enable"])?;
+        anyhow::ensure!(out.status.success(), "enable failed: {out:?}");
+        let first = first_packet_via(&w, exit1, Duration::from_secs(10))?;
+        let total = t0.elapsed().max(first);
+        let p = first_packet_via(&w, exit1, Duration::from_secs(10))?;
+        w.node("client").nexctl(&["exit-node", "disable"])?;
+        if round > 0 {
+            enable.push(ms(total));
+            probe.push(ms(p));
+        }
+    }
+    let mut rows = vec![Row::new(
+        "control",
+        "enable -> first packet via exit",
+        "ms",
+        "one probe, exit on",
+        &probe,
+        &enable,
+        false,
+    )];
+
+    // Failover.
+    w.node_mut("exit2")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node("client").nexctl(&["exit-node", "enable"])?;
+    let (mut detect, mut switch) = (Vec::new(), Vec::new());
+    for _ in 0..plan.rounds() {
+        wait_for(
+            "both exits available",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                let v = w
+                    .node("client")
+                    .nexctl_json(&["nexd", "exit-node", "list"])
+                    .ok()?;
+                let rows = v.as_array()?;
+                (rows.len() == 2 && rows.iter().all(|r| r["status"] == "available")).then_some(())
+            },
+        )?;
+        let list = w
+            .node("client")
+            .nexctl_json(&["nexd", "exit-node", "list"])?;
+        let active = list
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["active"] == true))
+            .and_then(|r| r["name"].as_str())
+            .unwrap_or("exit1")
+            .to_owned();
+        let other = if active == "exit1" { "exit2" } else { "exit1" };
+        let other_ip = w.underlay(other, false);
+        w.node_mut(&active).kill()?;
+        let t0 = Instant::now();
+        // Detection (the client lists it as stale) is polled on its own
+        // thread; the main thread probes for traffic through the other.
+        let client = w.node("client");
+        let (detected, switched) = std::thread::scope(|s| {
+            let watcher = s.spawn(|| {
+                wait_for(
+                    "the killed exit node to be stale",
+                    Duration::from_secs(30),
+                    Duration::from_millis(20),
+                    || {
+                        let v = client.nexctl_json(&["nexd", "exit-node", "list"]).ok()?;
+                        v.as_array()?
+                            .iter()
+                            .any(|r| r["name"] == active.as_str() && r["status"] == "stale")
+                            .then(|| t0.elapsed())
+                    },
+                )
+            });
+            let switched = wait_for(
+                "traffic through the other exit node",
+                Duration::from_secs(30),
+                Duration::from_millis(1),
+                || match udp_exchange(
+                    &w.node("client").ns,
+                    &w.inet.ns,
+                    World::server(false),
+                    Duration::from_millis(100),
+                ) {
+                    Ok(src) if src.ip() == other_ip => Some(t0.elapsed()),
+                    _ => None,
+                },
+            );
+            (
+                watcher
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("watcher panicked")),
+                switched,
+            )
+        });
+        let (detected, switched) = (detected??, switched?);
+        detect.push(ms(detected));
+        switch.push(ms(switched));
+        w.node_mut(&active)
+            .start(&spec(&["router", "--exit-node"]))?;
+    }
+    rows.push(Row::new(
+        "control",
+        "exit node killed -> traffic via 2nd",
+        "ms",
+        "kill -> seen stale",
+        &detect,
+        &switch,
+        false,
+    ));
+    Ok(rows)
+}
+
+/// A mesh file with `n` devices; device 0 is `node`'s own key.
+fn big_mesh(own: &str, n: usize, tweak: usize) -> String {
+    let mut s = format!("[mesh]\nipv6_prefix = \"{MESH_V6_PREFIX}\"\n");
+    let mut devices = vec![MeshDevice {
+        name: "self".into(),
+        public_key: own.into(),
+        endpoint: Some("192.0.2.1:51820".into()),
+        ipv4: "100.64.0.1".into(),
+        ipv6: "fd6e:6578:6400::1".into(),
+    }];
+    let mut x: u64 = 42;
+    for i in 1..n {
+        // Deterministic keys (the same file twice), distinct per device.
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut bytes = [0u8; 32];
+        for (j, b) in bytes.iter_mut().enumerate() {
+            *b = (x >> ((j % 8) * 8)) as u8 ^ (i as u8).wrapping_mul(j as u8 + 1) ^ (i >> 8) as u8;
+        }
+        let key = PrivateKey::from_bytes(bytes).public_key();
+        let port = 10000 + i + if i == tweak { 20000 } else { 0 };
+        devices.push(MeshDevice {
+            name: format!("d{i}"),
+            public_key: key.to_string(),
+            endpoint: Some(format!("198.51.100.{}:{port}", 1 + i % 250)),
+            ipv4: format!("100.64.{}.{}", (i + 2) >> 8, (i + 2) & 255),
+            ipv6: format!("fd6e:6578:6400::{:x}", i + 2),
+        });
+    }
+    for d in &devices {
+        let _ = write!(
+            s,
+            "\n[[device]]\nname = \"{}\"\npublic_key = \"{}\"\nendpoint = \"{}\"\nipv4 = \"{}\"\nipv6 = \"{}\"\n",
+            d.name,
+            d.public_key,
+            d.endpoint.as_deref().unwrap_or_default(),
+            d.ipv4,
+            d.ipv6
+        );
+    }
+    s
+}
+
+fn peak_rss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(f64::NAN)
+}
+
+fn mesh_scaling(plan: &Plan) -> anyhow::Result<Vec<Row>> {
+    let big = if plan.quick { 50 } else { 1000 };
+    let small = 10;
+    let mut node = Node::new("bmesh")?;
+    let own = node.keygen()?;
+    node.ns.ip("link add eth0 type veth peer name eth1")?;
+    node.ns.ip("link set eth1 up")?;
+    node.ns.ip("addr add 192.0.2.1/24 dev eth0")?;
+    node.ns.ip("link set eth0 up")?;
+    let (mut up_small, mut up_big, mut rss_small, mut rss_big, mut hup_same, mut hup_change) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for round in 0..=plan.rounds() {
+        for n in [small, big] {
+            node.write_mesh(&big_mesh(&own, n, usize::MAX))?;
+            let t0 = Instant::now();
+            node.start(&spec(&[]))?;
+            wait_for(
+                "all peers",
+                Duration::from_secs(60),
+                Duration::from_millis(5),
+                || {
+                    node.nexctl_json(&["nexd", "peers", "list"])
+                        .ok()
+                        .filter(|v| v.as_array().is_some_and(|a| a.len() == n - 1))
+                },
+            )?;
+            let up = ms(t0.elapsed());
+            // Let it settle (handshake attempts, first ticks) before RSS.
+            std::thread::sleep(Duration::from_millis(if plan.quick { 200 } else { 1500 }));
+            let rss = peak_rss_kib(node.pid().unwrap_or(0));
+            if n == big {
+                // SIGHUP with nothing changed, then with one device changed;
+                // a status request after the signal is answered once the
+                // reload is done (the loop handles events in order).
+                for change in [false, true] {
+                    if change {
+                        node.write_mesh(&big_mesh(&own, n, 7))?;
+                    }
+                    let t = Instant::now();
+                    node.signal(Signal::SIGHUP)?;
+                    std::thread::sleep(Duration::from_millis(2));
+                    let out = node.nexctl(&["nexd", "status"])?;
+                    anyhow::ensure!(out.status.success(), "status after SIGHUP failed");
+                    let d = ms(t.elapsed());
+                    if round > 0 {
+                        if change {
+                            hup_change.push(d)
+                        } else {
+                            hup_same.push(d)
+                        }
+                    }
+                }
+                let peers = node.nexctl_json(&["nexd", "peers", "list"])?;
+                let moved = peers
+                    .as_array()
+                    .and_then(|a| a.iter().find(|p| p["name"] == "d7"))
+                    .and_then(|p| p["endpoint"].as_str())
+                    .is_some_and(|e| e.ends_with(":30007"));
+                anyhow::ensure!(moved, "the 1-device change was not applied");
+            }
+            node.stop()?;
+            if round > 0 {
+                if n == big {
+                    up_big.push(up);
+                    rss_big.push(rss);
+                } else {
+                    up_small.push(up);
+                    rss_small.push(rss);
+                }
+            }
+        }
+    }
+    Ok(vec![
+        Row::new(
+            "control",
+            &format!("start with {big} devices"),
+            "ms",
+            &format!("{small} devices"),
+            &up_small,
+            &up_big,
+            false,
+        ),
+        Row::new(
+            "control",
+            &format!("SIGHUP, 1 of {big} changed"),
+            "ms",
+            "SIGHUP, no change",
+            &hup_same,
+            &hup_change,
+            false,
+        ),
+        Row::new(
+            "control",
+            &format!("peak RSS, {} peers", big - 1),
+            "KiB",
+            &format!("{} peers", small - 1),
+            &rss_small,
+            &rss_big,
+            false,
+        ),
+    ])
+}
+
+pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
+    let mut rows = enable_and_failover(plan)?;
+    rows.extend(mesh_scaling(plan)?);
+    Ok(rows)
+}
