@@ -12,6 +12,9 @@ pub struct Args {
     /// Skip the formatting and clippy checks.
     #[arg(long)]
     pub no_lint: bool,
+    /// Skip `cargo xtask bench --quick` at the end.
+    #[arg(long)]
+    pub no_bench: bool,
     /// Extra arguments for `cargo test` (a test name filter, `--nocapture`...).
     #[arg(last = true)]
     pub cargo_test_args: Vec<String>,
@@ -54,6 +57,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         test_args.extend(args.cargo_test_args.iter().map(String::as_str));
     }
     cargo(&test_args)?;
+    if !args.no_bench {
+        step("benchmarks, once on tiny sizes (no timing is asserted; this keeps the bench code working)");
+        crate::bench::run(&crate::bench::Args {
+            quick: true,
+            json: None,
+            only: Vec::new(),
+            rounds: 1,
+            no_setup: true,
+        })?;
+    }
     step("all tests passed");
     Ok(())
 }
