@@ -58,7 +58,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     cargo(&test_args)?;
     if !args.no_bench {
-        step("benchmarks, once on tiny sizes (no timing is asserted; this keeps the bench code working)");
+        step(
+            "benchmarks, once on tiny sizes (no timing is asserted; this keeps the bench code working)",
+        );
         crate::bench::run(&crate::bench::Args {
             quick: true,
             json: None,

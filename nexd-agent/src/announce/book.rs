@@ -92,12 +92,15 @@ impl PeerBook {
     pub fn sync(&mut self, mesh: &Mesh) {
         let mut keep = HashMap::with_capacity(mesh.devices.len());
         for d in mesh.peers_of(&self.own_pub) {
-            let live = self
-                .peers
-                .remove(&d.public_key)
-                .map(|e| e.live)
-                .unwrap_or_default();
-            let pair = PairKey::derive(&self.own, &d.public_key);
+            // A peer that stays keeps its live state and its pair key (an
+            // X25519 operation per peer is most of a 1,000-peer reload).
+            let (live, pair) = match self.peers.remove(&d.public_key) {
+                Some(e) => (e.live, e.pair),
+                None => (
+                    PeerLive::default(),
+                    PairKey::derive(&self.own, &d.public_key),
+                ),
+            };
             keep.insert(
                 d.public_key,
                 PeerEntry {
