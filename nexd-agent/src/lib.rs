@@ -14,5 +14,6 @@ pub mod keys;
 pub mod mesh;
 pub mod netif;
 pub mod netlink;
+pub mod offline;
 pub mod routing;
 pub mod wireguard;

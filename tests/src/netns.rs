@@ -47,6 +47,19 @@ impl Netns {
         Ok(ns)
     }
 
+    /// A handle on an existing namespace that does not own it (dropping it
+    /// removes nothing), for use from another thread.
+    pub fn attach(name: &str) -> anyhow::Result<Self> {
+        if !std::path::Path::new(&format!("/run/netns/{name}")).exists() {
+            bail!("no network namespace {name}");
+        }
+        Ok(Netns {
+            name: name.to_owned(),
+            label: name.to_owned(),
+            kept: true,
+        })
+    }
+
     /// Gives up ownership: the namespace outlives this guard. Returns its
     /// name, for whoever removes it later.
     pub fn keep(&mut self) -> String {

@@ -277,6 +277,40 @@ impl Node {
         cmd::output_with_timeout(&mut c, Duration::from_secs(20))
     }
 
+    /// Runs nexctl inside the node's network and mount namespaces (as on
+    /// the device itself: needed when nexctl acts without nexd).
+    pub fn nexctl_on_device(&mut self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let holder = self.holder_pid()?.to_string();
+        let nexctl = bins::nexctl()?;
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &holder, "-m", "-n", "--"])
+            .arg(nexctl)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args);
+        cmd::output_with_timeout(&mut c, Duration::from_secs(30))
+    }
+
+    /// Runs nexctl as another user (`setpriv`), e.g. nobody.
+    pub fn nexctl_as(
+        &self,
+        uid: u32,
+        gid: u32,
+        args: &[&str],
+    ) -> anyhow::Result<std::process::Output> {
+        let nexctl = bins::nexctl()?;
+        let mut c = Command::new("setpriv");
+        c.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .arg("--clear-groups")
+            .arg("--")
+            .arg(nexctl)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args);
+        cmd::output_with_timeout(&mut c, Duration::from_secs(20))
+    }
+
     /// Runs nexctl with `--output json` and parses the result; fails unless
     /// nexctl exits 0.
     pub fn nexctl_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {

@@ -91,7 +91,28 @@ pub enum ExitNodeCommand {
     /// changes nothing) when none is available.
     Enable,
     /// Remove the exit-node client config and restore the direct path.
-    Disable,
+    /// When nexd is not running, nexctl removes what nexd left itself.
+    Disable(DisableArgs),
+}
+
+/// Where a stopped nexd's state is; used only when nexd is not running.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DisableArgs {
+    /// nexd's WireGuard interface.
+    #[arg(long, default_value = "wg0")]
+    pub interface: String,
+    /// nexd's state directory (original sysctl values).
+    #[arg(long, default_value = "/var/lib/nexd")]
+    pub state_dir: PathBuf,
+    /// Where nexd pins its leak guard.
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+    /// nexd's `--exit-table`.
+    #[arg(long, default_value_t = crate::routing::DEFAULT_TABLE)]
+    pub exit_table: u32,
+    /// nexd's `--exit-rule-priority`.
+    #[arg(long, default_value_t = crate::routing::DEFAULT_PRIORITY)]
+    pub exit_rule_priority: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -313,12 +334,18 @@ fn peers_list(ctx: &Ctx) -> Result<(), ClientError> {
 }
 
 fn exit_node(ctx: &Ctx, cmd: ExitNodeCommand) -> Result<(), ClientError> {
-    let method = match cmd {
+    let method = match &cmd {
         ExitNodeCommand::List => Method::ExitNodeList,
         ExitNodeCommand::Enable => Method::ExitNodeEnable,
-        ExitNodeCommand::Disable => Method::ExitNodeDisable,
+        ExitNodeCommand::Disable(_) => Method::ExitNodeDisable,
     };
-    match ctx.call(method)? {
+    let reply = match (ctx.call(method), &cmd) {
+        (Err(ClientError::NotRunning(_) | ClientError::Stale(_)), ExitNodeCommand::Disable(a)) => {
+            return disable_offline(a);
+        }
+        (r, _) => r?,
+    };
+    match reply {
         Reply::Done { message } => {
             println!("{message}");
             Ok(())
@@ -328,6 +355,42 @@ fn exit_node(ctx: &Ctx, cmd: ExitNodeCommand) -> Result<(), ClientError> {
             Ok(())
         }
         other => Err(unexpected(&other)),
+    }
+}
+
+/// nexd is not running: remove what it left, by its fixed numbers.
+fn disable_offline(a: &DisableArgs) -> Result<(), ClientError> {
+    let opts = crate::offline::OfflineOptions {
+        interface: a.interface.clone(),
+        state_dir: a.state_dir.clone(),
+        bpffs: a.bpffs.clone(),
+        policy: crate::routing::PolicyNumbers {
+            table: a.exit_table,
+            priority: a.exit_rule_priority,
+            ..crate::routing::PolicyNumbers::default()
+        },
+    };
+    match crate::offline::restore_direct_path(&opts) {
+        Ok(removed) => {
+            if removed.anything() {
+                println!(
+                    "nexd is not running: removed the exit node client configuration it left{}; the direct path is restored",
+                    if removed.leak_guard {
+                        " (policy routing and the leak guard)"
+                    } else {
+                        " (policy routing)"
+                    }
+                );
+            } else {
+                println!(
+                    "nexd is not running, and no exit node client configuration was left: the direct path is in place"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(ClientError::BadReply(format!(
+            "nexd is not running, and removing its exit node client configuration failed: {e:#}"
+        ))),
     }
 }
 
@@ -399,11 +462,11 @@ mod tests {
         let b = Cli::try_parse_from(["nexctl", "nexd", "exit-node", "disable"]).expect("long");
         assert!(matches!(
             a.command,
-            Command::ExitNode(ExitNodeCommand::Disable)
+            Command::ExitNode(ExitNodeCommand::Disable(_))
         ));
         assert!(matches!(
             b.command,
-            Command::Nexd(NexdCommand::ExitNode(ExitNodeCommand::Disable))
+            Command::Nexd(NexdCommand::ExitNode(ExitNodeCommand::Disable(_)))
         ));
     }
 

@@ -50,6 +50,10 @@ pub struct AgentArgs {
         default_value = "/run/nexd.sock"
     )]
     pub socket: PathBuf,
+    /// A group whose members may use read-only nexctl commands (the socket
+    /// becomes 0660 with this group); changes still need root.
+    #[arg(long, global = true, env = "NEXD_SOCKET_GROUP", value_name = "GROUP")]
+    pub socket_group: Option<String>,
     /// Name of the WireGuard interface.
     #[arg(long, global = true, env = "NEXD_INTERFACE", default_value = "wg0")]
     pub interface: String,
@@ -65,6 +69,14 @@ pub struct AgentArgs {
     /// as soon as one is available (mesh traffic still goes direct).
     #[arg(long, global = true, env = "NEXD_EXIT_NODE_CLIENT")]
     pub exit_node_client: bool,
+    /// Use only this exit node (mesh name or public key); without it nexd
+    /// picks the available one with the lowest RTT.
+    #[arg(
+        long = "exit-node",
+        env = "NEXD_EXIT_NODE",
+        value_name = "NAME|PUBLIC_KEY"
+    )]
+    pub exit_node_pin: Option<String>,
     /// Routing table for the exit-node client's default routes.
     #[arg(long, global = true, env = "NEXD_EXIT_TABLE", default_value_t = routing::DEFAULT_TABLE)]
     pub exit_table: u32,
@@ -236,6 +248,8 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
         bpffs: args.bpffs,
         uplink: args.uplink,
         no_ebpf: args.no_ebpf,
+        exit_node_pin: args.exit_node_pin,
+        socket_group: args.socket_group,
     };
     match runtime.block_on(daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -272,6 +286,10 @@ mod tests {
             .expect("client");
         assert!(c.agent.exit_node_client);
         assert_eq!(c.agent.exit_fwmark, 16);
+        // The client's pin and the router's flag share a name at two levels.
+        let c = Cli::try_parse_from(["nexd", "--exit-node-client", "--exit-node", "exit1"])
+            .expect("pin");
+        assert_eq!(c.agent.exit_node_pin.as_deref(), Some("exit1"));
         // Global options also work after the subcommand.
         let c = Cli::try_parse_from(["nexd", "router", "--exit-node", "--interface", "wg9"])
             .expect("global");

@@ -40,6 +40,8 @@ pub enum ControlError {
     AlreadyRunning(PathBuf),
     #[error("control socket {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("--socket-group {0}: no such group")]
+    UnknownGroup(String),
 }
 
 /// Fails if a live nexd answers on `path`; removes a stale socket file left
@@ -69,9 +71,14 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Binds `path` (mode 0600: only root may talk to nexd) and starts
-    /// accepting. Requests arrive on the returned receiver.
-    pub fn bind(path: &Path) -> Result<(Self, mpsc::Receiver<ControlCall>), ControlError> {
+    /// Binds `path` and starts accepting. Mode 0600 (only root may talk to
+    /// nexd), or 0660 with `group` as the socket's group, whose members may
+    /// then make read-only requests (changes still need uid 0).
+    /// Requests arrive on the returned receiver.
+    pub fn bind(
+        path: &Path,
+        group: Option<&str>,
+    ) -> Result<(Self, mpsc::Receiver<ControlCall>), ControlError> {
         let io_err = |source| ControlError::Io {
             path: path.to_owned(),
             source,
@@ -80,8 +87,23 @@ impl ControlServer {
             std::fs::create_dir_all(dir).map_err(io_err)?;
         }
         check_socket_free(path)?;
+        let gid = match group {
+            None => None,
+            Some(name) => Some(
+                nix::unistd::Group::from_name(name)
+                    .map_err(|e| io_err(io::Error::from(e)))?
+                    .ok_or_else(|| ControlError::UnknownGroup(name.to_owned()))?
+                    .gid,
+            ),
+        };
         let listener = UnixListener::bind(path).map_err(io_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+        let mode = if let Some(gid) = gid {
+            nix::unistd::chown(path, None, Some(gid)).map_err(|e| io_err(io::Error::from(e)))?;
+            0o660
+        } else {
+            0o600
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
         let (tx, rx) = mpsc::channel(64);
         let task = tokio::spawn(accept_loop(listener, tx));
         Ok((

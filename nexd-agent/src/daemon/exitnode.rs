@@ -21,8 +21,23 @@ impl Daemon {
         self.book.name(key).unwrap_or("?").to_owned()
     }
 
+    /// The pinned exit node's key (`--exit-node`), found by name or key in
+    /// the mesh. `Err` when the pin names no device: then no exit node may
+    /// be used at all.
+    fn pinned_exit(&self) -> Result<Option<PublicKey>, ()> {
+        let Some(pin) = self.opts.exit_node_pin.as_deref() else {
+            return Ok(None);
+        };
+        self.mesh
+            .peers_of(&self.own)
+            .find(|d| d.name == pin || d.public_key.to_string() == pin)
+            .map(|d| Some(d.public_key))
+            .ok_or(())
+    }
+
     /// The exit node `exit::choose` picks now.
     fn choose_exit(&self, now: Instant) -> Option<PublicKey> {
+        let pinned = self.pinned_exit().ok()?;
         let candidates = self.book.keys().filter_map(|k| {
             Some(Candidate {
                 key: *k,
@@ -30,7 +45,7 @@ impl Daemon {
                 live: self.book.live(k)?,
             })
         });
-        exit::choose(self.phase.exit_peer(), None, candidates, now)
+        exit::choose(self.phase.exit_peer(), pinned, candidates, now)
     }
 
     /// Moves the client to the phase the announcements call for.
@@ -145,7 +160,14 @@ impl Daemon {
         }
         let Some(chosen) = self.choose_exit(Instant::now()) else {
             let known = self.exit_rows(Instant::now()).len();
-            let detail = if known == 0 {
+            let detail = if self.pinned_exit().is_err() {
+                format!(
+                    "--exit-node {:?} names no device of the mesh",
+                    self.opts.exit_node_pin.as_deref().unwrap_or_default()
+                )
+            } else if let Ok(Some(k)) = self.pinned_exit() {
+                format!("the pinned exit node {} is not available", self.name_of(&k))
+            } else if known == 0 {
                 "no device of the mesh announces itself as exit node (start one with `nexd router --exit-node`)".to_owned()
             } else {
                 format!(

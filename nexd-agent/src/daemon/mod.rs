@@ -61,6 +61,10 @@ pub struct Options {
     pub uplink: Option<String>,
     /// Run without the eBPF data path (benchmark baseline).
     pub no_ebpf: bool,
+    /// `--exit-node NAME|PUBLIC_KEY`: use only this exit node.
+    pub exit_node_pin: Option<String>,
+    /// Group allowed read-only access to the control socket.
+    pub socket_group: Option<String>,
 }
 
 /// Options of the exit node role.
@@ -124,7 +128,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         daemon.teardown().await;
         return Err(e);
     }
-    let (control, mut calls) = match ControlServer::bind(&opts.socket) {
+    let (control, mut calls) = match ControlServer::bind(&opts.socket, opts.socket_group.as_deref())
+    {
         Ok(x) => x,
         Err(e) => {
             daemon.teardown().await;

@@ -151,6 +151,7 @@ impl Daemon {
                     .await?
                     .with_context(|| format!("interface {iface} vanished right after it was created"))?,
             );
+            self.adopt_existing().await?;
             let mesh = self.mesh.clone();
             self.apply(&mesh).await?;
             if self.opts.exit_server.is_some() {
@@ -167,6 +168,39 @@ impl Daemon {
         }
         .instrument(span)
         .await
+    }
+
+    /// Takes what an adopted interface already has (a kernel link left by a
+    /// crashed nexd) as the applied state, so the first reconcile removes
+    /// what is no longer wanted instead of leaving it: stale addresses and
+    /// peers. Every live peer is recorded with a config no wanted one
+    /// equals, so each is rewritten once (in place, on the kernel backend).
+    async fn adopt_existing(&mut self) -> anyhow::Result<()> {
+        let (Some(wg), Some(index)) = (self.wg.as_ref(), self.link_index) else {
+            return Ok(());
+        };
+        self.addresses = netif::addresses(&self.nl, index).await?;
+        let live = wg.status()?;
+        for p in live.peers {
+            self.applied.insert(
+                p.public_key,
+                PeerConfig {
+                    public_key: p.public_key,
+                    endpoint: p.endpoint,
+                    allowed_ips: p.allowed_ips,
+                    // No wanted config has this: forces one rewrite.
+                    persistent_keepalive: u16::MAX,
+                },
+            );
+        }
+        if !self.applied.is_empty() || !self.addresses.is_empty() {
+            info!(
+                peers = self.applied.len(),
+                addresses = self.addresses.len(),
+                "adopting the existing interface's state; the reconcile replaces it"
+            );
+        }
+        Ok(())
     }
 
     async fn start_exit_node(&mut self, uplink_override: Option<&str>) -> anyhow::Result<()> {

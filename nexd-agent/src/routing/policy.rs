@@ -216,13 +216,18 @@ impl ClientRouting {
         Ok(())
     }
 
-    /// Deletes every rule at nexd's three priorities that points at the
-    /// main table or one of nexd's tables.
-    async fn remove_rules(&self, nl: &Netlink) -> Result<(), NetlinkError> {
+    /// Whether any of nexd's rules is installed.
+    pub async fn installed(&self, nl: &Netlink) -> Result<bool, NetlinkError> {
+        Ok(!self.find_rules(nl).await?.is_empty())
+    }
+
+    /// Every rule at nexd's three priorities that points at the main table
+    /// or one of nexd's tables.
+    async fn find_rules(&self, nl: &Netlink) -> Result<Vec<RuleMessage>, NetlinkError> {
         let n = self.numbers;
+        let mut found = Vec::new();
         for version in [IpVersion::V4, IpVersion::V6] {
-            let mut found = Vec::new();
-            let mut rules = nl.handle().rule().get(version.clone()).execute();
+            let mut rules = nl.handle().rule().get(version).execute();
             while let Some(r) = rules
                 .try_next()
                 .await
@@ -235,13 +240,18 @@ impl ClientRouting {
                     found.push(r);
                 }
             }
-            for r in found {
-                match nl.handle().rule().del(r).execute().await {
-                    Ok(()) => {}
-                    Err(rtnetlink::Error::NetlinkError(m))
-                        if m.raw_code().abs() == libc::ENOENT => {}
-                    Err(e) => return Err(NetlinkError::new("deleting a policy rule", e)),
-                }
+        }
+        Ok(found)
+    }
+
+    /// Deletes every rule at nexd's three priorities that points at the
+    /// main table or one of nexd's tables.
+    async fn remove_rules(&self, nl: &Netlink) -> Result<(), NetlinkError> {
+        for r in self.find_rules(nl).await? {
+            match nl.handle().rule().del(r).execute().await {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code().abs() == libc::ENOENT => {}
+                Err(e) => return Err(NetlinkError::new("deleting a policy rule", e)),
             }
         }
         Ok(())
