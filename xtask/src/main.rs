@@ -5,9 +5,11 @@
 //! * `test`       the whole test suite (what CI runs)
 //! * `lab`        a local mesh of namespaced devices, narrated
 //! * `bench`      benchmarks, each against a baseline measured in the same run
+//! * `fuzz`       the cargo-fuzz targets, each for a bounded time
 
 mod bench;
 mod build_ebpf;
+mod fuzz;
 mod lab;
 mod setup;
 mod test;
@@ -40,6 +42,9 @@ enum Task {
     /// Benchmarks: classifier cost, split tunnelling at scale, throughput,
     /// control-plane timings; each a ratio against a baseline (needs root).
     Bench(bench::Args),
+    /// Run the cargo-fuzz targets (control protocol, mesh file,
+    /// announcements) for a bounded time each.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
         Task::Test(a) => test::run(&a),
         Task::Lab(a) => lab::run(a),
         Task::Bench(a) => bench::run(&a),
+        Task::Fuzz(a) => fuzz::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

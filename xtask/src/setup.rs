@@ -99,6 +99,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             if has_src { "yes" } else { "missing" }
         );
         println!("bpf-linker: {}", if has_linker { "yes" } else { "missing" });
+        println!(
+            "cargo-fuzz: {}",
+            if crate::fuzz::installed() {
+                "yes"
+            } else {
+                "missing"
+            }
+        );
         if !missing.is_empty() || !has_src || !has_linker {
             bail!("setup is incomplete; run `cargo xtask setup`");
         }
@@ -181,6 +189,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             bail!("bpf-linker was installed but does not run; is ~/.cargo/bin on PATH?");
         }
     }
-    step("setup complete: Debian packages, nightly + rust-src, bpf-linker");
+    if !crate::fuzz::installed() {
+        step("installing cargo-fuzz (about 2 minutes)");
+        exec(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    step("setup complete: Debian packages, nightly + rust-src, bpf-linker, cargo-fuzz");
     Ok(())
 }

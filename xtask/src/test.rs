@@ -15,6 +15,9 @@ pub struct Args {
     /// Skip `cargo xtask bench --quick` at the end.
     #[arg(long)]
     pub no_bench: bool,
+    /// Skip `cargo xtask fuzz` (15 s per target).
+    #[arg(long)]
+    pub no_fuzz: bool,
     /// Extra arguments for `cargo test` (a test name filter, `--nocapture`...).
     #[arg(last = true)]
     pub cargo_test_args: Vec<String>,
@@ -57,6 +60,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         test_args.extend(args.cargo_test_args.iter().map(String::as_str));
     }
     cargo(&test_args)?;
+    if !args.no_fuzz {
+        step("fuzzing each target for 15 s");
+        crate::fuzz::run(&crate::fuzz::Args {
+            seconds: 15,
+            target: None,
+        })?;
+    }
     if !args.no_bench {
         step(
             "benchmarks, once on tiny sizes (no timing is asserted; this keeps the bench code working)",

@@ -8,7 +8,8 @@
 //! * start-up with a 1,000-device mesh file, against a 10-device one;
 //! * applying a 1-device change to the 1,000-device file (SIGHUP), against
 //!   a SIGHUP that changes nothing;
-//! * peak RSS with 1,000 peers against 10 peers.
+//! * peak RSS with 1,000 peers against 10 peers;
+//! * SIGTERM to a finished clean-up with 1,000 peers against 10 peers.
 
 use std::{
     fmt::Write as _,
@@ -313,14 +314,21 @@ fn mesh_scaling(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                     .is_some_and(|e| e.ends_with(":30007"));
                 anyhow::ensure!(moved, "the 1-device change was not applied");
             }
-            node.stop()?;
+            // A systemd-style stop: SIGTERM, until the process is gone with
+            // its clean-up done.
+            let t = Instant::now();
+            let status = node.stop()?;
+            let stop = ms(t.elapsed());
+            anyhow::ensure!(status.success(), "nexd exited with {status}");
             if round > 0 {
                 if n == big {
                     up_big.push(up);
                     rss_big.push(rss);
+                    stop_big.push(stop);
                 } else {
                     up_small.push(up);
                     rss_small.push(rss);
+                    stop_small.push(stop);
                 }
             }
         }
