@@ -265,6 +265,7 @@ fn mesh_scaling(plan: &Plan) -> anyhow::Result<Vec<Row>> {
         Vec::new(),
         Vec::new(),
     );
+    let (mut stop_small, mut stop_big) = (Vec::new(), Vec::new());
     for round in 0..=plan.rounds() {
         for n in [small, big] {
             node.write_mesh(&big_mesh(&own, n, usize::MAX))?;
