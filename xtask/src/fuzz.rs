@@ -76,7 +76,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 /// `rustup run nightly cargo`, clean of the outer cargo's variables
 /// (cargo-fuzz needs nightly for -Zsanitizer).
 fn nightly_cargo() -> Command {
-    let mut c = crate::cargo_command();
+    let c = crate::cargo_command();
     let mut n = Command::new("rustup");
     n.args(["run", "nightly", "cargo"]);
     for (k, v) in c.get_envs() {
@@ -89,9 +89,8 @@ fn nightly_cargo() -> Command {
         .env_remove("CARGO")
         .env_remove("RUSTC");
     if let Some(dir) = c.get_current_dir() {
-        n.current_dir(dir.to_owned());
+        n.current_dir(dir);
     }
-    let _ = &mut c;
     n
 }
 
