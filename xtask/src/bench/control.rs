@@ -362,6 +362,15 @@ fn mesh_scaling(plan: &Plan) -> anyhow::Result<Vec<Row>> {
             &rss_big,
             false,
         ),
+        Row::new(
+            "control",
+            &format!("SIGTERM -> clean exit, {} peers", big - 1),
+            "ms",
+            &format!("{} peers", small - 1),
+            &stop_small,
+            &stop_big,
+            false,
+        ),
     ])
 }
 
