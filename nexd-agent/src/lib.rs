@@ -14,6 +14,25 @@ pub mod keys;
 pub mod mesh;
 pub mod netif;
 pub mod netlink;
+pub mod notify;
 pub mod offline;
 pub mod routing;
 pub mod wireguard;
+
+/// An error and its causes on one line, each cause once: nexd's error
+/// messages already quote their source, so a cause whose text is part of
+/// what came before is left out (anyhow's `{:#}` would repeat it).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}

@@ -6,10 +6,12 @@
 //! * `lab`        a local mesh of namespaced devices, narrated
 //! * `bench`      benchmarks, each against a baseline measured in the same run
 //! * `fuzz`       the cargo-fuzz targets, each for a bounded time
+//! * `man`        man pages from the clap definitions
 
 mod bench;
 mod build_ebpf;
 mod fuzz;
+mod man;
 mod lab;
 mod setup;
 mod test;
@@ -45,6 +47,8 @@ enum Task {
     /// Run the cargo-fuzz targets (control protocol, mesh file,
     /// announcements) for a bounded time each.
     Fuzz(fuzz::Args),
+    /// Generate man pages for nexd and nexctl from their definitions.
+    Man(man::Args),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         Task::Lab(a) => lab::run(a),
         Task::Bench(a) => bench::run(&a),
         Task::Fuzz(a) => fuzz::run(&a),
+        Task::Man(a) => man::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

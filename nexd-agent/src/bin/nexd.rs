@@ -1,6 +1,8 @@
 //! The nexd agent. See `nexd --help`.
-use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
-    nexd::cli::nexd::run(nexd::cli::nexd::Cli::parse())
+    match nexd::cli::config::parse(std::env::args_os().collect()) {
+        Ok(cli) => nexd::cli::nexd::run(cli),
+        Err(e) => e.exit(),
+    }
 }

@@ -1,6 +1,7 @@
 //! The two command lines: `nexd` (the agent) and `nexctl` (its CLI). The
 //! binaries in src/bin only parse arguments and call into here.
 
+pub mod config;
 pub mod nexctl;
 pub mod nexd;
 pub mod output;

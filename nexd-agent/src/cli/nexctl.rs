@@ -39,13 +39,13 @@ pub mod exit {
     name = "nexctl",
     version,
     about = "Inspect and control the nexd mesh agent",
-    after_help = "Exit status: 0 ok, 1 failure, 2 bad usage, 3 nexd unreachable, 4 permission denied, 5 version mismatch, 6 unavailable (nothing changed)."
+    after_help = "Exit status: 0 ok, 1 failure, 2 bad usage, 3 nexd unreachable, 4 permission denied, 5 version mismatch, 6 unavailable (nothing changed).\n\nShell completion: nexctl completion bash > /etc/bash_completion.d/nexctl"
 )]
 pub struct Cli {
     /// nexd's control socket.
     #[arg(long, global = true, env = "NEXCTL_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
-    /// Output format of listings.
+    /// Output format of listings: column, no-header, json, yaml.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Column)]
     pub output: OutputFormat,
     /// Seconds to wait for nexd's answer.
@@ -63,6 +63,11 @@ pub enum Command {
     /// Same as `nexctl nexd exit-node`.
     #[command(subcommand)]
     ExitNode(ExitNodeCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,6 +139,11 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Nexd(NexdCommand::Peers(PeersCommand::List)) => peers_list(&ctx),
         Command::Nexd(NexdCommand::Stats) => stats(&ctx),
         Command::Nexd(NexdCommand::ExitNode(c)) | Command::ExitNode(c) => exit_node(&ctx, c),
+        Command::Completion { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "nexctl", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -389,7 +399,8 @@ fn disable_offline(a: &DisableArgs) -> Result<(), ClientError> {
             Ok(())
         }
         Err(e) => Err(ClientError::BadReply(format!(
-            "nexd is not running, and removing its exit node client configuration failed: {e:#}"
+            "nexd is not running, and removing its exit node client configuration failed: {}",
+            crate::error_text(&e)
         ))),
     }
 }

@@ -26,6 +26,10 @@ pub struct Cli {
 /// Options of the running agent (also accepted after `router`).
 #[derive(Debug, Clone, Args)]
 pub struct AgentArgs {
+    /// Configuration file: any option below under its long name (TOML).
+    /// The command line and NEXD_* variables override it.
+    #[arg(long, global = true, env = "NEXD_CONFIG", default_value = super::config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
     /// The mesh file: prefixes and devices (TOML, see README).
     #[arg(
         long,
@@ -67,7 +71,7 @@ pub struct AgentArgs {
     pub log_level: String,
     /// Send this device's internet traffic through an exit node of the mesh
     /// as soon as one is available (mesh traffic still goes direct).
-    #[arg(long, global = true, env = "NEXD_EXIT_NODE_CLIENT")]
+    #[arg(long, global = true, env = "NEXD_EXIT_NODE_CLIENT", value_parser = clap::builder::BoolishValueParser::new())]
     pub exit_node_client: bool,
     /// Use only this exit node (mesh name or public key); without it nexd
     /// picks the available one with the lowest RTT.
@@ -108,7 +112,7 @@ pub struct AgentArgs {
     /// WireGuard to a mesh endpoint or to a bypass prefix; the guard stays
     /// in force if nexd dies, until nexd starts again or exit mode is
     /// disabled.
-    #[arg(long, global = true, env = "NEXD_KILL_SWITCH")]
+    #[arg(long, global = true, env = "NEXD_KILL_SWITCH", value_parser = clap::builder::BoolishValueParser::new())]
     pub kill_switch: bool,
     /// Log each packet the leak guard drops (debug level).
     #[arg(long, global = true)]
@@ -254,7 +258,7 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
     match runtime.block_on(daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let text = format!("{e:#}");
+            let text = crate::error_text(&e);
             for line in text.lines() {
                 tracing::error!("{line}");
             }

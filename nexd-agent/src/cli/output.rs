@@ -15,6 +15,8 @@ pub enum OutputFormat {
     NoHeader,
     /// JSON (stable, snake_case field names).
     Json,
+    /// YAML: the same document as the JSON.
+    Yaml,
 }
 
 /// A table to print in column form.
@@ -74,8 +76,79 @@ pub fn print<T: Serialize>(format: OutputFormat, value: &T, table: impl FnOnce()
             Ok(s) => println!("{s}"),
             Err(e) => eprintln!("error: cannot encode JSON: {e}"),
         },
+        OutputFormat::Yaml => match serde_json::to_value(value) {
+            Ok(v) => print!("{}", yaml(&v)),
+            Err(e) => eprintln!("error: cannot encode YAML: {e}"),
+        },
         OutputFormat::Column => print!("{}", table().render(true)),
         OutputFormat::NoHeader => print!("{}", table().render(false)),
+    }
+}
+
+/// YAML for a JSON document: block style, every string double-quoted
+/// (YAML's double-quoted scalars take JSON's escapes), so the output is
+/// unambiguous and round-trips.
+pub fn yaml(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    match v {
+        serde_json::Value::Array(a) if a.is_empty() => out.push_str("[]\n"),
+        serde_json::Value::Object(o) if o.is_empty() => out.push_str("{}\n"),
+        serde_json::Value::Array(_) | serde_json::Value::Object(_) => yaml_block(v, 0, &mut out),
+        scalar => {
+            out.push_str(&yaml_scalar(scalar));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn yaml_scalar(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "null".into(),
+        serde_json::Value::Bool(b) => b.to_string(),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::String(s) => serde_json::Value::String(s.clone()).to_string(),
+        serde_json::Value::Array(a) if a.is_empty() => "[]".into(),
+        serde_json::Value::Object(o) if o.is_empty() => "{}".into(),
+        _ => String::new(),
+    }
+}
+
+fn is_block(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Array(a) => !a.is_empty(),
+        serde_json::Value::Object(o) => !o.is_empty(),
+        _ => false,
+    }
+}
+
+fn yaml_block(v: &serde_json::Value, indent: usize, out: &mut String) {
+    let pad = " ".repeat(indent);
+    match v {
+        serde_json::Value::Object(o) => {
+            for (k, val) in o {
+                if is_block(val) {
+                    out.push_str(&format!("{pad}{k}:\n"));
+                    yaml_block(val, indent + 2, out);
+                } else {
+                    out.push_str(&format!("{pad}{k}: {}\n", yaml_scalar(val)));
+                }
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for item in a {
+                if is_block(item) {
+                    // The first line of the item goes after the dash.
+                    let mut inner = String::new();
+                    yaml_block(item, indent + 2, &mut inner);
+                    let inner = inner.trim_start();
+                    out.push_str(&format!("{pad}- {inner}"));
+                } else {
+                    out.push_str(&format!("{pad}- {}\n", yaml_scalar(item)));
+                }
+            }
+        }
+        scalar => out.push_str(&format!("{pad}{}\n", yaml_scalar(scalar))),
     }
 }
 
@@ -122,6 +195,20 @@ mod tests {
             t.render(false),
             "abc                 192.0.2.1:51820\na-much-longer-key   -\n"
         );
+    }
+
+    #[test]
+    fn yaml_is_block_style_with_quoted_strings() {
+        let v = serde_json::json!([
+            {"name": "exit", "active": true, "rtt_ms": 1.5, "endpoint": null,
+             "allowed_ips": ["0.0.0.0/0", "::/0"], "nested": {"a": 1}},
+            {"name": "b\"q", "allowed_ips": []}
+        ]);
+        assert_eq!(
+            yaml(&v),
+            "- active: true\n  allowed_ips:\n    - \"0.0.0.0/0\"\n    - \"::/0\"\n  endpoint: null\n  name: \"exit\"\n  nested:\n    a: 1\n  rtt_ms: 1.5\n- allowed_ips: []\n  name: \"b\\\"q\"\n"
+        );
+        assert_eq!(yaml(&serde_json::json!([])), "[]\n");
     }
 
     #[test]

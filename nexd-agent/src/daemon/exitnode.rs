@@ -62,7 +62,7 @@ impl Daemon {
         if next != self.phase
             && let Err(e) = self.transition(next).await
         {
-            error!(error = %format!("{e:#}"), "changing the exit-node client failed");
+            error!(error = %crate::error_text(&e), "changing the exit-node client failed");
         }
     }
 
@@ -191,7 +191,7 @@ impl Daemon {
                 self.exit_wanted = was_wanted;
                 Response::error(
                     ErrorCode::Internal,
-                    format!("enabling the exit node client failed: {e:#}"),
+                    format!("enabling the exit node client failed: {}", crate::error_text(&e)),
                 )
             }
         }
@@ -205,7 +205,7 @@ impl Daemon {
         {
             return Response::error(
                 ErrorCode::Internal,
-                format!("disabling the exit node client failed: {e:#}"),
+                format!("disabling the exit node client failed: {}", crate::error_text(&e)),
             );
         }
         Response::ok(Reply::Done {

@@ -137,6 +137,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
     };
     info!(socket = %opts.socket.display(), "ready");
+    crate::notify::ready();
 
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -153,7 +154,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             _ = sigint.recv() => break "SIGINT",
             _ = sighup.recv() => {
                 info!(mesh_file = %opts.mesh_file.display(), "SIGHUP: reloading the mesh file");
+                crate::notify::reloading();
                 daemon.reload().await;
+                crate::notify::ready();
             }
             Some(call) = calls.recv() => {
                 let response = daemon.answer(call.method).await;
@@ -164,6 +167,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
     };
     info!(reason, "stopping: removing everything nexd installed");
+    crate::notify::stopping();
     control.shutdown();
     daemon.teardown().await;
     info!("stopped");
