@@ -12,6 +12,7 @@ pub mod exclude;
 pub mod exit;
 pub mod keys;
 pub mod mesh;
+pub mod metrics;
 pub mod netif;
 pub mod netlink;
 pub mod notify;

@@ -11,8 +11,8 @@
 mod bench;
 mod build_ebpf;
 mod fuzz;
-mod man;
 mod lab;
+mod man;
 mod setup;
 mod test;
 

@@ -16,7 +16,12 @@ pub struct Args {
     pub out: PathBuf,
 }
 
-fn render(cmd: &clap::Command, name: &str, out: &std::path::Path, written: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+fn render(
+    cmd: &clap::Command,
+    name: &str,
+    out: &std::path::Path,
+    written: &mut Vec<PathBuf>,
+) -> anyhow::Result<()> {
     // clap names are static strings; a handful leak in a one-shot tool.
     let static_name: &'static str = Box::leak(name.to_owned().into_boxed_str());
     let cmd = cmd.clone().name(static_name);
@@ -47,7 +52,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     step(&format!("writing man pages to {}", out.display()));
     let mut written = Vec::new();
     render(&nexd::cli::nexd::Cli::command(), "nexd", &out, &mut written)?;
-    render(&nexd::cli::nexctl::Cli::command(), "nexctl", &out, &mut written)?;
+    render(
+        &nexd::cli::nexctl::Cli::command(),
+        "nexctl",
+        &out,
+        &mut written,
+    )?;
     for p in &written {
         println!("  {}", p.display());
     }

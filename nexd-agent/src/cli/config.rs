@@ -47,7 +47,11 @@ fn to_args(
         match v {
             toml::Value::String(s) => Ok(s.clone()),
             toml::Value::Integer(i) => Ok(i.to_string()),
-            other => Err(format!("{}: {name} must be a string or a number, not {}", at(), other.type_str())),
+            other => Err(format!(
+                "{}: {name} must be a string or a number, not {}",
+                at(),
+                other.type_str()
+            )),
         }
     };
     Ok(match value.get_ref() {
@@ -83,8 +87,8 @@ pub fn parse(argv: Vec<OsString>) -> Result<Cli, clap::Error> {
         }
     };
     let fail = |msg: String| Cli::command().error(clap::error::ErrorKind::InvalidValue, msg);
-    let table: BTreeMap<Spanned<String>, Spanned<toml::Value>> = toml::from_str(&text)
-        .map_err(|e| {
+    let table: BTreeMap<Spanned<String>, Spanned<toml::Value>> =
+        toml::from_str(&text).map_err(|e| {
             let line = e.span().map_or(1, |s| line_of(&text, s.start));
             fail(format!("{}:{line}: {}", path.display(), e.message().trim()))
         })?;
@@ -100,7 +104,11 @@ pub fn parse(argv: Vec<OsString>) -> Result<Cli, clap::Error> {
     for (key, value) in &table {
         if key.get_ref() == "router" {
             let toml::Value::Table(t) = value.get_ref() else {
-                return Err(fail(format!("{}:{}: router must be a table", path.display(), line_of(&text, key.span().start))));
+                return Err(fail(format!(
+                    "{}:{}: router must be a table",
+                    path.display(),
+                    line_of(&text, key.span().start)
+                )));
             };
             for (k, v) in t {
                 match (k.as_str(), v) {
@@ -117,7 +125,11 @@ pub fn parse(argv: Vec<OsString>) -> Result<Cli, clap::Error> {
             continue;
         }
         if key.get_ref() == "config" {
-            return Err(fail(format!("{}:{}: config cannot be set in the configuration file", path.display(), line_of(&text, key.span().start))));
+            return Err(fail(format!(
+                "{}:{}: config cannot be set in the configuration file",
+                path.display(),
+                line_of(&text, key.span().start)
+            )));
         }
         let Some(id) = longs.get(key.get_ref()) else {
             return Err(fail(format!(
@@ -170,7 +182,14 @@ mod tests {
             "a.toml",
             "exit-node-client = true\nlog-level = \"debug\"\nlan-interface = [\"lan0\", \"lan1\"]\ninterface = \"wg7\"\nexit-fwmark = \"0x99\"\n",
         );
-        let cli = parse(args(&["nexd", "--config", p.to_str().expect("p"), "--interface", "wg1"])).expect("parse");
+        let cli = parse(args(&[
+            "nexd",
+            "--config",
+            p.to_str().expect("p"),
+            "--interface",
+            "wg1",
+        ]))
+        .expect("parse");
         assert!(cli.agent.exit_node_client);
         assert_eq!(cli.agent.log_level, "debug");
         assert_eq!(cli.agent.lan_interfaces, ["lan0", "lan1"]);
@@ -189,7 +208,11 @@ mod tests {
     fn unknown_and_bad_settings_name_the_line() {
         let p = write("b.toml", "log-level = \"info\"\ncolour = \"red\"\n");
         let e = parse(args(&["nexd", "--config", p.to_str().expect("p")])).expect_err("unknown");
-        assert!(e.to_string().contains("b.toml:2: unknown setting \"colour\""), "{e}");
+        assert!(
+            e.to_string()
+                .contains("b.toml:2: unknown setting \"colour\""),
+            "{e}"
+        );
         let p = write("c.toml", "exclude-route = \"198.51.100.1/24\"\n");
         let e = parse(args(&["nexd", "--config", p.to_str().expect("p")])).expect_err("bad value");
         assert!(e.to_string().contains("host bits"), "{e}");

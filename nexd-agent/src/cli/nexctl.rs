@@ -81,6 +81,8 @@ pub enum NexdCommand {
     Peers(PeersCommand),
     /// eBPF data path counters.
     Stats,
+    /// nexd's metrics in Prometheus text format.
+    Metrics,
     /// Exit nodes: list them, send this device's internet traffic through
     /// one, or go back to the direct path.
     #[command(subcommand)]
@@ -138,6 +140,14 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Nexd(NexdCommand::Status) => status(&ctx),
         Command::Nexd(NexdCommand::Peers(PeersCommand::List)) => peers_list(&ctx),
         Command::Nexd(NexdCommand::Stats) => stats(&ctx),
+        Command::Nexd(NexdCommand::Metrics) => match ctx.call(Method::Metrics) {
+            Ok(Reply::Metrics { text }) => {
+                print!("{text}");
+                Ok(())
+            }
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => Err(e),
+        },
         Command::Nexd(NexdCommand::ExitNode(c)) | Command::ExitNode(c) => exit_node(&ctx, c),
         Command::Completion { shell } => {
             use clap::CommandFactory as _;

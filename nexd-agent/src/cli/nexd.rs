@@ -125,6 +125,10 @@ pub struct AgentArgs {
     /// classifier, no leak guard): the benchmarks' "wg-quick way" baseline.
     #[arg(long, global = true, hide = true, conflicts_with = "kill_switch")]
     pub no_ebpf: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default;
+    /// keep it on a loopback or management address).
+    #[arg(long, global = true, env = "NEXD_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Where bpffs is mounted (nexd mounts it there if needed).
     #[arg(long, global = true, env = "NEXD_BPFFS", default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,
@@ -254,6 +258,7 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
         no_ebpf: args.no_ebpf,
         exit_node_pin: args.exit_node_pin,
         socket_group: args.socket_group,
+        metrics_listen: args.metrics_listen,
     };
     match runtime.block_on(daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,

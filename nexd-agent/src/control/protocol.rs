@@ -47,6 +47,8 @@ pub enum Method {
     ExitNodeEnable,
     /// Restore the direct path.
     ExitNodeDisable,
+    /// Prometheus text of nexd's metrics (what `--metrics-listen` serves).
+    Metrics,
 }
 
 impl Method {
@@ -57,7 +59,8 @@ impl Method {
             | Method::Status
             | Method::PeersList
             | Method::Stats
-            | Method::ExitNodeList => false,
+            | Method::ExitNodeList
+            | Method::Metrics => false,
             Method::ExitNodeEnable | Method::ExitNodeDisable => true,
         }
     }
@@ -118,6 +121,10 @@ pub enum Reply {
     /// A change was made (or was already in place); `message` says what.
     Done {
         message: String,
+    },
+    /// Prometheus text exposition format.
+    Metrics {
+        text: String,
     },
 }
 

@@ -68,6 +68,7 @@ pub fn check_socket_free(path: &Path) -> Result<(), ControlError> {
 pub struct ControlServer {
     path: PathBuf,
     task: JoinHandle<()>,
+    calls: mpsc::Sender<ControlCall>,
 }
 
 impl ControlServer {
@@ -105,14 +106,20 @@ impl ControlServer {
         };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
         let (tx, rx) = mpsc::channel(64);
-        let task = tokio::spawn(accept_loop(listener, tx));
+        let task = tokio::spawn(accept_loop(listener, tx.clone()));
         Ok((
             ControlServer {
                 path: path.to_owned(),
                 task,
+                calls: tx,
             },
             rx,
         ))
+    }
+
+    /// A sender into the same queue, for other front ends (metrics).
+    pub fn calls(&self) -> mpsc::Sender<ControlCall> {
+        self.calls.clone()
     }
 
     /// Stops accepting and removes the socket file.

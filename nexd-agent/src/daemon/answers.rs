@@ -41,6 +41,9 @@ impl Daemon {
             }),
             Method::ExitNodeEnable => self.exit_enable().await,
             Method::ExitNodeDisable => self.exit_disable().await,
+            Method::Metrics => Response::ok(Reply::Metrics {
+                text: self.metrics_text(),
+            }),
         }
     }
 

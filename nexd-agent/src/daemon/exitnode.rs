@@ -72,6 +72,11 @@ impl Daemon {
     pub(super) async fn transition(&mut self, next: Phase) -> anyhow::Result<()> {
         let prev = self.phase;
         self.log_transition(prev, next);
+        if let (Phase::Active(a), Phase::Active(b)) = (prev, next)
+            && a != b
+        {
+            self.failovers += 1;
+        }
         let index = self.link_index.unwrap_or_default();
         let mesh = self.mesh.clone();
         match (prev.routing_installed(), next.routing_installed()) {
@@ -191,7 +196,10 @@ impl Daemon {
                 self.exit_wanted = was_wanted;
                 Response::error(
                     ErrorCode::Internal,
-                    format!("enabling the exit node client failed: {}", crate::error_text(&e)),
+                    format!(
+                        "enabling the exit node client failed: {}",
+                        crate::error_text(&e)
+                    ),
                 )
             }
         }
@@ -205,7 +213,10 @@ impl Daemon {
         {
             return Response::error(
                 ErrorCode::Internal,
-                format!("disabling the exit node client failed: {}", crate::error_text(&e)),
+                format!(
+                    "disabling the exit node client failed: {}",
+                    crate::error_text(&e)
+                ),
             );
         }
         Response::ok(Reply::Done {

@@ -9,6 +9,7 @@
 mod answers;
 mod exitnode;
 pub mod lock;
+mod metrics;
 pub mod reconcile;
 mod state;
 mod steering;
@@ -65,6 +66,8 @@ pub struct Options {
     pub exit_node_pin: Option<String>,
     /// Group allowed read-only access to the control socket.
     pub socket_group: Option<String>,
+    /// Address of the Prometheus endpoint, if any.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Options of the exit node role.
@@ -135,6 +138,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             daemon.teardown().await;
             return Err(e.into());
         }
+    };
+    let _metrics = match opts.metrics_listen {
+        None => None,
+        Some(addr) => match crate::metrics::MetricsServer::start(addr, control.calls()).await {
+            Ok(m) => Some(m),
+            Err(e) => {
+                control.shutdown();
+                daemon.teardown().await;
+                return Err(anyhow!("--metrics-listen {addr}: {e}"));
+            }
+        },
     };
     info!(socket = %opts.socket.display(), "ready");
     crate::notify::ready();

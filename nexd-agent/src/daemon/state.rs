@@ -82,6 +82,9 @@ pub struct Daemon {
     /// The default routes the excluded routes were installed via.
     pub(super) default_routes: (Option<DefaultRoute>, Option<DefaultRoute>),
     last_route_check: Option<Instant>,
+    /// Times the client moved to another exit node because the one in use
+    /// went away.
+    pub(super) failovers: u64,
 }
 
 impl Daemon {
@@ -127,6 +130,7 @@ impl Daemon {
             excluded_routes,
             default_routes: (None, None),
             last_route_check: None,
+            failovers: 0,
         }
     }
 
