@@ -12,8 +12,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use nexd_testkit::{
-    Node, NodeSpec,
+    Netns, Node, NodeSpec,
+    netns::veth,
     node::KeptNode,
+    topology::nft_script,
     traffic::{ping_until, tcp_transfer},
     wait_for,
     world::{Naming, World},
@@ -123,27 +125,48 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     result
 }
 
-fn show_source(w: &World, from: &str, v6: bool) -> anyhow::Result<IpAddr> {
+/// Sends 256 KiB over TCP from `from` to the server, prints who the
+/// server saw, and fails unless it was `expect`.
+fn show_source(
+    w: &World,
+    from: &Netns,
+    label: &str,
+    v6: bool,
+    expect: IpAddr,
+) -> anyhow::Result<()> {
     let server = World::server(v6);
     let t = tcp_transfer(
-        &w.node(from).ns,
+        from,
         &w.inet.ns,
         server,
         256 * 1024,
         Duration::from_secs(10),
     )?;
+    let seen = t.seen_from.ip();
     println!(
-        "  {from} -> server {server:<18} TCP 256 KiB ok; the server saw it come from {}",
-        t.seen_from.ip()
+        "  {label:<8} -> server {server:<18} TCP 256 KiB ok; the server saw it come from {seen}"
     );
-    Ok(t.seen_from.ip())
+    if seen != expect {
+        bail!("the server saw {seen}, the lab expected {expect}");
+    }
+    Ok(())
+}
+
+/// Prints a narrated check and fails the lab if it does not hold.
+fn check(ok: bool, what: &str) -> anyhow::Result<()> {
+    if ok {
+        println!("  ok: {what}");
+        Ok(())
+    } else {
+        bail!("check failed: {what}")
+    }
 }
 
 fn lab_story(keep: bool) -> anyhow::Result<()> {
     let base = PathBuf::from(STATE_DIR);
     std::fs::create_dir_all(&base)?;
     say(
-        "The lab: an \"internet\" namespace with a server (203.0.113.10, 2001:db8:203::10) that routes for a LAN segment, and three devices on that segment, each in its own network namespace running a real nexd (userspace WireGuard, boringtun): exit (an exit node), client, and peer.",
+        "The lab: an \"internet\" namespace with a server (203.0.113.10, 2001:db8:203::10) that routes for a LAN segment, and three devices on that segment, each in its own network namespace running a real nexd (userspace WireGuard, boringtun): exit (an exit node), client (also the gateway of a small LAN with one host) and peer.",
     );
     let names = ["exit", "client", "peer"];
     let mut w = World::build(
@@ -153,9 +176,19 @@ fn lab_story(keep: bool) -> anyhow::Result<()> {
             dir: &base,
         },
     )?;
+    let lan = Netns::named(&format!("{NS_PREFIX}lanhost"), "lanhost")?;
+    veth(&w.node("client").ns, "lan0", &lan, "eth0")?;
+    w.node("client").ns.ip("addr add 10.99.0.1/24 dev lan0")?;
+    lan.ip("addr add 10.99.0.2/24 dev eth0")?;
+    lan.ip("route add default via 10.99.0.1")?;
+    // The client is a home router: it NATs its LAN to its uplink already.
+    nft_script(
+        &w.node("client").ns,
+        "table inet homenat {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  iifname \"lan0\" oifname \"eth0\" masquerade\n }\n}\n",
+    )?;
     for name in names {
         println!(
-            "  {name:<7} namespace {:<20} underlay {} / {}   mesh {} / {}",
+            "  {name:<8} namespace {:<20} underlay {} / {}   mesh {} / {}",
             w.node(name).ns.name(),
             w.underlay(name, false),
             w.underlay(name, true),
@@ -163,13 +196,20 @@ fn lab_story(keep: bool) -> anyhow::Result<()> {
             w.mesh_ip(name, true)
         );
     }
+    println!(
+        "  lanhost  namespace {:<20} 10.99.0.2 behind client's lan0",
+        lan.name()
+    );
     check_interrupt()?;
     say(
         "Each device made its key with `nexd keygen`; one mesh file lists them all, and each nexd finds itself in it by its public key:",
     );
     print!("{}", std::fs::read_to_string(w.node("client").mesh_file())?);
 
-    say("Starting nexd: `nexd router --exit-node` on exit, plain `nexd` on client and peer.");
+    say(
+        "Starting nexd: `nexd router --exit-node` on exit; on client `nexd --lan-interface lan0 --exclude-route 198.51.100.0/24 --kill-switch`; plain `nexd` on peer.",
+    );
+    w.inet.ns.ip("addr add 198.51.100.10/32 dev lo")?;
     let spec = |args: &[&str]| NodeSpec {
         args: args.iter().map(|a| (*a).to_owned()).collect(),
         log_level: "info".into(),
@@ -177,12 +217,18 @@ fn lab_story(keep: bool) -> anyhow::Result<()> {
     };
     w.node_mut("exit")
         .start(&spec(&["router", "--exit-node"]))?;
-    w.node_mut("client").start(&spec(&[]))?;
+    w.node_mut("client").start(&spec(&[
+        "--lan-interface",
+        "lan0",
+        "--exclude-route",
+        "198.51.100.0/24",
+        "--kill-switch",
+    ]))?;
     w.node_mut("peer").start(&spec(&[]))?;
     for name in names {
         let n = w.node(name);
         println!(
-            "  {name:<7} nexd pid {:<7} log {}",
+            "  {name:<8} nexd pid {:<7} log {}",
             n.pid().unwrap_or(0),
             n.log_path().display()
         );
@@ -208,6 +254,10 @@ fn lab_story(keep: bool) -> anyhow::Result<()> {
                 t.elapsed.as_secs_f64() * 1000.0,
                 t.seen_from.ip()
             );
+            check(
+                t.seen_from.ip() == w.mesh_ip(a, v6),
+                &format!("{b} saw {a}'s mesh address"),
+            )?;
         }
         check_interrupt()?;
     }
@@ -226,51 +276,93 @@ fn lab_story(keep: bool) -> anyhow::Result<()> {
     )?;
     nexctl_show(w.node("client"), &["nexd", "exit-node", "list"])?;
 
-    say("Before: the client reaches the internet server directly, from its own address.");
-    show_source(&w, "client", false)?;
-    show_source(&w, "client", true)?;
+    let client_ns = &w.node("client").ns;
+    say(
+        "Before: the client and its LAN host reach the internet server directly, from the client's own address.",
+    );
+    show_source(&w, client_ns, "client", false, w.underlay("client", false))?;
+    show_source(&w, client_ns, "client", true, w.underlay("client", true))?;
+    show_source(&w, &lan, "lanhost", false, w.underlay("client", false))?;
 
     say("Enable the exit node client:");
     nexctl_show(w.node("client"), &["nexd", "exit-node", "enable"])?;
-    say("After: the server sees the exit node's address, for IPv4 and IPv6.");
-    show_source(&w, "client", false)?;
-    show_source(&w, "client", true)?;
-    say("Mesh traffic still goes straight to the peer (it sees the client's mesh address):");
-    for v6 in [false, true] {
+    say(
+        "After: the server sees the exit node's address, from the client (IPv4 and IPv6) and from the LAN host (steered by the eBPF classifier on lan0).",
+    );
+    let client_ns = &w.node("client").ns;
+    show_source(&w, client_ns, "client", false, w.underlay("exit", false))?;
+    show_source(&w, client_ns, "client", true, w.underlay("exit", true))?;
+    show_source(&w, &lan, "lanhost", false, w.underlay("exit", false))?;
+    say("An excluded prefix (198.51.100.0/24) still goes direct, for the client and its LAN:");
+    let excluded: IpAddr = "198.51.100.10".parse()?;
+    for (label, from) in [("client", client_ns), ("lanhost", &lan)] {
         let t = tcp_transfer(
-            &w.node("client").ns,
+            from,
+            &w.inet.ns,
+            excluded,
+            64 * 1024,
+            Duration::from_secs(10),
+        )?;
+        println!("  {label:<8} -> {excluded} seen from {}", t.seen_from.ip());
+        check(
+            t.seen_from.ip() == w.underlay("client", false),
+            "excluded traffic left directly",
+        )?;
+    }
+    say("Mesh traffic still goes straight to the peer (it sees the client's mesh address):");
+    for (label, from) in [("client", client_ns), ("lanhost", &lan)] {
+        let t = tcp_transfer(
+            from,
             &w.node("peer").ns,
-            w.mesh_ip("peer", v6),
+            w.mesh_ip("peer", false),
             1 << 20,
             Duration::from_secs(10),
         )?;
         println!(
-            "  client -> peer {:<20} peer saw {}",
-            w.mesh_ip("peer", v6).to_string(),
+            "  {label:<8} -> peer {} peer saw {}",
+            w.mesh_ip("peer", false),
             t.seen_from.ip()
         );
+        check(
+            t.seen_from.ip() == w.mesh_ip("client", false),
+            "peer reached directly",
+        )?;
     }
     say(
-        "What nexd installed on the client: three rules per family at fixed priorities (excluded routes, main without its default, the tunnel), and a table with default routes into wg0.",
+        "What nexd installed on the client: three rules per family at fixed priorities (excluded routes, main without its default, the tunnel) and a table with default routes into wg0.",
     );
     show(
-        &format!("ip -n {} rule", w.node("client").ns.name()),
-        &w.node("client").ns.ip("rule")?,
+        &format!("ip -n {} rule", client_ns.name()),
+        &client_ns.ip("rule")?,
     );
     show(
-        &format!(
-            "ip -n {} route show table 28280",
-            w.node("client").ns.name()
-        ),
-        &w.node("client").ns.ip("route show table 28280")?,
+        &format!("ip -n {} route show table 28280", client_ns.name()),
+        &client_ns.ip("route show table 28280")?,
     );
     nexctl_show(w.node("client"), &["nexd", "peers", "list"])?;
+    say(
+        "The eBPF counters: LAN traffic steered, sent direct to the mesh, bypassed; the leak guard on eth0:",
+    );
     nexctl_show(w.node("client"), &["nexd", "stats"])?;
+    let stats = w.node("client").nexctl_json(&["nexd", "stats"])?;
+    let packets = |name: &str| {
+        stats["counters"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == name))
+            .and_then(|c| c["packets"].as_u64())
+            .unwrap_or(0)
+    };
+    check(
+        packets("steered_exit") > 0 && packets("direct_mesh") > 0 && packets("bypassed") > 0,
+        "the classifier counted steered, mesh and bypassed packets",
+    )?;
     check_interrupt()?;
 
     if keep {
         let kept: Vec<KeptNode> = w.nodes.drain(..).map(Node::keep).collect();
         let mut namespaces: Vec<String> = kept.iter().map(|k| k.netns.clone()).collect();
+        let mut lan = lan;
+        namespaces.push(lan.keep());
         namespaces.push(w.inet.ns.keep());
         namespaces.push(w.sw.ns.keep());
         let state = serde_json::json!({
@@ -292,7 +384,7 @@ fn lab_story(keep: bool) -> anyhow::Result<()> {
             "  ip netns exec {NS_PREFIX}client {} --socket {STATE_DIR}/client/nexd.sock nexd exit-node disable",
             nexctl.display()
         );
-        println!("  ip netns exec {NS_PREFIX}client ping 203.0.113.10");
+        println!("  ip netns exec {NS_PREFIX}lanhost ping 203.0.113.10");
         println!("  tail -f {STATE_DIR}/client/nexd.1.log");
         println!("Remove it with: sudo cargo xtask lab down");
         return Ok(());
@@ -300,25 +392,36 @@ fn lab_story(keep: bool) -> anyhow::Result<()> {
 
     say("Disable: the direct path comes back.");
     nexctl_show(w.node("client"), &["nexd", "exit-node", "disable"])?;
-    show_source(&w, "client", false)?;
+    show_source(
+        &w,
+        &w.node("client").ns,
+        "client",
+        false,
+        w.underlay("client", false),
+    )?;
 
     say(
-        "Stopping every nexd with SIGTERM: each removes its interface, routes, rules, nftables table and eBPF programs.",
+        "Stopping every nexd with SIGTERM: each removes its interface, routes, rules, nftables tables and eBPF programs.",
     );
     for name in names {
         let status = w.node_mut(name).stop()?;
         let links = w.node(name).ns.ip("-o link show")?;
+        let rules = w.node(name).ns.ip("-4 rule")?.lines().count();
         println!(
-            "  {name:<7} exited {status}; links left: {}; rules left: {}",
+            "  {name:<8} exited {status}; links left: {}; rules left: {rules}",
             links
                 .lines()
                 .filter_map(|l| l.split(':').nth(1))
                 .map(str::trim)
                 .collect::<Vec<_>>()
-                .join(", "),
-            w.node(name).ns.ip("-4 rule")?.lines().count()
+                .join(", ")
         );
+        check(
+            status.success() && rules == 3,
+            &format!("{name} stopped cleanly"),
+        )?;
     }
+    drop(lan);
     drop(w);
     let _ = std::fs::remove_dir_all(&base);
     Ok(())

@@ -60,6 +60,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         test_args.extend(args.cargo_test_args.iter().map(String::as_str));
     }
     cargo(&test_args)?;
+    step("the lab, non-interactive: every narrated check must hold");
+    crate::lab::run(crate::lab::Args {
+        action: None,
+        keep: false,
+        no_setup: true,
+    })?;
     if !args.no_fuzz {
         step("fuzzing each target for 15 s");
         crate::fuzz::run(&crate::fuzz::Args {
