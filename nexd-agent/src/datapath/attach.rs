@@ -107,6 +107,8 @@ pub fn remove_leftovers(bpffs: &Path, wg_iface: &str, ifaces: &[String]) -> bool
                 (names::GUARD_L3_PROG, TcAttachType::Egress),
                 (names::STEER_PROG, TcAttachType::Ingress),
                 (names::STEER_L3_PROG, TcAttachType::Ingress),
+                (names::TUNNEL_INGRESS_PROG, TcAttachType::Ingress),
+                (names::TUNNEL_EGRESS_PROG, TcAttachType::Egress),
             ] {
                 if tc::qdisc_detach_program(iface, dir, prog).is_ok() {
                     found = true;
