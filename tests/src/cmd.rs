@@ -14,6 +14,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Runs `cmd` to completion, killing it after `timeout`.
 pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
+    let timeout = crate::scaled(timeout);
     let desc = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::null())

@@ -125,7 +125,7 @@ impl Node {
     /// Starts nexd and waits until its control socket answers.
     pub fn start(&mut self, spec: &NodeSpec) -> anyhow::Result<()> {
         self.spawn(spec)?;
-        self.wait_ready(Duration::from_secs(20))
+        self.wait_ready(crate::scaled(Duration::from_secs(20)))
     }
 
     /// The pid of the process owning the node's mount namespace, started
@@ -137,7 +137,9 @@ impl Node {
         fs::create_dir_all("/run/wireguard").context("creating /run/wireguard mount point")?;
         let mut c = Command::new("ip");
         c.args(["netns", "exec", self.ns.name(), "sh", "-c"])
-            .arg("mount -t tmpfs nexd-wg /run/wireguard && mount -t bpf bpf /sys/fs/bpf && exec sleep infinity")
+            // A long sleep rather than `sleep infinity`, which busybox (in
+            // the VM tests) does not know.
+            .arg("mount -t tmpfs nexd-wg /run/wireguard && mount -t bpf bpf /sys/fs/bpf && exec sleep 2147483647")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -244,13 +246,14 @@ impl Node {
     /// SIGTERM, then waits (bounded) for nexd to exit; returns its status.
     pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
         self.signal(Signal::SIGTERM)?;
-        self.wait_exit(Duration::from_secs(15))
+        self.wait_exit(crate::scaled(Duration::from_secs(15)))
     }
 
     /// SIGKILL, then waits for the process to be gone.
     pub fn kill(&mut self) -> anyhow::Result<()> {
         self.signal(Signal::SIGKILL)?;
-        self.wait_exit(Duration::from_secs(5)).map(|_| ())
+        self.wait_exit(crate::scaled(Duration::from_secs(5)))
+            .map(|_| ())
     }
 
     /// Waits for nexd to exit; SIGKILLs it after `timeout` and fails.

@@ -26,6 +26,7 @@ pub fn ping_once(from: &Netns, to: IpAddr, wait: Duration) -> anyhow::Result<boo
 /// Pings until one reply arrives or `timeout` passes (the first packets of
 /// a tunnel wait for a handshake).
 pub fn ping_until(from: &Netns, to: IpAddr, timeout: Duration) -> anyhow::Result<()> {
+    let timeout = crate::scaled(timeout);
     let deadline = Instant::now() + timeout;
     loop {
         if ping_once(from, to, Duration::from_secs(1))? {
@@ -72,6 +73,7 @@ pub fn tcp_transfer(
     len: usize,
     timeout: Duration,
 ) -> anyhow::Result<Transfer> {
+    let timeout = crate::scaled(timeout);
     let listener =
         to.run_in(move || TcpListener::bind(SocketAddr::new(to_addr, 0)).context("bind"))?;
     let port = listener.local_addr()?.port();
@@ -207,6 +209,7 @@ pub fn udp_exchange_with(
     timeout: Duration,
     opts: &UdpOpts,
 ) -> anyhow::Result<SocketAddr> {
+    let timeout = crate::scaled(timeout);
     let opts = opts.clone();
     let server_sock =
         to.run_in(move || UdpSocket::bind(SocketAddr::new(to_addr, 0)).context("bind"))?;

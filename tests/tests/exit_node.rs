@@ -231,6 +231,9 @@ fn exit_node_client_end_to_end() -> anyhow::Result<()> {
     assert_eq!(list[0]["active"], true, "{list:?}");
     let wg = wg_config(w.node("client"))?;
     assert!(wg.contains("0.0.0.0/0") && wg.contains("::/0"), "{wg}");
+    // The device marks its own packets (28280 = 0x6e78) so they bypass
+    // the exit route: set on the kernel device, or on the userspace one.
+    assert!(wg.contains("fwmark: 0x6e78"), "{wg}");
 
     // 3. Mesh traffic goes direct: the peer sees the client's mesh address
     // and the exit node's forwarding counter does not move.

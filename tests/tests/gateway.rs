@@ -57,6 +57,18 @@ fn source(from: &Netns, w: &World, to: IpAddr) -> anyhow::Result<IpAddr> {
         .ip())
 }
 
+/// Whether the leak guard is on the client's uplink: its pin on TCX
+/// kernels, its tc filter on clsact ones.
+fn guard_installed(node: &mut Node, pin: &str) -> anyhow::Result<bool> {
+    if nexd_testkit::tcx_kernel() {
+        return node.file_exists(pin);
+    }
+    let filters = node
+        .ns
+        .exec(&["tc", "filter", "show", "dev", "eth0", "egress"])?;
+    Ok(filters.contains("nexd_guard"))
+}
+
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip")
 }
@@ -237,12 +249,14 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
     );
 
     // SIGKILL nexd itself: its rules stay but the tunnel is gone, so
-    // traffic falls back to the main table; the pinned guard stops it.
+    // traffic falls back to the main table; the guard, which outlives
+    // nexd (a pin on TCX, a tc filter on clsact), stops it.
     let pin = "/sys/fs/bpf/nexd/wg0/guard-eth0";
+    assert!(guard_installed(w.node_mut("client"), pin)?);
     w.node_mut("client").kill()?;
     assert!(
-        w.node_mut("client").file_exists(pin)?,
-        "the guard's pin is gone"
+        guard_installed(w.node_mut("client"), pin)?,
+        "the guard did not outlive nexd"
     );
     assert!(
         udp_exchange(
@@ -287,10 +301,14 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
     w.node_mut("client").start(&spec(&client_args))?;
     let log = w.node("client").log();
     assert!(
-        log.contains("removed a leak guard left by a previous nexd"),
+        log.contains(if nexd_testkit::tcx_kernel() {
+            "removed a leak guard left by a previous nexd"
+        } else {
+            "removed a tc filter left by a previous nexd"
+        }),
         "{log}"
     );
-    assert!(!w.node_mut("client").file_exists(pin)?);
+    assert!(!guard_installed(w.node_mut("client"), pin)?);
     wait_phase(w.node("client"), "waiting")?;
     assert_eq!(
         source(&w.node("client").ns, &w, World::server(false))?,
@@ -308,7 +326,7 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
     // Disable removes the guard and its pin too.
     let out = w.node("client").nexctl(&["exit-node", "disable"])?;
     assert!(out.status.success(), "{out:?}");
-    assert!(!w.node_mut("client").file_exists(pin)?);
+    assert!(!guard_installed(w.node_mut("client"), pin)?);
     assert_eq!(
         source(&w.node("client").ns, &w, World::server(false))?,
         client_v4

@@ -83,13 +83,23 @@ fn three_node_mesh() -> anyhow::Result<()> {
     }
 
     // The log says which backend was chosen and why.
+    let backend = if nexd_testkit::kernel_wireguard() {
+        "WireGuard backend: kernel"
+    } else {
+        "WireGuard backend: userspace"
+    };
     for node in &nodes {
         let log = node.log();
-        assert!(
-            log.contains("WireGuard backend: userspace"),
-            "{}: {log}",
-            node.name
-        );
+        assert!(log.contains(backend), "{}: {log}", node.name);
+        // The interface is what the backend says: a kernel WireGuard link
+        // made through rtnetlink, or the userspace device's TUN.
+        let link = node.ns.exec(&["ip", "-d", "link", "show", "wg0"])?;
+        let kind = if nexd_testkit::kernel_wireguard() {
+            "wireguard"
+        } else {
+            "tun"
+        };
+        assert!(link.contains(kind), "{}: {link}", node.name);
     }
 
     // Every pair, both families: ping, then a TCP transfer.
