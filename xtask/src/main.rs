@@ -7,6 +7,7 @@
 //! * `bench`      benchmarks, each against a baseline measured in the same run
 //! * `fuzz`       the cargo-fuzz targets, each for a bounded time
 //! * `man`        man pages from the clap definitions
+//! * `vm-test`    the e2e suite in VMs with stock kernels and kernel WireGuard
 
 mod bench;
 mod build_ebpf;
@@ -15,6 +16,7 @@ mod lab;
 mod man;
 mod setup;
 mod test;
+mod vm;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -49,6 +51,9 @@ enum Task {
     Fuzz(fuzz::Args),
     /// Generate man pages for nexd and nexctl from their definitions.
     Man(man::Args),
+    /// Run the end-to-end suite in VMs booting stock Debian kernels, with
+    /// kernel WireGuard (qemu, software emulation; needs root).
+    VmTest(vm::Args),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +66,7 @@ fn main() -> ExitCode {
         Task::Bench(a) => bench::run(&a),
         Task::Fuzz(a) => fuzz::run(&a),
         Task::Man(a) => man::run(&a),
+        Task::VmTest(a) => vm::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,14 @@ pub struct Args {
     /// Skip `cargo xtask fuzz` (15 s per target).
     #[arg(long)]
     pub no_fuzz: bool,
+    /// Skip `cargo xtask vm-test` (the e2e suite in VMs with kernel
+    /// WireGuard, about 3 minutes per kernel under emulation).
+    #[arg(long)]
+    pub no_vm: bool,
+    /// Kernels for the VM tests (as `cargo xtask vm-test --kernel`);
+    /// default: 6.1 and 6.12.
+    #[arg(long = "vm-kernel", value_name = "6.1|6.12|PATH")]
+    pub vm_kernels: Vec<String>,
     /// Extra arguments for `cargo test` (a test name filter, `--nocapture`...).
     #[arg(last = true)]
     pub cargo_test_args: Vec<String>,
@@ -66,6 +74,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         keep: false,
         no_setup: true,
     })?;
+    if !args.no_vm {
+        step("the e2e suite in VMs booting stock kernels, with kernel WireGuard");
+        crate::vm::run(&crate::vm::Args {
+            kernels: args.vm_kernels.clone(),
+            // A run takes about 3 minutes; this bounds a hang (retried once)
+            // well inside the CI budget.
+            timeout_minutes: 12,
+        })?;
+    }
     if !args.no_fuzz {
         step("fuzzing each target for 15 s");
         crate::fuzz::run(&crate::fuzz::Args {

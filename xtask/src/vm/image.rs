@@ -1,0 +1,381 @@
+//! The VM's initramfs: busybox, the host tools the tests drive with their
+//! shared libraries, the kernel modules, nexd, nexctl, the test binaries,
+//! and an /init that loads modules, runs the suite and reports.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{SUITE, cpio::Cpio, fetch::Kernel};
+use crate::step;
+
+/// Host tools the tests run, at the paths they have on the host.
+const TOOLS: [&str; 6] = [
+    "/usr/sbin/ip",
+    "/usr/sbin/tc",
+    "/usr/sbin/nft",
+    "/usr/bin/ping",
+    "/usr/bin/wg",
+    "/usr/bin/nsenter",
+];
+
+/// Kernel modules the suite needs (their dependencies are added).
+const MODULES: [&str; 15] = [
+    "wireguard",
+    "veth",
+    "bridge",
+    "sch_ingress",
+    "cls_bpf",
+    "nf_tables",
+    "nf_conntrack",
+    "nf_nat",
+    "nft_chain_nat",
+    "nft_masq",
+    "nft_ct",
+    "nft_objref",
+    "chacha_x86_64",
+    "poly1305_x86_64",
+    "curve25519_x86_64",
+];
+
+/// nexd, nexctl and the suite's test binaries, built on the host.
+pub struct Binaries {
+    pub nexd: PathBuf,
+    pub nexctl: PathBuf,
+    pub tests: BTreeMap<String, PathBuf>,
+}
+
+pub fn build_binaries() -> anyhow::Result<Binaries> {
+    crate::build_agent(false)?;
+    step("building the end-to-end test binaries");
+    let out = crate::cargo_command()
+        .args([
+            "test",
+            "-p",
+            "nexd-tests",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .output()
+        .context("cargo test --no-run")?;
+    if !out.status.success() {
+        bail!(
+            "building the tests failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut tests = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["reason"] != "compiler-artifact" {
+            continue;
+        }
+        if let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str())
+            && SUITE.iter().any(|(bin, _)| *bin == name)
+        {
+            tests.insert(name.to_owned(), PathBuf::from(exe));
+        }
+    }
+    for (bin, _) in SUITE {
+        if !tests.contains_key(bin) {
+            bail!("no test binary {bin} was built");
+        }
+    }
+    let dir = crate::workspace_root().join("target/debug");
+    Ok(Binaries {
+        nexd: dir.join("nexd"),
+        nexctl: dir.join("nexctl"),
+        tests,
+    })
+}
+
+/// Files of the image: path inside -> contents and mode.
+#[derive(Default)]
+struct Tree {
+    files: BTreeMap<String, (Vec<u8>, u32)>,
+    links: BTreeMap<String, String>,
+}
+
+impl Tree {
+    fn add(&mut self, path: &str, data: Vec<u8>, mode: u32) {
+        self.files
+            .insert(path.trim_start_matches('/').to_owned(), (data, mode));
+    }
+
+    /// A host file, its real contents (symlinks followed) at the same path.
+    fn host(&mut self, path: &str) -> anyhow::Result<()> {
+        let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        self.add(path, data, 0o755);
+        Ok(())
+    }
+
+    /// A host binary and every shared library it loads (from ldd).
+    fn binary_with_libs(&mut self, path: &str) -> anyhow::Result<()> {
+        self.host(path)?;
+        self.libs_of(Path::new(path))
+    }
+
+    /// Every shared library `path` loads (from ldd).
+    fn libs_of(&mut self, path: &Path) -> anyhow::Result<()> {
+        let out = Command::new("ldd").arg(path).output().context("ldd")?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let lib = match line.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next(),
+                None => line
+                    .split_whitespace()
+                    .next()
+                    .filter(|l| l.starts_with('/')),
+            };
+            if let Some(lib) = lib.filter(|l| l.starts_with('/')) {
+                self.host(lib)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One of our binaries, without its debug info (they are large).
+    fn stripped(&mut self, src: &Path, dest: &str) -> anyhow::Result<()> {
+        let tmp = std::env::temp_dir().join(format!("nexd-vm-strip-{}", std::process::id()));
+        let ok = Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(src)
+            .arg(&tmp)
+            .status()
+            .is_ok_and(|s| s.success());
+        let data = if ok {
+            std::fs::read(&tmp)?
+        } else {
+            std::fs::read(src).with_context(|| format!("reading {}", src.display()))?
+        };
+        let _ = std::fs::remove_file(&tmp);
+        self.add(dest, data, 0o755);
+        self.libs_of(src)
+    }
+
+    fn write(&self, out: &Path) -> anyhow::Result<()> {
+        let mut dirs = BTreeSet::new();
+        for p in self.files.keys().chain(self.links.keys()) {
+            let mut d = Path::new(p).parent();
+            while let Some(dir) = d.filter(|d| !d.as_os_str().is_empty()) {
+                dirs.insert(dir.to_string_lossy().into_owned());
+                d = dir.parent();
+            }
+        }
+        for d in ["proc", "sys", "dev", "run", "tmp", "var", "root", "mnt"] {
+            dirs.insert(d.to_owned());
+        }
+        let file = std::fs::File::create(out)?;
+        let mut c = Cpio::new(std::io::BufWriter::new(file));
+        for d in &dirs {
+            c.dir(d)?;
+        }
+        for (p, (data, mode)) in &self.files {
+            c.file(p, *mode, data)?;
+        }
+        for (p, target) in &self.links {
+            if !self.files.contains_key(p) {
+                c.symlink(p, target)?;
+            }
+        }
+        c.finish()?;
+        Ok(())
+    }
+}
+
+fn module_key(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// A `key=` string of the module's .modinfo section.
+fn modinfo<'a>(ko: &'a [u8], key: &str) -> Option<std::borrow::Cow<'a, str>> {
+    let needle = format!("{key}=");
+    let at = ko
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())?;
+    let rest = &ko[at + needle.len()..];
+    let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+    Some(String::from_utf8_lossy(&rest[..end]))
+}
+
+/// The module's dependencies: `depends=`, and `softdep=pre:` (e.g.
+/// libcrc32c needs a crc32c implementation loaded first).
+fn depends(ko: &[u8]) -> Vec<String> {
+    let mut out: Vec<String> = modinfo(ko, "depends")
+        .map(|d| {
+            d.split(',')
+                .filter(|s| !s.is_empty())
+                .map(module_key)
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(soft) = modinfo(ko, "softdep") {
+        let pre = soft
+            .split("post:")
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("pre:");
+        for name in pre.split_whitespace() {
+            // "crc32c" is an algorithm name; its generic module provides it.
+            let name = if name == "crc32c" {
+                "crc32c_generic"
+            } else {
+                name
+            };
+            out.push(module_key(name));
+        }
+    }
+    out
+}
+
+fn read_module(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let name = path.to_string_lossy();
+    let tool = if name.ends_with(".xz") {
+        Some("xz")
+    } else if name.ends_with(".zst") {
+        Some("zstd")
+    } else {
+        None
+    };
+    match tool {
+        None => Ok(std::fs::read(path)?),
+        Some(t) => {
+            let out = Command::new(t).arg("-dc").arg(path).output()?;
+            if !out.status.success() {
+                bail!("decompressing {name} failed");
+            }
+            Ok(out.stdout)
+        }
+    }
+}
+
+/// Modules (with dependencies first) and their contents.
+fn modules(kernel: &Kernel) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut index: HashMap<String, PathBuf> = HashMap::new();
+    let mut stack = vec![kernel.modules.join("kernel")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir)?.filter_map(Result::ok) {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Some(n) = p.file_name().map(|n| n.to_string_lossy().into_owned())
+                && let Some(base) = n.split(".ko").next().filter(|_| n.contains(".ko"))
+            {
+                index.insert(module_key(base), p);
+            }
+        }
+    }
+    let mut order: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut seen = BTreeSet::new();
+    fn visit(
+        name: &str,
+        index: &HashMap<String, PathBuf>,
+        seen: &mut BTreeSet<String>,
+        order: &mut Vec<(String, Vec<u8>)>,
+    ) -> anyhow::Result<()> {
+        if !seen.insert(name.to_owned()) {
+            return Ok(());
+        }
+        // Not a file: built into this kernel.
+        let Some(path) = index.get(name) else {
+            return Ok(());
+        };
+        let data = read_module(path)?;
+        for dep in depends(&data) {
+            visit(&dep, index, seen, order)?;
+        }
+        order.push((name.to_owned(), data));
+        Ok(())
+    }
+    for m in MODULES {
+        visit(&module_key(m), &index, &mut seen, &mut order)?;
+    }
+    Ok(order)
+}
+
+fn init_script(modules: &[String]) -> String {
+    let mut runs = String::new();
+    for (bin, test) in SUITE {
+        runs.push_str(&format!(
+            "run /tests/{bin} {test} --exact --nocapture --test-threads=1\n"
+        ));
+    }
+    format!(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs run /run
+mount -t tmpfs tmp /tmp
+mount -t bpf bpf /sys/fs/bpf
+mkdir -p /var /dev/net
+ln -s /run /var/run
+for m in {mods}; do insmod /lib/modules/$m.ko || echo "insmod $m failed"; done
+echo "modules: $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"
+ip link set lo up
+echo "{booted} $(uname -r), $(nproc) CPUs"
+export HOME=/root NEXD_BIN_DIR=/usr/bin NEXD_TEST_WIREGUARD=kernel NEXD_TEST_TIME_SCALE=4 RUST_BACKTRACE=1
+status=0
+run() {{
+  echo "=== $*"
+  "$@" || {{ status=1; echo "=== FAILED: $*"; }}
+}}
+{runs}echo "NEXD-VM-RESULT: $status"
+poweroff -f
+"#,
+        mods = modules.join(" "),
+        booted = super::BOOTED,
+    )
+}
+
+/// Builds the initramfs for `kernel` and returns its path.
+pub fn initramfs(
+    cache: &Path,
+    kernel: &Kernel,
+    busybox: &Path,
+    bins: &Binaries,
+) -> anyhow::Result<PathBuf> {
+    let mut tree = Tree::default();
+    tree.add("bin/busybox", std::fs::read(busybox)?, 0o755);
+    for t in TOOLS {
+        tree.binary_with_libs(t)?;
+    }
+    tree.stripped(&bins.nexd, "usr/bin/nexd")?;
+    tree.stripped(&bins.nexctl, "usr/bin/nexctl")?;
+    for (name, path) in &bins.tests {
+        tree.stripped(path, &format!("tests/{name}"))?;
+    }
+    let mods = modules(kernel)?;
+    let names: Vec<String> = mods.iter().map(|(n, _)| n.clone()).collect();
+    for (name, data) in mods {
+        tree.add(&format!("lib/modules/{name}.ko"), data, 0o644);
+    }
+    tree.add(
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n".to_vec(),
+        0o644,
+    );
+    tree.add(
+        "etc/group",
+        b"root:x:0:\nnogroup:x:65534:\n".to_vec(),
+        0o644,
+    );
+    tree.add("init", init_script(&names).into_bytes(), 0o755);
+    let out = cache.join(format!("initramfs-{}.cpio", kernel.version));
+    tree.write(&out)?;
+    let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "  {} ({} MiB, {} modules)",
+        out.display(),
+        size >> 20,
+        names.len()
+    );
+    Ok(out)
+}
