@@ -308,6 +308,14 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
         }),
         "{log}"
     );
+    // A kernel WireGuard link outlives the SIGKILL and is adopted (the
+    // userspace device died with the process).
+    if nexd_testkit::kernel_wireguard() {
+        assert!(
+            log.contains("adopting existing kernel WireGuard interface"),
+            "{log}"
+        );
+    }
     assert!(!guard_installed(w.node_mut("client"), pin)?);
     wait_phase(w.node("client"), "waiting")?;
     assert_eq!(
