@@ -2,6 +2,7 @@
 //! its own) that nodes plug into, and the mesh file that describes them.
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
 
 use crate::netns::{Netns, veth};
 
@@ -152,4 +153,34 @@ pub fn nft_counter(ns: &Netns, family: &str, table: &str, name: &str) -> anyhow:
         .as_array()
         .and_then(|a| a.iter().find_map(|e| e["counter"]["packets"].as_u64()))
         .ok_or_else(|| anyhow::anyhow!("no counter {name} in {out}"))
+}
+
+/// Counts, from now on, packets that `ns` forwards to `to` (v4 or v6) under
+/// counter `name` in a test-owned table `inet probe`.
+///
+/// Used to prove a router forwarded nothing *for a given destination*: the
+/// router's own catch-all counters also see stragglers of earlier flows (a
+/// late FIN or ACK of a closed connection), which made "counter unchanged"
+/// assertions flaky on slow machines.
+pub fn count_forwarded_to(ns: &Netns, name: &str, to: IpAddr) -> anyhow::Result<()> {
+    let fam = if to.is_ipv6() { "ip6" } else { "ip" };
+    let script = format!(
+        "add table inet probe\n\
+         add counter inet probe {name}\n\
+         add chain inet probe forward {{ type filter hook forward priority -10; policy accept; }}\n\
+         add rule inet probe forward {fam} daddr {to} counter name {name}\n"
+    );
+    nft_script(ns, &script)
+}
+
+/// Packets counted by [`count_forwarded_to`] under `name`.
+pub fn forwarded_to(ns: &Netns, name: &str) -> anyhow::Result<u64> {
+    nft_counter(ns, "inet", "probe", name)
+}
+
+/// Removes the table [`count_forwarded_to`] created, so snapshots of the
+/// namespace compare equal again.
+pub fn remove_forward_probes(ns: &Netns) -> anyhow::Result<()> {
+    ns.exec(&["nft", "delete", "table", "inet", "probe"])
+        .map(|_| ())
 }

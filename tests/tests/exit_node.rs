@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use nexd_testkit::{
     Netns, Node, NodeSpec,
-    topology::nft_counter,
+    topology::{count_forwarded_to, forwarded_to, nft_counter, remove_forward_probes},
     traffic::{ping_once, ping_until, tcp_transfer, udp_exchange},
     wait_for,
     world::World,
@@ -237,7 +237,10 @@ fn exit_node_client_end_to_end() -> anyhow::Result<()> {
 
     // 3. Mesh traffic goes direct: the peer sees the client's mesh address
     // and the exit node's forwarding counter does not move.
-    let fwd_before = nft_counter(&w.node("exit1").ns, "inet", "nexd", "forwarded")?;
+    let exit_ns = &w.node("exit1").ns;
+    for v6 in [false, true] {
+        count_forwarded_to(exit_ns, &format!("peer{v6}"), w.mesh_ip("peer", v6))?;
+    }
     for v6 in [false, true] {
         let t = tcp_transfer(
             &w.node("client").ns,
@@ -249,11 +252,14 @@ fn exit_node_client_end_to_end() -> anyhow::Result<()> {
         assert_eq!(t.seen_from.ip(), w.mesh_ip("client", v6));
         ping_until(&w.node("client").ns, w.mesh_ip("peer", v6), T)?;
     }
-    let fwd_after = nft_counter(&w.node("exit1").ns, "inet", "nexd", "forwarded")?;
-    assert_eq!(
-        fwd_before, fwd_after,
-        "mesh traffic went through the exit node"
-    );
+    for v6 in [false, true] {
+        assert_eq!(
+            forwarded_to(exit_ns, &format!("peer{v6}"))?,
+            0,
+            "mesh traffic (v6={v6}) went through the exit node"
+        );
+    }
+    remove_forward_probes(exit_ns)?;
 
     // 2 (cont.). Not one packet from the client's underlay reached the server.
     assert_eq!(

@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use nexd_testkit::{
     Netns, Node, NodeSpec,
     netns::veth,
-    topology::{nft_counter, nft_script},
+    topology::{count_forwarded_to, forwarded_to, nft_script, remove_forward_probes},
     traffic::{UdpOpts, tcp_transfer, udp_exchange, udp_exchange_with},
     wait_for,
     world::World,
@@ -142,7 +142,10 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
     assert_eq!(source(&lan, &w, World::server(true))?, exit_v6);
     // ...a mesh peer directly (the peer sees the gateway's mesh address,
     // and the exit node forwards nothing for it)...
-    let fwd = nft_counter(&w.node("exit1").ns, "inet", "nexd", "forwarded")?;
+    let exit_ns = &w.node("exit1").ns;
+    for v6 in [false, true] {
+        count_forwarded_to(exit_ns, &format!("peer{v6}"), w.mesh_ip("peer", v6))?;
+    }
     for v6 in [false, true] {
         let t = tcp_transfer(
             &lan,
@@ -153,10 +156,14 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
         )?;
         assert_eq!(t.seen_from.ip(), w.mesh_ip("client", v6));
     }
-    assert_eq!(
-        nft_counter(&w.node("exit1").ns, "inet", "nexd", "forwarded")?,
-        fwd
-    );
+    for v6 in [false, true] {
+        assert_eq!(
+            forwarded_to(exit_ns, &format!("peer{v6}"))?,
+            0,
+            "LAN-to-peer traffic (v6={v6}) went through the exit node"
+        );
+    }
+    remove_forward_probes(exit_ns)?;
     // ...and an excluded prefix directly, from the gateway's own address.
     assert_eq!(source(&lan, &w, ip(EXCLUDED_V4))?, client_v4);
     assert_eq!(source(&lan, &w, ip(EXCLUDED_V6))?, client_v6);
