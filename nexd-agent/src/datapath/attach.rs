@@ -230,10 +230,23 @@ impl Datapath {
     /// Detaches the steering classifier from `iface`.
     pub fn detach_steer(&mut self, iface: &str) -> Result<(), DatapathError> {
         if let Some(a) = self.attached.steer.remove(iface) {
-            self.detach_one(a)?;
+            self.detach_on(iface, a)?;
             info!(iface, "steering classifier detached");
         }
         Ok(())
+    }
+
+    /// Detaches `a` from `iface`; an interface that is gone took its
+    /// programs with it, which is not an error (a LAN veth whose peer
+    /// namespace was deleted, a USB NIC unplugged).
+    fn detach_on(&mut self, iface: &str, a: Attached) -> Result<(), DatapathError> {
+        match self.detach_one(a) {
+            Err(_) if !interface_exists(iface) => {
+                debug!(iface, "interface is gone, and its eBPF programs with it");
+                Ok(())
+            }
+            r => r,
+        }
     }
 
     /// LAN interfaces with the steering classifier attached.
@@ -323,7 +336,7 @@ impl Datapath {
         let iface = state.iface().to_owned();
         match state {
             GuardState::Owned { program, link, .. } => {
-                self.detach_one(Attached { program, link })?;
+                self.detach_on(&iface, Attached { program, link })?;
             }
             GuardState::Pinned { link, .. } => match link.unpin() {
                 // Dropping the last reference detaches it.
@@ -346,21 +359,28 @@ impl Datapath {
     }
 
     /// Detaches everything (the guards' pins included).
+    /// Detaches everything, going on past failures so that one stuck
+    /// program does not leave the others attached; returns the first error.
     pub(super) fn detach_all(&mut self) -> Result<(), DatapathError> {
-        self.detach_guards()?;
+        let mut results = vec![self.detach_guards()];
         for iface in self.steered_interfaces() {
-            self.detach_steer(&iface)?;
+            results.push(self.detach_steer(&iface));
         }
-        if let Some((_, links)) = self.attached.tunnel.take() {
+        if let Some((iface, links)) = self.attached.tunnel.take() {
             for a in links {
-                self.detach_one(a)?;
+                results.push(self.detach_on(&iface, a));
             }
         }
-        Ok(())
+        results.into_iter().collect()
     }
 
     /// The WireGuard interface the tunnel observers are attached to.
     pub fn tunnel_interface(&self) -> Option<&str> {
         self.attached.tunnel.as_ref().map(|(i, _)| i.as_str())
     }
+}
+
+/// Whether a network interface called `iface` exists in this namespace.
+fn interface_exists(iface: &str) -> bool {
+    nix::net::if_::if_nametoindex(iface).is_ok()
 }
