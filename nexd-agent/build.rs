@@ -26,8 +26,30 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed={}", common_dir.display());
     println!("cargo:rerun-if-env-changed=NEXD_EBPF_TOOLCHAIN");
 
+    println!("cargo::rustc-check-cfg=cfg(nexd_ebpf_missing)");
+
     let arch = env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH not set")?;
     let toolchain = env::var("NEXD_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
+
+    // On a bare machine the eBPF toolchain is missing, and `cargo xtask
+    // setup` (which installs it) is itself a build of this crate: failing
+    // here would make the documented first command impossible. So when the
+    // toolchain is *missing* (not when the eBPF code fails to build), embed
+    // an empty object and say so loudly; the data path then refuses to
+    // load with an error naming the fix, and the watched paths below make
+    // the first build after `cargo xtask setup` embed the real object.
+    if let Some(missing) = missing_toolchain(&toolchain) {
+        println!(
+            "cargo:warning=nexd is built WITHOUT its eBPF programs: {missing}. \
+             Run `cargo xtask setup`, then build again."
+        );
+        println!("cargo:rustc-cfg=nexd_ebpf_missing");
+        for watched in toolchain_paths(&toolchain) {
+            println!("cargo:rerun-if-changed={}", watched.display());
+        }
+        std::fs::write(out_dir.join("nexd"), b"").context("writing the empty eBPF object")?;
+        return Ok(());
+    }
     let target_dir = out_dir.join("ebpf-target");
     let rustflags = [
         format!("--cfg=bpf_target_arch=\"{arch}\""),
@@ -71,4 +93,62 @@ fn main() -> anyhow::Result<()> {
     std::fs::copy(&built, out_dir.join("nexd"))
         .with_context(|| format!("copying {} into OUT_DIR", built.display()))?;
     Ok(())
+}
+
+/// What of the eBPF toolchain is missing, if anything.
+fn missing_toolchain(toolchain: &str) -> Option<String> {
+    let Some(sysroot) = sysroot(toolchain) else {
+        return Some(format!("the {toolchain} Rust toolchain is not installed"));
+    };
+    if !rust_src_lock(&sysroot).exists() {
+        return Some(format!("{toolchain} has no rust-src component"));
+    }
+    if find_in_path("bpf-linker").is_none() {
+        return Some("bpf-linker is not on PATH".into());
+    }
+    None
+}
+
+/// Files whose appearance means the toolchain may now be complete. A path
+/// that does not exist makes cargo rerun this script on every build, which
+/// is what we want while something is missing.
+fn toolchain_paths(toolchain: &str) -> Vec<PathBuf> {
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    let mut paths: Vec<PathBuf> = cargo_home
+        .map(|h| h.join("bin/bpf-linker"))
+        .into_iter()
+        .collect();
+    match sysroot(toolchain) {
+        Some(s) => paths.push(rust_src_lock(&s)),
+        // No toolchain yet: a path that cannot exist reruns every time.
+        None => paths.push(PathBuf::from("/nonexistent/nexd-ebpf-toolchain")),
+    }
+    paths
+}
+
+fn sysroot(toolchain: &str) -> Option<PathBuf> {
+    let out = Command::new("rustup")
+        .args(["run", toolchain, "rustc", "--print", "sysroot"])
+        .env_remove("RUSTC")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let s = String::from_utf8(out.stdout).ok()?;
+    Some(PathBuf::from(s.trim()))
+}
+
+fn rust_src_lock(sysroot: &std::path::Path) -> PathBuf {
+    sysroot.join("lib/rustlib/src/rust/library/Cargo.lock")
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    env::split_paths(&env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }

@@ -58,6 +58,19 @@ enum Task {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let needs_ebpf = matches!(
+        cli.task,
+        Task::Test(_) | Task::Lab(_) | Task::Bench(_) | Task::VmTest(_)
+    );
+    if needs_ebpf && !nexd::datapath::EBPF_EMBEDDED {
+        return match bootstrap() {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = match cli.task {
         Task::Setup(a) => setup::run(&a),
         Task::BuildEbpf(a) => build_ebpf::run(&a),
@@ -75,6 +88,33 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// On a bare machine this xtask was built before the eBPF toolchain
+/// existed, so its in-process copy of the data path (bench, lab) is empty.
+/// Install the toolchain, then run the same task again from a fresh build
+/// of xtask that embeds the real programs.
+fn bootstrap() -> anyhow::Result<ExitCode> {
+    const GUARD: &str = "NEXD_XTASK_REBUILT";
+    if std::env::var_os(GUARD).is_some() {
+        anyhow::bail!(
+            "xtask was rebuilt after `cargo xtask setup` but still has no eBPF programs; \
+             run `cargo xtask build-ebpf` to see why the eBPF build fails"
+        );
+    }
+    step("this xtask was built before the eBPF toolchain was installed: installing it first");
+    setup::run(&setup::Args { check: false })?;
+    step("rebuilding xtask with the eBPF programs and running the task again");
+    let status = cargo_command()
+        .args(["run", "--quiet", "--package", "xtask", "--"])
+        .args(std::env::args_os().skip(1))
+        .env(GUARD, "1")
+        .status()?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
 }
 
 /// The workspace root (xtask lives one level below it).

@@ -34,6 +34,11 @@ pub use maps::BypassSet;
 /// The eBPF object built from `nexd-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nexd"));
 
+/// Whether this build carries its eBPF programs. build.rs embeds an empty
+/// object when the eBPF toolchain was missing (so `cargo xtask setup` can
+/// build on a bare machine); such a build must never pretend to work.
+pub const EBPF_EMBEDDED: bool = !cfg!(nexd_ebpf_missing);
+
 /// Every program of the object, loaded (verified) at start-up.
 const PROGRAMS: [&str; 7] = [
     names::TUNNEL_INGRESS_PROG,
@@ -48,6 +53,11 @@ const PROGRAMS: [&str; 7] = [
 /// Why the data path could not be set up or used.
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
+    #[error(
+        "this nexd was built without its eBPF programs (the eBPF toolchain was missing at \
+         build time): run `cargo xtask setup`, then build again"
+    )]
+    NotEmbedded,
     #[error("loading the eBPF object failed: {0}")]
     Load(Box<aya::EbpfError>),
     #[error("the eBPF object has no {kind} called {name}; nexd and its embedded programs disagree")]
@@ -149,6 +159,9 @@ impl Datapath {
     /// Loads the object and verifies every program, attaching nothing.
     /// `BPF_PROG_TEST_RUN` works on a detached data path.
     pub fn load() -> Result<Self, DatapathError> {
+        if !EBPF_EMBEDDED {
+            return Err(DatapathError::NotEmbedded);
+        }
         raise_memlock_limit();
         let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in PROGRAMS {
