@@ -6,9 +6,15 @@
 //! * an exit node is *available* when its latest announcement says so, is
 //!   fresh (younger than [`STALE_AFTER`]), and WireGuard completed a
 //!   handshake with it within [`HANDSHAKE_RECENT`];
-//! * the active exit node is kept while it is available (no flapping when
-//!   another one looks better); otherwise the pinned one, else the
-//!   available one with the lowest RTT (then name) is chosen: exactly one;
+//! * the pinned exit node (`--exit-node`) is used when available, and no
+//!   other; without a pin, the available one with the lowest smoothed RTT
+//!   (then name) is chosen: exactly one;
+//! * the active exit node is kept while it is available, unless another
+//!   one has been clearly faster for a while: the active one has been in
+//!   use for [`SWITCH_DWELL`] and the other's smoothed RTT beats it by
+//!   both [`SWITCH_MIN_GAIN`] and [`SWITCH_MIN_RATIO`]. Smoothing, margin
+//!   and dwell together are the hysteresis: two exit nodes with similar
+//!   RTTs never swap, a sustained big difference moves the client once;
 //! * the client config is applied only once an exit node is available (a
 //!   device is never stranded), and once applied, losing every exit node
 //!   holds internet traffic back (fail-closed) instead of leaking it.
@@ -25,6 +31,15 @@ pub const STALE_AFTER: Duration = Duration::from_secs(3);
 /// A handshake older than this means the tunnel is down (WireGuard's
 /// reject-after time).
 pub const HANDSHAKE_RECENT: Duration = Duration::from_secs(180);
+
+/// An active exit node is kept at least this long before a faster one
+/// may replace it (failover when it becomes unavailable is immediate).
+pub const SWITCH_DWELL: Duration = Duration::from_secs(30);
+/// A faster exit node must beat the active one's smoothed RTT by at least
+/// this much...
+pub const SWITCH_MIN_GAIN: Duration = Duration::from_millis(10);
+/// ...and by at least this fraction of it (0.3: 30% faster).
+pub const SWITCH_MIN_RATIO: f64 = 0.3;
 
 /// How an exit node looks to this client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,9 +75,16 @@ pub struct Candidate<'a> {
     pub live: &'a PeerLive,
 }
 
+/// The exit node in use and since when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Current {
+    pub key: PublicKey,
+    pub since: Instant,
+}
+
 /// The exit node to use now, if any.
 pub fn choose<'a>(
-    current: Option<PublicKey>,
+    current: Option<Current>,
     pinned: Option<PublicKey>,
     candidates: impl IntoIterator<Item = Candidate<'a>>,
     now: Instant,
@@ -74,18 +96,30 @@ pub fn choose<'a>(
     if let Some(p) = pinned {
         return available.iter().any(|c| c.key == p).then_some(p);
     }
-    if let Some(cur) = current
-        && available.iter().any(|c| c.key == cur)
-    {
-        return Some(cur);
-    }
-    available
-        .into_iter()
-        .min_by(|a, b| {
-            let rtt = |c: &Candidate<'_>| c.live.rtt.unwrap_or(Duration::MAX);
-            rtt(a).cmp(&rtt(b)).then_with(|| a.name.cmp(b.name))
-        })
-        .map(|c| c.key)
+    let rtt = |c: &Candidate<'_>| c.live.rtt.unwrap_or(Duration::MAX);
+    let fastest = available
+        .iter()
+        .min_by(|a, b| rtt(a).cmp(&rtt(b)).then_with(|| a.name.cmp(b.name)))?;
+    let Some(cur) = current else {
+        return Some(fastest.key);
+    };
+    let Some(active) = available.iter().find(|c| c.key == cur.key) else {
+        return Some(fastest.key);
+    };
+    let dwelt = now.saturating_duration_since(cur.since) >= SWITCH_DWELL;
+    let clearly_faster = match (active.live.rtt, fastest.live.rtt) {
+        (Some(a), Some(f)) => {
+            let margin = SWITCH_MIN_GAIN.max(a.mul_f64(SWITCH_MIN_RATIO));
+            f.saturating_add(margin) < a
+        }
+        // Without both measurements there is nothing to compare.
+        _ => false,
+    };
+    Some(if dwelt && clearly_faster {
+        fastest.key
+    } else {
+        active.key
+    })
 }
 
 /// Where the exit-node client is.
@@ -190,21 +224,87 @@ mod tests {
             ]
         }
         let cands = |la, lb| two(ka, la, kb, lb);
+        // Just switched to a (well inside the dwell time).
+        let a_new = Some(Current {
+            key: ka,
+            since: now - Duration::from_secs(1),
+        });
         // Lowest RTT first.
         assert_eq!(choose(None, None, cands(&la, &lb), now), Some(kb));
-        // The current one stays while available, even if slower.
-        assert_eq!(choose(Some(ka), None, cands(&la, &lb), now), Some(ka));
-        // When it goes stale, the other takes over.
+        // The current one stays while available, even if slower, until it
+        // has been used for the dwell time.
+        assert_eq!(choose(a_new, None, cands(&la, &lb), now), Some(ka));
+        // When it goes stale, the other takes over at once.
         let la_stale = live(now, 10, 30);
-        assert_eq!(choose(Some(ka), None, cands(&la_stale, &lb), now), Some(kb));
+        assert_eq!(choose(a_new, None, cands(&la_stale, &lb), now), Some(kb));
         // Pinned: that one or none.
         assert_eq!(choose(None, Some(ka), cands(&la, &lb), now), Some(ka));
         assert_eq!(choose(None, Some(ka), cands(&la_stale, &lb), now), None);
         // Nothing available: none.
         let lb_stale = live(now, 10, 5);
+        let b_cur = Some(Current {
+            key: kb,
+            since: now - Duration::from_secs(1),
+        });
+        assert_eq!(choose(b_cur, None, cands(&la_stale, &lb_stale), now), None);
+    }
+
+    #[test]
+    fn a_clearly_faster_exit_node_wins_after_the_dwell_time_only() {
+        let now = Instant::now() + Duration::from_secs(1000);
+        let (ka, kb) = (key(), key());
+        let cands = |la: &'static PeerLive, lb: &'static PeerLive| {
+            vec![
+                Candidate {
+                    key: ka,
+                    name: "a",
+                    live: la,
+                },
+                Candidate {
+                    key: kb,
+                    name: "b",
+                    live: lb,
+                },
+            ]
+        };
+        let leak = |l: PeerLive| -> &'static PeerLive { Box::leak(Box::new(l)) };
+        let a_since = |secs| {
+            Some(Current {
+                key: ka,
+                since: now - Duration::from_secs(secs),
+            })
+        };
+        let long = SWITCH_DWELL.as_secs() + 1;
+        let short = SWITCH_DWELL.as_secs() - 1;
+        // a: 60 ms, b: 20 ms. Clearly faster (40 ms > max(10, 18) ms).
+        let (a60, b20) = (leak(live(now, 1, 60)), leak(live(now, 1, 20)));
+        assert_eq!(choose(a_since(long), None, cands(a60, b20), now), Some(kb));
+        assert_eq!(choose(a_since(short), None, cands(a60, b20), now), Some(ka));
+        // a: 60 ms, b: 45 ms: 15 ms better but not 30% (18 ms): stay.
+        let b45 = leak(live(now, 1, 45));
+        assert_eq!(choose(a_since(long), None, cands(a60, b45), now), Some(ka));
+        // a: 12 ms, b: 4 ms: 67% better but under 10 ms: stay (LAN-scale
+        // jitter must not move the client).
+        let (a12, b4) = (leak(live(now, 1, 12)), leak(live(now, 1, 4)));
+        assert_eq!(choose(a_since(long), None, cands(a12, b4), now), Some(ka));
+        // Once switched to b, a (now slower) never pulls the client back.
+        let b_since = Some(Current {
+            key: kb,
+            since: now - Duration::from_secs(long),
+        });
+        assert_eq!(choose(b_since, None, cands(a60, b20), now), Some(kb));
+        // No RTT for the active one yet: nothing to compare, stay.
+        let mut a_unknown = live(now, 1, 0);
+        a_unknown.rtt = None;
+        let a_unknown = leak(a_unknown);
         assert_eq!(
-            choose(Some(kb), None, cands(&la_stale, &lb_stale), now),
-            None
+            choose(a_since(long), None, cands(a_unknown, b20), now),
+            Some(ka)
+        );
+        // A pin overrides speed.
+        assert_eq!(
+            choose(a_since(long), Some(ka), cands(a60, b20), now),
+            Some(ka)
         );
     }
 

@@ -39,7 +39,9 @@ pub struct PeerLive {
     pub last_heard: Option<Instant>,
     /// Flags of the last valid announcement.
     pub flags: u8,
-    /// Latest round-trip time measured through the tunnel.
+    /// Smoothed round-trip time through the tunnel (EWMA with weight 1/8
+    /// per sample, as TCP's SRTT): exit-node selection compares these, so
+    /// one delayed heartbeat does not make an exit node look slow.
     pub rtt: Option<Duration>,
     /// Latest WireGuard handshake known for the peer. Kept across backend
     /// resets (a userspace peer update restarts its session), so a peer
@@ -225,7 +227,10 @@ impl PeerBook {
             let rtt = now
                 .saturating_duration_since(sent)
                 .saturating_sub(Duration::from_millis(u64::from(a.echo_hold_ms)));
-            e.live.rtt = Some(rtt);
+            e.live.rtt = Some(match e.live.rtt {
+                Some(prev) => (prev * 7 + rtt) / 8,
+                None => rtt,
+            });
         }
         Ok((actual, was_exit != e.live.is_exit()))
     }
@@ -375,6 +380,23 @@ mod tests {
         assert_eq!(
             ba.live(&k).and_then(|l| l.rtt),
             Some(Duration::from_millis(20))
+        );
+        // A second round trip of 100 ms (no hold) moves the smoothed RTT
+        // by an eighth of the difference: 20 + (100 - 20) / 8 = 30 ms.
+        let (_, m3) = ba.outgoing(0, 1, t2)[0];
+        let t3 = t2 + Duration::from_millis(50);
+        bb.receive("100.64.0.1".parse().expect("ip"), &m3, t3)
+            .expect("ok");
+        let (_, m4) = bb.outgoing(0, 1, t3)[0];
+        ba.receive(
+            "100.64.0.2".parse().expect("ip"),
+            &m4,
+            t3 + Duration::from_millis(50),
+        )
+        .expect("ok");
+        assert_eq!(
+            ba.live(&k).and_then(|l| l.rtt),
+            Some(Duration::from_millis(30))
         );
     }
 

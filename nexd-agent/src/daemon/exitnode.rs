@@ -35,6 +35,13 @@ impl Daemon {
             .ok_or(())
     }
 
+    fn exit_available(&self, key: &PublicKey) -> bool {
+        self.book
+            .live(key)
+            .and_then(|l| exit::status(l, Instant::now()))
+            == Some(exit::ExitStatus::Available)
+    }
+
     /// The exit node `exit::choose` picks now.
     fn choose_exit(&self, now: Instant) -> Option<PublicKey> {
         let pinned = self.pinned_exit().ok()?;
@@ -45,7 +52,11 @@ impl Daemon {
                 live: self.book.live(k)?,
             })
         });
-        exit::choose(self.phase.exit_peer(), pinned, candidates, now)
+        let current = self.phase.exit_peer().map(|key| exit::Current {
+            key,
+            since: self.exit_since,
+        });
+        exit::choose(current, pinned, candidates, now)
     }
 
     /// Moves the client to the phase the announcements call for.
@@ -76,6 +87,9 @@ impl Daemon {
             && a != b
         {
             self.failovers += 1;
+        }
+        if next.exit_peer().is_some() && next.exit_peer() != prev.exit_peer() {
+            self.exit_since = Instant::now();
         }
         let index = self.link_index.unwrap_or_default();
         let mesh = self.mesh.clone();
@@ -122,6 +136,13 @@ impl Daemon {
             (_, Phase::Off) => info!("exit-node client off"),
             (_, Phase::Waiting) => info!(
                 "exit-node client wanted, but no exit node is available yet: waiting (the device keeps its direct path)"
+            ),
+            (Phase::Active(old), Phase::Active(new)) if self.exit_available(&old) => info!(
+                from = %self.name_of(&old),
+                to = %self.name_of(&new),
+                "exit node {} is clearly faster than {}: switching to it",
+                self.name_of(&new),
+                self.name_of(&old)
             ),
             (Phase::Active(old), Phase::Active(new)) => warn!(
                 from = %self.name_of(&old),

@@ -148,7 +148,7 @@ impl Daemon {
         failovers.inc_by(self.failovers);
         reg.register(
             "nexd_exit_node_failovers",
-            "Times the client moved to another exit node because the one in use went away",
+            "Times the client moved to another exit node (the one in use went away, or another was clearly faster)",
             failovers,
         );
 

@@ -82,9 +82,12 @@ pub struct Daemon {
     /// The default routes the excluded routes were installed via.
     pub(super) default_routes: (Option<DefaultRoute>, Option<DefaultRoute>),
     last_route_check: Option<Instant>,
-    /// Times the client moved to another exit node because the one in use
-    /// went away.
+    /// Times the client moved to another exit node: the one in use went
+    /// away, or another was clearly faster for long enough.
     pub(super) failovers: u64,
+    /// When the active exit node became active: a faster one may replace
+    /// it only after `exit::SWITCH_DWELL`.
+    pub(super) exit_since: std::time::Instant,
 }
 
 impl Daemon {
@@ -131,6 +134,7 @@ impl Daemon {
             default_routes: (None, None),
             last_route_check: None,
             failovers: 0,
+            exit_since: std::time::Instant::now(),
         }
     }
 
