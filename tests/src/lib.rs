@@ -8,6 +8,7 @@
 
 pub mod bins;
 pub mod cmd;
+pub mod delay;
 pub mod netns;
 pub mod node;
 pub mod topology;
