@@ -13,6 +13,9 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+#[path = "ebpf_toolchain.rs"]
+mod ebpf_toolchain;
+
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let manifest_dir =
@@ -29,7 +32,9 @@ fn main() -> anyhow::Result<()> {
     println!("cargo::rustc-check-cfg=cfg(nexd_ebpf_missing)");
 
     let arch = env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH not set")?;
-    let toolchain = env::var("NEXD_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
+    // Pinned in nexd-ebpf/rust-toolchain.toml (bpf-linker's LLVM must be
+    // able to read this rustc's bitcode).
+    let toolchain = ebpf_toolchain::ebpf_toolchain(root);
 
     // On a bare machine the eBPF toolchain is missing, and `cargo xtask
     // setup` (which installs it) is itself a build of this crate: failing
@@ -85,7 +90,7 @@ fn main() -> anyhow::Result<()> {
             println!("cargo:warning={line}");
         }
         bail!(
-            "building the eBPF programs failed ({}).\n{stderr}\nHint: `cargo xtask setup` installs nightly, rust-src and bpf-linker.",
+            "building the eBPF programs failed ({}).\n{stderr}\nHint: `cargo xtask setup` installs {toolchain} with rust-src, and bpf-linker.",
             output.status
         );
     }

@@ -21,10 +21,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let root = workspace_root();
     let arch = std::env::consts::ARCH;
     step("building nexd-ebpf for bpfel-unknown-none");
+    let toolchain = crate::nightly();
     let mut cmd = Command::new("rustup");
     cmd.args([
         "run",
-        "nightly",
+        &toolchain,
         "cargo",
         "build",
         "--package",
@@ -50,7 +51,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         .context("cannot run rustup; run `cargo xtask setup`")?;
     if !status.success() {
         bail!(
-            "the eBPF build failed ({status}); `cargo xtask setup` installs nightly, rust-src and bpf-linker"
+            "the eBPF build failed ({status}); `cargo xtask setup` installs {toolchain} with rust-src, and bpf-linker"
         );
     }
     let profile = if args.debug { "debug" } else { "release" };

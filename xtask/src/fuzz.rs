@@ -73,12 +73,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `rustup run nightly cargo`, clean of the outer cargo's variables
-/// (cargo-fuzz needs nightly for -Zsanitizer).
+/// `rustup run <pinned nightly> cargo`, clean of the outer cargo's
+/// variables (cargo-fuzz needs nightly for -Zsanitizer; the pinned one is
+/// the one `cargo xtask setup` installs).
 fn nightly_cargo() -> Command {
     let c = crate::cargo_command();
     let mut n = Command::new("rustup");
-    n.args(["run", "nightly", "cargo"]);
+    n.args(["run", &crate::nightly(), "cargo"]);
     for (k, v) in c.get_envs() {
         match v {
             Some(v) => n.env(k, v),

@@ -11,6 +11,8 @@
 
 mod bench;
 mod build_ebpf;
+#[path = "../../nexd-agent/ebpf_toolchain.rs"]
+mod ebpf_toolchain;
 mod fuzz;
 mod lab;
 mod man;
@@ -115,6 +117,12 @@ fn bootstrap() -> anyhow::Result<ExitCode> {
         Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
         None => ExitCode::FAILURE,
     })
+}
+
+/// The Rust toolchain for the eBPF programs and the fuzz targets, pinned
+/// in nexd-ebpf/rust-toolchain.toml (see there why).
+pub fn nightly() -> String {
+    ebpf_toolchain::ebpf_toolchain(&workspace_root())
 }
 
 /// The workspace root (xtask lives one level below it).

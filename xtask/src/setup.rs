@@ -53,16 +53,20 @@ fn exec(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn nightly_ready() -> (bool, bool) {
+/// Whether the pinned nightly is installed, and whether it has rust-src.
+fn nightly_ready(toolchain: &str) -> (bool, bool) {
     let toolchains = Command::new("rustup")
         .args(["toolchain", "list"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let has_nightly = toolchains.lines().any(|l| l.starts_with("nightly"));
+    let has_nightly = toolchains.lines().any(|l| {
+        let name = l.split_whitespace().next().unwrap_or_default();
+        name == toolchain || name.starts_with(&format!("{toolchain}-"))
+    });
     let has_src = has_nightly
         && Command::new("rustup")
-            .args(["component", "list", "--toolchain", "nightly", "--installed"])
+            .args(["component", "list", "--toolchain", toolchain, "--installed"])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
             .unwrap_or(false);
@@ -79,7 +83,8 @@ fn bpf_linker_ready() -> bool {
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    let (has_nightly, has_src) = nightly_ready();
+    let toolchain = crate::nightly();
+    let (has_nightly, has_src) = nightly_ready(&toolchain);
     let has_linker = bpf_linker_ready();
     if args.check {
         println!(
@@ -91,11 +96,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             }
         );
         println!(
-            "nightly toolchain: {}",
+            "{toolchain} (eBPF toolchain): {}",
             if has_nightly { "yes" } else { "missing" }
         );
         println!(
-            "nightly rust-src: {}",
+            "{toolchain} rust-src: {}",
             if has_src { "yes" } else { "missing" }
         );
         println!("bpf-linker: {}", if has_linker { "yes" } else { "missing" });
@@ -152,29 +157,33 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         )?;
     }
     if !has_nightly {
-        step("installing the nightly toolchain with rust-src (for the eBPF build)");
+        step(&format!(
+            "installing {toolchain} with rust-src (the eBPF build's toolchain, pinned in nexd-ebpf/rust-toolchain.toml)"
+        ));
         exec(Command::new("rustup").args([
             "toolchain",
             "install",
-            "nightly",
+            &toolchain,
             "--profile",
             "minimal",
             "--component",
             "rust-src",
         ]))?;
     } else if !has_src {
-        step("adding rust-src to nightly (for -Z build-std=core)");
+        step(&format!(
+            "adding rust-src to {toolchain} (for -Z build-std=core)"
+        ));
         exec(Command::new("rustup").args([
             "component",
             "add",
             "rust-src",
             "--toolchain",
-            "nightly",
+            &toolchain,
         ]))?;
     }
     if !has_linker {
         step(&format!(
-            "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (takes about 4 minutes on 2 cores)"
+            "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 1 to 4 minutes on 2 cores)"
         ));
         exec(
             Command::new("cargo")
