@@ -7,7 +7,7 @@
 //! is shown only when the eBPF build fails.
 use std::{
     env,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -43,13 +43,14 @@ fn main() -> anyhow::Result<()> {
     // an empty object and say so loudly; the data path then refuses to
     // load with an error naming the fix, and the watched paths below make
     // the first build after `cargo xtask setup` embed the real object.
-    if let Some(missing) = missing_toolchain(&toolchain) {
+    let sysroot = sysroot(&toolchain);
+    if let Some(missing) = missing_toolchain(&toolchain, sysroot.as_deref()) {
         println!(
             "cargo:warning=nexd is built WITHOUT its eBPF programs: {missing}. \
              Run `cargo xtask setup`, then build again."
         );
         println!("cargo:rustc-cfg=nexd_ebpf_missing");
-        for watched in toolchain_paths(&toolchain) {
+        for watched in toolchain_paths(sysroot.as_deref()) {
             println!("cargo:rerun-if-changed={}", watched.display());
         }
         std::fs::write(out_dir.join("nexd"), b"").context("writing the empty eBPF object")?;
@@ -101,11 +102,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// What of the eBPF toolchain is missing, if anything.
-fn missing_toolchain(toolchain: &str) -> Option<String> {
-    let Some(sysroot) = sysroot(toolchain) else {
+fn missing_toolchain(toolchain: &str, sysroot: Option<&Path>) -> Option<String> {
+    let Some(sysroot) = sysroot else {
         return Some(format!("the {toolchain} Rust toolchain is not installed"));
     };
-    if !rust_src_lock(&sysroot).exists() {
+    if !rust_src_lock(sysroot).exists() {
         return Some(format!("{toolchain} has no rust-src component"));
     }
     if find_in_path("bpf-linker").is_none() {
@@ -117,7 +118,7 @@ fn missing_toolchain(toolchain: &str) -> Option<String> {
 /// Files whose appearance means the toolchain may now be complete. A path
 /// that does not exist makes cargo rerun this script on every build, which
 /// is what we want while something is missing.
-fn toolchain_paths(toolchain: &str) -> Vec<PathBuf> {
+fn toolchain_paths(sysroot: Option<&Path>) -> Vec<PathBuf> {
     let cargo_home = env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
@@ -125,8 +126,8 @@ fn toolchain_paths(toolchain: &str) -> Vec<PathBuf> {
         .map(|h| h.join("bin/bpf-linker"))
         .into_iter()
         .collect();
-    match sysroot(toolchain) {
-        Some(s) => paths.push(rust_src_lock(&s)),
+    match sysroot {
+        Some(s) => paths.push(rust_src_lock(s)),
         // No toolchain yet: a path that cannot exist reruns every time.
         None => paths.push(PathBuf::from("/nonexistent/nexd-ebpf-toolchain")),
     }
@@ -148,7 +149,7 @@ fn sysroot(toolchain: &str) -> Option<PathBuf> {
     Some(PathBuf::from(s.trim()))
 }
 
-fn rust_src_lock(sysroot: &std::path::Path) -> PathBuf {
+fn rust_src_lock(sysroot: &Path) -> PathBuf {
     sysroot.join("lib/rustlib/src/rust/library/Cargo.lock")
 }
 

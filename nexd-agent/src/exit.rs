@@ -183,6 +183,35 @@ mod tests {
         PrivateKey::generate().public_key()
     }
 
+    /// Candidates "a" and "b", in that order.
+    fn pair<'a>(
+        ka: PublicKey,
+        la: &'a PeerLive,
+        kb: PublicKey,
+        lb: &'a PeerLive,
+    ) -> Vec<Candidate<'a>> {
+        vec![
+            Candidate {
+                key: ka,
+                name: "a",
+                live: la,
+            },
+            Candidate {
+                key: kb,
+                name: "b",
+                live: lb,
+            },
+        ]
+    }
+
+    /// `key` in use since `secs` seconds before `now`.
+    fn current(key: PublicKey, now: Instant, secs: u64) -> Option<Current> {
+        Some(Current {
+            key,
+            since: now - Duration::from_secs(secs),
+        })
+    }
+
     #[test]
     fn availability_needs_exit_flag_fresh_heartbeat_and_handshake() {
         let now = Instant::now() + Duration::from_secs(1000);
@@ -204,31 +233,9 @@ mod tests {
         let now = Instant::now() + Duration::from_secs(1000);
         let (ka, kb) = (key(), key());
         let (la, lb) = (live(now, 1, 30), live(now, 1, 5));
-        fn two<'a>(
-            ka: PublicKey,
-            la: &'a PeerLive,
-            kb: PublicKey,
-            lb: &'a PeerLive,
-        ) -> Vec<Candidate<'a>> {
-            vec![
-                Candidate {
-                    key: ka,
-                    name: "a",
-                    live: la,
-                },
-                Candidate {
-                    key: kb,
-                    name: "b",
-                    live: lb,
-                },
-            ]
-        }
-        let cands = |la, lb| two(ka, la, kb, lb);
+        let cands = |la, lb| pair(ka, la, kb, lb);
         // Just switched to a (well inside the dwell time).
-        let a_new = Some(Current {
-            key: ka,
-            since: now - Duration::from_secs(1),
-        });
+        let a_new = current(ka, now, 1);
         // Lowest RTT first.
         assert_eq!(choose(None, None, cands(&la, &lb), now), Some(kb));
         // The current one stays while available, even if slower, until it
@@ -242,63 +249,41 @@ mod tests {
         assert_eq!(choose(None, Some(ka), cands(&la_stale, &lb), now), None);
         // Nothing available: none.
         let lb_stale = live(now, 10, 5);
-        let b_cur = Some(Current {
-            key: kb,
-            since: now - Duration::from_secs(1),
-        });
-        assert_eq!(choose(b_cur, None, cands(&la_stale, &lb_stale), now), None);
+        assert_eq!(
+            choose(current(kb, now, 1), None, cands(&la_stale, &lb_stale), now),
+            None
+        );
     }
 
     #[test]
     fn a_clearly_faster_exit_node_wins_after_the_dwell_time_only() {
         let now = Instant::now() + Duration::from_secs(1000);
         let (ka, kb) = (key(), key());
-        let cands = |la: &'static PeerLive, lb: &'static PeerLive| {
-            vec![
-                Candidate {
-                    key: ka,
-                    name: "a",
-                    live: la,
-                },
-                Candidate {
-                    key: kb,
-                    name: "b",
-                    live: lb,
-                },
-            ]
-        };
-        let leak = |l: PeerLive| -> &'static PeerLive { Box::leak(Box::new(l)) };
-        let a_since = |secs| {
-            Some(Current {
-                key: ka,
-                since: now - Duration::from_secs(secs),
-            })
-        };
+        let cands = |la, lb| pair(ka, la, kb, lb);
+        let a_since = |secs| current(ka, now, secs);
         let long = SWITCH_DWELL.as_secs() + 1;
         let short = SWITCH_DWELL.as_secs() - 1;
         // a: 60 ms, b: 20 ms. Clearly faster (40 ms > max(10, 18) ms).
-        let (a60, b20) = (leak(live(now, 1, 60)), leak(live(now, 1, 20)));
+        let (a60, b20) = (&live(now, 1, 60), &live(now, 1, 20));
         assert_eq!(choose(a_since(long), None, cands(a60, b20), now), Some(kb));
         assert_eq!(choose(a_since(short), None, cands(a60, b20), now), Some(ka));
         // a: 60 ms, b: 45 ms: 15 ms better but not 30% (18 ms): stay.
-        let b45 = leak(live(now, 1, 45));
+        let b45 = &live(now, 1, 45);
         assert_eq!(choose(a_since(long), None, cands(a60, b45), now), Some(ka));
         // a: 12 ms, b: 4 ms: 67% better but under 10 ms: stay (LAN-scale
         // jitter must not move the client).
-        let (a12, b4) = (leak(live(now, 1, 12)), leak(live(now, 1, 4)));
+        let (a12, b4) = (&live(now, 1, 12), &live(now, 1, 4));
         assert_eq!(choose(a_since(long), None, cands(a12, b4), now), Some(ka));
         // Once switched to b, a (now slower) never pulls the client back.
-        let b_since = Some(Current {
-            key: kb,
-            since: now - Duration::from_secs(long),
-        });
-        assert_eq!(choose(b_since, None, cands(a60, b20), now), Some(kb));
+        assert_eq!(
+            choose(current(kb, now, long), None, cands(a60, b20), now),
+            Some(kb)
+        );
         // No RTT for the active one yet: nothing to compare, stay.
         let mut a_unknown = live(now, 1, 0);
         a_unknown.rtt = None;
-        let a_unknown = leak(a_unknown);
         assert_eq!(
-            choose(a_since(long), None, cands(a_unknown, b20), now),
+            choose(a_since(long), None, cands(&a_unknown, b20), now),
             Some(ka)
         );
         // A pin overrides speed.
