@@ -2,5 +2,8 @@
 //! both (`protocol`), the daemon side (`server`) and the CLI side (`client`).
 
 pub mod client;
-pub mod protocol;
 pub mod server;
+
+/// The wire types live in their own crate (`nexd-proto`), so the tests and
+/// tools that read nexctl's JSON need not build the agent.
+pub use nexd_proto as protocol;

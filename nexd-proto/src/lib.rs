@@ -5,12 +5,16 @@
 //! Every message carries `protocol`, the protocol version. The envelope
 //! (`protocol`, `method`, `ok`/`error`) never changes shape, so a nexctl and
 //! a nexd of different versions can always tell each other so plainly.
+//!
+//! A crate of its own, apart from the agent: the wire types are all that
+//! the end-to-end tests, the lab and the benchmarks need to read nexctl's
+//! JSON *typed* (a renamed field fails to deserialize instead of showing
+//! up as a timeout), and they must not pull in the agent and its eBPF
+//! build to get them.
+
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
-
-use crate::datapath::{AttachMode, CounterTotal};
-use crate::exit::ExitStatus;
-use crate::wireguard::BackendKind;
 
 /// Version of the request/reply formats. Bump it on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -128,6 +132,102 @@ pub enum Reply {
     },
 }
 
+/// How an exit node looks to a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    /// A fresh announcement and a recent handshake: usable now.
+    Available,
+    /// It announced itself as exit node, but not recently enough.
+    Stale,
+}
+
+/// The WireGuard implementation nexd runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// The kernel module, configured over netlink.
+    Kernel,
+    /// In-process userspace WireGuard.
+    Userspace,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Kernel => "kernel",
+            BackendKind::Userspace => "userspace (boringtun)",
+        })
+    }
+}
+
+/// How the eBPF programs are attached on this kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachMode {
+    /// TCX links (kernel 6.6 and later).
+    Tcx,
+    /// Direct-action filters on a clsact qdisc (older kernels).
+    Clsact,
+}
+
+/// Packets and bytes of one counter, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterTotal {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The exit-node role of this device, in `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// `nexd router --exit-node`.
+    ExitNode,
+    /// An exit-node client (wanted, or still installed).
+    Client,
+    /// Neither.
+    None,
+}
+
+/// The exit-node client's phase, in `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientPhase {
+    /// Not wanted; nothing installed.
+    Off,
+    /// Wanted, no exit node available yet; the direct path is kept.
+    Waiting,
+    /// Internet traffic goes through `active_exit_node`.
+    Active,
+    /// The exit node went away and none is available: internet traffic
+    /// is held back, not leaked.
+    Held,
+}
+
+impl Role {
+    /// The wire name, for tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::ExitNode => "exit_node",
+            Role::Client => "client",
+            Role::None => "none",
+        }
+    }
+}
+
+impl ClientPhase {
+    /// The wire name, for tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientPhase::Off => "off",
+            ClientPhase::Waiting => "waiting",
+            ClientPhase::Active => "active",
+            ClientPhase::Held => "held",
+        }
+    }
+}
+
 /// One row of `exit-node list`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExitNodeRow {
@@ -150,12 +250,10 @@ pub struct ExitNodeRow {
 /// The exit-node side of `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitInfo {
-    /// `client`, `exit_node` or `none`.
-    pub role: String,
+    pub role: Role,
     /// Client: whether the client is wanted (flag or nexctl).
     pub client_wanted: bool,
-    /// Client: `off`, `waiting`, `active` or `held`.
-    pub client_phase: String,
+    pub client_phase: ClientPhase,
     /// Client: name of the exit node in use.
     pub active_exit_node: Option<String>,
     /// Exit node: uplink interfaces.
