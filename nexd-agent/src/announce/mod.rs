@@ -34,13 +34,14 @@ pub struct Announcer {
 }
 
 /// How many received datagrams may wait for the daemon loop; beyond that
-/// they are dropped, so a flood cannot grow memory.
-const QUEUE: usize = 1024;
+/// they are dropped, so a flood cannot grow memory. The daemon creates the
+/// queue once (so rebinding the sockets keeps it).
+pub const QUEUE: usize = 1024;
 
 impl Announcer {
     /// Binds `v4:port` and `v6:port` (this device's mesh addresses) and
-    /// starts receiving into the returned channel.
-    pub fn bind(v4: IpAddr, v6: IpAddr, port: u16) -> io::Result<(Self, mpsc::Receiver<Incoming>)> {
+    /// starts receiving into `tx`.
+    pub fn bind(v4: IpAddr, v6: IpAddr, port: u16, tx: mpsc::Sender<Incoming>) -> io::Result<Self> {
         let bind = |ip: IpAddr| -> io::Result<UdpSocket> {
             let std = std::net::UdpSocket::bind(SocketAddr::new(ip, port)).map_err(|e| {
                 io::Error::new(
@@ -53,21 +54,17 @@ impl Announcer {
         };
         let s4 = Arc::new(bind(v4)?);
         let s6 = Arc::new(bind(v6)?);
-        let (tx, rx) = mpsc::channel(QUEUE);
         let tasks = [Arc::clone(&s4), Arc::clone(&s6)]
             .into_iter()
             .map(|s| tokio::spawn(receive_loop(s, tx.clone())))
             .collect();
-        Ok((
-            Announcer {
-                v4: s4,
-                v6: s6,
-                addrs: (v4, v6),
-                port,
-                tasks,
-            },
-            rx,
-        ))
+        Ok(Announcer {
+            v4: s4,
+            v6: s6,
+            addrs: (v4, v6),
+            port,
+            tasks,
+        })
     }
 
     /// The addresses and port the sockets are bound to.

@@ -11,7 +11,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::{answers::HEALTHY_HANDSHAKE, state::Daemon};
+use super::{agent::Daemon, answers::HEALTHY_HANDSHAKE};
 use crate::exit::{self, ExitStatus, Phase};
 
 type Labels = Vec<(String, String)>;
@@ -33,17 +33,13 @@ impl Daemon {
 
         let packets = Family::<Labels, Counter>::default();
         let bytes = Family::<Labels, Counter>::default();
-        if let Ok(dp) = &self.datapath
-            && let Ok(counters) = dp.counters()
-        {
-            for (name, total) in counters {
-                packets
-                    .get_or_create(&label("verdict", name))
-                    .inc_by(total.packets);
-                bytes
-                    .get_or_create(&label("verdict", name))
-                    .inc_by(total.bytes);
-            }
+        for (name, total) in self.dataplane.counters() {
+            packets
+                .get_or_create(&label("verdict", name))
+                .inc_by(total.packets);
+            bytes
+                .get_or_create(&label("verdict", name))
+                .inc_by(total.bytes);
         }
         reg.register(
             "nexd_datapath_packets",
@@ -61,11 +57,12 @@ impl Daemon {
         let age = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let healthy = Family::<Labels, Gauge>::default();
         // Live, not the last tick's snapshot: a scrape sees every byte.
-        let live = self.wg.as_ref().and_then(|wg| wg.status().ok());
+        let live = self.iface.as_ref().and_then(|i| i.status().ok());
         if let Some(st) = live.as_ref().or(self.last_status.as_ref()) {
             for p in &st.peers {
                 let name = self
-                    .book
+                    .heartbeats
+                    .book()
                     .name(&p.public_key)
                     .unwrap_or("unknown")
                     .to_owned();
@@ -103,8 +100,9 @@ impl Daemon {
 
         let now = Instant::now();
         let available = Family::<Labels, Gauge>::default();
-        for k in self.book.keys() {
-            if let (Some(name), Some(live)) = (self.book.name(k), self.book.live(k))
+        let book = self.heartbeats.book();
+        for k in book.keys() {
+            if let (Some(name), Some(live)) = (book.name(k), book.live(k))
                 && let Some(status) = exit::status(live, now)
             {
                 available
@@ -118,9 +116,10 @@ impl Daemon {
             available,
         );
         let active = Family::<Labels, Gauge>::default();
-        if let Some(k) = self.phase.exit_peer() {
+        let phase_now = self.exit_client.phase();
+        if let Some(k) = phase_now.exit_peer() {
             active
-                .get_or_create(&label("exit_node", self.book.name(&k).unwrap_or("unknown")))
+                .get_or_create(&label("exit_node", book.name(&k).unwrap_or("unknown")))
                 .set(1);
         }
         reg.register(
@@ -131,7 +130,7 @@ impl Daemon {
         let phase = Family::<Labels, Gauge>::default();
         for p in ["off", "waiting", "active", "held"] {
             let on = matches!(
-                (p, self.phase),
+                (p, phase_now),
                 ("off", Phase::Off)
                     | ("waiting", Phase::Waiting)
                     | ("active", Phase::Active(_))
@@ -145,7 +144,7 @@ impl Daemon {
             phase,
         );
         let failovers: Counter = Counter::default();
-        failovers.inc_by(self.failovers);
+        failovers.inc_by(self.exit_client.failovers());
         reg.register(
             "nexd_exit_node_failovers",
             "Times the client moved to another exit node (the one in use went away, or another was clearly faster)",

@@ -1,23 +1,32 @@
 //! The nexd daemon: start-up, the event loop, and shutdown.
 //!
 //! One task owns all state and is the only one that changes kernel objects;
-//! signals, control requests and timers reach it as events. Start-up,
-//! SIGHUP reloads and control requests all go through the same reconcile
-//! step (`state::Daemon::apply`), which computes the wanted state and
-//! applies only the difference.
+//! signals, control requests, announcements, resolved endpoints and a timer
+//! reach it as events. The state is split by concern into components, each
+//! the owner of its kernel objects (see `agent`); the loop only wires them.
+//! Slow work (DNS) runs on tasks of its own and comes back as an event, so
+//! no event waits behind it.
 
+mod agent;
 mod answers;
-mod exitnode;
+mod dataplane;
+mod endpoints;
+mod exit_client;
+mod exit_server;
+mod heartbeats;
+mod interface;
 pub mod lock;
 mod metrics;
 pub mod reconcile;
-mod state;
-mod steering;
+mod split_tunnel;
 
 use std::{os::unix::fs::DirBuilderExt as _, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, anyhow};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -28,7 +37,7 @@ use crate::{
     wireguard::BackendChoice,
 };
 
-pub use state::Daemon;
+pub use agent::Daemon;
 
 /// Everything the daemon needs to know from its command line.
 #[derive(Debug, Clone)]
@@ -118,10 +127,25 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             "--kill-switch and --lan-interface are exit-node client options; they cannot be used with `router --exit-node`"
         );
     }
-    let exclusions =
-        crate::exclude::load(&opts.exclude_routes, opts.exclude_routes_file.as_deref())?;
+    let split = split_tunnel::SplitTunnel::load(
+        opts.exclude_routes.clone(),
+        opts.exclude_routes_file.clone(),
+        opts.policy.exclusion_table(),
+    )?;
     let nl = Netlink::connect()?;
-    let mut daemon = Daemon::new(opts.clone(), key, nl, mesh, exclusions);
+    let (announcements, mut incoming) = mpsc::channel(crate::announce::QUEUE);
+    let (resolved_tx, mut resolved) = mpsc::channel(4);
+    let mut daemon = Daemon::new(
+        opts.clone(),
+        key,
+        nl,
+        mesh,
+        split,
+        agent::Channels {
+            announcements,
+            resolved: resolved_tx,
+        },
+    );
     let started = tokio::select! {
         r = daemon.start() => r,
         _ = sigterm.recv() => Err(anyhow!("stopped by SIGTERM during start-up")),
@@ -155,14 +179,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut incoming = daemon
-        .new_incoming
-        .take()
-        .unwrap_or_else(|| tokio::sync::mpsc::channel(1).1);
     let reason = loop {
-        if let Some(rx) = daemon.new_incoming.take() {
-            incoming = rx;
-        }
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
@@ -177,6 +194,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 let _ = call.reply.send(response);
             }
             Some(inc) = incoming.recv() => daemon.on_announcement(inc).await,
+            Some(r) = resolved.recv() => daemon.on_resolved(r).await,
             _ = tick.tick() => daemon.tick().await,
         }
     };

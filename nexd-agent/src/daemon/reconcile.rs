@@ -15,12 +15,13 @@ use crate::{
     wireguard::PeerConfig,
 };
 
+/// 0.0.0.0/0 and ::/0, checked when compiling.
+const DEFAULT_V4: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 0);
+const DEFAULT_V6: Ipv6Net = Ipv6Net::new_assert(Ipv6Addr::UNSPECIFIED, 0);
+
 /// The default routes an exit peer carries in addition to its own addresses.
 pub fn default_routes() -> [IpNet; 2] {
-    [
-        IpNet::V4(Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).unwrap_or_default()),
-        IpNet::V6(Ipv6Net::new(Ipv6Addr::UNSPECIFIED, 0).unwrap_or_default()),
-    ]
+    [IpNet::V4(DEFAULT_V4), IpNet::V6(DEFAULT_V6)]
 }
 
 /// The mesh addresses of this device with the mesh prefix lengths, as they
@@ -46,29 +47,37 @@ pub fn endpoint_addr(
 }
 
 /// The peer config every other device should have on this one: its /32 and
-/// /128, its endpoint, the mesh keepalive. `exit_peer`, when set, also
-/// carries the default routes (exit-node client mode).
+/// /128 (host routes, built from the address itself so no conversion can
+/// fail into something wider), its endpoint, the mesh keepalive.
 pub fn wanted_peers(
     mesh: &Mesh,
     own: &PublicKey,
     resolved: &HashMap<Endpoint, SocketAddr>,
-    exit_peer: Option<&PublicKey>,
 ) -> Vec<PeerConfig> {
     mesh.peers_of(own)
-        .map(|d| {
-            let mut allowed_ips = vec![
-                IpNet::V4(Ipv4Net::new(d.ipv4, 32).unwrap_or_default()),
-                IpNet::V6(Ipv6Net::new(d.ipv6, 128).unwrap_or_default()),
-            ];
-            if exit_peer == Some(&d.public_key) {
-                allowed_ips.extend(default_routes());
+        .map(|d| PeerConfig {
+            public_key: d.public_key,
+            endpoint: d.endpoint.as_ref().and_then(|e| endpoint_addr(e, resolved)),
+            allowed_ips: vec![
+                IpNet::V4(Ipv4Net::from(d.ipv4)),
+                IpNet::V6(Ipv6Net::from(d.ipv6)),
+            ],
+            persistent_keepalive: mesh.persistent_keepalive,
+        })
+        .collect()
+}
+
+/// `peers` with the default routes added to `exit_peer`'s AllowedIPs
+/// (exit-node client mode): the only peer that accepts internet traffic.
+pub fn with_default_routes(peers: &[PeerConfig], exit_peer: Option<&PublicKey>) -> Vec<PeerConfig> {
+    peers
+        .iter()
+        .map(|p| {
+            let mut p = p.clone();
+            if exit_peer == Some(&p.public_key) {
+                p.allowed_ips.extend(default_routes());
             }
-            PeerConfig {
-                public_key: d.public_key,
-                endpoint: d.endpoint.as_ref().and_then(|e| endpoint_addr(e, resolved)),
-                allowed_ips,
-                persistent_keepalive: mesh.persistent_keepalive,
-            }
+            p
         })
         .collect()
 }
@@ -144,7 +153,7 @@ mod tests {
     fn every_other_device_is_a_peer_with_host_routes() {
         let m = mesh(3);
         let own = m.devices[0].public_key;
-        let peers = wanted_peers(&m, &own, &HashMap::new(), None);
+        let peers = wanted_peers(&m, &own, &HashMap::new());
         assert_eq!(peers.len(), 2);
         assert!(peers.iter().all(|p| p.public_key != own));
         assert_eq!(peers[0].allowed_ips[0].to_string(), "100.64.0.2/32");
@@ -164,7 +173,7 @@ mod tests {
         let m = mesh(3);
         let own = m.devices[0].public_key;
         let exit = m.devices[2].public_key;
-        let peers = wanted_peers(&m, &own, &HashMap::new(), Some(&exit));
+        let peers = with_default_routes(&wanted_peers(&m, &own, &HashMap::new()), Some(&exit));
         let by_key: HashMap<_, _> = peers.iter().map(|p| (p.public_key, p)).collect();
         assert_eq!(by_key[&exit].allowed_ips.len(), 4);
         assert!(
@@ -178,6 +187,10 @@ mod tests {
                 .contains(&"::/0".parse().expect("net"))
         );
         assert_eq!(by_key[&m.devices[1].public_key].allowed_ips.len(), 2);
+        assert_eq!(
+            default_routes().map(|n| n.to_string()),
+            ["0.0.0.0/0".to_owned(), "::/0".to_owned()]
+        );
     }
 
     #[test]
@@ -189,13 +202,10 @@ mod tests {
         };
         m.devices[1].endpoint = Some(ep.clone());
         let own = m.devices[0].public_key;
-        assert_eq!(
-            wanted_peers(&m, &own, &HashMap::new(), None)[0].endpoint,
-            None
-        );
+        assert_eq!(wanted_peers(&m, &own, &HashMap::new())[0].endpoint, None);
         let resolved = HashMap::from([(ep, "198.51.100.7:1".parse().expect("sa"))]);
         assert_eq!(
-            wanted_peers(&m, &own, &resolved, None)[0].endpoint,
+            wanted_peers(&m, &own, &resolved)[0].endpoint,
             Some("198.51.100.7:1".parse().expect("sa"))
         );
     }
@@ -204,7 +214,7 @@ mod tests {
     fn diff_touches_only_changed_peers() {
         let m = mesh(4);
         let own = m.devices[0].public_key;
-        let before = wanted_peers(&m, &own, &HashMap::new(), None);
+        let before = wanted_peers(&m, &own, &HashMap::new());
         let applied = applied(&before);
         assert!(diff_peers(&applied, &before).is_empty());
 
@@ -215,7 +225,7 @@ mod tests {
             host: Host::Ip("203.0.113.9".parse().expect("ip")),
             port: 4000,
         });
-        let after = wanted_peers(&m2, &own, &HashMap::new(), None);
+        let after = wanted_peers(&m2, &own, &HashMap::new());
         let diff = diff_peers(&applied, &after);
         assert_eq!(diff.remove, vec![removed]);
         assert_eq!(diff.upsert.len(), 1);
@@ -226,7 +236,7 @@ mod tests {
     fn diff_from_nothing_adds_everyone() {
         let m = mesh(3);
         let own = m.devices[0].public_key;
-        let wanted = wanted_peers(&m, &own, &HashMap::new(), None);
+        let wanted = wanted_peers(&m, &own, &HashMap::new());
         let diff = diff_peers(&BTreeMap::new(), &wanted);
         assert_eq!(diff.upsert.len(), 2);
         assert!(diff.remove.is_empty());

@@ -100,7 +100,7 @@ pub fn remove_leftovers(bpffs: &Path, wg_iface: &str, ifaces: &[String]) -> bool
         }
         let _ = std::fs::remove_dir(&dir);
     }
-    if AttachMode::for_running_kernel() == AttachMode::Clsact {
+    if super::running_kernel_mode() == AttachMode::Clsact {
         for iface in ifaces {
             for (prog, dir) in [
                 (names::GUARD_PROG, TcAttachType::Egress),

@@ -24,7 +24,6 @@ use nexd_common::{
     counters::{Counter, CounterValue},
     names,
 };
-use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 pub use attach::{GuardState, guard_pin_path, pin_dir, remove_leftovers};
@@ -33,11 +32,6 @@ pub use maps::BypassSet;
 
 /// The eBPF object built from `nexd-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nexd"));
-
-/// Whether this build carries its eBPF programs. build.rs embeds an empty
-/// object when the eBPF toolchain was missing (so `cargo xtask setup` can
-/// build on a bare machine); such a build must never pretend to work.
-pub const EBPF_EMBEDDED: bool = !cfg!(nexd_ebpf_missing);
 
 /// Every program of the object, loaded (verified) at start-up.
 const PROGRAMS: [&str; 7] = [
@@ -53,11 +47,6 @@ const PROGRAMS: [&str; 7] = [
 /// Why the data path could not be set up or used.
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error(
-        "this nexd was built without its eBPF programs (the eBPF toolchain was missing at \
-         build time): run `cargo xtask setup`, then build again"
-    )]
-    NotEmbedded,
     #[error("loading the eBPF object failed: {0}")]
     Load(Box<aya::EbpfError>),
     #[error("the eBPF object has no {kind} called {name}; nexd and its embedded programs disagree")]
@@ -106,29 +95,15 @@ impl DatapathError {
     }
 }
 
-/// Packets and bytes of one counter, summed over CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CounterTotal {
-    pub packets: u64,
-    pub bytes: u64,
-}
+pub use nexd_proto::{AttachMode, CounterTotal};
 
-/// How programs are attached on this kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AttachMode {
-    Tcx,
-    Clsact,
-}
-
-impl AttachMode {
-    /// TCX on 6.6 and later, clsact before.
-    pub fn for_running_kernel() -> Self {
-        if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
-            AttachMode::Tcx
-        } else {
-            AttachMode::Clsact
-        }
+/// How programs attach on the running kernel: TCX on 6.6 and later,
+/// clsact before.
+pub fn running_kernel_mode() -> AttachMode {
+    if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+        AttachMode::Tcx
+    } else {
+        AttachMode::Clsact
     }
 }
 
@@ -159,9 +134,6 @@ impl Datapath {
     /// Loads the object and verifies every program, attaching nothing.
     /// `BPF_PROG_TEST_RUN` works on a detached data path.
     pub fn load() -> Result<Self, DatapathError> {
-        if !EBPF_EMBEDDED {
-            return Err(DatapathError::NotEmbedded);
-        }
         raise_memlock_limit();
         let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in PROGRAMS {
@@ -177,7 +149,7 @@ impl Datapath {
         }
         Ok(Datapath {
             ebpf,
-            mode: AttachMode::for_running_kernel(),
+            mode: running_kernel_mode(),
             attached: attach::Attachments::default(),
             bypass: maps::BypassSet::default(),
             mesh_prefixes: Default::default(),

@@ -19,7 +19,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
-    route::RouteScope,
+    route::{RouteMessage, RouteScope},
     rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
 };
 use rtnetlink::{IpVersion, RouteMessageBuilder};
@@ -62,19 +62,17 @@ impl ClientRouting {
         self.numbers
     }
 
-    /// Installs routes, rules and `src_valid_mark`. Idempotent: whatever
-    /// sits at nexd's priorities is replaced, so re-enabling never piles
-    /// rules up.
-    pub async fn install(
+    /// Adds `default dev <wg>` (v4 and v6) to nexd's table. Before the
+    /// rules: the moment they exist, they must have somewhere to send
+    /// traffic (a rule whose table has no route falls through to the main
+    /// table's default route).
+    pub async fn add_routes(
         &self,
         nl: &Netlink,
         wg_index: u32,
         wg_name: &str,
-        sysctls: &mut Sysctls,
     ) -> Result<(), NetlinkError> {
         let n = self.numbers;
-        // Routes first, so the moment the rules exist they have somewhere
-        // to send traffic.
         let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
             .output_interface(wg_index)
@@ -107,7 +105,20 @@ impl ClientRouting {
                     e,
                 )
             })?;
+        debug!(table = n.table, "exit-node client routes added");
+        Ok(())
+    }
 
+    /// Installs the rules (v4 and v6) and `src_valid_mark`. Idempotent:
+    /// whatever sits at nexd's priorities is replaced, so re-enabling never
+    /// piles rules up.
+    pub async fn add_rules(&self, nl: &Netlink, sysctls: &mut Sysctls) -> Result<(), NetlinkError> {
+        let n = self.numbers;
+        // As wg-quick: reverse-path checks honour marks, so strict
+        // rp_filter does not drop the tunnel's own replies.
+        if let Err(e) = sysctls.set(SRC_VALID_MARK, "1") {
+            tracing::warn!(error = %e, "cannot set src_valid_mark");
+        }
         self.remove_rules(nl).await?;
         for v6 in [false, true] {
             // <priority-1>: lookup <exclusion table>
@@ -188,18 +199,24 @@ impl ClientRouting {
                 )
             })?;
         }
-        // As wg-quick: reverse-path checks honour marks, so strict rp_filter
-        // does not drop the tunnel's own replies.
-        if let Err(e) = sysctls.set(SRC_VALID_MARK, "1") {
-            tracing::warn!(error = %e, "cannot set src_valid_mark");
-        }
         info!(
             table = n.table,
             fwmark = n.fwmark,
             priorities = %format!("{}/{}", n.priority, n.priority + 1),
-            "exit-node client routing installed"
+            "exit-node client rules installed"
         );
         Ok(())
+    }
+
+    /// Removes nexd's rules and restores `src_valid_mark`.
+    pub async fn remove_rules_and_mark(
+        &self,
+        nl: &Netlink,
+        sysctls: &mut Sysctls,
+    ) -> Result<(), NetlinkError> {
+        let rules = self.remove_rules(nl).await;
+        sysctls.restore(SRC_VALID_MARK);
+        rules
     }
 
     /// Removes nexd's rules, its table's routes, and restores
@@ -219,6 +236,11 @@ impl ClientRouting {
     /// Whether any of nexd's rules is installed.
     pub async fn installed(&self, nl: &Netlink) -> Result<bool, NetlinkError> {
         Ok(!self.find_rules(nl).await?.is_empty())
+    }
+
+    /// Whether nexd's table holds any route.
+    pub async fn routes_installed(&self, nl: &Netlink) -> Result<bool, NetlinkError> {
+        Ok(!self.find_routes(nl).await?.is_empty())
     }
 
     /// Every rule at nexd's three priorities that points at the main table
@@ -246,7 +268,7 @@ impl ClientRouting {
 
     /// Deletes every rule at nexd's three priorities that points at the
     /// main table or one of nexd's tables.
-    async fn remove_rules(&self, nl: &Netlink) -> Result<(), NetlinkError> {
+    pub async fn remove_rules(&self, nl: &Netlink) -> Result<(), NetlinkError> {
         for r in self.find_rules(nl).await? {
             match nl.handle().rule().del(r).execute().await {
                 Ok(()) => {}
@@ -258,7 +280,26 @@ impl ClientRouting {
     }
 
     /// Deletes every route in nexd's table.
-    async fn remove_routes(&self, nl: &Netlink) -> Result<(), NetlinkError> {
+    pub async fn remove_routes(&self, nl: &Netlink) -> Result<(), NetlinkError> {
+        let table = self.numbers.table;
+        for r in self.find_routes(nl).await? {
+            match nl.handle().route().del(r).execute().await {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(m))
+                    if matches!(m.raw_code().abs(), libc::ESRCH | libc::ENOENT) => {}
+                Err(e) => {
+                    return Err(NetlinkError::new(
+                        format!("deleting a route of table {table}"),
+                        e,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every route in nexd's table.
+    async fn find_routes(&self, nl: &Netlink) -> Result<Vec<RouteMessage>, NetlinkError> {
         let table = self.numbers.table;
         let mut found = Vec::new();
         let mut v4 = nl
@@ -297,19 +338,6 @@ impl ClientRouting {
                 found.push(r);
             }
         }
-        for r in found {
-            match nl.handle().route().del(r).execute().await {
-                Ok(()) => {}
-                Err(rtnetlink::Error::NetlinkError(m))
-                    if matches!(m.raw_code().abs(), libc::ESRCH | libc::ENOENT) => {}
-                Err(e) => {
-                    return Err(NetlinkError::new(
-                        format!("deleting a route of table {table}"),
-                        e,
-                    ));
-                }
-            }
-        }
-        Ok(())
+        Ok(found)
     }
 }

@@ -12,10 +12,9 @@ mod kernel;
 mod uapi;
 mod userspace;
 
-use std::{fmt, net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use ipnet::IpNet;
-use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::{
@@ -36,22 +35,7 @@ pub enum BackendChoice {
     Userspace,
 }
 
-/// Which backend is running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BackendKind {
-    Kernel,
-    Userspace,
-}
-
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            BackendKind::Kernel => "kernel",
-            BackendKind::Userspace => "userspace (boringtun)",
-        })
-    }
-}
+pub use nexd_proto::BackendKind;
 
 /// Device-wide settings.
 #[derive(Debug, Clone)]

@@ -1,0 +1,392 @@
+//! The daemon: the components, each the owner of its state and its kernel
+//! objects, and the wiring between them. Nothing here reaches into a
+//! component's fields; every change goes through the owner's methods, and
+//! the inputs one component needs from another are passed as arguments.
+//!
+//! | component | owns |
+//! |---|---|
+//! | `MeshInterface` | the WireGuard device, link, addresses, applied peers |
+//! | `Endpoints` | the resolver task and the cache of resolved names |
+//! | `Heartbeats` | the announcement sockets and the peer book |
+//! | `ExitClient` | wanted, phase, failovers, the client's routing |
+//! | `ExitServer` | the exit node's forwarding |
+//! | `SplitTunnel` | the exclusions and the excluded-routes table |
+//! | `DataPlane` | the eBPF programs, maps, guard, the gateway's table |
+//! | `Sysctls` | every sysctl changed, with its original value |
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow};
+use ipnet::IpNet;
+use tokio::sync::mpsc;
+use tracing::{Instrument as _, debug, info, info_span};
+
+use super::{
+    Options,
+    dataplane::{DataPlane, DataPlaneSettings, Inputs},
+    endpoints::{Endpoints, Resolved},
+    exit_client::{Candidates, Effects, ExitClient},
+    exit_server::ExitServer,
+    heartbeats::Heartbeats,
+    interface::MeshInterface,
+    log_error_lines, reconcile,
+    split_tunnel::SplitTunnel,
+    teardown_warning,
+};
+use crate::{
+    announce::Incoming,
+    keys::{PrivateKey, PublicKey},
+    mesh::{self, Mesh},
+    netlink::Netlink,
+    routing::sysctl::Sysctls,
+    wireguard::DeviceStatus,
+};
+
+/// How often the default routes are checked for the excluded routes.
+const ROUTE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+pub struct Daemon {
+    pub(super) opts: Options,
+    pub(super) own: PublicKey,
+    key: PrivateKey,
+    pub(super) nl: Netlink,
+    /// The membership in force.
+    pub(super) mesh: Mesh,
+    pub(super) started: Instant,
+    /// `None` until start-up created it (teardown copes with either).
+    pub(super) iface: Option<MeshInterface>,
+    endpoints: Endpoints,
+    pub(super) heartbeats: Heartbeats,
+    pub(super) exit_client: ExitClient,
+    pub(super) exit_server: Option<ExitServer>,
+    pub(super) split: SplitTunnel,
+    pub(super) dataplane: DataPlane,
+    sysctls: Sysctls,
+    /// The backend's view, refreshed every tick.
+    pub(super) last_status: Option<DeviceStatus>,
+    last_route_check: Option<Instant>,
+}
+
+/// Where the event loop's asynchronous inputs are delivered.
+pub struct Channels {
+    pub announcements: mpsc::Sender<Incoming>,
+    pub resolved: mpsc::Sender<Resolved>,
+}
+
+impl Daemon {
+    pub fn new(
+        opts: Options,
+        key: PrivateKey,
+        nl: Netlink,
+        mesh: Mesh,
+        split: SplitTunnel,
+        channels: Channels,
+    ) -> Self {
+        let own = key.public_key();
+        let sysctls = Sysctls::open(&opts.state_dir);
+        let exit_client = ExitClient::new(
+            opts.exit_node_client,
+            opts.policy,
+            opts.kill_switch,
+            opts.exit_node_pin.clone(),
+        );
+        let dataplane = DataPlane::new(DataPlaneSettings {
+            wg_iface: opts.interface.clone(),
+            lan_interfaces: opts.lan_interfaces.clone(),
+            uplink: opts.uplink.clone(),
+            kill_switch: opts.kill_switch,
+            log_guard_drops: opts.log_guard_drops,
+            no_ebpf: opts.no_ebpf,
+            fwmark: opts.policy.fwmark,
+            bpffs: opts.bpffs.clone(),
+        });
+        let heartbeats = Heartbeats::new(key.clone(), &mesh, channels.announcements);
+        Daemon {
+            own,
+            key,
+            nl,
+            mesh,
+            started: Instant::now(),
+            iface: None,
+            endpoints: Endpoints::start(channels.resolved),
+            heartbeats,
+            exit_client,
+            exit_server: None,
+            split,
+            dataplane,
+            sysctls,
+            last_status: None,
+            last_route_check: None,
+            opts,
+        }
+    }
+
+    /// Removes what a crashed nexd left, creates the interface, applies the
+    /// mesh, sets up the exit node role and the data path.
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        let span = info_span!("start", iface = %self.opts.interface);
+        async {
+            // Whatever a crashed nexd left at nexd's fixed numbers goes first.
+            self.exit_client
+                .remove_leftovers(&self.nl, &mut self.sysctls)
+                .await;
+            crate::routing::forward::remove_table();
+            self.dataplane.remove_leftovers(&self.nl).await;
+            if let Err(e) = self.split.clear(&self.nl).await {
+                teardown_warning("removing leftover excluded routes", &e);
+            }
+
+            self.iface = Some(
+                MeshInterface::open(
+                    self.opts.wireguard,
+                    &self.nl,
+                    &self.opts.interface,
+                    self.key.clone(),
+                )
+                .await?,
+            );
+            self.endpoints.refresh(&self.mesh, Instant::now());
+            let mesh = self.mesh.clone();
+            self.apply_mesh(mesh).await?;
+            if self.opts.exit_server.is_some() {
+                self.exit_server = Some(
+                    ExitServer::start(
+                        &self.nl,
+                        &self.opts.interface,
+                        self.opts.uplink.as_deref(),
+                        (self.mesh.ipv4_prefix, self.mesh.ipv6_prefix),
+                        &mut self.sysctls,
+                    )
+                    .await?,
+                );
+            }
+            self.dataplane.start(&self.nl, &mut self.sysctls).await?;
+            self.sync_dataplane().await?;
+            self.split.sync(&self.nl).await?;
+            if self.exit_client.wanted() {
+                info!("exit-node client requested (--exit-node-client): it applies as soon as an exit node is available");
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Moves interface, addresses, peers and announcement sockets to what
+    /// `mesh` wants, touching only what differs.
+    async fn apply_mesh(&mut self, mesh: Mesh) -> anyhow::Result<()> {
+        let iface = self
+            .iface
+            .as_mut()
+            .ok_or_else(|| anyhow!("the WireGuard interface is not up"))?;
+        let me = mesh
+            .device(&self.own)
+            .context("this device is not in the mesh file")?;
+        let (v4, v6): (IpAddr, IpAddr) = (me.ipv4.into(), me.ipv6.into());
+        iface.set_listen_port(me.listen_port)?;
+        iface.set_link(&self.nl, mesh.mtu).await?;
+        let addrs = reconcile::interface_addresses(&mesh, &self.own)
+            .context("this device is not in the mesh file")?;
+        iface.set_addresses(&self.nl, &addrs).await?;
+        self.heartbeats.sync(&mesh, v4, v6);
+        let book = self.heartbeats.book();
+        iface.set_peers(
+            reconcile::wanted_peers(&mesh, &self.own, self.endpoints.cache()),
+            &|k| book.name(k).unwrap_or("?").to_owned(),
+        )?;
+        self.mesh = mesh;
+        Ok(())
+    }
+
+    /// The data plane mirrors the mesh prefixes, the exclusions and the
+    /// peers' endpoints.
+    async fn sync_dataplane(&mut self) -> anyhow::Result<()> {
+        let inputs = Inputs {
+            mesh_prefixes: vec![
+                IpNet::V4(self.mesh.ipv4_prefix),
+                IpNet::V6(self.mesh.ipv6_prefix),
+            ],
+            exclusions: self.split.exclusions().to_vec(),
+            endpoints: self
+                .iface
+                .as_ref()
+                .map(MeshInterface::endpoints)
+                .unwrap_or_default(),
+        };
+        self.dataplane.set_inputs(&self.nl, inputs).await
+    }
+
+    /// Re-reads the mesh file and applies the difference. A file with errors
+    /// (or without this device) is rejected and the running config stays.
+    pub async fn reload(&mut self) {
+        let mesh = match mesh::read(&self.opts.mesh_file) {
+            Ok(m) => m,
+            Err(e) => {
+                log_error_lines("mesh file rejected, keeping the running config", &e);
+                return;
+            }
+        };
+        if mesh.device(&self.own).is_none() {
+            tracing::warn!(
+                public_key = %self.own,
+                "mesh file rejected, keeping the running config: it no longer lists this device"
+            );
+            return;
+        }
+        self.split.reload();
+        if let Err(e) = self.apply_mesh(mesh).await {
+            log_error_lines("applying the reloaded mesh file failed", &e);
+        }
+        if let Err(e) = self.sync_dataplane().await {
+            log_error_lines("updating the data path failed", &e);
+        }
+        if let Err(e) = self.split.sync(&self.nl).await {
+            log_error_lines("updating the excluded routes failed", &e);
+        }
+        if let Some(server) = &mut self.exit_server {
+            server.reload(
+                (self.mesh.ipv4_prefix, self.mesh.ipv6_prefix),
+                &mut self.sysctls,
+            );
+        }
+        self.endpoints.refresh(&self.mesh, Instant::now());
+        // An exit node that left the mesh must not stay in use.
+        self.evaluate_exit().await;
+    }
+
+    /// Periodic work: refresh the backend's view, send heartbeats,
+    /// re-evaluate the exit node, follow the default routes.
+    pub async fn tick(&mut self) {
+        let now = Instant::now();
+        if let Some(iface) = &self.iface {
+            match iface.status() {
+                Ok(st) => {
+                    self.heartbeats.observe(&st, now);
+                    self.last_status = Some(st);
+                }
+                Err(e) => debug!(error = %e, "reading WireGuard status failed"),
+            }
+        }
+        self.heartbeats
+            .send_due(self.exit_server.is_some(), self.mesh.agent_port, now);
+        self.evaluate_exit().await;
+        if self
+            .last_route_check
+            .is_none_or(|t| now.saturating_duration_since(t) >= ROUTE_CHECK_INTERVAL)
+        {
+            self.last_route_check = Some(now);
+            if let Err(e) = self.split.sync(&self.nl).await {
+                debug!(error = %e, "excluded routes not updated");
+            }
+        }
+        if self.endpoints.due(now) {
+            self.endpoints.refresh(&self.mesh, now);
+        }
+    }
+
+    /// One datagram from the announcement sockets.
+    pub async fn on_announcement(&mut self, inc: Incoming) {
+        if self.heartbeats.receive(&inc, Instant::now()) {
+            self.evaluate_exit().await;
+        }
+    }
+
+    /// A round of endpoint lookups: only peers whose address changed are
+    /// reconfigured.
+    pub async fn on_resolved(&mut self, resolved: Resolved) {
+        if !self.endpoints.absorb(&self.mesh, resolved) {
+            return;
+        }
+        let Some(iface) = self.iface.as_mut() else {
+            return;
+        };
+        let book = self.heartbeats.book();
+        if let Err(e) = iface.set_peers(
+            reconcile::wanted_peers(&self.mesh, &self.own, self.endpoints.cache()),
+            &|k| book.name(k).unwrap_or("?").to_owned(),
+        ) {
+            log_error_lines("updating peer endpoints failed", &e);
+        }
+        if let Err(e) = self.sync_dataplane().await {
+            log_error_lines("updating the data path failed", &e);
+        }
+    }
+
+    /// The exit-node client follows the announcements (an exit node does
+    /// not use another one).
+    pub(super) async fn evaluate_exit(&mut self) {
+        if self.exit_server.is_some() {
+            return;
+        }
+        let Some(iface) = self.iface.as_mut() else {
+            return;
+        };
+        let book = self.heartbeats.book();
+        let candidates = Candidates {
+            book,
+            mesh: &self.mesh,
+            own: &self.own,
+        };
+        let mut fx = Effects {
+            nl: &self.nl,
+            iface,
+            dataplane: &mut self.dataplane,
+            sysctls: &mut self.sysctls,
+            book,
+        };
+        self.exit_client.evaluate(&candidates, &mut fx).await;
+    }
+
+    /// The pieces `ExitClient::enable`/`disable` act on, or `None` before
+    /// the interface exists.
+    pub(super) fn exit_parts(&mut self) -> Option<(&mut ExitClient, Candidates<'_>, Effects<'_>)> {
+        let iface = self.iface.as_mut()?;
+        let book = self.heartbeats.book();
+        Some((
+            &mut self.exit_client,
+            Candidates {
+                book,
+                mesh: &self.mesh,
+                own: &self.own,
+            },
+            Effects {
+                nl: &self.nl,
+                iface,
+                dataplane: &mut self.dataplane,
+                sysctls: &mut self.sysctls,
+                book,
+            },
+        ))
+    }
+
+    /// Removes everything nexd installed, in reverse order. Never fails:
+    /// each step logs its own problem and the next step still runs.
+    pub async fn teardown(&mut self) {
+        if let Some(iface) = self.iface.as_mut() {
+            let book = self.heartbeats.book();
+            let mut fx = Effects {
+                nl: &self.nl,
+                iface,
+                dataplane: &mut self.dataplane,
+                sysctls: &mut self.sysctls,
+                book,
+            };
+            self.exit_client.teardown(&mut fx).await;
+        }
+        if let Some(server) = self.exit_server.take() {
+            server.remove(&mut self.sysctls);
+        }
+        self.heartbeats.close();
+        self.dataplane.remove(&mut self.sysctls);
+        if let Err(e) = self.split.clear(&self.nl).await {
+            teardown_warning("removing the excluded routes", &e);
+        }
+        self.sysctls.restore_all();
+        if let Some(iface) = self.iface.take() {
+            iface.remove(&self.nl).await;
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! The daemon's side of the eBPF data path and of the LAN gateway role:
+//! the one owner of the loaded programs, their maps and attachments
+//! (through `datapath::Datapath`) and of the gateway's nftables table.
+//!
+//! What the maps hold is derived from inputs other components own (the
+//! mesh prefixes, the excluded prefixes, the peers' endpoints) and from two
+//! switches the exit-node client's plan flips: steering (the classifier
+//! marks bypass traffic) and the leak guard. Every sync is a diff, so
+//! calling it when nothing changed costs a few netlink reads.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use anyhow::Context as _;
+use ipnet::IpNet;
+use netlink_packet_route::link::LinkLayerType;
+use nexd_common::config::{BypassReason, DatapathConfig, FLAG_GUARD, FLAG_LOG_DROPS, FLAG_STEER};
+use tracing::{debug, warn};
+
+use crate::{
+    control::protocol::DatapathInfo,
+    datapath::{self, BypassSet, CounterTotal, Datapath},
+    netif,
+    netlink::Netlink,
+    routing::{gateway::Gateway, sysctl::Sysctls, uplink},
+};
+
+/// Prefixes that never go through the exit node: link-local, multicast,
+/// limited broadcast.
+pub const BUILTIN_BYPASS: [&str; 5] = [
+    "169.254.0.0/16",
+    "224.0.0.0/4",
+    "255.255.255.255/32",
+    "fe80::/10",
+    "ff00::/8",
+];
+
+/// The wanted content of the bypass tries.
+pub fn bypass_set(lan: &[IpNet], excluded: &[IpNet], endpoints: &[IpAddr]) -> BypassSet {
+    let mut set = BypassSet::new();
+    for b in BUILTIN_BYPASS {
+        if let Ok(n) = b.parse::<IpNet>() {
+            set.insert(n, BypassReason::Builtin as u8);
+        }
+    }
+    for n in excluded {
+        set.insert(n.trunc(), BypassReason::Excluded as u8);
+    }
+    for n in lan {
+        set.insert(n.trunc(), BypassReason::Lan as u8);
+    }
+    for ip in endpoints {
+        set.insert(IpNet::from(*ip), BypassReason::Endpoint as u8);
+    }
+    set
+}
+
+/// Fixed settings of the data plane, from the command line.
+#[derive(Debug, Clone)]
+pub struct DataPlaneSettings {
+    pub wg_iface: String,
+    pub lan_interfaces: Vec<String>,
+    /// `--uplink`; default: the interfaces of the default routes.
+    pub uplink: Option<String>,
+    pub kill_switch: bool,
+    pub log_guard_drops: bool,
+    pub no_ebpf: bool,
+    pub fwmark: u32,
+    pub bpffs: PathBuf,
+}
+
+/// What other components own and the maps mirror.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inputs {
+    pub mesh_prefixes: Vec<IpNet>,
+    pub exclusions: Vec<IpNet>,
+    pub endpoints: Vec<SocketAddr>,
+}
+
+pub struct DataPlane {
+    settings: DataPlaneSettings,
+    datapath: Result<Datapath, String>,
+    gateway: Option<Gateway>,
+    inputs: Inputs,
+    steering: bool,
+    guard: bool,
+}
+
+impl DataPlane {
+    /// Before anything is loaded (start-up failures tear down from here).
+    pub fn new(settings: DataPlaneSettings) -> Self {
+        DataPlane {
+            settings,
+            datapath: Err("not attached yet".into()),
+            gateway: None,
+            inputs: Inputs::default(),
+            steering: false,
+            guard: false,
+        }
+    }
+
+    /// Removes what a crashed nexd may have left of the data path: pinned
+    /// guards, nexd's tc filters (clsact), the gateway's nftables table.
+    pub async fn remove_leftovers(&self, nl: &Netlink) {
+        let mut ifaces = self.settings.lan_interfaces.clone();
+        ifaces.extend(self.uplink_names(nl).await);
+        ifaces.push(self.settings.wg_iface.clone());
+        datapath::remove_leftovers(&self.settings.bpffs, &self.settings.wg_iface, &ifaces);
+        crate::routing::gateway::remove_table();
+    }
+
+    /// Loads the programs, attaches the tunnel observers and the steering
+    /// classifier, installs the LAN gateway role. Failing to get the data
+    /// path is fatal only where it carries a promise: `--kill-switch`.
+    pub async fn start(&mut self, nl: &Netlink, sysctls: &mut Sysctls) -> anyhow::Result<()> {
+        if !self.settings.lan_interfaces.is_empty() {
+            self.gateway = Some(Gateway::install(
+                &self.settings.wg_iface,
+                &self.settings.lan_interfaces,
+                sysctls,
+            )?);
+        }
+        if self.settings.no_ebpf {
+            self.datapath = Err("disabled with --no-ebpf".into());
+            return Ok(());
+        }
+        let mut dp = match Datapath::start(&self.settings.wg_iface) {
+            Ok(dp) => dp,
+            Err(e) if self.settings.kill_switch => {
+                return Err(
+                    anyhow::Error::from(e).context("--kill-switch needs the eBPF leak guard")
+                );
+            }
+            Err(e) => {
+                warn!(error = %e, "eBPF data path not attached: no counters, no steering classifier");
+                self.datapath = Err(e.to_string());
+                return Ok(());
+            }
+        };
+        for lan in &self.settings.lan_interfaces {
+            let l2 = is_l2(nl, lan).await?;
+            dp.attach_steer(lan, l2)
+                .with_context(|| format!("attaching the steering classifier to {lan}"))?;
+        }
+        self.datapath = Ok(dp);
+        Ok(())
+    }
+
+    /// New inputs from the mesh, the split tunnel or the interface.
+    pub async fn set_inputs(&mut self, nl: &Netlink, inputs: Inputs) -> anyhow::Result<()> {
+        self.inputs = inputs;
+        self.sync(nl).await
+    }
+
+    /// The classifier marks bypass traffic (exit-node client routing is in
+    /// place) or passes everything unmarked.
+    pub async fn set_steering(&mut self, nl: &Netlink, on: bool) -> anyhow::Result<()> {
+        self.steering = on;
+        self.sync(nl).await
+    }
+
+    /// Attaches the leak guard to every uplink, or removes it.
+    pub async fn set_guard(&mut self, nl: &Netlink, on: bool) -> anyhow::Result<()> {
+        if on && self.datapath.is_err() {
+            anyhow::bail!("--kill-switch: the eBPF data path is not available");
+        }
+        self.guard = on;
+        self.sync(nl).await
+    }
+
+    /// Brings maps, config and guard attachments in line with the inputs
+    /// and switches. Also follows uplinks and their subnets.
+    pub async fn sync(&mut self, nl: &Netlink) -> anyhow::Result<()> {
+        let Ok(dp) = self.datapath.as_mut() else {
+            return Ok(());
+        };
+        let uplinks = uplink_names(nl, self.settings.uplink.as_deref()).await;
+        let mut local_ifaces = self.settings.lan_interfaces.clone();
+        local_ifaces.extend(uplinks.iter().cloned());
+        let local = local_prefixes(nl, &local_ifaces).await;
+        let endpoints: Vec<IpAddr> = self.inputs.endpoints.iter().map(SocketAddr::ip).collect();
+        let bypass = bypass_set(&local, &self.inputs.exclusions, &endpoints);
+        let mut flags = 0;
+        if self.steering {
+            flags |= FLAG_STEER;
+        }
+        if self.guard {
+            flags |= FLAG_GUARD;
+        }
+        if self.settings.log_guard_drops {
+            flags |= FLAG_LOG_DROPS;
+        }
+        let cfg = DatapathConfig {
+            flags,
+            fwmark: self.settings.fwmark,
+        };
+        dp.set_mesh_prefixes(&self.inputs.mesh_prefixes)?;
+        dp.sync_bypass(&bypass)?;
+        dp.set_endpoints(&endpoints)?;
+        if self.guard {
+            for u in &uplinks {
+                let l2 = is_l2(nl, u).await?;
+                dp.attach_guard(
+                    u,
+                    l2,
+                    Some((
+                        self.settings.bpffs.as_path(),
+                        self.settings.wg_iface.as_str(),
+                    )),
+                )
+                .with_context(|| format!("attaching the leak guard to {u}"))?;
+            }
+        } else if dp.guards().next().is_some() {
+            // Config first: the guard stops dropping before it goes.
+            dp.set_config(cfg)?;
+            dp.detach_guards()?;
+        }
+        dp.set_config(cfg)?;
+        Ok(())
+    }
+
+    /// The uplinks: `--uplink`, or the default routes' interfaces.
+    pub async fn uplink_names(&self, nl: &Netlink) -> Vec<String> {
+        uplink_names(nl, self.settings.uplink.as_deref()).await
+    }
+
+    /// Every counter, summed over CPUs; empty without a data path.
+    pub fn counters(&self) -> Vec<(&'static str, CounterTotal)> {
+        match &self.datapath {
+            Ok(dp) => match dp.counters() {
+                Ok(c) => c.into_iter().collect(),
+                Err(e) => {
+                    debug!(error = %e, "reading the data path counters failed");
+                    Vec::new()
+                }
+            },
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// For `status` and `stats`.
+    pub fn info(&self, excluded_routes: usize) -> DatapathInfo {
+        match &self.datapath {
+            Ok(dp) => DatapathInfo {
+                attached: true,
+                mode: Some(dp.mode()),
+                error: None,
+                steering_interfaces: dp.steered_interfaces(),
+                guard_interfaces: dp.guards().map(|g| g.iface().to_owned()).collect(),
+                guard_pinned: dp.guards().any(|g| g.pinned()),
+                bypass_prefixes: dp.bypass().len(),
+                excluded_routes,
+            },
+            Err(e) => DatapathInfo {
+                attached: false,
+                mode: None,
+                error: Some(e.clone()),
+                steering_interfaces: Vec::new(),
+                guard_interfaces: Vec::new(),
+                guard_pinned: false,
+                bypass_prefixes: 0,
+                excluded_routes,
+            },
+        }
+    }
+
+    /// Detaches the programs (a pinned guard is unpinned by the exit-node
+    /// client's plan before this), removes the gateway's table.
+    pub fn remove(&mut self, sysctls: &mut Sysctls) {
+        if let Ok(dp) = std::mem::replace(&mut self.datapath, Err("stopped".into())) {
+            drop(dp);
+            debug!("eBPF programs detached");
+        }
+        if let Some(gw) = self.gateway.take() {
+            gw.remove(sysctls);
+        }
+    }
+}
+
+/// Whether the link is an Ethernet-like device (programs then parse an
+/// Ethernet header) rather than an L3 one (tun, PPP, WireGuard).
+async fn is_l2(nl: &Netlink, iface: &str) -> anyhow::Result<bool> {
+    let link = nl
+        .link(iface)
+        .await?
+        .with_context(|| format!("no interface called {iface}"))?;
+    Ok(link.header.link_layer_type == LinkLayerType::Ether)
+}
+
+/// `--uplink`, or the interfaces of the IPv4 and IPv6 default routes.
+async fn uplink_names(nl: &Netlink, fixed: Option<&str>) -> Vec<String> {
+    if let Some(u) = fixed {
+        return vec![u.to_owned()];
+    }
+    let mut v = Vec::new();
+    match uplink::default_route_interfaces(nl).await {
+        Ok((a, b)) => {
+            v.extend(a);
+            if let Some(b) = b
+                && !v.contains(&b)
+            {
+                v.push(b);
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot read the default routes to find the uplinks"),
+    }
+    v
+}
+
+/// The subnets of `ifaces` (connected prefixes).
+async fn local_prefixes(nl: &Netlink, ifaces: &[String]) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for name in ifaces {
+        if let Ok(Some(idx)) = nl.link_index(name).await
+            && let Ok(addrs) = netif::addresses(nl, idx).await
+        {
+            out.extend(addrs.into_iter().map(|a| a.trunc()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bypass_set_has_builtins_lan_exclusions_and_endpoints() {
+        let set = bypass_set(
+            &["10.99.0.0/24".parse().expect("net")],
+            &["198.51.100.0/24".parse().expect("net")],
+            &[
+                "192.0.2.1".parse().expect("ip"),
+                "2001:db8::1".parse().expect("ip"),
+            ],
+        );
+        assert_eq!(set.len(), 5 + 1 + 1 + 2);
+        assert_eq!(
+            set[&"192.0.2.1/32".parse::<IpNet>().expect("net")],
+            BypassReason::Endpoint as u8
+        );
+        assert_eq!(
+            set[&"2001:db8::1/128".parse::<IpNet>().expect("net")],
+            BypassReason::Endpoint as u8
+        );
+        assert_eq!(
+            set[&"fe80::/10".parse::<IpNet>().expect("net")],
+            BypassReason::Builtin as u8
+        );
+        assert_eq!(
+            set[&"198.51.100.0/24".parse::<IpNet>().expect("net")],
+            BypassReason::Excluded as u8
+        );
+    }
+}
