@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod exclude;
 pub mod exit;
+pub mod instance;
 pub mod keys;
 pub mod mesh;
 pub mod metrics;

@@ -10,27 +10,16 @@
 //! gateway's nftables table, and the sysctls recorded in the state
 //! directory.
 
-use std::path::PathBuf;
-
 use anyhow::Context as _;
 
 use crate::{
     datapath,
+    instance::Instance,
     netlink::Netlink,
     routing::{
-        PolicyNumbers, exclusions::ExcludedRoutes, gateway, policy::ClientRouting, sysctl::Sysctls,
-        uplink,
+        exclusions::ExcludedRoutes, gateway, policy::ClientRouting, sysctl::Sysctls, uplink,
     },
 };
-
-/// Where nexd keeps what must be removed.
-#[derive(Debug, Clone)]
-pub struct OfflineOptions {
-    pub interface: String,
-    pub state_dir: PathBuf,
-    pub bpffs: PathBuf,
-    pub policy: PolicyNumbers,
-}
 
 /// What was found (and removed).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +35,7 @@ impl Removed {
 }
 
 /// Removes the exit-node client configuration nexd left behind.
-pub fn restore_direct_path(opts: &OfflineOptions) -> anyhow::Result<Removed> {
+pub fn restore_direct_path(opts: &Instance) -> anyhow::Result<Removed> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -26,10 +26,7 @@ use clap::{CommandFactory as _, FromArgMatches as _, parser::ValueSource};
 use toml::Spanned;
 
 use super::nexd::Cli;
-
-/// Where the configuration file is when neither `--config` nor
-/// `NEXD_CONFIG` says; a missing default file is fine.
-pub const DEFAULT_CONFIG: &str = "/etc/nexd/nexd.toml";
+use crate::instance::{DEFAULT_CONFIG, Instance};
 
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
@@ -157,6 +154,18 @@ pub fn parse(argv: Vec<OsString>) -> Result<Cli, clap::Error> {
     }
     let second = Cli::command().try_get_matches_from(&full)?;
     Cli::from_arg_matches(&second)
+}
+
+/// The instance a nexd started from this environment (`NEXD_*` variables)
+/// and configuration file (`config`, else `NEXD_CONFIG`, else the default)
+/// would be: what nexctl uses to find nexd and to clean up after it.
+pub fn instance(config: Option<&Path>) -> Result<Instance, clap::Error> {
+    let mut argv: Vec<OsString> = vec!["nexd".into()];
+    if let Some(c) = config {
+        argv.push("--config".into());
+        argv.push(c.as_os_str().to_owned());
+    }
+    Ok(parse(argv)?.agent.instance())
 }
 
 #[cfg(test)]

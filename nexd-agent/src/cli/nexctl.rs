@@ -14,9 +14,7 @@ use crate::control::{
         VersionInfo,
     },
 };
-
-/// Default control socket path, shared with nexd.
-pub const DEFAULT_SOCKET: &str = "/run/nexd.sock";
+use crate::instance::Instance;
 
 /// Exit statuses, documented in the README. Scripts may rely on them.
 pub mod exit {
@@ -42,9 +40,15 @@ pub mod exit {
     after_help = "Exit status: 0 ok, 1 failure, 2 bad usage, 3 nexd unreachable, 4 permission denied, 5 version mismatch, 6 unavailable (nothing changed).\n\nShell completion: nexctl completion bash > /etc/bash_completion.d/nexctl"
 )]
 pub struct Cli {
-    /// nexd's control socket.
-    #[arg(long, global = true, env = "NEXCTL_SOCKET", default_value = DEFAULT_SOCKET)]
-    pub socket: PathBuf,
+    /// nexd's control socket. Default: the one nexd's configuration names
+    /// (`--config`, NEXD_SOCKET), else /run/nexd.sock.
+    #[arg(long, global = true, env = "NEXCTL_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// nexd's configuration file, read as nexd reads it (with the NEXD_*
+    /// variables): where its socket is, and, when nexd is dead, what it
+    /// installed. Default: NEXD_CONFIG, else /etc/nexd/nexd.toml if present.
+    #[arg(long, global = true, env = "NEXD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Output format of listings: column, no-header, json, yaml.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Column)]
     pub output: OutputFormat,
@@ -68,6 +72,9 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Write the man pages of nexd and nexctl into DIR (for packaging).
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,24 +109,47 @@ pub enum ExitNodeCommand {
     Disable(DisableArgs),
 }
 
-/// Where a stopped nexd's state is; used only when nexd is not running.
-#[derive(Debug, Clone, clap::Args)]
+/// Where a stopped nexd's state is, used only when nexd is not running.
+/// Each overrides what nexd's configuration (`--config`, NEXD_*) says.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct DisableArgs {
     /// nexd's WireGuard interface.
-    #[arg(long, default_value = "wg0")]
-    pub interface: String,
+    #[arg(long)]
+    pub interface: Option<String>,
     /// nexd's state directory (original sysctl values).
-    #[arg(long, default_value = "/var/lib/nexd")]
-    pub state_dir: PathBuf,
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// Where nexd pins its leak guard.
-    #[arg(long, default_value = "/sys/fs/bpf")]
-    pub bpffs: PathBuf,
+    #[arg(long)]
+    pub bpffs: Option<PathBuf>,
     /// nexd's `--exit-table`.
-    #[arg(long, default_value_t = crate::routing::DEFAULT_TABLE)]
-    pub exit_table: u32,
+    #[arg(long)]
+    pub exit_table: Option<u32>,
     /// nexd's `--exit-rule-priority`.
-    #[arg(long, default_value_t = crate::routing::DEFAULT_PRIORITY)]
-    pub exit_rule_priority: u32,
+    #[arg(long)]
+    pub exit_rule_priority: Option<u32>,
+}
+
+impl DisableArgs {
+    /// `inst` with the overrides given on the command line.
+    fn apply(&self, mut inst: Instance) -> Instance {
+        if let Some(i) = &self.interface {
+            inst.interface.clone_from(i);
+        }
+        if let Some(d) = &self.state_dir {
+            inst.state_dir.clone_from(d);
+        }
+        if let Some(b) = &self.bpffs {
+            inst.bpffs.clone_from(b);
+        }
+        if let Some(t) = self.exit_table {
+            inst.policy.table = t;
+        }
+        if let Some(p) = self.exit_rule_priority {
+            inst.policy.priority = p;
+        }
+        inst
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,10 +160,62 @@ pub enum PeersCommand {
 
 /// Runs the parsed command line and returns the process exit status.
 pub fn run(cli: Cli) -> ExitCode {
+    match &cli.command {
+        Command::Completion { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "nexctl",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => {
+            return match super::man::write_all(dir) {
+                Ok(pages) => {
+                    for p in pages {
+                        println!("{}", p.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {}", crate::error_text(&e));
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
+    // nexd's instance as its configuration describes it: needed for the
+    // socket (unless given) and for cleaning up after a dead nexd.
+    let needs_instance = cli.socket.is_none()
+        || matches!(
+            cli.command,
+            Command::ExitNode(ExitNodeCommand::Disable(_))
+                | Command::Nexd(NexdCommand::ExitNode(ExitNodeCommand::Disable(_)))
+        );
+    let instance = if needs_instance {
+        match super::config::instance(cli.config.as_deref()) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                eprintln!("error: reading nexd's configuration: {e}");
+                return ExitCode::from(exit::USAGE);
+            }
+        }
+    } else {
+        None
+    };
+    let socket = match (&cli.socket, &instance) {
+        (Some(s), _) => s.clone(),
+        (None, Some(i)) => i.socket.clone(),
+        (None, None) => PathBuf::from(crate::instance::DEFAULT_SOCKET),
+    };
     let ctx = Ctx {
-        socket: cli.socket,
+        socket,
         output: cli.output,
         timeout: Duration::from_secs(cli.timeout.max(1)),
+        instance,
     };
     let result = match cli.command {
         Command::Nexd(NexdCommand::Version) => version(&ctx),
@@ -149,11 +231,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Nexd(NexdCommand::ExitNode(c)) | Command::ExitNode(c) => exit_node(&ctx, c),
-        Command::Completion { shell } => {
-            use clap::CommandFactory as _;
-            clap_complete::generate(shell, &mut Cli::command(), "nexctl", &mut std::io::stdout());
-            Ok(())
-        }
+        Command::Completion { .. } | Command::Man { .. } => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -186,6 +264,8 @@ struct Ctx {
     socket: PathBuf,
     output: OutputFormat,
     timeout: Duration,
+    /// nexd's instance from its configuration, when it was needed.
+    instance: Option<Instance>,
 }
 
 impl Ctx {
@@ -295,12 +375,12 @@ fn status(ctx: &Ctx) -> Result<(), ClientError> {
                 },
             ),
             ("EXCLUDED ROUTES", info.datapath.excluded_routes.to_string()),
-            ("EXIT NODE ROLE", info.exit_node.role.clone()),
+            ("EXIT NODE ROLE", info.exit_node.role.as_str().to_owned()),
             (
                 "EXIT NODE CLIENT",
                 match &info.exit_node.active_exit_node {
-                    Some(name) => format!("{} via {name}", info.exit_node.client_phase),
-                    None => info.exit_node.client_phase.clone(),
+                    Some(name) => format!("{} via {name}", info.exit_node.client_phase.as_str()),
+                    None => info.exit_node.client_phase.as_str().to_owned(),
                 },
             ),
             ("MESH FILE", info.mesh_file.clone()),
@@ -361,7 +441,12 @@ fn exit_node(ctx: &Ctx, cmd: ExitNodeCommand) -> Result<(), ClientError> {
     };
     let reply = match (ctx.call(method), &cmd) {
         (Err(ClientError::NotRunning(_) | ClientError::Stale(_)), ExitNodeCommand::Disable(a)) => {
-            return disable_offline(a);
+            let Some(inst) = ctx.instance.clone() else {
+                return Err(ClientError::BadReply(
+                    "nexd's configuration was not read".into(),
+                ));
+            };
+            return disable_offline(&a.apply(inst));
         }
         (r, _) => r?,
     };
@@ -379,18 +464,8 @@ fn exit_node(ctx: &Ctx, cmd: ExitNodeCommand) -> Result<(), ClientError> {
 }
 
 /// nexd is not running: remove what it left, by its fixed numbers.
-fn disable_offline(a: &DisableArgs) -> Result<(), ClientError> {
-    let opts = crate::offline::OfflineOptions {
-        interface: a.interface.clone(),
-        state_dir: a.state_dir.clone(),
-        bpffs: a.bpffs.clone(),
-        policy: crate::routing::PolicyNumbers {
-            table: a.exit_table,
-            priority: a.exit_rule_priority,
-            ..crate::routing::PolicyNumbers::default()
-        },
-    };
-    match crate::offline::restore_direct_path(&opts) {
+fn disable_offline(inst: &Instance) -> Result<(), ClientError> {
+    match crate::offline::restore_direct_path(inst) {
         Ok(removed) => {
             if removed.anything() {
                 println!(

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::{daemon, exclude, keys, routing, wireguard::BackendChoice};
+use crate::{daemon, exclude, instance, keys, routing, wireguard::BackendChoice};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,14 +28,14 @@ pub struct Cli {
 pub struct AgentArgs {
     /// Configuration file: any option below under its long name (TOML).
     /// The command line and NEXD_* variables override it.
-    #[arg(long, global = true, env = "NEXD_CONFIG", default_value = super::config::DEFAULT_CONFIG)]
+    #[arg(long, global = true, env = "NEXD_CONFIG", default_value = instance::DEFAULT_CONFIG)]
     pub config: PathBuf,
     /// The mesh file: prefixes and devices (TOML, see README).
     #[arg(
         long,
         global = true,
         env = "NEXD_MESH_FILE",
-        default_value = "/etc/nexd/mesh.toml"
+        default_value = instance::DEFAULT_MESH_FILE
     )]
     pub mesh_file: PathBuf,
     /// Where the private key and the instance lock live.
@@ -43,7 +43,7 @@ pub struct AgentArgs {
         long,
         global = true,
         env = "NEXD_STATE_DIR",
-        default_value = "/var/lib/nexd"
+        default_value = instance::DEFAULT_STATE_DIR
     )]
     pub state_dir: PathBuf,
     /// nexctl's control socket.
@@ -51,7 +51,7 @@ pub struct AgentArgs {
         long,
         global = true,
         env = "NEXD_SOCKET",
-        default_value = "/run/nexd.sock"
+        default_value = instance::DEFAULT_SOCKET
     )]
     pub socket: PathBuf,
     /// A group whose members may use read-only nexctl commands (the socket
@@ -59,7 +59,7 @@ pub struct AgentArgs {
     #[arg(long, global = true, env = "NEXD_SOCKET_GROUP", value_name = "GROUP")]
     pub socket_group: Option<String>,
     /// Name of the WireGuard interface.
-    #[arg(long, global = true, env = "NEXD_INTERFACE", default_value = "wg0")]
+    #[arg(long, global = true, env = "NEXD_INTERFACE", default_value = instance::DEFAULT_INTERFACE)]
     pub interface: String,
     /// WireGuard implementation: kernel, userspace (boringtun) or auto
     /// (kernel when available).
@@ -130,8 +130,30 @@ pub struct AgentArgs {
     #[arg(long, global = true, env = "NEXD_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Where bpffs is mounted (nexd mounts it there if needed).
-    #[arg(long, global = true, env = "NEXD_BPFFS", default_value = "/sys/fs/bpf")]
+    #[arg(long, global = true, env = "NEXD_BPFFS", default_value = instance::DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+}
+
+impl AgentArgs {
+    /// The policy routing numbers these options give.
+    pub fn policy(&self) -> routing::PolicyNumbers {
+        routing::PolicyNumbers {
+            table: self.exit_table,
+            fwmark: self.exit_fwmark,
+            priority: self.exit_rule_priority,
+        }
+    }
+
+    /// What identifies the instance these options run.
+    pub fn instance(&self) -> instance::Instance {
+        instance::Instance {
+            socket: self.socket.clone(),
+            state_dir: self.state_dir.clone(),
+            interface: self.interface.clone(),
+            bpffs: self.bpffs.clone(),
+            policy: self.policy(),
+        }
+    }
 }
 
 /// Accepts decimal or 0x-prefixed hex (marks are usually written in hex).
@@ -233,6 +255,7 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let policy = args.policy();
     let opts = daemon::Options {
         mesh_file: args.mesh_file,
         state_dir: args.state_dir,
@@ -243,11 +266,7 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
             .filter(|r| r.exit_node)
             .map(|_| daemon::ExitServerOptions {}),
         exit_node_client: args.exit_node_client,
-        policy: routing::PolicyNumbers {
-            table: args.exit_table,
-            fwmark: args.exit_fwmark,
-            priority: args.exit_rule_priority,
-        },
+        policy,
         lan_interfaces: args.lan_interfaces,
         exclude_routes: args.exclude_routes,
         exclude_routes_file: args.exclude_routes_file,
