@@ -4,7 +4,9 @@
 //!
 //! This does what aya-build does, minus its habit of replaying the nested
 //! cargo's whole output as warnings on every build: here the nested output
-//! is shown only when the eBPF build fails.
+//! is shown only when the eBPF build fails. Without the eBPF toolchain the
+//! build fails with the fix in the message; nothing that installs the
+//! toolchain (`cargo xtask setup`) depends on this crate.
 use std::{
     env,
     path::{Path, PathBuf},
@@ -12,9 +14,6 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-
-#[path = "ebpf_toolchain.rs"]
-mod ebpf_toolchain;
 
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
@@ -29,32 +28,18 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed={}", common_dir.display());
     println!("cargo:rerun-if-env-changed=NEXD_EBPF_TOOLCHAIN");
 
-    println!("cargo::rustc-check-cfg=cfg(nexd_ebpf_missing)");
-
     let arch = env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH not set")?;
-    // Pinned in nexd-ebpf/rust-toolchain.toml (bpf-linker's LLVM must be
-    // able to read this rustc's bitcode).
-    let toolchain = ebpf_toolchain::ebpf_toolchain(root);
-
-    // On a bare machine the eBPF toolchain is missing, and `cargo xtask
-    // setup` (which installs it) is itself a build of this crate: failing
-    // here would make the documented first command impossible. So when the
-    // toolchain is *missing* (not when the eBPF code fails to build), embed
-    // an empty object and say so loudly; the data path then refuses to
-    // load with an error naming the fix, and the watched paths below make
-    // the first build after `cargo xtask setup` embed the real object.
-    let sysroot = sysroot(&toolchain);
-    if let Some(missing) = missing_toolchain(&toolchain, sysroot.as_deref()) {
-        println!(
-            "cargo:warning=nexd is built WITHOUT its eBPF programs: {missing}. \
-             Run `cargo xtask setup`, then build again."
+    // The nightly pinned in nexd-ebpf/rust-toolchain.toml (bpf-linker's
+    // LLVM must be able to read this rustc's bitcode), as rustup resolves
+    // it there; NEXD_EBPF_TOOLCHAIN overrides. A missing toolchain is an
+    // error naming the fix: a build without its programs would be a nexd
+    // that cannot keep its promises (no kill switch, no steering).
+    let toolchain = ebpf_toolchain(&ebpf_dir)?;
+    if let Some(missing) = missing_toolchain(&toolchain) {
+        bail!(
+            "cannot build nexd's eBPF programs: {missing}. Run `cargo xtask setup` (it installs \
+             the pinned nightly with rust-src, and bpf-linker), then build again."
         );
-        println!("cargo:rustc-cfg=nexd_ebpf_missing");
-        for watched in toolchain_paths(sysroot.as_deref()) {
-            println!("cargo:rerun-if-changed={}", watched.display());
-        }
-        std::fs::write(out_dir.join("nexd"), b"").context("writing the empty eBPF object")?;
-        return Ok(());
     }
     let target_dir = out_dir.join("ebpf-target");
     let rustflags = [
@@ -101,37 +86,51 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `$NEXD_EBPF_TOOLCHAIN`, else the toolchain rustup picks in
+/// `ebpf_dir` (its rust-toolchain.toml), by name.
+fn ebpf_toolchain(ebpf_dir: &Path) -> anyhow::Result<String> {
+    if let Ok(t) = env::var("NEXD_EBPF_TOOLCHAIN")
+        && !t.trim().is_empty()
+    {
+        return Ok(t.trim().to_owned());
+    }
+    let out = Command::new("rustup")
+        .args(["show", "active-toolchain"])
+        .current_dir(ebpf_dir)
+        // The toolchain running this build must not decide for the eBPF one.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run rustup; `cargo xtask setup` installs what nexd needs")?;
+    if !out.status.success() {
+        bail!(
+            "the eBPF toolchain pinned in {}/rust-toolchain.toml is not installed ({}); run `cargo xtask setup`",
+            ebpf_dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .next()
+                .unwrap_or_default()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .next()
+        .map(str::to_owned)
+        .context("rustup named no toolchain for nexd-ebpf")
+}
+
 /// What of the eBPF toolchain is missing, if anything.
-fn missing_toolchain(toolchain: &str, sysroot: Option<&Path>) -> Option<String> {
-    let Some(sysroot) = sysroot else {
+fn missing_toolchain(toolchain: &str) -> Option<String> {
+    let Some(sysroot) = sysroot(toolchain) else {
         return Some(format!("the {toolchain} Rust toolchain is not installed"));
     };
-    if !rust_src_lock(sysroot).exists() {
+    if !rust_src_lock(&sysroot).exists() {
         return Some(format!("{toolchain} has no rust-src component"));
     }
     if find_in_path("bpf-linker").is_none() {
         return Some("bpf-linker is not on PATH".into());
     }
     None
-}
-
-/// Files whose appearance means the toolchain may now be complete. A path
-/// that does not exist makes cargo rerun this script on every build, which
-/// is what we want while something is missing.
-fn toolchain_paths(sysroot: Option<&Path>) -> Vec<PathBuf> {
-    let cargo_home = env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
-    let mut paths: Vec<PathBuf> = cargo_home
-        .map(|h| h.join("bin/bpf-linker"))
-        .into_iter()
-        .collect();
-    match sysroot {
-        Some(s) => paths.push(rust_src_lock(s)),
-        // No toolchain yet: a path that cannot exist reruns every time.
-        None => paths.push(PathBuf::from("/nonexistent/nexd-ebpf-toolchain")),
-    }
-    paths
 }
 
 fn sysroot(toolchain: &str) -> Option<PathBuf> {

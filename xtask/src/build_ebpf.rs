@@ -21,7 +21,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let root = workspace_root();
     let arch = std::env::consts::ARCH;
     step("building nexd-ebpf for bpfel-unknown-none");
-    let toolchain = crate::nightly();
+    let toolchain = crate::nightly()?;
     let mut cmd = Command::new("rustup");
     cmd.args([
         "run",
@@ -58,5 +58,34 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let object = root.join(format!("target/bpfel-unknown-none/{profile}/nexd"));
     let size = std::fs::metadata(&object).map(|m| m.len()).unwrap_or(0);
     println!("eBPF object: {} ({size} bytes)", object.display());
+    Ok(())
+}
+
+/// `cargo clippy -- -D warnings` on the eBPF crate, for its own target with
+/// the pinned nightly: the code that runs in the kernel is linted like the
+/// rest (the workspace's clippy cannot build it).
+pub fn clippy() -> anyhow::Result<()> {
+    let toolchain = crate::nightly()?;
+    let status = Command::new("rustup")
+        .args([
+            "run",
+            &toolchain,
+            "cargo",
+            "clippy",
+            "--package",
+            "nexd-ebpf",
+            "--bins",
+        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--", "-D", "warnings"])
+        .current_dir(workspace_root().join("nexd-ebpf"))
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .status()
+        .context("cannot run rustup; run `cargo xtask setup`")?;
+    if !status.success() {
+        bail!("clippy found problems in nexd-ebpf ({status})");
+    }
     Ok(())
 }

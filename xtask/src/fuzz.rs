@@ -38,7 +38,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         );
     }
     step("building the fuzz targets (nightly, AddressSanitizer)");
-    let mut build = nightly_cargo();
+    let mut build = nightly_cargo()?;
     build
         .current_dir(&fuzz_dir)
         .args(["fuzz", "build", "--release", "--debug-assertions"]);
@@ -53,7 +53,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         step(&format!("fuzzing {t} for {} s", args.seconds));
         let scratch = std::env::temp_dir().join(format!("nexd-fuzz-{}-{t}", std::process::id()));
         std::fs::create_dir_all(&scratch)?;
-        let status = nightly_cargo()
+        let status = nightly_cargo()?
             .current_dir(&fuzz_dir)
             .args(["fuzz", "run", "--release", "--debug-assertions", t])
             .arg(&scratch)
@@ -76,10 +76,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 /// `rustup run <pinned nightly> cargo`, clean of the outer cargo's
 /// variables (cargo-fuzz needs nightly for -Zsanitizer; the pinned one is
 /// the one `cargo xtask setup` installs).
-fn nightly_cargo() -> Command {
+fn nightly_cargo() -> anyhow::Result<Command> {
     let c = crate::cargo_command();
     let mut n = Command::new("rustup");
-    n.args(["run", &crate::nightly(), "cargo"]);
+    n.args(["run", &crate::nightly()?, "cargo"]);
     for (k, v) in c.get_envs() {
         match v {
             Some(v) => n.env(k, v),
@@ -92,7 +92,7 @@ fn nightly_cargo() -> Command {
     if let Some(dir) = c.get_current_dir() {
         n.current_dir(dir);
     }
-    n
+    Ok(n)
 }
 
 /// Whether cargo-fuzz is installed.

@@ -12,12 +12,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use nexd_testkit::{
-    Netns, Node, NodeSpec,
-    netns::veth,
+    Netns, Node, NodeSpec, counter,
     node::KeptNode,
-    topology::nft_script,
+    topology::lan_behind,
     traffic::{ping_until, tcp_transfer},
-    wait_for,
     world::{Naming, World},
 };
 
@@ -177,15 +175,8 @@ fn lab_story(keep: bool) -> anyhow::Result<()> {
         },
     )?;
     let lan = Netns::named(&format!("{NS_PREFIX}lanhost"), "lanhost")?;
-    veth(&w.node("client").ns, "lan0", &lan, "eth0")?;
-    w.node("client").ns.ip("addr add 10.99.0.1/24 dev lan0")?;
-    lan.ip("addr add 10.99.0.2/24 dev eth0")?;
-    lan.ip("route add default via 10.99.0.1")?;
     // The client is a home router: it NATs its LAN to its uplink already.
-    nft_script(
-        &w.node("client").ns,
-        "table inet homenat {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  iifname \"lan0\" oifname \"eth0\" masquerade\n }\n}\n",
-    )?;
+    lan_behind(&w.node("client").ns, &lan)?;
     for name in names {
         println!(
             "  {name:<8} namespace {:<20} underlay {} / {}   mesh {} / {}",
@@ -263,17 +254,8 @@ fn lab_story(keep: bool) -> anyhow::Result<()> {
     }
 
     say("The exit node announces itself inside the tunnel; the client lists it:");
-    wait_for(
-        "the exit node to be available",
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-        || {
-            w.node("client")
-                .nexctl_json(&["nexd", "exit-node", "list"])
-                .ok()
-                .filter(|v| v[0]["status"] == "available")
-        },
-    )?;
+    w.node("client")
+        .wait_exit_node("exit", Duration::from_secs(20))?;
     nexctl_show(w.node("client"), &["nexd", "exit-node", "list"])?;
 
     let client_ns = &w.node("client").ns;
@@ -344,14 +326,8 @@ fn lab_story(keep: bool) -> anyhow::Result<()> {
         "The eBPF counters: LAN traffic steered, sent direct to the mesh, bypassed; the leak guard on eth0:",
     );
     nexctl_show(w.node("client"), &["nexd", "stats"])?;
-    let stats = w.node("client").nexctl_json(&["nexd", "stats"])?;
-    let packets = |name: &str| {
-        stats["counters"]
-            .as_array()
-            .and_then(|a| a.iter().find(|c| c["name"] == name))
-            .and_then(|c| c["packets"].as_u64())
-            .unwrap_or(0)
-    };
+    let stats = w.node("client").stats()?;
+    let packets = |name: &str| counter(&stats, name).unwrap_or(0);
     check(
         packets("steered_exit") > 0 && packets("direct_mesh") > 0 && packets("bypassed") > 0,
         "the classifier counted steered, mesh and bypassed packets",

@@ -11,8 +11,6 @@
 
 mod bench;
 mod build_ebpf;
-#[path = "../../nexd-agent/ebpf_toolchain.rs"]
-mod ebpf_toolchain;
 mod fuzz;
 mod lab;
 mod man;
@@ -60,19 +58,6 @@ enum Task {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let needs_ebpf = matches!(
-        cli.task,
-        Task::Test(_) | Task::Lab(_) | Task::Bench(_) | Task::VmTest(_)
-    );
-    if needs_ebpf && !nexd::datapath::EBPF_EMBEDDED {
-        return match bootstrap() {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
-    }
     let result = match cli.task {
         Task::Setup(a) => setup::run(&a),
         Task::BuildEbpf(a) => build_ebpf::run(&a),
@@ -92,37 +77,29 @@ fn main() -> ExitCode {
     }
 }
 
-/// On a bare machine this xtask was built before the eBPF toolchain
-/// existed, so its in-process copy of the data path (bench, lab) is empty.
-/// Install the toolchain, then run the same task again from a fresh build
-/// of xtask that embeds the real programs.
-fn bootstrap() -> anyhow::Result<ExitCode> {
-    const GUARD: &str = "NEXD_XTASK_REBUILT";
-    if std::env::var_os(GUARD).is_some() {
-        anyhow::bail!(
-            "xtask was rebuilt after `cargo xtask setup` but still has no eBPF programs; \
-             run `cargo xtask build-ebpf` to see why the eBPF build fails"
-        );
-    }
-    step("this xtask was built before the eBPF toolchain was installed: installing it first");
-    setup::run(&setup::Args { check: false })?;
-    step("rebuilding xtask with the eBPF programs and running the task again");
-    let status = cargo_command()
-        .args(["run", "--quiet", "--package", "xtask", "--"])
-        .args(std::env::args_os().skip(1))
-        .env(GUARD, "1")
-        .status()?;
-    Ok(match status.code() {
-        Some(0) => ExitCode::SUCCESS,
-        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
-        None => ExitCode::FAILURE,
-    })
-}
-
 /// The Rust toolchain for the eBPF programs and the fuzz targets, pinned
-/// in nexd-ebpf/rust-toolchain.toml (see there why).
-pub fn nightly() -> String {
-    ebpf_toolchain::ebpf_toolchain(&workspace_root())
+/// in nexd-ebpf/rust-toolchain.toml (see there why); `NEXD_EBPF_TOOLCHAIN`
+/// overrides it. nexd-agent's build.rs lets rustup read the same file.
+pub fn nightly() -> anyhow::Result<String> {
+    if let Ok(t) = std::env::var("NEXD_EBPF_TOOLCHAIN")
+        && !t.trim().is_empty()
+    {
+        return Ok(t.trim().to_owned());
+    }
+    #[derive(serde::Deserialize)]
+    struct File {
+        toolchain: Toolchain,
+    }
+    #[derive(serde::Deserialize)]
+    struct Toolchain {
+        channel: String,
+    }
+    let path = workspace_root().join("nexd-ebpf/rust-toolchain.toml");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let file: File =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(file.toolchain.channel)
 }
 
 /// The workspace root (xtask lives one level below it).

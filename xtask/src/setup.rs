@@ -53,8 +53,13 @@ fn exec(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether the pinned nightly is installed, and whether it has rust-src.
-fn nightly_ready(toolchain: &str) -> (bool, bool) {
+/// What the pinned nightly needs: rust-src for `-Z build-std=core`, clippy
+/// for linting the eBPF crate.
+const NIGHTLY_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
+
+/// Whether the pinned nightly is installed, and which of its components
+/// are missing.
+fn nightly_ready(toolchain: &str) -> (bool, Vec<&'static str>) {
     let toolchains = Command::new("rustup")
         .args(["toolchain", "list"])
         .output()
@@ -64,13 +69,19 @@ fn nightly_ready(toolchain: &str) -> (bool, bool) {
         let name = l.split_whitespace().next().unwrap_or_default();
         name == toolchain || name.starts_with(&format!("{toolchain}-"))
     });
-    let has_src = has_nightly
-        && Command::new("rustup")
-            .args(["component", "list", "--toolchain", toolchain, "--installed"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
-            .unwrap_or(false);
-    (has_nightly, has_src)
+    if !has_nightly {
+        return (false, NIGHTLY_COMPONENTS.to_vec());
+    }
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--toolchain", toolchain, "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let missing = NIGHTLY_COMPONENTS
+        .into_iter()
+        .filter(|c| !installed.lines().any(|l| l.starts_with(c)))
+        .collect();
+    (true, missing)
 }
 
 fn bpf_linker_ready() -> bool {
@@ -83,8 +94,8 @@ fn bpf_linker_ready() -> bool {
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    let toolchain = crate::nightly();
-    let (has_nightly, has_src) = nightly_ready(&toolchain);
+    let toolchain = crate::nightly()?;
+    let (has_nightly, missing_components) = nightly_ready(&toolchain);
     let has_linker = bpf_linker_ready();
     if args.check {
         println!(
@@ -100,8 +111,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             if has_nightly { "yes" } else { "missing" }
         );
         println!(
-            "{toolchain} rust-src: {}",
-            if has_src { "yes" } else { "missing" }
+            "{toolchain} components missing: {}",
+            if missing_components.is_empty() {
+                "none".into()
+            } else {
+                missing_components.join(" ")
+            }
         );
         println!("bpf-linker: {}", if has_linker { "yes" } else { "missing" });
         println!(
@@ -112,7 +127,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 "missing"
             }
         );
-        if !missing.is_empty() || !has_src || !has_linker {
+        if !missing.is_empty() || !missing_components.is_empty() || !has_linker {
             bail!("setup is incomplete; run `cargo xtask setup`");
         }
         return Ok(());
@@ -158,28 +173,24 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     if !has_nightly {
         step(&format!(
-            "installing {toolchain} with rust-src (the eBPF build's toolchain, pinned in nexd-ebpf/rust-toolchain.toml)"
+            "installing {toolchain} with rust-src and clippy (the eBPF build's toolchain, pinned in nexd-ebpf/rust-toolchain.toml)"
         ));
-        exec(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            &toolchain,
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]))?;
-    } else if !has_src {
+        let mut c = Command::new("rustup");
+        c.args(["toolchain", "install", &toolchain, "--profile", "minimal"]);
+        for comp in NIGHTLY_COMPONENTS {
+            c.args(["--component", comp]);
+        }
+        exec(&mut c)?;
+    } else if !missing_components.is_empty() {
         step(&format!(
-            "adding rust-src to {toolchain} (for -Z build-std=core)"
+            "adding {} to {toolchain}",
+            missing_components.join(" and ")
         ));
-        exec(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            &toolchain,
-        ]))?;
+        exec(
+            Command::new("rustup")
+                .args(["component", "add", "--toolchain", &toolchain])
+                .args(&missing_components),
+        )?;
     }
     if !has_linker {
         step(&format!(
@@ -202,6 +213,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         step("installing cargo-fuzz (about 2 minutes)");
         exec(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
-    step("setup complete: Debian packages, nightly + rust-src, bpf-linker, cargo-fuzz");
+    step("setup complete: Debian packages, nightly + rust-src + clippy, bpf-linker, cargo-fuzz");
     Ok(())
 }

@@ -57,10 +57,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         cargo(&["fmt", "--all", "--", "--check"])?;
         step("cargo clippy --all-targets -- -D warnings");
         cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+        step("cargo clippy on nexd-ebpf (bpfel-unknown-none, the pinned nightly) -- -D warnings");
+        crate::build_ebpf::clippy()?;
     }
     step("building nexd and nexctl (with the embedded eBPF object)");
     cargo(&["build", "--package", "nexd-agent", "--bins"])?;
     step("running unit and end-to-end tests");
+    // Under CI a test that lacks its privileges fails, never skips.
+    // SAFETY: set before this process starts threads that read the
+    // environment; the test processes inherit it.
+    unsafe { std::env::set_var(nexd_testkit::REQUIRE_PRIVILEGES, "1") };
     // Default members: the eBPF crate only builds for the BPF target.
     let mut test_args = vec!["test"];
     if !args.cargo_test_args.is_empty() {

@@ -16,9 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nexd::keys::PrivateKey;
+use base64::Engine as _;
 use nexd_testkit::{
     Node, NodeSpec,
+    proto::ExitStatus,
     topology::{MESH_V6_PREFIX, MeshDevice},
     traffic::udp_exchange,
     wait_for,
@@ -68,17 +69,8 @@ fn enable_and_failover(plan: &Plan) -> anyhow::Result<Vec<Row>> {
     w.node_mut("exit1")
         .start(&spec(&["router", "--exit-node"]))?;
     w.node_mut("client").start(&spec(&[]))?;
-    wait_for(
-        "exit1 available",
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-        || {
-            w.node("client")
-                .nexctl_json(&["nexd", "exit-node", "list"])
-                .ok()
-                .filter(|v| v[0]["status"] == "available")
-        },
-    )?;
+    w.node("client")
+        .wait_exit_node("exit1", Duration::from_secs(20))?;
     let exit1 = w.underlay("exit1", false);
     let (mut enable, mut probe) = (Vec::new(), Vec::new());
     for round in 0..=plan.rounds() {
@@ -115,22 +107,16 @@ fn enable_and_failover(plan: &Plan) -> anyhow::Result<Vec<Row>> {
             Duration::from_secs(30),
             Duration::from_millis(100),
             || {
-                let v = w
-                    .node("client")
-                    .nexctl_json(&["nexd", "exit-node", "list"])
-                    .ok()?;
-                let rows = v.as_array()?;
-                (rows.len() == 2 && rows.iter().all(|r| r["status"] == "available")).then_some(())
+                let rows = w.node("client").exit_nodes().ok()?;
+                (rows.len() == 2 && rows.iter().all(|r| r.status == ExitStatus::Available))
+                    .then_some(())
             },
         )?;
-        let list = w
-            .node("client")
-            .nexctl_json(&["nexd", "exit-node", "list"])?;
+        let list = w.node("client").exit_nodes()?;
         let active = list
-            .as_array()
-            .and_then(|a| a.iter().find(|r| r["active"] == true))
-            .and_then(|r| r["name"].as_str())
-            .unwrap_or("exit1")
+            .iter()
+            .find(|r| r.active)
+            .map_or("exit1", |r| r.name.as_str())
             .to_owned();
         let other = if active == "exit1" { "exit2" } else { "exit1" };
         let other_ip = w.underlay(other, false);
@@ -146,10 +132,11 @@ fn enable_and_failover(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                     Duration::from_secs(30),
                     Duration::from_millis(20),
                     || {
-                        let v = client.nexctl_json(&["nexd", "exit-node", "list"]).ok()?;
-                        v.as_array()?
+                        client
+                            .exit_nodes()
+                            .ok()?
                             .iter()
-                            .any(|r| r["name"] == active.as_str() && r["status"] == "stale")
+                            .any(|r| r.name == active && r.status == ExitStatus::Stale)
                             .then(|| t0.elapsed())
                     },
                 )
@@ -213,11 +200,12 @@ fn big_mesh(own: &str, n: usize, tweak: usize) -> String {
         for (j, b) in bytes.iter_mut().enumerate() {
             *b = (x >> ((j % 8) * 8)) as u8 ^ (i as u8).wrapping_mul(j as u8 + 1) ^ (i >> 8) as u8;
         }
-        let key = PrivateKey::from_bytes(bytes).public_key();
+        // Any 32 bytes are an X25519 public key; no device holds these.
+        let key = base64::engine::general_purpose::STANDARD.encode(bytes);
         let port = 10000 + i + if i == tweak { 20000 } else { 0 };
         devices.push(MeshDevice {
             name: format!("d{i}"),
-            public_key: key.to_string(),
+            public_key: key,
             endpoint: Some(format!("198.51.100.{}:{port}", 1 + i % 250)),
             ipv4: format!("100.64.{}.{}", (i + 2) >> 8, (i + 2) & 255),
             ipv6: format!("fd6e:6578:6400::{:x}", i + 2),
@@ -275,11 +263,7 @@ fn mesh_scaling(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                 "all peers",
                 Duration::from_secs(60),
                 Duration::from_millis(5),
-                || {
-                    node.nexctl_json(&["nexd", "peers", "list"])
-                        .ok()
-                        .filter(|v| v.as_array().is_some_and(|a| a.len() == n - 1))
-                },
+                || node.peers().ok().filter(|a| a.len() == n - 1),
             )?;
             let up = ms(t0.elapsed());
             // Let it settle (handshake attempts, first ticks) before RSS.
@@ -307,11 +291,11 @@ fn mesh_scaling(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                         }
                     }
                 }
-                let peers = node.nexctl_json(&["nexd", "peers", "list"])?;
+                let peers = node.peers()?;
                 let moved = peers
-                    .as_array()
-                    .and_then(|a| a.iter().find(|p| p["name"] == "d7"))
-                    .and_then(|p| p["endpoint"].as_str())
+                    .iter()
+                    .find(|p| p.name == "d7")
+                    .and_then(|p| p.endpoint.as_deref())
                     .is_some_and(|e| e.ends_with(":30007"));
                 anyhow::ensure!(moved, "the 1-device change was not applied");
             }

@@ -3,9 +3,8 @@
 //! over the rounds. `--quick` runs each benchmark once on tiny sizes (CI
 //! runs that so the code never rots; nothing asserts a timing).
 
-mod classifier;
 mod control;
-mod split;
+mod datapath;
 mod stats;
 mod throughput;
 
@@ -66,13 +65,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     };
     let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let mut rows: Vec<Row> = Vec::new();
-    if wanted("classifier") {
-        step("1. classifier cost per packet (BPF_PROG_TEST_RUN)");
-        rows.extend(classifier::run(&plan)?);
-    }
-    if wanted("split") {
-        step("2. split tunnelling at scale (packets per second through a gateway)");
-        rows.extend(split::run(&plan)?);
+    let in_process: Vec<&str> = ["classifier", "split"]
+        .into_iter()
+        .filter(|b| wanted(b))
+        .collect();
+    if !in_process.is_empty() {
+        step(
+            "1-2. classifier cost per packet, split tunnelling at scale (the eBPF programs in-process)",
+        );
+        rows.extend(datapath::run(&plan, &in_process, !args.quick)?);
     }
     if wanted("throughput") {
         step("3. end-to-end throughput through the exit node");

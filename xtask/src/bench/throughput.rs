@@ -10,9 +10,8 @@ use anyhow::{Context as _, bail};
 use nexd_testkit::{
     Netns, NodeSpec,
     cmd::output_with_timeout,
-    netns::veth,
-    topology::{SERVER_V4, nft_script},
-    wait_for,
+    proto::ClientPhase,
+    topology::{SERVER_V4, lan_behind},
     world::World,
 };
 
@@ -40,26 +39,11 @@ fn iperf(from: &Netns, secs: u64, udp: bool) -> anyhow::Result<f64> {
     Ok(bps / 1e6)
 }
 
-fn phase(w: &World) -> String {
-    w.node("client")
-        .nexctl_json(&["nexd", "status"])
-        .ok()
-        .and_then(|v| v["exit_node"]["client_phase"].as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
     let secs = if plan.quick { 1 } else { 4 };
     let mut w = World::new(&["exit1", "client"])?;
     let lan = Netns::new("blan")?;
-    veth(&w.node("client").ns, "lan0", &lan, "eth0")?;
-    w.node("client").ns.ip("addr add 10.99.0.1/24 dev lan0")?;
-    lan.ip("addr add 10.99.0.2/24 dev eth0")?;
-    lan.ip("route add default via 10.99.0.1")?;
-    nft_script(
-        &w.node("client").ns,
-        "table inet homenat {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  iifname \"lan0\" oifname \"eth0\" masquerade\n }\n}\n",
-    )?;
+    lan_behind(&w.node("client").ns, &lan)?;
     // The iperf3 server lives as long as the internet namespace.
     let mut server = Command::new("ip");
     server
@@ -97,12 +81,8 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                     log_level: "info".into(),
                     ..NodeSpec::default()
                 })?;
-                wait_for(
-                    "exit mode",
-                    Duration::from_secs(20),
-                    Duration::from_millis(100),
-                    || (phase(&w) == "active").then_some(()),
-                )?;
+                w.node("client")
+                    .wait_phase(ClientPhase::Active, Duration::from_secs(20))?;
                 let tcp = iperf(&w.node("client").ns, secs, false)?;
                 let udp = iperf(&w.node("client").ns, secs, true)?;
                 let lan_tcp = iperf(&lan, secs, false)?;

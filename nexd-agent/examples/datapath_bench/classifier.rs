@@ -12,7 +12,7 @@ use nexd_common::{
     names,
 };
 
-use super::{Plan, Row};
+use super::{Plan, Samples};
 
 fn packet_v4(dst: Ipv4Addr) -> Vec<u8> {
     let mut p = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
@@ -65,7 +65,7 @@ pub fn prefixes(n: usize) -> Vec<IpNet> {
     out.into_iter().collect()
 }
 
-pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
+pub fn run(plan: &Plan) -> anyhow::Result<Vec<Samples>> {
     let mut dp = Datapath::load()?;
     dp.set_config(DatapathConfig {
         flags: FLAG_STEER,
@@ -99,7 +99,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                         .nanos_per_run as f64,
                 );
             }
-            rows.push(Row::new(
+            rows.push(Samples::new(
                 "classifier",
                 &format!("steer {family}, {n} prefixes"),
                 "ns/pkt",

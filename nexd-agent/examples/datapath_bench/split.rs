@@ -27,7 +27,7 @@ use nexd::datapath::{BypassSet, Datapath};
 use nexd_common::config::{DatapathConfig, FLAG_STEER};
 use nexd_testkit::{Netns, netns::veth, topology::nft_script};
 
-use super::{Plan, Row, classifier::prefixes};
+use super::{Plan, Samples, classifier::prefixes};
 
 const MARK: u32 = 0x6e78;
 const TABLE: u32 = 28280;
@@ -293,7 +293,7 @@ fn measure(variant: Variant, prefixes: &[IpNet], secs: f64) -> anyhow::Result<(f
     Ok((pps, ns_per_pkt))
 }
 
-pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
+pub fn run(plan: &Plan) -> anyhow::Result<Vec<Samples>> {
     let sizes: &[usize] = if plan.quick {
         &[10]
     } else {
@@ -318,7 +318,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
         }
         let get = |k: &str| r.get(k).cloned().unwrap_or_default();
         let (nexd, rules, nft) = (get("nexd"), get("rules"), get("nft"));
-        rows.push(Row::new(
+        rows.push(Samples::new(
             "split",
             &format!("pps, {n} prefixes"),
             "pps",
@@ -327,7 +327,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
             &nexd.0,
             true,
         ));
-        rows.push(Row::new(
+        rows.push(Samples::new(
             "split",
             &format!("pps, {n} prefixes"),
             "pps",
@@ -336,7 +336,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
             &nexd.0,
             true,
         ));
-        rows.push(Row::new(
+        rows.push(Samples::new(
             "split",
             &format!("softirq/pkt, {n} prefixes"),
             "ns",
@@ -345,7 +345,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
             &nexd.1,
             false,
         ));
-        rows.push(Row::new(
+        rows.push(Samples::new(
             "split",
             &format!("softirq/pkt, {n} prefixes"),
             "ns",
