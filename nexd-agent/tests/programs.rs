@@ -99,9 +99,10 @@ fn vlan() -> Vec<u8> {
 // ---- harness ---------------------------------------------------------------
 
 fn datapath() -> Option<Datapath> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: loading eBPF programs needs root");
-        return None;
+    match nexd_testkit::privileged() {
+        Ok(true) => {}
+        Ok(false) => return None,
+        Err(e) => panic!("{e}"),
     }
     let mut dp = Datapath::load().expect("the verifier accepts every program");
     dp.set_config(DatapathConfig {

@@ -16,6 +16,8 @@ pub mod traffic;
 pub mod world;
 
 pub use netns::Netns;
+/// The control protocol's types, for reading nexctl's JSON typed.
+pub use nexd_proto as proto;
 pub use node::{Node, NodeSpec};
 
 use std::time::{Duration, Instant};
@@ -50,6 +52,16 @@ pub fn tcx_kernel() -> bool {
     (major, minor) >= (6, 6)
 }
 
+/// The packets of data path counter `name` in a `stats` reply.
+pub fn counter(stats: &proto::StatsInfo, name: &str) -> anyhow::Result<u64> {
+    stats
+        .counters
+        .iter()
+        .find(|c| c.name == name)
+        .map(|c| c.total.packets)
+        .ok_or_else(|| anyhow::anyhow!("no counter {name} in {stats:?}"))
+}
+
 /// Polls `f` every `interval` until it returns `Some` or `timeout` (scaled)
 /// passes.
 pub fn wait_for<T>(
@@ -71,9 +83,28 @@ pub fn wait_for<T>(
     }
 }
 
-/// Whether this process may create namespaces (root with CAP_SYS_ADMIN).
-/// Network tests skip with a message when it may not, rather than fail
-/// for a reason unrelated to nexd.
-pub fn can_run_network_tests() -> bool {
-    nix::unistd::geteuid().is_root() && std::path::Path::new("/proc/self/ns/net").exists()
+/// Set by `cargo xtask test` (and so CI): a test that needs privileges it
+/// does not have fails instead of skipping.
+pub const REQUIRE_PRIVILEGES: &str = "NEXD_TEST_REQUIRE_PRIVILEGES";
+
+/// The gate of every test that needs root (namespaces, eBPF). `Ok(true)`:
+/// go on. Without root, under `cargo xtask test` (`$NEXD_TEST_REQUIRE_PRIVILEGES`
+/// set) it is an error, so CI can never pass by skipping; in a plain
+/// `cargo test` by a developer without root it says so and returns
+/// `Ok(false)`, and the test returns early.
+pub fn privileged() -> anyhow::Result<bool> {
+    let able =
+        nix::unistd::geteuid().is_root() && std::path::Path::new("/proc/self/ns/net").exists();
+    if able {
+        return Ok(true);
+    }
+    if std::env::var_os(REQUIRE_PRIVILEGES).is_some() {
+        anyhow::bail!(
+            "this test needs root (network namespaces, eBPF) and {REQUIRE_PRIVILEGES} is set: it must run, not skip"
+        );
+    }
+    eprintln!(
+        "skipped: needs root to create network namespaces (run as root, or `sudo cargo xtask test`)"
+    );
+    Ok(false)
 }

@@ -19,10 +19,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use nexd_proto::{ClientPhase, ExitNodeRow, PeerRow, StatsInfo, StatusInfo};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
+use serde::de::DeserializeOwned;
 
 use crate::{bins, cmd, netns::Netns, wait_for};
 
@@ -37,6 +39,11 @@ pub struct NodeSpec {
     pub wireguard: String,
     /// `--log-level` value.
     pub log_level: String,
+    /// Start nexd from this configuration file alone (`NEXD_CONFIG`): the
+    /// file must name the state directory, mesh file and socket (the
+    /// node's own, for the testkit to reach it); nothing else is given on
+    /// the command line but `--wireguard` and `--log-level`.
+    pub config: Option<PathBuf>,
 }
 
 impl Default for NodeSpec {
@@ -45,6 +52,7 @@ impl Default for NodeSpec {
             args: Vec::new(),
             wireguard: std::env::var("NEXD_TEST_WIREGUARD").unwrap_or_else(|_| "userspace".into()),
             log_level: "info,nexd=debug".into(),
+            config: None,
         }
     }
 }
@@ -179,14 +187,21 @@ impl Node {
         let mut c = Command::new("nsenter");
         c.args(["-t", &holder, "-m", "-n", "--"])
             .arg(&nexd)
-            .args(&spec.args)
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("--mesh-file")
-            .arg(self.mesh_file())
-            .arg("--socket")
-            .arg(self.socket())
-            .args([
+            .args(&spec.args);
+        match &spec.config {
+            Some(file) => {
+                c.env("NEXD_CONFIG", file);
+            }
+            None => {
+                c.arg("--state-dir")
+                    .arg(self.state_dir())
+                    .arg("--mesh-file")
+                    .arg(self.mesh_file())
+                    .arg("--socket")
+                    .arg(self.socket());
+            }
+        }
+        c.args([
                 "--wireguard",
                 &spec.wireguard,
                 "--log-level",
@@ -294,6 +309,26 @@ impl Node {
         cmd::output_with_timeout(&mut c, Duration::from_secs(30))
     }
 
+    /// Runs nexctl on the device with only `env` to go by (no `--socket`):
+    /// as an operator would, from the environment nexd was started from.
+    pub fn nexctl_in_env(
+        &mut self,
+        env: &[(&str, &Path)],
+        args: &[&str],
+    ) -> anyhow::Result<std::process::Output> {
+        let holder = self.holder_pid()?.to_string();
+        let nexctl = bins::nexctl()?;
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &holder, "-m", "-n", "--"])
+            .arg(nexctl)
+            .args(args)
+            .env_remove("NEXCTL_SOCKET");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        cmd::output_with_timeout(&mut c, Duration::from_secs(30))
+    }
+
     /// Runs nexctl as another user (`setpriv`), e.g. nobody.
     pub fn nexctl_as(
         &self,
@@ -314,9 +349,11 @@ impl Node {
         cmd::output_with_timeout(&mut c, Duration::from_secs(20))
     }
 
-    /// Runs nexctl with `--output json` and parses the result; fails unless
-    /// nexctl exits 0.
-    pub fn nexctl_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    /// Runs nexctl with `--output json` and deserializes the result into
+    /// `T` (the protocol's own types: a renamed field fails here, loudly,
+    /// instead of showing up later as a timeout); fails unless nexctl
+    /// exits 0.
+    pub fn nexctl_json<T: DeserializeOwned>(&self, args: &[&str]) -> anyhow::Result<T> {
         let mut full = vec!["--output=json"];
         full.extend_from_slice(args);
         let out = self.nexctl(&full)?;
@@ -330,10 +367,63 @@ impl Node {
         }
         serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
-                "nexctl output is not JSON: {}",
+                "{}: nexctl {args:?} printed something that is not a {}: {}",
+                self.name,
+                std::any::type_name::<T>(),
                 String::from_utf8_lossy(&out.stdout)
             )
         })
+    }
+
+    /// `nexctl nexd status`.
+    pub fn status(&self) -> anyhow::Result<StatusInfo> {
+        self.nexctl_json(&["nexd", "status"])
+    }
+
+    /// `nexctl nexd peers list`.
+    pub fn peers(&self) -> anyhow::Result<Vec<PeerRow>> {
+        self.nexctl_json(&["nexd", "peers", "list"])
+    }
+
+    /// `nexctl nexd exit-node list`.
+    pub fn exit_nodes(&self) -> anyhow::Result<Vec<ExitNodeRow>> {
+        self.nexctl_json(&["nexd", "exit-node", "list"])
+    }
+
+    /// `nexctl nexd stats`.
+    pub fn stats(&self) -> anyhow::Result<StatsInfo> {
+        self.nexctl_json(&["nexd", "stats"])
+    }
+
+    /// The exit-node client's phase.
+    pub fn client_phase(&self) -> anyhow::Result<ClientPhase> {
+        Ok(self.status()?.exit_node.client_phase)
+    }
+
+    /// Waits (bounded, scaled) until the exit-node client is in `want`.
+    pub fn wait_phase(&self, want: ClientPhase, timeout: Duration) -> anyhow::Result<()> {
+        wait_for(
+            &format!("{} to be {}", self.name, want.as_str()),
+            timeout,
+            Duration::from_millis(100),
+            || (self.client_phase().ok() == Some(want)).then_some(()),
+        )
+    }
+
+    /// Waits (bounded, scaled) until this node lists exit node `name` as
+    /// available; returns its row.
+    pub fn wait_exit_node(&self, name: &str, timeout: Duration) -> anyhow::Result<ExitNodeRow> {
+        wait_for(
+            &format!("{} to list exit node {name} as available", self.name),
+            timeout,
+            Duration::from_millis(100),
+            || {
+                self.exit_nodes()
+                    .ok()?
+                    .into_iter()
+                    .find(|r| r.name == name && r.status == nexd_proto::ExitStatus::Available)
+            },
+        )
     }
 
     /// `wg show` as seen from inside nexd's mount namespace (where its

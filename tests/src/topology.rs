@@ -42,6 +42,28 @@ impl Switch {
     }
 }
 
+/// The LAN behind a gateway, as the tests, the lab and the benchmarks
+/// build it: `lan` plugged into `gateway` (its `lan0`, 10.99.0.1/24 and
+/// fd99::1/64) as host 10.99.0.2 / fd99::2 with the gateway as its router,
+/// and the gateway's own NAT of its LAN to its uplink `eth0` (a home
+/// router's usual setup, not nexd's business).
+pub fn lan_behind(gateway: &Netns, lan: &Netns) -> anyhow::Result<()> {
+    veth(gateway, "lan0", lan, "eth0")?;
+    gateway.ip("addr add 10.99.0.1/24 dev lan0")?;
+    gateway.ip("addr add fd99::1/64 dev lan0 nodad")?;
+    lan.ip("addr add 10.99.0.2/24 dev eth0")?;
+    lan.ip("addr add fd99::2/64 dev eth0 nodad")?;
+    lan.ip("route add default via 10.99.0.1")?;
+    lan.ip("-6 route add default via fd99::1")?;
+    nft_script(
+        gateway,
+        "table inet homenat {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  iifname \"lan0\" oifname \"eth0\" masquerade\n }\n}\n",
+    )
+}
+
+/// The LAN host's IPv4 address in `lan_behind`.
+pub const LAN_HOST_V4: &str = "10.99.0.2";
+
 /// One `[[device]]` of a mesh file.
 #[derive(Debug, Clone)]
 pub struct MeshDevice {

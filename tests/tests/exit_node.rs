@@ -21,12 +21,12 @@ use anyhow::{Context as _, bail};
 use nexd_testkit::{
     Netns, Node, NodeSpec,
     delay::DelayRelay,
+    proto::{ClientPhase, ExitNodeRow},
     topology::{count_forwarded_to, forwarded_to, mesh_toml, nft_counter, remove_forward_probes},
     traffic::{ping_once, ping_until, tcp_transfer, udp_exchange},
     wait_for,
     world::World,
 };
-use serde_json::Value;
 
 const T: Duration = Duration::from_secs(10);
 const ENABLED: &str = "Successfully enabled exit node client on this device";
@@ -39,34 +39,9 @@ fn spec(args: &[&str]) -> NodeSpec {
     }
 }
 
-fn exit_list(node: &Node) -> anyhow::Result<Vec<Value>> {
-    Ok(node
-        .nexctl_json(&["nexd", "exit-node", "list"])?
-        .as_array()
-        .context("exit-node list is not an array")?
-        .clone())
-}
-
-fn wait_exit_available(client: &Node, name: &str) -> anyhow::Result<()> {
-    wait_for(
-        &format!("{name} to be listed as available on {}", client.name),
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-        || {
-            exit_list(client)
-                .ok()?
-                .iter()
-                .any(|r| r["name"] == name && r["status"] == "available")
-                .then_some(())
-        },
-    )
-}
-
-fn phase(node: &Node) -> String {
-    node.nexctl_json(&["nexd", "status"])
-        .ok()
-        .and_then(|v| v["exit_node"]["client_phase"].as_str().map(str::to_owned))
-        .unwrap_or_default()
+/// The name of the exit node the client uses now, if any.
+fn active_exit(list: &[ExitNodeRow]) -> Option<&str> {
+    list.iter().find(|r| r.active).map(|r| r.name.as_str())
 }
 
 /// Source the server sees for TCP from `from`.
@@ -132,17 +107,9 @@ fn wg_config(node: &Node) -> anyhow::Result<String> {
         .join("\n"))
 }
 
-fn skip() -> bool {
-    if !nexd_testkit::can_run_network_tests() {
-        eprintln!("skipped: needs root to create network namespaces");
-        return true;
-    }
-    false
-}
-
 #[test]
 fn exit_node_client_end_to_end() -> anyhow::Result<()> {
-    if skip() {
+    if !nexd_testkit::privileged()? {
         return Ok(());
     }
     let mut w = World::new(&["exit1", "client", "peer"])?;
@@ -166,7 +133,7 @@ fn exit_node_client_end_to_end() -> anyhow::Result<()> {
     assert_eq!(tcp_source(&w, "client", true)?, client_v6);
 
     // No exit node yet: the JSON list is an empty array, not null.
-    let empty = w
+    let empty: serde_json::Value = w
         .node("client")
         .nexctl_json(&["nexd", "exit-node", "list"])?;
     assert_eq!(empty, serde_json::json!([]));
@@ -184,12 +151,12 @@ fn exit_node_client_end_to_end() -> anyhow::Result<()> {
     // The exit node comes up and announces itself.
     w.node_mut("exit1")
         .start(&spec(&["router", "--exit-node"]))?;
-    wait_exit_available(w.node("client"), "exit1")?;
-    let list = exit_list(w.node("client"))?;
+    w.node("client").wait_exit_node("exit1", T * 2)?;
+    let list = w.node("client").exit_nodes()?;
     assert_eq!(list.len(), 1, "{list:?}");
-    assert_eq!(list[0]["endpoint_address"], "192.0.2.1:51820");
-    assert_eq!(list[0]["public_key"], w.devices[0].public_key.as_str());
-    assert_eq!(list[0]["active"], false);
+    assert_eq!(list[0].endpoint_address.as_deref(), Some("192.0.2.1:51820"));
+    assert_eq!(list[0].public_key, w.devices[0].public_key);
+    assert!(!list[0].active);
     let table = nexctl_ok(w.node("client"), &["nexd", "exit-node", "list"])?;
     let header = table.lines().next().unwrap_or_default();
     assert!(header.starts_with("ENDPOINT ADDRESS"), "{table}");
@@ -229,8 +196,8 @@ fn exit_node_client_end_to_end() -> anyhow::Result<()> {
         w.inet.count("exit6_icmp")? > icmp6,
         "ping6 did not come from the exit node"
     );
-    let list = exit_list(w.node("client"))?;
-    assert_eq!(list[0]["active"], true, "{list:?}");
+    let list = w.node("client").exit_nodes()?;
+    assert!(list[0].active, "{list:?}");
     let wg = wg_config(w.node("client"))?;
     assert!(wg.contains("0.0.0.0/0") && wg.contains("::/0"), "{wg}");
     // The device marks its own packets (28280 = 0x6e78) so they bypass
@@ -376,7 +343,7 @@ fn exit_node_client_end_to_end() -> anyhow::Result<()> {
 
 #[test]
 fn exit_node_client_waits_then_fails_closed() -> anyhow::Result<()> {
-    if skip() {
+    if !nexd_testkit::privileged()? {
         return Ok(());
     }
     let mut w = World::new(&["exit1", "client"])?;
@@ -392,16 +359,11 @@ fn exit_node_client_waits_then_fails_closed() -> anyhow::Result<()> {
     // 4b. Started with --exit-node-client before any exit node: it waits,
     // and the device keeps its direct path meanwhile.
     w.node_mut("client").start(&spec(&["--exit-node-client"]))?;
-    assert_eq!(phase(w.node("client")), "waiting");
+    assert_eq!(w.node("client").client_phase()?, ClientPhase::Waiting);
     assert_eq!(tcp_source(&w, "client", false)?, client_v4);
     w.node_mut("exit1")
         .start(&spec(&["router", "--exit-node"]))?;
-    wait_for(
-        "the client to apply",
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-        || (phase(w.node("client")) == "active").then_some(()),
-    )?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
     assert!(
         w.node("client").log().contains("exit-node client enabled"),
         "{}",
@@ -414,12 +376,7 @@ fn exit_node_client_waits_then_fails_closed() -> anyhow::Result<()> {
     w.inet
         .watch("client6", &w.underlay("client", true).to_string())?;
     w.node_mut("exit1").kill()?;
-    wait_for(
-        "the client to hold traffic",
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-        || (phase(w.node("client")) == "held").then_some(()),
-    )?;
+    w.node("client").wait_phase(ClientPhase::Held, T * 2)?;
     assert!(udp_source(&w, "client", false, Duration::from_secs(2)).is_err());
     assert!(!ping_once(
         &w.node("client").ns,
@@ -459,26 +416,22 @@ fn start_two_exits_and_client(w: &mut World) -> anyhow::Result<()> {
         w.node_mut(exit).start(&spec(&["router", "--exit-node"]))?;
     }
     w.node_mut("client").start(&spec(&["--exit-node-client"]))?;
-    wait_for(
-        "the client to apply",
-        Duration::from_secs(20),
-        Duration::from_millis(50),
-        || (phase(w.node("client")) == "active").then_some(()),
-    )
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)
 }
 
 #[test]
 fn exit_node_failover() -> anyhow::Result<()> {
-    if skip() {
+    if !nexd_testkit::privileged()? {
         return Ok(());
     }
     let mut w = World::new(&["exit1", "exit2", "client"])?;
     start_two_exits_and_client(&mut w)?;
     // Exactly one exit node is active, and it carries the traffic.
-    let list = exit_list(w.node("client"))?;
-    let active: Vec<&Value> = list.iter().filter(|r| r["active"] == true).collect();
-    assert_eq!(active.len(), 1, "{list:?}");
-    let first = active[0]["name"].as_str().context("name")?.to_owned();
+    let list = w.node("client").exit_nodes()?;
+    assert_eq!(list.iter().filter(|r| r.active).count(), 1, "{list:?}");
+    let first = active_exit(&list)
+        .context("no active exit node")?
+        .to_owned();
     let second = if first == "exit1" { "exit2" } else { "exit1" };
     assert_eq!(tcp_source(&w, "client", false)?, w.underlay(&first, false));
     let wg = wg_config(w.node("client"))?;
@@ -514,12 +467,8 @@ fn exit_node_failover() -> anyhow::Result<()> {
     assert_eq!(w.inet.count("client6")?, 0, "IPv6 leaked during failover");
     let log = w.node("client").log();
     assert!(log.contains("switching to"), "{log}");
-    let list = exit_list(w.node("client"))?;
-    assert_eq!(
-        list.iter().filter(|r| r["active"] == true).count(),
-        1,
-        "{list:?}"
-    );
+    let list = w.node("client").exit_nodes()?;
+    assert_eq!(list.iter().filter(|r| r.active).count(), 1, "{list:?}");
     Ok(())
 }
 
@@ -533,7 +482,7 @@ const SWITCH_DWELL: Duration = Duration::from_secs(30);
 
 #[test]
 fn exit_node_switches_to_a_clearly_faster_one_after_the_dwell_time() -> anyhow::Result<()> {
-    if skip() {
+    if !nexd_testkit::privileged()? {
         return Ok(());
     }
     let mut w = World::new(&["exit1", "exit2", "client"])?;
@@ -550,11 +499,7 @@ fn exit_node_switches_to_a_clearly_faster_one_after_the_dwell_time() -> anyhow::
     start_two_exits_and_client(&mut w)?;
     let activated = Instant::now();
     let active = |w: &World| -> Option<String> {
-        exit_list(w.node("client"))
-            .ok()?
-            .iter()
-            .find(|r| r["active"] == true)
-            .and_then(|r| r["name"].as_str().map(str::to_owned))
+        active_exit(&w.node("client").exit_nodes().ok()?).map(str::to_owned)
     };
     let first = active(&w).context("no active exit node")?;
     let second = if first == "exit1" { "exit2" } else { "exit1" };
@@ -582,12 +527,8 @@ fn exit_node_switches_to_a_clearly_faster_one_after_the_dwell_time() -> anyhow::
         switched + Duration::from_millis(500) >= SWITCH_DWELL,
         "switched after only {switched:?}"
     );
-    let list = exit_list(w.node("client"))?;
-    let rtt = |name: &str| {
-        list.iter()
-            .find(|r| r["name"] == name)
-            .and_then(|r| r["rtt_ms"].as_f64())
-    };
+    let list = w.node("client").exit_nodes()?;
+    let rtt = |name: &str| list.iter().find(|r| r.name == name).and_then(|r| r.rtt_ms);
     assert!(rtt(&first).is_some_and(|r| r > 50.0), "{list:?}");
     assert!(rtt(second).is_some_and(|r| r < 50.0), "{list:?}");
     assert_eq!(tcp_source(&w, "client", false)?, w.underlay(second, false));

@@ -14,42 +14,17 @@ use std::{net::IpAddr, time::Duration};
 
 use anyhow::Context as _;
 use nexd_testkit::{
-    Netns, Node, NodeSpec,
-    netns::veth,
-    topology::{count_forwarded_to, forwarded_to, nft_script, remove_forward_probes},
+    Netns, Node, NodeSpec, counter,
+    proto::ClientPhase,
+    topology::{count_forwarded_to, forwarded_to, lan_behind, remove_forward_probes},
     traffic::{UdpOpts, tcp_transfer, udp_exchange, udp_exchange_with},
     wait_for,
     world::World,
 };
-use serde_json::Value;
 
 const T: Duration = Duration::from_secs(10);
 const EXCLUDED_V4: &str = "198.51.100.10";
 const EXCLUDED_V6: &str = "2001:db8:198::10";
-
-fn phase(node: &Node) -> String {
-    node.nexctl_json(&["nexd", "status"])
-        .ok()
-        .and_then(|v| v["exit_node"]["client_phase"].as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
-fn wait_phase(node: &Node, want: &str) -> anyhow::Result<()> {
-    wait_for(
-        &format!("{} to be {want}", node.name),
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-        || (phase(node) == want).then_some(()),
-    )
-}
-
-fn counter(stats: &Value, name: &str) -> u64 {
-    stats["counters"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["name"] == name))
-        .and_then(|c| c["packets"].as_u64())
-        .unwrap_or_else(|| panic!("no counter {name} in {stats}"))
-}
 
 fn source(from: &Netns, w: &World, to: IpAddr) -> anyhow::Result<IpAddr> {
     Ok(tcp_transfer(from, &w.inet.ns, to, 16 * 1024, T)?
@@ -75,8 +50,7 @@ fn ip(s: &str) -> IpAddr {
 
 #[test]
 fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
-    if !nexd_testkit::can_run_network_tests() {
-        eprintln!("skipped: needs root to create network namespaces");
+    if !nexd_testkit::privileged()? {
         return Ok(());
     }
     let mut w = World::new(&["exit1", "client", "peer"])?;
@@ -85,23 +59,9 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
     w.inet
         .ns
         .ip(&format!("addr add {EXCLUDED_V6}/128 dev lo nodad"))?;
-    // The LAN: lanhost -- client:lan0, with the client as its router, and
-    // the client's own NAT to its uplink (a home router's usual setup,
-    // not nexd's business).
+    // The LAN: lanhost behind the client (lan0), the client its router.
     let lan = Netns::new("lanhost")?;
-    veth(&w.node("client").ns, "lan0", &lan, "eth0")?;
-    w.node("client").ns.ip("addr add 10.99.0.1/24 dev lan0")?;
-    w.node("client")
-        .ns
-        .ip("addr add fd99::1/64 dev lan0 nodad")?;
-    lan.ip("addr add 10.99.0.2/24 dev eth0")?;
-    lan.ip("addr add fd99::2/64 dev eth0 nodad")?;
-    lan.ip("route add default via 10.99.0.1")?;
-    lan.ip("-6 route add default via fd99::1")?;
-    nft_script(
-        &w.node("client").ns,
-        "table inet homenat {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  iifname \"lan0\" oifname \"eth0\" masquerade\n }\n}\n",
-    )?;
+    lan_behind(&w.node("client").ns, &lan)?;
 
     let client_v4 = w.underlay("client", false);
     let client_v6 = w.underlay("client", true);
@@ -125,17 +85,13 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
         .start(&spec(&["router", "--exit-node"]))?;
     w.node_mut("peer").start(&spec(&[]))?;
     w.node_mut("client").start(&spec(&client_args))?;
-    wait_phase(w.node("client"), "active")?;
-    let status = w.node("client").nexctl_json(&["nexd", "status"])?;
-    assert_eq!(
-        status["datapath"]["steering_interfaces"],
-        serde_json::json!(["lan0"]),
-        "{status}"
-    );
-    assert_eq!(status["datapath"]["guard_pinned"], true, "{status}");
-    assert_eq!(status["datapath"]["excluded_routes"], 2, "{status}");
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    let status = w.node("client").status()?;
+    assert_eq!(status.datapath.steering_interfaces, ["lan0"], "{status:?}");
+    assert!(status.datapath.guard_pinned, "{status:?}");
+    assert_eq!(status.datapath.excluded_routes, 2, "{status:?}");
 
-    let stats0 = w.node("client").nexctl_json(&["nexd", "stats"])?;
+    let stats0 = w.node("client").stats()?;
 
     // The LAN host: internet through the exit node...
     assert_eq!(source(&lan, &w, World::server(false))?, exit_v4);
@@ -174,11 +130,11 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
     assert_eq!(source(client_ns, &w, ip(EXCLUDED_V6))?, client_v6);
 
     // The classifier counted each class.
-    let stats1 = w.node("client").nexctl_json(&["nexd", "stats"])?;
+    let stats1 = w.node("client").stats()?;
     for c in ["steered_exit", "direct_mesh", "bypassed"] {
         assert!(
-            counter(&stats1, c) > counter(&stats0, c),
-            "{c} did not move: {stats1}"
+            counter(&stats1, c)? > counter(&stats0, c)?,
+            "{c} did not move: {stats1:?}"
         );
     }
     let table = w.node("client").nexctl(&["nexd", "stats"])?;
@@ -191,7 +147,7 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
     // skips policy routing) gets nowhere, and the drop is counted.
     w.inet.watch("client4", &client_v4.to_string())?;
     w.inet.watch("client6", &client_v6.to_string())?;
-    let dropped = counter(&stats1, "guard_dropped");
+    let dropped = counter(&stats1, "guard_dropped")?;
     let bound = UdpOpts {
         bind_device: Some("eth0".into()),
         mark: None,
@@ -206,16 +162,16 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
         )
         .is_err()
     );
-    let stats2 = w.node("client").nexctl_json(&["nexd", "stats"])?;
+    let stats2 = w.node("client").stats()?;
     assert!(
-        counter(&stats2, "guard_dropped") > dropped,
-        "guard drops not counted: {stats2}"
+        counter(&stats2, "guard_dropped")? > dropped,
+        "guard drops not counted: {stats2:?}"
     );
     assert_eq!(w.inet.count("client4")?, 0, "a bound socket leaked");
 
     // Kill the exit node: traffic is held back; nothing leaks.
     w.node_mut("exit1").kill()?;
-    wait_phase(w.node("client"), "held")?;
+    w.node("client").wait_phase(ClientPhase::Held, T * 2)?;
     assert!(
         udp_exchange(
             &lan,
@@ -324,7 +280,7 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
         );
     }
     assert!(!guard_installed(w.node_mut("client"), pin)?);
-    wait_phase(w.node("client"), "waiting")?;
+    w.node("client").wait_phase(ClientPhase::Waiting, T * 2)?;
     assert_eq!(
         source(&w.node("client").ns, &w, World::server(false))?,
         client_v4
@@ -335,7 +291,7 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
     );
     w.node_mut("exit1")
         .start(&spec(&["router", "--exit-node"]))?;
-    wait_phase(w.node("client"), "active")?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
     assert_eq!(source(&lan, &w, World::server(false))?, exit_v4);
 
     // Disable removes the guard and its pin too.
@@ -346,20 +302,15 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
         source(&w.node("client").ns, &w, World::server(false))?,
         client_v4
     );
-    let status = w.node("client").nexctl_json(&["nexd", "status"])?;
-    assert_eq!(
-        status["datapath"]["guard_interfaces"],
-        serde_json::json!([]),
-        "{status}"
-    );
+    let status = w.node("client").status()?;
+    assert!(status.datapath.guard_interfaces.is_empty(), "{status:?}");
     drop(lan);
     Ok(())
 }
 
 #[test]
 fn excluded_routes_file_reloads_live() -> anyhow::Result<()> {
-    if !nexd_testkit::can_run_network_tests() {
-        eprintln!("skipped: needs root to create network namespaces");
+    if !nexd_testkit::privileged()? {
         return Ok(());
     }
     let mut w = World::new(&["exit1", "client"])?;
@@ -377,7 +328,7 @@ fn excluded_routes_file_reloads_live() -> anyhow::Result<()> {
         "--exclude-routes-file".into(),
         file.to_str().context("path")?.into(),
     ]))?;
-    wait_phase(w.node("client"), "active")?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
     let exit_v4 = w.underlay("exit1", false);
     let client_v4 = w.underlay("client", false);
     assert_eq!(source(&w.node("client").ns, &w, ip(EXCLUDED_V4))?, exit_v4);
@@ -397,9 +348,9 @@ fn excluded_routes_file_reloads_live() -> anyhow::Result<()> {
         Duration::from_millis(200),
         || {
             w.node("client")
-                .nexctl_json(&["nexd", "status"])
+                .status()
                 .ok()
-                .filter(|s| s["datapath"]["excluded_routes"] == 50_000)
+                .filter(|s| s.datapath.excluded_routes == 50_000)
         },
     )?;
     wait_for(
@@ -425,10 +376,7 @@ fn excluded_routes_file_reloads_live() -> anyhow::Result<()> {
             .contains("exclude.txt:2:")
             .then_some(())
     })?;
-    assert_eq!(
-        w.node("client").nexctl_json(&["nexd", "status"])?["datapath"]["excluded_routes"],
-        50_000
-    );
+    assert_eq!(w.node("client").status()?.datapath.excluded_routes, 50_000);
     // SIGTERM clears the 50,000 routes.
     let status = w.node_mut("client").stop()?;
     assert!(status.success());

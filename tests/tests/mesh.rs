@@ -12,34 +12,24 @@ use std::{net::IpAddr, time::Duration};
 use anyhow::Context as _;
 use nexd_testkit::{
     Node, NodeSpec,
+    proto::PeerRow,
     topology::{MeshDevice, Switch, mesh_toml},
     traffic::{ping_until, tcp_transfer},
     wait_for,
 };
 use nix::sys::signal::Signal;
-use serde_json::Value;
 
 const T: Duration = Duration::from_secs(10);
 
-fn peers(node: &Node) -> anyhow::Result<Vec<Value>> {
-    let v = node.nexctl_json(&["nexd", "peers", "list"])?;
-    Ok(v.as_array().context("peers list is not an array")?.clone())
-}
-
-fn peer<'a>(list: &'a [Value], name: &str) -> Option<&'a Value> {
-    list.iter().find(|p| p["name"] == name)
-}
-
-fn u64_field(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+fn peer<'a>(list: &'a [PeerRow], name: &str) -> anyhow::Result<&'a PeerRow> {
+    list.iter()
+        .find(|p| p.name == name)
+        .with_context(|| format!("no peer {name} in {list:?}"))
 }
 
 #[test]
 fn three_node_mesh() -> anyhow::Result<()> {
-    if !nexd_testkit::can_run_network_tests() {
-        eprintln!("skipped: needs root to create network namespaces");
+    if !nexd_testkit::privileged()? {
         return Ok(());
     }
     let mut sw = Switch::new("sw")?;
@@ -124,19 +114,19 @@ fn three_node_mesh() -> anyhow::Result<()> {
     }
 
     // peers list: every peer healthy with a fresh handshake and traffic.
-    let list = peers(&nodes[0])?;
+    let list = nodes[0].peers()?;
     assert_eq!(list.len(), 2, "{list:?}");
     for p in &list {
-        assert_eq!(p["healthy"], true, "{p}");
-        assert!(u64_field(p, "latest_handshake_seconds") <= 30, "{p}");
-        assert!(u64_field(p, "transmitted_bytes") > 256 * 1024, "{p}");
-        assert!(u64_field(p, "received_bytes") > 0, "{p}");
-        assert_eq!(p["allowed_ips"].as_array().map(Vec::len), Some(2), "{p}");
+        assert!(p.healthy, "{p:?}");
+        assert!(p.latest_handshake_seconds.is_some_and(|s| s <= 30), "{p:?}");
+        assert!(p.transmitted_bytes > 256 * 1024, "{p:?}");
+        assert!(p.received_bytes > 0, "{p:?}");
+        assert_eq!(p.allowed_ips.len(), 2, "{p:?}");
     }
-    let beta_tx = u64_field(peer(&list, "beta").context("beta")?, "transmitted_bytes");
+    let beta_tx = peer(&list, "beta")?.transmitted_bytes;
     tcp_transfer(&nodes[0].ns, &nodes[1].ns, v4(1), 64 * 1024, T)?;
-    let list2 = peers(&nodes[0])?;
-    let beta_tx2 = u64_field(peer(&list2, "beta").context("beta")?, "transmitted_bytes");
+    let list2 = nodes[0].peers()?;
+    let beta_tx2 = peer(&list2, "beta")?.transmitted_bytes;
     assert!(
         beta_tx2 >= beta_tx + 64 * 1024,
         "counters did not grow: {beta_tx} -> {beta_tx2}"
@@ -180,24 +170,21 @@ fn three_node_mesh() -> anyhow::Result<()> {
         log.contains("mesh.toml:"),
         "no file:line in the rejection: {log}"
     );
-    assert_eq!(peers(&nodes[0])?.len(), 2);
+    assert_eq!(nodes[0].peers()?.len(), 2);
     ping_until(&nodes[0].ns, v4(2), T)?;
 
     // SIGHUP with gamma removed: alpha drops exactly gamma, and beta's
     // session is untouched (its byte counters do not restart).
     let without_gamma = mesh_toml(&devices[..2]);
     nodes[0].write_mesh(&without_gamma)?;
-    let beta_before = u64_field(
-        peer(&peers(&nodes[0])?, "beta").context("beta")?,
-        "transmitted_bytes",
-    );
+    let beta_before = peer(&nodes[0].peers()?, "beta")?.transmitted_bytes;
     nodes[0].signal(Signal::SIGHUP)?;
     let list3 = wait_for("gamma to be dropped", T, Duration::from_millis(50), || {
-        peers(&nodes[0]).ok().filter(|l| l.len() == 1)
+        nodes[0].peers().ok().filter(|l| l.len() == 1)
     })?;
-    assert_eq!(list3[0]["name"], "beta");
+    assert_eq!(list3[0].name, "beta");
     assert!(
-        u64_field(&list3[0], "transmitted_bytes") >= beta_before,
+        list3[0].transmitted_bytes >= beta_before,
         "beta's session was reset by the reload"
     );
     ping_until(&nodes[0].ns, v6(1), T)?;
@@ -223,8 +210,7 @@ fn three_node_mesh() -> anyhow::Result<()> {
 
 #[test]
 fn second_instance_refuses_to_start() -> anyhow::Result<()> {
-    if !nexd_testkit::can_run_network_tests() {
-        eprintln!("skipped: needs root to create network namespaces");
+    if !nexd_testkit::privileged()? {
         return Ok(());
     }
     let mut node = Node::new("solo")?;

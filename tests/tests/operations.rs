@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use nexd_testkit::{Netns, NodeSpec, traffic::tcp_transfer, wait_for, world::World};
+use nexd_testkit::{Netns, NodeSpec, proto::ClientPhase, traffic::tcp_transfer, world::World};
 
 fn scrape(ns: &Netns, path: &str) -> anyhow::Result<(String, String)> {
     let path = path.to_owned();
@@ -38,8 +38,7 @@ fn value(body: &str, prefix: &str) -> Option<f64> {
 
 #[test]
 fn metrics_endpoint_and_yaml_output() -> anyhow::Result<()> {
-    if !nexd_testkit::can_run_network_tests() {
-        eprintln!("skipped: needs root to create network namespaces");
+    if !nexd_testkit::privileged()? {
         return Ok(());
     }
     let mut w = World::new(&["exit1", "client"])?;
@@ -55,15 +54,8 @@ fn metrics_endpoint_and_yaml_output() -> anyhow::Result<()> {
         ],
         ..NodeSpec::default()
     })?;
-    wait_for(
-        "exit mode",
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-        || {
-            let s = w.node("client").nexctl_json(&["nexd", "status"]).ok()?;
-            (s["exit_node"]["client_phase"] == "active").then_some(())
-        },
-    )?;
+    w.node("client")
+        .wait_phase(ClientPhase::Active, Duration::from_secs(20))?;
     tcp_transfer(
         &w.node("client").ns,
         &w.inet.ns,
@@ -126,16 +118,14 @@ fn metrics_endpoint_and_yaml_output() -> anyhow::Result<()> {
     assert!(status.contains("404"), "{status}");
 
     // YAML carries the same fields as JSON.
-    let json = w
-        .node("client")
-        .nexctl_json(&["nexd", "exit-node", "list"])?;
+    let json = w.node("client").exit_nodes()?;
     let yaml = w
         .node("client")
         .nexctl(&["--output", "yaml", "nexd", "exit-node", "list"])?;
     let yaml = String::from_utf8_lossy(&yaml.stdout);
     assert!(yaml.starts_with("- active: true\n"), "{yaml}");
     assert!(
-        yaml.contains(&format!("  public_key: {}\n", json[0]["public_key"])),
+        yaml.contains(&format!("  public_key: {:?}\n", json[0].public_key)),
         "{yaml}"
     );
     Ok(())

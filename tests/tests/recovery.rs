@@ -22,8 +22,8 @@ use std::{
 use anyhow::Context as _;
 use nexd_testkit::{
     Netns, Node, NodeSpec,
+    proto::ClientPhase,
     traffic::{tcp_transfer, udp_exchange},
-    wait_for,
     world::World,
 };
 use nix::sys::signal::Signal;
@@ -35,22 +35,6 @@ fn spec(args: &[&str]) -> NodeSpec {
         args: args.iter().map(|a| (*a).to_owned()).collect(),
         ..NodeSpec::default()
     }
-}
-
-fn phase(node: &Node) -> String {
-    node.nexctl_json(&["nexd", "status"])
-        .ok()
-        .and_then(|v| v["exit_node"]["client_phase"].as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
-fn wait_phase(node: &Node, want: &str) -> anyhow::Result<()> {
-    wait_for(
-        &format!("{} to be {want}", node.name),
-        Duration::from_secs(20),
-        Duration::from_millis(50),
-        || (phase(node) == want).then_some(()),
-    )
 }
 
 /// What an exit-node client installs, in a form that compares across runs.
@@ -88,17 +72,9 @@ fn source(w: &World, from: &Netns, v6: bool) -> anyhow::Result<IpAddr> {
     )
 }
 
-fn skip() -> bool {
-    if !nexd_testkit::can_run_network_tests() {
-        eprintln!("skipped: needs root to create network namespaces");
-        return true;
-    }
-    false
-}
-
 #[test]
 fn sigkill_at_any_point_converges_after_restart() -> anyhow::Result<()> {
-    if skip() {
+    if !nexd_testkit::privileged()? {
         return Ok(());
     }
     let mut w = World::new(&["exit1", "client"])?;
@@ -114,13 +90,13 @@ fn sigkill_at_any_point_converges_after_restart() -> anyhow::Result<()> {
 
     // The reference: a clean run, exit mode active.
     w.node_mut("client").start(&spec(&client_args))?;
-    wait_phase(w.node("client"), "active")?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
     let clean = installed_state(w.node("client"))?;
     let exit_v4 = w.underlay("exit1", false);
 
     let converge = |w: &mut World, what: &str| -> anyhow::Result<()> {
         w.node_mut("client").start(&spec(&client_args))?;
-        wait_phase(w.node("client"), "active")?;
+        w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
         assert_eq!(
             installed_state(w.node("client"))?,
             clean,
@@ -154,18 +130,7 @@ fn sigkill_at_any_point_converges_after_restart() -> anyhow::Result<()> {
         "--exclude-route",
         "198.51.100.0/24",
     ]))?;
-    wait_for(
-        "exit1 available",
-        Duration::from_secs(20),
-        Duration::from_millis(50),
-        || {
-            let v = w
-                .node("client")
-                .nexctl_json(&["nexd", "exit-node", "list"])
-                .ok()?;
-            (v[0]["status"] == "available").then_some(())
-        },
-    )?;
+    w.node("client").wait_exit_node("exit1", T * 2)?;
     assert!(
         w.node("client")
             .nexctl(&["exit-node", "enable"])?
@@ -204,7 +169,7 @@ fn sigkill_at_any_point_converges_after_restart() -> anyhow::Result<()> {
 
 #[test]
 fn offline_disable_restores_the_direct_path() -> anyhow::Result<()> {
-    if skip() {
+    if !nexd_testkit::privileged()? {
         return Ok(());
     }
     let mut w = World::new(&["exit1", "client"])?;
@@ -213,7 +178,7 @@ fn offline_disable_restores_the_direct_path() -> anyhow::Result<()> {
         .start(&spec(&["router", "--exit-node"]))?;
     w.node_mut("client")
         .start(&spec(&["--exit-node-client", "--kill-switch"]))?;
-    wait_phase(w.node("client"), "active")?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
     w.node_mut("client").kill()?;
     // Dead daemon, rules and pinned guard in place: no way out.
     assert!(
@@ -267,16 +232,95 @@ fn offline_disable_restores_the_direct_path() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One instance configuration for nexd and nexctl: a nexd started from a
+/// configuration file alone, with a non-default interface, state
+/// directory, socket, bpffs and routing numbers, is SIGKILLed with the
+/// kill switch on; a plain `nexctl nexd exit-node disable` from the same
+/// environment (`NEXD_CONFIG`, no flags) finds and removes all of it, and
+/// traffic proves the direct path is back.
+#[test]
+fn offline_disable_finds_a_non_default_instance_from_its_config() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client"])?;
+    let rules_before = w.node("client").ns.ip("rule show")?;
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    let client = w.node("client");
+    let config = client.dir().join("nexd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state-dir = {:?}\nmesh-file = {:?}\nsocket = {:?}\ninterface = \"nx7\"\n\
+             bpffs = \"/sys/fs/bpf/alt\"\nexit-table = 3000\nexit-rule-priority = 3100\n\
+             exit-fwmark = \"0x77\"\nexit-node-client = true\nkill-switch = true\n",
+            client.state_dir(),
+            client.mesh_file(),
+            client.socket(),
+        ),
+    )?;
+    w.node_mut("client").start(&NodeSpec {
+        config: Some(config.clone()),
+        ..NodeSpec::default()
+    })?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    let status = w.node("client").status()?;
+    assert_eq!(status.interface, "nx7");
+    let rules = w.node("client").ns.ip("rule show")?;
+    assert!(
+        rules.contains("3100:") && rules.contains("lookup 3000"),
+        "{rules}"
+    );
+    assert!(
+        w.node_mut("client")
+            .file_exists("/sys/fs/bpf/alt/nexd/nx7/guard-eth0")?
+            || !nexd_testkit::tcx_kernel()
+    );
+    w.node_mut("client").kill()?;
+    assert!(
+        udp_exchange(
+            &w.node("client").ns,
+            &w.inet.ns,
+            World::server(false),
+            Duration::from_secs(2)
+        )
+        .is_err(),
+        "the guard let traffic out after the crash"
+    );
+
+    let out = w
+        .node_mut("client")
+        .nexctl_in_env(&[("NEXD_CONFIG", &config)], &["nexd", "exit-node", "disable"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("leak guard"), "{stdout}");
+    assert_eq!(w.node("client").ns.ip("rule show")?, rules_before);
+    assert!(
+        !w.node_mut("client")
+            .file_exists("/sys/fs/bpf/alt/nexd/nx7/guard-eth0")?
+    );
+    assert_eq!(
+        source(&w, &w.node("client").ns, false)?,
+        w.underlay("client", false)
+    );
+    assert_eq!(
+        source(&w, &w.node("client").ns, true)?,
+        w.underlay("client", true)
+    );
+    Ok(())
+}
+
 #[test]
 fn flapping_exit_node_leaks_nothing_and_piles_nothing_up() -> anyhow::Result<()> {
-    if skip() {
+    if !nexd_testkit::privileged()? {
         return Ok(());
     }
     let mut w = World::new(&["exit1", "client"])?;
     w.node_mut("exit1")
         .start(&spec(&["router", "--exit-node"]))?;
     w.node_mut("client").start(&spec(&["--exit-node-client"]))?;
-    wait_phase(w.node("client"), "active")?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
     let rules_installed = w.node("client").ns.ip("rule show")?;
     w.inet
         .watch("client4", &w.underlay("client", false).to_string())?;
@@ -337,13 +381,13 @@ fn flapping_exit_node_leaks_nothing_and_piles_nothing_up() -> anyhow::Result<()>
     // The log grows by event: a few lines per flap, not per second.
     let grown = w.node("client").log().lines().count() - log_lines_before;
     assert!(grown <= flaps * 12, "{grown} log lines for {flaps} flaps");
-    wait_phase(w.node("client"), "active")?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
     Ok(())
 }
 
 #[test]
 fn unprivileged_callers_cannot_change_state() -> anyhow::Result<()> {
-    if skip() {
+    if !nexd_testkit::privileged()? {
         return Ok(());
     }
     const NOBODY: u32 = 65534;
@@ -369,18 +413,7 @@ fn unprivileged_callers_cannot_change_state() -> anyhow::Result<()> {
         .node("client")
         .nexctl_as(NOBODY, NOBODY, &["nexd", "status"])?;
     assert!(out.status.success(), "{out:?}");
-    wait_for(
-        "exit1 available",
-        Duration::from_secs(20),
-        Duration::from_millis(50),
-        || {
-            let v = w
-                .node("client")
-                .nexctl_json(&["nexd", "exit-node", "list"])
-                .ok()?;
-            (v[0]["status"] == "available").then_some(())
-        },
-    )?;
+    w.node("client").wait_exit_node("exit1", T * 2)?;
     let rules = w.node("client").ns.ip("rule show")?;
     let out = w
         .node("client")
@@ -395,7 +428,7 @@ fn unprivileged_callers_cannot_change_state() -> anyhow::Result<()> {
         rules,
         "an unprivileged enable changed the rules"
     );
-    assert_eq!(phase(w.node("client")), "off");
+    assert_eq!(w.node("client").client_phase()?, ClientPhase::Off);
     // Root still can.
     assert!(
         w.node("client")
