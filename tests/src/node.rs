@@ -202,14 +202,14 @@ impl Node {
             }
         }
         c.args([
-                "--wireguard",
-                &spec.wireguard,
-                "--log-level",
-                &spec.log_level,
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            "--wireguard",
+            &spec.wireguard,
+            "--log-level",
+            &spec.log_level,
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
         self.child = Some(c.spawn().context("starting nexd")?);
         Ok(())
     }

@@ -72,6 +72,20 @@ fn source(w: &World, from: &Netns, v6: bool) -> anyhow::Result<IpAddr> {
     )
 }
 
+/// After an offline disable: the client's rules are as before nexd, the
+/// guard's pin is gone, and traffic leaves from its own address again.
+fn assert_direct_path_back(w: &mut World, rules_before: &str, pin: &str) -> anyhow::Result<()> {
+    assert_eq!(w.node("client").ns.ip("rule show")?, rules_before);
+    assert!(!w.node_mut("client").file_exists(pin)?, "{pin} is left");
+    for v6 in [false, true] {
+        assert_eq!(
+            source(w, &w.node("client").ns, v6)?,
+            w.underlay("client", v6)
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn sigkill_at_any_point_converges_after_restart() -> anyhow::Result<()> {
     if !nexd_testkit::privileged()? {
@@ -205,19 +219,7 @@ fn offline_disable_restores_the_direct_path() -> anyhow::Result<()> {
         "{stdout}"
     );
     assert!(stdout.contains("leak guard"), "{stdout}");
-    assert_eq!(w.node("client").ns.ip("rule show")?, rules_before);
-    assert!(
-        !w.node_mut("client")
-            .file_exists("/sys/fs/bpf/nexd/wg0/guard-eth0")?
-    );
-    assert_eq!(
-        source(&w, &w.node("client").ns, false)?,
-        w.underlay("client", false)
-    );
-    assert_eq!(
-        source(&w, &w.node("client").ns, true)?,
-        w.underlay("client", true)
-    );
+    assert_direct_path_back(&mut w, &rules_before, "/sys/fs/bpf/nexd/wg0/guard-eth0")?;
     // A second time there is nothing left, and it says so.
     let out = w.node_mut("client").nexctl_on_device(&[
         "exit-node",
@@ -289,25 +291,14 @@ fn offline_disable_finds_a_non_default_instance_from_its_config() -> anyhow::Res
         "the guard let traffic out after the crash"
     );
 
-    let out = w
-        .node_mut("client")
-        .nexctl_in_env(&[("NEXD_CONFIG", &config)], &["nexd", "exit-node", "disable"])?;
+    let out = w.node_mut("client").nexctl_in_env(
+        &[("NEXD_CONFIG", &config)],
+        &["nexd", "exit-node", "disable"],
+    )?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert!(stdout.contains("leak guard"), "{stdout}");
-    assert_eq!(w.node("client").ns.ip("rule show")?, rules_before);
-    assert!(
-        !w.node_mut("client")
-            .file_exists("/sys/fs/bpf/alt/nexd/nx7/guard-eth0")?
-    );
-    assert_eq!(
-        source(&w, &w.node("client").ns, false)?,
-        w.underlay("client", false)
-    );
-    assert_eq!(
-        source(&w, &w.node("client").ns, true)?,
-        w.underlay("client", true)
-    );
+    assert_direct_path_back(&mut w, &rules_before, "/sys/fs/bpf/alt/nexd/nx7/guard-eth0")?;
     Ok(())
 }
 

@@ -321,27 +321,13 @@ impl Daemon {
         if self.exit_server.is_some() {
             return;
         }
-        let Some(iface) = self.iface.as_mut() else {
-            return;
-        };
-        let book = self.heartbeats.book();
-        let candidates = Candidates {
-            book,
-            mesh: &self.mesh,
-            own: &self.own,
-        };
-        let mut fx = Effects {
-            nl: &self.nl,
-            iface,
-            dataplane: &mut self.dataplane,
-            sysctls: &mut self.sysctls,
-            book,
-        };
-        self.exit_client.evaluate(&candidates, &mut fx).await;
+        if let Some((client, candidates, mut fx)) = self.exit_parts() {
+            client.evaluate(&candidates, &mut fx).await;
+        }
     }
 
-    /// The pieces `ExitClient::enable`/`disable` act on, or `None` before
-    /// the interface exists.
+    /// The exit client with what it chooses from and what its plans act
+    /// on, or `None` before the interface exists.
     pub(super) fn exit_parts(&mut self) -> Option<(&mut ExitClient, Candidates<'_>, Effects<'_>)> {
         let iface = self.iface.as_mut()?;
         let book = self.heartbeats.book();
@@ -365,16 +351,8 @@ impl Daemon {
     /// Removes everything nexd installed, in reverse order. Never fails:
     /// each step logs its own problem and the next step still runs.
     pub async fn teardown(&mut self) {
-        if let Some(iface) = self.iface.as_mut() {
-            let book = self.heartbeats.book();
-            let mut fx = Effects {
-                nl: &self.nl,
-                iface,
-                dataplane: &mut self.dataplane,
-                sysctls: &mut self.sysctls,
-                book,
-            };
-            self.exit_client.teardown(&mut fx).await;
+        if let Some((client, _, mut fx)) = self.exit_parts() {
+            client.teardown(&mut fx).await;
         }
         if let Some(server) = self.exit_server.take() {
             server.remove(&mut self.sysctls);
