@@ -12,15 +12,12 @@ use tracing::{info, warn};
 
 use super::{
     nft::{self, NftError},
-    sysctl::{self, SysctlError, Sysctls},
+    sysctl::{self, FORWARD_V4, FORWARD_V6, SysctlError, Sysctls},
 };
 
 /// nftables family and name of nexd's table.
 pub const NFT_FAMILY: &str = "inet";
 pub const NFT_TABLE: &str = "nexd";
-
-const FORWARD_V4: &str = "net.ipv4.ip_forward";
-const FORWARD_V6: &str = "net.ipv6.conf.all.forwarding";
 
 /// Why the exit node could not start forwarding.
 #[derive(Debug, thiserror::Error)]

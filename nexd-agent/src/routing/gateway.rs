@@ -8,14 +8,11 @@ use tracing::{info, warn};
 
 use super::{
     nft::{self, NftError},
-    sysctl::{SysctlError, Sysctls},
+    sysctl::{FORWARD_V4, FORWARD_V6, SysctlError, Sysctls},
 };
 
 pub const NFT_FAMILY: &str = "inet";
 pub const NFT_TABLE: &str = "nexd_gw";
-
-const FORWARD_V4: &str = "net.ipv4.ip_forward";
-const FORWARD_V6: &str = "net.ipv6.conf.all.forwarding";
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -89,5 +86,8 @@ mod tests {
             s.starts_with("add table inet nexd_gw\ndelete table inet nexd_gw\n"),
             "{s}"
         );
+        if let Err(e) = super::nft::check(&s) {
+            panic!("{e}");
+        }
     }
 }

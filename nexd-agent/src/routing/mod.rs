@@ -13,6 +13,7 @@
 //!   kept on disk so a crashed nexd's successor can restore it;
 //! * `uplink`: finding the interface of the default route.
 
+pub mod dns;
 pub mod exclusions;
 pub mod forward;
 pub mod gateway;
@@ -36,6 +37,48 @@ pub struct PolicyNumbers {
     pub priority: u32,
 }
 
+/// Routing tables the kernel reserves: unspec, default, main, local.
+const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
+/// The kernel's own rules: `local` at 0, `main` at 32766, `default` at
+/// 32767. nexd's three rules must sit strictly between.
+const MAIN_RULE: u32 = 32766;
+
+/// `--exit-table`: nexd uses this table and the next one (excluded
+/// routes); neither may be one the kernel reserves.
+pub fn check_table(table: u32) -> Result<u32, String> {
+    let next = table.checked_add(1).ok_or_else(|| {
+        format!("{table} leaves no room for the excluded-routes table (table + 1)")
+    })?;
+    for t in [table, next] {
+        if RESERVED_TABLES.contains(&t) {
+            return Err(format!(
+                "{table} would make nexd use table {t}, which the kernel reserves (0 unspec, 253 default, 254 main, 255 local): nexd would flush its routes; pick e.g. 28280"
+            ));
+        }
+    }
+    Ok(table)
+}
+
+/// `--exit-fwmark`: zero means "no mark", which would route WireGuard's
+/// own packets into the tunnel.
+pub fn check_fwmark(mark: u32) -> Result<u32, String> {
+    if mark == 0 {
+        return Err("0 is no mark: WireGuard's own packets would be routed into the tunnel; pick e.g. 0x6e78".into());
+    }
+    Ok(mark)
+}
+
+/// `--exit-rule-priority`: nexd's rules sit at priority - 1, priority and
+/// priority + 1, all after the local rule (0) and before main (32766).
+pub fn check_priority(priority: u32) -> Result<u32, String> {
+    if priority < 2 || priority + 1 >= MAIN_RULE {
+        return Err(format!(
+            "{priority} puts nexd's rules (priority - 1 to priority + 1) outside 1..32765, between the kernel's local rule (0) and its main rule (32766); pick e.g. 28278"
+        ));
+    }
+    Ok(priority)
+}
+
 impl PolicyNumbers {
     /// The table of excluded routes (device's own traffic).
     pub fn exclusion_table(&self) -> u32 {
@@ -56,5 +99,27 @@ impl Default for PolicyNumbers {
             fwmark: DEFAULT_FWMARK,
             priority: DEFAULT_PRIORITY,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_numbers_that_break_routing_are_refused_with_the_reason() {
+        for t in [0, 252, 253, 254, 255, u32::MAX] {
+            assert!(check_table(t).is_err(), "table {t}");
+        }
+        assert_eq!(check_table(DEFAULT_TABLE), Ok(DEFAULT_TABLE));
+        assert!(check_table(254).expect_err("main").contains("main"));
+        assert!(check_fwmark(0).is_err());
+        assert_eq!(check_fwmark(DEFAULT_FWMARK), Ok(DEFAULT_FWMARK));
+        for p in [0, 1, 32765, 32766, 32767, u32::MAX - 1] {
+            assert!(check_priority(p).is_err(), "priority {p}");
+        }
+        assert_eq!(check_priority(2), Ok(2));
+        assert_eq!(check_priority(32764), Ok(32764));
+        assert_eq!(check_priority(DEFAULT_PRIORITY), Ok(DEFAULT_PRIORITY));
     }
 }

@@ -25,11 +25,14 @@ use netlink_packet_route::{
 use rtnetlink::{IpVersion, RouteMessageBuilder};
 use tracing::{debug, info};
 
-use super::{PolicyNumbers, sysctl::Sysctls, uplink::table_of};
+use super::{
+    PolicyNumbers,
+    sysctl::{SRC_VALID_MARK, Sysctls},
+    uplink::table_of,
+};
 use crate::netlink::{Netlink, NetlinkError};
 
 const MAIN_TABLE: u32 = 254;
-const SRC_VALID_MARK: &str = "net.ipv4.conf.all.src_valid_mark";
 
 /// Owner of the client's rules, table routes and `src_valid_mark`.
 pub struct ClientRouting {

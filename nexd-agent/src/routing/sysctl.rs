@@ -20,6 +20,34 @@ pub struct SysctlError {
     pub source: io::Error,
 }
 
+/// IPv4 forwarding (exit node, LAN gateway).
+pub const FORWARD_V4: &str = "net.ipv4.ip_forward";
+/// IPv6 forwarding (exit node, LAN gateway).
+pub const FORWARD_V6: &str = "net.ipv6.conf.all.forwarding";
+/// Reverse-path checks honour marks (exit-node client, as wg-quick).
+pub const SRC_VALID_MARK: &str = "net.ipv4.conf.all.src_valid_mark";
+
+/// Every sysctl nexd ever sets. `sysctl.saved` names only these: anything
+/// else found there is not nexd's to write back.
+pub const KNOWN: [&str; 3] = [FORWARD_V4, FORWARD_V6, SRC_VALID_MARK];
+
+/// The entries of a `sysctl.saved` nexd may restore: known keys with
+/// decimal values; the rest is reported and ignored.
+fn checked(saved: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    saved
+        .into_iter()
+        .filter(|(k, v)| {
+            let known = KNOWN.contains(&k.as_str());
+            let numeric = !v.trim().is_empty() && v.trim().bytes().all(|b| b.is_ascii_digit());
+            if !(known && numeric) {
+                warn!(key = %k, value = %v, "ignoring an entry of sysctl.saved: nexd sets only {KNOWN:?}, to decimal values");
+            }
+            known && numeric
+        })
+        .map(|(k, v)| (k, v.trim().to_owned()))
+        .collect()
+}
+
 fn path_of(key: &str) -> PathBuf {
     PathBuf::from("/proc/sys").join(key.replace('.', "/"))
 }
@@ -52,10 +80,16 @@ impl Sysctls {
     /// restored right away: the device starts from its own settings.
     pub fn open(state_dir: &Path) -> Self {
         let file = state_dir.join("sysctl.saved");
-        let saved: BTreeMap<String, String> = std::fs::read_to_string(&file)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
+        let saved: BTreeMap<String, String> = match std::fs::read_to_string(&file) {
+            Ok(t) => match serde_json::from_str(&t) {
+                Ok(m) => checked(m),
+                Err(e) => {
+                    warn!(file = %file.display(), error = %e, "sysctl.saved is not a record nexd wrote; ignoring it");
+                    BTreeMap::new()
+                }
+            },
+            Err(_) => BTreeMap::new(),
+        };
         let mut s = Sysctls {
             file,
             saved: BTreeMap::new(),
@@ -121,5 +155,28 @@ impl Sysctls {
         for k in keys {
             self.restore(&k);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_known_keys_with_numeric_values_are_restored() {
+        let saved: BTreeMap<String, String> = [
+            (FORWARD_V4, "0"),
+            (SRC_VALID_MARK, " 1\n"),
+            ("kernel.core_pattern", "|/tmp/x"),
+            (FORWARD_V6, "1; reboot"),
+            ("net.ipv4.conf.all.rp_filter", "1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let ok = checked(saved);
+        assert_eq!(ok.get(FORWARD_V4).map(String::as_str), Some("0"));
+        assert_eq!(ok.get(SRC_VALID_MARK).map(String::as_str), Some("1"));
+        assert_eq!(ok.len(), 2, "{ok:?}");
     }
 }
