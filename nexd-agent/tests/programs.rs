@@ -10,18 +10,20 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Instant,
 };
 
 use ipnet::IpNet;
-use nexd::datapath::{BypassSet, Datapath};
+use nexd::datapath::{BypassSet, Datapath, guard_set};
 use nexd_common::{
     config::{BypassReason, DatapathConfig, FLAG_GUARD, FLAG_STEER},
     names,
 };
 
 const MARK: u32 = 0x6e78;
+/// WireGuard's listen port in these tests.
+const WG_PORT: u16 = 51820;
 const PASS: i32 = -1;
 const DROP: i32 = 2;
 
@@ -48,9 +50,13 @@ fn ipv4(dst: Ipv4Addr, proto: u8, frag_offset: u16, l4: &[u8]) -> Vec<u8> {
 }
 
 fn ipv6(dst: Ipv6Addr, next: u8, l4: &[u8]) -> Vec<u8> {
+    ipv6_hl(dst, next, 64, l4)
+}
+
+fn ipv6_hl(dst: Ipv6Addr, next: u8, hop_limit: u8, l4: &[u8]) -> Vec<u8> {
     let mut h = vec![0x60, 0, 0, 0];
     h.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-    h.extend_from_slice(&[next, 64]);
+    h.extend_from_slice(&[next, hop_limit]);
     h.extend_from_slice(&"fd99::5".parse::<Ipv6Addr>().expect("ip").octets());
     h.extend_from_slice(&dst.octets());
     h.extend_from_slice(l4);
@@ -108,6 +114,8 @@ fn datapath() -> Option<Datapath> {
     dp.set_config(DatapathConfig {
         flags: FLAG_STEER | FLAG_GUARD,
         fwmark: MARK,
+        listen_port: WG_PORT,
+        reserved: 0,
     })
     .expect("config");
     dp.set_mesh_prefixes(&[
@@ -130,8 +138,21 @@ fn datapath() -> Option<Datapath> {
         bypass.insert(net.parse().expect("net"), why as u8);
     }
     dp.sync_bypass(&bypass).expect("bypass");
-    dp.set_endpoints(&[IpAddr::V4(v4("192.0.2.1")), IpAddr::V6(v6("2001:db8:1::1"))])
-        .expect("endpoints");
+    dp.set_endpoints(&[
+        SocketAddr::new(IpAddr::V4(v4("192.0.2.1")), WG_PORT),
+        SocketAddr::new(IpAddr::V6(v6("2001:db8:1::1")), WG_PORT),
+    ])
+    .expect("endpoints");
+    // The guard lets out the excluded prefixes; 192.0.2.0/24 is the
+    // uplink's subnet (a DHCP server may answer a unicast renewal there).
+    dp.sync_guard_set(&guard_set(
+        &[
+            "198.51.100.0/24".parse().expect("net"),
+            "2001:db8:e::/48".parse().expect("net"),
+        ],
+        &["192.0.2.0/24".parse().expect("net")],
+    ))
+    .expect("guard set");
     Some(dp)
 }
 
@@ -302,6 +323,7 @@ fn steering_classifier_verdicts() {
     dp.set_config(DatapathConfig {
         flags: FLAG_GUARD,
         fwmark: MARK,
+        ..DatapathConfig::default()
     })
     .expect("config");
     let want = Expect {
@@ -318,156 +340,225 @@ fn steering_classifier_verdicts() {
 fn leak_guard_verdicts() {
     let Some(mut dp) = datapath() else { return };
     let g = names::GUARD_PROG;
+    let pass = |p: Vec<u8>, mark: u32, counter: &'static str, what: &'static str| {
+        (p, mark, PASS, counter, what)
+    };
+    let drop = |p: Vec<u8>, mark: u32, what: &'static str| (p, mark, DROP, "guard_dropped", what);
+    let ep4 = v4("192.0.2.1");
+    let ep6 = v6("2001:db8:1::1");
     #[allow(clippy::type_complexity)]
     let cases: Vec<(Vec<u8>, u32, i32, &str, &str)> = vec![
-        (
-            ipv4(v4("192.0.2.1"), 17, 0, &udp(51820, 51820)),
+        // WireGuard's own packets: marked, from the listen port, to an
+        // endpoint's address and port.
+        pass(
+            ipv4(ep4, 17, 0, &udp(WG_PORT, WG_PORT)),
             MARK,
-            PASS,
             "guard_passed",
             "WireGuard to an endpoint",
         ),
-        (
-            ipv4(v4("192.0.2.1"), 17, 185, &[0xab; 8]),
+        pass(
+            ipv6(ep6, 17, &udp(WG_PORT, WG_PORT)),
             MARK,
-            PASS,
-            "guard_passed",
-            "WireGuard later fragment",
-        ),
-        (
-            ipv6(v6("2001:db8:1::1"), 17, &udp(51820, 51820)),
-            MARK,
-            PASS,
             "guard_passed",
             "WireGuard to a v6 endpoint",
         ),
-        (
-            ipv6(v6("2001:db8:1::1"), 17, &udp(51820, 51820)),
-            0,
-            DROP,
-            "guard_dropped",
-            "unmarked to a v6 endpoint",
-        ),
-        (
-            ipv4(v4("203.0.113.10"), 17, 0, &udp(51820, 51820)),
+        pass(
+            ipv4(ep4, 17, 185, &[0xab; 8]),
             MARK,
-            DROP,
-            "guard_dropped",
+            "guard_passed",
+            "WireGuard later fragment (marked)",
+        ),
+        drop(
+            ipv4(ep4, 17, 185, &[0xab; 8]),
+            0,
+            "unmarked later fragment to an endpoint",
+        ),
+        drop(
+            ipv4(ep4, 17, 0, &udp(WG_PORT, WG_PORT)),
+            0,
+            "unmarked UDP to an endpoint",
+        ),
+        drop(
+            ipv6(ep6, 17, &udp(WG_PORT, WG_PORT)),
+            0,
+            "unmarked UDP to a v6 endpoint",
+        ),
+        drop(ipv4(ep4, 6, 0, &tcp()), 0, "TCP to an endpoint's address"),
+        drop(
+            ipv4(ep4, 17, 0, &udp(40000, WG_PORT)),
+            MARK,
+            "marked, not from the listen port",
+        ),
+        drop(
+            ipv4(ep4, 17, 0, &udp(WG_PORT, 53)),
+            MARK,
+            "marked, to another port of an endpoint",
+        ),
+        drop(
+            ipv4(v4("203.0.113.10"), 17, 0, &udp(WG_PORT, WG_PORT)),
+            MARK,
             "marked, not to an endpoint",
         ),
-        (
+        // The internet.
+        drop(
             ipv4(v4("203.0.113.10"), 6, 0, &tcp()),
             0,
-            DROP,
-            "guard_dropped",
             "TCP to the internet",
         ),
-        (
+        drop(
             ipv4(v4("203.0.113.10"), 1, 0, &icmp(8)),
             0,
-            DROP,
-            "guard_dropped",
             "ping to the internet",
         ),
-        (
+        drop(
             ipv6(v6("2001:db8:203::10"), 58, &icmp(128)),
             0,
-            DROP,
-            "guard_dropped",
             "ping6 to the internet",
         ),
-        (
+        drop(
+            ipv4(v4("203.0.113.1"), 17, 185, &[0xab; 8]),
+            0,
+            "later fragment, no ports",
+        ),
+        // What the operator lets out: excluded routes; not the LAN unless
+        // --kill-switch-allow names it.
+        pass(
             ipv4(v4("198.51.100.7"), 6, 0, &tcp()),
             0,
-            PASS,
             "guard_passed",
             "excluded prefix",
         ),
-        (
+        pass(
             ipv6(v6("2001:db8:e::1"), 6, &tcp()),
             0,
-            PASS,
             "guard_passed",
             "excluded v6 prefix",
         ),
-        (
-            ipv4(v4("10.99.0.9"), 6, 0, &tcp()),
-            0,
-            PASS,
-            "guard_passed",
-            "LAN",
-        ),
-        (
-            ipv4(v4("203.0.113.1"), 17, 0, &udp(68, 67)),
-            0,
-            PASS,
-            "guard_passed",
-            "DHCP renewal",
-        ),
-        (
-            ipv4(v4("203.0.113.1"), 17, 185, &[0xab; 8]),
-            0,
-            DROP,
-            "guard_dropped",
-            "later fragment, no ports",
-        ),
-        (
+        drop(ipv4(v4("10.99.0.9"), 6, 0, &tcp()), 0, "LAN, not allowed"),
+        drop(ipv4(v4("169.254.169.254"), 6, 0, &tcp()), 0, "link-local"),
+        drop(ipv4(v4("224.0.0.251"), 17, 0, &udp(5353, 5353)), 0, "mDNS"),
+        // DHCPv4: only broadcast or to the uplink's subnet.
+        pass(
             ipv4(v4("255.255.255.255"), 17, 0, &udp(68, 67)),
             0,
-            PASS,
             "guard_passed",
             "DHCP broadcast",
         ),
-        (
-            ipv6(v6("2001:db8:1::fe"), 58, &icmp(135)),
+        pass(
+            ipv4(v4("192.0.2.254"), 17, 0, &udp(68, 67)),
             0,
-            PASS,
+            "guard_passed",
+            "DHCP renewal to the uplink's server",
+        ),
+        drop(
+            ipv4(v4("203.0.113.1"), 17, 0, &udp(68, 67)),
+            0,
+            "68->67 to an internet address",
+        ),
+        drop(
+            ipv4(v4("255.255.255.255"), 17, 0, &udp(40000, 67)),
+            0,
+            "broadcast to 67 from another port",
+        ),
+        // DHCPv6: only to ff02::1:2 or link-local, from 546.
+        pass(
+            ipv6(v6("ff02::1:2"), 17, &udp(546, 547)),
+            0,
+            "guard_passed",
+            "DHCPv6 solicit",
+        ),
+        pass(
+            ipv6(v6("fe80::1"), 17, &udp(546, 547)),
+            0,
+            "guard_passed",
+            "DHCPv6 to a link-local server",
+        ),
+        drop(
+            ipv6(v6("2001:db8:99::1"), 17, &udp(546, 547)),
+            0,
+            "UDP 547 to a global address",
+        ),
+        drop(
+            ipv6(v6("2001:db8:99::1"), 17, &udp(40000, 547)),
+            0,
+            "UDP 547 from any port",
+        ),
+        // Neighbour discovery: link-local or link-scope multicast, hop
+        // limit 255.
+        pass(
+            ipv6_hl(v6("ff02::1:ff00:1"), 58, 255, &icmp(135)),
+            0,
             "guard_passed",
             "neighbour solicitation",
         ),
-        (
-            ipv6(v6("2001:db8:1::fe"), 58, &icmp(133)),
+        pass(
+            ipv6_hl(v6("ff02::2"), 58, 255, &icmp(133)),
             0,
-            PASS,
             "guard_passed",
             "router solicitation",
         ),
-        (
-            ipv6(v6("2001:db8:99::1"), 17, &udp(546, 547)),
+        pass(
+            ipv6_hl(v6("fe80::1"), 58, 255, &icmp(136)),
             0,
-            PASS,
             "guard_passed",
-            "DHCPv6",
+            "neighbour advertisement",
         ),
-        (
+        drop(
+            ipv6_hl(v6("2001:db8:1::fe"), 58, 255, &icmp(135)),
+            0,
+            "ND to a global address",
+        ),
+        drop(
+            ipv6_hl(v6("2001:db8:1::fe"), 58, 255, &icmp(133)),
+            0,
+            "RS to a global address",
+        ),
+        drop(
+            ipv6_hl(v6("2001:db8:99::1"), 58, 255, &icmp(137)),
+            0,
+            "redirect to a global address",
+        ),
+        drop(
             ipv6(v6("ff02::1:ff00:1"), 58, &icmp(135)),
             0,
-            PASS,
-            "guard_passed",
-            "multicast",
+            "ND with hop limit 64",
         ),
-        (arp(), 0, PASS, "not_ip", "ARP"),
-        (vlan(), 0, DROP, "guard_dropped", "VLAN tag"),
-        (
+        drop(
+            ipv6_hl(v6("ff05::2"), 58, 255, &icmp(133)),
+            0,
+            "ND to site-scope multicast",
+        ),
+        // Link layer: ARP only.
+        pass(arp(), 0, "not_ip", "ARP"),
+        drop(
+            eth(0x8864, &[0x11, 0, 0, 1, 0, 2, 0, 0x21]),
+            0,
+            "PPPoE session",
+        ),
+        drop(eth(0x8863, &[0x11, 0x09, 0, 0, 0, 0]), 0, "PPPoE discovery"),
+        drop(eth(0x8847, &[0, 0, 0x11, 0x40]), 0, "MPLS"),
+        drop(
+            eth(0x9100, &ipv4(v4("203.0.113.10"), 6, 0, &tcp())[12..]),
+            0,
+            "QinQ 0x9100",
+        ),
+        drop(vlan(), 0, "VLAN tag"),
+        drop(
             eth(0x0800, &{
                 let mut h = ipv4(v4("203.0.113.10"), 6, 0, &tcp())[14..].to_vec();
                 h[0] = 0x44;
                 h
             }),
             0,
-            DROP,
-            "guard_dropped",
             "IPv4 IHL 4",
         ),
-        (
+        drop(
             eth(0x86DD, &{
                 let mut h = ipv6(v6("2001:db8:203::10"), 6, &tcp())[14..].to_vec();
                 h[0] = 0x40;
                 h
             }),
             0,
-            DROP,
-            "guard_dropped",
             "IPv6 with version 4",
         ),
     ];
@@ -483,6 +574,8 @@ fn leak_guard_verdicts() {
     dp.set_config(DatapathConfig {
         flags: FLAG_STEER,
         fwmark: MARK,
+        listen_port: WG_PORT,
+        reserved: 0,
     })
     .expect("config");
     let want = Expect {
@@ -490,7 +583,7 @@ fn leak_guard_verdicts() {
         mark: 0,
         counter: None,
     };
-    check(&mut dp, g, &cases[5].0, 0, want, "guard off");
+    check(&mut dp, g, &cases[10].0, 0, want, "guard off");
 }
 
 #[test]

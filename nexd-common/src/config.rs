@@ -20,11 +20,23 @@ pub struct DatapathConfig {
     /// treats it like WireGuard's own packets: main table), and checked by
     /// the leak guard to recognise WireGuard's UDP.
     pub fwmark: u32,
+    /// WireGuard's listen port: the leak guard lets out only UDP from it
+    /// (with the fwmark) to a peer's endpoint.
+    pub listen_port: u16,
+    /// Zero; keeps the struct free of implicit padding.
+    pub reserved: u16,
 }
 
 #[cfg(feature = "user")]
-// SAFETY: repr(C), Copy, two u32, no padding.
+// SAFETY: repr(C), Copy, two u32 and two u16, no padding.
 unsafe impl aya::Pod for DatapathConfig {}
+
+/// Guard trie value bit: the operator lets this destination out directly
+/// (`--exclude-route`, `--kill-switch-allow`).
+pub const GUARD_ALLOW: u8 = 1 << 0;
+/// Guard trie value bit: a subnet of an uplink (where a DHCPv4 server
+/// answering unicast renewals lives).
+pub const GUARD_UPLINK_NET: u8 = 1 << 1;
 
 /// Why a prefix is in a bypass trie (the map value), for `nexctl` and
 /// debugging; programs only test presence.

@@ -24,9 +24,14 @@ pub mod names {
     /// [`crate::config::BypassReason`].
     pub const BYPASS_V4_MAP: &str = "NEXD_BYPASS_V4";
     pub const BYPASS_V6_MAP: &str = "NEXD_BYPASS_V6";
-    /// Hash sets of mesh peers' endpoint addresses (IPv4, IPv6).
+    /// Hash sets of mesh peers' endpoints, address and port (IPv4: 6
+    /// bytes, IPv6: 18 bytes, the port big-endian at the end).
     pub const ENDPOINTS_V4_MAP: &str = "NEXD_ENDPOINTS_V4";
     pub const ENDPOINTS_V6_MAP: &str = "NEXD_ENDPOINTS_V6";
+    /// LPM tries of what the leak guard lets out directly, value a set of
+    /// [`crate::config::GUARD_ALLOW`] / [`crate::config::GUARD_UPLINK_NET`].
+    pub const GUARD_V4_MAP: &str = "NEXD_GUARD_V4";
+    pub const GUARD_V6_MAP: &str = "NEXD_GUARD_V6";
 
     /// Classifier on the mesh interface's ingress (traffic out of the tunnel).
     pub const TUNNEL_INGRESS_PROG: &str = "nexd_tunnel_ingress";
@@ -50,3 +55,5 @@ pub const BYPASS_MAX_ENTRIES: u32 = 1 << 20;
 pub const MESH_MAX_ENTRIES: u32 = 64;
 /// Capacity of each endpoint set.
 pub const ENDPOINTS_MAX_ENTRIES: u32 = 1 << 16;
+/// Capacity of each guard trie (excluded routes can be tens of thousands).
+pub const GUARD_MAX_ENTRIES: u32 = 1 << 20;

@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use nexd_common::{
-    BYPASS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, MESH_MAX_ENTRIES,
+    BYPASS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, GUARD_MAX_ENTRIES, MESH_MAX_ENTRIES,
     config::DatapathConfig,
     counters::{Counter, CounterValue},
 };
@@ -29,10 +29,15 @@ pub static BYPASS_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(BYPASS_MA
 pub static BYPASS_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(BYPASS_MAX_ENTRIES, 0);
 
 #[map(name = "NEXD_ENDPOINTS_V4")]
-pub static ENDPOINTS_V4: HashMap<[u8; 4], u8> = HashMap::with_max_entries(ENDPOINTS_MAX_ENTRIES, 0);
+pub static ENDPOINTS_V4: HashMap<[u8; 6], u8> = HashMap::with_max_entries(ENDPOINTS_MAX_ENTRIES, 0);
 #[map(name = "NEXD_ENDPOINTS_V6")]
-pub static ENDPOINTS_V6: HashMap<[u8; 16], u8> =
+pub static ENDPOINTS_V6: HashMap<[u8; 18], u8> =
     HashMap::with_max_entries(ENDPOINTS_MAX_ENTRIES, 0);
+
+#[map(name = "NEXD_GUARD_V4")]
+pub static GUARD_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(GUARD_MAX_ENTRIES, 0);
+#[map(name = "NEXD_GUARD_V6")]
+pub static GUARD_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(GUARD_MAX_ENTRIES, 0);
 
 /// Adds one packet of `len` bytes to `counter` on this CPU.
 #[inline(always)]
@@ -66,12 +71,31 @@ pub fn in_trie6(trie: &LpmTrie<[u8; 16], u8>, addr: [u8; 16]) -> bool {
     trie.get(Key::new(128, addr)).is_some()
 }
 
+/// The guard trie's flags for an IPv4 address (0: not listed).
 #[inline(always)]
-pub fn is_endpoint4(addr: [u8; 4]) -> bool {
-    ENDPOINTS_V4.get_ptr(addr).is_some()
+pub fn guard_flags4(addr: [u8; 4]) -> u8 {
+    GUARD_V4.get(Key::new(32, addr)).copied().unwrap_or(0)
 }
 
+/// The guard trie's flags for an IPv6 address (0: not listed).
 #[inline(always)]
-pub fn is_endpoint6(addr: [u8; 16]) -> bool {
-    ENDPOINTS_V6.get_ptr(addr).is_some()
+pub fn guard_flags6(addr: [u8; 16]) -> u8 {
+    GUARD_V6.get(Key::new(128, addr)).copied().unwrap_or(0)
+}
+
+/// Whether `addr:port` is a mesh peer's endpoint.
+#[inline(always)]
+pub fn is_endpoint4(addr: [u8; 4], port: u16) -> bool {
+    let p = port.to_be_bytes();
+    let key = [addr[0], addr[1], addr[2], addr[3], p[0], p[1]];
+    ENDPOINTS_V4.get_ptr(key).is_some()
+}
+
+/// Whether `[addr]:port` is a mesh peer's endpoint.
+#[inline(always)]
+pub fn is_endpoint6(addr: [u8; 16], port: u16) -> bool {
+    let mut key = [0u8; 18];
+    key[..16].copy_from_slice(&addr);
+    key[16..].copy_from_slice(&port.to_be_bytes());
+    ENDPOINTS_V6.get_ptr(key).is_some()
 }

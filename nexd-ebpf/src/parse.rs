@@ -6,7 +6,8 @@
 //! * shorter than its headers, wrong IP version, IPv4 IHL < 5 or a total
 //!   length below the header length: `Malformed`;
 //! * 802.1Q / 802.1ad tags (in the frame or in skb metadata): `Vlan`;
-//! * any other EtherType (ARP, LLDP...): `NotIp`;
+//! * ARP: `Arp` (the uplink needs it; the guard lets it out);
+//! * any other EtherType (PPPoE, MPLS, QinQ 0x9100, LLDP...): `NotIp`;
 //! * IPv4 fragments: classified by their destination like any packet (the
 //!   destination is in every fragment); only first fragments carry ports,
 //!   so port-based checks skip later fragments.
@@ -19,9 +20,11 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
+const ETH_P_ARP: u16 = 0x0806;
 
 /// What a packet is, as far as nexd cares.
 pub enum Parsed {
+    Arp,
     NotIp,
     Vlan,
     Malformed,
@@ -42,6 +45,8 @@ pub struct V6 {
     pub dst: [u8; 16],
     /// The fixed header's next header (extension headers are not followed).
     pub next: u8,
+    /// Neighbour discovery is valid only with 255 (never forwarded).
+    pub hop_limit: u8,
     pub l4: usize,
 }
 
@@ -101,6 +106,7 @@ pub fn parse(ctx: &TcContext, l2: bool) -> Parsed {
     match proto {
         ETH_P_IP => parse_v4(ctx, off),
         ETH_P_IPV6 => parse_v6(ctx, off),
+        ETH_P_ARP if l2 => Parsed::Arp,
         _ => Parsed::NotIp,
     }
 }
@@ -138,6 +144,7 @@ fn parse_v6(ctx: &TcContext, off: usize) -> Parsed {
     Parsed::V6(V6 {
         dst,
         next: hdr[6],
+        hop_limit: hdr[7],
         l4: off + 40,
     })
 }

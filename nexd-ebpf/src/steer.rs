@@ -31,7 +31,7 @@ fn steer(ctx: &TcContext, l2: bool) -> i32 {
     }
     let len = ctx.len();
     let (mesh, bypass) = match parse(ctx, l2) {
-        Parsed::NotIp => {
+        Parsed::Arp | Parsed::NotIp => {
             count(Counter::NotIp, len);
             return TC_NEXT;
         }

@@ -70,6 +70,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Samples>> {
     dp.set_config(DatapathConfig {
         flags: FLAG_STEER,
         fwmark: 0x6e78,
+        ..DatapathConfig::default()
     })?;
     dp.set_mesh_prefixes(&["100.64.0.0/10".parse()?, "fd6e:6578:6400::/48".parse()?])?;
     let sizes: &[usize] = if plan.quick {

@@ -241,6 +241,7 @@ fn configure(
                     dp.set_config(DatapathConfig {
                         flags: FLAG_STEER,
                         fwmark: MARK,
+                        ..DatapathConfig::default()
                     })?;
                     dp.attach_steer("lan0", true)?;
                     Ok(dp)

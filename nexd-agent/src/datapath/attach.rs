@@ -14,7 +14,7 @@ use std::{
 use aya::programs::{
     SchedClassifier, TcAttachType,
     links::{FdLink, PinnedLink},
-    tc::{self, SchedClassifierLinkId},
+    tc::{self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle},
 };
 use nexd_common::names;
 use tracing::{debug, info, warn};
@@ -71,29 +71,70 @@ pub struct Attachments {
     guards: BTreeMap<String, GuardState>,
 }
 
+/// The leak guard's place on a clsact egress: fixed, so the next nexd finds
+/// (and replaces) exactly the filter a crashed one left.
+const GUARD_FILTER_PRIORITY: u16 = 0x6e78;
+const GUARD_FILTER_HANDLE: TcHandle = TcHandle::new(0, 0x6e78);
+
 /// The directory of the pins of the nexd that owns `wg_iface`.
 pub fn pin_dir(bpffs: &Path, wg_iface: &str) -> PathBuf {
     bpffs.join("nexd").join(wg_iface)
 }
+
+/// Where a new guard is pinned before it is renamed over the real pin
+/// (bpffs refuses names with a dot).
+fn staging_pin(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(STAGING_SUFFIX);
+    path.with_file_name(name)
+}
+
+/// Suffix of a guard pinned but not yet renamed into place.
+const STAGING_SUFFIX: &str = "-staged";
 
 /// The pin path of the leak guard on `uplink`.
 pub fn guard_pin_path(bpffs: &Path, wg_iface: &str, uplink: &str) -> PathBuf {
     pin_dir(bpffs, wg_iface).join(format!("guard-{uplink}"))
 }
 
-/// Removes leak guards pinned by a previous nexd for `wg_iface`, and (on
-/// clsact kernels) nexd's filters left on `ifaces`. Returns whether
-/// anything was found.
-pub fn remove_leftovers(bpffs: &Path, wg_iface: &str, ifaces: &[String]) -> bool {
-    let mut found = false;
+/// Removes what a previous nexd for `wg_iface` left of the data path: its
+/// pinned leak guards and (on clsact kernels) its filters on `ifaces`.
+/// With `keep_guard` the leak guards stay (a restarted nexd whose kill
+/// switch still holds takes them over in place). Returns what was removed,
+/// one line each.
+pub fn remove_leftovers(
+    bpffs: &Path,
+    wg_iface: &str,
+    ifaces: &[String],
+    keep_guard: bool,
+) -> Vec<String> {
+    let mut removed = Vec::new();
     let dir = pin_dir(bpffs, wg_iface);
-    if let Ok(entries) = std::fs::read_dir(&dir) {
+    if keep_guard {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                let pin = entry.path();
+                // A guard pinned but never renamed into place (a crash in
+                // between): the real pin is the one taken over.
+                if pin.to_string_lossy().ends_with(STAGING_SUFFIX) {
+                    if std::fs::remove_file(&pin).is_ok() {
+                        removed.push(format!(
+                            "the half-installed leak guard pin {}",
+                            pin.display()
+                        ));
+                    }
+                } else {
+                    info!(pin = %pin.display(), "keeping the leak guard a previous nexd pinned: the kill switch still holds");
+                }
+            }
+        }
+    } else if let Ok(entries) = std::fs::read_dir(&dir) {
         for entry in entries.flatten() {
             let pin = entry.path();
-            found = true;
             match std::fs::remove_file(&pin) {
                 Ok(()) => {
-                    warn!(path = %pin.display(), "removed a leak guard left by a previous nexd")
+                    warn!(path = %pin.display(), "removed a leak guard left by a previous nexd");
+                    removed.push(format!("the leak guard pinned at {}", pin.display()));
                 }
                 Err(e) => warn!(path = %pin.display(), error = %e, "cannot remove a leftover pin"),
             }
@@ -102,26 +143,68 @@ pub fn remove_leftovers(bpffs: &Path, wg_iface: &str, ifaces: &[String]) -> bool
     }
     if super::running_kernel_mode() == AttachMode::Clsact {
         for iface in ifaces {
-            for (prog, dir) in [
-                (names::GUARD_PROG, TcAttachType::Egress),
-                (names::GUARD_L3_PROG, TcAttachType::Egress),
+            let guards: &[(&str, TcAttachType)] = if keep_guard {
+                &[]
+            } else {
+                &[
+                    (names::GUARD_PROG, TcAttachType::Egress),
+                    (names::GUARD_L3_PROG, TcAttachType::Egress),
+                ]
+            };
+            for &(prog, dir) in guards.iter().chain(&[
                 (names::STEER_PROG, TcAttachType::Ingress),
                 (names::STEER_L3_PROG, TcAttachType::Ingress),
                 (names::TUNNEL_INGRESS_PROG, TcAttachType::Ingress),
                 (names::TUNNEL_EGRESS_PROG, TcAttachType::Egress),
-            ] {
+            ]) {
                 if tc::qdisc_detach_program(iface, dir, prog).is_ok() {
-                    found = true;
                     warn!(
                         iface,
                         program = prog,
                         "removed a tc filter left by a previous nexd"
                     );
+                    removed.push(format!(
+                        "the tc filter {prog} on {iface} ({})",
+                        direction(dir)
+                    ));
                 }
             }
         }
     }
-    found
+    removed
+}
+
+/// nexd's leak guard programs attached to `iface`'s egress now, whoever
+/// attached them (a check after an offline clean-up).
+pub fn guards_on(iface: &str) -> Vec<String> {
+    let is_guard = |n: &str| n == names::GUARD_PROG || n == names::GUARD_L3_PROG;
+    match super::running_kernel_mode() {
+        AttachMode::Tcx => SchedClassifier::query_tcx(iface, TcAttachType::Egress)
+            .map(|(_, progs)| {
+                progs
+                    .iter()
+                    .filter_map(|p| p.name_as_str().map(str::to_owned))
+                    .filter(|n| is_guard(n))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        // Filters have no query in aya; `tc` names their programs.
+        AttachMode::Clsact => std::process::Command::new("tc")
+            .args(["filter", "show", "dev", iface, "egress"])
+            .output()
+            .map(|o| {
+                let text = String::from_utf8_lossy(&o.stdout);
+                [names::GUARD_PROG, names::GUARD_L3_PROG]
+                    .into_iter()
+                    .filter(|g| {
+                        text.split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                            .any(|w| w == *g)
+                    })
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
 }
 
 fn direction(t: TcAttachType) -> &'static str {
@@ -256,6 +339,14 @@ impl Datapath {
 
     /// Attaches the leak guard to the uplink's egress. With `pin`, the link
     /// is pinned under `bpffs` so the guard survives a crash.
+    /// Attaches the leak guard to `iface`'s egress. With `pin` (the kill
+    /// switch) it must outlive nexd: on TCX its link is pinned at
+    /// `guard_pin_path`, on clsact it is a tc filter at a fixed priority
+    /// and handle. A guard a previous nexd left there (a crash) is not
+    /// removed and re-added: this program is swapped into its place
+    /// atomically (`bpf_link_update` on the pinned TCX link, a filter
+    /// replace at the same priority and handle on clsact), so the uplink is
+    /// never unguarded, not even between two netlink calls.
     pub fn attach_guard(
         &mut self,
         iface: &str,
@@ -270,47 +361,25 @@ impl Datapath {
         } else {
             names::GUARD_L3_PROG
         };
-        let link = self.attach_one(name, iface, TcAttachType::Egress)?;
         let state = match (pin, self.mode) {
-            (None, _) => GuardState::Owned {
-                iface: iface.to_owned(),
-                program: name,
-                link,
-            },
-            (Some(_), AttachMode::Clsact) => {
-                // The filter itself persists; nothing to pin.
-                let prog = self.classifier(name)?;
-                let link = prog
-                    .take_link(link)
-                    .map_err(|e| DatapathError::program(name, e))?;
-                // Not dropping it keeps aya from removing the filter.
-                std::mem::forget(link);
-                GuardState::Filter {
+            (None, _) => {
+                let link = self.attach_one(name, iface, TcAttachType::Egress)?;
+                GuardState::Owned {
                     iface: iface.to_owned(),
                     program: name,
+                    link,
                 }
             }
+            (Some(_), AttachMode::Clsact) => self.attach_guard_filter(name, iface)?,
             (Some((bpffs_root, wg_iface)), AttachMode::Tcx) => {
                 let path = guard_pin_path(bpffs_root, wg_iface, iface);
-                let pin_err = |reason: String| DatapathError::Pin {
-                    path: path.clone(),
-                    reason,
-                };
-                bpffs::ensure_mounted(bpffs_root)?;
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| pin_err(e.to_string()))?;
-                }
-                let _ = std::fs::remove_file(&path);
-                let owned = self
-                    .classifier(name)?
-                    .take_link(link)
-                    .map_err(|e| DatapathError::program(name, e))?;
-                let fd: FdLink = owned.try_into().map_err(|e| pin_err(format!("{e}")))?;
-                let pinned = fd.pin(&path).map_err(|e| pin_err(e.to_string()))?;
-                GuardState::Pinned {
-                    iface: iface.to_owned(),
-                    program: name,
-                    link: pinned,
+                match self.adopt_pinned_guard(name, iface, &path) {
+                    Ok(Some(state)) => state,
+                    Ok(None) => self.attach_pinned_guard(name, iface, &path)?,
+                    Err(e) => {
+                        warn!(iface, error = %e, "cannot take over the leak guard a previous nexd pinned; attaching a new one first, then removing it");
+                        self.attach_pinned_guard(name, iface, &path)?
+                    }
                 }
             }
         };
@@ -323,7 +392,156 @@ impl Datapath {
         Ok(())
     }
 
-    /// Detaches every leak guard (and removes their pins).
+    /// A fresh TCX guard, pinned. The pin is made under a temporary name
+    /// and renamed over `path`: if an old pin is there, its link (and
+    /// the old program) goes only once the new one is in force.
+    fn attach_pinned_guard(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+        path: &Path,
+    ) -> Result<GuardState, DatapathError> {
+        let pin_err = |reason: String| DatapathError::Pin {
+            path: path.to_owned(),
+            reason,
+        };
+        let bpffs_root = path
+            .ancestors()
+            .nth(3)
+            .ok_or_else(|| pin_err("not under a bpffs".into()))?;
+        bpffs::ensure_mounted(bpffs_root)?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| pin_err(e.to_string()))?;
+        }
+        let link = self.attach_one(name, iface, TcAttachType::Egress)?;
+        let owned = self
+            .classifier(name)?
+            .take_link(link)
+            .map_err(|e| DatapathError::program(name, e))?;
+        let fd: FdLink = owned.try_into().map_err(|e| pin_err(format!("{e}")))?;
+        let tmp = staging_pin(path);
+        let _ = std::fs::remove_file(&tmp);
+        let pinned = fd.pin(&tmp).map_err(|e| pin_err(e.to_string()))?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| pin_err(format!("renaming {}: {e}", tmp.display())))?;
+        drop(pinned);
+        let link = PinnedLink::from_pin(path).map_err(|e| pin_err(e.to_string()))?;
+        Ok(GuardState::Pinned {
+            iface: iface.to_owned(),
+            program: name,
+            link,
+        })
+    }
+
+    /// Swaps this program into the TCX link a previous nexd pinned at
+    /// `path`, if there is one and it still guards `iface`. `Ok(None)`:
+    /// nothing to adopt.
+    fn adopt_pinned_guard(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+        path: &Path,
+    ) -> Result<Option<GuardState>, DatapathError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let pin_err = |reason: String| DatapathError::Pin {
+            path: path.to_owned(),
+            reason,
+        };
+        let old = PinnedLink::from_pin(path).map_err(|e| pin_err(e.to_string()))?;
+        let fd: FdLink = old.into();
+        let link = SchedClassifierLink::try_from(fd).map_err(|e| pin_err(e.to_string()))?;
+        let prog = self.classifier(name)?;
+        let id = prog
+            .attach_to_link(link)
+            .map_err(|e| DatapathError::program(name, e))?;
+        // The pin holds the link; our descriptor of it can go.
+        drop(
+            prog.take_link(id)
+                .map_err(|e| DatapathError::program(name, e))?,
+        );
+        // The link may belong to an interface of this name that was
+        // deleted and made again: then it guards nothing.
+        let ours = self.classifier(name)?.info().map(|i| i.id()).ok();
+        let on_iface = SchedClassifier::query_tcx(iface, TcAttachType::Egress)
+            .map(|(_, progs)| progs.iter().any(|p| Some(p.id()) == ours))
+            .unwrap_or(false);
+        if !on_iface {
+            return Ok(None);
+        }
+        let link = PinnedLink::from_pin(path).map_err(|e| pin_err(e.to_string()))?;
+        info!(iface, path = %path.display(), "took over the leak guard a previous nexd left (program swapped in place)");
+        Ok(Some(GuardState::Pinned {
+            iface: iface.to_owned(),
+            program: name,
+            link,
+        }))
+    }
+
+    /// A guard filter on clsact, at nexd's fixed priority and handle; one
+    /// already there (a previous nexd's) is replaced in place.
+    fn attach_guard_filter(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+    ) -> Result<GuardState, DatapathError> {
+        match tc::qdisc_add_clsact(iface) {
+            Ok(()) => {}
+            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) => {
+                return Err(DatapathError::Qdisc {
+                    iface: iface.to_owned(),
+                    source: Box::new(source),
+                });
+            }
+        }
+        let attach_err = |source| DatapathError::Attach {
+            name: name.to_owned(),
+            iface: iface.to_owned(),
+            direction: "egress",
+            source: Box::new(source),
+        };
+        let prog = self.classifier(name)?;
+        let options = TcAttachOptions::Netlink(NlOptions {
+            priority: GUARD_FILTER_PRIORITY,
+            handle: GUARD_FILTER_HANDLE,
+            ..NlOptions::default()
+        });
+        let id = match prog.attach_with_options(iface, TcAttachType::Egress, options) {
+            Ok(id) => id,
+            Err(aya::programs::ProgramError::TcError(tc::TcError::NetlinkError(e)))
+                if e.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                let old = SchedClassifierLink::attached(
+                    iface,
+                    TcAttachType::Egress,
+                    GUARD_FILTER_PRIORITY,
+                    GUARD_FILTER_HANDLE,
+                    None,
+                )
+                .map_err(|e| attach_err(aya::programs::ProgramError::IOError(e)))?;
+                let id = prog.attach_to_link(old).map_err(attach_err)?;
+                info!(
+                    iface,
+                    "took over the leak guard filter a previous nexd left (replaced in place)"
+                );
+                id
+            }
+            Err(e) => return Err(attach_err(e)),
+        };
+        // A tc filter outlives its program's descriptors: forget the link
+        // so dropping the data path does not delete it.
+        let link = prog
+            .take_link(id)
+            .map_err(|e| DatapathError::program(name, e))?;
+        std::mem::forget(link);
+        Ok(GuardState::Filter {
+            iface: iface.to_owned(),
+            program: name,
+        })
+    }
+
     pub fn detach_guards(&mut self) -> Result<(), DatapathError> {
         let guards = std::mem::take(&mut self.attached.guards);
         for state in guards.into_values() {

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use aya::maps::{
@@ -21,6 +21,31 @@ use super::{Datapath, DatapathError};
 /// The content of the bypass tries: prefix and why it is there
 /// (`nexd_common::config::BypassReason` as u8).
 pub type BypassSet = HashMap<IpNet, u8>;
+
+/// The content of the guard tries: prefix and its `GUARD_*` flags.
+pub type GuardSet = HashMap<IpNet, u8>;
+
+/// The guard tries for `allow` (excluded routes, `--kill-switch-allow`)
+/// and `uplink_nets` (DHCP servers). A lookup finds only the longest
+/// match, so each prefix carries the flags of every listed prefix that
+/// contains it: an uplink subnet inside an allowed range stays allowed.
+pub fn guard_set(allow: &[IpNet], uplink_nets: &[IpNet]) -> GuardSet {
+    use nexd_common::config::{GUARD_ALLOW, GUARD_UPLINK_NET};
+    // Within one list containment changes nothing (same flag), so only
+    // the other list is searched: allow x uplinks, which stays linear in
+    // the tens of thousands of excluded routes (a host has few uplink
+    // subnets).
+    let mut set = GuardSet::with_capacity(allow.len() + uplink_nets.len());
+    for a in allow.iter().map(IpNet::trunc) {
+        let in_uplink = uplink_nets.iter().any(|u| u.contains(&a));
+        *set.entry(a).or_default() |= GUARD_ALLOW | if in_uplink { GUARD_UPLINK_NET } else { 0 };
+    }
+    for u in uplink_nets.iter().map(IpNet::trunc) {
+        let in_allow = allow.iter().any(|a| a.contains(&u));
+        *set.entry(u).or_default() |= GUARD_UPLINK_NET | if in_allow { GUARD_ALLOW } else { 0 };
+    }
+    set
+}
 
 fn v4_key(net: &ipnet::Ipv4Net) -> Key<[u8; 4]> {
     Key::new(u32::from(net.prefix_len()), net.network().octets())
@@ -108,33 +133,65 @@ impl Datapath {
     /// Makes the bypass tries hold exactly `wanted`, touching only what
     /// differs. Returns (added or changed, removed).
     pub fn sync_bypass(&mut self, wanted: &BypassSet) -> Result<(usize, usize), DatapathError> {
+        let mut current = std::mem::take(&mut self.bypass);
+        let r = self.sync_tries(
+            (names::BYPASS_V4_MAP, names::BYPASS_V6_MAP),
+            &mut current,
+            wanted,
+        );
+        self.bypass = current;
+        r
+    }
+
+    /// Makes the leak guard's tries hold exactly `wanted` (see
+    /// [`guard_set`]). Returns (added or changed, removed).
+    pub fn sync_guard_set(&mut self, wanted: &GuardSet) -> Result<(usize, usize), DatapathError> {
+        let mut current = std::mem::take(&mut self.guard_set);
+        let r = self.sync_tries(
+            (names::GUARD_V4_MAP, names::GUARD_V6_MAP),
+            &mut current,
+            wanted,
+        );
+        self.guard_set = current;
+        r
+    }
+
+    /// Brings a pair of tries from `current` (what was written, updated
+    /// here) to `wanted`: changes first, then removals, so a prefix never
+    /// has a gap.
+    fn sync_tries(
+        &mut self,
+        (v4, v6): (&'static str, &'static str),
+        current: &mut HashMap<IpNet, u8>,
+        wanted: &HashMap<IpNet, u8>,
+    ) -> Result<(usize, usize), DatapathError> {
         let mut added = 0;
         let changes: Vec<(IpNet, u8)> = wanted
             .iter()
-            .filter(|(net, v)| self.bypass.get(*net) != Some(*v))
+            .filter(|(net, v)| current.get(*net) != Some(*v))
             .map(|(n, v)| (n.trunc(), *v))
             .collect();
         for (net, v) in changes {
-            self.insert(names::BYPASS_V4_MAP, names::BYPASS_V6_MAP, &net, v)?;
-            self.bypass.insert(net, v);
+            self.insert(v4, v6, &net, v)?;
+            current.insert(net, v);
             added += 1;
         }
-        let stale: Vec<IpNet> = self
-            .bypass
+        let stale: Vec<IpNet> = current
             .keys()
             .filter(|n| !wanted.contains_key(*n))
             .copied()
             .collect();
         for net in &stale {
-            self.remove(names::BYPASS_V4_MAP, names::BYPASS_V6_MAP, net)?;
-            self.bypass.remove(net);
+            self.remove(v4, v6, net)?;
+            current.remove(net);
         }
         if added > 0 || !stale.is_empty() {
             debug!(
+                map = v4,
                 added,
                 removed = stale.len(),
-                total = self.bypass.len(),
-                "bypass tries updated"
+                total = current.len(),
+                "tries updated"
             );
         }
         Ok((added, stale.len()))
@@ -159,25 +216,27 @@ impl Datapath {
         Ok(())
     }
 
-    /// Makes the endpoint sets hold exactly `addrs` (peers' underlay IPs).
-    pub fn set_endpoints(&mut self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
-        let wanted: HashSet<IpAddr> = addrs.iter().copied().collect();
+    /// Makes the endpoint sets hold exactly `endpoints` (peers' underlay
+    /// addresses and ports: what the leak guard lets WireGuard send to).
+    pub fn set_endpoints(&mut self, endpoints: &[SocketAddr]) -> Result<(), DatapathError> {
+        let wanted: HashSet<SocketAddr> = endpoints.iter().copied().collect();
         let current = std::mem::take(&mut self.endpoints);
-        for ip in current.difference(&wanted) {
-            self.endpoint_op(*ip, false)?;
+        for ep in wanted.difference(&current) {
+            self.endpoint_op(*ep, true)?;
         }
-        for ip in wanted.difference(&current) {
-            self.endpoint_op(*ip, true)?;
+        for ep in current.difference(&wanted) {
+            self.endpoint_op(*ep, false)?;
         }
         self.endpoints = wanted;
         Ok(())
     }
 
-    fn endpoint_op(&mut self, ip: IpAddr, insert: bool) -> Result<(), DatapathError> {
-        let name = match ip {
+    fn endpoint_op(&mut self, ep: SocketAddr, insert: bool) -> Result<(), DatapathError> {
+        let name = match ep.ip() {
             IpAddr::V4(_) => names::ENDPOINTS_V4_MAP,
             IpAddr::V6(_) => names::ENDPOINTS_V6_MAP,
         };
+        let port = ep.port().to_be_bytes();
         let map = self
             .ebpf
             .map_mut(name)
@@ -185,23 +244,28 @@ impl Datapath {
                 kind: "map",
                 name: name.to_owned(),
             })?;
-        let r = match ip {
+        let r = match ep.ip() {
             IpAddr::V4(a) => {
-                let mut m: BpfHashMap<&mut MapData, [u8; 4], u8> =
+                let mut m: BpfHashMap<&mut MapData, [u8; 6], u8> =
                     BpfHashMap::try_from(map).map_err(|e| DatapathError::map(name, e))?;
+                let o = a.octets();
+                let key = [o[0], o[1], o[2], o[3], port[0], port[1]];
                 if insert {
-                    m.insert(a.octets(), 1, 0)
+                    m.insert(key, 1, 0)
                 } else {
-                    m.remove(&a.octets())
+                    m.remove(&key)
                 }
             }
             IpAddr::V6(a) => {
-                let mut m: BpfHashMap<&mut MapData, [u8; 16], u8> =
+                let mut m: BpfHashMap<&mut MapData, [u8; 18], u8> =
                     BpfHashMap::try_from(map).map_err(|e| DatapathError::map(name, e))?;
+                let mut key = [0u8; 18];
+                key[..16].copy_from_slice(&a.octets());
+                key[16..].copy_from_slice(&port);
                 if insert {
-                    m.insert(a.octets(), 1, 0)
+                    m.insert(key, 1, 0)
                 } else {
-                    m.remove(&a.octets())
+                    m.remove(&key)
                 }
             }
         };
@@ -226,5 +290,46 @@ impl Datapath {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(DatapathError::map(names::BYPASS_V4_MAP, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nexd_common::config::{GUARD_ALLOW, GUARD_UPLINK_NET};
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("net")
+    }
+
+    #[test]
+    fn guard_set_carries_the_flags_of_every_containing_prefix() {
+        let set = guard_set(
+            &[net("10.0.0.0/8"), net("198.51.100.0/24")],
+            &[net("10.1.0.0/16"), net("192.0.2.0/24")],
+        );
+        assert_eq!(set[&net("10.0.0.0/8")], GUARD_ALLOW);
+        // The uplink subnet inside the allowed range stays allowed.
+        assert_eq!(set[&net("10.1.0.0/16")], GUARD_ALLOW | GUARD_UPLINK_NET);
+        assert_eq!(set[&net("192.0.2.0/24")], GUARD_UPLINK_NET);
+        assert_eq!(set[&net("198.51.100.0/24")], GUARD_ALLOW);
+        assert_eq!(set.len(), 4);
+        // The same prefix in both lists: one entry with both flags.
+        let both = guard_set(&[net("192.0.2.0/24")], &[net("192.0.2.0/24")]);
+        assert_eq!(both[&net("192.0.2.0/24")], GUARD_ALLOW | GUARD_UPLINK_NET);
+        assert_eq!(both.len(), 1);
+    }
+
+    #[test]
+    fn guard_set_keeps_every_one_of_fifty_thousand_exclusions() {
+        let allow: Vec<IpNet> = (0..50_000u32)
+            .map(|i| {
+                let a = std::net::Ipv4Addr::from(0x0b00_0000 + (i << 8));
+                IpNet::V4(ipnet::Ipv4Net::new(a, 24).expect("len"))
+            })
+            .collect();
+        let set = guard_set(&allow, &[net("192.0.2.0/24")]);
+        assert_eq!(set.len(), 50_001);
+        assert_eq!(set[&allow[49_999]], GUARD_ALLOW);
     }
 }

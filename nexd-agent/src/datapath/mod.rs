@@ -26,9 +26,9 @@ use nexd_common::{
 };
 use tracing::{debug, info, warn};
 
-pub use attach::{GuardState, guard_pin_path, pin_dir, remove_leftovers};
+pub use attach::{GuardState, guard_pin_path, guards_on, pin_dir, remove_leftovers};
 pub use bpffs::is_bpffs;
-pub use maps::BypassSet;
+pub use maps::{BypassSet, GuardSet, guard_set};
 
 /// The eBPF object built from `nexd-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nexd"));
@@ -125,7 +125,8 @@ pub struct Datapath {
     pub(crate) attached: attach::Attachments,
     pub(crate) bypass: maps::BypassSet,
     pub(crate) mesh_prefixes: std::collections::HashSet<ipnet::IpNet>,
-    pub(crate) endpoints: std::collections::HashSet<std::net::IpAddr>,
+    pub(crate) endpoints: std::collections::HashSet<std::net::SocketAddr>,
+    pub(crate) guard_set: maps::GuardSet,
     config: DatapathConfig,
     _logger: Option<tokio::task::JoinHandle<()>>,
 }
@@ -154,6 +155,7 @@ impl Datapath {
             bypass: maps::BypassSet::default(),
             mesh_prefixes: Default::default(),
             endpoints: Default::default(),
+            guard_set: Default::default(),
             config: DatapathConfig::default(),
             _logger: None,
         })
