@@ -6,15 +6,41 @@
 //! safety of the client. Routes into the tunnel must exist before the rule
 //! that sends traffic to them (a rule whose table has no route falls
 //! through to the main table: a leak), WireGuard's fwmark must be set
-//! before that rule (or its own UDP would be routed into itself), and the
-//! leak guard must come first and go last. Computing the steps as a value
-//! lets the unit tests below walk every transition step by step and check
-//! those invariants after each one; the daemon's executor
-//! (`daemon::exit_client`) only runs them.
+//! before that rule (or its own UDP would be routed into itself), DNS must
+//! be redirected before the rules exist (or a LAN resolver, reached through
+//! the main table, would see the queries), and the leak guard must come
+//! first and go last. Computing the steps as a value lets the unit tests
+//! below walk every transition step by step and check those invariants
+//! after each one; the daemon's executor (`daemon::exit_client`) only runs
+//! them.
 
 use crate::keys::PublicKey;
 
 use super::Phase;
+
+/// Where the client's DNS queries go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dns {
+    /// Wherever the device's resolver configuration says (no redirect).
+    #[default]
+    Off,
+    /// To this exit node's resolver on its mesh address, through the
+    /// tunnel, whatever resolver the query was sent to.
+    Via(PublicKey),
+    /// Refused: while traffic is held back, queries fail instead of
+    /// reaching a LAN resolver.
+    Blocked,
+}
+
+/// How the client is configured: what the targets depend on besides the
+/// phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Policy {
+    /// `--kill-switch`.
+    pub kill_switch: bool,
+    /// DNS through the exit node (off with `--exit-node-allow-lan-dns`).
+    pub private_dns: bool,
+}
 
 /// What of the client's configuration is in the kernel. The executor keeps
 /// this up to date after every step; at start-up it is what a crashed nexd
@@ -25,6 +51,8 @@ pub struct Installed {
     pub guard: bool,
     /// WireGuard's own packets carry the client's fwmark.
     pub fwmark: bool,
+    /// Where DNS queries are redirected.
+    pub dns: Dns,
     /// `default dev <wg>` (v4 and v6) in nexd's table.
     pub routes: bool,
     /// The peer whose AllowedIPs carry 0.0.0.0/0 and ::/0.
@@ -39,8 +67,10 @@ pub struct Installed {
 /// One effect of the executor, in the order the plan lists them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    AttachGuard,
     SetFwmark,
+    AttachGuard,
+    /// Point DNS at an exit node, block it, or stop redirecting it.
+    Dns(Dns),
     AddRoutes,
     /// Move the default routes in WireGuard to this peer (or to none):
     /// one peer update, touching only the old and the new exit peer.
@@ -50,15 +80,18 @@ pub enum Step {
     SteeringOff,
     RemoveRules,
     RemoveRoutes,
-    ClearFwmark,
     DetachGuard,
+    ClearFwmark,
 }
 
 impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Step::AttachGuard => f.write_str("attaching the leak guard"),
             Step::SetFwmark => f.write_str("setting WireGuard's fwmark"),
+            Step::AttachGuard => f.write_str("attaching the leak guard"),
+            Step::Dns(Dns::Via(k)) => write!(f, "redirecting DNS to exit node {k}"),
+            Step::Dns(Dns::Blocked) => f.write_str("blocking DNS while traffic is held back"),
+            Step::Dns(Dns::Off) => f.write_str("removing the DNS redirect"),
             Step::AddRoutes => f.write_str("adding the default routes into the tunnel"),
             Step::RouteVia(Some(k)) => write!(f, "moving the default routes to peer {k}"),
             Step::RouteVia(None) => f.write_str("taking the default routes off the exit peer"),
@@ -67,8 +100,8 @@ impl std::fmt::Display for Step {
             Step::SteeringOff => f.write_str("turning the LAN classifier's steering off"),
             Step::RemoveRules => f.write_str("removing the policy rules"),
             Step::RemoveRoutes => f.write_str("removing the default routes into the tunnel"),
-            Step::ClearFwmark => f.write_str("clearing WireGuard's fwmark"),
             Step::DetachGuard => f.write_str("detaching the leak guard"),
+            Step::ClearFwmark => f.write_str("clearing WireGuard's fwmark"),
         }
     }
 }
@@ -77,8 +110,9 @@ impl Step {
     /// What `installed` becomes once this step succeeded.
     pub fn apply(self, mut s: Installed) -> Installed {
         match self {
-            Step::AttachGuard => s.guard = true,
             Step::SetFwmark => s.fwmark = true,
+            Step::AttachGuard => s.guard = true,
+            Step::Dns(d) => s.dns = d,
             Step::AddRoutes => s.routes = true,
             Step::RouteVia(k) => s.exit_peer = k,
             Step::AddRules => s.rules = true,
@@ -86,8 +120,8 @@ impl Step {
             Step::SteeringOff => s.steering = false,
             Step::RemoveRules => s.rules = false,
             Step::RemoveRoutes => s.routes = false,
-            Step::ClearFwmark => s.fwmark = false,
             Step::DetachGuard => s.guard = false,
+            Step::ClearFwmark => s.fwmark = false,
         }
         s
     }
@@ -103,11 +137,13 @@ impl Step {
             | Step::AddRoutes
             | Step::AddRules
             | Step::SteeringOn => self.apply(s),
-            // A half-done peer update: the old exit peer may have lost its
-            // routes, the new one may not have them. Claim the new one, so
-            // a rollback moves them back explicitly.
-            Step::RouteVia(_) => self.apply(s),
-            Step::SteeringOff
+            // A half-done change of where something points: claim the new
+            // target, so a rollback moves it back explicitly (the nftables
+            // table is replaced whole, a peer update is remove-then-add).
+            Step::RouteVia(_) | Step::Dns(Dns::Via(_) | Dns::Blocked) => self.apply(s),
+            // A failed removal of the redirect leaves whatever was there.
+            Step::Dns(Dns::Off)
+            | Step::SteeringOff
             | Step::RemoveRules
             | Step::RemoveRoutes
             | Step::ClearFwmark
@@ -116,13 +152,24 @@ impl Step {
     }
 }
 
-/// What a phase needs installed. `kill_switch` adds the leak guard while
-/// the client's routing is in place.
-pub fn target(phase: Phase, kill_switch: bool) -> Installed {
+/// What a phase needs installed. With the kill switch the leak guard holds
+/// from the moment exit mode is wanted (waiting too, not only once an exit
+/// node answers), and WireGuard's fwmark with it: the guard recognises
+/// WireGuard's own packets by it. With private DNS, queries go to the
+/// exit node in use, and are refused while traffic is held back.
+pub fn target(phase: Phase, policy: Policy) -> Installed {
     let routing = phase.routing_installed();
+    let guarded = policy.kill_switch && phase != Phase::Off;
+    let dns = match phase {
+        _ if !policy.private_dns => Dns::Off,
+        Phase::Active(k) => Dns::Via(k),
+        Phase::Held => Dns::Blocked,
+        Phase::Off | Phase::Waiting => Dns::Off,
+    };
     Installed {
-        guard: kill_switch && routing,
-        fwmark: routing,
+        guard: guarded,
+        fwmark: routing || guarded,
+        dns,
         routes: routing,
         exit_peer: phase.exit_peer(),
         rules: routing,
@@ -130,19 +177,26 @@ pub fn target(phase: Phase, kill_switch: bool) -> Installed {
     }
 }
 
-/// The ordered steps from `from` to `to`. Additions go guard first, then
-/// the tunnel side (fwmark, routes, the exit peer), then the rules that
-/// send traffic into it; removals go the other way round, the rules
-/// first and the guard last. A step is listed only if it changes
+/// The ordered steps from `from` to `to`. Additions go fwmark and guard
+/// first, then the DNS redirect and the tunnel side (routes, the exit
+/// peer), then the rules that send traffic into it; removals go the other
+/// way round, the rules first, then the DNS redirect, the tunnel side, the
+/// guard and the fwmark last. A step is listed only if it changes
 /// something, so a plan to the state already installed is empty.
 pub fn plan(from: Installed, to: Installed) -> Vec<Step> {
     let mut steps = Vec::new();
-    // Additions, guard first...
+    // Additions: the fwmark (harmless alone, and the guard needs it to let
+    // WireGuard out), the guard...
+    if to.fwmark && !from.fwmark {
+        steps.push(Step::SetFwmark);
+    }
     if to.guard && !from.guard {
         steps.push(Step::AttachGuard);
     }
-    if to.fwmark && !from.fwmark {
-        steps.push(Step::SetFwmark);
+    // ...DNS pointed into the tunnel before any rule could send a query
+    // to a resolver through the main table...
+    if to.dns != from.dns && to.dns != Dns::Off {
+        steps.push(Step::Dns(to.dns));
     }
     if to.routes && !from.routes {
         steps.push(Step::AddRoutes);
@@ -159,12 +213,15 @@ pub fn plan(from: Installed, to: Installed) -> Vec<Step> {
     if to.steering && !from.steering {
         steps.push(Step::SteeringOn);
     }
-    // ...removals, rules first and guard last.
+    // ...removals, rules first and guard and fwmark last.
     if !to.steering && from.steering {
         steps.push(Step::SteeringOff);
     }
     if !to.rules && from.rules {
         steps.push(Step::RemoveRules);
+    }
+    if to.dns != from.dns && to.dns == Dns::Off {
+        steps.push(Step::Dns(Dns::Off));
     }
     if moving_peer && !to.rules {
         steps.push(Step::RouteVia(to.exit_peer));
@@ -172,11 +229,11 @@ pub fn plan(from: Installed, to: Installed) -> Vec<Step> {
     if !to.routes && from.routes {
         steps.push(Step::RemoveRoutes);
     }
-    if !to.fwmark && from.fwmark {
-        steps.push(Step::ClearFwmark);
-    }
     if !to.guard && from.guard {
         steps.push(Step::DetachGuard);
+    }
+    if !to.fwmark && from.fwmark {
+        steps.push(Step::ClearFwmark);
     }
     steps
 }
@@ -193,7 +250,7 @@ pub fn leaks(s: &Installed) -> bool {
 /// The invariants every state must keep, by name, and whether `s` breaks
 /// each. A plan may start from a broken state (what a crash left) but no
 /// step may break one that held before it.
-pub fn broken(s: &Installed, kill_switch: bool) -> Vec<&'static str> {
+pub fn broken(s: &Installed, policy: Policy) -> Vec<&'static str> {
     let mut out = Vec::new();
     // A rule whose table has no route falls through to the main table:
     // traffic the device believes tunnelled goes out directly.
@@ -207,8 +264,18 @@ pub fn broken(s: &Installed, kill_switch: bool) -> Vec<&'static str> {
     }
     // With the kill switch, any part of the client's routing in place
     // means a half-built tunnel; only the guard keeps that from leaking.
-    if kill_switch && (s.rules || s.routes) && !s.guard {
+    if policy.kill_switch && (s.rules || s.routes) && !s.guard {
         out.push("routing without the leak guard");
+    }
+    // The guard lets WireGuard out only by its fwmark: without it the
+    // tunnel cannot reach any peer.
+    if s.guard && !s.fwmark {
+        out.push("guard without fwmark");
+    }
+    // With the rules in place the main table still serves the LAN: a LAN
+    // resolver would see the device's queries unless DNS is redirected.
+    if policy.private_dns && s.rules && s.dns == Dns::Off {
+        out.push("rules without the DNS redirect");
     }
     out
 }
@@ -233,6 +300,33 @@ mod tests {
         ]
     }
 
+    /// Every configuration a client can have.
+    fn policies() -> Vec<Policy> {
+        let mut v = Vec::new();
+        for kill_switch in [false, true] {
+            for private_dns in [false, true] {
+                v.push(Policy {
+                    kill_switch,
+                    private_dns,
+                });
+            }
+        }
+        v
+    }
+
+    const PLAIN: Policy = Policy {
+        kill_switch: false,
+        private_dns: false,
+    };
+    const GUARDED: Policy = Policy {
+        kill_switch: true,
+        private_dns: false,
+    };
+    const FULL: Policy = Policy {
+        kill_switch: true,
+        private_dns: true,
+    };
+
     /// Runs `steps` from `from` and checks the invariants after every
     /// step; returns the final state. `protect` is whether internet
     /// traffic must never go direct during the run (the client is wanted
@@ -240,15 +334,15 @@ mod tests {
     fn walk(
         from: Installed,
         steps: &[Step],
-        kill_switch: bool,
+        policy: Policy,
         protect: bool,
         what: &str,
     ) -> Installed {
         let mut s = from;
         for (i, step) in steps.iter().enumerate() {
-            let before = broken(&s, kill_switch);
+            let before = broken(&s, policy);
             s = step.apply(s);
-            for b in broken(&s, kill_switch) {
+            for b in broken(&s, policy) {
                 assert!(
                     before.contains(&b),
                     "{what}: step {i} ({step:?}) breaks \"{b}\": {s:?}; plan {steps:?}"
@@ -267,22 +361,30 @@ mod tests {
     #[test]
     fn every_transition_between_phases_keeps_the_invariants() {
         let (a, b) = (key(), key());
-        for kill_switch in [false, true] {
+        for policy in policies() {
             for from in phases(a, b) {
                 for to in phases(a, b) {
-                    let what = format!("{from:?} -> {to:?} (kill switch {kill_switch})");
-                    let start = target(from, kill_switch);
-                    let end = target(to, kill_switch);
+                    let what = format!("{from:?} -> {to:?} ({policy:?})");
+                    let start = target(from, policy);
+                    let end = target(to, policy);
                     let steps = plan(start, end);
                     let protect = from.routing_installed() && to.routing_installed();
-                    let reached = walk(start, &steps, kill_switch, protect, &what);
-                    assert!(broken(&reached, kill_switch).is_empty(), "{what}");
+                    let reached = walk(start, &steps, policy, protect, &what);
+                    assert!(broken(&reached, policy).is_empty(), "{what}");
                     assert_eq!(reached, end, "{what}: plan {steps:?}");
                     if to.routing_installed() {
                         assert!(!leaks(&reached), "{what}");
                     }
-                    if matches!(to, Phase::Off | Phase::Waiting) {
+                    if to == Phase::Off || (to == Phase::Waiting && !policy.kill_switch) {
                         assert_eq!(reached, Installed::default(), "{what}: direct path");
+                    }
+                    // The kill switch holds from the moment exit mode is
+                    // wanted: waiting included.
+                    if policy.kill_switch && to != Phase::Off {
+                        assert!(reached.guard, "{what}: no guard");
+                    }
+                    if policy.private_dns && to.routing_installed() {
+                        assert_ne!(reached.dns, Dns::Off, "{what}: DNS not redirected");
                     }
                     if from == to {
                         assert!(steps.is_empty(), "{what}: {steps:?}");
@@ -295,12 +397,30 @@ mod tests {
     #[test]
     fn off_waiting_active_installs_the_tunnel_before_the_rules() {
         let a = key();
-        assert!(plan(target(Phase::Off, true), target(Phase::Waiting, true)).is_empty());
+        assert!(plan(target(Phase::Off, PLAIN), target(Phase::Waiting, PLAIN)).is_empty());
         assert_eq!(
-            plan(target(Phase::Waiting, true), target(Phase::Active(a), true)),
+            plan(
+                target(Phase::Waiting, PLAIN),
+                target(Phase::Active(a), PLAIN)
+            ),
             [
-                Step::AttachGuard,
                 Step::SetFwmark,
+                Step::AddRoutes,
+                Step::RouteVia(Some(a)),
+                Step::AddRules,
+                Step::SteeringOn,
+            ]
+        );
+        // With the kill switch the guard comes with wanting exit mode.
+        assert_eq!(
+            plan(target(Phase::Off, GUARDED), target(Phase::Waiting, GUARDED)),
+            [Step::SetFwmark, Step::AttachGuard]
+        );
+        // DNS is redirected before the rules exist.
+        assert_eq!(
+            plan(target(Phase::Waiting, FULL), target(Phase::Active(a), FULL)),
+            [
+                Step::Dns(Dns::Via(a)),
                 Step::AddRoutes,
                 Step::RouteVia(Some(a)),
                 Step::AddRules,
@@ -310,48 +430,62 @@ mod tests {
     }
 
     #[test]
-    fn a_failover_only_moves_the_default_routes() {
+    fn a_failover_only_moves_the_default_routes_and_dns() {
         let (a, b) = (key(), key());
-        for ks in [false, true] {
+        for p in [PLAIN, GUARDED] {
             assert_eq!(
-                plan(target(Phase::Active(a), ks), target(Phase::Active(b), ks)),
+                plan(target(Phase::Active(a), p), target(Phase::Active(b), p)),
                 [Step::RouteVia(Some(b))]
             );
             assert_eq!(
-                plan(target(Phase::Active(a), ks), target(Phase::Held, ks)),
+                plan(target(Phase::Active(a), p), target(Phase::Held, p)),
                 [Step::RouteVia(None)]
             );
-            assert_eq!(
-                plan(target(Phase::Held, ks), target(Phase::Active(b), ks)),
-                [Step::RouteVia(Some(b))]
-            );
         }
+        assert_eq!(
+            plan(
+                target(Phase::Active(a), FULL),
+                target(Phase::Active(b), FULL)
+            ),
+            [Step::Dns(Dns::Via(b)), Step::RouteVia(Some(b))]
+        );
+        // Held: queries are refused, not sent to a LAN resolver.
+        assert_eq!(
+            plan(target(Phase::Active(a), FULL), target(Phase::Held, FULL)),
+            [Step::Dns(Dns::Blocked), Step::RouteVia(None)]
+        );
+        assert_eq!(
+            plan(target(Phase::Held, FULL), target(Phase::Active(b), FULL)),
+            [Step::Dns(Dns::Via(b)), Step::RouteVia(Some(b))]
+        );
     }
 
     #[test]
     fn disabling_removes_the_rules_first_and_the_guard_last() {
         let a = key();
         assert_eq!(
-            plan(target(Phase::Active(a), true), target(Phase::Off, true)),
+            plan(target(Phase::Active(a), FULL), target(Phase::Off, FULL)),
             [
                 Step::SteeringOff,
                 Step::RemoveRules,
+                Step::Dns(Dns::Off),
                 Step::RouteVia(None),
                 Step::RemoveRoutes,
-                Step::ClearFwmark,
                 Step::DetachGuard,
+                Step::ClearFwmark,
             ]
         );
     }
 
     /// A restarted nexd finds any combination of what a crashed one left
     /// (rules without routes when the userspace link died with it, a pinned
-    /// guard, a kernel link still carrying fwmark and 0/0) and must reach
-    /// its wanted phase without ever stranding the device.
+    /// guard, a kernel link still carrying fwmark and 0/0, a DNS redirect)
+    /// and must reach its wanted phase without breaking an invariant that
+    /// held.
     #[test]
     fn crash_restart_adoption_from_any_leftover_state() {
         let (a, b) = (key(), key());
-        for bits in 0u8..64 {
+        for bits in 0u8..128 {
             let found = Installed {
                 guard: bits & 1 != 0,
                 fwmark: bits & 2 != 0,
@@ -359,15 +493,18 @@ mod tests {
                 exit_peer: (bits & 8 != 0).then_some(a),
                 rules: bits & 16 != 0,
                 steering: bits & 32 != 0,
+                dns: if bits & 64 != 0 {
+                    Dns::Via(a)
+                } else {
+                    Dns::Off
+                },
             };
-            for ks in [false, true] {
+            for policy in policies() {
                 for to in phases(a, b) {
-                    let what = format!("leftover {found:?} -> {to:?} (kill switch {ks})");
-                    let end = target(to, ks);
+                    let what = format!("leftover {found:?} -> {to:?} ({policy:?})");
+                    let end = target(to, policy);
                     let steps = plan(found, end);
-                    // Whatever was left may already break an invariant; the
-                    // plan must never break one that held.
-                    let reached = walk(found, &steps, ks, false, &what);
+                    let reached = walk(found, &steps, policy, false, &what);
                     // A guard found in place is never dropped while the
                     // wanted phase still needs it.
                     if found.guard && end.guard {
@@ -386,22 +523,24 @@ mod tests {
     #[test]
     fn a_failed_addition_is_rolled_back_by_a_plan_back() {
         let a = key();
-        let from = target(Phase::Waiting, true);
-        let to = target(Phase::Active(a), true);
-        let steps = plan(from, to);
-        // Fail at each step in turn: the rollback from the conservative
-        // view of what may be installed reaches the start exactly and
-        // never strands on the way.
-        for fail_at in 0..steps.len() {
-            let mut s = from;
-            for step in &steps[..fail_at] {
-                s = step.apply(s);
+        for policy in policies() {
+            let from = target(Phase::Off, policy);
+            let to = target(Phase::Active(a), policy);
+            let steps = plan(from, to);
+            // Fail at each step in turn: the rollback from the
+            // conservative view of what may be installed reaches the start
+            // exactly and never breaks an invariant on the way.
+            for fail_at in 0..steps.len() {
+                let mut s = from;
+                for step in &steps[..fail_at] {
+                    s = step.apply(s);
+                }
+                s = steps[fail_at].failed(s);
+                let back = plan(s, from);
+                let what = format!("rollback after {:?} ({policy:?})", steps[fail_at]);
+                let reached = walk(s, &back, policy, false, &what);
+                assert_eq!(reached, from, "{what}");
             }
-            s = steps[fail_at].failed(s);
-            let back = plan(s, from);
-            let what = format!("rollback after {:?}", steps[fail_at]);
-            let reached = walk(s, &back, true, false, &what);
-            assert_eq!(reached, from);
         }
     }
 }

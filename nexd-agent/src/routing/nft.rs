@@ -47,3 +47,47 @@ pub fn delete_table(family: &str, name: &str) -> Result<(), NftError> {
         "add table {family} {name}\ndelete table {family} {name}\n"
     ))
 }
+
+/// Whether the table `family name` exists.
+pub fn table_exists(family: &str, name: &str) -> Result<bool, NftError> {
+    let out = Command::new("nft")
+        .args(["list", "table", family, name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(NftError::Spawn)?;
+    Ok(out.success())
+}
+
+/// Checks `script` with `nft -c` in a network namespace of its own:
+/// nothing is applied anywhere. For unit tests of generated rulesets;
+/// needs root (unshare) and nft.
+#[cfg(test)]
+pub fn check(script: &str) -> Result<(), String> {
+    match nexd_testkit::privileged() {
+        Ok(true) => {}
+        Ok(false) => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    }
+    let mut child = Command::new("unshare")
+        .args(["--net", "nft", "-c", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run unshare nft: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}\n{script}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
