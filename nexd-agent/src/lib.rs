@@ -12,6 +12,7 @@ pub mod exclude;
 pub mod exit;
 pub mod instance;
 pub mod keys;
+pub mod ledger;
 pub mod mesh;
 pub mod metrics;
 pub mod netif;

@@ -506,7 +506,7 @@ impl Drop for Node {
             let _ = holder.kill();
             let _ = holder.wait();
         }
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("NEXD_TEST_SHOW_LOGS").is_some() {
             eprintln!(
                 "---- {} nexd log ({}) ----\n{}",
                 self.name,

@@ -259,15 +259,17 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
         "IPv6 leaked after nexd was SIGKILLed"
     );
 
-    // The next nexd removes the guard; with no exit node it waits and the
-    // device has its direct path; once an exit node is back, exit service.
+    // The next nexd, still configured with the kill switch, takes the
+    // guard over in place (it never comes off); with no exit node it waits
+    // and still nothing leaks; once an exit node is back, exit service.
     w.node_mut("client").start(&spec(&client_args))?;
+    w.node("client").wait_phase(ClientPhase::Waiting, T * 2)?;
     let log = w.node("client").log();
     assert!(
         log.contains(if nexd_testkit::tcx_kernel() {
-            "removed a leak guard left by a previous nexd"
+            "took over the leak guard a previous nexd left"
         } else {
-            "removed a tc filter left by a previous nexd"
+            "took over the leak guard filter a previous nexd left"
         }),
         "{log}"
     );
@@ -279,15 +281,20 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
             "{log}"
         );
     }
-    assert!(!guard_installed(w.node_mut("client"), pin)?);
-    w.node("client").wait_phase(ClientPhase::Waiting, T * 2)?;
-    assert_eq!(
-        source(&w.node("client").ns, &w, World::server(false))?,
-        client_v4
-    );
+    assert!(guard_installed(w.node_mut("client"), pin)?);
     assert!(
-        w.inet.count("client4")? > 0,
-        "the leak counter cannot see direct traffic"
+        udp_exchange(
+            &w.node("client").ns,
+            &w.inet.ns,
+            World::server(false),
+            Duration::from_secs(2)
+        )
+        .is_err()
+    );
+    assert_eq!(
+        w.inet.count("client4")?,
+        0,
+        "IPv4 leaked after the restart, waiting for an exit node"
     );
     w.node_mut("exit1")
         .start(&spec(&["router", "--exit-node"]))?;
@@ -301,6 +308,10 @@ fn lan_gateway_split_tunnel_and_kill_switch() -> anyhow::Result<()> {
     assert_eq!(
         source(&w.node("client").ns, &w, World::server(false))?,
         client_v4
+    );
+    assert!(
+        w.inet.count("client4")? > 0,
+        "the leak counter cannot see direct traffic"
     );
     let status = w.node("client").status()?;
     assert!(status.datapath.guard_interfaces.is_empty(), "{status:?}");

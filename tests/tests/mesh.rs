@@ -118,7 +118,12 @@ fn three_node_mesh() -> anyhow::Result<()> {
     assert_eq!(list.len(), 2, "{list:?}");
     for p in &list {
         assert!(p.healthy, "{p:?}");
-        assert!(p.latest_handshake_seconds.is_some_and(|s| s <= 30), "{p:?}");
+        // Fresh: within the test's own run (slower under emulation).
+        let fresh = nexd_testkit::scaled(Duration::from_secs(30)).as_secs();
+        assert!(
+            p.latest_handshake_seconds.is_some_and(|s| s <= fresh),
+            "{p:?}"
+        );
         assert!(p.transmitted_bytes > 256 * 1024, "{p:?}");
         assert!(p.received_bytes > 0, "{p:?}");
         assert_eq!(p.allowed_ips.len(), 2, "{p:?}");

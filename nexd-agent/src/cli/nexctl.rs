@@ -245,9 +245,10 @@ pub fn run(cli: Cli) -> ExitCode {
 /// The exit status for a failed call.
 pub fn exit_status(e: &ClientError) -> u8 {
     match e {
-        ClientError::NotRunning(_) | ClientError::Stale(_) | ClientError::Timeout { .. } => {
-            exit::UNREACHABLE
-        }
+        ClientError::NotRunning(_)
+        | ClientError::Stale(_)
+        | ClientError::Timeout { .. }
+        | ClientError::Silent(_) => exit::UNREACHABLE,
         ClientError::PermissionDenied(_) => exit::PERMISSION,
         ClientError::ProtocolMismatch(_) => exit::VERSION_MISMATCH,
         ClientError::Remote(r) => match r.code {
@@ -256,7 +257,9 @@ pub fn exit_status(e: &ClientError) -> u8 {
             ErrorCode::Unavailable => exit::UNAVAILABLE,
             ErrorCode::BadRequest | ErrorCode::Internal => exit::FAILURE,
         },
-        ClientError::Io { .. } | ClientError::BadReply(_) => exit::FAILURE,
+        ClientError::Io { .. } | ClientError::BadReply(_) | ClientError::Offline(_) => {
+            exit::FAILURE
+        }
     }
 }
 
@@ -463,29 +466,38 @@ fn exit_node(ctx: &Ctx, cmd: ExitNodeCommand) -> Result<(), ClientError> {
     }
 }
 
-/// nexd is not running: remove what it left, by its fixed numbers.
+/// nexd is not running: remove what it left (its record and its fixed
+/// names), then say exactly what was removed and whether the direct path is
+/// really back; a non-zero status when it is not.
 fn disable_offline(inst: &Instance) -> Result<(), ClientError> {
     match crate::offline::restore_direct_path(inst) {
-        Ok(removed) => {
-            if removed.anything() {
-                println!(
-                    "nexd is not running: removed the exit node client configuration it left{}; the direct path is restored",
-                    if removed.leak_guard {
-                        " (policy routing and the leak guard)"
-                    } else {
-                        " (policy routing)"
-                    }
-                );
+        Ok(report) => {
+            if report.removed.is_empty() {
+                println!("nexd is not running, and it left nothing behind.");
             } else {
-                println!(
-                    "nexd is not running, and no exit node client configuration was left: the direct path is in place"
-                );
+                println!("nexd is not running; removed what it left:");
+                for r in &report.removed {
+                    println!("  - {r}");
+                }
             }
-            Ok(())
+            if report.restored() {
+                println!(
+                    "The direct path is restored: no policy rule, route, leak guard or DNS redirect of nexd is left."
+                );
+                Ok(())
+            } else {
+                let left = report.remaining.join("; ");
+                Err(ClientError::Offline(format!(
+                    "the direct path is NOT restored, still in place: {left}"
+                )))
+            }
         }
-        Err(e) => Err(ClientError::BadReply(format!(
-            "nexd is not running, and removing its exit node client configuration failed: {}",
-            crate::error_text(&e)
+        Err(e @ crate::offline::OfflineError::Running { .. }) => {
+            Err(ClientError::Silent(e.to_string()))
+        }
+        Err(e) => Err(ClientError::Offline(format!(
+            "nexd is not running, and removing what it left failed: {}",
+            crate::error_text(&anyhow::Error::from(e))
         ))),
     }
 }

@@ -81,15 +81,20 @@ pub struct AgentArgs {
         value_name = "NAME|PUBLIC_KEY"
     )]
     pub exit_node_pin: Option<String>,
+    /// Keep sending DNS queries to the configured resolvers while exit mode
+    /// is active (by default they go to the exit node's resolver, through
+    /// the tunnel: a LAN resolver would otherwise see every name looked up).
+    #[arg(long, global = true, env = "NEXD_EXIT_NODE_ALLOW_LAN_DNS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub exit_node_allow_lan_dns: bool,
     /// Routing table for the exit-node client's default routes.
-    #[arg(long, global = true, env = "NEXD_EXIT_TABLE", default_value_t = routing::DEFAULT_TABLE)]
+    #[arg(long, global = true, env = "NEXD_EXIT_TABLE", value_parser = parse_table, default_value_t = routing::DEFAULT_TABLE)]
     pub exit_table: u32,
     /// fwmark on WireGuard's own packets in exit-node client mode.
-    #[arg(long, global = true, env = "NEXD_EXIT_FWMARK", value_parser = parse_u32, default_value_t = routing::DEFAULT_FWMARK)]
+    #[arg(long, global = true, env = "NEXD_EXIT_FWMARK", value_parser = parse_fwmark, default_value_t = routing::DEFAULT_FWMARK)]
     pub exit_fwmark: u32,
     /// Priority of the main-table rule of the exit-node client; the rule
     /// into the tunnel is this + 1, the excluded routes' rule this - 1.
-    #[arg(long, global = true, env = "NEXD_EXIT_RULE_PRIORITY", default_value_t = routing::DEFAULT_PRIORITY)]
+    #[arg(long, global = true, env = "NEXD_EXIT_RULE_PRIORITY", value_parser = parse_priority, default_value_t = routing::DEFAULT_PRIORITY)]
     pub exit_rule_priority: u32,
     /// A LAN interface this device is the gateway for: its traffic is
     /// steered by the eBPF classifier like the device's own (repeatable).
@@ -114,6 +119,11 @@ pub struct AgentArgs {
     /// disabled.
     #[arg(long, global = true, env = "NEXD_KILL_SWITCH", value_parser = clap::builder::BoolishValueParser::new())]
     pub kill_switch: bool,
+    /// A destination (CIDR or address) the kill switch lets out directly,
+    /// outside the tunnel: the LAN, a printer (repeatable; none by default,
+    /// so with the kill switch even the LAN is unreachable).
+    #[arg(long = "kill-switch-allow", global = true, value_name = "CIDR", value_parser = exclude::parse_cidr)]
+    pub kill_switch_allow: Vec<ipnet::IpNet>,
     /// Log each packet the leak guard drops (debug level).
     #[arg(long, global = true)]
     pub log_guard_drops: bool,
@@ -163,6 +173,18 @@ fn parse_u32(s: &str) -> Result<u32, String> {
         None => s.parse(),
     };
     r.map_err(|_| format!("{s:?} is not a number (decimal or 0x hex)"))
+}
+
+fn parse_table(s: &str) -> Result<u32, String> {
+    routing::check_table(parse_u32(s)?)
+}
+
+fn parse_fwmark(s: &str) -> Result<u32, String> {
+    routing::check_fwmark(parse_u32(s)?)
+}
+
+fn parse_priority(s: &str) -> Result<u32, String> {
+    routing::check_priority(parse_u32(s)?)
 }
 
 #[derive(Debug, Subcommand)]
@@ -221,6 +243,11 @@ fn key_command(args: &AgentArgs, create: bool) -> ExitCode {
 }
 
 fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
+    // Everything nexd creates is private: its sockets (the UAPI relay
+    // answers with the private key's public half and the peers, the
+    // control socket takes requests) exist from bind() on, before any
+    // chmod could narrow them, so they are born 0600 instead.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     // boringtun logs every peer change at info; keep it to warnings unless
     // the operator asks for it by name.
     let directives = if args.log_level.contains("boringtun") {
@@ -271,6 +298,8 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
         exclude_routes: args.exclude_routes,
         exclude_routes_file: args.exclude_routes_file,
         kill_switch: args.kill_switch,
+        kill_switch_allow: args.kill_switch_allow,
+        exit_node_allow_lan_dns: args.exit_node_allow_lan_dns,
         log_guard_drops: args.log_guard_drops,
         bpffs: args.bpffs,
         uplink: args.uplink,
@@ -342,6 +371,28 @@ mod tests {
         let e = Cli::try_parse_from(["nexd", "--exclude-route", "198.51.100.1/24"])
             .expect_err("host bits");
         assert!(e.to_string().contains("host bits"), "{e}");
+    }
+
+    #[test]
+    fn invalid_routing_numbers_are_rejected_naming_the_option() {
+        for (flag, value) in [
+            ("--exit-fwmark", "0"),
+            ("--exit-table", "253"),
+            ("--exit-table", "254"),
+            ("--exit-table", "255"),
+            ("--exit-table", "0"),
+            ("--exit-rule-priority", "0"),
+            ("--exit-rule-priority", "32765"),
+            ("--exit-rule-priority", "32766"),
+            ("--exit-rule-priority", "32767"),
+        ] {
+            let e = Cli::try_parse_from(["nexd", flag, value]).expect_err(value);
+            let text = e.to_string();
+            assert!(
+                text.contains(flag) && text.contains(value),
+                "{flag} {value}: {text}"
+            );
+        }
     }
 
     #[test]

@@ -40,6 +40,13 @@ pub enum ClientError {
     BadReply(String),
     #[error("{}", .0.message)]
     Remote(ErrorReply),
+    /// A nexd holds the instance lock but does not answer on this socket.
+    #[error("{0}")]
+    Silent(String),
+    /// nexd is not running and cleaning up after it failed or is
+    /// incomplete.
+    #[error("{0}")]
+    Offline(String),
 }
 
 impl ClientError {

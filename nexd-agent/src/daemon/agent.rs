@@ -15,14 +15,14 @@
 //! | `Sysctls` | every sysctl changed, with its original value |
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow};
 use ipnet::IpNet;
 use tokio::sync::mpsc;
-use tracing::{Instrument as _, debug, info, info_span};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::{
     Options,
@@ -38,7 +38,9 @@ use super::{
 };
 use crate::{
     announce::Incoming,
+    exit::plan::Policy,
     keys::{PrivateKey, PublicKey},
+    ledger::{self, Ledger},
     mesh::{self, Mesh},
     netlink::Netlink,
     routing::sysctl::Sysctls,
@@ -68,6 +70,11 @@ pub struct Daemon {
     /// The backend's view, refreshed every tick.
     pub(super) last_status: Option<DeviceStatus>,
     last_route_check: Option<Instant>,
+    /// The record of what is installed, as last written to the state dir.
+    recorded: Option<Ledger>,
+    /// A previous nexd's kill switch holds: its guard is taken over, not
+    /// removed.
+    adopt_guard: bool,
 }
 
 /// Where the event loop's asynchronous inputs are delivered.
@@ -87,10 +94,31 @@ impl Daemon {
     ) -> Self {
         let own = key.public_key();
         let sysctls = Sysctls::open(&opts.state_dir);
+        // What a previous nexd left: if it wanted exit mode (by flag or by
+        // nexctl) and the kill switch still holds, exit mode resumes and
+        // the guard it pinned stays in force, taken over in place.
+        let previous = match ledger::read(&opts.state_dir) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "ignoring the record of a previous nexd");
+                None
+            }
+        };
+        let resume = opts.kill_switch && previous.as_ref().is_some_and(|l| l.exit_wanted);
+        if resume && !opts.exit_node_client {
+            warn!(
+                pid = previous.as_ref().map_or(0, |l| l.pid),
+                "a previous nexd stopped without cleaning up while exit mode was enabled: resuming exit mode, the kill switch holds"
+            );
+        }
+        let wanted = opts.exit_node_client || resume;
         let exit_client = ExitClient::new(
-            opts.exit_node_client,
+            wanted,
             opts.policy,
-            opts.kill_switch,
+            Policy {
+                kill_switch: opts.kill_switch,
+                private_dns: !opts.exit_node_allow_lan_dns,
+            },
             opts.exit_node_pin.clone(),
         );
         let dataplane = DataPlane::new(DataPlaneSettings {
@@ -98,6 +126,7 @@ impl Daemon {
             lan_interfaces: opts.lan_interfaces.clone(),
             uplink: opts.uplink.clone(),
             kill_switch: opts.kill_switch,
+            kill_switch_allow: opts.kill_switch_allow.clone(),
             log_guard_drops: opts.log_guard_drops,
             no_ebpf: opts.no_ebpf,
             fwmark: opts.policy.fwmark,
@@ -120,7 +149,45 @@ impl Daemon {
             sysctls,
             last_status: None,
             last_route_check: None,
+            recorded: None,
+            adopt_guard: wanted && opts.kill_switch,
             opts,
+        }
+    }
+
+    /// Rewrites the record of what is installed in the state directory
+    /// when it changed. Called after every event.
+    pub fn record(&mut self) {
+        let installed = self.exit_client.installed();
+        let mut nft_tables = Vec::new();
+        if self.exit_server.is_some() {
+            nft_tables.push("inet nexd".to_owned());
+        }
+        if !self.opts.lan_interfaces.is_empty() {
+            nft_tables.push("inet nexd_gw".to_owned());
+        }
+        if installed.dns != crate::exit::plan::Dns::Off {
+            nft_tables.push("inet nexd_dns".to_owned());
+        }
+        let now = Ledger {
+            pid: std::process::id(),
+            interface: self.opts.interface.clone(),
+            bpffs: self.opts.bpffs.clone(),
+            exit_table: self.opts.policy.table,
+            exit_fwmark: self.opts.policy.fwmark,
+            exit_rule_priority: self.opts.policy.priority,
+            exit_wanted: self.exit_client.wanted(),
+            kill_switch: self.opts.kill_switch,
+            guard_interfaces: self.dataplane.info(0).guard_interfaces,
+            lan_interfaces: self.opts.lan_interfaces.clone(),
+            nft_tables,
+        };
+        if self.recorded.as_ref() == Some(&now) {
+            return;
+        }
+        match ledger::write(&self.opts.state_dir, &now) {
+            Ok(()) => self.recorded = Some(now),
+            Err(e) => warn!(error = %e, "cannot record what nexd installed in its state directory"),
         }
     }
 
@@ -134,7 +201,9 @@ impl Daemon {
                 .remove_leftovers(&self.nl, &mut self.sysctls)
                 .await;
             crate::routing::forward::remove_table();
-            self.dataplane.remove_leftovers(&self.nl).await;
+            self.dataplane
+                .remove_leftovers(&self.nl, self.adopt_guard)
+                .await;
             if let Err(e) = self.split.clear(&self.nl).await {
                 teardown_warning("removing leftover excluded routes", &e);
             }
@@ -201,8 +270,24 @@ impl Daemon {
         Ok(())
     }
 
-    /// The data plane mirrors the mesh prefixes, the exclusions and the
-    /// peers' endpoints.
+    /// The peers' endpoints: as configured, and as WireGuard last saw
+    /// them (a roaming peer, a peer that only dials in), sorted.
+    fn endpoints(&self) -> Vec<SocketAddr> {
+        let mut eps: Vec<SocketAddr> = self
+            .iface
+            .as_ref()
+            .map(MeshInterface::endpoints)
+            .unwrap_or_default();
+        if let Some(st) = &self.last_status {
+            eps.extend(st.peers.iter().filter_map(|p| p.endpoint));
+        }
+        eps.sort_unstable();
+        eps.dedup();
+        eps
+    }
+
+    /// The data plane mirrors the mesh prefixes, the exclusions, the
+    /// peers' endpoints and WireGuard's listen port.
     async fn sync_dataplane(&mut self) -> anyhow::Result<()> {
         let inputs = Inputs {
             mesh_prefixes: vec![
@@ -210,11 +295,8 @@ impl Daemon {
                 IpNet::V6(self.mesh.ipv6_prefix),
             ],
             exclusions: self.split.exclusions().to_vec(),
-            endpoints: self
-                .iface
-                .as_ref()
-                .map(MeshInterface::endpoints)
-                .unwrap_or_default(),
+            endpoints: self.endpoints(),
+            listen_port: self.mesh.device(&self.own).map_or(0, |d| d.listen_port),
         };
         self.dataplane.set_inputs(&self.nl, inputs).await
     }
@@ -230,7 +312,7 @@ impl Daemon {
             }
         };
         if mesh.device(&self.own).is_none() {
-            tracing::warn!(
+            warn!(
                 public_key = %self.own,
                 "mesh file rejected, keeping the running config: it no longer lists this device"
             );
@@ -266,6 +348,13 @@ impl Daemon {
                 Ok(st) => {
                     self.heartbeats.observe(&st, now);
                     self.last_status = Some(st);
+                    // A peer roamed: the guard must let WireGuard reach
+                    // it where it is now.
+                    if self.endpoints() != self.dataplane.endpoints()
+                        && let Err(e) = self.sync_dataplane().await
+                    {
+                        log_error_lines("updating the data path failed", &e);
+                    }
                 }
                 Err(e) => debug!(error = %e, "reading WireGuard status failed"),
             }
@@ -285,6 +374,20 @@ impl Daemon {
         if self.endpoints.due(now) {
             self.endpoints.refresh(&self.mesh, now);
         }
+    }
+
+    /// Routes, addresses or links changed: the leak guard goes onto every
+    /// interface a default route now leaves through, the uplinks' subnets
+    /// in the maps follow, and the excluded routes follow the new gateway.
+    pub async fn on_uplinks_changed(&mut self) {
+        let t0 = Instant::now();
+        if let Err(e) = self.dataplane.sync(&self.nl).await {
+            log_error_lines("following the uplinks failed", &e);
+        }
+        if let Err(e) = self.split.sync(&self.nl).await {
+            debug!(error = %e, "excluded routes not updated");
+        }
+        debug!(elapsed = ?t0.elapsed(), "uplinks re-evaluated");
     }
 
     /// One datagram from the announcement sockets.
@@ -344,6 +447,7 @@ impl Daemon {
                 dataplane: &mut self.dataplane,
                 sysctls: &mut self.sysctls,
                 book,
+                mesh: &self.mesh,
             },
         ))
     }
@@ -366,5 +470,7 @@ impl Daemon {
         if let Some(iface) = self.iface.take() {
             iface.remove(&self.nl).await;
         }
+        // Everything is gone: nothing is left for a successor to adopt.
+        ledger::remove(&self.opts.state_dir);
     }
 }

@@ -65,6 +65,9 @@ pub struct DataPlaneSettings {
     /// `--uplink`; default: the interfaces of the default routes.
     pub uplink: Option<String>,
     pub kill_switch: bool,
+    /// `--kill-switch-allow`: what the guard lets out directly besides
+    /// the excluded routes (a LAN, a printer).
+    pub kill_switch_allow: Vec<IpNet>,
     pub log_guard_drops: bool,
     pub no_ebpf: bool,
     pub fwmark: u32,
@@ -76,7 +79,11 @@ pub struct DataPlaneSettings {
 pub struct Inputs {
     pub mesh_prefixes: Vec<IpNet>,
     pub exclusions: Vec<IpNet>,
+    /// Peers' endpoints, as configured and as WireGuard last saw them
+    /// (roaming): where the guard lets WireGuard send.
     pub endpoints: Vec<SocketAddr>,
+    /// WireGuard's listen port (the source of its own packets).
+    pub listen_port: u16,
 }
 
 pub struct DataPlane {
@@ -102,12 +109,19 @@ impl DataPlane {
     }
 
     /// Removes what a crashed nexd may have left of the data path: pinned
-    /// guards, nexd's tc filters (clsact), the gateway's nftables table.
-    pub async fn remove_leftovers(&self, nl: &Netlink) {
+    /// guards (unless `keep_guard`: the kill switch still holds, and the
+    /// guard is taken over in place), nexd's tc filters (clsact), the
+    /// gateway's nftables table.
+    pub async fn remove_leftovers(&self, nl: &Netlink, keep_guard: bool) {
         let mut ifaces = self.settings.lan_interfaces.clone();
         ifaces.extend(self.uplink_names(nl).await);
         ifaces.push(self.settings.wg_iface.clone());
-        datapath::remove_leftovers(&self.settings.bpffs, &self.settings.wg_iface, &ifaces);
+        datapath::remove_leftovers(
+            &self.settings.bpffs,
+            &self.settings.wg_iface,
+            &ifaces,
+            keep_guard,
+        );
         crate::routing::gateway::remove_table();
     }
 
@@ -148,6 +162,11 @@ impl DataPlane {
         Ok(())
     }
 
+    /// The endpoints the maps hold now.
+    pub fn endpoints(&self) -> &[SocketAddr] {
+        &self.inputs.endpoints
+    }
+
     /// New inputs from the mesh, the split tunnel or the interface.
     pub async fn set_inputs(&mut self, nl: &Netlink, inputs: Inputs) -> anyhow::Result<()> {
         self.inputs = inputs;
@@ -171,7 +190,8 @@ impl DataPlane {
     }
 
     /// Brings maps, config and guard attachments in line with the inputs
-    /// and switches. Also follows uplinks and their subnets.
+    /// and switches. Also follows uplinks and their subnets: every
+    /// interface a default route leaves through gets the guard.
     pub async fn sync(&mut self, nl: &Netlink) -> anyhow::Result<()> {
         let Ok(dp) = self.datapath.as_mut() else {
             return Ok(());
@@ -180,8 +200,12 @@ impl DataPlane {
         let mut local_ifaces = self.settings.lan_interfaces.clone();
         local_ifaces.extend(uplinks.iter().cloned());
         let local = local_prefixes(nl, &local_ifaces).await;
-        let endpoints: Vec<IpAddr> = self.inputs.endpoints.iter().map(SocketAddr::ip).collect();
-        let bypass = bypass_set(&local, &self.inputs.exclusions, &endpoints);
+        let uplink_nets = local_prefixes(nl, &uplinks).await;
+        let endpoint_ips: Vec<IpAddr> = self.inputs.endpoints.iter().map(SocketAddr::ip).collect();
+        let bypass = bypass_set(&local, &self.inputs.exclusions, &endpoint_ips);
+        let mut allow = self.inputs.exclusions.clone();
+        allow.extend(self.settings.kill_switch_allow.iter().copied());
+        let guard_set = datapath::guard_set(&allow, &uplink_nets);
         let mut flags = 0;
         if self.steering {
             flags |= FLAG_STEER;
@@ -195,10 +219,17 @@ impl DataPlane {
         let cfg = DatapathConfig {
             flags,
             fwmark: self.settings.fwmark,
+            listen_port: self.inputs.listen_port,
+            reserved: 0,
         };
         dp.set_mesh_prefixes(&self.inputs.mesh_prefixes)?;
         dp.sync_bypass(&bypass)?;
-        dp.set_endpoints(&endpoints)?;
+        dp.sync_guard_set(&guard_set)?;
+        dp.set_endpoints(&self.inputs.endpoints)?;
+        // The config before any guard attachment: a guard attached (or
+        // swapped in over an adopted one) must drop from its first packet;
+        // when the guard goes, it stops dropping before it is detached.
+        dp.set_config(cfg)?;
         if self.guard {
             for u in &uplinks {
                 let l2 = is_l2(nl, u).await?;
@@ -213,11 +244,8 @@ impl DataPlane {
                 .with_context(|| format!("attaching the leak guard to {u}"))?;
             }
         } else if dp.guards().next().is_some() {
-            // Config first: the guard stops dropping before it goes.
-            dp.set_config(cfg)?;
             dp.detach_guards()?;
         }
-        dp.set_config(cfg)?;
         Ok(())
     }
 
@@ -294,19 +322,13 @@ async fn uplink_names(nl: &Netlink, fixed: Option<&str>) -> Vec<String> {
     if let Some(u) = fixed {
         return vec![u.to_owned()];
     }
-    let mut v = Vec::new();
-    match uplink::default_route_interfaces(nl).await {
-        Ok((a, b)) => {
-            v.extend(a);
-            if let Some(b) = b
-                && !v.contains(&b)
-            {
-                v.push(b);
-            }
+    match uplink::all_default_route_interfaces(nl).await {
+        Ok(v) => v,
+        Err(e) => {
+            warn!(error = %e, "cannot read the default routes to find the uplinks");
+            Vec::new()
         }
-        Err(e) => warn!(error = %e, "cannot read the default routes to find the uplinks"),
     }
-    v
 }
 
 /// The subnets of `ifaces` (connected prefixes).

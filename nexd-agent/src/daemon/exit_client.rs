@@ -16,12 +16,12 @@ use crate::{
     announce::book::PeerBook,
     exit::{
         self, Candidate, Phase,
-        plan::{self, Installed, Step},
+        plan::{self, Dns, Installed, Policy, Step},
     },
     keys::PublicKey,
     mesh::Mesh,
     netlink::Netlink,
-    routing::{PolicyNumbers, policy::ClientRouting, sysctl::Sysctls},
+    routing::{PolicyNumbers, dns, policy::ClientRouting, sysctl::Sysctls},
 };
 
 /// The kernel objects a plan's steps act on, each through its owner.
@@ -32,6 +32,8 @@ pub struct Effects<'a> {
     pub sysctls: &'a mut Sysctls,
     /// For peer names in log lines.
     pub book: &'a PeerBook,
+    /// For an exit node's mesh addresses (its DNS resolver) and prefixes.
+    pub mesh: &'a Mesh,
 }
 
 /// What the announcements and the membership say, for choosing.
@@ -79,18 +81,20 @@ pub struct ExitClient {
     failovers: u64,
     installed: Installed,
     routing: ClientRouting,
-    kill_switch: bool,
+    policy: Policy,
     /// `--exit-node NAME|KEY`.
     pin: Option<String>,
+    /// After a failed transition: no automatic retry before this, and how
+    /// many failed in a row (the delay doubles, up to `RETRY_MAX`).
+    retry_at: Option<Instant>,
+    failures: u32,
 }
 
+/// The longest wait between automatic retries of a failed transition.
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl ExitClient {
-    pub fn new(
-        wanted: bool,
-        numbers: PolicyNumbers,
-        kill_switch: bool,
-        pin: Option<String>,
-    ) -> Self {
+    pub fn new(wanted: bool, numbers: PolicyNumbers, policy: Policy, pin: Option<String>) -> Self {
         ExitClient {
             wanted,
             phase: Phase::Off,
@@ -98,9 +102,16 @@ impl ExitClient {
             failovers: 0,
             installed: Installed::default(),
             routing: ClientRouting::new(numbers),
-            kill_switch,
+            policy,
             pin,
+            retry_at: None,
+            failures: 0,
         }
+    }
+
+    /// What is installed now (the record nexd keeps in its state directory).
+    pub fn installed(&self) -> Installed {
+        self.installed
     }
 
     pub fn wanted(&self) -> bool {
@@ -125,6 +136,9 @@ impl ExitClient {
     pub async fn remove_leftovers(&self, nl: &Netlink, sysctls: &mut Sysctls) {
         if let Err(e) = self.routing.remove(nl, sysctls).await {
             warn!(error = %e, "removing leftover exit-node client routing failed");
+        }
+        if let Err(e) = dns::remove() {
+            warn!(error = %e, "removing a leftover DNS redirect failed");
         }
     }
 
@@ -160,6 +174,10 @@ impl ExitClient {
 
     /// Moves to the phase the announcements call for.
     pub async fn evaluate(&mut self, c: &Candidates<'_>, fx: &mut Effects<'_>) {
+        let now = Instant::now();
+        if self.retry_at.is_some_and(|t| now < t) {
+            return;
+        }
         let chosen = if self.wanted {
             self.choose(c, Instant::now())
         } else {
@@ -168,11 +186,21 @@ impl ExitClient {
         let next = exit::next_phase(self.wanted, self.phase, chosen);
         // Also when the phase stays but what is installed is not what it
         // needs (a failed rollback): the plan from the record repairs it.
-        let repair = self.installed != plan::target(self.phase, self.kill_switch);
-        if (next != self.phase || repair)
-            && let Err(e) = self.transition(next, fx).await
-        {
-            error!(error = %e, "changing the exit-node client failed");
+        let repair = self.installed != plan::target(self.phase, self.policy);
+        if !(next != self.phase || repair) {
+            return;
+        }
+        match self.transition(next, fx).await {
+            Ok(()) => {
+                self.retry_at = None;
+                self.failures = 0;
+            }
+            Err(e) => {
+                let wait = RETRY_MAX.min(std::time::Duration::from_secs(1 << self.failures.min(5)));
+                self.failures += 1;
+                self.retry_at = Some(now + wait);
+                error!(error = %e, retry_in = ?wait, failures = self.failures, "changing the exit-node client failed");
+            }
         }
     }
 
@@ -211,9 +239,9 @@ impl ExitClient {
         fx: &mut Effects<'_>,
     ) -> Result<(), TransitionError> {
         let prev = self.phase;
-        let steps = plan::plan(self.installed, plan::target(next, self.kill_switch));
+        let steps = plan::plan(self.installed, plan::target(next, self.policy));
         if let Err(failed) = self.execute(&steps, fx).await {
-            let back = plan::plan(self.installed, plan::target(prev, self.kill_switch));
+            let back = plan::plan(self.installed, plan::target(prev, self.policy));
             // The phase stays `prev`. If the rollback failed too, what is
             // installed differs from what `prev` needs, and the next
             // evaluation repairs it from the record (see `evaluate`).
@@ -271,6 +299,26 @@ impl ExitClient {
                 .await?),
             Step::SteeringOn => fx.dataplane.set_steering(fx.nl, true).await,
             Step::SteeringOff => fx.dataplane.set_steering(fx.nl, false).await,
+            Step::Dns(d) => {
+                let ctx = dns::Context {
+                    wg: fx.iface.name().to_owned(),
+                    mesh_v4: fx.mesh.ipv4_prefix,
+                    mesh_v6: fx.mesh.ipv6_prefix,
+                    kill_switch: self.policy.kill_switch,
+                };
+                let redirect = match d {
+                    Dns::Off => return Ok(dns::remove()?),
+                    Dns::Blocked => dns::Redirect::Refused,
+                    Dns::Via(k) => {
+                        let exit = fx
+                            .mesh
+                            .device(&k)
+                            .ok_or_else(|| anyhow::anyhow!("exit node {k} is not in the mesh"))?;
+                        dns::Redirect::To(exit.ipv4, exit.ipv6)
+                    }
+                };
+                Ok(dns::apply(&ctx, redirect)?)
+            }
         }
     }
 

@@ -62,6 +62,11 @@ pub struct Options {
     pub exclude_routes_file: Option<PathBuf>,
     /// `--kill-switch`: the leak guard, pinned so it survives a crash.
     pub kill_switch: bool,
+    /// `--exit-node-allow-lan-dns`: DNS keeps going to the configured
+    /// resolvers (a LAN resolver sees the queries) instead of the exit node.
+    pub exit_node_allow_lan_dns: bool,
+    /// `--kill-switch-allow`: prefixes the guard lets out directly.
+    pub kill_switch_allow: Vec<ipnet::IpNet>,
     /// Log every packet the leak guard drops (debug level).
     pub log_guard_drops: bool,
     /// Where bpffs is (pins).
@@ -133,6 +138,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         opts.policy.exclusion_table(),
     )?;
     let nl = Netlink::connect()?;
+    // Uplinks are followed as they change (a new default route, Wi-Fi,
+    // tethering, a renumbered interface), not on a timer.
+    let (uplink_changes, mut uplinks_changed) = mpsc::channel(1);
+    let _watch = crate::netlink::watch_uplink_changes(uplink_changes)?;
     let (announcements, mut incoming) = mpsc::channel(crate::announce::QUEUE);
     let (resolved_tx, mut resolved) = mpsc::channel(4);
     let mut daemon = Daemon::new(
@@ -155,6 +164,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         daemon.teardown().await;
         return Err(e);
     }
+    daemon.record();
     let (control, mut calls) = match ControlServer::bind(&opts.socket, opts.socket_group.as_deref())
     {
         Ok(x) => x,
@@ -195,8 +205,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
             Some(inc) = incoming.recv() => daemon.on_announcement(inc).await,
             Some(r) = resolved.recv() => daemon.on_resolved(r).await,
+            Some(()) = uplinks_changed.recv() => daemon.on_uplinks_changed().await,
             _ = tick.tick() => daemon.tick().await,
         }
+        daemon.record();
     };
     info!(reason, "stopping: removing everything nexd installed");
     crate::notify::stopping();

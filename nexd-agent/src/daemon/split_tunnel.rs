@@ -86,6 +86,6 @@ impl SplitTunnel {
     /// Removes every route of the table (also what a crashed nexd left).
     pub async fn clear(&mut self, nl: &Netlink) -> Result<(), NetlinkError> {
         self.via = None;
-        self.routes.clear(nl).await
+        self.routes.clear(nl).await.map(|_| ())
     }
 }

@@ -147,8 +147,9 @@ impl ExcludedRoutes {
         Ok(())
     }
 
-    /// Deletes every route of the table, also ones a crashed nexd left.
-    pub async fn clear(&mut self, nl: &Netlink) -> Result<(), NetlinkError> {
+    /// Deletes every route of the table, also ones a crashed nexd left;
+    /// returns how many there were.
+    pub async fn clear(&mut self, nl: &Netlink) -> Result<usize, NetlinkError> {
         let table = self.table;
         let mut found: Vec<RouteMessage> = Vec::new();
         for v6 in [false, true] {
@@ -201,6 +202,6 @@ impl ExcludedRoutes {
             debug!(routes = n, table, "exclusion table cleared");
         }
         self.installed.clear();
-        Ok(())
+        Ok(n)
     }
 }

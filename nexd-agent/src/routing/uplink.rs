@@ -71,6 +71,49 @@ pub async fn default_routes(
     Ok(out)
 }
 
+/// Every interface a default route of the main table leaves through: all
+/// default routes of both families (a second one with a higher metric is
+/// still a way out) and every hop of a multipath route. These are the
+/// uplinks the leak guard must sit on.
+pub async fn all_default_route_interfaces(nl: &Netlink) -> Result<Vec<String>, NetlinkError> {
+    let mut indexes: Vec<u32> = Vec::new();
+    for v6 in [false, true] {
+        let query = if v6 {
+            RouteMessageBuilder::<Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new().build()
+        };
+        let mut routes = nl.handle().route().get(query).execute();
+        while let Some(r) = routes
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::new("listing routes", e))?
+        {
+            if r.header.destination_prefix_length != 0 || table_of(&r) != 254 {
+                continue;
+            }
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Oif(i) => indexes.push(*i),
+                    RouteAttribute::MultiPath(hops) => {
+                        indexes.extend(hops.iter().map(|h| h.interface_index));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    indexes.sort_unstable();
+    indexes.dedup();
+    let mut names = Vec::new();
+    for i in indexes {
+        if let Some(n) = nl.link_name(i).await? {
+            names.push(n);
+        }
+    }
+    Ok(names)
+}
+
 /// Interface names of the IPv4 and IPv6 default routes in the main table.
 pub async fn default_route_interfaces(
     nl: &Netlink,
