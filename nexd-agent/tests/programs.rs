@@ -528,6 +528,40 @@ fn leak_guard_verdicts() {
             0,
             "ND to site-scope multicast",
         ),
+        // MLD reports (hop limit 1, link-scope multicast), which keep the
+        // solicited-node groups working on MLD-snooping switches.
+        pass(
+            ipv6_hl(v6("ff02::16"), 58, 1, &icmp(143)),
+            0,
+            "guard_passed",
+            "MLDv2 report",
+        ),
+        pass(
+            ipv6_hl(
+                v6("ff02::16"),
+                0,
+                1,
+                &[58, 0, 5, 2, 0, 0, 1, 0, 143, 0, 0, 0],
+            ),
+            0,
+            "guard_passed",
+            "MLDv2 report behind router alert",
+        ),
+        drop(
+            ipv6_hl(v6("2001:db8:99::1"), 58, 1, &icmp(143)),
+            0,
+            "MLD to a global address",
+        ),
+        drop(
+            ipv6_hl(v6("ff02::16"), 58, 64, &icmp(143)),
+            0,
+            "MLD with hop limit 64",
+        ),
+        drop(
+            ipv6_hl(v6("ff02::16"), 0, 64, &[17, 0, 0, 0, 0, 0, 0, 0]),
+            0,
+            "hop-by-hop with hop limit 64",
+        ),
         // Link layer: ARP only.
         pass(arp(), 0, "not_ip", "ARP"),
         drop(

@@ -12,7 +12,9 @@
 //!   port 68 to 67, broadcast or to the uplink's own subnet (the server of
 //!   a unicast renewal); DHCPv6 from 546 to 547 to ff02::1:2 or a
 //!   link-local address; ICMPv6 neighbour discovery (133-137) with hop
-//!   limit 255 to a link-local or link-scope multicast address.
+//!   limit 255 to a link-local or link-scope multicast address, and MLD
+//!   (hop limit 1, to link-scope multicast: what an MLD-snooping switch
+//!   needs to deliver neighbour solicitations).
 //!
 //! Everything else is dropped and counted: every other EtherType (PPPoE,
 //! MPLS, QinQ), VLAN-tagged frames and malformed IP headers too (they
@@ -34,6 +36,7 @@ const TC_ACT_SHOT: i32 = 2;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_HOPOPTS: u8 = 0;
 
 #[inline(always)]
 fn udp_ports(ctx: &TcContext, l4: usize) -> Option<(u16, u16)> {
@@ -113,10 +116,19 @@ fn allowed_v6(ctx: &TcContext, p: &V6, mark: u32, fwmark: u32, listen_port: u16)
     }
     match p.next {
         IPPROTO_ICMPV6 => {
-            p.hop_limit == 255
-                && (link_local6(&p.dst) || link_multicast6(&p.dst))
-                && read::<u8>(ctx, p.l4).is_some_and(|t| (133..=137).contains(&t))
+            let Some(t) = read::<u8>(ctx, p.l4) else {
+                return false;
+            };
+            let link_scope = link_local6(&p.dst) || link_multicast6(&p.dst);
+            // Neighbour discovery (hop limit 255), and the multicast
+            // listener reports that keep solicited-node groups working on
+            // MLD-snooping switches (hop limit 1).
+            link_scope
+                && ((p.hop_limit == 255 && (133..=137).contains(&t))
+                    || (p.hop_limit == 1 && matches!(t, 131 | 132 | 143)))
         }
+        // MLD reports carry a hop-by-hop header (router alert) first.
+        IPPROTO_HOPOPTS => p.hop_limit == 1 && link_multicast6(&p.dst),
         IPPROTO_UDP => ports == Some((546, 547)) && (dhcp6_servers(&p.dst) || link_local6(&p.dst)),
         _ => false,
     }

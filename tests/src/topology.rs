@@ -25,8 +25,9 @@ impl Switch {
     }
 
     /// Plugs `ns` into the switch through a veth called `ifname` there, and
-    /// gives it the addresses `addrs` (CIDR notation).
-    pub fn attach(&mut self, ns: &Netns, ifname: &str, addrs: &[&str]) -> anyhow::Result<()> {
+    /// gives it the addresses `addrs` (CIDR notation). Returns the switch's
+    /// port name (for watching what that device sends).
+    pub fn attach(&mut self, ns: &Netns, ifname: &str, addrs: &[&str]) -> anyhow::Result<String> {
         self.ports += 1;
         let port = format!("p{}", self.ports);
         veth(&self.ns, &port, ns, ifname)?;
@@ -38,7 +39,7 @@ impl Switch {
                 ns.ip(&format!("addr add {a} dev {ifname}"))?;
             }
         }
-        Ok(())
+        Ok(port)
     }
 }
 
@@ -63,6 +64,49 @@ pub fn lan_behind(gateway: &Netns, lan: &Netns) -> anyhow::Result<()> {
 
 /// The LAN host's IPv4 address in `lan_behind`.
 pub const LAN_HOST_V4: &str = "10.99.0.2";
+
+/// Counts every frame a device sends into the switch on `port` that is not
+/// allowed out of a guarded uplink: what the kill switch promises to
+/// stop. Let through uncounted: ARP, WireGuard's UDP (port `wg_port`, to
+/// the endpoints on the switch), neighbour and router discovery, multicast
+/// listener reports, DHCP.
+pub struct LeakWatch {
+    /// The switch's namespace (not owned: the switch removes it).
+    ns: Netns,
+    table: String,
+}
+
+impl LeakWatch {
+    /// Starts counting now, in the switch's namespace.
+    pub fn start(sw: &Switch, port: &str, wg_port: u16) -> anyhow::Result<Self> {
+        let table = format!("leak_{port}");
+        let script = format!(
+            "table bridge {table} {{\n\
+             \x20 counter leaked {{ }}\n\
+             \x20 chain watch {{\n\
+             \x20   type filter hook forward priority 0; policy accept;\n\
+             \x20   iifname != \"{port}\" return\n\
+             \x20   ether type arp return\n\
+             \x20   meta l4proto udp th dport {wg_port} return\n\
+             \x20   icmpv6 type {{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld2-listener-report }} return\n\
+             \x20   ip6 daddr ff02::/16 ip6 hoplimit 1 return\n\
+             \x20   meta l4proto udp th dport {{ 67, 547 }} return\n\
+             \x20   counter name leaked\n\
+             \x20 }}\n\
+             }}\n"
+        );
+        nft_script(&sw.ns, &script)?;
+        Ok(LeakWatch {
+            ns: Netns::attach(sw.ns.name())?,
+            table,
+        })
+    }
+
+    /// Frames counted as leaked so far.
+    pub fn leaked(&self) -> anyhow::Result<u64> {
+        nft_counter(&self.ns, "bridge", &self.table, "leaked")
+    }
+}
 
 /// One `[[device]]` of a mesh file.
 #[derive(Debug, Clone)]

@@ -25,6 +25,8 @@ pub struct World {
     pub devices: Vec<MeshDevice>,
     pub inet: Internet,
     pub sw: Switch,
+    /// Each node's port on the switch, in node order.
+    pub ports: Vec<String>,
 }
 
 /// Where namespaces and files go: unique names for tests, fixed ones
@@ -52,6 +54,7 @@ impl World {
         let inet = Internet::in_netns(&mut sw, inet_ns)?;
         let mut nodes = Vec::new();
         let mut devices = Vec::new();
+        let mut ports = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let n = i + 1;
             let node = match naming {
@@ -60,11 +63,11 @@ impl World {
                     Node::named(name, &format!("{prefix}{name}"), &dir.join(name))?
                 }
             };
-            sw.attach(
+            ports.push(sw.attach(
                 &node.ns,
                 "eth0",
                 &[&format!("192.0.2.{n}/24"), &format!("2001:db8:1::{n}/64")],
-            )?;
+            )?);
             node.ns.ip(&format!("route add default via {ROUTER_V4}"))?;
             node.ns
                 .ip(&format!("-6 route add default via {ROUTER_V6}"))?;
@@ -82,6 +85,7 @@ impl World {
             devices,
             inet,
             sw,
+            ports,
         };
         w.write_mesh()?;
         Ok(w)
@@ -101,6 +105,11 @@ impl World {
             .iter()
             .position(|n| n.name == name)
             .with_context(|| format!("no node {name}"))
+    }
+
+    /// The switch port `name` is plugged into.
+    pub fn port(&self, name: &str) -> anyhow::Result<&str> {
+        Ok(&self.ports[self.index(name)?])
     }
 
     pub fn node(&self, name: &str) -> &Node {

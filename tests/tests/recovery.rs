@@ -72,6 +72,30 @@ fn source(w: &World, from: &Netns, v6: bool) -> anyhow::Result<IpAddr> {
     )
 }
 
+/// A copy of the configuration file `config` in the node's directory with
+/// the socket path replaced by `socket` (a file name there).
+fn client_dir_config(
+    node: &Node,
+    config: &std::path::Path,
+    socket: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let text = std::fs::read_to_string(config)?;
+    let elsewhere = node.dir().join(socket);
+    let changed: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("socket") {
+                format!("socket = {elsewhere:?}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    let path = node.dir().join("nexd-other-socket.toml");
+    std::fs::write(&path, changed)?;
+    Ok(path)
+}
+
 /// After an offline disable: the client's rules are as before nexd, the
 /// guard's pin is gone, and traffic leaves from its own address again.
 fn assert_direct_path_back(w: &mut World, rules_before: &str, pin: &str) -> anyhow::Result<()> {
@@ -280,6 +304,21 @@ fn offline_disable_finds_a_non_default_instance_from_its_config() -> anyhow::Res
             .file_exists("/sys/fs/bpf/alt/nexd/nx7/guard-eth0")?
             || !nexd_testkit::tcx_kernel()
     );
+    // A nexd that is alive but reached through another socket path: nexctl
+    // finds no socket, tries to clean up offline, and refuses because the
+    // instance lock is held. Nothing changes.
+    let other = client_dir_config(w.node("client"), &config, "elsewhere.sock")?;
+    let rules_active = w.node("client").ns.ip("rule show")?;
+    let out = w.node_mut("client").nexctl_in_env(
+        &[("NEXD_CONFIG", &other)],
+        &["nexd", "exit-node", "disable"],
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(stderr.contains("holds the instance lock"), "{stderr}");
+    assert_eq!(w.node("client").ns.ip("rule show")?, rules_active);
+    w.node("client").wait_phase(ClientPhase::Active, T)?;
+
     w.node_mut("client").kill()?;
     assert!(
         udp_exchange(

@@ -232,12 +232,16 @@ impl Daemon {
                     .await?,
                 );
             }
-            self.dataplane.start(&self.nl, &mut self.sysctls).await?;
+            self.dataplane.start(&self.nl).await?;
             self.sync_dataplane().await?;
             self.split.sync(&self.nl).await?;
             if self.exit_client.wanted() {
                 info!("exit-node client requested (--exit-node-client): it applies as soon as an exit node is available");
+                // The kill switch holds before anything else of nexd's can
+                // send: the guard goes on now, not at the first tick.
+                self.evaluate_exit().await;
             }
+            self.dataplane.install_gateway(&mut self.sysctls)?;
             Ok(())
         }
         .instrument(span)

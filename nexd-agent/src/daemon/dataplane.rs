@@ -125,17 +125,24 @@ impl DataPlane {
         crate::routing::gateway::remove_table();
     }
 
-    /// Loads the programs, attaches the tunnel observers and the steering
-    /// classifier, installs the LAN gateway role. Failing to get the data
-    /// path is fatal only where it carries a promise: `--kill-switch`.
-    pub async fn start(&mut self, nl: &Netlink, sysctls: &mut Sysctls) -> anyhow::Result<()> {
-        if !self.settings.lan_interfaces.is_empty() {
+    /// The LAN gateway role: forwarding on, LAN traffic into the tunnel
+    /// masqueraded. After the leak guard (with the kill switch, forwarded
+    /// LAN traffic must meet the guard from its first packet).
+    pub fn install_gateway(&mut self, sysctls: &mut Sysctls) -> anyhow::Result<()> {
+        if !self.settings.lan_interfaces.is_empty() && self.gateway.is_none() {
             self.gateway = Some(Gateway::install(
                 &self.settings.wg_iface,
                 &self.settings.lan_interfaces,
                 sysctls,
             )?);
         }
+        Ok(())
+    }
+
+    /// Loads the programs, attaches the tunnel observers and the steering
+    /// classifier. Failing to get the data path is fatal only where it
+    /// carries a promise: `--kill-switch`.
+    pub async fn start(&mut self, nl: &Netlink) -> anyhow::Result<()> {
         if self.settings.no_ebpf {
             self.datapath = Err("disabled with --no-ebpf".into());
             return Ok(());

@@ -1,0 +1,270 @@
+//! End-to-end: the kill switch keeps its promise from boot, across a crash
+//! and a restart, and on an uplink that changes under it.
+//!
+//! What leaves the client is counted where an attacker on its network
+//! would see it: on the switch port the client is plugged into (nftables,
+//! bridge family), every frame except ARP, WireGuard's UDP to the mesh
+//! endpoints, neighbour/router discovery and DHCP. Each test also proves
+//! its counter can count (it moves once the client goes direct).
+
+use std::{
+    net::IpAddr,
+    os::unix::fs::MetadataExt as _,
+    time::{Duration, Instant},
+};
+
+use nexd_testkit::{
+    Netns, Node, NodeSpec, counter,
+    netns::veth,
+    proto::ClientPhase,
+    topology::{LeakWatch, lan_behind, nft_counter, nft_script},
+    traffic::{UdpOpts, ping_once, tcp_transfer, udp_exchange, udp_exchange_with},
+    wait_for,
+    world::World,
+};
+
+const T: Duration = Duration::from_secs(10);
+const PIN: &str = "/sys/fs/bpf/nexd/wg0/guard-eth0";
+
+fn spec(args: &[&str]) -> NodeSpec {
+    NodeSpec {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        ..NodeSpec::default()
+    }
+}
+
+/// Tries every way out the device and its LAN host have (TCP, UDP, ICMP,
+/// v4 and v6, and a socket bound to the uplink that skips policy
+/// routing); each must fail.
+fn try_to_leak(w: &World, lan: &Netns) -> anyhow::Result<()> {
+    let short = Duration::from_secs(1);
+    let client = &w.node("client").ns;
+    for from in [client, lan] {
+        for v6 in [false, true] {
+            let to = World::server(v6);
+            assert!(
+                tcp_transfer(from, &w.inet.ns, to, 1024, short).is_err(),
+                "TCP from {} to {to} got through",
+                from.name()
+            );
+            assert!(
+                udp_exchange(from, &w.inet.ns, to, short).is_err(),
+                "UDP from {} to {to} got through",
+                from.name()
+            );
+            assert!(
+                !ping_once(from, to, short)?,
+                "ping from {} to {to} got through",
+                from.name()
+            );
+        }
+    }
+    let bound = UdpOpts {
+        bind_device: Some("eth0".into()),
+        mark: None,
+    };
+    assert!(
+        udp_exchange_with(client, &w.inet.ns, World::server(false), short, &bound).is_err(),
+        "a socket bound to the uplink got through"
+    );
+    Ok(())
+}
+
+/// The guard's pin, as the node's mount namespace sees it (its inode
+/// tells whether it is the same pin), on TCX kernels.
+fn pin_inode(node: &mut Node) -> anyhow::Result<Option<u64>> {
+    if !nexd_testkit::tcx_kernel() {
+        return Ok(None);
+    }
+    let pid = node.holder_pid()?;
+    Ok(std::fs::metadata(format!("/proc/{pid}/root{PIN}"))
+        .ok()
+        .map(|m| m.ino()))
+}
+
+/// From boot, with no exit node anywhere: the kill switch holds while the
+/// client waits (it used to install nothing until an exit node answered).
+#[test]
+fn kill_switch_holds_from_boot_without_an_exit_node() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client"])?;
+    let lan = Netns::new("lanhost")?;
+    lan_behind(&w.node("client").ns, &lan)?;
+    let watch = LeakWatch::start(&w.sw, w.port("client")?, 51820)?;
+    w.node_mut("client").start(&spec(&[
+        "--exit-node-client",
+        "--kill-switch",
+        "--lan-interface",
+        "lan0",
+    ]))?;
+    w.node("client").wait_phase(ClientPhase::Waiting, T)?;
+    let status = w.node("client").status()?;
+    assert_eq!(status.datapath.guard_interfaces, ["eth0"], "{status:?}");
+    try_to_leak(&w, &lan)?;
+    let leaked = watch.leaked()?;
+    println!("boot, waiting for an exit node: {leaked} frames leaked");
+    assert_eq!(leaked, 0, "frames left the client while it waited");
+    let stats = w.node("client").stats()?;
+    assert!(counter(&stats, "guard_dropped")? > 0, "{stats:?}");
+
+    // Disable: the guard goes and the same counter sees direct traffic.
+    let out = w.node("client").nexctl(&["exit-node", "disable"])?;
+    assert!(out.status.success(), "{out:?}");
+    udp_exchange(&w.node("client").ns, &w.inet.ns, World::server(false), T)?;
+    assert!(watch.leaked()? > 0, "the leak counter cannot count");
+    Ok(())
+}
+
+/// Exit mode active (enabled with nexctl, not by flag), then nexd is
+/// SIGKILLed and the exit node stopped, then nexd restarts: the guard the
+/// crashed nexd pinned is taken over in place (the same pin), exit mode
+/// resumes waiting, and nothing leaks at any point; once an exit node is
+/// back, traffic flows through it.
+#[test]
+fn kill_switch_holds_across_sigkill_and_restart() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client"])?;
+    let lan = Netns::new("lanhost")?;
+    lan_behind(&w.node("client").ns, &lan)?;
+    let args = ["--kill-switch", "--lan-interface", "lan0"];
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client").start(&spec(&args))?;
+    w.node("client").wait_exit_node("exit1", T * 2)?;
+    let out = w.node("client").nexctl(&["exit-node", "enable"])?;
+    assert!(out.status.success(), "{out:?}");
+    w.node("client").wait_phase(ClientPhase::Active, T)?;
+    let pin_before = pin_inode(w.node_mut("client"))?;
+    assert!(pin_before.is_some() || !nexd_testkit::tcx_kernel());
+
+    let watch = LeakWatch::start(&w.sw, w.port("client")?, 51820)?;
+    w.node_mut("client").kill()?;
+    w.node_mut("exit1").kill()?;
+    try_to_leak(&w, &lan)?;
+    assert_eq!(watch.leaked()?, 0, "leaked with nexd dead");
+
+    w.node_mut("client").start(&spec(&args))?;
+    w.node("client").wait_phase(ClientPhase::Waiting, T)?;
+    let log = w.node("client").log();
+    assert!(
+        log.contains("resuming exit mode, the kill switch holds"),
+        "{log}"
+    );
+    assert!(log.contains("took over the leak guard"), "{log}");
+    assert_eq!(
+        pin_inode(w.node_mut("client"))?,
+        pin_before,
+        "the guard was replaced, not taken over"
+    );
+    try_to_leak(&w, &lan)?;
+    let leaked = watch.leaked()?;
+    println!("SIGKILL, exit node gone, restart: {leaked} frames leaked");
+    assert_eq!(leaked, 0, "leaked after the restart");
+
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    let via = udp_exchange(&lan, &w.inet.ns, World::server(false), T)?;
+    assert_eq!(via.ip(), w.underlay("exit1", false));
+    assert_eq!(watch.leaked()?, 0);
+    Ok(())
+}
+
+/// The default route moves to a second uplink while exit mode is active:
+/// the guard follows (the time it took is printed), and after a SIGKILL
+/// nothing leaves through either uplink.
+#[test]
+fn kill_switch_follows_a_new_uplink() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client"])?;
+    let lan = Netns::new("lanhost")?;
+    lan_behind(&w.node("client").ns, &lan)?;
+    // A second way out: client eth1 -- internet cl1 (10.77.0.0/24, fd77::/64).
+    veth(&w.node("client").ns, "eth1", &w.inet.ns, "cl1")?;
+    let client_ns = &w.node("client").ns;
+    client_ns.ip("addr add 10.77.0.1/24 dev eth1")?;
+    client_ns.ip("addr add fd77::1/64 dev eth1 nodad")?;
+    w.inet.ns.ip("addr add 10.77.0.254/24 dev cl1")?;
+    w.inet.ns.ip("addr add fd77::fe/64 dev cl1 nodad")?;
+    nft_script(
+        &w.inet.ns,
+        "table inet leak_cl1 {\n counter leaked { }\n chain pre {\n  type filter hook prerouting priority -300; policy accept;\n  iifname != \"cl1\" return\n  icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld2-listener-report } return\n  ip6 daddr ff02::/16 ip6 hoplimit 1 return\n  counter name leaked\n }\n}\n",
+    )?;
+
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client").start(&spec(&[
+        "--exit-node-client",
+        "--kill-switch",
+        "--lan-interface",
+        "lan0",
+    ]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    let watch = LeakWatch::start(&w.sw, w.port("client")?, 51820)?;
+
+    // The uplink changes: both default routes now leave through eth1.
+    let client_ns = &w.node("client").ns;
+    let moved = Instant::now();
+    client_ns.ip("route replace default via 10.77.0.254 dev eth1")?;
+    client_ns.ip("-6 route replace default via fd77::fe dev eth1")?;
+    let guarded = wait_for(
+        "the guard on the new uplink",
+        T,
+        Duration::from_millis(2),
+        || {
+            let on = if nexd_testkit::tcx_kernel() {
+                let pid = w.node("client").pid()?;
+                // nexd's own mount namespace holds the pins.
+                std::path::Path::new(&format!("/proc/{pid}/root/sys/fs/bpf/nexd/wg0/guard-eth1"))
+                    .exists()
+            } else {
+                w.node("client")
+                    .status()
+                    .ok()?
+                    .datapath
+                    .guard_interfaces
+                    .iter()
+                    .any(|i| i == "eth1")
+            };
+            on.then(|| moved.elapsed())
+        },
+    )?;
+    println!(
+        "uplink change to guard on the new uplink: {:.1} ms",
+        guarded.as_secs_f64() * 1000.0
+    );
+    // Exit traffic still flows (through the tunnel, the endpoint reached
+    // over eth0's connected subnet).
+    let via = udp_exchange(&lan, &w.inet.ns, World::server(false), T)?;
+    assert_eq!(via.ip(), w.underlay("exit1", false));
+
+    w.node_mut("client").kill()?;
+    try_to_leak(&w, &lan)?;
+    let (on_eth0, on_eth1) = (
+        watch.leaked()?,
+        nft_counter(&w.inet.ns, "inet", "leak_cl1", "leaked")?,
+    );
+    println!("after SIGKILL: {on_eth0} frames leaked on eth0, {on_eth1} on eth1");
+    assert_eq!(on_eth0, 0, "leaked on the old uplink");
+    assert_eq!(on_eth1, 0, "leaked on the new uplink");
+
+    // The eth1 counter can count: remove the guard and go direct.
+    let out = w
+        .node_mut("client")
+        .nexctl_on_device(&["exit-node", "disable"])?;
+    assert!(out.status.success(), "{out:?}");
+    let direct: IpAddr = "10.77.0.1".parse()?;
+    let seen = udp_exchange(&w.node("client").ns, &w.inet.ns, World::server(false), T)?;
+    assert_eq!(seen.ip(), direct);
+    assert!(
+        nft_counter(&w.inet.ns, "inet", "leak_cl1", "leaked")? > 0,
+        "the eth1 counter cannot count"
+    );
+    Ok(())
+}
