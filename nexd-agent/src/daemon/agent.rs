@@ -217,6 +217,10 @@ impl Daemon {
                 )
                 .await?,
             );
+            // The programs first: loading them is the peak of nexd's memory,
+            // and it is lower before a thousand peers are configured.
+            self.dataplane.start(&self.nl).await?;
+            super::release_freed_memory();
             self.endpoints.refresh(&self.mesh, Instant::now());
             let mesh = self.mesh.clone();
             self.apply_mesh(mesh).await?;
@@ -232,7 +236,6 @@ impl Daemon {
                     .await?,
                 );
             }
-            self.dataplane.start(&self.nl).await?;
             self.sync_dataplane().await?;
             self.split.sync(&self.nl).await?;
             if self.exit_client.wanted() {
@@ -242,6 +245,7 @@ impl Daemon {
                 self.evaluate_exit().await;
             }
             self.dataplane.install_gateway(&mut self.sysctls)?;
+            super::release_freed_memory();
             Ok(())
         }
         .instrument(span)

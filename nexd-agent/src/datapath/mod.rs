@@ -14,7 +14,7 @@ mod maps;
 use std::{collections::BTreeMap, path::PathBuf};
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions},
     util::KernelVersion,
@@ -136,7 +136,13 @@ impl Datapath {
     /// `BPF_PROG_TEST_RUN` works on a detached data path.
     pub fn load() -> Result<Self, DatapathError> {
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
+        // No kernel BTF: the programs carry no CO-RE relocations, and
+        // parsing /sys/kernel/btf/vmlinux (which `Ebpf::load` does twice)
+        // was most of nexd's peak memory.
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .load(EBPF_OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
