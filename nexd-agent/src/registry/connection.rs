@@ -1,0 +1,194 @@
+//! Connecting to etcd: endpoints, TLS, user and password, timeouts, and
+//! turning the client's errors into the few cases callers act on
+//! (unreachable, refused, anything else).
+
+use std::{fmt, future::Future, path::PathBuf, time::Duration};
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+
+use super::location::RegistryUrl;
+
+/// How long to wait for a TCP (and TLS) connection to a member.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one request may take before the member counts as unreachable.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 pings: a member that vanished without a word (power loss, a
+/// partition) is noticed within interval + timeout.
+const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(2));
+
+/// Everything needed to reach the registry.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub url: RegistryUrl,
+    pub tls: Option<TlsFiles>,
+    pub credentials: Option<Credentials>,
+}
+
+/// TLS to etcd: the CA that signed the members' certificates, and this
+/// client's certificate and key when etcd asks for one
+/// (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// etcd user and password (etcd's own authentication).
+#[derive(Clone)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credentials({}, password hidden)", self.user)
+    }
+}
+
+/// What went wrong talking to etcd.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegistryError {
+    /// The configuration cannot work (a file missing, a bad option).
+    #[error("{0}")]
+    Config(String),
+    /// No member answered in time.
+    #[error("etcd at {endpoints} is unreachable: {detail}")]
+    Unreachable { endpoints: String, detail: String },
+    /// etcd refused the credentials or the operation.
+    #[error("etcd at {endpoints} refused: {detail}")]
+    Refused { endpoints: String, detail: String },
+    /// Any other error etcd reported.
+    #[error("etcd at {endpoints}: {detail}")]
+    Etcd { endpoints: String, detail: String },
+}
+
+impl EtcdConfig {
+    fn endpoints_text(&self) -> String {
+        self.url.endpoints.join(",")
+    }
+
+    /// Classifies an etcd client error.
+    pub fn error(&self, e: etcd_client::Error) -> RegistryError {
+        use etcd_client::Error as E;
+        let endpoints = self.endpoints_text();
+        match e {
+            E::GRpcStatus(s) => {
+                let detail = if s.message().is_empty() {
+                    format!("{:?}", s.code())
+                } else {
+                    s.message().to_owned()
+                };
+                match s.code() {
+                    tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled => RegistryError::Unreachable { endpoints, detail },
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+                        RegistryError::Refused { endpoints, detail }
+                    }
+                    _ => RegistryError::Etcd { endpoints, detail },
+                }
+            }
+            E::TransportError(t) => RegistryError::Unreachable {
+                endpoints,
+                detail: crate::error_text(&anyhow::Error::new(t)),
+            },
+            E::IoError(io) => RegistryError::Unreachable {
+                endpoints,
+                detail: io.to_string(),
+            },
+            E::InvalidArgs(m) | E::EndpointError(m) => RegistryError::Config(m),
+            E::InvalidUri(u) => RegistryError::Config(u.to_string()),
+            other => RegistryError::Etcd {
+                endpoints,
+                detail: other.to_string(),
+            },
+        }
+    }
+
+    fn timeout(&self, what: &str) -> RegistryError {
+        RegistryError::Unreachable {
+            endpoints: self.endpoints_text(),
+            detail: format!("no answer to {what} within {REQUEST_TIMEOUT:?}"),
+        }
+    }
+
+    /// Runs one request with the request deadline and classified errors.
+    pub async fn call<T>(
+        &self,
+        what: &str,
+        f: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, RegistryError> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+            Ok(r) => r.map_err(|e| self.error(e)),
+            Err(_) => Err(self.timeout(what)),
+        }
+    }
+
+    /// A client for the members. Connections are made lazily per member
+    /// and balanced: a member that is down is skipped while others answer.
+    pub async fn connect(&self) -> Result<Client, RegistryError> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_keep_alive(KEEPALIVE.0, KEEPALIVE.1)
+            .with_keep_alive_while_idle(true)
+            // A member cut off from the others must not serve a watch that
+            // will never see another change.
+            .with_require_leader(true);
+        let scheme = if let Some(tls) = &self.tls {
+            opts = opts.with_tls(self.tls_options(tls)?);
+            "https"
+        } else {
+            "http"
+        };
+        if let Some(c) = &self.credentials {
+            opts = opts.with_user(c.user.clone(), c.password.clone());
+        }
+        let endpoints: Vec<String> = self
+            .url
+            .endpoints
+            .iter()
+            .map(|e| format!("{scheme}://{e}"))
+            .collect();
+        // With a user, connecting authenticates (a request); without, it
+        // only sets up the lazy channels.
+        self.call("authentication", Client::connect(endpoints, Some(opts)))
+            .await
+    }
+
+    /// Checks what can be checked without etcd (TLS files readable).
+    pub fn validate(&self) -> Result<(), RegistryError> {
+        match &self.tls {
+            Some(t) => self.tls_options(t).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    fn tls_options(&self, tls: &TlsFiles) -> Result<TlsOptions, RegistryError> {
+        let read = |what: &str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| {
+                RegistryError::Config(format!("cannot read the etcd {what} {}: {e}", p.display()))
+            })
+        };
+        let mut o = TlsOptions::new().ca_certificate(Certificate::from_pem(read(
+            "CA certificate (--registry-ca)",
+            &tls.ca,
+        )?));
+        match (&tls.cert, &tls.key) {
+            (Some(c), Some(k)) => {
+                o = o.identity(Identity::from_pem(
+                    read("client certificate (--registry-cert)", c)?,
+                    read("client key (--registry-key)", k)?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(RegistryError::Config(
+                    "--registry-cert and --registry-key go together".into(),
+                ));
+            }
+        }
+        Ok(o)
+    }
+}
