@@ -200,13 +200,15 @@ async fn connect(r: &RegistryArgs) -> Result<Admin, Failure> {
     let cfg = r
         .etcd_config()
         .map_err(Failure::Usage)?
-        .ok_or_else(|| {
-            Failure::Usage(
-                "nexctl mesh needs --registry etcd://HOST:PORT[,HOST:PORT...]/PREFIX (or NEXD_REGISTRY)"
-                    .into(),
-            )
-        })?;
+        .ok_or_else(no_registry)?;
     Ok(Admin::connect(cfg).await?)
+}
+
+fn no_registry() -> Failure {
+    Failure::Usage(
+        "nexctl mesh needs --registry etcd://HOST:PORT[,HOST:PORT...]/PREFIX (or NEXD_REGISTRY)"
+            .into(),
+    )
 }
 
 fn verifying_key(r: &RegistryArgs, k: &ReadKey) -> Result<AdminPublicKey, Failure> {
@@ -222,6 +224,9 @@ fn verifying_key(r: &RegistryArgs, k: &ReadKey) -> Result<AdminPublicKey, Failur
 
 async fn dispatch(format: OutputFormat, args: MeshArgs) -> Result<(), Failure> {
     let r = &args.registry;
+    // Where before what: a missing --registry is a usage error whatever
+    // else is wrong.
+    r.etcd_config().map_err(Failure::Usage)?.ok_or_else(no_registry)?;
     match args.command {
         MeshCommand::Init(a) => init(r, a).await,
         MeshCommand::Set(a) => set(r, a).await,
@@ -243,10 +248,9 @@ async fn dispatch(format: OutputFormat, args: MeshArgs) -> Result<(), Failure> {
             let mut admin = connect(r).await?;
             let n = admin.import(&key, &mesh).await?;
             println!(
-                "imported {} with {n} devices into {}{}",
+                "imported {} with {n} devices into {}",
                 a.file.display(),
                 r.registry.as_ref().map(ToString::to_string).unwrap_or_default(),
-                ""
             );
             Ok(())
         }
