@@ -4,7 +4,7 @@
 
 use std::{fmt, future::Future, path::PathBuf, time::Duration};
 
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
 
 use super::location::RegistryUrl;
 
@@ -126,9 +126,41 @@ impl EtcdConfig {
         }
     }
 
-    /// A client for the members. Connections are made lazily per member
-    /// and balanced: a member that is down is skipped while others answer.
+    /// A client connected to one member that answers a linearizable read
+    /// (so it is part of a quorum), trying the members in turn from a
+    /// random one. One member per client, and the next one on the next
+    /// connection, rather than etcd-client's balancing over all members:
+    /// that sends some requests to a dead member and fails them ("tcp
+    /// connect error") instead of trying another.
     pub async fn connect(&self) -> Result<Client, RegistryError> {
+        let n = self.url.endpoints.len();
+        let mut b = [0u8; 1];
+        let _ = rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut b);
+        let start = usize::from(b[0]) % n.max(1);
+        let mut failures = Vec::new();
+        let mut refused = None;
+        for i in 0..n {
+            let member = &self.url.endpoints[(start + i) % n];
+            match self.connect_one(member).await {
+                Ok(c) => return Ok(c),
+                Err(RegistryError::Config(m)) => return Err(RegistryError::Config(m)),
+                Err(e @ RegistryError::Refused { .. }) => {
+                    failures.push(format!("{member}: {}", detail(&e)));
+                    refused = Some(e);
+                }
+                Err(e) => failures.push(format!("{member}: {}", detail(&e))),
+            }
+        }
+        if let (Some(e), 1) = (refused, n) {
+            return Err(e);
+        }
+        Err(RegistryError::Unreachable {
+            endpoints: self.endpoints_text(),
+            detail: failures.join("; "),
+        })
+    }
+
+    async fn connect_one(&self, member: &str) -> Result<Client, RegistryError> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_keep_alive(KEEPALIVE.0, KEEPALIVE.1)
@@ -145,16 +177,24 @@ impl EtcdConfig {
         if let Some(c) = &self.credentials {
             opts = opts.with_user(c.user.clone(), c.password.clone());
         }
-        let endpoints: Vec<String> = self
-            .url
-            .endpoints
-            .iter()
-            .map(|e| format!("{scheme}://{e}"))
-            .collect();
         // With a user, connecting authenticates (a request); without, it
-        // only sets up the lazy channels.
-        self.call("authentication", Client::connect(endpoints, Some(opts)))
-            .await
+        // only sets up the channel: the read below is the real test.
+        let client = self
+            .call(
+                "authentication",
+                Client::connect([format!("{scheme}://{member}")], Some(opts)),
+            )
+            .await?;
+        let mut kv = client.kv_client();
+        self.call(
+            "a first read",
+            kv.get(
+                self.url.prefix.clone(),
+                Some(GetOptions::new().with_keys_only().with_limit(1)),
+            ),
+        )
+        .await?;
+        Ok(client)
     }
 
     /// Checks what can be checked without etcd (TLS files readable).
@@ -190,5 +230,15 @@ impl EtcdConfig {
             }
         }
         Ok(o)
+    }
+}
+
+/// The part of an error after "etcd at ...:".
+fn detail(e: &RegistryError) -> String {
+    match e {
+        RegistryError::Config(d) => d.clone(),
+        RegistryError::Unreachable { detail, .. }
+        | RegistryError::Refused { detail, .. }
+        | RegistryError::Etcd { detail, .. } => detail.clone(),
     }
 }
