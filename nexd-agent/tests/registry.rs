@@ -104,7 +104,11 @@ impl Lab {
             key: Some(p.client_key()),
         });
         Ok(EtcdConfig {
-            url: self.etcd.url(&self.prefix).parse().map_err(anyhow::Error::msg)?,
+            url: self
+                .etcd
+                .url(&self.prefix)
+                .parse()
+                .map_err(anyhow::Error::msg)?,
             tls,
             credentials: None,
         })
@@ -184,7 +188,12 @@ struct Device {
 }
 
 impl Device {
-    fn start(ns: &Netns, cfg: DeviceConfig, own: PublicKey, state: PathBuf) -> anyhow::Result<Self> {
+    fn start(
+        ns: &Netns,
+        cfg: DeviceConfig,
+        own: PublicKey,
+        state: PathBuf,
+    ) -> anyhow::Result<Self> {
         let (tx, events) = mpsc::channel();
         let status = Arc::new(Mutex::new(RegistryStatus::default()));
         let st = status.clone();
@@ -237,9 +246,12 @@ impl Device {
         what: &str,
         ok: impl Fn(&RegistryStatus) -> bool,
     ) -> anyhow::Result<RegistryStatus> {
-        nexd_testkit::wait_for(what, Duration::from_secs(5), Duration::from_millis(20), || {
-            Some(self.status()).filter(|s| ok(s))
-        })
+        nexd_testkit::wait_for(
+            what,
+            Duration::from_secs(5),
+            Duration::from_millis(20),
+            || Some(self.status()).filter(|s| ok(s)),
+        )
         .with_context(|| format!("{}: status {:?}", self.name, self.status()))
     }
 
@@ -349,7 +361,9 @@ fn approvals_and_revocations_reach_devices_within_a_second() -> anyhow::Result<(
     println!("alpha sees beta {took:?} after its approval");
     assert!(took < ONE_SECOND, "{took:?}");
     assert_eq!(names(&m), ["alpha", "beta"]);
-    b.membership(Duration::from_secs(5), |m| has(m, "alpha") && has(m, "beta"))?;
+    b.membership(Duration::from_secs(5), |m| {
+        has(m, "alpha") && has(m, "beta")
+    })?;
 
     // Revoke beta: alpha drops it within 1 s; beta is waiting again.
     let revoked = lab.revoke("beta")?;
@@ -364,7 +378,9 @@ fn approvals_and_revocations_reach_devices_within_a_second() -> anyhow::Result<(
 
     // Stopping revokes the lease: the endpoint goes at once.
     b.stop()?;
-    let left = lab.etcd.etcdctl(&["get", "--prefix", "--keys-only", "/flow/endpoints/"])?;
+    let left = lab
+        .etcd
+        .etcdctl(&["get", "--prefix", "--keys-only", "/flow/endpoints/"])?;
     assert_eq!(left.lines().filter(|l| !l.is_empty()).count(), 1, "{left}");
     a.stop()
 }
@@ -410,13 +426,21 @@ fn forged_records_are_ignored_and_counted() -> anyhow::Result<()> {
         serial: 99,
     };
     let fs = nexd::registry::signed::seal(&other, &layout.settings(), &settings)?;
-    lab.etcd.put(&layout.settings(), std::str::from_utf8(&fs)?)?;
+    lab.etcd
+        .put(&layout.settings(), std::str::from_utf8(&fs)?)?;
 
     // Then a genuine change: the device must still hear about real news,
     // but nothing forged is in it.
-    let s = a.wait_status("4 rejected values", |s| s.rejected_total >= 4 && s.ignored.len() >= 4)?;
+    let s = a.wait_status("4 rejected values", |s| {
+        s.rejected_total >= 4 && s.ignored.len() >= 4
+    })?;
     let keys: Vec<&str> = s.ignored.iter().map(|i| i.key.as_str()).collect();
-    for k in [layout.device(&intruder), layout.device(&k2), mine.clone(), layout.settings()] {
+    for k in [
+        layout.device(&intruder),
+        layout.device(&k2),
+        mine.clone(),
+        layout.settings(),
+    ] {
         assert!(keys.contains(&k.as_str()), "{k} not counted: {s:?}");
     }
     for i in &s.ignored {
@@ -438,15 +462,20 @@ fn forged_records_are_ignored_and_counted() -> anyhow::Result<()> {
     lab.etcd.put(&mine, &genuine)?;
     lab.etcd.etcdctl(&["del", "--", &layout.settings()])?;
     let key = lab.key();
-    let good = nexd::registry::signed::seal(&key, &layout.settings(), &Settings {
-        ipv4_prefix: "100.64.0.0/10".parse()?,
-        ipv6_prefix: "fd6e:6578:6400::/48".parse()?,
-        mtu: 1420,
-        persistent_keepalive: 25,
-        agent_port: 51829,
-        serial: 1,
-    })?;
-    lab.etcd.put(&layout.settings(), std::str::from_utf8(&good)?)?;
+    let good = nexd::registry::signed::seal(
+        &key,
+        &layout.settings(),
+        &Settings {
+            ipv4_prefix: "100.64.0.0/10".parse()?,
+            ipv6_prefix: "fd6e:6578:6400::/48".parse()?,
+            mtu: 1420,
+            persistent_keepalive: 25,
+            agent_port: 51829,
+            serial: 1,
+        },
+    )?;
+    lab.etcd
+        .put(&layout.settings(), std::str::from_utf8(&good)?)?;
     let (_, after, _) = a.membership(Duration::from_secs(5), |m| has(m, "alpha"))?;
     assert_eq!(names(&after), ["alpha"]);
     assert_eq!(after.mesh, before.mesh);
@@ -461,7 +490,8 @@ fn cut(ns: &Netns, on: bool) -> anyhow::Result<()> {
             "add table inet cut\nadd chain inet cut out { type filter hook output priority 0; policy accept; }\nadd rule inet cut out tcp dport 2379 reject with tcp reset\n",
         )
     } else {
-        ns.exec(&["nft", "delete", "table", "inet", "cut"]).map(|_| ())
+        ns.exec(&["nft", "delete", "table", "inet", "cut"])
+            .map(|_| ())
     }
 }
 
@@ -486,7 +516,8 @@ fn a_compacted_watch_ends_in_a_full_resync() -> anyhow::Result<()> {
         matches!(e, MembershipEvent::ConnectionLost { .. }).then_some(())
     })?;
     let c = PrivateKey::generate().public_key();
-    let req = serde_json::json!({"name": "gamma", "public_key": c.to_string(), "listen_port": 51820});
+    let req =
+        serde_json::json!({"name": "gamma", "public_key": c.to_string(), "listen_port": 51820});
     lab.etcd.put(
         &nexd::registry::location::Layout::new("/compact").request(&c),
         &req.to_string(),

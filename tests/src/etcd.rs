@@ -41,7 +41,13 @@ impl Pki {
     pub fn new(dir: &Path, member_ips: &[&str]) -> anyhow::Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
         let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=nexd-test-ca"];
         ca.extend(ec);
         let (ca_key, ca_crt) = (p("ca.key"), p("ca.crt"));
@@ -75,15 +81,32 @@ impl Pki {
             cmd::run(
                 "openssl",
                 [
-                    "x509", "-req", "-in", &csr, "-CA", &ca_crt, "-CAkey", &ca_key,
-                    "-CAcreateserial", "-days", "2", "-out", &crt, "-extfile", &ext,
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    &ca_crt,
+                    "-CAkey",
+                    &ca_key,
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-out",
+                    &crt,
+                    "-extfile",
+                    &ext,
                 ],
             )?;
             Ok(())
         };
         for (i, ip) in member_ips.iter().enumerate() {
             let ip = ip.split('/').next().unwrap_or(ip);
-            leaf(&format!("member{i}"), &format!("etcd{i}"), Some(&format!("IP:{ip}")))?;
+            leaf(
+                &format!("member{i}"),
+                &format!("etcd{i}"),
+                Some(&format!("IP:{ip}")),
+            )?;
         }
         leaf("client", "nexd", None)?;
         Ok(Pki {
@@ -126,6 +149,8 @@ pub struct EtcdCluster {
     token: String,
     tls: bool,
     pki: Option<Pki>,
+    /// `user:password` for etcdctl once authentication is on.
+    auth: Option<String>,
 }
 
 impl EtcdCluster {
@@ -171,6 +196,7 @@ impl EtcdCluster {
             token: format!("nexd-test-{}-{n}", std::process::id()),
             tls,
             pki,
+            auth: None,
         };
         // All members at once: a new cluster needs a quorum to start.
         for i in 0..c.members.len() {
@@ -191,8 +217,10 @@ impl EtcdCluster {
     }
 
     fn log_path(&self, i: usize) -> PathBuf {
-        self.dir
-            .join(format!("{}.{}.log", self.members[i].name, self.members[i].runs))
+        self.dir.join(format!(
+            "{}.{}.log",
+            self.members[i].name, self.members[i].runs
+        ))
     }
 
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
@@ -211,9 +239,15 @@ impl EtcdCluster {
             .arg(format!("--name={}", m.name))
             .arg(format!("--data-dir={}", data.display()))
             .arg(format!("--listen-client-urls={s}://{}:{CLIENT_PORT}", m.ip))
-            .arg(format!("--advertise-client-urls={s}://{}:{CLIENT_PORT}", m.ip))
+            .arg(format!(
+                "--advertise-client-urls={s}://{}:{CLIENT_PORT}",
+                m.ip
+            ))
             .arg(format!("--listen-peer-urls={s}://{}:{PEER_PORT}", m.ip))
-            .arg(format!("--initial-advertise-peer-urls={s}://{}:{PEER_PORT}", m.ip))
+            .arg(format!(
+                "--initial-advertise-peer-urls={s}://{}:{PEER_PORT}",
+                m.ip
+            ))
             .arg(format!("--initial-cluster={}", cluster.join(",")))
             .arg(format!("--initial-cluster-token={}", self.token))
             .arg("--initial-cluster-state=new")
@@ -231,9 +265,7 @@ impl EtcdCluster {
                     .arg(format!("--{flag}client-cert-auth"));
             }
         }
-        c.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        c.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let child = c.spawn().context("starting etcd")?;
         self.members[i].child = Some(child);
         Ok(())
@@ -279,7 +311,11 @@ impl EtcdCluster {
 
     /// `etcd://m1,m2,m3/PREFIX` for `--registry`.
     pub fn url(&self, prefix: &str) -> String {
-        format!("etcd://{}/{}", self.endpoints().join(","), prefix.trim_start_matches('/'))
+        format!(
+            "etcd://{}/{}",
+            self.endpoints().join(","),
+            prefix.trim_start_matches('/')
+        )
     }
 
     /// The certificates, when the cluster speaks TLS.
@@ -362,6 +398,21 @@ impl EtcdCluster {
         Ok((!out.is_empty()).then(|| v.to_owned()))
     }
 
+    /// Turns etcd authentication on with a `root` user whose password is
+    /// `password`; etcdctl uses it from then on.
+    pub fn enable_auth(&mut self, password: &str) -> anyhow::Result<()> {
+        self.etcdctl(&[
+            "user",
+            "add",
+            "root",
+            &format!("--new-user-password={password}"),
+        ])?;
+        self.etcdctl(&["user", "grant-role", "root", "root"])?;
+        self.etcdctl(&["auth", "enable"])?;
+        self.auth = Some(format!("root:{password}"));
+        Ok(())
+    }
+
     /// The current revision of the store.
     pub fn revision(&self) -> anyhow::Result<i64> {
         let out = self.etcdctl(&["get", "--write-out=json", "--", "/"])?;
@@ -393,6 +444,9 @@ impl EtcdCluster {
             "--dial-timeout=2s".into(),
             "--command-timeout=5s".into(),
         ];
+        if let Some(a) = &self.auth {
+            full.push(format!("--user={a}"));
+        }
         if let Some(pki) = &self.pki {
             full.push(format!("--cacert={}", pki.ca().display()));
             full.push(format!("--cert={}", pki.client_cert().display()));

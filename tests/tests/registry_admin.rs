@@ -33,8 +33,16 @@ struct Lab {
 
 impl Lab {
     fn new(name: &str) -> anyhow::Result<Self> {
+        Self::build(name, false)
+    }
+
+    fn build(name: &str, tls: bool) -> anyhow::Result<Self> {
         let mut sw = Switch::new("regsw")?;
-        let etcd = EtcdCluster::start(&mut sw, &["198.51.100.11/24"])?;
+        let etcd = if tls {
+            EtcdCluster::start_tls(&mut sw, &["198.51.100.11/24"])?
+        } else {
+            EtcdCluster::start(&mut sw, &["198.51.100.11/24"])?
+        };
         let admin = Netns::new("admin")?;
         sw.attach(&admin, "eth0", &["198.51.100.100/24"])?;
         let dir = std::env::temp_dir().join(format!("nexd-regadmin-{}-{name}", std::process::id()));
@@ -91,7 +99,9 @@ impl Drop for Lab {
 fn wg_key() -> anyhow::Result<String> {
     let private = nexd_testkit::cmd::run("wg", ["genkey"])?;
     let mut c = std::process::Command::new("wg");
-    c.arg("pubkey").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    c.arg("pubkey")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
     let mut child = c.spawn()?;
     std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, private.as_bytes())?;
     let out = child.wait_with_output()?;
@@ -110,8 +120,10 @@ fn request(lab: &Lab, prefix: &str, name: &str) -> anyhow::Result<String> {
         "name": name, "public_key": k, "listen_port": 51820,
         "endpoint": "192.0.2.9:51820", "exit_node": false, "requested_at": 1
     });
-    lab.etcd
-        .put(&format!("/{prefix}/requests/{}", key_id(&k)), &body.to_string())?;
+    lab.etcd.put(
+        &format!("/{prefix}/requests/{}", key_id(&k)),
+        &body.to_string(),
+    )?;
     Ok(k)
 }
 
@@ -136,23 +148,50 @@ fn init_approve_revoke_list_import_export() -> anyhow::Result<()> {
     assert_eq!(mode, 0o600, "admin key mode");
     let public = std::fs::read_to_string(lab.key("admin.key.pub"))?;
     assert!(out.contains(public.trim()), "{out}");
-    let again = lab.mesh("m1", &["init", "--admin-key", lab.key("other.key").to_str().context("p")?])?;
+    let again = lab.mesh(
+        "m1",
+        &[
+            "init",
+            "--admin-key",
+            lab.key("other.key").to_str().context("p")?,
+        ],
+    )?;
     assert_eq!(again.status.code(), Some(1), "second init: {again:?}");
     assert!(
         String::from_utf8_lossy(&again.stderr).contains("already holds a mesh"),
         "{again:?}"
     );
-    assert!(!lab.key("other.key").exists(), "a refused init leaves no key behind");
+    assert!(
+        !lab.key("other.key").exists(),
+        "a refused init leaves no key behind"
+    );
 
     // Two devices ask; approve one by name with roles, the other by key.
     let ka = request(&lab, "m1", "alpha")?;
     let kb = request(&lab, "m1", "beta")?;
     let reqs: Value = serde_json::from_str(&lab.ok(
         "m1",
-        &["requests", "--registry-admin-key", public.trim(), "-o", "json"],
+        &[
+            "requests",
+            "--registry-admin-key",
+            public.trim(),
+            "-o",
+            "json",
+        ],
     )?)?;
     assert_eq!(reqs.as_array().map(Vec::len), Some(2), "{reqs}");
-    lab.ok("m1", &["approve", "alpha", "--admin-key", k, "--exit-node", "--exit-clients", "beta"])?;
+    lab.ok(
+        "m1",
+        &[
+            "approve",
+            "alpha",
+            "--admin-key",
+            k,
+            "--exit-node",
+            "--exit-clients",
+            "beta",
+        ],
+    )?;
     let out = lab.ok("m1", &["approve", &kb, "--admin-key", k])?;
     assert!(out.contains("100.64.0.2"), "{out}");
     let l = lab.list("m1", &key)?;
@@ -172,7 +211,10 @@ fn init_approve_revoke_list_import_export() -> anyhow::Result<()> {
     assert!(cols.starts_with("NAME"), "{cols}");
     assert!(cols.contains("exit-node:beta"), "{cols}");
     // Role change keeps the addresses.
-    lab.ok("m1", &["approve", "alpha", "--admin-key", k, "--no-exit-node"])?;
+    lab.ok(
+        "m1",
+        &["approve", "alpha", "--admin-key", k, "--no-exit-node"],
+    )?;
     let l = lab.list("m1", &key)?;
     assert_eq!(device(&l, "alpha").context("alpha")?["exit_node"], false);
     assert_eq!(device(&l, "alpha").context("alpha")?["ipv4"], "100.64.0.1");
@@ -181,7 +223,11 @@ fn init_approve_revoke_list_import_export() -> anyhow::Result<()> {
     lab.ok("m1", &["revoke", "alpha", "--admin-key", k])?;
     let l = lab.list("m1", &key)?;
     assert!(device(&l, "alpha").is_none(), "{l}");
-    assert!(lab.etcd.get(&format!("/m1/revoked/{}", key_id(&ka)))?.is_some());
+    assert!(
+        lab.etcd
+            .get(&format!("/m1/revoked/{}", key_id(&ka)))?
+            .is_some()
+    );
     assert!(lab.etcd.get("/m1/alloc/v4/100.64.0.1")?.is_none());
     // The next device gets the freed address.
     request(&lab, "m1", "gamma")?;
@@ -191,7 +237,10 @@ fn init_approve_revoke_list_import_export() -> anyhow::Result<()> {
     // Unknown device: failure (1) naming it; nothing changed.
     let out = lab.mesh("m1", &["approve", "nobody", "--admin-key", k])?;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("\"nobody\""), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"nobody\""),
+        "{out:?}"
+    );
 
     // Export, import into a fresh prefix, export again: same mesh.
     let first = lab.ok("m1", &["export", "--admin-key", k])?;
@@ -200,17 +249,43 @@ fn init_approve_revoke_list_import_export() -> anyhow::Result<()> {
     std::fs::write(&file, &first)?;
     let key2 = lab.key("admin2.key");
     let k2 = key2.to_str().context("p")?;
-    // import creates the settings itself; it needs an existing key.
-    lab.ok("scratch", &["init", "--admin-key", k2])?;
-    lab.ok("m2", &["import", file.to_str().context("p")?, "--admin-key", k2])?;
+    let out = lab.ok(
+        "m2",
+        &[
+            "import",
+            file.to_str().context("p")?,
+            "--admin-key",
+            k2,
+            "--new-admin-key",
+        ],
+    )?;
+    assert!(
+        out.contains("imported") && out.contains("admin public key"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::metadata(&key2)?.permissions().mode() & 0o777,
+        0o600
+    );
     let second = lab.ok("m2", &["export", "--admin-key", k2])?;
-    let body = |t: &str| t.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
+    let body = |t: &str| {
+        t.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     assert_eq!(body(&first), body(&second));
     let l2 = lab.list("m2", &key2)?;
     assert_eq!(l2["devices"].as_array().map(Vec::len), Some(2), "{l2}");
-    assert_eq!(device(&l2, "beta").context("beta")?["endpoint"], serde_json::Value::Null);
+    assert_eq!(
+        device(&l2, "beta").context("beta")?["endpoint"],
+        serde_json::Value::Null
+    );
     // Import refuses a prefix that already holds a mesh.
-    let out = lab.mesh("m2", &["import", file.to_str().context("p")?, "--admin-key", k2])?;
+    let out = lab.mesh(
+        "m2",
+        &["import", file.to_str().context("p")?, "--admin-key", k2],
+    )?;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     Ok(())
 }
@@ -245,7 +320,8 @@ fn concurrent_approvals_never_share_an_address() -> anyhow::Result<()> {
         })
         .collect();
     for t in threads {
-        t.join().map_err(|_| anyhow::anyhow!("approver panicked"))??;
+        t.join()
+            .map_err(|_| anyhow::anyhow!("approver panicked"))??;
     }
     let l = lab.list("cc", &key)?;
     let devices = l["devices"].as_array().context("devices")?;
@@ -255,8 +331,13 @@ fn concurrent_approvals_never_share_an_address() -> anyhow::Result<()> {
     assert_eq!(v4.len(), STREAMS * EACH, "duplicate IPv4 addresses: {l}");
     assert_eq!(v6.len(), STREAMS * EACH, "duplicate IPv6 addresses: {l}");
     assert_eq!(l["ignored"], serde_json::json!([]), "{l}");
-    let allocs = lab.etcd.etcdctl(&["get", "--prefix", "--keys-only", "/cc/alloc/"])?;
-    assert_eq!(allocs.lines().filter(|l| !l.is_empty()).count(), 2 * STREAMS * EACH);
+    let allocs = lab
+        .etcd
+        .etcdctl(&["get", "--prefix", "--keys-only", "/cc/alloc/"])?;
+    assert_eq!(
+        allocs.lines().filter(|l| !l.is_empty()).count(),
+        2 * STREAMS * EACH
+    );
     Ok(())
 }
 
@@ -279,8 +360,14 @@ fn records_written_past_the_admin_are_ignored_with_a_reason() -> anyhow::Result<
     let o = other.to_str().context("p")?;
     lab.ok("g", &["init", "--admin-key", o])?;
     let kx = request(&lab, "g", "intruder")?;
-    lab.ok("g", &["approve", "intruder", "--admin-key", o, "--exit-node"])?;
-    let x_value = lab.etcd.get(&format!("/g/devices/{}", key_id(&kx)))?.context("x")?;
+    lab.ok(
+        "g",
+        &["approve", "intruder", "--admin-key", o, "--exit-node"],
+    )?;
+    let x_value = lab
+        .etcd
+        .get(&format!("/g/devices/{}", key_id(&kx)))?
+        .context("x")?;
 
     // 1. A new device, unsigned.
     let ku = wg_key()?;
@@ -307,7 +394,11 @@ fn records_written_past_the_admin_are_ignored_with_a_reason() -> anyhow::Result<
     let l: Value = serde_json::from_slice(&out.stdout)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("4 registry record(s) ignored"), "{stderr}");
-    assert_eq!(l["devices"], serde_json::json!([]), "nothing unsigned is listed: {l}");
+    assert_eq!(
+        l["devices"],
+        serde_json::json!([]),
+        "nothing unsigned is listed: {l}"
+    );
     let reason = |p: &str| {
         l["ignored"]
             .as_array()
@@ -318,12 +409,18 @@ fn records_written_past_the_admin_are_ignored_with_a_reason() -> anyhow::Result<
     };
     assert_eq!(reason(&u_path), "missing signature");
     for p in [&x_path, &m_path, &a_path] {
-        assert!(reason(p).contains("does not verify with the admin key"), "{p}: {l}");
+        assert!(
+            reason(p).contains("does not verify with the admin key"),
+            "{p}: {l}"
+        );
     }
     // Writing the original back restores alpha.
     lab.etcd.put(&a_path, &a_value)?;
     let l = lab.list("f", &key)?;
-    assert_eq!(device(&l, "alpha").context("alpha back")?["ipv4"], "100.64.0.1");
+    assert_eq!(
+        device(&l, "alpha").context("alpha back")?["ipv4"],
+        "100.64.0.1"
+    );
     Ok(())
 }
 
@@ -338,23 +435,46 @@ fn exit_statuses_name_the_problem() -> anyhow::Result<()> {
     let nexctl = bins::nexctl()?;
     let n = nexctl.to_str().context("path")?;
     // No --registry: usage.
-    let out = lab.admin.exec_output(&[n, "mesh", "list", "--admin-key", k], Duration::from_secs(20))?;
+    let out = lab.admin.exec_output(
+        &[n, "mesh", "list", "--admin-key", k],
+        Duration::from_secs(20),
+    )?;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--registry"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--registry"),
+        "{out:?}"
+    );
     // A bad URL: clap's usage error names it.
     let out = lab.admin.exec_output(
-        &[n, "mesh", "--registry", "http://198.51.100.11:2379/x", "list"],
+        &[
+            n,
+            "mesh",
+            "--registry",
+            "http://198.51.100.11:2379/x",
+            "list",
+        ],
         Duration::from_secs(20),
     )?;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     // Nobody listens there: unreachable (3), within the request deadline.
     let started = std::time::Instant::now();
     let out = lab.admin.exec_output(
-        &[n, "mesh", "--registry", "etcd://198.51.100.11:2999/x", "init", "--admin-key", k],
+        &[
+            n,
+            "mesh",
+            "--registry",
+            "etcd://198.51.100.11:2999/x",
+            "init",
+            "--admin-key",
+            k,
+        ],
         Duration::from_secs(30),
     )?;
     assert_eq!(out.status.code(), Some(3), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unreachable"),
+        "{out:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(15));
     assert!(!key.exists(), "a failed init leaves no key behind");
     // A key file others can read is refused before anything happens.
@@ -362,6 +482,87 @@ fn exit_statuses_name_the_problem() -> anyhow::Result<()> {
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644))?;
     let out = lab.mesh("x", &["list", "--admin-key", k])?;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("chmod 600"),
+        "{out:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn tls_client_certificates_and_passwords() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    // TLS with client certificates.
+    let lab = Lab::build("tls", true)?;
+    let pki = lab.etcd.pki().context("pki")?;
+    let (ca, cert, key) = (pki.ca(), pki.client_cert(), pki.client_key());
+    let tls = [
+        "--registry-ca",
+        ca.to_str().context("p")?,
+        "--registry-cert",
+        cert.to_str().context("p")?,
+        "--registry-key",
+        key.to_str().context("p")?,
+    ];
+    let admin_key = lab.key("admin.key");
+    let k = admin_key.to_str().context("p")?;
+    let mut args = tls.to_vec();
+    args.extend(["init", "--admin-key", k]);
+    lab.ok("t", &args)?;
+    let mut args = tls.to_vec();
+    args.extend(["list", "--admin-key", k, "-o", "json"]);
+    let l: Value = serde_json::from_str(&lab.ok("t", &args)?)?;
+    assert_eq!(l["devices"], serde_json::json!([]));
+    // Without a client certificate etcd refuses the connection.
+    let out = lab.mesh(
+        "t",
+        &[
+            "--registry-ca",
+            ca.to_str().context("p")?,
+            "list",
+            "--admin-key",
+            k,
+        ],
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("without a client certificate: {err}");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(err.contains("198.51.100.11:2379"), "{err}");
+    // Plain text to a TLS member fails too.
+    let out = lab.mesh("t", &["list", "--admin-key", k])?;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    drop(lab);
+
+    // etcd users and passwords.
+    let mut lab = Lab::new("auth")?;
+    lab.etcd.enable_auth("s3cret")?;
+    let good = lab.key("good.pw");
+    std::fs::write(&good, "s3cret\n")?;
+    let bad = lab.key("bad.pw");
+    std::fs::write(&bad, "wrong\n")?;
+    let user = |f: &PathBuf| -> anyhow::Result<Vec<String>> {
+        Ok(vec![
+            "--registry-user".into(),
+            "root".into(),
+            "--registry-password-file".into(),
+            f.to_str().context("p")?.to_owned(),
+        ])
+    };
+    let key = lab.key("admin.key");
+    let k = key.to_str().context("p")?;
+    let mut args = user(&good)?;
+    args.extend(["init".into(), "--admin-key".into(), k.into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.ok("p", &refs)?;
+    let mut args = user(&bad)?;
+    args.extend(["list".into(), "--admin-key".into(), k.into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lab.mesh("p", &refs)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("wrong password: {err}");
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(err.contains("refused"), "{err}");
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! directly (not to a nexd) and sign with the admin key; see
 //! `registry::admin` for what each does in etcd.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{fmt::Write as _, path::PathBuf, process::ExitCode};
 
 use clap::Subcommand;
 use serde::Serialize;
@@ -13,7 +13,10 @@ use super::{
     registry_args::RegistryArgs,
 };
 use crate::{
-    mesh::{self, DEFAULT_AGENT_PORT, DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, DEFAULT_KEEPALIVE, DEFAULT_MTU},
+    mesh::{
+        self, DEFAULT_AGENT_PORT, DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, DEFAULT_KEEPALIVE,
+        DEFAULT_MTU,
+    },
     registry::{
         AdminKey, AdminPublicKey, RegistryError,
         admin::{Admin, AdminError, RoleChange},
@@ -122,7 +125,12 @@ pub struct ApproveArgs {
     #[arg(long)]
     pub no_exit_node: bool,
     /// As exit node, serve only these devices (names, comma-separated).
-    #[arg(long, value_delimiter = ',', value_name = "NAMES", conflicts_with = "all_exit_clients")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "NAMES",
+        conflicts_with = "all_exit_clients"
+    )]
     pub exit_clients: Option<Vec<String>>,
     /// As exit node, serve every device (the default).
     #[arg(long)]
@@ -144,6 +152,10 @@ pub struct ImportArgs {
     pub file: PathBuf,
     #[command(flatten)]
     pub key: KeyFile,
+    /// Create the admin key pair at --admin-key first (as `init` does;
+    /// refused if the file exists).
+    #[arg(long)]
+    pub new_admin_key: bool,
 }
 
 /// A failure with the exit status it maps to.
@@ -176,23 +188,67 @@ impl Failure {
 }
 
 /// Runs `nexctl mesh ...` and returns the process exit status.
+///
+/// nexctl restores the default SIGPIPE so `nexctl ... | head` ends
+/// quietly; but gRPC writes to its sockets with `writev`, which raises
+/// SIGPIPE when etcd hangs up (a TLS handshake it refused, say). So the
+/// etcd work runs with SIGPIPE ignored, and what goes to stdout is printed
+/// only after the connections are gone, with the default restored.
 pub fn run(format: OutputFormat, args: MeshArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(exit::FAILURE);
+    let result: Result<String, Failure> = with_sigpipe_ignored(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Failure::Other(format!("cannot start the async runtime: {e}")))?;
+        let mut out = String::new();
+        runtime.block_on(dispatch(&mut out, format, args))?;
+        Ok(out)
+    });
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
         }
-    };
-    match runtime.block_on(dispatch(format, args)) {
-        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(e.status())
         }
+    }
+}
+
+fn with_sigpipe_ignored<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: changing a signal disposition; the runtime f starts and ends
+    // on this thread, and no other thread of nexctl writes anywhere.
+    let before = unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    let r = f();
+    // SAFETY: as above; restores what main() set.
+    unsafe {
+        libc::signal(libc::SIGPIPE, before);
+    }
+    r
+}
+
+/// `output::print`, into a string.
+fn render<T: Serialize>(
+    out: &mut String,
+    format: OutputFormat,
+    value: &T,
+    table: impl FnOnce() -> Table,
+) {
+    match format {
+        OutputFormat::Json => match serde_json::to_string_pretty(value) {
+            Ok(s) => {
+                out.push_str(&s);
+                out.push('\n');
+            }
+            Err(e) => eprintln!("error: cannot encode JSON: {e}"),
+        },
+        OutputFormat::Yaml => match serde_json::to_value(value) {
+            Ok(v) => out.push_str(&output::yaml(&v)),
+            Err(e) => eprintln!("error: cannot encode YAML: {e}"),
+        },
+        OutputFormat::Column => out.push_str(&table().render(true)),
+        OutputFormat::NoHeader => out.push_str(&table().render(false)),
     }
 }
 
@@ -222,43 +278,35 @@ fn verifying_key(r: &RegistryArgs, k: &ReadKey) -> Result<AdminPublicKey, Failur
     }
 }
 
-async fn dispatch(format: OutputFormat, args: MeshArgs) -> Result<(), Failure> {
+async fn dispatch(out: &mut String, format: OutputFormat, args: MeshArgs) -> Result<(), Failure> {
     let r = &args.registry;
     // Where before what: a missing --registry is a usage error whatever
     // else is wrong.
-    r.etcd_config().map_err(Failure::Usage)?.ok_or_else(no_registry)?;
+    r.etcd_config()
+        .map_err(Failure::Usage)?
+        .ok_or_else(no_registry)?;
     match args.command {
-        MeshCommand::Init(a) => init(r, a).await,
-        MeshCommand::Set(a) => set(r, a).await,
-        MeshCommand::Requests(k) => requests(format, r, &k).await,
-        MeshCommand::Approve(a) => approve(r, a).await,
+        MeshCommand::Init(a) => init(out, r, a).await,
+        MeshCommand::Set(a) => set(out, r, a).await,
+        MeshCommand::Requests(k) => requests(out, format, r, &k).await,
+        MeshCommand::Approve(a) => approve(out, r, a).await,
         MeshCommand::Revoke(a) => {
             let key = AdminKey::load(&a.key.admin_key)?;
             let d = connect(r).await?.revoke(&key, &a.device).await?;
-            println!(
+            let _ = writeln!(
+                out,
                 "revoked {} ({}); its addresses {} and {} are free again",
                 d.name, d.public_key, d.ipv4, d.ipv6
             );
             Ok(())
         }
-        MeshCommand::List(k) => list(format, r, &k).await,
-        MeshCommand::Import(a) => {
-            let mesh = mesh::read(&a.file).map_err(|e| Failure::Other(e.to_string()))?;
-            let key = AdminKey::load(&a.key.admin_key)?;
-            let mut admin = connect(r).await?;
-            let n = admin.import(&key, &mesh).await?;
-            println!(
-                "imported {} with {n} devices into {}",
-                a.file.display(),
-                r.registry.as_ref().map(ToString::to_string).unwrap_or_default(),
-            );
-            Ok(())
-        }
-        MeshCommand::Export(k) => export(r, &k).await,
+        MeshCommand::List(k) => list(out, format, r, &k).await,
+        MeshCommand::Import(a) => import(out, r, a).await,
+        MeshCommand::Export(k) => export(out, r, &k).await,
     }
 }
 
-async fn init(r: &RegistryArgs, a: InitArgs) -> Result<(), Failure> {
+async fn init(out: &mut String, r: &RegistryArgs, a: InitArgs) -> Result<(), Failure> {
     let settings = Settings {
         ipv4_prefix: a.ipv4_prefix,
         ipv6_prefix: a.ipv6_prefix,
@@ -281,20 +329,26 @@ async fn init(r: &RegistryArgs, a: InitArgs) -> Result<(), Failure> {
     key.create_file(&a.admin_key)?;
     match admin.init(&key, settings).await {
         Ok(s) => {
-            println!(
+            let _ = writeln!(
+                out,
                 "initialised the mesh at {}: {} and {}, MTU {}, keepalive {} s, agent port {}",
-                r.registry.as_ref().map(ToString::to_string).unwrap_or_default(),
+                r.registry
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
                 s.ipv4_prefix,
                 s.ipv6_prefix,
                 s.mtu,
                 s.persistent_keepalive,
                 s.agent_port
             );
-            println!(
+            let _ = writeln!(
+                out,
                 "admin private key: {} (mode 0600: keep it offline)",
                 a.admin_key.display()
             );
-            println!(
+            let _ = writeln!(
+                out,
                 "admin public key: {} (also in {}; give it to every device as --registry-admin-key)",
                 key.public_key(),
                 admin_key::public_path(&a.admin_key).display()
@@ -310,7 +364,52 @@ async fn init(r: &RegistryArgs, a: InitArgs) -> Result<(), Failure> {
     }
 }
 
-async fn set(r: &RegistryArgs, a: SetArgs) -> Result<(), Failure> {
+async fn import(out: &mut String, r: &RegistryArgs, a: ImportArgs) -> Result<(), Failure> {
+    let mesh = mesh::read(&a.file).map_err(|e| Failure::Other(e.to_string()))?;
+    let mut admin = connect(r).await?;
+    let path = &a.key.admin_key;
+    let key = if a.new_admin_key {
+        let key = AdminKey::generate();
+        key.create_file(path)?;
+        key
+    } else {
+        AdminKey::load(path)?
+    };
+    match admin.import(&key, &mesh).await {
+        Ok(n) => {
+            let _ = writeln!(
+                out,
+                "imported {} with {n} devices into {}",
+                a.file.display(),
+                r.registry
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+            );
+            if a.new_admin_key {
+                let _ = writeln!(
+                    out,
+                    "admin public key: {} (also in {}; give it to every device as --registry-admin-key)",
+                    key.public_key(),
+                    admin_key::public_path(path).display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            // A key made for an import that was refused before writing
+            // anything signs nothing: remove it. After any other failure
+            // something may be signed with it already: keep it.
+            if a.new_admin_key && matches!(e, AdminError::Refused(_)) {
+                let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(admin_key::public_path(path));
+            }
+            Err(e.into())
+        }
+    }
+}
+
+async fn set(out: &mut String, r: &RegistryArgs, a: SetArgs) -> Result<(), Failure> {
     let key = AdminKey::load(&a.key.admin_key)?;
     let s = connect(r)
         .await?
@@ -332,14 +431,15 @@ async fn set(r: &RegistryArgs, a: SetArgs) -> Result<(), Failure> {
             }
         })
         .await?;
-    println!(
+    let _ = writeln!(
+        out,
         "mesh settings now: {} and {}, MTU {}, keepalive {} s, agent port {} (serial {})",
         s.ipv4_prefix, s.ipv6_prefix, s.mtu, s.persistent_keepalive, s.agent_port, s.serial
     );
     Ok(())
 }
 
-async fn approve(r: &RegistryArgs, a: ApproveArgs) -> Result<(), Failure> {
+async fn approve(out: &mut String, r: &RegistryArgs, a: ApproveArgs) -> Result<(), Failure> {
     let key = AdminKey::load(&a.key.admin_key)?;
     let change = RoleChange {
         exit_node: if a.exit_node {
@@ -359,17 +459,19 @@ async fn approve(r: &RegistryArgs, a: ApproveArgs) -> Result<(), Failure> {
     let d = &done.record;
     let roles = roles_text(&d.roles);
     if !done.changed {
-        println!(
+        let _ = writeln!(
+            out,
             "{} ({}) is already approved with these roles ({roles}); nothing changed",
             d.name, d.public_key
         );
     } else if done.new_member {
-        println!(
+        let _ = writeln!(
+            out,
             "approved {} ({}): {} and {}, roles: {roles}",
             d.name, d.public_key, d.ipv4, d.ipv6
         );
     } else {
-        println!("{} ({}) now has roles: {roles}", d.name, d.public_key);
+        let _ = writeln!(out, "{} ({}) now has roles: {roles}", d.name, d.public_key);
     }
     Ok(())
 }
@@ -392,7 +494,12 @@ struct RequestRow {
     requested_at: u64,
 }
 
-async fn requests(format: OutputFormat, r: &RegistryArgs, k: &ReadKey) -> Result<(), Failure> {
+async fn requests(
+    out: &mut String,
+    format: OutputFormat,
+    r: &RegistryArgs,
+    k: &ReadKey,
+) -> Result<(), Failure> {
     let public = verifying_key(r, k)?;
     let view = connect(r).await?.read(public).await?;
     let rows: Vec<RequestRow> = view
@@ -407,8 +514,14 @@ async fn requests(format: OutputFormat, r: &RegistryArgs, k: &ReadKey) -> Result
             requested_at: q.requested_at,
         })
         .collect();
-    output::print(format, &rows, || {
-        let mut t = Table::new(&["NAME", "PUBLIC KEY", "ENDPOINT", "LISTEN PORT", "ASKS EXIT NODE"]);
+    render(out, format, &rows, || {
+        let mut t = Table::new(&[
+            "NAME",
+            "PUBLIC KEY",
+            "ENDPOINT",
+            "LISTEN PORT",
+            "ASKS EXIT NODE",
+        ]);
         for q in &rows {
             t.row(vec![
                 q.name.clone(),
@@ -443,7 +556,12 @@ struct Listing {
     ignored: Vec<crate::registry::verify::Ignored>,
 }
 
-async fn list(format: OutputFormat, r: &RegistryArgs, k: &ReadKey) -> Result<(), Failure> {
+async fn list(
+    out: &mut String,
+    format: OutputFormat,
+    r: &RegistryArgs,
+    k: &ReadKey,
+) -> Result<(), Failure> {
     let public = verifying_key(r, k)?;
     let view = connect(r).await?.read(public).await?;
     let m = view.membership()?;
@@ -478,7 +596,7 @@ async fn list(format: OutputFormat, r: &RegistryArgs, k: &ReadKey) -> Result<(),
         devices,
         ignored: m.ignored.clone(),
     };
-    output::print(format, &listing, || {
+    render(out, format, &listing, || {
         let mut t = Table::new(&[
             "NAME",
             "PUBLIC KEY",
@@ -522,7 +640,7 @@ fn warn_ignored(ignored: &[crate::registry::verify::Ignored]) {
     }
 }
 
-async fn export(r: &RegistryArgs, k: &ReadKey) -> Result<(), Failure> {
+async fn export(out: &mut String, r: &RegistryArgs, k: &ReadKey) -> Result<(), Failure> {
     let public = verifying_key(r, k)?;
     let view = connect(r).await?.read(public).await?;
     let m = view.membership()?;
@@ -533,17 +651,17 @@ async fn export(r: &RegistryArgs, k: &ReadKey) -> Result<(), Failure> {
         .filter(|d| m.roles.get(&d.public_key).is_some_and(|r| r.exit_node))
         .map(|d| d.name.as_str())
         .collect();
-    print!(
-        "{}",
-        mesh::render(
-            &m.mesh,
-            &[format!(
-                "exported by nexctl from {} at revision {} (validly signed records only)",
-                r.registry.as_ref().map(ToString::to_string).unwrap_or_default(),
-                view.store.revision
-            )]
-        )
-    );
+    out.push_str(&mesh::render(
+        &m.mesh,
+        &[format!(
+            "exported by nexctl from {} at revision {} (validly signed records only)",
+            r.registry
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            view.store.revision
+        )],
+    ));
     warn_ignored(&m.ignored);
     if !with_roles.is_empty() {
         eprintln!(

@@ -69,7 +69,7 @@ pub enum Command {
     ExitNode(ExitNodeCommand),
     /// The mesh admin's commands: membership in etcd, signed with the
     /// admin key (talks to etcd, not to nexd).
-    Mesh(super::mesh::MeshArgs),
+    Mesh(Box<super::mesh::MeshArgs>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion {
         #[arg(value_enum)]
@@ -164,7 +164,7 @@ pub enum PeersCommand {
 /// Runs the parsed command line and returns the process exit status.
 pub fn run(cli: Cli) -> ExitCode {
     let cli = match cli.command {
-        Command::Mesh(m) => return super::mesh::run(cli.output, m),
+        Command::Mesh(m) => return super::mesh::run(cli.output, *m),
         _ => cli,
     };
     match &cli.command {

@@ -132,9 +132,11 @@ pub fn device_config(
             .map_err(|e| format!("cannot read the host name for --registry-name: {e}"))?,
     };
     let listen_port = match &args.registry_endpoint {
-        Some(e) => crate::mesh::parse_endpoint(e)
-            .map_err(|m| format!("--registry-endpoint {m}"))?
-            .port,
+        Some(e) => {
+            crate::mesh::parse_endpoint(e)
+                .map_err(|m| format!("--registry-endpoint {m}"))?
+                .port
+        }
         None => crate::mesh::DEFAULT_LISTEN_PORT,
     };
     let mut cfg = DeviceConfig::new(etcd, admin, name, listen_port);
@@ -187,7 +189,11 @@ mod tests {
             "/c",
         ])
         .expect("parse");
-        let e = c.agent.registry.etcd_config().expect_err("cert without key");
+        let e = c
+            .agent
+            .registry
+            .etcd_config()
+            .expect_err("cert without key");
         assert!(e.contains("--registry-key"), "{e}");
         let e = Cli::try_parse_from(["nexd", "--registry", "http://h:1/p"]).expect_err("scheme");
         assert!(e.to_string().contains("etcd://"), "{e}");

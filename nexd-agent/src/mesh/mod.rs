@@ -7,8 +7,8 @@
 mod file;
 mod render;
 
-pub(crate) use file::{check_name, check_v4_host, check_v6_host, parse_endpoint};
 pub use file::{MeshFileError, Problem, parse, read};
+pub(crate) use file::{check_name, check_v4_host, check_v6_host, parse_endpoint};
 pub use render::render;
 
 use std::{

@@ -133,7 +133,11 @@ impl View {
     }
 }
 
-fn encode<T: serde::Serialize>(key: &AdminKey, path: &str, body: &T) -> Result<Vec<u8>, AdminError> {
+fn encode<T: serde::Serialize>(
+    key: &AdminKey,
+    path: &str,
+    body: &T,
+) -> Result<Vec<u8>, AdminError> {
     seal(key, path, body).map_err(|e| AdminError::Encode(e.to_string()))
 }
 
@@ -211,7 +215,11 @@ impl Admin {
     }
 
     /// Writes the first settings. Refused when the prefix already has some.
-    pub async fn init(&mut self, key: &AdminKey, mut settings: Settings) -> Result<Settings, AdminError> {
+    pub async fn init(
+        &mut self,
+        key: &AdminKey,
+        mut settings: Settings,
+    ) -> Result<Settings, AdminError> {
         super::verify::check_settings(&settings).map_err(AdminError::Refused)?;
         settings.serial = 1;
         let sk = self.layout.settings();
@@ -331,14 +339,17 @@ impl Admin {
                         req.name, other.public_key
                     )));
                 }
-                let (ipv4, ipv6) =
-                    allocate::next_pair(settings.ipv4_prefix, settings.ipv6_prefix, &view.taken(&m))
-                        .ok_or_else(|| {
-                            AdminError::Unavailable(format!(
-                                "no free address left in {} / {}",
-                                settings.ipv4_prefix, settings.ipv6_prefix
-                            ))
-                        })?;
+                let (ipv4, ipv6) = allocate::next_pair(
+                    settings.ipv4_prefix,
+                    settings.ipv6_prefix,
+                    &view.taken(&m),
+                )
+                .ok_or_else(|| {
+                    AdminError::Unavailable(format!(
+                        "no free address left in {} / {}",
+                        settings.ipv4_prefix, settings.ipv6_prefix
+                    ))
+                })?;
                 let record = DeviceRecord {
                     name: req.name.clone(),
                     public_key: req.public_key,
@@ -376,7 +387,10 @@ impl Admin {
                     new_member,
                 });
             }
-            tracing::debug!(attempt, "approval lost a race with another change; retrying");
+            tracing::debug!(
+                attempt,
+                "approval lost a race with another change; retrying"
+            );
             back_off(attempt).await;
         }
         Err(contention())
@@ -527,14 +541,11 @@ fn find_device<'a>(m: &'a Membership, who: &str) -> Option<&'a crate::mesh::Devi
 
 fn find_request<'a>(store: &'a Store, who: &str) -> Result<&'a JoinRequest, AdminError> {
     if let Ok(k) = who.parse::<PublicKey>() {
-        return store
-            .requests()
-            .find(|r| r.public_key == k)
-            .ok_or_else(|| {
-                AdminError::Refused(format!(
-                    "no device with key {k} is approved or asking to join (see `nexctl mesh requests`)"
-                ))
-            });
+        return store.requests().find(|r| r.public_key == k).ok_or_else(|| {
+            AdminError::Refused(format!(
+                "no device with key {k} is approved or asking to join (see `nexctl mesh requests`)"
+            ))
+        });
     }
     let matches: Vec<&JoinRequest> = store.requests().filter(|r| r.name == who).collect();
     match matches.as_slice() {

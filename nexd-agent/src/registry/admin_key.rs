@@ -17,7 +17,8 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 
 /// First line of a private key file: says what the file is to someone who
 /// finds it.
-const PRIVATE_HEADER: &str = "# nexd mesh admin private key (ed25519): signs membership; keep it offline";
+const PRIVATE_HEADER: &str =
+    "# nexd mesh admin private key (ed25519): signs membership; keep it offline";
 
 /// The admin's signing key. Debug never prints the key material.
 pub struct AdminKey(SigningKey);

@@ -108,7 +108,9 @@ mod tests {
         // No offset free in both within the scan: each family its own lowest.
         let mut t = Taken::default();
         t.v4.extend([Ipv4Addr::new(100, 64, 0, 1), Ipv4Addr::new(100, 64, 0, 2)]);
-        t.v6.extend(["fd6e:6578:6400::3", "fd6e:6578:6400::4"].map(|s| s.parse::<Ipv6Addr>().expect("v6")));
+        t.v6.extend(
+            ["fd6e:6578:6400::3", "fd6e:6578:6400::4"].map(|s| s.parse::<Ipv6Addr>().expect("v6")),
+        );
         let (v4, v6) = next_pair(a, b, &t).expect("free");
         assert_eq!(v4, Ipv4Addr::new(100, 64, 0, 3));
         assert_eq!(v6, "fd6e:6578:6400::1".parse::<Ipv6Addr>().expect("v6"));

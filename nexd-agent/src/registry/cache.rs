@@ -141,9 +141,7 @@ pub fn load(state_dir: &Path, mut store: Store) -> Result<Option<Cached>, CacheE
         let _ = store.learn_revocation(k, v.as_bytes());
     }
     store.replace_all(
-        file.entries
-            .into_iter()
-            .map(|(k, v)| (k, v.into_bytes())),
+        file.entries.into_iter().map(|(k, v)| (k, v.into_bytes())),
         file.revision,
     );
     Ok(Some(Cached {
@@ -253,9 +251,14 @@ mod tests {
             load(&d, elsewhere),
             Err(CacheError::Corrupt { .. })
         ));
-        assert!(load(&dir("none"), Store::new(Layout::new("/m"), admin.public_key()))
+        assert!(
+            load(
+                &dir("none"),
+                Store::new(Layout::new("/m"), admin.public_key())
+            )
             .expect("no file")
-            .is_none());
+            .is_none()
+        );
         let _ = fs::remove_dir_all(&d);
     }
 }

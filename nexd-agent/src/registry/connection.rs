@@ -75,12 +75,27 @@ impl EtcdConfig {
         let endpoints = self.endpoints_text();
         match e {
             E::GRpcStatus(s) => {
-                let detail = if s.message().is_empty() {
+                let mut detail = if s.message().is_empty() {
                     format!("{:?}", s.code())
                 } else {
                     s.message().to_owned()
                 };
+                // The causes say what happened below gRPC (connection
+                // refused, a TLS alert such as "certificate required").
+                let mut cause = std::error::Error::source(&s);
+                while let Some(c) = cause {
+                    let t = c.to_string();
+                    if !detail.contains(&t) {
+                        detail.push_str(": ");
+                        detail.push_str(&t);
+                    }
+                    cause = c.source();
+                }
+                // etcd reports a wrong password as InvalidArgument.
+                let auth = s.message().contains("authentication failed")
+                    || s.message().contains("user name is empty");
                 match s.code() {
+                    _ if auth => RegistryError::Refused { endpoints, detail },
                     tonic::Code::Unavailable
                     | tonic::Code::DeadlineExceeded
                     | tonic::Code::Cancelled => RegistryError::Unreachable { endpoints, detail },
@@ -139,6 +154,7 @@ impl EtcdConfig {
         let start = usize::from(b[0]) % n.max(1);
         let mut failures = Vec::new();
         let mut refused = None;
+        let mut refusals = 0;
         for i in 0..n {
             let member = &self.url.endpoints[(start + i) % n];
             match self.connect_one(member).await {
@@ -147,12 +163,19 @@ impl EtcdConfig {
                 Err(e @ RegistryError::Refused { .. }) => {
                     failures.push(format!("{member}: {}", detail(&e)));
                     refused = Some(e);
+                    refusals += 1;
                 }
                 Err(e) => failures.push(format!("{member}: {}", detail(&e))),
             }
         }
-        if let (Some(e), 1) = (refused, n) {
-            return Err(e);
+        // Every member refused: the credentials are wrong, say so.
+        if let Some(RegistryError::Refused { .. }) = refused
+            && refusals == n
+        {
+            return Err(RegistryError::Refused {
+                endpoints: self.endpoints_text(),
+                detail: failures.join("; "),
+            });
         }
         Err(RegistryError::Unreachable {
             endpoints: self.endpoints_text(),

@@ -370,7 +370,9 @@ impl Worker {
                     .await;
                 }
                 Ok(_) => tracing::info!("the registry cache does not list this device; not used"),
-                Err(e) => tracing::warn!(error = %e, "the registry cache holds no usable membership"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the registry cache holds no usable membership")
+                }
             },
             Ok(None) => tracing::info!("no registry cache to start from"),
             Err(e) => tracing::warn!(error = %e, "the registry cache is not usable"),
@@ -578,18 +580,27 @@ impl Worker {
                 None
             }
         };
-        let member = m.as_ref().is_some_and(|m| m.mesh.device(&self.own).is_some());
+        let member = m
+            .as_ref()
+            .is_some_and(|m| m.mesh.device(&self.own).is_some());
         if !member {
             let key = self.layout.request(&self.own);
             if self.store.raw(&key) != Some(self.request.as_slice()) {
                 cfg.call(
                     "writing the join request",
-                    kv.put(key, self.request.clone(), Some(PutOptions::new().with_lease(lease))),
+                    kv.put(
+                        key,
+                        self.request.clone(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
                 )
                 .await?;
             }
             if !self.waiting {
-                tracing::info!(name = self.cfg.name, "not a member of the mesh: join request published, waiting for approval");
+                tracing::info!(
+                    name = self.cfg.name,
+                    "not a member of the mesh: join request published, waiting for approval"
+                );
                 self.waiting = true;
                 self.last = None;
                 self.update_status(|s| s.waiting_for_approval = true);
@@ -610,7 +621,11 @@ impl Worker {
         {
             tracing::warn!(error = %e, "cannot write the registry cache");
         }
-        tracing::info!(devices = m.mesh.devices.len(), revision, "registry membership changed");
+        tracing::info!(
+            devices = m.mesh.devices.len(),
+            revision,
+            "registry membership changed"
+        );
         self.last = Some(m.clone());
         self.emit(MembershipEvent::Membership {
             membership: Box::new(m),

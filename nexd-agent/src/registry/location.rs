@@ -38,7 +38,9 @@ impl FromStr for RegistryUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let rest = s.strip_prefix("etcd://").ok_or_else(|| {
-            format!("{s:?} is not etcd://HOST:PORT[,HOST:PORT...]/PREFIX (it must start with etcd://)")
+            format!(
+                "{s:?} is not etcd://HOST:PORT[,HOST:PORT...]/PREFIX (it must start with etcd://)"
+            )
         })?;
         let (hosts, prefix) = rest.split_once('/').ok_or_else(|| {
             format!("{s:?} has no key prefix; write it after the members: etcd://HOST:PORT/nexd")
@@ -50,7 +52,9 @@ impl FromStr for RegistryUrl {
             ));
         }
         if prefix.split('/').any(str::is_empty) {
-            return Err(format!("{s:?}: the key prefix {prefix:?} has an empty path level"));
+            return Err(format!(
+                "{s:?}: the key prefix {prefix:?} has an empty path level"
+            ));
         }
         let mut endpoints = Vec::new();
         for h in hosts.split(',') {
@@ -66,7 +70,8 @@ impl FromStr for RegistryUrl {
 fn check_member(h: &str) -> Result<String, &'static str> {
     let (host, port) = if let Some(rest) = h.strip_prefix('[') {
         let (v6, port) = rest.split_once("]:").ok_or("is not [IPV6]:PORT")?;
-        v6.parse::<Ipv6Addr>().map_err(|_| "has an invalid IPv6 address")?;
+        v6.parse::<Ipv6Addr>()
+            .map_err(|_| "has an invalid IPv6 address")?;
         (v6, port)
     } else {
         h.rsplit_once(':').ok_or("is not HOST:PORT")?
@@ -208,7 +213,10 @@ mod tests {
             .expect("many");
         assert_eq!(u.endpoints.len(), 3);
         assert_eq!(u.prefix, "/meshes/prod");
-        assert_eq!(u.to_string(), "etcd://a.example:2379,[2001:db8::1]:2379,c:1/meshes/prod");
+        assert_eq!(
+            u.to_string(),
+            "etcd://a.example:2379,[2001:db8::1]:2379,c:1/meshes/prod"
+        );
         for bad in [
             "http://a:1/x",
             "etcd://a:1",

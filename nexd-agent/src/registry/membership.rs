@@ -271,7 +271,8 @@ mod tests {
         // Unsigned device record.
         let x = device("x", 9, 9);
         let kx = f.store.layout().device(&x.public_key);
-        f.store.put(kx.clone(), serde_json::to_vec(&x).expect("json"));
+        f.store
+            .put(kx.clone(), serde_json::to_vec(&x).expect("json"));
         // Signed by someone else.
         let y = device("y", 10, 10);
         let ky = f.store.layout().device(&y.public_key);
@@ -312,7 +313,11 @@ mod tests {
         let m = build(&f.store).expect("membership");
         assert_eq!(m.mesh.devices.len(), 1);
         assert_eq!(m.mesh.devices[0].name, "b");
-        assert!(m.ignored[0].reason.contains("ipv4 100.64.0.1 is already used"));
+        assert!(
+            m.ignored[0]
+                .reason
+                .contains("ipv4 100.64.0.1 is already used")
+        );
         assert_eq!(m.ignored[0].key, k_old);
 
         // Revoke `b` at serial 5; its record written back is void, a newer
@@ -328,7 +333,11 @@ mod tests {
         f.store.delete(&kr); // deleting the revocation does not undo it
         let m = build(&f.store).expect("membership");
         assert_eq!(
-            m.mesh.devices.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            m.mesh
+                .devices
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>(),
             ["a"]
         );
         assert!(m.ignored.iter().any(|i| i.reason.starts_with("revoked")));

@@ -69,7 +69,11 @@ pub fn message(key: &str, body: &[u8]) -> Vec<u8> {
 }
 
 /// The etcd value for `body` stored at `key`, signed by `admin`.
-pub fn seal<T: Serialize>(admin: &AdminKey, key: &str, body: &T) -> Result<Vec<u8>, serde_json::Error> {
+pub fn seal<T: Serialize>(
+    admin: &AdminKey,
+    key: &str,
+    body: &T,
+) -> Result<Vec<u8>, serde_json::Error> {
     let body = serde_json::to_string(body)?;
     let signature = admin.sign(&message(key, body.as_bytes()));
     serde_json::to_vec(&Envelope {
@@ -104,7 +108,10 @@ pub fn open<T: DeserializeOwned>(
         .as_slice()
         .try_into()
         .map_err(|_| Rejection::BadSignatureEncoding)?;
-    if !admin.verifies(&message(key, env.body.as_bytes()), &Signature::from_bytes(&arr)) {
+    if !admin.verifies(
+        &message(key, env.body.as_bytes()),
+        &Signature::from_bytes(&arr),
+    ) {
         return Err(Rejection::BadSignature);
     }
     serde_json::from_str(&env.body).map_err(|e| Rejection::BadBody(e.to_string()))
@@ -130,7 +137,8 @@ mod tests {
         let other = AdminKey::generate();
         let body = json!({"name": "a", "n": 1});
         let v = seal(&admin, "/m/devices/x", &body).expect("seal");
-        let opened: serde_json::Value = open(&admin.public_key(), "/m/devices/x", &v).expect("open");
+        let opened: serde_json::Value =
+            open(&admin.public_key(), "/m/devices/x", &v).expect("open");
         assert_eq!(opened, body);
         // Another admin's key.
         assert_eq!(

@@ -223,7 +223,8 @@ pub fn check(
                 return Err(Rejection::Invalid("listen_port 0 is not a port".into()));
             }
             if let Some(ep) = &d.endpoint {
-                mesh::parse_endpoint(ep).map_err(|m| Rejection::Invalid(format!("endpoint {m}")))?;
+                mesh::parse_endpoint(ep)
+                    .map_err(|m| Rejection::Invalid(format!("endpoint {m}")))?;
             }
             Ok(Record::Device(d))
         }
@@ -260,7 +261,10 @@ pub fn check_settings(s: &Settings) -> Result<(), String> {
         return Err("agent_port 0 is not a port".into());
     }
     if s.ipv4_prefix.trunc() != s.ipv4_prefix || s.ipv4_prefix.prefix_len() > 30 {
-        return Err(format!("ipv4_prefix {} is not a usable mesh prefix", s.ipv4_prefix));
+        return Err(format!(
+            "ipv4_prefix {} is not a usable mesh prefix",
+            s.ipv4_prefix
+        ));
     }
     let ula = ipnet::Ipv6Net::new(std::net::Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7)
         .map_err(|e| e.to_string())?;
