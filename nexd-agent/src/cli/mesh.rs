@@ -671,3 +671,114 @@ async fn export(out: &mut String, r: &RegistryArgs, k: &ReadKey) -> Result<(), F
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::nexctl::{Cli, Command};
+
+    fn mesh(args: &[&str]) -> Result<MeshArgs, clap::Error> {
+        let mut full = vec!["nexctl", "mesh"];
+        full.extend_from_slice(args);
+        match Cli::try_parse_from(full)?.command {
+            Command::Mesh(m) => Ok(*m),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn approve_roles_parse_and_exclude_each_other() {
+        let m = mesh(&[
+            "--registry",
+            "etcd://h:1/p",
+            "approve",
+            "gw1",
+            "--admin-key",
+            "/k",
+            "--exit-node",
+            "--exit-clients",
+            "a,b",
+        ])
+        .expect("parse");
+        let MeshCommand::Approve(a) = m.command else {
+            panic!("approve")
+        };
+        assert!(a.exit_node);
+        assert_eq!(a.exit_clients, Some(vec!["a".to_owned(), "b".to_owned()]));
+        assert!(
+            mesh(&[
+                "approve",
+                "x",
+                "--admin-key",
+                "/k",
+                "--exit-node",
+                "--no-exit-node"
+            ])
+            .is_err()
+        );
+        assert!(
+            mesh(&[
+                "approve",
+                "x",
+                "--admin-key",
+                "/k",
+                "--exit-clients",
+                "a",
+                "--all-exit-clients"
+            ])
+            .is_err()
+        );
+        // The registry options work after the verb too, and -o anywhere.
+        let m = mesh(&["list", "--registry", "etcd://h:1/p", "-o", "json"]).expect("parse");
+        assert!(m.registry.registry.is_some());
+    }
+
+    #[test]
+    fn failures_map_to_nexctl_exit_statuses() {
+        let unreachable = Failure::Admin(AdminError::Registry(RegistryError::Unreachable {
+            endpoints: "h:1".into(),
+            detail: "x".into(),
+        }));
+        assert_eq!(unreachable.status(), exit::UNREACHABLE);
+        let refused = Failure::Admin(AdminError::Registry(RegistryError::Refused {
+            endpoints: "h:1".into(),
+            detail: "x".into(),
+        }));
+        assert_eq!(refused.status(), exit::PERMISSION);
+        assert_eq!(
+            Failure::Admin(AdminError::Unavailable("full".into())).status(),
+            exit::UNAVAILABLE
+        );
+        assert_eq!(
+            Failure::Admin(AdminError::Refused("no".into())).status(),
+            exit::FAILURE
+        );
+        assert_eq!(Failure::Usage("u".into()).status(), exit::USAGE);
+    }
+
+    #[test]
+    fn json_and_columns_render_like_the_other_listings() {
+        let rows = vec![RequestRow {
+            name: "a".into(),
+            public_key: "K".into(),
+            endpoint: None,
+            listen_port: 51820,
+            asks_exit_node: true,
+            requested_at: 1,
+        }];
+        let table = || {
+            let mut t = Table::new(&["NAME", "PUBLIC KEY"]);
+            t.row(vec!["a".into(), "K".into()]);
+            t
+        };
+        let mut out = String::new();
+        render(&mut out, OutputFormat::NoHeader, &rows, table);
+        assert_eq!(out, "a      K\n");
+        let mut out = String::new();
+        render(&mut out, OutputFormat::Json, &rows, table);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(v[0]["asks_exit_node"], true);
+    }
+}
