@@ -319,9 +319,11 @@ fn concurrent_approvals_never_share_an_address() -> anyhow::Result<()> {
             })
         })
         .collect();
-    for t in threads {
-        t.join()
-            .map_err(|_| anyhow::anyhow!("approver panicked"))??;
+    // Join every approver before looking at any result: the lab (etcd,
+    // namespaces) must be dropped, not leaked with a thread still holding it.
+    let results: Vec<_> = threads.into_iter().map(|t| t.join()).collect();
+    for r in results {
+        r.map_err(|_| anyhow::anyhow!("approver panicked"))??;
     }
     let l = lab.list("cc", &key)?;
     let devices = l["devices"].as_array().context("devices")?;
