@@ -175,6 +175,7 @@ impl Admin {
                 kv.get(all, Some(GetOptions::new().with_prefix())),
             )
             .await?;
+        // A response without a header (never seen) only costs a full read.
         let revision = resp.header().map_or(0, |h| h.revision());
         let mut store = Store::new(self.layout.clone(), admin);
         let mut serial_raw = None;
@@ -320,7 +321,11 @@ impl Admin {
                     ..current
                 };
                 let dk = self.layout.device(&record.public_key);
-                let raw = view.store.raw(&dk).map(<[u8]>::to_vec).unwrap_or_default();
+                let raw = view
+                    .store
+                    .raw(&dk)
+                    .map(<[u8]>::to_vec)
+                    .ok_or_else(|| AdminError::Refused(format!("device {who} vanished")))?;
                 let txn = Txn::new()
                     .when([
                         view.serial_unchanged(&self.layout),
@@ -415,7 +420,11 @@ impl Admin {
                     _ => None,
                 })
                 .ok_or_else(|| AdminError::Refused(format!("device {who} vanished")))?;
-            let raw = view.store.raw(&dk).map(<[u8]>::to_vec).unwrap_or_default();
+            let raw = view
+                .store
+                .raw(&dk)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| AdminError::Refused(format!("device {who} vanished")))?;
             let rk = self.layout.revoked(&record.public_key);
             let revocation = Revocation {
                 public_key: record.public_key,
