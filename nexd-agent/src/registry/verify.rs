@@ -85,12 +85,58 @@ impl Store {
     }
 
     /// Replaces the whole content (a full read).
+    ///
+    /// The signature checks of a large read (a thousand devices at
+    /// start-up) are spread over the machine's cores: they are most of its
+    /// cost, and each is independent.
     pub fn replace_all(&mut self, kvs: impl IntoIterator<Item = (String, Vec<u8>)>, revision: i64) {
         self.entries.clear();
-        for (k, v) in kvs {
-            self.put(k, v);
+        let kvs: Vec<(String, Vec<u8>)> = kvs
+            .into_iter()
+            .filter(|(k, _)| self.layout.classify(k).is_some())
+            .collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let this: &Store = self;
+        let checked: Vec<Result<Record, Rejection>> = if kvs.len() < 64 || threads < 2 {
+            kvs.iter().map(|(k, v)| this.check_one(k, v)).collect()
+        } else {
+            let per = kvs.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                let parts: Vec<_> = kvs
+                    .chunks(per)
+                    .map(|chunk| {
+                        let handle = scope.spawn(move || {
+                            chunk
+                                .iter()
+                                .map(|(k, v)| this.check_one(k, v))
+                                .collect::<Vec<_>>()
+                        });
+                        (chunk.len(), handle)
+                    })
+                    .collect();
+                parts
+                    .into_iter()
+                    .flat_map(|(len, handle)| {
+                        handle.join().unwrap_or_else(|_| {
+                            // A check never panics; if one did, its chunk
+                            // counts as unverifiable rather than trusted.
+                            vec![Err(Rejection::Malformed("verification failed".into())); len]
+                        })
+                    })
+                    .collect()
+            })
+        };
+        for ((key, raw), checked) in kvs.into_iter().zip(checked) {
+            self.insert_checked(key, raw, checked);
         }
         self.revision = revision;
+    }
+
+    fn check_one(&self, key: &str, raw: &[u8]) -> Result<Record, Rejection> {
+        match self.layout.classify(key) {
+            Some(entry) => check(&self.admin, key, &entry, raw),
+            None => Err(Rejection::UnknownKey),
+        }
     }
 
     /// A key was written. Returns false when the value did not change.
@@ -98,10 +144,15 @@ impl Store {
         if self.entries.get(&key).is_some_and(|s| s.raw == raw) {
             return false;
         }
-        let Some(entry) = self.layout.classify(&key) else {
+        if self.layout.classify(&key).is_none() {
             return false;
-        };
-        let checked = check(&self.admin, &key, &entry, &raw);
+        }
+        let checked = self.check_one(&key, &raw);
+        self.insert_checked(key, raw, checked);
+        true
+    }
+
+    fn insert_checked(&mut self, key: String, raw: Vec<u8>, checked: Result<Record, Rejection>) {
         if let Ok(Record::Revocation(r)) = &checked {
             self.remember(Remembered {
                 revocation: r.clone(),
@@ -110,7 +161,6 @@ impl Store {
             });
         }
         self.entries.insert(key, Stored { raw, checked });
-        true
     }
 
     /// A key was deleted. Returns whether it was there.
@@ -278,4 +328,63 @@ pub fn check_settings(s: &Settings) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        keys::PrivateKey,
+        registry::{admin_key::AdminKey, records::Roles, signed::seal},
+    };
+
+    #[test]
+    fn a_large_read_checked_in_parallel_keeps_every_verdict_with_its_key() {
+        let admin = AdminKey::generate();
+        let other = AdminKey::generate();
+        let layout = Layout::new("/m");
+        let mut kvs = Vec::new();
+        let mut forged = Vec::new();
+        for i in 0..301u32 {
+            let d = DeviceRecord {
+                name: format!("d{i}"),
+                public_key: PrivateKey::generate().public_key(),
+                ipv4: std::net::Ipv4Addr::from(0x6440_0000 + i + 1),
+                ipv6: std::net::Ipv6Addr::from(0xfd00_u128 << 112 | u128::from(i + 1)),
+                listen_port: 51820,
+                endpoint: None,
+                roles: Roles::default(),
+                serial: u64::from(i) + 2,
+            };
+            let key = layout.device(&d.public_key);
+            // Every 37th is signed by someone else, wherever it falls.
+            let signer = if i % 37 == 5 { &other } else { &admin };
+            if i % 37 == 5 {
+                forged.push(key.clone());
+            }
+            kvs.push((key.clone(), seal(signer, &key, &d).expect("seal")));
+        }
+        let mut parallel = Store::new(layout.clone(), admin.public_key());
+        parallel.replace_all(kvs.clone(), 7);
+        let mut one_by_one = Store::new(layout, admin.public_key());
+        for (k, v) in kvs {
+            one_by_one.put(k, v);
+        }
+        let mut rejected: Vec<String> = parallel.rejected().into_iter().map(|i| i.key).collect();
+        rejected.sort();
+        forged.sort();
+        assert_eq!(rejected, forged);
+        assert_eq!(parallel.records().count(), 301 - forged.len());
+        assert_eq!(
+            parallel
+                .records()
+                .map(|(k, _)| k.clone())
+                .collect::<Vec<_>>(),
+            one_by_one
+                .records()
+                .map(|(k, _)| k.clone())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(parallel.revision, 7);
+    }
 }
