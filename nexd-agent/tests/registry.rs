@@ -272,6 +272,19 @@ impl Device {
         }
     }
 
+    /// Fails if an event matching `bad` arrives within `d`.
+    fn none_for(&self, d: Duration, bad: impl Fn(&MembershipEvent) -> bool) -> anyhow::Result<()> {
+        let until = Instant::now() + d;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match self.events.recv_timeout(left) {
+                Ok((_, ev)) if bad(&ev) => bail!("{}: unexpected {ev:?}", self.name),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
     /// The next membership within `timeout` that satisfies `ok`.
     fn membership(
         &self,
@@ -536,6 +549,46 @@ fn a_compacted_watch_ends_in_a_full_resync() -> anyhow::Result<()> {
     a.membership(Duration::from_secs(5), |m| has(m, "gamma"))?;
     let s = a.wait_status("the resync in the status", |s| s.revision >= rev)?;
     assert_eq!(s.resyncs, 1, "{s:?}");
+    a.stop()
+}
+
+#[test]
+fn a_short_outage_never_unpublishes_the_endpoint() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let lab = Lab::new("blip", &["198.51.100.11/24"], false)?;
+    let a = lab.device("alpha", 1)?;
+    a.wait("waiting", Duration::from_secs(10), |e| {
+        matches!(e, MembershipEvent::WaitingForApproval).then_some(())
+    })?;
+    lab.approve("alpha")?;
+    a.membership(Duration::from_secs(5), |m| {
+        m.mesh.device(&a.key).is_some_and(|d| d.endpoint.is_some())
+    })?;
+    // A blip much shorter than the lease TTL (4 s): the old session's
+    // lease is still alive when the new session starts. The endpoint must
+    // move to the new lease before the old one is revoked or runs out.
+    cut(&lab.device_ns, true)?;
+    a.wait("connection lost", Duration::from_secs(10), |e| {
+        matches!(e, MembershipEvent::ConnectionLost { .. }).then_some(())
+    })?;
+    cut(&lab.device_ns, false)?;
+    a.wait("connection restored", Duration::from_secs(10), |e| {
+        matches!(e, MembershipEvent::ConnectionRestored).then_some(())
+    })?;
+    let own = a.key;
+    a.none_for(Duration::from_secs(6), |e| match e {
+        MembershipEvent::Membership { membership, .. } => membership
+            .mesh
+            .device(&own)
+            .is_some_and(|d| d.endpoint.is_none()),
+        _ => false,
+    })?;
+    let ep = lab
+        .etcd
+        .get(&nexd::registry::location::Layout::new("/blip").endpoint(&own))?;
+    assert!(ep.is_some(), "alpha's endpoint is published");
     a.stop()
 }
 

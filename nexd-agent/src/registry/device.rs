@@ -189,6 +189,9 @@ impl Registry {
             lost_reported: false,
             from_etcd: false,
             current: None,
+            stale_lease: None,
+            endpoint_lease: None,
+            request_lease: None,
         };
         let task = tokio::spawn(worker.run(stop_rx));
         Ok((
@@ -264,6 +267,13 @@ struct Worker {
     from_etcd: bool,
     /// The session's client and lease, for the goodbye.
     current: Option<(Client, i64)>,
+    /// The lease of the session before, revoked once this session has
+    /// written its keys again (so they never vanish in between).
+    stale_lease: Option<i64>,
+    /// The leases the endpoint and the join request were last written
+    /// under: a new session writes them again under its own.
+    endpoint_lease: Option<i64>,
+    request_lease: Option<i64>,
 }
 
 /// Why a session ended.
@@ -328,7 +338,9 @@ impl Worker {
         let text = e.to_string();
         tracing::warn!(registry = %self.cfg.etcd.url, error = %text, "registry connection lost; retrying");
         self.connected = false;
-        self.current = None;
+        if let Some((_, lease)) = self.current.take() {
+            self.stale_lease = Some(lease);
+        }
         self.update_status(|s| {
             s.connected = false;
             s.disconnects += 1;
@@ -456,6 +468,12 @@ impl Worker {
             }
             self.restored().await;
             self.publish(&mut kv, lease).await?;
+            if let Some(stale) = self.stale_lease.take() {
+                // Best effort: what is still attached to it (nothing, now
+                // that this session wrote its keys) goes with it; if etcd
+                // says no, the lease runs out by itself.
+                let _ = cfg.call("a lease revocation", leases.revoke(stale)).await;
+            }
             let mut stream = cfg
                 .call(
                     "a watch",
@@ -565,12 +583,13 @@ impl Worker {
         });
         if let Some(ep) = &self.endpoint {
             let key = self.layout.endpoint(&self.own);
-            if self.store.raw(&key) != Some(ep.as_slice()) {
+            if self.store.raw(&key) != Some(ep.as_slice()) || self.endpoint_lease != Some(lease) {
                 cfg.call(
                     "publishing the endpoint",
                     kv.put(key, ep.clone(), Some(PutOptions::new().with_lease(lease))),
                 )
                 .await?;
+                self.endpoint_lease = Some(lease);
             }
         }
         let m = match membership::build(&self.store) {
@@ -585,7 +604,9 @@ impl Worker {
             .is_some_and(|m| m.mesh.device(&self.own).is_some());
         if !member {
             let key = self.layout.request(&self.own);
-            if self.store.raw(&key) != Some(self.request.as_slice()) {
+            if self.store.raw(&key) != Some(self.request.as_slice())
+                || self.request_lease != Some(lease)
+            {
                 cfg.call(
                     "writing the join request",
                     kv.put(
@@ -595,6 +616,7 @@ impl Worker {
                     ),
                 )
                 .await?;
+                self.request_lease = Some(lease);
             }
             if !self.waiting {
                 tracing::info!(
