@@ -19,6 +19,7 @@ pub mod netif;
 pub mod netlink;
 pub mod notify;
 pub mod offline;
+pub mod registry;
 pub mod routing;
 pub mod wireguard;
 

@@ -15,8 +15,11 @@ pub struct Args {
 }
 
 /// Debian packages, installed with --no-install-recommends.
-/// llvm-22-dev (+ the libraries llvm-sys links) builds bpf-linker; the rest
-/// are tools the tests and the lab drive.
+/// llvm-22-dev (+ the libraries llvm-sys links) builds bpf-linker;
+/// protobuf-compiler and libprotobuf-dev (protoc and its well-known
+/// .proto files) build etcd-client's gRPC code; the rest are tools the
+/// tests and the lab drive (etcd-server and etcd-client: the registry
+/// tests' etcd and etcdctl; openssl: their TLS certificates).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -31,6 +34,11 @@ const PACKAGES: &[&str] = &[
     "tcpdump",
     "iperf3",
     "netsniff-ng",
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    "etcd-server",
+    "etcd-client",
+    "openssl",
 ];
 
 /// The bpf-linker release known to work with aya-ebpf 0.2 and LLVM 22.

@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod man;
+pub mod mesh;
 pub mod nexctl;
 pub mod nexd;
 pub mod output;
+pub mod registry_args;

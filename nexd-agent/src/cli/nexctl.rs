@@ -67,6 +67,9 @@ pub enum Command {
     /// Same as `nexctl nexd exit-node`.
     #[command(subcommand)]
     ExitNode(ExitNodeCommand),
+    /// The mesh admin's commands: membership in etcd, signed with the
+    /// admin key (talks to etcd, not to nexd).
+    Mesh(Box<super::mesh::MeshArgs>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion {
         #[arg(value_enum)]
@@ -160,6 +163,10 @@ pub enum PeersCommand {
 
 /// Runs the parsed command line and returns the process exit status.
 pub fn run(cli: Cli) -> ExitCode {
+    let cli = match cli.command {
+        Command::Mesh(m) => return super::mesh::run(cli.output, *m),
+        _ => cli,
+    };
     match &cli.command {
         Command::Completion { shell } => {
             use clap::CommandFactory as _;
@@ -231,7 +238,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Nexd(NexdCommand::ExitNode(c)) | Command::ExitNode(c) => exit_node(&ctx, c),
-        Command::Completion { .. } | Command::Man { .. } => Ok(()),
+        Command::Completion { .. } | Command::Man { .. } | Command::Mesh(_) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

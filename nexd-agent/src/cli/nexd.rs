@@ -142,6 +142,23 @@ pub struct AgentArgs {
     /// Where bpffs is mounted (nexd mounts it there if needed).
     #[arg(long, global = true, env = "NEXD_BPFFS", default_value = instance::DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+    /// Membership through etcd (issue 14): where and how.
+    #[command(flatten)]
+    pub registry: super::registry_args::RegistryArgs,
+    /// With --registry: the name this device asks to join under (default:
+    /// the host name).
+    #[arg(long, global = true, env = "NEXD_REGISTRY_NAME", value_name = "NAME")]
+    pub registry_name: Option<String>,
+    /// With --registry: HOST:PORT other devices send to, published in etcd
+    /// under this device's lease (without it, peers learn this device's
+    /// address when it first talks to them).
+    #[arg(
+        long,
+        global = true,
+        env = "NEXD_REGISTRY_ENDPOINT",
+        value_name = "HOST:PORT"
+    )]
+    pub registry_endpoint: Option<String>,
 }
 
 impl AgentArgs {
@@ -243,6 +260,14 @@ fn key_command(args: &AgentArgs, create: bool) -> ExitCode {
 }
 
 fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
+    // The device side exists (`registry::Registry`) but the daemon does
+    // not consume it yet: refuse rather than silently use the mesh file.
+    if args.registry.registry.is_some() {
+        eprintln!(
+            "error: --registry is not wired into the daemon yet; run with a mesh file (--mesh-file)"
+        );
+        return ExitCode::from(2);
+    }
     // Everything nexd creates is private: its sockets (the UAPI relay
     // answers with the private key's public half and the peers, the
     // control socket takes requests) exist from bind() on, before any

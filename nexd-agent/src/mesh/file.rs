@@ -435,7 +435,7 @@ fn parse_v6_prefix(s: &str) -> Result<Ipv6Net, String> {
     Ok(net)
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 63 {
         return Err(format!("{name:?} must be 1 to 63 characters"));
     }
@@ -450,7 +450,7 @@ fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_v4_host(ip: Ipv4Addr, prefix: Ipv4Net) -> Result<(), String> {
+pub(crate) fn check_v4_host(ip: Ipv4Addr, prefix: Ipv4Net) -> Result<(), String> {
     if !prefix.contains(&ip) {
         return Err(format!("is not inside the mesh prefix {prefix}"));
     }
@@ -460,7 +460,7 @@ fn check_v4_host(ip: Ipv4Addr, prefix: Ipv4Net) -> Result<(), String> {
     Ok(())
 }
 
-fn check_v6_host(ip: Ipv6Addr, prefix: Ipv6Net) -> Result<(), String> {
+pub(crate) fn check_v6_host(ip: Ipv6Addr, prefix: Ipv6Net) -> Result<(), String> {
     if !prefix.contains(&ip) {
         return Err(format!("is not inside the mesh prefix {prefix}"));
     }
@@ -471,7 +471,7 @@ fn check_v6_host(ip: Ipv6Addr, prefix: Ipv6Net) -> Result<(), String> {
 }
 
 /// Parses `host:port`, `[v6]:port` or `name:port`.
-fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
+pub(crate) fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
     if let Ok(sa) = s.parse::<std::net::SocketAddr>() {
         if sa.port() == 0 {
             return Err(format!("{s:?} has port 0"));

@@ -5,8 +5,11 @@
 //! routes) is derived from this model by the reconcile loop.
 
 mod file;
+mod render;
 
 pub use file::{MeshFileError, Problem, parse, read};
+pub(crate) use file::{check_name, check_v4_host, check_v6_host, parse_endpoint};
+pub use render::render;
 
 use std::{
     fmt,

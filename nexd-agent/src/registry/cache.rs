@@ -1,0 +1,264 @@
+//! The last verified membership, kept in the state directory so a device
+//! that starts while etcd is unreachable comes up with the mesh it last
+//! knew. The file holds the raw signed values, not the result: on load
+//! they go through the same verification as values read from etcd, so a
+//! changed cache file cannot change the mesh either.
+//!
+//! Written atomically (a temporary file, fsync, rename, fsync of the
+//! directory) with mode 0600.
+
+use std::{
+    fs::{self, OpenOptions},
+    io::{self, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    location::Entry,
+    verify::{Record, Store},
+};
+
+/// File name inside the state directory.
+pub const CACHE_FILE: &str = "registry-cache.json";
+const VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct CacheFile {
+    version: u32,
+    prefix: String,
+    revision: i64,
+    /// Unix seconds of the write.
+    saved_at: u64,
+    /// Settings, device records, revocations and endpoints, as stored.
+    entries: Vec<(String, String)>,
+    /// Every revocation remembered, also those deleted from etcd since
+    /// (signed values, verified on load like the rest).
+    revocations: Vec<(String, String)>,
+}
+
+/// What a load found.
+#[derive(Debug)]
+pub struct Cached {
+    pub store: Store,
+    pub saved_at: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cannot read the registry cache {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot write the registry cache {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("the registry cache {path} is not readable: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join(CACHE_FILE)
+}
+
+/// Writes what `store` holds that a restart needs.
+pub fn save(state_dir: &Path, store: &Store, now: u64) -> Result<(), CacheError> {
+    let layout = store.layout();
+    let entries = store
+        .entries()
+        .filter(|(k, _)| {
+            matches!(
+                layout.classify(k),
+                Some(Entry::Settings | Entry::Device(_) | Entry::Revoked(_) | Entry::Endpoint(_))
+            )
+        })
+        .map(|(k, s)| (k.clone(), String::from_utf8_lossy(&s.raw).into_owned()))
+        .collect();
+    let file = CacheFile {
+        version: VERSION,
+        prefix: layout.prefix().to_owned(),
+        revision: store.revision,
+        saved_at: now,
+        entries,
+        revocations: store
+            .revocations()
+            .map(|r| (r.key.clone(), String::from_utf8_lossy(&r.raw).into_owned()))
+            .collect(),
+    };
+    let target = path(state_dir);
+    let tmp = state_dir.join(format!(".{CACHE_FILE}.tmp"));
+    let werr = |source| CacheError::Write {
+        path: target.clone(),
+        source,
+    };
+    let text = serde_json::to_vec(&file).map_err(|e| werr(io::Error::other(e)))?;
+    let write = || -> io::Result<()> {
+        let _ = fs::remove_file(&tmp);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &target)?;
+        fs::File::open(state_dir)?.sync_all()
+    };
+    write().map_err(werr)
+}
+
+/// Reads the cache into a store verified against `store`'s admin key and
+/// prefix (a cache of another mesh or another admin yields no records).
+/// `Ok(None)` when there is no cache.
+pub fn load(state_dir: &Path, mut store: Store) -> Result<Option<Cached>, CacheError> {
+    let p = path(state_dir);
+    let text = match fs::read(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(CacheError::Read { path: p, source }),
+    };
+    let file: CacheFile = serde_json::from_slice(&text).map_err(|e| CacheError::Corrupt {
+        path: p.clone(),
+        reason: e.to_string(),
+    })?;
+    if file.version != VERSION {
+        return Err(CacheError::Corrupt {
+            path: p,
+            reason: format!("version {} (this nexd writes {VERSION})", file.version),
+        });
+    }
+    if file.prefix != store.layout().prefix() {
+        return Err(CacheError::Corrupt {
+            path: p,
+            reason: format!(
+                "it is for prefix {}, not {}",
+                file.prefix,
+                store.layout().prefix()
+            ),
+        });
+    }
+    for (k, v) in &file.revocations {
+        // A revocation that does not verify is simply not learnt.
+        let _ = store.learn_revocation(k, v.as_bytes());
+    }
+    store.replace_all(
+        file.entries.into_iter().map(|(k, v)| (k, v.into_bytes())),
+        file.revision,
+    );
+    Ok(Some(Cached {
+        store,
+        saved_at: file.saved_at,
+    }))
+}
+
+/// Whether `store` holds anything worth caching (a verified settings
+/// record): an empty or forged registry must not overwrite a good cache.
+pub fn worth_saving(store: &Store) -> bool {
+    store
+        .records()
+        .any(|(_, r)| matches!(r, Record::Settings(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+    use crate::{
+        keys::PrivateKey,
+        registry::{
+            admin_key::AdminKey,
+            location::Layout,
+            membership,
+            records::{DeviceRecord, Roles, Settings},
+            signed::seal,
+        },
+    };
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nexd-cache-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).expect("dir");
+        d
+    }
+
+    fn populated(admin: &AdminKey) -> Store {
+        let mut s = Store::new(Layout::new("/m"), admin.public_key());
+        let k = s.layout().settings();
+        let settings = Settings {
+            ipv4_prefix: "100.64.0.0/10".parse().expect("v4"),
+            ipv6_prefix: "fd6e:6578:6400::/48".parse().expect("v6"),
+            mtu: 1420,
+            persistent_keepalive: 25,
+            agent_port: 51829,
+            serial: 1,
+        };
+        s.put(k.clone(), seal(admin, &k, &settings).expect("seal"));
+        let d = DeviceRecord {
+            name: "a".into(),
+            public_key: PrivateKey::generate().public_key(),
+            ipv4: "100.64.0.1".parse().expect("v4"),
+            ipv6: "fd6e:6578:6400::1".parse().expect("v6"),
+            listen_port: 51820,
+            endpoint: None,
+            roles: Roles::default(),
+            serial: 2,
+        };
+        let k = s.layout().device(&d.public_key);
+        s.put(k.clone(), seal(admin, &k, &d).expect("seal"));
+        s.revision = 42;
+        s
+    }
+
+    #[test]
+    fn cache_round_trips_with_mode_0600() {
+        let d = dir("rt");
+        let admin = AdminKey::generate();
+        let store = populated(&admin);
+        save(&d, &store, 7).expect("save");
+        let mode = fs::metadata(path(&d)).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let fresh = Store::new(Layout::new("/m"), admin.public_key());
+        let cached = load(&d, fresh).expect("load").expect("present");
+        assert_eq!(cached.saved_at, 7);
+        assert_eq!(cached.store.revision, 42);
+        assert_eq!(
+            membership::build(&cached.store).expect("m"),
+            membership::build(&store).expect("m")
+        );
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_edited_cache_is_verified_again_and_the_edit_ignored() {
+        let d = dir("edit");
+        let admin = AdminKey::generate();
+        save(&d, &populated(&admin), 7).expect("save");
+        let text = fs::read_to_string(path(&d)).expect("read");
+        fs::write(path(&d), text.replace("100.64.0.1", "100.64.0.9")).expect("write");
+        let fresh = Store::new(Layout::new("/m"), admin.public_key());
+        let cached = load(&d, fresh).expect("load").expect("present");
+        let m = membership::build(&cached.store).expect("m");
+        assert!(m.mesh.devices.is_empty());
+        assert_eq!(m.ignored.len(), 1, "{:?}", m.ignored);
+        // Another admin's key: nothing verifies, not even the settings.
+        let other = Store::new(Layout::new("/m"), AdminKey::generate().public_key());
+        let cached = load(&d, other).expect("load").expect("present");
+        assert!(membership::build(&cached.store).is_err());
+        assert!(!worth_saving(&cached.store));
+        // Another prefix: refused outright.
+        let elsewhere = Store::new(Layout::new("/n"), admin.public_key());
+        assert!(matches!(
+            load(&d, elsewhere),
+            Err(CacheError::Corrupt { .. })
+        ));
+        assert!(
+            load(
+                &dir("none"),
+                Store::new(Layout::new("/m"), admin.public_key())
+            )
+            .expect("no file")
+            .is_none()
+        );
+        let _ = fs::remove_dir_all(&d);
+    }
+}

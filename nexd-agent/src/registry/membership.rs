@@ -1,0 +1,373 @@
+//! From verified records to the `Mesh` the mesh file would give, so the
+//! daemon applies registry membership through the same diff-and-apply path
+//! as a SIGHUP. Pure: unit-tested without etcd.
+//!
+//! Signed records can still disagree (an old record written back after a
+//! revocation, two records claiming one address after an admin's mistake).
+//! The rules, in order: a record whose serial is covered by a revocation
+//! is void; among the rest, the higher serial (the newer signature) wins a
+//! name or an address, and the loser is ignored with the reason.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::{
+    records::{DeviceRecord, Roles, Settings},
+    signed::Rejection,
+    verify::{Ignored, Record, Store},
+};
+use crate::{
+    keys::PublicKey,
+    mesh::{self, Device, Mesh},
+};
+
+/// The verified membership: the mesh, each device's roles, and what was
+/// left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub mesh: Mesh,
+    /// Roles of every device of `mesh` (issue 13 moves them into `Device`).
+    pub roles: BTreeMap<PublicKey, Roles>,
+    /// Serial of every device's record.
+    pub serials: BTreeMap<PublicKey, u64>,
+    /// Records not used, with their reasons (signature, revocation,
+    /// conflict...).
+    pub ignored: Vec<Ignored>,
+}
+
+impl Membership {
+    /// Whether `other` configures the same mesh (ignored records aside).
+    pub fn same_mesh(&self, other: &Membership) -> bool {
+        self.mesh == other.mesh && self.roles == other.roles
+    }
+}
+
+/// Why there is no membership at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipError {
+    #[error("the registry has no mesh settings yet (run `nexctl mesh init`)")]
+    NoSettings,
+    #[error("the registry's mesh settings are not usable: {0}")]
+    SettingsRejected(String),
+}
+
+/// Builds the membership from everything `store` holds.
+pub fn build(store: &Store) -> Result<Membership, MembershipError> {
+    let settings_key = store.layout().settings();
+    let mut settings: Option<&Settings> = None;
+    let mut devices: Vec<(&String, &DeviceRecord)> = Vec::new();
+    let mut endpoints: HashMap<PublicKey, &str> = HashMap::new();
+    for (key, record) in store.records() {
+        match record {
+            Record::Settings(s) => settings = Some(s),
+            Record::Device(d) => devices.push((key, d)),
+            Record::Endpoint(k, e) => {
+                endpoints.insert(*k, e.endpoint.as_str());
+            }
+            Record::Revocation(_) | Record::Request(_) | Record::Bookkeeping => {}
+        }
+    }
+    let mut ignored = store.rejected();
+    let Some(settings) = settings else {
+        return Err(match ignored.iter().find(|i| i.key == settings_key) {
+            Some(i) => MembershipError::SettingsRejected(i.reason.clone()),
+            None => MembershipError::NoSettings,
+        });
+    };
+    Ok(assemble(
+        settings,
+        devices,
+        &endpoints,
+        |k| store.revoked_serial(k),
+        std::mem::take(&mut ignored),
+    ))
+}
+
+fn assemble(
+    settings: &Settings,
+    mut devices: Vec<(&String, &DeviceRecord)>,
+    endpoints: &HashMap<PublicKey, &str>,
+    revoked_serial: impl Fn(&PublicKey) -> Option<u64>,
+    mut ignored: Vec<Ignored>,
+) -> Membership {
+    // Newest first, so the newest signature claims names and addresses.
+    devices.sort_by(|a, b| b.1.serial.cmp(&a.1.serial).then(a.0.cmp(b.0)));
+    let mut names: HashMap<&str, &str> = HashMap::new();
+    let mut v4s: HashMap<std::net::Ipv4Addr, &str> = HashMap::new();
+    let mut v6s: HashMap<std::net::Ipv6Addr, &str> = HashMap::new();
+    let mut out: Vec<Device> = Vec::new();
+    let mut roles = BTreeMap::new();
+    let mut serials = BTreeMap::new();
+    for (key, d) in devices {
+        let mut reject = |r: Rejection| {
+            ignored.push(Ignored {
+                key: key.clone(),
+                reason: r.to_string(),
+            })
+        };
+        if let Some(rev) = revoked_serial(&d.public_key)
+            && d.serial <= rev
+        {
+            reject(Rejection::Revoked(format!(
+                "device {:?} was revoked at serial {rev} (this record has serial {})",
+                d.name, d.serial
+            )));
+            continue;
+        }
+        if let Err(m) = mesh::check_v4_host(d.ipv4, settings.ipv4_prefix) {
+            reject(Rejection::Invalid(format!("ipv4 {} {m}", d.ipv4)));
+            continue;
+        }
+        if let Err(m) = mesh::check_v6_host(d.ipv6, settings.ipv6_prefix) {
+            reject(Rejection::Invalid(format!("ipv6 {} {m}", d.ipv6)));
+            continue;
+        }
+        let clash = names
+            .get(d.name.as_str())
+            .map(|o| format!("name {:?} is already used by a newer record ({o})", d.name))
+            .or_else(|| {
+                v4s.get(&d.ipv4)
+                    .map(|o| format!("ipv4 {} is already used by {o}", d.ipv4))
+            })
+            .or_else(|| {
+                v6s.get(&d.ipv6)
+                    .map(|o| format!("ipv6 {} is already used by {o}", d.ipv6))
+            });
+        if let Some(c) = clash {
+            reject(Rejection::Conflict(c));
+            continue;
+        }
+        names.insert(&d.name, key);
+        v4s.insert(d.ipv4, key);
+        v6s.insert(d.ipv6, key);
+        // The admin's endpoint wins; else the one the device publishes.
+        let endpoint = d
+            .endpoint
+            .as_deref()
+            .or_else(|| endpoints.get(&d.public_key).copied())
+            .and_then(|e| mesh::parse_endpoint(e).ok());
+        roles.insert(d.public_key, d.roles.clone());
+        serials.insert(d.public_key, d.serial);
+        out.push(Device {
+            name: d.name.clone(),
+            public_key: d.public_key,
+            endpoint,
+            listen_port: d.listen_port,
+            ipv4: d.ipv4,
+            ipv6: d.ipv6,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    ignored.sort_by(|a, b| a.key.cmp(&b.key));
+    Membership {
+        mesh: Mesh {
+            ipv4_prefix: settings.ipv4_prefix,
+            ipv6_prefix: settings.ipv6_prefix,
+            persistent_keepalive: settings.persistent_keepalive,
+            mtu: settings.mtu,
+            agent_port: settings.agent_port,
+            devices: out,
+        },
+        roles,
+        serials,
+        ignored,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        keys::PrivateKey,
+        registry::{
+            admin_key::AdminKey,
+            location::Layout,
+            records::{EndpointRecord, Revocation},
+            signed::seal,
+        },
+    };
+
+    struct Fixture {
+        admin: AdminKey,
+        store: Store,
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            ipv4_prefix: "100.64.0.0/10".parse().expect("v4"),
+            ipv6_prefix: "fd6e:6578:6400::/48".parse().expect("v6"),
+            mtu: 1420,
+            persistent_keepalive: 25,
+            agent_port: 51829,
+            serial: 1,
+        }
+    }
+
+    fn device(name: &str, n: u8, serial: u64) -> DeviceRecord {
+        DeviceRecord {
+            name: name.into(),
+            public_key: PrivateKey::generate().public_key(),
+            ipv4: std::net::Ipv4Addr::new(100, 64, 0, n),
+            ipv6: format!("fd6e:6578:6400::{n}").parse().expect("v6"),
+            listen_port: 51820,
+            endpoint: None,
+            roles: Roles::default(),
+            serial,
+        }
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let admin = AdminKey::generate();
+            let mut store = Store::new(Layout::new("/m"), admin.public_key());
+            let key = store.layout().settings();
+            store.put(key.clone(), seal(&admin, &key, &settings()).expect("seal"));
+            Fixture { admin, store }
+        }
+
+        fn add(&mut self, d: &DeviceRecord) -> String {
+            let key = self.store.layout().device(&d.public_key);
+            self.store
+                .put(key.clone(), seal(&self.admin, &key, d).expect("seal"));
+            key
+        }
+    }
+
+    #[test]
+    fn signed_records_become_the_mesh_the_file_would_give() {
+        let mut f = Fixture::new();
+        let a = device("a", 1, 2);
+        let mut b = device("b", 2, 3);
+        b.endpoint = Some("192.0.2.2:51820".into());
+        b.roles.exit_node = true;
+        f.add(&a);
+        f.add(&b);
+        // a publishes its endpoint under its lease.
+        let ep = f.store.layout().endpoint(&a.public_key);
+        f.store.put(
+            ep,
+            serde_json::to_vec(&EndpointRecord {
+                endpoint: "198.51.100.7:4000".into(),
+            })
+            .expect("json"),
+        );
+        let m = build(&f.store).expect("membership");
+        assert!(m.ignored.is_empty(), "{:?}", m.ignored);
+        let text = format!(
+            "[mesh]\nipv4_prefix = \"100.64.0.0/10\"\nipv6_prefix = \"fd6e:6578:6400::/48\"\n\
+             [[device]]\nname = \"a\"\npublic_key = \"{}\"\nendpoint = \"198.51.100.7:4000\"\nlisten_port = 51820\nipv4 = \"100.64.0.1\"\nipv6 = \"fd6e:6578:6400::1\"\n\
+             [[device]]\nname = \"b\"\npublic_key = \"{}\"\nendpoint = \"192.0.2.2:51820\"\nipv4 = \"100.64.0.2\"\nipv6 = \"fd6e:6578:6400::2\"\n",
+            a.public_key, b.public_key
+        );
+        assert_eq!(m.mesh, mesh::parse(&text).expect("file"));
+        assert!(m.roles[&b.public_key].exit_node);
+        assert!(!m.roles[&a.public_key].exit_node);
+    }
+
+    #[test]
+    fn forged_moved_and_tampered_records_are_ignored_with_reasons() {
+        let mut f = Fixture::new();
+        let a = device("a", 1, 2);
+        f.add(&a);
+        // Unsigned device record.
+        let x = device("x", 9, 9);
+        let kx = f.store.layout().device(&x.public_key);
+        f.store
+            .put(kx.clone(), serde_json::to_vec(&x).expect("json"));
+        // Signed by someone else.
+        let y = device("y", 10, 10);
+        let ky = f.store.layout().device(&y.public_key);
+        let other = AdminKey::generate();
+        f.store
+            .put(ky.clone(), seal(&other, &ky, &y).expect("seal"));
+        // A's valid record copied under another key's path.
+        let z = PrivateKey::generate().public_key();
+        let kz = f.store.layout().device(&z);
+        let raw = f
+            .store
+            .raw(&f.store.layout().device(&a.public_key))
+            .expect("a")
+            .to_vec();
+        f.store.put(kz.clone(), raw);
+        let m = build(&f.store).expect("membership");
+        assert_eq!(m.mesh.devices.len(), 1);
+        let reason = |k: &str| {
+            m.ignored
+                .iter()
+                .find(|i| i.key == k)
+                .map(|i| i.reason.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(reason(&kx), "missing signature");
+        assert!(reason(&ky).contains("does not verify"), "{}", reason(&ky));
+        assert!(reason(&kz).contains("does not verify"), "{}", reason(&kz));
+        assert_eq!(m.ignored.len(), 3);
+    }
+
+    #[test]
+    fn conflicts_go_to_the_newer_record_and_revocations_void_older_serials() {
+        let mut f = Fixture::new();
+        let old = device("a", 1, 2);
+        let new = device("b", 1, 5);
+        let k_old = f.add(&old);
+        f.add(&new);
+        let m = build(&f.store).expect("membership");
+        assert_eq!(m.mesh.devices.len(), 1);
+        assert_eq!(m.mesh.devices[0].name, "b");
+        assert!(
+            m.ignored[0]
+                .reason
+                .contains("ipv4 100.64.0.1 is already used")
+        );
+        assert_eq!(m.ignored[0].key, k_old);
+
+        // Revoke `b` at serial 5; its record written back is void, a newer
+        // approval (serial 6) is not.
+        let kr = f.store.layout().revoked(&new.public_key);
+        let rev = Revocation {
+            public_key: new.public_key,
+            name: "b".into(),
+            serial: 5,
+        };
+        f.store
+            .put(kr.clone(), seal(&f.admin, &kr, &rev).expect("seal"));
+        f.store.delete(&kr); // deleting the revocation does not undo it
+        let m = build(&f.store).expect("membership");
+        assert_eq!(
+            m.mesh
+                .devices
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a"]
+        );
+        assert!(m.ignored.iter().any(|i| i.reason.starts_with("revoked")));
+        let mut again = new.clone();
+        again.serial = 6;
+        again.ipv4 = std::net::Ipv4Addr::new(100, 64, 0, 3);
+        again.ipv6 = "fd6e:6578:6400::3".parse().expect("v6");
+        f.add(&again);
+        let m = build(&f.store).expect("membership");
+        assert_eq!(m.mesh.devices.len(), 2);
+    }
+
+    #[test]
+    fn records_outside_the_prefixes_and_missing_settings_are_reported() {
+        let mut f = Fixture::new();
+        let mut d = device("a", 1, 2);
+        d.ipv4 = std::net::Ipv4Addr::new(10, 0, 0, 1);
+        f.add(&d);
+        let m = build(&f.store).expect("membership");
+        assert!(m.mesh.devices.is_empty());
+        assert!(m.ignored[0].reason.contains("not inside the mesh prefix"));
+
+        let empty = Store::new(Layout::new("/m"), f.admin.public_key());
+        assert_eq!(build(&empty), Err(MembershipError::NoSettings));
+        let mut forged = Store::new(Layout::new("/m"), f.admin.public_key());
+        let key = forged.layout().settings();
+        forged.put(key.clone(), serde_json::to_vec(&settings()).expect("json"));
+        assert!(matches!(
+            build(&forged),
+            Err(MembershipError::SettingsRejected(_))
+        ));
+    }
+}

@@ -1,0 +1,390 @@
+//! The verifying reader: every value under the prefix, each checked once
+//! when it arrives (signature, key path, shape), so a watch event costs one
+//! verification and not a pass over the whole mesh.
+//!
+//! Nothing that fails a check is used; it stays here with its reason, so
+//! `nexctl mesh list` and the device's status can show and count it.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::{
+    admin_key::AdminPublicKey,
+    location::{Entry, Layout},
+    records::{DeviceRecord, EndpointRecord, JoinRequest, Revocation, Settings},
+    signed::{self, Rejection},
+};
+use crate::{keys::PublicKey, mesh};
+
+/// A value that passed its checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Settings(Settings),
+    Device(DeviceRecord),
+    Revocation(Revocation),
+    Request(JoinRequest),
+    Endpoint(PublicKey, EndpointRecord),
+    Bookkeeping,
+}
+
+/// One etcd value and what the checks made of it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub raw: Vec<u8>,
+    pub checked: Result<Record, Rejection>,
+}
+
+/// A record that is not used, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Ignored {
+    pub key: String,
+    pub reason: String,
+}
+
+/// A valid revocation with the signed value it came in, so the cache can
+/// keep it signed.
+#[derive(Debug, Clone)]
+pub struct Remembered {
+    pub revocation: Revocation,
+    pub key: String,
+    pub raw: Vec<u8>,
+}
+
+/// Every value under one mesh prefix, verified against the admin key.
+#[derive(Debug, Clone)]
+pub struct Store {
+    layout: Layout,
+    admin: AdminPublicKey,
+    entries: BTreeMap<String, Stored>,
+    /// Every valid revocation ever seen, also after its key was deleted:
+    /// deleting a revocation and writing an old record back must not
+    /// bring a revoked device back for a device that saw the revocation.
+    remembered: BTreeMap<PublicKey, Remembered>,
+    /// The etcd revision this content is at (0: never read).
+    pub revision: i64,
+}
+
+impl Store {
+    pub fn new(layout: Layout, admin: AdminPublicKey) -> Self {
+        Store {
+            layout,
+            admin,
+            entries: BTreeMap::new(),
+            remembered: BTreeMap::new(),
+            revision: 0,
+        }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn admin(&self) -> &AdminPublicKey {
+        &self.admin
+    }
+
+    /// Replaces the whole content (a full read).
+    ///
+    /// The signature checks of a large read (a thousand devices at
+    /// start-up) are spread over the machine's cores: they are most of its
+    /// cost, and each is independent.
+    pub fn replace_all(&mut self, kvs: impl IntoIterator<Item = (String, Vec<u8>)>, revision: i64) {
+        self.entries.clear();
+        let kvs: Vec<(String, Vec<u8>)> = kvs
+            .into_iter()
+            .filter(|(k, _)| self.layout.classify(k).is_some())
+            .collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let this: &Store = self;
+        let checked: Vec<Result<Record, Rejection>> = if kvs.len() < 64 || threads < 2 {
+            kvs.iter().map(|(k, v)| this.check_one(k, v)).collect()
+        } else {
+            let per = kvs.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                let parts: Vec<_> = kvs
+                    .chunks(per)
+                    .map(|chunk| {
+                        let handle = scope.spawn(move || {
+                            chunk
+                                .iter()
+                                .map(|(k, v)| this.check_one(k, v))
+                                .collect::<Vec<_>>()
+                        });
+                        (chunk.len(), handle)
+                    })
+                    .collect();
+                parts
+                    .into_iter()
+                    .flat_map(|(len, handle)| {
+                        handle.join().unwrap_or_else(|_| {
+                            // A check never panics; if one did, its chunk
+                            // counts as unverifiable rather than trusted.
+                            vec![Err(Rejection::Malformed("verification failed".into())); len]
+                        })
+                    })
+                    .collect()
+            })
+        };
+        for ((key, raw), checked) in kvs.into_iter().zip(checked) {
+            self.insert_checked(key, raw, checked);
+        }
+        self.revision = revision;
+    }
+
+    fn check_one(&self, key: &str, raw: &[u8]) -> Result<Record, Rejection> {
+        match self.layout.classify(key) {
+            Some(entry) => check(&self.admin, key, &entry, raw),
+            None => Err(Rejection::UnknownKey),
+        }
+    }
+
+    /// A key was written. Returns false when the value did not change.
+    pub fn put(&mut self, key: String, raw: Vec<u8>) -> bool {
+        if self.entries.get(&key).is_some_and(|s| s.raw == raw) {
+            return false;
+        }
+        if self.layout.classify(&key).is_none() {
+            return false;
+        }
+        let checked = self.check_one(&key, &raw);
+        self.insert_checked(key, raw, checked);
+        true
+    }
+
+    fn insert_checked(&mut self, key: String, raw: Vec<u8>, checked: Result<Record, Rejection>) {
+        if let Ok(Record::Revocation(r)) = &checked {
+            self.remember(Remembered {
+                revocation: r.clone(),
+                key: key.clone(),
+                raw: raw.clone(),
+            });
+        }
+        self.entries.insert(key, Stored { raw, checked });
+    }
+
+    /// A key was deleted. Returns whether it was there.
+    pub fn delete(&mut self, key: &str) -> bool {
+        self.entries.remove(key).is_some()
+    }
+
+    fn remember(&mut self, r: Remembered) {
+        match self.remembered.get(&r.revocation.public_key) {
+            Some(known) if known.revocation.serial >= r.revocation.serial => {}
+            _ => {
+                self.remembered.insert(r.revocation.public_key, r);
+            }
+        }
+    }
+
+    /// Learns a signed revocation kept elsewhere (the cache) without
+    /// making it part of the content; it is verified like any value.
+    pub fn learn_revocation(&mut self, key: &str, raw: &[u8]) -> Result<(), Rejection> {
+        let entry = self.layout.classify(key).ok_or(Rejection::UnknownKey)?;
+        match check(&self.admin, key, &entry, raw)? {
+            Record::Revocation(r) => {
+                self.remember(Remembered {
+                    revocation: r,
+                    key: key.to_owned(),
+                    raw: raw.to_vec(),
+                });
+                Ok(())
+            }
+            _ => Err(Rejection::Invalid("not a revocation".into())),
+        }
+    }
+
+    /// The latest revocation of every revoked device, including those
+    /// whose key has since been deleted.
+    pub fn revocations(&self) -> impl Iterator<Item = &Remembered> {
+        self.remembered.values()
+    }
+
+    /// The highest revoked serial of `k`, if it was ever revoked.
+    pub fn revoked_serial(&self, k: &PublicKey) -> Option<u64> {
+        self.remembered.get(k).map(|r| r.revocation.serial)
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = (&String, &Stored)> {
+        self.entries.iter()
+    }
+
+    /// The records that passed their checks, with their keys.
+    pub fn records(&self) -> impl Iterator<Item = (&String, &Record)> {
+        self.entries
+            .iter()
+            .filter_map(|(k, s)| s.checked.as_ref().ok().map(|r| (k, r)))
+    }
+
+    /// The values that failed their checks.
+    pub fn rejected(&self) -> Vec<Ignored> {
+        self.entries
+            .iter()
+            .filter_map(|(k, s)| {
+                s.checked.as_ref().err().map(|e| Ignored {
+                    key: k.clone(),
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// Pending join requests.
+    pub fn requests(&self) -> impl Iterator<Item = &JoinRequest> {
+        self.records().filter_map(|(_, r)| match r {
+            Record::Request(q) => Some(q),
+            _ => None,
+        })
+    }
+
+    /// Raw value of `key`, if present.
+    pub fn raw(&self, key: &str) -> Option<&[u8]> {
+        self.entries.get(key).map(|s| s.raw.as_slice())
+    }
+}
+
+/// Checks one value found at `key`.
+pub fn check(
+    admin: &AdminPublicKey,
+    key: &str,
+    entry: &Entry,
+    raw: &[u8],
+) -> Result<Record, Rejection> {
+    let must_match = |path_key: &PublicKey, body_key: &PublicKey| {
+        if path_key == body_key {
+            Ok(())
+        } else {
+            Err(Rejection::Invalid(format!(
+                "the record is for key {body_key}, but stored under the path of {path_key}"
+            )))
+        }
+    };
+    match entry {
+        Entry::Settings => {
+            let s: Settings = signed::open(admin, key, raw)?;
+            check_settings(&s).map_err(Rejection::Invalid)?;
+            Ok(Record::Settings(s))
+        }
+        Entry::Device(k) => {
+            let d: DeviceRecord = signed::open(admin, key, raw)?;
+            must_match(k, &d.public_key)?;
+            mesh::check_name(&d.name).map_err(|m| Rejection::Invalid(format!("name {m}")))?;
+            if d.listen_port == 0 {
+                return Err(Rejection::Invalid("listen_port 0 is not a port".into()));
+            }
+            if let Some(ep) = &d.endpoint {
+                mesh::parse_endpoint(ep)
+                    .map_err(|m| Rejection::Invalid(format!("endpoint {m}")))?;
+            }
+            Ok(Record::Device(d))
+        }
+        Entry::Revoked(k) => {
+            let r: Revocation = signed::open(admin, key, raw)?;
+            must_match(k, &r.public_key)?;
+            Ok(Record::Revocation(r))
+        }
+        Entry::Request(k) => {
+            let q: JoinRequest = serde_json::from_slice(raw)
+                .map_err(|e| Rejection::Malformed(format!("join request: {e}")))?;
+            must_match(k, &q.public_key)?;
+            mesh::check_name(&q.name).map_err(|m| Rejection::Invalid(format!("name {m}")))?;
+            Ok(Record::Request(q))
+        }
+        Entry::Endpoint(k) => {
+            let e: EndpointRecord = serde_json::from_slice(raw)
+                .map_err(|e| Rejection::Malformed(format!("endpoint record: {e}")))?;
+            mesh::parse_endpoint(&e.endpoint)
+                .map_err(|m| Rejection::Invalid(format!("endpoint {m}")))?;
+            Ok(Record::Endpoint(*k, e))
+        }
+        Entry::Bookkeeping => Ok(Record::Bookkeeping),
+        Entry::Unknown => Err(Rejection::UnknownKey),
+    }
+}
+
+/// The same limits as the mesh file's `[mesh]` table.
+pub fn check_settings(s: &Settings) -> Result<(), String> {
+    if !(1280..=65535).contains(&s.mtu) {
+        return Err(format!("mtu {} is out of range (1280 to 65535)", s.mtu));
+    }
+    if s.agent_port == 0 {
+        return Err("agent_port 0 is not a port".into());
+    }
+    if s.ipv4_prefix.trunc() != s.ipv4_prefix || s.ipv4_prefix.prefix_len() > 30 {
+        return Err(format!(
+            "ipv4_prefix {} is not a usable mesh prefix",
+            s.ipv4_prefix
+        ));
+    }
+    let ula = ipnet::Ipv6Net::new(std::net::Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7)
+        .map_err(|e| e.to_string())?;
+    if s.ipv6_prefix.trunc() != s.ipv6_prefix
+        || s.ipv6_prefix.prefix_len() > 126
+        || !ula.contains(&s.ipv6_prefix)
+    {
+        return Err(format!(
+            "ipv6_prefix {} is not a usable mesh prefix (a ULA, at most /126)",
+            s.ipv6_prefix
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        keys::PrivateKey,
+        registry::{admin_key::AdminKey, records::Roles, signed::seal},
+    };
+
+    #[test]
+    fn a_large_read_checked_in_parallel_keeps_every_verdict_with_its_key() {
+        let admin = AdminKey::generate();
+        let other = AdminKey::generate();
+        let layout = Layout::new("/m");
+        let mut kvs = Vec::new();
+        let mut forged = Vec::new();
+        for i in 0..301u32 {
+            let d = DeviceRecord {
+                name: format!("d{i}"),
+                public_key: PrivateKey::generate().public_key(),
+                ipv4: std::net::Ipv4Addr::from(0x6440_0000 + i + 1),
+                ipv6: std::net::Ipv6Addr::from(0xfd00_u128 << 112 | u128::from(i + 1)),
+                listen_port: 51820,
+                endpoint: None,
+                roles: Roles::default(),
+                serial: u64::from(i) + 2,
+            };
+            let key = layout.device(&d.public_key);
+            // Every 37th is signed by someone else, wherever it falls.
+            let signer = if i % 37 == 5 { &other } else { &admin };
+            if i % 37 == 5 {
+                forged.push(key.clone());
+            }
+            kvs.push((key.clone(), seal(signer, &key, &d).expect("seal")));
+        }
+        let mut parallel = Store::new(layout.clone(), admin.public_key());
+        parallel.replace_all(kvs.clone(), 7);
+        let mut one_by_one = Store::new(layout, admin.public_key());
+        for (k, v) in kvs {
+            one_by_one.put(k, v);
+        }
+        let mut rejected: Vec<String> = parallel.rejected().into_iter().map(|i| i.key).collect();
+        rejected.sort();
+        forged.sort();
+        assert_eq!(rejected, forged);
+        assert_eq!(parallel.records().count(), 301 - forged.len());
+        assert_eq!(
+            parallel
+                .records()
+                .map(|(k, _)| k.clone())
+                .collect::<Vec<_>>(),
+            one_by_one
+                .records()
+                .map(|(k, _)| k.clone())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(parallel.revision, 7);
+    }
+}
