@@ -9,6 +9,7 @@
 
 mod attach;
 mod bpffs;
+pub mod exit;
 mod maps;
 
 use std::{collections::BTreeMap, path::PathBuf};
@@ -30,6 +31,7 @@ use tracing::{debug, info, warn};
 pub use attach::{GuardState, guard_pin_path, pin_dir, remove_leftovers};
 pub use bpffs::is_bpffs;
 pub use maps::BypassSet;
+pub use nexd_common::exit::{EXIT_CLIENTS_MAX, MssConfig};
 
 /// The eBPF object built from `nexd-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nexd"));
@@ -40,7 +42,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const EBPF_EMBEDDED: bool = !cfg!(nexd_ebpf_missing);
 
 /// Every program of the object, loaded (verified) at start-up.
-const PROGRAMS: [&str; 7] = [
+const PROGRAMS: [&str; 13] = [
     names::TUNNEL_INGRESS_PROG,
     names::TUNNEL_EGRESS_PROG,
     names::STEER_PROG,
@@ -48,6 +50,12 @@ const PROGRAMS: [&str; 7] = [
     names::GUARD_PROG,
     names::GUARD_L3_PROG,
     names::NOOP_PROG,
+    names::EXIT_INGRESS_PROG,
+    names::EXIT_INGRESS_L2_PROG,
+    names::EXIT_EGRESS_PROG,
+    names::EXIT_EGRESS_L2_PROG,
+    names::MSS_CLAMP_PROG,
+    names::MSS_CLAMP_L2_PROG,
 ];
 
 /// Why the data path could not be set up or used.
@@ -88,6 +96,15 @@ pub enum DatapathError {
     Pin { path: PathBuf, reason: String },
     #[error("bpffs at {path}: {reason}")]
     Bpffs { path: PathBuf, reason: String },
+    #[error(transparent)]
+    ExitClients(#[from] exit::ExitClientError),
+    #[error(
+        "the exit node's policy has no entry for its own mesh addresses: attaching now would \
+         cut it off from its mesh peers (sync the policy first)"
+    )]
+    ExitNotReady,
+    #[error("cannot count the CPUs for a per-CPU map: {0}")]
+    Cpus(String),
 }
 
 impl DatapathError {
@@ -102,6 +119,13 @@ impl DatapathError {
         DatapathError::Map {
             name,
             source: Box::new(e),
+        }
+    }
+
+    fn missing_map(name: &str) -> Self {
+        DatapathError::Missing {
+            kind: "map",
+            name: name.to_owned(),
         }
     }
 }
@@ -132,6 +156,42 @@ impl AttachMode {
     }
 }
 
+/// How large to make the maps whose size is chosen at load time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Exit node clients: slots of the client maps, limits and per-CPU
+    /// counters (about 160 bytes per slot and CPU for the counters). A
+    /// device that never serves as an exit node can pass 1.
+    pub exit_clients: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            exit_clients: EXIT_CLIENTS_MAX,
+        }
+    }
+}
+
+/// The `struct __sk_buff` fields a test run may set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TestContext {
+    /// `skb->mark`.
+    pub mark: u32,
+    /// `skb->ingress_ifindex`: non-zero makes an egress packet look
+    /// forwarded (received on that interface) rather than locally made.
+    pub ingress_ifindex: u32,
+    /// `skb_shinfo(skb)->gso_segs`.
+    pub gso_segs: u32,
+}
+
+/// What a test run returned, with the packet as the program left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestRunOutput {
+    pub outcome: TestOutcome,
+    pub packet: Vec<u8>,
+}
+
 /// What a `BPF_PROG_TEST_RUN` of a classifier returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TestOutcome {
@@ -151,6 +211,7 @@ pub struct Datapath {
     pub(crate) bypass: maps::BypassSet,
     pub(crate) mesh_prefixes: std::collections::HashSet<ipnet::IpNet>,
     pub(crate) endpoints: std::collections::HashSet<std::net::IpAddr>,
+    pub(crate) exit: exit::ExitState,
     config: DatapathConfig,
     _logger: Option<tokio::task::JoinHandle<()>>,
 }
@@ -159,11 +220,23 @@ impl Datapath {
     /// Loads the object and verifies every program, attaching nothing.
     /// `BPF_PROG_TEST_RUN` works on a detached data path.
     pub fn load() -> Result<Self, DatapathError> {
+        Self::load_with(LoadOptions::default())
+    }
+
+    /// [`Datapath::load`] with map sizes of one's choosing.
+    pub fn load_with(opts: LoadOptions) -> Result<Self, DatapathError> {
         if !EBPF_EMBEDDED {
             return Err(DatapathError::NotEmbedded);
         }
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
+        let clients = opts.exit_clients.max(1);
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries(names::EXIT_CLIENTS_V4_MAP, clients)
+            .map_max_entries(names::EXIT_CLIENTS_V6_MAP, clients)
+            .map_max_entries(names::EXIT_LIMITS_MAP, clients)
+            .map_max_entries(names::EXIT_CLIENT_COUNTERS_MAP, clients)
+            .load(EBPF_OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -182,6 +255,7 @@ impl Datapath {
             bypass: maps::BypassSet::default(),
             mesh_prefixes: Default::default(),
             endpoints: Default::default(),
+            exit: exit::ExitState::new(clients),
             config: DatapathConfig::default(),
             _logger: None,
         })
@@ -299,6 +373,25 @@ impl Datapath {
         mark: u32,
         repeat: u32,
     ) -> Result<TestOutcome, DatapathError> {
+        let ctx = TestContext {
+            mark,
+            ..Default::default()
+        };
+        self.test_run_with(program, packet, ctx, repeat)
+            .map(|o| o.outcome)
+    }
+
+    /// Runs `program` `repeat` times over `packet` with BPF_PROG_TEST_RUN
+    /// from the context `ctx`; returns the packet as the program left it.
+    /// The kernel always hands a classifier an Ethernet frame here, so
+    /// programs for L3 links are tested through their `_l2` variants.
+    pub fn test_run_with(
+        &mut self,
+        program: &str,
+        packet: &[u8],
+        ctx: TestContext,
+        repeat: u32,
+    ) -> Result<TestRunOutput, DatapathError> {
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(program)
@@ -308,10 +401,12 @@ impl Datapath {
             })?
             .try_into()
             .map_err(|e| DatapathError::program(program, e))?;
-        // struct __sk_buff is 192 bytes; `mark` is at offset 8. The kernel
-        // accepts a context with only the writable fields set.
+        // The kernel accepts a context with only the writable fields set.
         let mut ctx_in = [0u8; SK_BUFF_SIZE];
-        ctx_in[8..12].copy_from_slice(&mark.to_ne_bytes());
+        ctx_in[SKB_MARK..SKB_MARK + 4].copy_from_slice(&ctx.mark.to_ne_bytes());
+        ctx_in[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4]
+            .copy_from_slice(&ctx.ingress_ifindex.to_ne_bytes());
+        ctx_in[SKB_GSO_SEGS..SKB_GSO_SEGS + 4].copy_from_slice(&ctx.gso_segs.to_ne_bytes());
         let mut ctx_out = [0u8; SK_BUFF_SIZE];
         let mut data_out = vec![0u8; packet.len() + 256];
         let mut opts = TestRunOptions::new();
@@ -324,17 +419,25 @@ impl Datapath {
             .test_run(opts)
             .map_err(|e| DatapathError::program(program, e))?;
         let mut m = [0u8; 4];
-        m.copy_from_slice(&ctx_out[8..12]);
-        Ok(TestOutcome {
-            action: r.return_value as i32,
-            mark: u32::from_ne_bytes(m),
-            nanos_per_run: r.duration.as_nanos() as u64,
+        m.copy_from_slice(&ctx_out[SKB_MARK..SKB_MARK + 4]);
+        data_out.truncate(r.data_size_out as usize);
+        Ok(TestRunOutput {
+            outcome: TestOutcome {
+                action: r.return_value as i32,
+                mark: u32::from_ne_bytes(m),
+                nanos_per_run: r.duration.as_nanos() as u64,
+            },
+            packet: data_out,
         })
     }
 }
 
-/// Size of the UAPI `struct __sk_buff`.
+/// Size of the UAPI `struct __sk_buff`, and the offsets of the fields a
+/// test run sets (include/uapi/linux/bpf.h).
 const SK_BUFF_SIZE: usize = 192;
+const SKB_MARK: usize = 8;
+const SKB_INGRESS_IFINDEX: usize = 36;
+const SKB_GSO_SEGS: usize = 164;
 
 impl Drop for Datapath {
     fn drop(&mut self) {
