@@ -108,6 +108,17 @@ impl Datapath {
         Ok(())
     }
 
+    /// Turns the exit programs' enforcement (and counting) on or off
+    /// without attaching or detaching them. `attach_exit` and
+    /// `detach_exit` do this themselves; tests and benchmarks that run
+    /// the programs with BPF_PROG_TEST_RUN turn it on by hand.
+    pub fn set_exit_enforcing(&mut self, on: bool) -> Result<(), DatapathError> {
+        self.set_exit_config(ExitConfig {
+            flags: if on { FLAG_EXIT_ENFORCE } else { 0 },
+            reserved: 0,
+        })
+    }
+
     /// Writes the MSS the clamps lower SYNs to (exit programs and the
     /// LAN gateway's clamp alike); zero for a family turns its clamping
     /// off.
@@ -173,10 +184,7 @@ impl Datapath {
             }
         }
         self.attached.exit = Some((iface.to_owned(), links));
-        self.set_exit_config(ExitConfig {
-            flags: FLAG_EXIT_ENFORCE,
-            reserved: 0,
-        })?;
+        self.set_exit_enforcing(true)?;
         info!(
             iface,
             clients = self.exit.clients.clients.len(),
@@ -191,7 +199,7 @@ impl Datapath {
         let Some((iface, links)) = self.attached.exit.take() else {
             return Ok(());
         };
-        let mut results = vec![self.set_exit_config(ExitConfig::default())];
+        let mut results = vec![self.set_exit_enforcing(false)];
         for a in links {
             results.push(self.detach_on(&iface, a));
         }
