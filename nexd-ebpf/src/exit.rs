@@ -50,7 +50,10 @@ use aya_ebpf::{
 };
 use nexd_common::{
     counters::Counter,
-    exit::{Bucket, DENIED_SLOTS, DenyReason, FLAG_EXIT_ENFORCE, POLICY_ALLOW, POLICY_LOCAL},
+    exit::{
+        BUCKET_FRAC_BITS, Bucket, DENIED_SLOTS, DenyReason, FLAG_EXIT_ENFORCE, POLICY_ALLOW,
+        POLICY_LOCAL,
+    },
 };
 
 use crate::{
@@ -79,14 +82,14 @@ fn admit(bucket: *mut Bucket, len: u32) -> bool {
     // program's run; user space may rewrite it concurrently, which at
     // worst restarts the bucket.
     unsafe {
-        let rate = core::ptr::read_volatile(&raw const (*bucket).rate_bytes);
-        if rate == 0 {
+        let ns_per_byte = core::ptr::read_volatile(&raw const (*bucket).ns_per_byte);
+        if ns_per_byte == 0 {
             return true;
         }
         let burst = core::ptr::read_volatile(&raw const (*bucket).burst_ns);
         let tat_ptr = &raw mut (*bucket).tat_ns;
         let now = bpf_ktime_get_ns();
-        let cost = u64::from(len) * 1_000_000_000 / rate;
+        let cost = (u64::from(len) * ns_per_byte) >> BUCKET_FRAC_BITS;
         let mut tat = core::ptr::read_volatile(tat_ptr);
         if tat < now {
             core::ptr::write_volatile(tat_ptr, now);

@@ -3,7 +3,7 @@
 
 use std::{fmt, str::FromStr};
 
-use nexd_common::exit::Bucket;
+use nexd_common::exit::{BUCKET_FRAC_BITS, Bucket};
 use serde::{Deserialize, Serialize};
 
 /// A rate limit in one direction: a token bucket refilled at
@@ -45,13 +45,14 @@ impl RateLimit {
 
     /// The bucket the programs run (time zero: full).
     pub fn bucket(&self) -> Bucket {
-        let rate_bytes = (self.bits_per_second / 8).max(1);
+        // Bytes per second, in u128 so nothing here overflows.
+        let rate = u128::from(self.bits_per_second.max(8)) / 8;
+        let ns_per_byte = (1_000_000_000u128 << BUCKET_FRAC_BITS) / rate;
         Bucket {
-            rate_bytes,
-            burst_ns: u64::try_from(
-                u128::from(self.burst_bytes) * 1_000_000_000 / u128::from(rate_bytes),
-            )
-            .unwrap_or(u64::MAX),
+            // At least 1: 0 would mean unlimited.
+            ns_per_byte: u64::try_from(ns_per_byte).unwrap_or(u64::MAX).max(1),
+            burst_ns: u64::try_from(u128::from(self.burst_bytes) * 1_000_000_000 / rate)
+                .unwrap_or(u64::MAX),
             tat_ns: 0,
         }
     }
@@ -177,8 +178,15 @@ mod tests {
             burst_bytes: 500,
         }
         .bucket();
-        assert_eq!(b.rate_bytes, 1000);
+        // 1000 bytes/s: a byte takes 1 ms.
+        assert_eq!(b.ns_per_byte >> BUCKET_FRAC_BITS, 1_000_000);
         assert_eq!(b.burst_ns, 500_000_000);
+        // 10 Gbit/s: 0.8 ns a byte, kept to 1/65536 ns.
+        let fast = RateLimit::new(10_000_000_000).bucket();
+        assert_eq!(fast.ns_per_byte, 52_428);
+        // A 1500-byte packet at 10 Gbit/s costs 1200 ns (to 0.01%).
+        let cost = (1500 * fast.ns_per_byte) >> BUCKET_FRAC_BITS;
+        assert!((1199..=1200).contains(&cost), "{cost}");
         assert_eq!(b.tat_ns, 0);
     }
 
@@ -196,7 +204,7 @@ mod tests {
             to_client: None,
         }
         .to_map();
-        assert_eq!(m.from_client.rate_bytes, 125_000);
-        assert_eq!(m.to_client.rate_bytes, 0);
+        assert_eq!(m.from_client.ns_per_byte >> BUCKET_FRAC_BITS, 8_000);
+        assert_eq!(m.to_client.ns_per_byte, 0);
     }
 }
