@@ -29,7 +29,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd as _,
     path::PathBuf,
-    process::{Child, ChildStdin, Command, Stdio},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -214,7 +214,7 @@ fn nft_policy(setup: &Setup) -> String {
     // The forward chain never sees traffic to the exit node's own mesh
     // address (that is local delivery): no local entry is needed here.
     s.push_str(
-        " chain fwd {\n  type filter hook forward priority filter - 1; policy accept;\n\
+        " chain exit_policy {\n  type filter hook forward priority filter - 1; policy accept;\n\
          \x20 iifname \"wg0\" ip saddr != @clients4 counter name \"unauthorized\" drop\n\
          \x20 iifname \"wg0\" ip6 saddr != @clients6 counter name \"unauthorized\" drop\n\
          \x20 iifname \"wg0\" counter name ip daddr map @deny4 drop\n\
@@ -302,6 +302,8 @@ fn bed(senders: &[Ipv4Addr]) -> anyhow::Result<Bed> {
 struct Attached {
     child: Child,
     stdin: Option<ChildStdin>,
+    /// Kept open: it prints the counters when it stops.
+    stdout: BufReader<ChildStdout>,
 }
 
 impl Attached {
@@ -316,24 +318,26 @@ impl Attached {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let stdin = child.stdin.take();
-        let stdout = child.stdout.take().context("no stdout")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
+        stdout.read_line(&mut line)?;
         if line.trim() != "ready" {
             let _ = child.kill();
             let _ = child.wait();
             bail!("exit_datapath did not get ready: {line:?}");
         }
-        Ok(Attached { child, stdin })
+        Ok(Attached {
+            child,
+            stdin,
+            stdout,
+        })
     }
 
     /// Detaches and returns what the programs counted.
     fn finish(mut self) -> anyhow::Result<serde_json::Value> {
         drop(self.stdin.take());
         let mut out = String::new();
-        if let Some(stdout) = self.child.stdout.take() {
-            BufReader::new(stdout).read_line(&mut out)?;
-        }
+        self.stdout.read_line(&mut out)?;
         let status = self.child.wait()?;
         if !status.success() {
             bail!("exit_datapath failed: {status}");
@@ -458,19 +462,42 @@ fn measure(
     let elapsed = start.elapsed().as_secs_f64();
     let rx = rx_packets(&bed.sink, "eth0")? - rx0;
     let cpu = softirq_seconds() - cpu0;
-    if let Some(a) = attached {
-        // The programs must have seen (and passed) what arrived.
-        let counted = a.finish()?;
-        let passed = counted["rx_packets"].as_u64().unwrap_or(0);
-        if passed < rx {
-            bail!("the exit programs counted {passed} packets, the sink received {rx}: {counted}");
+    // Each policy must have seen (and counted per client) what arrived.
+    let counted = match attached {
+        Some(a) => {
+            let c = a.finish()?;
+            c["rx_packets"].as_u64().context("no rx_packets")?
         }
+        None if variant == Variant::Nft => nft_client_packets(&bed.exit)?,
+        None => rx,
+    };
+    if counted < rx {
+        bail!(
+            "{variant:?}: the policy counted {counted} packets per client, the sink received {rx}"
+        );
     }
     if rx == 0 {
         bail!("{variant:?}: nothing reached the sink");
     }
     let _ = &bed.exit;
     Ok((rx as f64 / elapsed, cpu * 1e9 / rx as f64))
+}
+
+/// Packets counted by the nftables variant's per-client counters.
+fn nft_client_packets(ns: &Netns) -> anyhow::Result<u64> {
+    let out = ns.exec(&["nft", "-j", "list", "counters", "table", "inet", "exitpol"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v["nftables"]
+        .as_array()
+        .context("no nftables listing")?
+        .iter()
+        .filter(|e| {
+            e["counter"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with('c') && n[1..].chars().all(|c| c.is_ascii_digit()))
+        })
+        .filter_map(|e| e["counter"]["packets"].as_u64())
+        .sum())
 }
 
 /// Builds the `exit_datapath` example (release unless quick) and returns
