@@ -12,7 +12,8 @@ pub enum Counter {
     TunnelRx = 0,
     /// IP packets the mesh interface sent into the tunnel.
     TunnelTx = 1,
-    /// Frames that were neither IPv4 nor IPv6 (ARP...): passed untouched.
+    /// Frames that were neither IPv4 nor IPv6 (ARP...): passed untouched,
+    /// except by the exit node's ingress program, which drops them.
     NotIp = 2,
     /// LAN traffic left to policy routing, which sends it to the exit node.
     SteeredExit = 3,
@@ -28,10 +29,10 @@ pub enum Counter {
     GuardDropped = 7,
     /// IP packets with a header the programs cannot read (truncated, bad
     /// version or length). The classifier passes them on (the kernel drops
-    /// them); the leak guard drops them.
+    /// them); the leak guard and the exit node's ingress drop them.
     Malformed = 8,
     /// VLAN-tagged frames. The classifier passes them on unsteered; the
-    /// leak guard drops them.
+    /// leak guard and the exit node's ingress drop them.
     Vlan = 9,
     /// Exit node: packets from the tunnel to the exit node's own mesh
     /// addresses (its mesh services), passed from any mesh member.
