@@ -63,7 +63,9 @@ fn datapath() -> Option<Datapath> {
         eprintln!("skipped: loading eBPF programs needs root");
         return None;
     }
-    let mut dp = Datapath::load().expect("the verifier accepts every program");
+    let mut dp = Datapath::load().expect("the verifier accepts the programs loaded at start");
+    dp.verify_all()
+        .expect("the verifier accepts every program, those loaded on demand too");
     let host = HostNetworks {
         addresses: vec![
             net("10.20.1.5/24"),

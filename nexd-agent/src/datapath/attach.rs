@@ -162,6 +162,7 @@ impl Datapath {
         iface: &str,
         dir: TcAttachType,
     ) -> Result<SchedClassifierLinkId, DatapathError> {
+        self.ensure_loaded(name)?;
         if self.mode == AttachMode::Clsact {
             match tc::qdisc_add_clsact(iface) {
                 Ok(()) => {}

@@ -41,8 +41,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// build on a bare machine); such a build must never pretend to work.
 pub const EBPF_EMBEDDED: bool = !cfg!(nexd_ebpf_missing);
 
-/// Every program of the object, loaded (verified) at start-up.
-const PROGRAMS: [&str; 13] = [
+/// The programs every node may need, loaded (verified) at start-up, so a
+/// kernel that refuses one fails nexd at once.
+const PROGRAMS: [&str; 7] = [
     names::TUNNEL_INGRESS_PROG,
     names::TUNNEL_EGRESS_PROG,
     names::STEER_PROG,
@@ -50,6 +51,13 @@ const PROGRAMS: [&str; 13] = [
     names::GUARD_PROG,
     names::GUARD_L3_PROG,
     names::NOOP_PROG,
+];
+
+/// The programs only exit nodes and LAN gateways need, verified on first
+/// use (attach or test run): their verification (the TCP options walk
+/// above all) costs start-up time every other node need not pay, seconds
+/// under emulation. `Datapath::verify_all` verifies them up front.
+const ON_DEMAND: [&str; 6] = [
     names::EXIT_INGRESS_PROG,
     names::EXIT_INGRESS_L2_PROG,
     names::EXIT_EGRESS_PROG,
@@ -217,8 +225,10 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the object and verifies every program, attaching nothing.
-    /// `BPF_PROG_TEST_RUN` works on a detached data path.
+    /// Loads the object and verifies the programs every node needs
+    /// (`PROGRAMS`; the exit node's and the MSS clamp are verified on
+    /// first use), attaching nothing. `BPF_PROG_TEST_RUN` works on a
+    /// detached data path.
     pub fn load() -> Result<Self, DatapathError> {
         Self::load_with(LoadOptions::default())
     }
@@ -261,9 +271,44 @@ impl Datapath {
         })
     }
 
+    /// Loads (verifies) `name` if it is not yet: the programs of
+    /// [`ON_DEMAND`] are loaded on first use.
+    pub(crate) fn ensure_loaded(&mut self, name: &str) -> Result<(), DatapathError> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::Missing {
+                kind: "program",
+                name: name.to_owned(),
+            })?
+            .try_into()
+            .map_err(|e| DatapathError::program(name, e))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| DatapathError::program(name, e))?;
+            debug!(program = name, "eBPF program verified on first use");
+        }
+        Ok(())
+    }
+
+    /// Verifies every program now, those loaded on demand included (an
+    /// exit node can call this at start to fail early; tests do).
+    pub fn verify_all(&mut self) -> Result<(), DatapathError> {
+        for name in PROGRAMS.iter().chain(ON_DEMAND.iter()) {
+            self.ensure_loaded(name)?;
+        }
+        Ok(())
+    }
+
     /// Loads and attaches the tunnel observers to the WireGuard interface.
     pub fn start(tunnel_iface: &str) -> Result<Self, DatapathError> {
-        let mut dp = Self::load()?;
+        Self::start_with(tunnel_iface, LoadOptions::default())
+    }
+
+    /// [`Datapath::start`] with map sizes of one's choosing: a node that
+    /// does not serve as an exit node passes `exit_clients: 1` and saves
+    /// the client maps' memory and their set-up time.
+    pub fn start_with(tunnel_iface: &str, opts: LoadOptions) -> Result<Self, DatapathError> {
+        let mut dp = Self::load_with(opts)?;
         dp.forward_logs();
         dp.attach_tunnel(tunnel_iface)?;
         info!(iface = tunnel_iface, mode = ?dp.mode, "eBPF data path loaded, tunnel counters attached");
@@ -392,6 +437,7 @@ impl Datapath {
         ctx: TestContext,
         repeat: u32,
     ) -> Result<TestRunOutput, DatapathError> {
+        self.ensure_loaded(program)?;
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(program)
