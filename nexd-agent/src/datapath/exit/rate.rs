@@ -7,7 +7,9 @@ use nexd_common::exit::{BUCKET_FRAC_BITS, Bucket};
 use serde::{Deserialize, Serialize};
 
 /// A rate limit in one direction: a token bucket refilled at
-/// `bits_per_second`, holding up to `burst_bytes`.
+/// `bits_per_second`, holding up to `burst_bytes`. A packet larger than
+/// the burst never fits: keep it at least 64 KiB (a GRO aggregate), as
+/// [`RateLimit::new`] and the parser do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RateLimit {
     pub bits_per_second: u64,
