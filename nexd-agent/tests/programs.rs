@@ -110,7 +110,9 @@ fn datapath() -> Option<Datapath> {
         Ok(false) => return None,
         Err(e) => panic!("{e}"),
     }
-    let mut dp = Datapath::load().expect("the verifier accepts every program");
+    let mut dp = Datapath::load().expect("the verifier accepts the programs loaded at start");
+    dp.verify_all()
+        .expect("the verifier accepts every program, those loaded on demand too");
     dp.set_config(DatapathConfig {
         flags: FLAG_STEER | FLAG_GUARD,
         fwmark: MARK,

@@ -12,7 +12,8 @@ pub enum Counter {
     TunnelRx = 0,
     /// IP packets the mesh interface sent into the tunnel.
     TunnelTx = 1,
-    /// Frames that were neither IPv4 nor IPv6 (ARP...): passed untouched.
+    /// Frames that were neither IPv4 nor IPv6 (ARP...): passed untouched,
+    /// except by the exit node's ingress program, which drops them.
     NotIp = 2,
     /// LAN traffic left to policy routing, which sends it to the exit node.
     SteeredExit = 3,
@@ -28,16 +29,30 @@ pub enum Counter {
     GuardDropped = 7,
     /// IP packets with a header the programs cannot read (truncated, bad
     /// version or length). The classifier passes them on (the kernel drops
-    /// them); the leak guard drops them.
+    /// them); the leak guard and the exit node's ingress drop them.
     Malformed = 8,
     /// VLAN-tagged frames. The classifier passes them on unsteered; the
-    /// leak guard drops them.
+    /// leak guard and the exit node's ingress drop them.
     Vlan = 9,
+    /// Exit node: packets from the tunnel to the exit node's own mesh
+    /// addresses (its mesh services), passed from any mesh member.
+    ExitLocal = 10,
+    /// Exit node: packets from a source that is not a client it serves
+    /// (dropped).
+    ExitUnauthorized = 11,
+    /// Exit node: clients' packets to a denied destination (dropped; per
+    /// client and reason in the client counters).
+    ExitDenied = 12,
+    /// Exit node: clients' packets over their rate limit, either direction
+    /// (dropped).
+    ExitRateLimited = 13,
+    /// TCP SYNs whose MSS option was lowered to the tunnel's.
+    MssClamped = 14,
 }
 
 impl Counter {
     /// Number of slots in the counters map.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 15;
 
     /// Every counter, in index order, for user space to iterate.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -51,6 +66,11 @@ impl Counter {
         Counter::GuardDropped,
         Counter::Malformed,
         Counter::Vlan,
+        Counter::ExitLocal,
+        Counter::ExitUnauthorized,
+        Counter::ExitDenied,
+        Counter::ExitRateLimited,
+        Counter::MssClamped,
     ];
 
     /// The stable snake_case name used by `nexctl nexd stats` and its JSON.
@@ -66,6 +86,11 @@ impl Counter {
             Counter::GuardDropped => "guard_dropped",
             Counter::Malformed => "malformed",
             Counter::Vlan => "vlan",
+            Counter::ExitLocal => "exit_local",
+            Counter::ExitUnauthorized => "exit_unauthorized",
+            Counter::ExitDenied => "exit_denied",
+            Counter::ExitRateLimited => "exit_rate_limited",
+            Counter::MssClamped => "mss_clamped",
         }
     }
 

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod counters;
+pub mod exit;
 
 /// Names of the programs and maps in the eBPF object. User space looks them
 /// up by these names, so both sides use the same constants.
@@ -46,6 +47,38 @@ pub mod names {
     pub const GUARD_L3_PROG: &str = "nexd_guard_l3";
     /// A classifier that does nothing (benchmark floor).
     pub const NOOP_PROG: &str = "nexd_noop";
+
+    /// Exit node: one-slot array of [`crate::exit::ExitConfig`].
+    pub const EXIT_CONFIG_MAP: &str = "NEXD_EXIT_CONFIG";
+    /// One-slot array of [`crate::exit::MssConfig`] (exit node and LAN
+    /// gateway clamps).
+    pub const MSS_CONFIG_MAP: &str = "NEXD_MSS_CONFIG";
+    /// Exit node: LPM tries of destination policy (IPv4, IPv6), value a
+    /// [`crate::exit::PolicyValue`] encoded as u8.
+    pub const EXIT_POLICY_V4_MAP: &str = "NEXD_EXIT_POLICY_V4";
+    pub const EXIT_POLICY_V6_MAP: &str = "NEXD_EXIT_POLICY_V6";
+    /// Exit node: hash maps of served clients' mesh addresses (IPv4,
+    /// IPv6) to their slot (u32).
+    pub const EXIT_CLIENTS_V4_MAP: &str = "NEXD_EXIT_CLIENTS_V4";
+    pub const EXIT_CLIENTS_V6_MAP: &str = "NEXD_EXIT_CLIENTS_V6";
+    /// Exit node: array of [`crate::exit::ClientLimit`] by slot.
+    pub const EXIT_LIMITS_MAP: &str = "NEXD_EXIT_LIMITS";
+    /// Exit node: per-CPU array of [`crate::exit::ClientCounters`] by slot.
+    pub const EXIT_CLIENT_COUNTERS_MAP: &str = "NEXD_EXIT_CLIENT_COUNTERS";
+
+    /// Exit node, WireGuard ingress (from clients): authorization, policy,
+    /// rate limit, MSS clamp, counters. L3 (WireGuard, TUN) and Ethernet
+    /// variants.
+    pub const EXIT_INGRESS_PROG: &str = "nexd_exit_ingress";
+    pub const EXIT_INGRESS_L2_PROG: &str = "nexd_exit_ingress_l2";
+    /// Exit node, WireGuard egress (to clients): rate limit, MSS clamp,
+    /// counters. L3 and Ethernet variants.
+    pub const EXIT_EGRESS_PROG: &str = "nexd_exit_egress";
+    pub const EXIT_EGRESS_L2_PROG: &str = "nexd_exit_egress_l2";
+    /// MSS clamp alone (a LAN gateway's tunnel or LAN interfaces, either
+    /// direction). L3 and Ethernet variants.
+    pub const MSS_CLAMP_PROG: &str = "nexd_mss_clamp";
+    pub const MSS_CLAMP_L2_PROG: &str = "nexd_mss_clamp_l2";
 }
 
 /// Capacity of each bypass trie. LPM tries allocate on demand, so a large

@@ -10,6 +10,10 @@ use nexd_common::{
     BYPASS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, GUARD_MAX_ENTRIES, MESH_MAX_ENTRIES,
     config::DatapathConfig,
     counters::{Counter, CounterValue},
+    exit::{
+        ClientCounters, ClientLimit, EXIT_CLIENTS_MAX, EXIT_POLICY_MAX_ENTRIES, ExitConfig,
+        MssConfig,
+    },
 };
 
 #[map(name = "NEXD_COUNTERS")]
@@ -38,6 +42,42 @@ pub static ENDPOINTS_V6: HashMap<[u8; 18], u8> =
 pub static GUARD_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(GUARD_MAX_ENTRIES, 0);
 #[map(name = "NEXD_GUARD_V6")]
 pub static GUARD_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(GUARD_MAX_ENTRIES, 0);
+
+#[map(name = "NEXD_EXIT_CONFIG")]
+static NEXD_EXIT_CONFIG: Array<ExitConfig> = Array::with_max_entries(1, 0);
+#[map(name = "NEXD_MSS_CONFIG")]
+static NEXD_MSS_CONFIG: Array<MssConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "NEXD_EXIT_POLICY_V4")]
+pub static EXIT_POLICY_V4: LpmTrie<[u8; 4], u8> =
+    LpmTrie::with_max_entries(EXIT_POLICY_MAX_ENTRIES, 0);
+#[map(name = "NEXD_EXIT_POLICY_V6")]
+pub static EXIT_POLICY_V6: LpmTrie<[u8; 16], u8> =
+    LpmTrie::with_max_entries(EXIT_POLICY_MAX_ENTRIES, 0);
+
+#[map(name = "NEXD_EXIT_CLIENTS_V4")]
+pub static EXIT_CLIENTS_V4: HashMap<[u8; 4], u32> = HashMap::with_max_entries(EXIT_CLIENTS_MAX, 0);
+#[map(name = "NEXD_EXIT_CLIENTS_V6")]
+pub static EXIT_CLIENTS_V6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(EXIT_CLIENTS_MAX, 0);
+
+#[map(name = "NEXD_EXIT_LIMITS")]
+pub static EXIT_LIMITS: Array<ClientLimit> = Array::with_max_entries(EXIT_CLIENTS_MAX, 0);
+#[map(name = "NEXD_EXIT_CLIENT_COUNTERS")]
+pub static EXIT_CLIENT_COUNTERS: PerCpuArray<ClientCounters> =
+    PerCpuArray::with_max_entries(EXIT_CLIENTS_MAX, 0);
+
+/// The exit node's configuration (all zero, i.e. not enforcing, until user
+/// space writes it).
+#[inline(always)]
+pub fn exit_config() -> ExitConfig {
+    NEXD_EXIT_CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// The MSS clamp's configuration (zero: no clamping).
+#[inline(always)]
+pub fn mss_config() -> MssConfig {
+    NEXD_MSS_CONFIG.get(0).copied().unwrap_or_default()
+}
 
 /// Adds one packet of `len` bytes to `counter` on this CPU.
 #[inline(always)]

@@ -33,6 +33,7 @@ pub enum Parsed {
 }
 
 pub struct V4 {
+    pub src: [u8; 4],
     pub dst: [u8; 4],
     pub proto: u8,
     /// Offset of the L4 header from the start of the packet data.
@@ -42,6 +43,7 @@ pub struct V4 {
 }
 
 pub struct V6 {
+    pub src: [u8; 16],
     pub dst: [u8; 16],
     /// The fixed header's next header (extension headers are not followed).
     pub next: u8,
@@ -124,6 +126,7 @@ fn parse_v4(ctx: &TcContext, off: usize) -> Parsed {
     }
     let frag_off = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff;
     Parsed::V4(V4 {
+        src: [hdr[12], hdr[13], hdr[14], hdr[15]],
         dst: [hdr[16], hdr[17], hdr[18], hdr[19]],
         proto: hdr[9],
         l4: off + ihl * 4,
@@ -139,9 +142,12 @@ fn parse_v6(ctx: &TcContext, off: usize) -> Parsed {
     if hdr[0] >> 4 != 6 {
         return Parsed::Malformed;
     }
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&hdr[8..24]);
     let mut dst = [0u8; 16];
     dst.copy_from_slice(&hdr[24..40]);
     Parsed::V6(V6 {
+        src,
         dst,
         next: hdr[6],
         hop_limit: hdr[7],

@@ -250,3 +250,36 @@ pub fn remove_forward_probes(ns: &Netns) -> anyhow::Result<()> {
     ns.exec(&["nft", "delete", "table", "inet", "probe"])
         .map(|_| ())
 }
+
+/// Gives `ns` an address of its own on a dummy interface `ifname`: a
+/// service only that host answers, like a cloud VM's metadata service at
+/// 169.254.169.254 (`addr` with its prefix, e.g. "169.254.169.254/32").
+/// An exit node must not let its clients reach it.
+pub fn local_service_address(ns: &Netns, ifname: &str, addr: &str) -> anyhow::Result<()> {
+    ns.ip(&format!("link add {ifname} type dummy"))?;
+    ns.ip(&format!("addr add {addr} dev {ifname}"))?;
+    ns.ip(&format!("link set {ifname} up")).map(|_| ())
+}
+
+/// Makes the router `ns` drop, and count under `pmtu_dropped` in table
+/// `inet pmtu`, every ICMP "fragmentation needed" and ICMPv6 "packet too
+/// big" it would send or forward, as networks that filter ICMP do: path
+/// MTU discovery then fails across a smaller link, and only MSS clamping
+/// lets large TCP transfers through.
+pub fn drop_pmtu_signals(ns: &Netns) -> anyhow::Result<()> {
+    let rules = "  icmp type destination-unreachable icmp code frag-needed counter name \"pmtu_dropped\" drop\n\
+                 \x20 icmpv6 type packet-too-big counter name \"pmtu_dropped\" drop\n";
+    nft_script(
+        ns,
+        &format!(
+            "table inet pmtu {{\n counter pmtu_dropped {{ }}\n\
+             \x20chain output {{ type filter hook output priority filter; policy accept;\n{rules} }}\n\
+             \x20chain forward {{ type filter hook forward priority filter; policy accept;\n{rules} }}\n}}\n"
+        ),
+    )
+}
+
+/// ICMP path-MTU signals [`drop_pmtu_signals`] dropped in `ns`.
+pub fn pmtu_signals_dropped(ns: &Netns) -> anyhow::Result<u64> {
+    nft_counter(ns, "inet", "pmtu", "pmtu_dropped")
+}

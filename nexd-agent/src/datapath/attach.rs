@@ -22,9 +22,9 @@ use tracing::{debug, info, warn};
 use super::{AttachMode, Datapath, DatapathError, bpffs};
 
 /// An attached program.
-struct Attached {
-    program: &'static str,
-    link: SchedClassifierLinkId,
+pub(super) struct Attached {
+    pub(super) program: &'static str,
+    pub(super) link: SchedClassifierLinkId,
 }
 
 /// Where the leak guard stands.
@@ -69,6 +69,10 @@ pub struct Attachments {
     tunnel: Option<(String, Vec<Attached>)>,
     steer: BTreeMap<String, Attached>,
     guards: BTreeMap<String, GuardState>,
+    /// The exit programs (ingress and egress of the WireGuard interface).
+    pub(super) exit: Option<(String, Vec<Attached>)>,
+    /// MSS clamps alone (a LAN gateway's interfaces), both directions.
+    pub(super) mss: BTreeMap<String, Vec<Attached>>,
 }
 
 /// The leak guard's place on a clsact egress: fixed, so the next nexd finds
@@ -156,6 +160,14 @@ pub fn remove_leftovers(
                 (names::STEER_L3_PROG, TcAttachType::Ingress),
                 (names::TUNNEL_INGRESS_PROG, TcAttachType::Ingress),
                 (names::TUNNEL_EGRESS_PROG, TcAttachType::Egress),
+                (names::EXIT_INGRESS_PROG, TcAttachType::Ingress),
+                (names::EXIT_INGRESS_L2_PROG, TcAttachType::Ingress),
+                (names::EXIT_EGRESS_PROG, TcAttachType::Egress),
+                (names::EXIT_EGRESS_L2_PROG, TcAttachType::Egress),
+                (names::MSS_CLAMP_PROG, TcAttachType::Ingress),
+                (names::MSS_CLAMP_PROG, TcAttachType::Egress),
+                (names::MSS_CLAMP_L2_PROG, TcAttachType::Ingress),
+                (names::MSS_CLAMP_L2_PROG, TcAttachType::Egress),
             ]) {
                 if tc::qdisc_detach_program(iface, dir, prog).is_ok() {
                     warn!(
@@ -227,12 +239,13 @@ impl Datapath {
             .map_err(|e| DatapathError::program(name, e))
     }
 
-    fn attach_one(
+    pub(super) fn attach_one(
         &mut self,
         name: &'static str,
         iface: &str,
         dir: TcAttachType,
     ) -> Result<SchedClassifierLinkId, DatapathError> {
+        self.ensure_loaded(name)?;
         if self.mode == AttachMode::Clsact {
             match tc::qdisc_add_clsact(iface) {
                 Ok(()) => {}
@@ -322,7 +335,7 @@ impl Datapath {
     /// Detaches `a` from `iface`; an interface that is gone took its
     /// programs with it, which is not an error (a LAN veth whose peer
     /// namespace was deleted, a USB NIC unplugged).
-    fn detach_on(&mut self, iface: &str, a: Attached) -> Result<(), DatapathError> {
+    pub(super) fn detach_on(&mut self, iface: &str, a: Attached) -> Result<(), DatapathError> {
         match self.detach_one(a) {
             Err(_) if !interface_exists(iface) => {
                 debug!(iface, "interface is gone, and its eBPF programs with it");
@@ -576,11 +589,14 @@ impl Datapath {
         self.attached.guards.values()
     }
 
-    /// Detaches everything (the guards' pins included).
-    /// Detaches everything, going on past failures so that one stuck
-    /// program does not leave the others attached; returns the first error.
+    /// Detaches everything (the guards' pins included), going on past
+    /// failures so that one stuck program does not leave the others
+    /// attached; returns the first error.
     pub(super) fn detach_all(&mut self) -> Result<(), DatapathError> {
-        let mut results = vec![self.detach_guards()];
+        let mut results = vec![self.detach_guards(), self.detach_exit()];
+        for iface in self.mss_clamped_interfaces() {
+            results.push(self.detach_mss_clamp(&iface));
+        }
         for iface in self.steered_interfaces() {
             results.push(self.detach_steer(&iface));
         }

@@ -9,6 +9,7 @@
 
 mod attach;
 mod bpffs;
+pub mod exit;
 mod maps;
 
 use std::{collections::BTreeMap, path::PathBuf};
@@ -29,11 +30,13 @@ use tracing::{debug, info, warn};
 pub use attach::{GuardState, guard_pin_path, guards_on, pin_dir, remove_leftovers};
 pub use bpffs::is_bpffs;
 pub use maps::{BypassSet, GuardSet, guard_set};
+pub use nexd_common::exit::{EXIT_CLIENTS_MAX, MssConfig};
 
 /// The eBPF object built from `nexd-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nexd"));
 
-/// Every program of the object, loaded (verified) at start-up.
+/// The programs every node may need, loaded (verified) at start-up, so a
+/// kernel that refuses one fails nexd at once.
 const PROGRAMS: [&str; 7] = [
     names::TUNNEL_INGRESS_PROG,
     names::TUNNEL_EGRESS_PROG,
@@ -42,6 +45,19 @@ const PROGRAMS: [&str; 7] = [
     names::GUARD_PROG,
     names::GUARD_L3_PROG,
     names::NOOP_PROG,
+];
+
+/// The programs only exit nodes and LAN gateways need, verified on first
+/// use (attach or test run): their verification (the TCP options walk
+/// above all) costs start-up time every other node need not pay, seconds
+/// under emulation. `Datapath::verify_all` verifies them up front.
+const ON_DEMAND: [&str; 6] = [
+    names::EXIT_INGRESS_PROG,
+    names::EXIT_INGRESS_L2_PROG,
+    names::EXIT_EGRESS_PROG,
+    names::EXIT_EGRESS_L2_PROG,
+    names::MSS_CLAMP_PROG,
+    names::MSS_CLAMP_L2_PROG,
 ];
 
 /// Why the data path could not be set up or used.
@@ -77,6 +93,15 @@ pub enum DatapathError {
     Pin { path: PathBuf, reason: String },
     #[error("bpffs at {path}: {reason}")]
     Bpffs { path: PathBuf, reason: String },
+    #[error(transparent)]
+    ExitClients(#[from] exit::ExitClientError),
+    #[error(
+        "the exit node's policy has no entry for its own mesh addresses: attaching now would \
+         cut it off from its mesh peers (sync the policy first)"
+    )]
+    ExitNotReady,
+    #[error("cannot count the CPUs for a per-CPU map: {0}")]
+    Cpus(String),
 }
 
 impl DatapathError {
@@ -93,6 +118,13 @@ impl DatapathError {
             source: Box::new(e),
         }
     }
+
+    fn missing_map(name: &str) -> Self {
+        DatapathError::Missing {
+            kind: "map",
+            name: name.to_owned(),
+        }
+    }
 }
 
 pub use nexd_proto::{AttachMode, CounterTotal};
@@ -105,6 +137,42 @@ pub fn running_kernel_mode() -> AttachMode {
     } else {
         AttachMode::Clsact
     }
+}
+
+/// How large to make the maps whose size is chosen at load time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Exit node clients: slots of the client maps, limits and per-CPU
+    /// counters (about 160 bytes per slot and CPU for the counters). A
+    /// device that never serves as an exit node can pass 1.
+    pub exit_clients: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            exit_clients: EXIT_CLIENTS_MAX,
+        }
+    }
+}
+
+/// The `struct __sk_buff` fields a test run may set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TestContext {
+    /// `skb->mark`.
+    pub mark: u32,
+    /// `skb->ingress_ifindex`: non-zero makes an egress packet look
+    /// forwarded (received on that interface) rather than locally made.
+    pub ingress_ifindex: u32,
+    /// `skb_shinfo(skb)->gso_segs`.
+    pub gso_segs: u32,
+}
+
+/// What a test run returned, with the packet as the program left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestRunOutput {
+    pub outcome: TestOutcome,
+    pub packet: Vec<u8>,
 }
 
 /// What a `BPF_PROG_TEST_RUN` of a classifier returned.
@@ -127,20 +195,33 @@ pub struct Datapath {
     pub(crate) mesh_prefixes: std::collections::HashSet<ipnet::IpNet>,
     pub(crate) endpoints: std::collections::HashSet<std::net::SocketAddr>,
     pub(crate) guard_set: maps::GuardSet,
+    pub(crate) exit: exit::ExitState,
     config: DatapathConfig,
     _logger: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Datapath {
-    /// Loads the object and verifies every program, attaching nothing.
-    /// `BPF_PROG_TEST_RUN` works on a detached data path.
+    /// Loads the object and verifies the programs every node needs
+    /// (`PROGRAMS`; the exit node's and the MSS clamp are verified on
+    /// first use), attaching nothing. `BPF_PROG_TEST_RUN` works on a
+    /// detached data path.
     pub fn load() -> Result<Self, DatapathError> {
+        Self::load_with(LoadOptions::default())
+    }
+
+    /// [`Datapath::load`] with map sizes of one's choosing.
+    pub fn load_with(opts: LoadOptions) -> Result<Self, DatapathError> {
         raise_memlock_limit();
+        let clients = opts.exit_clients.max(1);
         // No kernel BTF: the programs carry no CO-RE relocations, and
         // parsing /sys/kernel/btf/vmlinux (which `Ebpf::load` does twice)
         // was most of nexd's peak memory.
         let mut ebpf = EbpfLoader::new()
             .btf(None)
+            .map_max_entries(names::EXIT_CLIENTS_V4_MAP, clients)
+            .map_max_entries(names::EXIT_CLIENTS_V6_MAP, clients)
+            .map_max_entries(names::EXIT_LIMITS_MAP, clients)
+            .map_max_entries(names::EXIT_CLIENT_COUNTERS_MAP, clients)
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in PROGRAMS {
@@ -162,14 +243,50 @@ impl Datapath {
             mesh_prefixes: Default::default(),
             endpoints: Default::default(),
             guard_set: Default::default(),
+            exit: exit::ExitState::new(clients),
             config: DatapathConfig::default(),
             _logger: None,
         })
     }
 
+    /// Loads (verifies) `name` if it is not yet: the programs of
+    /// [`ON_DEMAND`] are loaded on first use.
+    pub(crate) fn ensure_loaded(&mut self, name: &str) -> Result<(), DatapathError> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::Missing {
+                kind: "program",
+                name: name.to_owned(),
+            })?
+            .try_into()
+            .map_err(|e| DatapathError::program(name, e))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| DatapathError::program(name, e))?;
+            debug!(program = name, "eBPF program verified on first use");
+        }
+        Ok(())
+    }
+
+    /// Verifies every program now, those loaded on demand included (an
+    /// exit node can call this at start to fail early; tests do).
+    pub fn verify_all(&mut self) -> Result<(), DatapathError> {
+        for name in PROGRAMS.iter().chain(ON_DEMAND.iter()) {
+            self.ensure_loaded(name)?;
+        }
+        Ok(())
+    }
+
     /// Loads and attaches the tunnel observers to the WireGuard interface.
     pub fn start(tunnel_iface: &str) -> Result<Self, DatapathError> {
-        let mut dp = Self::load()?;
+        Self::start_with(tunnel_iface, LoadOptions::default())
+    }
+
+    /// [`Datapath::start`] with map sizes of one's choosing: a node that
+    /// does not serve as an exit node passes `exit_clients: 1` and saves
+    /// the client maps' memory and their set-up time.
+    pub fn start_with(tunnel_iface: &str, opts: LoadOptions) -> Result<Self, DatapathError> {
+        let mut dp = Self::load_with(opts)?;
         dp.forward_logs();
         dp.attach_tunnel(tunnel_iface)?;
         info!(iface = tunnel_iface, mode = ?dp.mode, "eBPF data path loaded, tunnel counters attached");
@@ -279,6 +396,26 @@ impl Datapath {
         mark: u32,
         repeat: u32,
     ) -> Result<TestOutcome, DatapathError> {
+        let ctx = TestContext {
+            mark,
+            ..Default::default()
+        };
+        self.test_run_with(program, packet, ctx, repeat)
+            .map(|o| o.outcome)
+    }
+
+    /// Runs `program` `repeat` times over `packet` with BPF_PROG_TEST_RUN
+    /// from the context `ctx`; returns the packet as the program left it.
+    /// The kernel always hands a classifier an Ethernet frame here, so
+    /// programs for L3 links are tested through their `_l2` variants.
+    pub fn test_run_with(
+        &mut self,
+        program: &str,
+        packet: &[u8],
+        ctx: TestContext,
+        repeat: u32,
+    ) -> Result<TestRunOutput, DatapathError> {
+        self.ensure_loaded(program)?;
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(program)
@@ -288,10 +425,12 @@ impl Datapath {
             })?
             .try_into()
             .map_err(|e| DatapathError::program(program, e))?;
-        // struct __sk_buff is 192 bytes; `mark` is at offset 8. The kernel
-        // accepts a context with only the writable fields set.
+        // The kernel accepts a context with only the writable fields set.
         let mut ctx_in = [0u8; SK_BUFF_SIZE];
-        ctx_in[8..12].copy_from_slice(&mark.to_ne_bytes());
+        ctx_in[SKB_MARK..SKB_MARK + 4].copy_from_slice(&ctx.mark.to_ne_bytes());
+        ctx_in[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4]
+            .copy_from_slice(&ctx.ingress_ifindex.to_ne_bytes());
+        ctx_in[SKB_GSO_SEGS..SKB_GSO_SEGS + 4].copy_from_slice(&ctx.gso_segs.to_ne_bytes());
         let mut ctx_out = [0u8; SK_BUFF_SIZE];
         let mut data_out = vec![0u8; packet.len() + 256];
         let mut opts = TestRunOptions::new();
@@ -304,17 +443,25 @@ impl Datapath {
             .test_run(opts)
             .map_err(|e| DatapathError::program(program, e))?;
         let mut m = [0u8; 4];
-        m.copy_from_slice(&ctx_out[8..12]);
-        Ok(TestOutcome {
-            action: r.return_value as i32,
-            mark: u32::from_ne_bytes(m),
-            nanos_per_run: r.duration.as_nanos() as u64,
+        m.copy_from_slice(&ctx_out[SKB_MARK..SKB_MARK + 4]);
+        data_out.truncate(r.data_size_out as usize);
+        Ok(TestRunOutput {
+            outcome: TestOutcome {
+                action: r.return_value as i32,
+                mark: u32::from_ne_bytes(m),
+                nanos_per_run: r.duration.as_nanos() as u64,
+            },
+            packet: data_out,
         })
     }
 }
 
-/// Size of the UAPI `struct __sk_buff`.
+/// Size of the UAPI `struct __sk_buff`, and the offsets of the fields a
+/// test run sets (include/uapi/linux/bpf.h).
 const SK_BUFF_SIZE: usize = 192;
+const SKB_MARK: usize = 8;
+const SKB_INGRESS_IFINDEX: usize = 36;
+const SKB_GSO_SEGS: usize = 164;
 
 impl Drop for Datapath {
     fn drop(&mut self) {

@@ -1,8 +1,12 @@
 //! Exit node forwarding: IP forwarding on (v4 and v6) while serving, and
 //! one nftables table, `inet nexd`, that masquerades mesh traffic leaving
-//! the uplink, accepts forwarding from the WireGuard interface, and drops
-//! packets claiming a mesh source address that arrive anywhere but the
-//! WireGuard interface (spoofed from outside the mesh).
+//! the uplink, lets only replies (`ct state established,related`) be
+//! forwarded into the WireGuard interface (nobody outside opens a
+//! connection to a client through the exit node), accepts forwarding
+//! from the WireGuard interface (who may go where is the eBPF exit
+//! programs' job, `datapath::exit`), and drops packets claiming a mesh
+//! source address that arrive anywhere but the WireGuard interface
+//! (spoofed from outside the mesh).
 //!
 //! The table is replaced atomically (one `nft -f` transaction) and deleted
 //! on stop; forwarding sysctls go back to their original values.
@@ -60,6 +64,7 @@ pub fn script(wg: &str, uplinks: &Uplinks, v4: Ipv4Net, v6: Ipv6Net) -> String {
          \x20 counter returned {{ }}\n\
          \x20 counter masqueraded {{ }}\n\
          \x20 counter spoofed {{ }}\n\
+         \x20 counter inbound_dropped {{ }}\n\
          \x20 chain prerouting {{\n\
          \x20   type filter hook prerouting priority raw; policy accept;\n\
          \x20   iifname != \"{wg}\" ip saddr {v4} counter name \"spoofed\" drop\n\
@@ -67,8 +72,9 @@ pub fn script(wg: &str, uplinks: &Uplinks, v4: Ipv4Net, v6: Ipv6Net) -> String {
          \x20 }}\n\
          \x20 chain forward {{\n\
          \x20   type filter hook forward priority filter; policy accept;\n\
-         \x20   iifname \"{wg}\" counter name \"forwarded\" accept\n\
          \x20   oifname \"{wg}\" ct state established,related counter name \"returned\" accept\n\
+         \x20   oifname \"{wg}\" counter name \"inbound_dropped\" drop\n\
+         \x20   iifname \"{wg}\" counter name \"forwarded\" accept\n\
          \x20 }}\n\
          \x20 chain postrouting {{\n\
          \x20   type nat hook postrouting priority srcnat; policy accept;\n\
@@ -166,6 +172,32 @@ mod tests {
             s.contains("iifname \"wg0\" counter name \"forwarded\" accept"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn only_replies_are_forwarded_into_the_tunnel() {
+        let s = script(
+            "wg0",
+            &Uplinks {
+                v4: Some("eth0".into()),
+                v6: None,
+            },
+            "100.64.0.0/10".parse().expect("v4"),
+            "fd00::/48".parse().expect("v6"),
+        );
+        let returned = s
+            .find("oifname \"wg0\" ct state established,related counter name \"returned\" accept")
+            .expect("replies accepted");
+        let dropped = s
+            .find("oifname \"wg0\" counter name \"inbound_dropped\" drop")
+            .expect("the rest dropped");
+        let forwarded = s
+            .find("iifname \"wg0\" counter name \"forwarded\" accept")
+            .expect("forwarded");
+        // In this order: replies first, then the drop, before anything
+        // from the tunnel is accepted (a client relaying to another client
+        // is a new connection into the tunnel too).
+        assert!(returned < dropped && dropped < forwarded, "{s}");
     }
 
     #[test]

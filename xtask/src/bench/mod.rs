@@ -5,6 +5,7 @@
 
 mod control;
 mod datapath;
+mod exit;
 mod stats;
 mod throughput;
 
@@ -23,7 +24,7 @@ pub struct Args {
     /// Write the results as JSON here.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
-    /// Only these benchmarks (repeatable): classifier, split, throughput, control.
+    /// Only these benchmarks (repeatable): classifier, split, throughput, control, exit.
     #[arg(long = "only", value_name = "NAME")]
     pub only: Vec<String>,
     /// Rounds per measurement after the warm-up (ignored with --quick).
@@ -82,6 +83,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if wanted("control") {
         step("4. control-plane timings and memory");
         rows.extend(control::run(&plan)?);
+    }
+    if wanted("exit") {
+        step("5. exit node policy: CPU per forwarded packet, eBPF against nftables");
+        rows.extend(exit::run(&plan)?);
     }
     println!();
     print!("{}", stats::table(&rows));

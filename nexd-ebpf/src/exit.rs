@@ -1,0 +1,320 @@
+//! The exit node's programs, on its WireGuard interface.
+//!
+//! Ingress (packets out of the tunnel, from mesh members), in this order:
+//!
+//! 1. the destination's policy entry (one LPM lookup): the exit node's own
+//!    mesh address passes at once (mesh services, for every member);
+//! 2. the source must be a served client's mesh address (one hash
+//!    lookup; WireGuard's cryptokey routing already guarantees the source
+//!    belongs to the peer that sent it): otherwise dropped, counted as
+//!    unauthorized;
+//! 3. a denied destination (private, link-local, metadata, connected...)
+//!    is dropped, counted per client and reason; an allow entry inside a
+//!    denied prefix wins by being longer;
+//! 4. the client's token bucket for this direction, if it has a limit;
+//! 5. MSS clamping of SYNs;
+//! 6. the client's counters.
+//!
+//! Egress (packets into the tunnel): only packets the exit node forwards
+//! (received on another interface) to a served client: the client's other
+//! token bucket, MSS clamping of SYN-ACKs, the client's counters. The
+//! exit node's own packets (announcements, DNS answers) and packets to
+//! non-clients pass untouched: the stateful part ("only replies towards
+//! the tunnel") is nftables' `ct state` in the forward chain, where the
+//! connection tracking that masquerading needs already runs.
+//!
+//! Stated rules for odd input (`parse.rs`): on ingress, frames that are
+//! not IP, VLAN-tagged or malformed are dropped (nothing else can be
+//! forwarded, and what cannot be classified must not pass); IPv4 later
+//! fragments are judged by their addresses like any packet (present in
+//! every fragment), only the MSS clamp needs the first fragment. On egress
+//! they pass (counted), as the kernel made them.
+//!
+//! Rate limits, and why they are atomic enough: a client's bucket is one
+//! word shared by all CPUs (per-CPU buckets would split the rate by the
+//! number of CPUs a client's packets happen to land on). Admission reads
+//! it, and an admitted packet adds its cost with an atomic add, so under
+//! load (the bucket busy) every admitted byte is accounted exactly and the
+//! long-run rate holds; CPUs admitting at the same instant can overshoot
+//! the burst by one packet each. When the bucket has been idle (its time
+//! is in the past) it is restarted at "now" with a plain store; two CPUs
+//! doing that at once can forget one packet's cost. Both errors are at
+//! most a packet per CPU, only at the edges of a burst, and never drop
+//! traffic below the limit. No lock, no compare-and-swap loop (which
+//! would need kernel 5.12 and could spin).
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns, macros::classifier, maps::lpm_trie::Key, programs::TcContext,
+};
+use nexd_common::{
+    counters::Counter,
+    exit::{
+        BUCKET_FRAC_BITS, Bucket, DENIED_SLOTS, DenyReason, FLAG_EXIT_ENFORCE, POLICY_ALLOW,
+        POLICY_LOCAL,
+    },
+};
+
+use crate::{
+    TC_NEXT, TC_SHOT,
+    maps::{
+        EXIT_CLIENT_COUNTERS, EXIT_CLIENTS_V4, EXIT_CLIENTS_V6, EXIT_LIMITS, EXIT_POLICY_V4,
+        EXIT_POLICY_V6, count, exit_config,
+    },
+    mss::{IPPROTO_TCP, clamp_parsed},
+    parse::{Parsed, parse},
+};
+
+/// GSO segments this skb stands for (a GRO aggregate is one skb).
+#[inline(always)]
+fn segments(ctx: &TcContext) -> u64 {
+    // SAFETY: the skb pointer is valid for the program's run.
+    let segs = unsafe { (*ctx.skb.skb).gso_segs };
+    u64::from(if segs == 0 { 1 } else { segs })
+}
+
+/// Whether the bucket admits `len` more bytes now (see the module's
+/// comment on atomicity).
+#[inline(always)]
+fn admit(bucket: *mut Bucket, len: u32) -> bool {
+    // SAFETY: `bucket` points into an array map value, valid for the
+    // program's run; user space may rewrite it concurrently, which at
+    // worst restarts the bucket.
+    unsafe {
+        let ns_per_byte = core::ptr::read_volatile(&raw const (*bucket).ns_per_byte);
+        if ns_per_byte == 0 {
+            return true;
+        }
+        let burst = core::ptr::read_volatile(&raw const (*bucket).burst_ns);
+        let tat_ptr = &raw mut (*bucket).tat_ns;
+        let now = bpf_ktime_get_ns();
+        let cost = (u64::from(len) * ns_per_byte) >> BUCKET_FRAC_BITS;
+        let mut tat = core::ptr::read_volatile(tat_ptr);
+        if tat < now {
+            core::ptr::write_volatile(tat_ptr, now);
+            tat = now;
+        }
+        if tat + cost > now + burst {
+            return false;
+        }
+        // An atomic add (BPF_XADD, every kernel): the one write that must
+        // not be lost. `AtomicU64::fetch_add` is not offered on this target
+        // (no compare-and-swap), the intrinsic is.
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(tat_ptr, cost);
+        true
+    }
+}
+
+/// Counts a dropped packet of client `slot` under `reason` (a reason
+/// index). The mask keeps the index inside the array in a way the
+/// verifier can see (a bounds check compiles to a compare on a copy of
+/// the register, which it does not connect to the one used); an
+/// impossible out-of-range reason lands in a spare slot.
+#[inline(always)]
+fn count_denied(slot: u32, reason: usize) {
+    if let Some(c) = EXIT_CLIENT_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's slot of a per-CPU array value; the index is
+        // below DENIED_SLOTS.
+        unsafe {
+            let d = (&raw mut (*c).denied)
+                .cast::<u64>()
+                .add(reason & (DENIED_SLOTS - 1));
+            *d += 1;
+        }
+    }
+}
+
+/// What the exit programs need of a packet, whatever its family.
+struct Seen {
+    /// The client slot of the source (ingress) or destination (egress).
+    slot: Option<u32>,
+    /// The destination's policy entry (ingress only).
+    policy: Option<u8>,
+    /// Offset of the TCP header, if TCP with a header.
+    tcp_l4: Option<usize>,
+    v6: bool,
+}
+
+#[inline(always)]
+fn policy4(dst: [u8; 4]) -> Option<u8> {
+    EXIT_POLICY_V4.get(Key::new(32, dst)).copied()
+}
+
+#[inline(always)]
+fn policy6(dst: [u8; 16]) -> Option<u8> {
+    EXIT_POLICY_V6.get(Key::new(128, dst)).copied()
+}
+
+#[inline(always)]
+fn client4(addr: [u8; 4]) -> Option<u32> {
+    // SAFETY: a hash map value pointer, read once.
+    EXIT_CLIENTS_V4.get_ptr(addr).map(|p| unsafe { *p })
+}
+
+#[inline(always)]
+fn client6(addr: [u8; 16]) -> Option<u32> {
+    // SAFETY: as above.
+    EXIT_CLIENTS_V6.get_ptr(addr).map(|p| unsafe { *p })
+}
+
+#[inline(always)]
+fn exit_ingress(ctx: &TcContext, l2: bool) -> i32 {
+    if exit_config().flags & FLAG_EXIT_ENFORCE == 0 {
+        return TC_NEXT;
+    }
+    let len = ctx.len();
+    let seen = match parse(ctx, l2) {
+        Parsed::Arp | Parsed::NotIp => {
+            count(Counter::NotIp, len);
+            return TC_SHOT;
+        }
+        Parsed::Vlan => {
+            count(Counter::Vlan, len);
+            return TC_SHOT;
+        }
+        Parsed::Malformed => {
+            count(Counter::Malformed, len);
+            return TC_SHOT;
+        }
+        Parsed::V4(p) => {
+            let policy = policy4(p.dst);
+            if policy == Some(POLICY_LOCAL) {
+                count(Counter::ExitLocal, len);
+                return TC_NEXT;
+            }
+            Seen {
+                slot: client4(p.src),
+                policy,
+                tcp_l4: (p.proto == IPPROTO_TCP && !p.later_fragment).then_some(p.l4),
+                v6: false,
+            }
+        }
+        Parsed::V6(p) => {
+            let policy = policy6(p.dst);
+            if policy == Some(POLICY_LOCAL) {
+                count(Counter::ExitLocal, len);
+                return TC_NEXT;
+            }
+            Seen {
+                slot: client6(p.src),
+                policy,
+                tcp_l4: (p.next == IPPROTO_TCP).then_some(p.l4),
+                v6: true,
+            }
+        }
+    };
+    let Some(slot) = seen.slot else {
+        count(Counter::ExitUnauthorized, len);
+        return TC_SHOT;
+    };
+    if let Some(v) = seen.policy
+        && v != POLICY_ALLOW
+    {
+        count_denied(slot, usize::from(v));
+        count(Counter::ExitDenied, len);
+        return TC_SHOT;
+    }
+    if let Some(limit) = EXIT_LIMITS.get_ptr_mut(slot) {
+        // SAFETY: an array map value, valid for the program's run.
+        if !admit(unsafe { &raw mut (*limit).from_client }, len) {
+            count_denied(slot, DenyReason::RateFromClient.index());
+            count(Counter::ExitRateLimited, len);
+            return TC_SHOT;
+        }
+    }
+    clamp_parsed(ctx, seen.tcp_l4, seen.v6, len);
+    if let Some(c) = EXIT_CLIENT_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's slot of a per-CPU array value.
+        unsafe {
+            (*c).rx_packets += segments(ctx);
+            (*c).rx_bytes += u64::from(len);
+        }
+    }
+    TC_NEXT
+}
+
+#[inline(always)]
+fn exit_egress(ctx: &TcContext, l2: bool) -> i32 {
+    if exit_config().flags & FLAG_EXIT_ENFORCE == 0 {
+        return TC_NEXT;
+    }
+    // Only forwarded packets are exit traffic; the exit node's own (its
+    // announcements, its resolver's answers) were not received anywhere.
+    // SAFETY: the skb pointer is valid for the program's run.
+    if unsafe { (*ctx.skb.skb).ingress_ifindex } == 0 {
+        return TC_NEXT;
+    }
+    let len = ctx.len();
+    let seen = match parse(ctx, l2) {
+        Parsed::Arp | Parsed::NotIp => {
+            count(Counter::NotIp, len);
+            return TC_NEXT;
+        }
+        Parsed::Vlan => {
+            count(Counter::Vlan, len);
+            return TC_NEXT;
+        }
+        Parsed::Malformed => {
+            count(Counter::Malformed, len);
+            return TC_NEXT;
+        }
+        Parsed::V4(p) => Seen {
+            slot: client4(p.dst),
+            policy: None,
+            tcp_l4: (p.proto == IPPROTO_TCP && !p.later_fragment).then_some(p.l4),
+            v6: false,
+        },
+        Parsed::V6(p) => Seen {
+            slot: client6(p.dst),
+            policy: None,
+            tcp_l4: (p.next == IPPROTO_TCP).then_some(p.l4),
+            v6: true,
+        },
+    };
+    let Some(slot) = seen.slot else {
+        return TC_NEXT;
+    };
+    if let Some(limit) = EXIT_LIMITS.get_ptr_mut(slot) {
+        // SAFETY: an array map value, valid for the program's run.
+        if !admit(unsafe { &raw mut (*limit).to_client }, len) {
+            count_denied(slot, DenyReason::RateToClient.index());
+            count(Counter::ExitRateLimited, len);
+            return TC_SHOT;
+        }
+    }
+    clamp_parsed(ctx, seen.tcp_l4, seen.v6, len);
+    if let Some(c) = EXIT_CLIENT_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's slot of a per-CPU array value.
+        unsafe {
+            (*c).tx_packets += segments(ctx);
+            (*c).tx_bytes += u64::from(len);
+        }
+    }
+    TC_NEXT
+}
+
+/// Exit node, WireGuard ingress (no link-layer header).
+#[classifier]
+pub fn nexd_exit_ingress(ctx: TcContext) -> i32 {
+    exit_ingress(&ctx, false)
+}
+
+/// Exit node ingress on an Ethernet link (tests, benchmarks, a TAP-based
+/// tunnel).
+#[classifier]
+pub fn nexd_exit_ingress_l2(ctx: TcContext) -> i32 {
+    exit_ingress(&ctx, true)
+}
+
+/// Exit node, WireGuard egress (no link-layer header).
+#[classifier]
+pub fn nexd_exit_egress(ctx: TcContext) -> i32 {
+    exit_egress(&ctx, false)
+}
+
+/// Exit node egress on an Ethernet link.
+#[classifier]
+pub fn nexd_exit_egress_l2(ctx: TcContext) -> i32 {
+    exit_egress(&ctx, true)
+}
