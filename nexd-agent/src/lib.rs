@@ -8,6 +8,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod devsock;
 pub mod exclude;
 pub mod exit;
 pub mod keys;
