@@ -9,6 +9,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod devsock;
+pub mod dns;
 pub mod exclude;
 pub mod exit;
 pub mod keys;
