@@ -111,6 +111,12 @@ impl Serialize for Endpoint {
 }
 
 impl Device {
+    /// The device's mesh addresses, IPv4 then IPv6: what a source check
+    /// (announcements, the exit node's DNS) admits for it.
+    pub fn mesh_addrs(&self) -> [IpAddr; 2] {
+        [IpAddr::V4(self.ipv4), IpAddr::V6(self.ipv6)]
+    }
+
     /// Whether this device, as exit node, serves the device named `name`
     /// (the caller rules out the device itself).
     fn serves_name(&self, name: &str) -> bool {
@@ -242,6 +248,17 @@ mod tests {
         assert_eq!(names(m.exit_nodes_for(&e1)), Vec::<&str>::new());
         assert_eq!(names(m.exit_nodes_for(&e2)), ["e1"]);
         assert_eq!(names(m.exit_clients_of(&e2)), ["c1"]);
+        let dns_allowed: Vec<IpAddr> = m
+            .exit_clients_of(&e2)
+            .flat_map(Device::mesh_addrs)
+            .collect();
+        assert_eq!(
+            dns_allowed,
+            [
+                "100.64.0.5".parse::<IpAddr>().expect("ip"),
+                "fd6e:6578:6400::5".parse().expect("ip")
+            ]
+        );
         assert_eq!(names(m.exit_clients_of(&e3)), Vec::<&str>::new());
         assert_eq!(names(m.exit_clients_of(&n)), Vec::<&str>::new());
         assert_eq!(names(m.exit_clients_of(&e1)), ["e2", "e3", "n", "c1", "c2"]);
