@@ -424,3 +424,123 @@ fn exit_node_resolver_answers_its_clients_only_and_asks_from_the_exit_node() -> 
     assert_eq!(answered(again, "after restart")?, [IpAddr::V4(WWW_V4)]);
     Ok(())
 }
+
+/// The bounds, against an upstream that never answers: queries in flight
+/// capped (the rest dropped and counted), each answered SERVFAIL at its
+/// deadline; TCP connections capped; idle connections closed; oversized
+/// datagrams and responses dropped unanswered.
+#[test]
+fn exit_node_resolver_bounds_what_clients_can_make_it_hold() -> anyhow::Result<()> {
+    if !nexd_testkit::can_run_network_tests() {
+        eprintln!("skipped: needs root to create network namespaces");
+        return Ok(());
+    }
+    let client = Netns::new("dnsbclient")?;
+    let exit = Netns::new("dnsbexit")?;
+    let inet = Netns::new("dnsbinet")?;
+    veth(&client, "c0", &exit, "wg0")?;
+    veth(&exit, "up0", &inet, "eth0")?;
+    client.ip("addr add 100.64.0.2/10 dev c0")?;
+    exit.ip("addr add 100.64.0.1/10 dev wg0")?;
+    exit.ip("addr add 192.0.2.1/24 dev up0")?;
+    exit.ip("route add default via 192.0.2.254")?;
+    inet.ip("addr add 192.0.2.254/24 dev eth0")?;
+    inet.ip(&format!("addr add {UPSTREAM}/32 dev lo"))?;
+    // The black hole: sockets that exist (no ICMP refusal) and never read.
+    let addr = SocketAddr::new(ip(UPSTREAM), 53);
+    let _hole_udp = inet.run_in(move || UdpSocket::bind(addr).context("hole udp"))?;
+    let _hole_tcp = inet.run_in(move || std::net::TcpListener::bind(addr).context("hole tcp"))?;
+
+    let resolv_conf = TempFile::new(
+        "hole.conf",
+        &format!("nameserver {UPSTREAM}\noptions timeout:2\n"),
+    )?;
+    let limits = Limits {
+        max_in_flight: 4,
+        max_tcp_connections: 2,
+        query_timeout: Duration::from_millis(500),
+        tcp_idle_timeout: Duration::from_millis(800),
+        max_query_len: 512,
+        cache_entries: 16,
+    };
+    let config = DnsConfig {
+        bind: vec![ip("100.64.0.1")],
+        port: dns::PORT,
+        interface: Some("wg0".into()),
+        resolv_conf: resolv_conf.0.clone(),
+        limits,
+    };
+    let resolver = Resolver::start(&exit, config, vec![ip("100.64.0.2")])?;
+
+    // Ten queries at once: four are worked on and get SERVFAIL at the
+    // deadline, six are dropped.
+    let replies = client.run_in(|| -> anyhow::Result<Vec<ResponseCode>> {
+        let s = UdpSocket::bind("100.64.0.2:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        for i in 0..10u16 {
+            let mut m = Message::new(i, MessageType::Query, OpCode::Query);
+            m.metadata.recursion_desired = true;
+            m.add_query(Query::query(
+                Name::from_str(&format!("q{i}.nexd.test."))?,
+                RecordType::A,
+            ));
+            s.send_to(&m.to_vec()?, "100.64.0.1:53")?;
+        }
+        let mut codes = Vec::new();
+        let mut buf = [0u8; 1500];
+        while let Ok((n, _)) = s.recv_from(&mut buf) {
+            codes.push(Message::from_vec(&buf[..n])?.metadata.response_code);
+        }
+        Ok(codes)
+    })?;
+    assert_eq!(replies, vec![ResponseCode::ServFail; 4], "{replies:?}");
+    let c = resolver.counters()?;
+    assert_eq!((c.overloaded, c.timed_out), (6, 4), "{c:?}");
+
+    // Oversized, and a response instead of a query: dropped unanswered.
+    let unanswered = client.run_in(|| -> anyhow::Result<usize> {
+        let s = UdpSocket::bind("100.64.0.2:0")?;
+        s.set_read_timeout(Some(Duration::from_millis(700)))?;
+        s.send_to(&[0u8; 600], "100.64.0.1:53")?;
+        let mut response = Message::new(7, MessageType::Response, OpCode::Query);
+        response.add_query(Query::query(
+            Name::from_str("www.nexd.test.")?,
+            RecordType::A,
+        ));
+        s.send_to(&response.to_vec()?, "100.64.0.1:53")?;
+        let mut buf = [0u8; 1500];
+        let mut got = 0;
+        while s.recv_from(&mut buf).is_ok() {
+            got += 1;
+        }
+        Ok(got)
+    })?;
+    assert_eq!(unanswered, 0);
+    assert_eq!(resolver.counters()?.malformed, 2);
+
+    // Two TCP connections are held (idle); a third is closed at once;
+    // the idle ones are closed after the idle deadline.
+    let tcp = client.run_in(|| -> anyhow::Result<(bool, bool)> {
+        let server = SocketAddr::new(ip("100.64.0.1"), 53);
+        let a = TcpStream::connect_timeout(&server, WAIT)?;
+        let _b = TcpStream::connect_timeout(&server, WAIT)?;
+        std::thread::sleep(Duration::from_millis(100));
+        let mut third = TcpStream::connect_timeout(&server, WAIT)?;
+        third.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let mut buf = [0u8; 1];
+        let third_closed = match third.read(&mut buf) {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        };
+        let mut a = a;
+        a.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let idle_closed = matches!(a.read(&mut buf), Ok(0));
+        Ok((third_closed, idle_closed))
+    })?;
+    assert_eq!(tcp, (true, true), "(third closed at once, idle closed)");
+    assert_eq!(resolver.counters()?.overloaded_connections, 1);
+    Ok(())
+}

@@ -42,7 +42,10 @@ use std::{
 
 use hickory_server::zone_handler::Catalog;
 use serde::Serialize;
-use tokio::{sync::Semaphore, task::JoinHandle};
+use tokio::{
+    sync::{Semaphore, watch},
+    task::JoinHandle,
+};
 
 /// The DNS port.
 pub const PORT: u16 = 53;
@@ -235,6 +238,7 @@ impl Shared {
 pub struct DnsHandle {
     shared: Arc<Shared>,
     bound: Vec<SocketAddr>,
+    stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -269,14 +273,23 @@ pub fn start(
         sockets.push((udp, tcp));
     }
     let _enter = runtime.enter();
+    let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut bound = Vec::new();
     for (udp, tcp) in sockets {
         bound.push(udp.local_addr().map_err(DnsError::Bind)?);
         let udp = tokio::net::UdpSocket::from_std(udp).map_err(DnsError::Bind)?;
         let tcp = tokio::net::TcpListener::from_std(tcp).map_err(DnsError::Bind)?;
-        tasks.push(tokio::spawn(serve::udp(udp, Arc::clone(&shared))));
-        tasks.push(tokio::spawn(serve::tcp(tcp, Arc::clone(&shared))));
+        tasks.push(tokio::spawn(serve::udp(
+            udp,
+            Arc::clone(&shared),
+            stopped.clone(),
+        )));
+        tasks.push(tokio::spawn(serve::tcp(
+            tcp,
+            Arc::clone(&shared),
+            stopped.clone(),
+        )));
     }
     tracing::info!(
         addresses = ?bound,
@@ -287,6 +300,7 @@ pub fn start(
     Ok(DnsHandle {
         shared,
         bound,
+        stop,
         tasks,
     })
 }
@@ -321,14 +335,14 @@ impl DnsHandle {
         self.shared.counters.snapshot()
     }
 
-    /// Stops serving and waits until every socket is closed (so the port
-    /// can be bound again at once).
+    /// Stops serving: ends the queries in flight and the TCP connections,
+    /// and returns once every socket is closed (so the port can be bound
+    /// again at once).
     pub async fn shutdown(mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        // Receivers gone means the tasks are gone already.
+        let _ = self.stop.send(true);
         for t in self.tasks.drain(..) {
-            // Aborted: the error says so; nothing else can come back.
+            // A task that panicked is gone as well; nothing else comes back.
             let _ = t.await;
         }
         tracing::info!("DNS resolver stopped");

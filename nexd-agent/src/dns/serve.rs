@@ -22,6 +22,7 @@ use hickory_server::{
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream, UdpSocket},
+    sync::watch,
     task::JoinSet,
     time::timeout,
 };
@@ -149,15 +150,20 @@ fn reap(set: &mut JoinSet<()>) {
     while set.try_join_next().is_some() {}
 }
 
-/// Serves one UDP socket until aborted.
-pub(super) async fn udp(sock: UdpSocket, shared: Arc<Shared>) {
+/// Serves one UDP socket until `stop` changes; then ends the queries in
+/// flight and closes the socket before returning.
+pub(super) async fn udp(sock: UdpSocket, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let sock = Arc::new(sock);
     let limits = shared.config.limits;
     // One byte more than the limit tells an oversized datagram apart.
     let mut buf = vec![0u8; limits.max_query_len + 1];
     let mut in_flight = JoinSet::new();
     loop {
-        let (n, src) = match sock.recv_from(&mut buf).await {
+        let received = tokio::select! {
+            r = sock.recv_from(&mut buf) => r,
+            _ = stop.changed() => break,
+        };
+        let (n, src) = match received {
             Ok(r) => r,
             Err(e) => {
                 debug!(error = %e, "DNS receive failed");
@@ -201,13 +207,24 @@ pub(super) async fn udp(sock: UdpSocket, shared: Arc<Shared>) {
             }
         });
     }
+    // Every task holding the socket ends before it is dropped here.
+    in_flight.shutdown().await;
 }
 
-/// Serves one TCP listener until aborted.
-pub(super) async fn tcp(listener: TcpListener, shared: Arc<Shared>) {
+/// Serves one TCP listener until `stop` changes; then closes every
+/// connection and the listener before returning.
+pub(super) async fn tcp(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut connections = JoinSet::new();
     loop {
-        let (stream, src) = match listener.accept().await {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => break,
+        };
+        let (stream, src) = match accepted {
             Ok(r) => r,
             Err(e) => {
                 debug!(error = %e, "DNS accept failed");
@@ -233,6 +250,7 @@ pub(super) async fn tcp(listener: TcpListener, shared: Arc<Shared>) {
             }
         });
     }
+    connections.shutdown().await;
 }
 
 /// One TCP connection: length-prefixed queries one after the other
