@@ -159,10 +159,10 @@ fn exit_table_forwards_out_refuses_in_and_guards_the_host() -> anyhow::Result<()
     })?;
 
     // In from the exit node's network: refused, counted.
-    let before = counter(&l.exit, "inbound_refused")?;
+    let before = counter(&l.exit, "inbound_dropped")?;
     refused(&l.inet, &l.client, "100.64.0.2")?;
     refused(&l.inet, &l.client, "fd6e:6578:6400::2")?;
-    assert!(counter(&l.exit, "inbound_refused")? > before);
+    assert!(counter(&l.exit, "inbound_dropped")? > before);
 
     // The exit host itself: its mesh address answers, its uplink address
     // (v4 and v6) does not.
@@ -174,10 +174,10 @@ fn exit_table_forwards_out_refuses_in_and_guards_the_host() -> anyhow::Result<()
         seen_from(&l.client, &l.exit, "fd6e:6578:6400::1")?,
         ip("fd6e:6578:6400::2")
     );
-    let before = counter(&l.exit, "local_refused")?;
+    let before = counter(&l.exit, "local_dropped")?;
     refused(&l.client, &l.exit, "192.0.2.1")?;
     refused(&l.client, &l.exit, "2001:db8:1::1")?;
-    assert!(counter(&l.exit, "local_refused")? > before);
+    assert!(counter(&l.exit, "local_dropped")? > before);
 
     // A mesh source from outside the tunnel: dropped before routing.
     l.inet.ip("addr add 100.64.0.99/32 dev lo")?;

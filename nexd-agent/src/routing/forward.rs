@@ -8,8 +8,8 @@
 //!   outside the mesh);
 //! * forward: towards the WireGuard interface only replies
 //!   (`ct state established,related`, which includes ICMP errors such as
-//!   "fragmentation needed"); a new connection from outside into a client
-//!   is dropped and counted. The chain's policy stays `accept` (nexd does
+//!   "fragmentation needed"); a new connection into a client is dropped
+//!   and counted, from outside and from another client alike. The chain's policy stays `accept` (nexd does
 //!   not decide for the host's other traffic), so the refusal is an
 //!   explicit `drop`: an accept-only rule for replies, as before, changed
 //!   nothing under `policy accept`. Traffic from the tunnel is accepted
@@ -49,11 +49,12 @@ pub const COUNTERS: [&str; 6] = [
     "forwarded",
     // Replies and related ICMP towards the tunnel.
     "returned",
-    // New connections from outside towards a client: dropped.
-    "inbound_refused",
+    // New connections towards a client (from outside, or relayed from
+    // another client): dropped.
+    "inbound_dropped",
     // From the tunnel to one of the host's addresses that is not its mesh
     // address: dropped.
-    "local_refused",
+    "local_dropped",
     // Masqueraded out of the uplink.
     "masqueraded",
     // A mesh source address arriving outside the tunnel: dropped.
@@ -137,8 +138,8 @@ impl ExitRules {
             Some((own4, own6)) => format!(
                 "  chain input {{\n\
                  \x20   type filter hook input priority filter; policy accept;\n\
-                 \x20   iifname \"{wg}\" ip daddr != {own4} counter name \"local_refused\" drop\n\
-                 \x20   iifname \"{wg}\" ip6 daddr != {own6} counter name \"local_refused\" drop\n\
+                 \x20   iifname \"{wg}\" ip daddr != {own4} counter name \"local_dropped\" drop\n\
+                 \x20   iifname \"{wg}\" ip6 daddr != {own6} counter name \"local_dropped\" drop\n\
                  \x20 }}\n"
             ),
         };
@@ -159,7 +160,7 @@ impl ExitRules {
              \x20 chain forward {{\n\
              \x20   type filter hook forward priority filter; policy accept;\n\
              \x20   oifname \"{wg}\" ct state established,related counter name \"returned\" accept\n\
-             \x20   oifname \"{wg}\" iifname != \"{wg}\" counter name \"inbound_refused\" drop\n\
+             \x20   oifname \"{wg}\" counter name \"inbound_dropped\" drop\n\
              \x20   iifname \"{wg}\" counter name \"forwarded\" accept\n\
              \x20 }}\n\
              {input}\
@@ -278,8 +279,8 @@ delete table inet nexd
 table inet nexd {
   counter forwarded { }
   counter returned { }
-  counter inbound_refused { }
-  counter local_refused { }
+  counter inbound_dropped { }
+  counter local_dropped { }
   counter masqueraded { }
   counter spoofed { }
   chain prerouting {
@@ -290,13 +291,13 @@ table inet nexd {
   chain forward {
     type filter hook forward priority filter; policy accept;
     oifname "wg0" ct state established,related counter name "returned" accept
-    oifname "wg0" iifname != "wg0" counter name "inbound_refused" drop
+    oifname "wg0" counter name "inbound_dropped" drop
     iifname "wg0" counter name "forwarded" accept
   }
   chain input {
     type filter hook input priority filter; policy accept;
-    iifname "wg0" ip daddr != 100.64.0.1 counter name "local_refused" drop
-    iifname "wg0" ip6 daddr != fd6e:6578:6400::1 counter name "local_refused" drop
+    iifname "wg0" ip daddr != 100.64.0.1 counter name "local_dropped" drop
+    iifname "wg0" ip6 daddr != fd6e:6578:6400::1 counter name "local_dropped" drop
   }
   chain postrouting {
     type nat hook postrouting priority srcnat; policy accept;
@@ -316,12 +317,16 @@ table inet nexd {
                 .unwrap_or_else(|| panic!("{needle:?} missing from\n{s}"))
         };
         // Under `policy accept` only an explicit drop refuses anything:
-        // the reply rule must come first, the drop right after it, and
-        // the accept from the tunnel must not match packets towards it
-        // from outside (it matches on the input interface).
-        assert!(at("ct state established,related") < at("\"inbound_refused\" drop"));
-        assert!(at("\"inbound_refused\" drop") < at("iifname \"wg0\" counter name \"forwarded\""));
-        assert!(s.contains("oifname \"wg0\" iifname != \"wg0\""), "{s}");
+        // the reply rule must come first, then the drop of everything else
+        // towards the tunnel (from outside, and from the tunnel itself: a
+        // client relaying to another client is a new connection into the
+        // tunnel too), and only then the accept from the tunnel.
+        assert!(at("ct state established,related") < at("\"inbound_dropped\" drop"));
+        assert!(at("\"inbound_dropped\" drop") < at("iifname \"wg0\" counter name \"forwarded\""));
+        assert!(
+            s.contains("oifname \"wg0\" counter name \"inbound_dropped\" drop"),
+            "{s}"
+        );
     }
 
     #[test]
@@ -330,7 +335,7 @@ table inet nexd {
         r.own = None;
         let s = r.script();
         assert!(!s.contains("chain input"), "{s}");
-        assert!(s.contains("\"inbound_refused\" drop"), "{s}");
+        assert!(s.contains("\"inbound_dropped\" drop"), "{s}");
         assert_eq!(
             script("wg0", &r.uplinks, r.mesh_v4, r.mesh_v6),
             s,
