@@ -6,7 +6,7 @@
 //! `gbyte` (1 kbyte = 8,000 bit/s). tc's own `kbps` means kilo*bytes* and
 //! is a classic trap, so `bps`-style units are rejected with a hint.
 //! A decimal number is allowed (`"1.5gbit"`) when the result is a whole
-//! number of bits per second.
+//! number of bits per second, and `/s` may follow the unit (`"200mbit/s"`).
 
 use std::fmt;
 
@@ -70,7 +70,9 @@ pub fn parse(s: &str) -> Result<Rate, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (number, unit) = (&t[..split], t[split..].trim().to_ascii_lowercase());
-    let multiplier: u64 = match unit.as_str() {
+    // "200mbit/s" says the same as "200mbit".
+    let unit = unit.strip_suffix("/s").unwrap_or(&unit);
+    let multiplier: u64 = match unit {
         "bit" => 1,
         "kbit" => 1_000,
         "mbit" => 1_000_000,
@@ -84,7 +86,7 @@ pub fn parse(s: &str) -> Result<Rate, String> {
                 "{s:?} has no unit (write e.g. \"200mbit\"; units: bit, kbit, mbit, gbit, byte, kbyte, mbyte, gbyte)"
             ));
         }
-        u if u.ends_with("bps") || u.ends_with("b/s") || u.ends_with("bit/s") => {
+        u if u.ends_with("bps") || u.ends_with('b') => {
             return Err(format!(
                 "{s:?}: unit {u:?} is ambiguous (tc reads \"kbps\" as kilobytes); write kbit, mbit, gbit for bits or kbyte, mbyte, gbyte for bytes"
             ));
@@ -152,6 +154,8 @@ mod tests {
         assert_eq!(bits("200Mbit"), 200_000_000);
         assert_eq!(bits("1.5gbit"), 1_500_000_000);
         assert_eq!(bits("500 kbit"), 500_000);
+        assert_eq!(bits("200mbit/s"), 200_000_000);
+        assert_eq!(bits("25 MByte/s"), 200_000_000);
         assert_eq!(bits("100000bit"), 100_000);
         assert_eq!(bits("25mbyte"), 200_000_000);
         assert_eq!(bits("12.5kbyte"), 100_000);
@@ -179,6 +183,7 @@ mod tests {
         assert!(err("200mbps").contains("ambiguous"));
         assert!(err("200kbps").contains("kilobytes"));
         assert!(err("200 mb/s").contains("ambiguous"));
+        assert!(err("200MB").contains("ambiguous"));
         assert!(err("200furlongs").contains("unknown unit"));
         assert!(err("0mbit").contains("out of range"));
         assert!(err("99kbit").contains("out of range"));
