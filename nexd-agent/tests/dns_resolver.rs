@@ -13,302 +13,25 @@
 //! NXDOMAIN passed on), an address the exit node does not serve gets
 //! REFUSED until the allowed set includes it, a host on the exit node's
 //! network gets nothing, the upstream sees only the exit node's address,
-//! and a stopped resolver frees its port.
+//! a stopped resolver frees its port; and the bounds hold.
+
+#[path = "support/dns_lab.rs"]
+mod dns_lab;
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    io::Read as _,
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
     str::FromStr as _,
-    sync::{Arc, Mutex, mpsc},
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
-use hickory_server::{
-    Server,
-    net::runtime::{Time, TokioRuntimeProvider},
-    proto::{
-        op::{Message, MessageType, OpCode, Query, ResponseCode},
-        rr::{
-            LowerName, Name, RData, Record, RecordType,
-            rdata::{A, AAAA},
-        },
-    },
-    server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
-    store::in_memory::InMemoryZoneHandler,
-    zone_handler::{AxfrPolicy, Catalog, ZoneType},
+use anyhow::Context as _;
+use dns_lab::*;
+use hickory_server::proto::{
+    op::{Message, MessageType, OpCode, Query, ResponseCode},
+    rr::{Name, RecordType},
 };
-use nexd::dns::{self, DnsConfig, DnsCounters, Limits};
-use nexd_testkit::{Netns, netns::veth};
-
-const UPSTREAM: &str = "203.0.113.53";
-const WWW_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
-const WWW_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
-/// How long a query waits for its answer.
-const WAIT: Duration = Duration::from_secs(3);
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-}
-
-// ---- the upstream: an authoritative server that notes who asked -------------
-
-struct Recording {
-    catalog: Catalog,
-    seen: Arc<Mutex<Vec<SocketAddr>>>,
-}
-
-#[async_trait::async_trait]
-impl RequestHandler for Recording {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        response_handle: R,
-    ) -> ResponseInfo {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(request.src());
-        self.catalog
-            .handle_request::<R, T>(request, response_handle)
-            .await
-    }
-}
-
-fn zone() -> anyhow::Result<Catalog> {
-    let origin = Name::from_str("nexd.test.")?;
-    let www = Name::from_str("www.nexd.test.")?;
-    let mut zone = InMemoryZoneHandler::<TokioRuntimeProvider>::empty(
-        origin.clone(),
-        ZoneType::Primary,
-        AxfrPolicy::Deny,
-    );
-    zone.upsert_mut(Record::from_rdata(www.clone(), 300, RData::A(A(WWW_V4))), 1);
-    zone.upsert_mut(Record::from_rdata(www, 300, RData::AAAA(AAAA(WWW_V6))), 1);
-    let mut catalog = Catalog::new();
-    catalog.upsert(LowerName::from(origin), vec![Arc::new(zone)]);
-    Ok(catalog)
-}
-
-/// Starts the upstream on `UPSTREAM:53` in `inet`; returns who asked.
-fn upstream(inet: &Netns) -> anyhow::Result<Arc<Mutex<Vec<SocketAddr>>>> {
-    let addr = SocketAddr::new(ip(UPSTREAM), 53);
-    let udp = inet.run_in(move || UdpSocket::bind(addr).context("upstream udp"))?;
-    let tcp = inet.run_in(move || std::net::TcpListener::bind(addr).context("upstream tcp"))?;
-    udp.set_nonblocking(true)?;
-    tcp.set_nonblocking(true)?;
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let handler = Recording {
-        catalog: zone()?,
-        seen: Arc::clone(&seen),
-    };
-    // The runtime ends with the test process; the namespace (and with it
-    // the sockets' network) is removed when the test ends.
-    std::thread::spawn(move || -> anyhow::Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async move {
-            let mut server = Server::new(handler);
-            server.register_socket(tokio::net::UdpSocket::from_std(udp)?);
-            server.register_listener(
-                tokio::net::TcpListener::from_std(tcp)?,
-                Duration::from_secs(5),
-                4096,
-            );
-            server.block_until_done().await?;
-            Ok(())
-        })
-    });
-    Ok(seen)
-}
-
-// ---- the resolver under test, on its own runtime inside the exit node ------
-
-enum Command {
-    Allow(Vec<IpAddr>),
-    Counters(mpsc::Sender<DnsCounters>),
-    /// Stop, then start again on the same port.
-    Restart(mpsc::Sender<Result<(), String>>),
-}
-
-struct Resolver {
-    commands: tokio::sync::mpsc::Sender<Command>,
-}
-
-impl Resolver {
-    /// Starts `nexd::dns` in `exit` (its sockets, and hickory's upstream
-    /// sockets, belong to the exit namespace: the runtime is a current-
-    /// thread one on a thread inside it).
-    fn start(exit: &Netns, config: DnsConfig, allowed: Vec<IpAddr>) -> anyhow::Result<Self> {
-        let (commands, mut rx) = tokio::sync::mpsc::channel(8);
-        let (ready_tx, ready) = mpsc::channel();
-        let _thread = exit.spawn_in(move || -> anyhow::Result<()> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let mut handle = match dns::start(config.clone(), allowed.clone()) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
-                        return Ok(());
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                while let Some(cmd) = rx.recv().await {
-                    match cmd {
-                        Command::Allow(a) => handle.update_allowed(a),
-                        Command::Counters(reply) => {
-                            let _ = reply.send(handle.counters());
-                        }
-                        Command::Restart(reply) => {
-                            handle.shutdown().await;
-                            match dns::start(config.clone(), allowed.clone()) {
-                                Ok(h) => {
-                                    handle = h;
-                                    let _ = reply.send(Ok(()));
-                                }
-                                Err(e) => {
-                                    let _ = reply.send(Err(e.to_string()));
-                                    return Ok(());
-                                }
-                            }
-                        }
-                    }
-                }
-                handle.shutdown().await;
-                Ok(())
-            })
-        })?;
-        match ready.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => Ok(Resolver { commands }),
-            Ok(Err(e)) => bail!("resolver did not start: {e}"),
-            Err(e) => bail!("resolver did not start: {e}"),
-        }
-    }
-
-    fn send(&self, cmd: Command) -> anyhow::Result<()> {
-        self.commands
-            .blocking_send(cmd)
-            .map_err(|_| anyhow::anyhow!("resolver thread gone"))
-    }
-
-    fn allow(&self, addrs: &[&str]) -> anyhow::Result<()> {
-        self.send(Command::Allow(addrs.iter().map(|a| ip(a)).collect()))
-    }
-
-    fn counters(&self) -> anyhow::Result<DnsCounters> {
-        let (tx, rx) = mpsc::channel();
-        self.send(Command::Counters(tx))?;
-        Ok(rx.recv_timeout(WAIT)?)
-    }
-
-    fn restart(&self) -> anyhow::Result<()> {
-        let (tx, rx) = mpsc::channel();
-        self.send(Command::Restart(tx))?;
-        rx.recv_timeout(Duration::from_secs(10))?
-            .map_err(|e| anyhow::anyhow!("restart: {e}"))
-    }
-}
-
-// ---- clients ------------------------------------------------------------------
-
-fn query(name: &str, rtype: RecordType) -> anyhow::Result<Vec<u8>> {
-    let mut m = Message::new(0x4e58, MessageType::Query, OpCode::Query);
-    m.metadata.recursion_desired = true;
-    m.add_query(Query::query(Name::from_str(name)?, rtype));
-    Ok(m.to_vec()?)
-}
-
-/// One UDP query from `src` (an address of `ns`) to `server:53`; `None`
-/// if nothing came back within `WAIT` (two tries).
-fn udp_query(
-    ns: &Netns,
-    src: &str,
-    server: &str,
-    name: &str,
-    rtype: RecordType,
-) -> anyhow::Result<Option<Message>> {
-    let (src, server, q) = (ip(src), ip(server), query(name, rtype)?);
-    ns.run_in(move || -> anyhow::Result<Option<Message>> {
-        let s = UdpSocket::bind(SocketAddr::new(src, 0))?;
-        s.set_read_timeout(Some(WAIT / 2))?;
-        let mut buf = [0u8; 4096];
-        for _ in 0..2 {
-            s.send_to(&q, SocketAddr::new(server, 53))?;
-            match s.recv_from(&mut buf) {
-                Ok((n, _)) => return Ok(Some(Message::from_vec(&buf[..n])?)),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::ConnectionRefused
-                    ) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(None)
-    })
-}
-
-/// One query over TCP from `ns` to `server:53`.
-fn tcp_query(ns: &Netns, server: &str, name: &str, rtype: RecordType) -> anyhow::Result<Message> {
-    let (server, q) = (ip(server), query(name, rtype)?);
-    ns.run_in(move || -> anyhow::Result<Message> {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::new(server, 53), WAIT)?;
-        s.set_read_timeout(Some(WAIT))?;
-        s.set_write_timeout(Some(WAIT))?;
-        let len = u16::try_from(q.len())?;
-        s.write_all(&len.to_be_bytes())?;
-        s.write_all(&q)?;
-        let mut len = [0u8; 2];
-        s.read_exact(&mut len)?;
-        let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        s.read_exact(&mut body)?;
-        Ok(Message::from_vec(&body)?)
-    })
-}
-
-fn answer_ips(m: &Message) -> Vec<IpAddr> {
-    m.answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(A(v4)) => Some(IpAddr::V4(*v4)),
-            RData::AAAA(AAAA(v6)) => Some(IpAddr::V6(*v6)),
-            _ => None,
-        })
-        .collect()
-}
-
-fn answered(m: Option<Message>, what: &str) -> anyhow::Result<Vec<IpAddr>> {
-    let m = m.with_context(|| format!("{what}: no response"))?;
-    if m.metadata.response_code != ResponseCode::NoError {
-        bail!("{what}: {}", m.metadata.response_code);
-    }
-    Ok(answer_ips(&m))
-}
-
-// ---- the test -------------------------------------------------------------------
-
-/// A file removed when the test ends, however it ends.
-struct TempFile(std::path::PathBuf);
-
-impl TempFile {
-    fn new(name: &str, content: &str) -> anyhow::Result<Self> {
-        let path =
-            std::env::temp_dir().join(format!("nexd-dns-test-{}-{name}", std::process::id()));
-        std::fs::write(&path, content)?;
-        Ok(TempFile(path))
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+use nexd::dns::{self, DnsConfig, Limits};
 
 #[test]
 fn exit_node_resolver_answers_its_clients_only_and_asks_from_the_exit_node() -> anyhow::Result<()> {
@@ -316,21 +39,10 @@ fn exit_node_resolver_answers_its_clients_only_and_asks_from_the_exit_node() -> 
         eprintln!("skipped: needs root to create network namespaces");
         return Ok(());
     }
-    let client = Netns::new("dnsclient")?;
-    let exit = Netns::new("dnsexit")?;
-    let inet = Netns::new("dnsinet")?;
-    veth(&client, "c0", &exit, "wg0")?;
-    veth(&exit, "up0", &inet, "eth0")?;
-    for a in ["100.64.0.2/10", "100.64.0.3/10", "fd6e:6578:6400::2/48"] {
-        client.ip(&format!("addr add {a} dev c0"))?;
-    }
-    for a in ["100.64.0.1/10", "fd6e:6578:6400::1/48"] {
-        exit.ip(&format!("addr add {a} dev wg0"))?;
-    }
-    exit.ip("addr add 192.0.2.1/24 dev up0")?;
-    exit.ip("route add default via 192.0.2.254")?;
-    inet.ip("addr add 192.0.2.254/24 dev eth0")?;
-    inet.ip(&format!("addr add {UPSTREAM}/32 dev lo"))?;
+    let Lab { client, exit, inet } = Lab::new(
+        "dns",
+        &["100.64.0.2/10", "100.64.0.3/10", "fd6e:6578:6400::2/48"],
+    )?;
     // A host on the exit node's network that knows where the mesh is.
     inet.ip("route add 100.64.0.0/10 via 192.0.2.1")?;
 
@@ -435,17 +147,7 @@ fn exit_node_resolver_bounds_what_clients_can_make_it_hold() -> anyhow::Result<(
         eprintln!("skipped: needs root to create network namespaces");
         return Ok(());
     }
-    let client = Netns::new("dnsbclient")?;
-    let exit = Netns::new("dnsbexit")?;
-    let inet = Netns::new("dnsbinet")?;
-    veth(&client, "c0", &exit, "wg0")?;
-    veth(&exit, "up0", &inet, "eth0")?;
-    client.ip("addr add 100.64.0.2/10 dev c0")?;
-    exit.ip("addr add 100.64.0.1/10 dev wg0")?;
-    exit.ip("addr add 192.0.2.1/24 dev up0")?;
-    exit.ip("route add default via 192.0.2.254")?;
-    inet.ip("addr add 192.0.2.254/24 dev eth0")?;
-    inet.ip(&format!("addr add {UPSTREAM}/32 dev lo"))?;
+    let Lab { client, exit, inet } = Lab::new("dnsb", &["100.64.0.2/10"])?;
     // The black hole: sockets that exist (no ICMP refusal) and never read.
     let addr = SocketAddr::new(ip(UPSTREAM), 53);
     let _hole_udp = inet.run_in(move || UdpSocket::bind(addr).context("hole udp"))?;
