@@ -128,6 +128,9 @@ fn mesh_of(n: usize) -> anyhow::Result<Mesh> {
             ipv6: std::net::Ipv6Addr::from(
                 0xfd6e_6578_6400_0000_0000_0000_0000_0000u128 + u128::from(k),
             ),
+            exit_node: false,
+            exit_clients: None,
+            exit_rate_limit: None,
         });
     }
     Ok(Mesh {

@@ -8,6 +8,8 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod devsock;
+pub mod dns;
 pub mod exclude;
 pub mod exit;
 pub mod instance;

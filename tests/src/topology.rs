@@ -121,8 +121,25 @@ pub struct MeshDevice {
 /// Mesh IPv6 prefix used by the tests and the lab.
 pub const MESH_V6_PREFIX: &str = "fd6e:6578:6400::/48";
 
-/// Renders a mesh file for `devices` with the default prefixes.
+/// Renders a mesh file for `devices` with the default prefixes, in which
+/// every device may serve as exit node (`exit_node = true`): most tests
+/// choose the roles by how they start nexd. Tests of the authorization
+/// itself use [`mesh_toml_with_exits`].
 pub fn mesh_toml(devices: &[MeshDevice]) -> String {
+    mesh_toml_with_exits(devices, None)
+}
+
+/// An exit node as the mesh file names it: `exit_node = true` and, if
+/// `clients` is given, `exit_clients = [...]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ExitRole<'a> {
+    pub name: &'a str,
+    pub clients: Option<&'a [&'a str]>,
+}
+
+/// Renders a mesh file for `devices` where only `exits` may serve as exit
+/// node (with their `exit_clients`), or every device if `exits` is `None`.
+pub fn mesh_toml_with_exits(devices: &[MeshDevice], exits: Option<&[ExitRole<'_>]>) -> String {
     let mut s = format!(
         "# written by nexd's test toolkit\n[mesh]\nipv4_prefix = \"100.64.0.0/10\"\nipv6_prefix = \"{MESH_V6_PREFIX}\"\n"
     );
@@ -136,6 +153,18 @@ pub fn mesh_toml(devices: &[MeshDevice]) -> String {
             let _ = writeln!(s, "endpoint = \"{ep}\"");
         }
         let _ = write!(s, "ipv4 = \"{}\"\nipv6 = \"{}\"\n", d.ipv4, d.ipv6);
+        let role = exits.map(|roles| roles.iter().find(|r| r.name == d.name));
+        match role {
+            None => s.push_str("exit_node = true\n"),
+            Some(None) => {}
+            Some(Some(r)) => {
+                s.push_str("exit_node = true\n");
+                if let Some(clients) = r.clients {
+                    let list: Vec<String> = clients.iter().map(|c| format!("\"{c}\"")).collect();
+                    let _ = writeln!(s, "exit_clients = [{}]", list.join(", "));
+                }
+            }
+        }
     }
     s
 }

@@ -1,14 +1,32 @@
 //! What this agent knows about every peer from their announcements: who
 //! said what and when, with replay protection and round-trip times. Pure
 //! logic with an injected clock; the sockets live in `announce::Announcer`.
+//!
+//! What it believes, and what it does not:
+//! * an announcement counts only from the mesh address of the peer whose
+//!   key it names, with that pair's MAC, and a sequence number above the
+//!   last one accepted (`seq` explains the numbers);
+//! * once [`PeerBook::enforce_exit_authorization`] has been called, an
+//!   exit capability counts only from a peer the mesh file lets serve
+//!   this device (`Mesh::serves`); from any other peer the announcement
+//!   is a heartbeat and nothing more, and [`PeerLive::exit_not_allowed`]
+//!   says so;
+//! * a round-trip sample counts only when the hold time the peer reports
+//!   is smaller than the round trip measured here: a peer cannot make
+//!   itself look faster than "no time at all" by inflating its hold time.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
-use super::wire::{self, Announcement, DecodeError, PairKey};
+use serde::Serialize;
+
+use super::{
+    seq::SeqSource,
+    wire::{self, Announcement, DecodeError, PairKey},
+};
 use crate::{
     keys::{PrivateKey, PublicKey},
     mesh::Mesh,
@@ -30,6 +48,42 @@ pub enum Rejected {
     Replay { got: u64, last: u64 },
 }
 
+/// What the book did with announcements, by outcome: for status and
+/// metrics. Every rejection counts under exactly one reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BookCounters {
+    pub accepted: u64,
+    /// From an address that is no peer's mesh address.
+    pub unknown_source: u64,
+    /// Not an announcement (length, magic, version).
+    pub malformed: u64,
+    /// Names another device than the one whose address it comes from.
+    pub key_mismatch: u64,
+    /// The MAC does not verify (forged or altered).
+    pub bad_mac: u64,
+    /// Sequence number not above the last accepted one.
+    pub replayed: u64,
+    /// Accepted, but its exit capability ignored: the mesh file does not
+    /// let that peer serve this device.
+    pub exit_not_allowed: u64,
+    /// Accepted, but its round-trip sample discarded: the hold time it
+    /// reports is not smaller than the measured round trip.
+    pub rtt_discarded: u64,
+}
+
+impl BookCounters {
+    fn count(&mut self, r: &Rejected) {
+        let c = match r {
+            Rejected::UnknownSource(_) => &mut self.unknown_source,
+            Rejected::Decode(DecodeError::Mac) => &mut self.bad_mac,
+            Rejected::Decode(_) => &mut self.malformed,
+            Rejected::KeyMismatch { .. } => &mut self.key_mismatch,
+            Rejected::Replay { .. } => &mut self.replayed,
+        };
+        *c += 1;
+    }
+}
+
 /// Live state of one peer.
 #[derive(Debug, Clone, Default)]
 pub struct PeerLive {
@@ -37,8 +91,11 @@ pub struct PeerLive {
     pub last_seq: u64,
     /// When the last valid announcement arrived.
     pub last_heard: Option<Instant>,
-    /// Flags of the last valid announcement.
+    /// Flags of the last valid announcement as this device believes them:
+    /// without the exit bit when the peer may not serve this device.
     pub flags: u8,
+    /// Flags of the last valid announcement as the peer sent them.
+    pub announced_flags: u8,
     /// Smoothed round-trip time through the tunnel (EWMA with weight 1/8
     /// per sample, as TCP's SRTT): exit-node selection compares these, so
     /// one delayed heartbeat does not make an exit node look slow.
@@ -53,8 +110,16 @@ pub struct PeerLive {
 }
 
 impl PeerLive {
+    /// Whether the peer is an exit node *for this device*: it says so,
+    /// and (once enforced) the mesh file lets it serve this device.
     pub fn is_exit(&self) -> bool {
         self.flags & wire::FLAG_EXIT != 0
+    }
+
+    /// The peer announces itself as exit node, but the mesh file does not
+    /// let it serve this device: worth a warning in status, never used.
+    pub fn exit_not_allowed(&self) -> bool {
+        self.announced_flags & wire::FLAG_EXIT != 0 && !self.is_exit()
     }
 }
 
@@ -72,25 +137,85 @@ pub struct PeerBook {
     own_pub: PublicKey,
     peers: HashMap<PublicKey, PeerEntry>,
     by_addr: HashMap<IpAddr, PublicKey>,
-    next_seq: u64,
+    seq: SeqSource,
+    /// Peers whose exit capability this device believes; `None` until
+    /// the daemon enforces the mesh file's authorization (everyone).
+    exit_allowed: Option<HashSet<PublicKey>>,
+    counters: BookCounters,
+    /// Start of the `sent_at_ms` clock in outgoing announcements.
     epoch: Instant,
 }
 
 impl PeerBook {
+    /// A book whose sequence numbers come from the wall clock (the
+    /// previous scheme): for callers without a state directory. The
+    /// daemon uses [`PeerBook::with_epoch`].
     pub fn new(own: PrivateKey, now: Instant) -> Self {
+        Self::with_seq(own, SeqSource::WallClock { last: 0 }, now)
+    }
+
+    /// A book whose sequence numbers are built on `epoch`, the start
+    /// counter from `seq::next_epoch(state_dir)`, read once per start.
+    pub fn with_epoch(own: PrivateKey, epoch: u32, now: Instant) -> Self {
+        Self::with_seq(own, SeqSource::epoch(epoch), now)
+    }
+
+    fn with_seq(own: PrivateKey, seq: SeqSource, now: Instant) -> Self {
         let own_pub = own.public_key();
         PeerBook {
             own,
             own_pub,
             peers: HashMap::new(),
             by_addr: HashMap::new(),
-            next_seq: 0,
+            seq,
+            exit_allowed: None,
+            counters: BookCounters::default(),
             epoch: now,
         }
     }
 
+    /// From now on, believes exit capabilities only from the peers `mesh`
+    /// lets serve this device (`Mesh::exit_nodes_for`), and keeps doing so
+    /// on every later [`PeerBook::sync`]. A peer that loses the right
+    /// stops counting as exit node at once (not at its next heartbeat);
+    /// one that gains it counts at once if its last announcement said so.
+    /// Returns the peers whose standing as exit node changed.
+    pub fn enforce_exit_authorization(&mut self, mesh: &Mesh) -> Vec<PublicKey> {
+        let allowed = mesh
+            .exit_nodes_for(&self.own_pub)
+            .map(|d| d.public_key)
+            .collect();
+        self.exit_allowed = Some(allowed);
+        self.apply_exit_authorization()
+    }
+
+    /// Recomputes every peer's believed flags from what it announced.
+    fn apply_exit_authorization(&mut self) -> Vec<PublicKey> {
+        let mut changed = Vec::new();
+        for (k, e) in &mut self.peers {
+            let before = e.live.is_exit();
+            e.live.flags = believed_flags(self.exit_allowed.as_ref(), k, e.live.announced_flags);
+            if before != e.live.is_exit() {
+                changed.push(*k);
+            }
+        }
+        changed
+    }
+
+    /// What the book counted so far.
+    pub fn counters(&self) -> BookCounters {
+        self.counters
+    }
+
+    /// Every peer's mesh addresses: the sources the announcement sockets
+    /// should admit (`Announcer::set_peers`).
+    pub fn peer_addrs(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.by_addr.keys().copied()
+    }
+
     /// Follows the mesh file: new peers are added, removed ones dropped,
-    /// and peers that stay keep their live state.
+    /// and peers that stay keep their live state. Once exit authorization
+    /// is enforced, it follows the file too.
     pub fn sync(&mut self, mesh: &Mesh) {
         let mut keep = HashMap::with_capacity(mesh.devices.len());
         for d in mesh.peers_of(&self.own_pub) {
@@ -120,6 +245,9 @@ impl PeerBook {
             .iter()
             .flat_map(|(k, e)| [(IpAddr::V4(e.v4), *k), (IpAddr::V6(e.v6), *k)])
             .collect();
+        if self.exit_allowed.is_some() {
+            self.enforce_exit_authorization(mesh);
+        }
     }
 
     /// Live state of the peer with `key`.
@@ -137,16 +265,6 @@ impl PeerBook {
         self.peers.keys()
     }
 
-    fn seq(&mut self) -> u64 {
-        // Wall-clock microseconds keep sequences increasing across restarts
-        // of this agent; the counter keeps them strictly increasing within one.
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
-        self.next_seq = (self.next_seq + 1).max(wall);
-        self.next_seq
-    }
-
     /// One announcement per peer, to its mesh IPv4 address on `port`.
     pub fn outgoing(
         &mut self,
@@ -157,7 +275,7 @@ impl PeerBook {
         let keys: Vec<PublicKey> = self.peers.keys().copied().collect();
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
-            let seq = self.seq();
+            let seq = self.seq.next_seq();
             let sent_at_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
             let Some(e) = self.peers.get_mut(&k) else {
                 continue;
@@ -186,8 +304,23 @@ impl PeerBook {
     }
 
     /// Checks and records an incoming datagram from `from`. Returns the
-    /// sender's key, and whether its exit flag changed.
+    /// sender's key, and whether its standing as exit node (for this
+    /// device) changed.
     pub fn receive(
+        &mut self,
+        from: IpAddr,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<(PublicKey, bool), Rejected> {
+        let r = self.check_and_record(from, bytes, now);
+        match &r {
+            Ok(_) => self.counters.accepted += 1,
+            Err(e) => self.counters.count(e),
+        }
+        r
+    }
+
+    fn check_and_record(
         &mut self,
         from: IpAddr,
         bytes: &[u8],
@@ -219,18 +352,29 @@ impl PeerBook {
         let was_exit = e.live.is_exit();
         e.live.last_seq = a.seq;
         e.live.last_heard = Some(now);
-        e.live.flags = a.flags;
+        e.live.announced_flags = a.flags;
+        e.live.flags = believed_flags(self.exit_allowed.as_ref(), &actual, a.flags);
+        if e.live.exit_not_allowed() {
+            self.counters.exit_not_allowed += 1;
+        }
         e.live.echo = Some((a.seq, now));
         if a.echo_seq != 0
             && let Some(&(_, sent)) = e.live.sent.iter().find(|(s, _)| *s == a.echo_seq)
         {
-            let rtt = now
-                .saturating_duration_since(sent)
-                .saturating_sub(Duration::from_millis(u64::from(a.echo_hold_ms)));
-            e.live.rtt = Some(match e.live.rtt {
-                Some(prev) => (prev * 7 + rtt) / 8,
-                None => rtt,
-            });
+            let measured = now.saturating_duration_since(sent);
+            let hold = Duration::from_millis(u64::from(a.echo_hold_ms));
+            if hold < measured {
+                let rtt = measured - hold;
+                e.live.rtt = Some(match e.live.rtt {
+                    Some(prev) => (prev * 7 + rtt) / 8,
+                    None => rtt,
+                });
+            } else {
+                // The peer claims to have held our announcement at least
+                // as long as the whole round trip took: impossible, or a
+                // lie to look faster. Not a sample.
+                self.counters.rtt_discarded += 1;
+            }
         }
         Ok((actual, was_exit != e.live.is_exit()))
     }
@@ -243,6 +387,15 @@ impl PeerBook {
         {
             e.live.last_handshake = Some(at);
         }
+    }
+}
+
+/// The flags this device believes from `announced` by `peer`: the exit
+/// bit only if `allowed` (when enforced) includes the peer.
+fn believed_flags(allowed: Option<&HashSet<PublicKey>>, peer: &PublicKey, announced: u8) -> u8 {
+    match allowed {
+        Some(set) if !set.contains(peer) => announced & !wire::FLAG_EXIT,
+        _ => announced,
     }
 }
 
@@ -279,6 +432,9 @@ mod tests {
                     listen_port: 51820,
                     ipv4: format!("100.64.0.{}", i + 1).parse().expect("ip"),
                     ipv6: format!("fd00::{}", i + 1).parse().expect("ip"),
+                    exit_node: false,
+                    exit_clients: None,
+                    exit_rate_limit: None,
                 })
                 .collect(),
         }
@@ -397,6 +553,180 @@ mod tests {
         assert_eq!(
             ba.live(&k).and_then(|l| l.rtt),
             Some(Duration::from_millis(30))
+        );
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    /// The announcement `from` sends to its first peer, as bytes.
+    fn first_to(from: &mut PeerBook, flags: u8, now: Instant) -> [u8; wire::LEN] {
+        from.outgoing(flags, 51829, now)[0].1
+    }
+
+    #[test]
+    fn exit_capability_counts_only_from_peers_allowed_to_serve_this_device() {
+        // d0 announces itself as exit node to d1.
+        let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
+        let mut m = mesh_of(&[&a, &b]);
+        let t0 = Instant::now();
+        let mut ba = PeerBook::new(a.clone(), t0);
+        let mut bb = PeerBook::new(b.clone(), t0);
+        ba.sync(&m);
+        bb.sync(&m);
+        // Not enforced yet (the daemon has not asked): believed, as before.
+        let (k, changed) = bb
+            .receive(
+                ip("100.64.0.1"),
+                &first_to(&mut ba, wire::FLAG_EXIT, t0),
+                t0,
+            )
+            .expect("accepted");
+        assert!(changed && bb.live(&k).expect("a").is_exit());
+
+        // Enforced with a file where d0 may not serve: it stops counting
+        // at once, and its next announcement is a heartbeat only.
+        assert_eq!(bb.enforce_exit_authorization(&m), vec![a.public_key()]);
+        let live = bb.live(&k).expect("a");
+        assert!(!live.is_exit() && live.exit_not_allowed());
+        let (_, changed) = bb
+            .receive(
+                ip("100.64.0.1"),
+                &first_to(&mut ba, wire::FLAG_EXIT, t0),
+                t0,
+            )
+            .expect("accepted as a heartbeat");
+        assert!(!changed);
+        let live = bb.live(&k).expect("a");
+        assert!(!live.is_exit() && live.last_heard == Some(t0));
+        assert_eq!(bb.counters().exit_not_allowed, 1);
+
+        // The file now lets d0 serve d1: on the next sync it counts again,
+        // from its last announcement.
+        m.devices[0].exit_node = true;
+        bb.sync(&m);
+        assert!(bb.live(&k).expect("a").is_exit());
+        // ...but not when its exit_clients leave d1 out.
+        m.devices[0].exit_clients = Some(["d0".to_owned()].into());
+        bb.sync(&m);
+        assert!(!bb.live(&k).expect("a").is_exit());
+        m.devices[0].exit_clients = Some(["d1".to_owned()].into());
+        bb.sync(&m);
+        assert!(bb.live(&k).expect("a").is_exit());
+    }
+
+    #[test]
+    fn a_hold_time_not_smaller_than_the_round_trip_is_no_sample() {
+        let (a, b, mut ba, mut bb, t0) = pair();
+        let (_, m1) = ba.outgoing(0, 1, t0)[0];
+        let t1 = t0 + Duration::from_millis(10);
+        bb.receive(ip("100.64.0.1"), &m1, t1).expect("ok");
+        // b really holds a's announcement for 5 ms, but its echo claims
+        // 500 ms (to look like a 0 ms exit node). Measured: 20 ms.
+        let (_, m2) = bb.outgoing(0, 1, t1 + Duration::from_millis(5))[0];
+        let inflated = {
+            // The pair key is the same on both ends.
+            let key = PairKey::derive(&b, &a.public_key());
+            let mut ann = wire::decode(&m2, &key).expect("valid");
+            ann.echo_hold_ms = 500;
+            wire::encode(&ann, &key)
+        };
+        let t2 = t1 + Duration::from_millis(10);
+        let (k, _) = ba
+            .receive(ip("100.64.0.2"), &inflated, t2)
+            .expect("accepted");
+        assert_eq!(ba.live(&k).and_then(|l| l.rtt), None, "no sample");
+        assert_eq!(ba.counters().rtt_discarded, 1);
+        // A hold exactly as long as the round trip is not smaller either:
+        // b gets a's next announcement at once and answers 10 ms later.
+        let (_, m3) = ba.outgoing(0, 1, t2)[0];
+        bb.receive(ip("100.64.0.1"), &m3, t2).expect("ok");
+        let t3 = t2 + Duration::from_millis(10);
+        let (_, m4) = bb.outgoing(0, 1, t3)[0];
+        ba.receive(ip("100.64.0.2"), &m4, t3).expect("ok");
+        assert_eq!(ba.live(&k).and_then(|l| l.rtt), None);
+        assert_eq!(ba.counters().rtt_discarded, 2);
+    }
+
+    #[test]
+    fn a_restarted_peer_is_heard_whatever_its_clock_did() {
+        let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
+        let m = mesh_of(&[&a, &b]);
+        let t0 = Instant::now();
+        let mut receiver = PeerBook::new(b.clone(), t0);
+        receiver.sync(&m);
+        // a runs the previous version (wall-clock numbers)...
+        let mut old = PeerBook::new(a.clone(), t0);
+        old.sync(&m);
+        receiver
+            .receive(ip("100.64.0.1"), &first_to(&mut old, 0, t0), t0)
+            .expect("old scheme");
+        // ...then is upgraded and starts twice with epochs 1 and 2; each
+        // run's numbers are above everything before, with no clock at all.
+        for epoch in [1, 2] {
+            let mut run = PeerBook::with_epoch(a.clone(), epoch, t0);
+            run.sync(&m);
+            for _ in 0..3 {
+                receiver
+                    .receive(ip("100.64.0.1"), &first_to(&mut run, 0, t0), t0)
+                    .unwrap_or_else(|e| panic!("epoch {epoch}: {e}"));
+            }
+        }
+        // A run with an older epoch (a restored state directory) is a
+        // replay: the rule that makes restarts safe.
+        let mut stale = PeerBook::with_epoch(a.clone(), 1, t0);
+        stale.sync(&m);
+        assert!(matches!(
+            receiver.receive(ip("100.64.0.1"), &first_to(&mut stale, 0, t0), t0),
+            Err(Rejected::Replay { .. })
+        ));
+        assert_eq!(receiver.counters().accepted, 7);
+        assert_eq!(receiver.counters().replayed, 1);
+    }
+
+    #[test]
+    fn every_rejection_is_counted_under_its_reason() {
+        let (a, b, mut ba, mut bb, now) = pair();
+        let good = first_to(&mut ba, 0, now);
+        let mut altered = first_to(&mut ba, 0, now);
+        altered[70] ^= 1;
+        let _ = bb.receive(ip("100.64.0.9"), &good, now);
+        let _ = bb.receive(ip("100.64.0.1"), &good[..10], now);
+        // From b's own address: b is not its own peer.
+        let _ = bb.receive(ip("100.64.0.2"), &good, now);
+        let _ = bb.receive(ip("100.64.0.1"), &altered, now);
+        bb.receive(ip("100.64.0.1"), &good, now).expect("ok");
+        let _ = bb.receive(ip("100.64.0.1"), &good, now);
+        assert_eq!(
+            bb.counters(),
+            BookCounters {
+                accepted: 1,
+                unknown_source: 2,
+                malformed: 1,
+                key_mismatch: 0,
+                bad_mac: 1,
+                replayed: 1,
+                exit_not_allowed: 0,
+                rtt_discarded: 0,
+            }
+        );
+        // c's address, a's key.
+        let mut with_c = bb;
+        let c = PrivateKey::generate();
+        with_c.sync(&mesh_of(&[&a, &b, &c]));
+        let _ = with_c.receive(ip("100.64.0.3"), &good, now);
+        assert_eq!(with_c.counters().key_mismatch, 1);
+        assert_eq!(
+            with_c.peer_addrs().collect::<HashSet<_>>(),
+            [
+                ip("100.64.0.1"),
+                ip("fd00::1"),
+                ip("100.64.0.3"),
+                ip("fd00::3")
+            ]
+            .into_iter()
+            .collect()
         );
     }
 

@@ -273,13 +273,15 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
     // control socket takes requests) exist from bind() on, before any
     // chmod could narrow them, so they are born 0600 instead.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    // boringtun logs every peer change at info; keep it to warnings unless
-    // the operator asks for it by name.
-    let directives = if args.log_level.contains("boringtun") {
-        args.log_level.clone()
-    } else {
-        format!("{},boringtun=warn", args.log_level)
-    };
+    // boringtun logs every peer change at info, and hickory's DNS catalog
+    // some client queries (a client could fill the log): keep them to
+    // warnings unless the operator asks for them by name.
+    let mut directives = args.log_level.clone();
+    for quiet in ["boringtun", "hickory_server"] {
+        if !args.log_level.contains(quiet) {
+            directives.push_str(&format!(",{quiet}=warn"));
+        }
+    }
     let filter = match EnvFilter::try_new(&directives) {
         Ok(f) => f,
         Err(e) => {

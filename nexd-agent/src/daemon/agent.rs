@@ -91,6 +91,7 @@ impl Daemon {
         mesh: Mesh,
         split: SplitTunnel,
         channels: Channels,
+        epoch: u32,
     ) -> Self {
         let own = key.public_key();
         let sysctls = Sysctls::open(&opts.state_dir);
@@ -132,7 +133,7 @@ impl Daemon {
             fwmark: opts.policy.fwmark,
             bpffs: opts.bpffs.clone(),
         });
-        let heartbeats = Heartbeats::new(key.clone(), &mesh, channels.announcements);
+        let heartbeats = Heartbeats::new(key.clone(), epoch, &mesh, channels.announcements);
         Daemon {
             own,
             key,
@@ -268,7 +269,7 @@ impl Daemon {
         let addrs = reconcile::interface_addresses(&mesh, &self.own)
             .context("this device is not in the mesh file")?;
         iface.set_addresses(&self.nl, &addrs).await?;
-        self.heartbeats.sync(&mesh, v4, v6);
+        self.heartbeats.sync(&mesh, iface.name(), v4, v6);
         let book = self.heartbeats.book();
         iface.set_peers(
             reconcile::wanted_peers(&mesh, &self.own, self.endpoints.cache()),

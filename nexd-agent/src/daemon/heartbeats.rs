@@ -33,9 +33,14 @@ pub struct Heartbeats {
 }
 
 impl Heartbeats {
-    pub fn new(key: PrivateKey, mesh: &Mesh, incoming: mpsc::Sender<Incoming>) -> Self {
-        let mut book = PeerBook::new(key, Instant::now());
+    /// `epoch`: this start's number (`announce::seq::next_epoch`), so the
+    /// sequence numbers of every run are above the last run's whatever the
+    /// clock says. Exit capabilities are believed only from the peers the
+    /// membership lets serve this device.
+    pub fn new(key: PrivateKey, epoch: u32, mesh: &Mesh, incoming: mpsc::Sender<Incoming>) -> Self {
+        let mut book = PeerBook::with_epoch(key, epoch, Instant::now());
         book.sync(mesh);
+        book.enforce_exit_authorization(mesh);
         Heartbeats {
             book,
             announcer: None,
@@ -55,20 +60,28 @@ impl Heartbeats {
     }
 
     /// The membership changed: peers are added and dropped (staying ones
-    /// keep what is known of them), and the sockets follow this device's
-    /// mesh addresses and the agent port.
-    pub fn sync(&mut self, mesh: &Mesh, v4: IpAddr, v6: IpAddr) {
+    /// keep what is known of them, exit capabilities are re-checked), and
+    /// the sockets follow this device's mesh addresses, the agent port and
+    /// the WireGuard interface, admitting only the peers' addresses.
+    pub fn sync(&mut self, mesh: &Mesh, iface: &str, v4: IpAddr, v6: IpAddr) {
         self.book.sync(mesh);
         let port = mesh.agent_port;
-        if self
-            .announcer
-            .as_ref()
-            .is_some_and(|a| a.bound() == (v4, v6, port))
+        if let Some(a) = &self.announcer
+            && a.bound() == (v4, v6, port)
+            && a.device() == Some(iface)
         {
+            a.set_peers(self.book.peer_addrs());
             return;
         }
         self.announcer = None;
-        match Announcer::bind(v4, v6, port, self.incoming.clone()) {
+        match Announcer::start(
+            iface,
+            v4,
+            v6,
+            port,
+            self.book.peer_addrs(),
+            self.incoming.clone(),
+        ) {
             Ok(a) => {
                 self.announcer = Some(a);
                 debug!(%v4, %v6, port, "announcement sockets bound");

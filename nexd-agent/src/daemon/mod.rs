@@ -137,6 +137,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         opts.exclude_routes_file.clone(),
         opts.policy.exclusion_table(),
     )?;
+    // Sequence numbers of this run's announcements start above every
+    // earlier run's, whatever the clock says.
+    let epoch = crate::announce::seq::next_epoch(&opts.state_dir)?;
     let nl = Netlink::connect()?;
     // Uplinks are followed as they change (a new default route, Wi-Fi,
     // tethering, a renumbered interface), not on a timer.
@@ -154,6 +157,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             announcements,
             resolved: resolved_tx,
         },
+        epoch,
     );
     let started = tokio::select! {
         r = daemon.start() => r,

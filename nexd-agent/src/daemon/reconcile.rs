@@ -140,6 +140,9 @@ mod tests {
                     listen_port: 51820,
                     ipv4: format!("100.64.0.{i}").parse().expect("ip"),
                     ipv6: format!("fd00::{i}").parse().expect("ip"),
+                    exit_node: false,
+                    exit_clients: None,
+                    exit_rate_limit: None,
                 })
                 .collect(),
         }

@@ -5,7 +5,7 @@
 //! one pass. The raw structs keep the span of every value for that purpose.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::Range,
@@ -17,8 +17,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    DEFAULT_AGENT_PORT, DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, DEFAULT_KEEPALIVE,
-    DEFAULT_LISTEN_PORT, DEFAULT_MTU, Device, Endpoint, Host, Mesh,
+    DEFAULT_AGENT_PORT, DEFAULT_IPV4_NET, DEFAULT_IPV6_NET, DEFAULT_KEEPALIVE, DEFAULT_LISTEN_PORT,
+    DEFAULT_MTU, Device, Endpoint, Host, Mesh, rate,
 };
 use crate::keys::PublicKey;
 
@@ -116,6 +116,9 @@ struct RawDevice {
     listen_port: Option<Spanned<i64>>,
     ipv4: Spanned<String>,
     ipv6: Spanned<String>,
+    exit_node: Option<Spanned<bool>>,
+    exit_clients: Option<Spanned<Vec<Spanned<String>>>>,
+    exit_rate_limit: Option<Spanned<String>>,
 }
 
 /// Turns byte offsets into 1-based line and column.
@@ -159,18 +162,21 @@ pub fn parse(text: &str) -> Result<Mesh, Vec<Problem>> {
         mtu: None,
         agent_port: None,
     });
+    // On a bad prefix the default stands in, only so that the devices can
+    // still be checked (and their problems reported in the same pass); the
+    // file is rejected either way.
     let ipv4_prefix = match &raw_mesh.ipv4_prefix {
-        None => default_v4(),
+        None => DEFAULT_IPV4_NET,
         Some(s) => parse_v4_prefix(s.get_ref()).unwrap_or_else(|m| {
             problems.push(loc.span(s.span(), format!("mesh.ipv4_prefix: {m}")));
-            default_v4()
+            DEFAULT_IPV4_NET
         }),
     };
     let ipv6_prefix = match &raw_mesh.ipv6_prefix {
-        None => default_v6(),
+        None => DEFAULT_IPV6_NET,
         Some(s) => parse_v6_prefix(s.get_ref()).unwrap_or_else(|m| {
             problems.push(loc.span(s.span(), format!("mesh.ipv6_prefix: {m}")));
-            default_v6()
+            DEFAULT_IPV6_NET
         }),
     };
     let persistent_keepalive = match &raw_mesh.persistent_keepalive {
@@ -226,6 +232,13 @@ pub fn parse(text: &str) -> Result<Mesh, Vec<Problem>> {
     let mut v4s: HashMap<Ipv4Addr, usize> = HashMap::new();
     let mut v6s: HashMap<Ipv6Addr, usize> = HashMap::new();
     let mut endpoints: HashMap<Endpoint, usize> = HashMap::new();
+    // Every name in the file, for `exit_clients` (which may name a device
+    // listed after the exit node).
+    let all_names: HashSet<&str> = raw
+        .devices
+        .iter()
+        .map(|d| d.get_ref().name.get_ref().as_str())
+        .collect();
 
     for (index, spanned) in raw.devices.iter().enumerate() {
         let d = spanned.get_ref();
@@ -360,6 +373,40 @@ pub fn parse(text: &str) -> Result<Mesh, Vec<Problem>> {
             }
         };
 
+        let exit_node = d.exit_node.as_ref().is_some_and(|v| *v.get_ref());
+        let exit_clients = d.exit_clients.as_ref().map(|list| {
+            if !exit_node {
+                problems.push(loc.span(
+                    list.span(),
+                    format!("{label}: exit_clients is only for exit nodes (add exit_node = true, or remove it)"),
+                ));
+            }
+            let mut set = BTreeSet::new();
+            for client in list.get_ref() {
+                let n = client.get_ref();
+                if !all_names.contains(n.as_str()) {
+                    problems.push(loc.span(
+                        client.span(),
+                        format!("{label}: exit_clients names {n:?}, which is not a device of this file"),
+                    ));
+                } else if !set.insert(n.clone()) {
+                    problems.push(loc.span(
+                        client.span(),
+                        format!("{label}: exit_clients lists {n:?} twice"),
+                    ));
+                }
+            }
+            set
+        });
+
+        let exit_rate_limit = d.exit_rate_limit.as_ref().and_then(|r| {
+            rate::parse(r.get_ref())
+                .map_err(|m| {
+                    problems.push(loc.span(r.span(), format!("{label}: exit_rate_limit {m}")));
+                })
+                .ok()
+        });
+
         if problems.len() == before
             && let Some(public_key) = public_key
         {
@@ -370,6 +417,9 @@ pub fn parse(text: &str) -> Result<Mesh, Vec<Problem>> {
                 listen_port,
                 ipv4,
                 ipv6,
+                exit_node,
+                exit_clients,
+                exit_rate_limit,
             });
         }
     }
@@ -386,14 +436,6 @@ pub fn parse(text: &str) -> Result<Mesh, Vec<Problem>> {
     } else {
         Err(problems)
     }
-}
-
-fn default_v4() -> Ipv4Net {
-    DEFAULT_IPV4_PREFIX.parse().unwrap_or_default()
-}
-
-fn default_v6() -> Ipv6Net {
-    DEFAULT_IPV6_PREFIX.parse().unwrap_or_default()
 }
 
 fn parse_v4_prefix(s: &str) -> Result<Ipv4Net, String> {
@@ -422,9 +464,8 @@ fn parse_v6_prefix(s: &str) -> Result<Ipv6Net, String> {
             net.trunc()
         ));
     }
-    let ula: Ipv6Net =
-        Ipv6Net::new(Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7).map_err(|e| e.to_string())?;
-    if !ula.contains(&net) {
+    const ULA: Ipv6Net = Ipv6Net::new_assert(Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7);
+    if !ULA.contains(&net) {
         return Err(format!(
             "{s} is not a unique local (ULA, fc00::/7) prefix; mesh addresses must not be routable on the internet"
         ));
@@ -536,8 +577,14 @@ mod tests {
     fn minimal_file_uses_defaults() {
         let k = key();
         let mesh = parse(&device("a", 1, &k)).expect("valid");
-        assert_eq!(mesh.ipv4_prefix.to_string(), DEFAULT_IPV4_PREFIX);
-        assert_eq!(mesh.ipv6_prefix.to_string(), DEFAULT_IPV6_PREFIX);
+        assert_eq!(
+            mesh.ipv4_prefix.to_string(),
+            super::super::DEFAULT_IPV4_PREFIX
+        );
+        assert_eq!(
+            mesh.ipv6_prefix.to_string(),
+            super::super::DEFAULT_IPV6_PREFIX
+        );
         assert_eq!(mesh.mtu, DEFAULT_MTU);
         assert_eq!(mesh.persistent_keepalive, DEFAULT_KEEPALIVE);
         assert_eq!(mesh.devices.len(), 1);
@@ -658,6 +705,111 @@ mod tests {
     fn missing_field_is_reported() {
         let p = problems("[[device]]\nname = \"a\"\n");
         assert!(p[0].message.contains("missing field"), "{p:?}");
+    }
+
+    /// Devices "exit" (1), "a" (2) and "b" (3), with `extra` lines appended
+    /// to the exit node's entry, and `b_extra` to b's.
+    fn exit_file(extra: &str, b_extra: &str) -> String {
+        format!(
+            "{}{extra}\n{}{}{b_extra}\n",
+            device("exit", 1, &key()),
+            device("a", 2, &key()),
+            device("b", 3, &key())
+        )
+    }
+
+    #[test]
+    fn exit_node_fields_are_read() {
+        let mesh = parse(&exit_file(
+            "exit_node = true\nexit_clients = [\"a\"]\n",
+            "exit_rate_limit = \"200mbit\"\n",
+        ))
+        .expect("valid");
+        let [exit, a, b] = &mesh.devices[..] else {
+            panic!("three devices: {:?}", mesh.devices);
+        };
+        assert!(exit.exit_node);
+        assert_eq!(exit.exit_clients, Some(BTreeSet::from(["a".to_owned()])));
+        assert_eq!(exit.exit_rate_limit, None);
+        assert!(!a.exit_node && a.exit_clients.is_none());
+        assert_eq!(
+            b.exit_rate_limit.map(|r| r.bits_per_second()),
+            Some(200_000_000)
+        );
+        // Absent keys: not an exit node, no limit.
+        let plain = parse(&exit_file("", "")).expect("valid");
+        assert!(
+            plain
+                .devices
+                .iter()
+                .all(|d| !d.exit_node && d.exit_clients.is_none() && d.exit_rate_limit.is_none())
+        );
+        // An empty list serves nobody (and is not the same as absent).
+        let none = parse(&exit_file("exit_node = true\nexit_clients = []\n", "")).expect("valid");
+        assert_eq!(none.devices[0].exit_clients, Some(BTreeSet::new()));
+    }
+
+    #[test]
+    fn exit_clients_may_name_a_later_device_and_itself() {
+        let mesh = parse(&exit_file(
+            "exit_node = true\nexit_clients = [\"b\", \"exit\"]\n",
+            "",
+        ))
+        .expect("valid");
+        assert_eq!(
+            mesh.devices[0].exit_clients.as_ref().map(BTreeSet::len),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn exit_problems_are_located() {
+        // Line 8 is the exit node's first extra line, 25 b's.
+        let p = problems(&exit_file(
+            "exit_node = true\nexit_clients = [\"a\", \"nobody\", \"a\"]\n",
+            "exit_rate_limit = \"200mbps\"\n",
+        ));
+        let joined = p
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            joined.contains("9:22: device \"exit\": exit_clients names \"nobody\", which is not a device of this file"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("9:32: device \"exit\": exit_clients lists \"a\" twice"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains(
+                "25:19: device \"b\": exit_rate_limit \"200mbps\": unit \"mbps\" is ambiguous"
+            ),
+            "{joined}"
+        );
+        assert_eq!(p.len(), 3, "{joined}");
+
+        let p = problems(&exit_file("exit_clients = [\"a\"]\n", ""));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!((p[0].line, p[0].column), (8, 16), "{p:?}");
+        assert!(p[0].message.contains("only for exit nodes"), "{p:?}");
+
+        let p = problems(&exit_file("exit_node = \"yes\"\n", ""));
+        assert_eq!(p[0].line, 8, "{p:?}");
+        assert!(p[0].message.contains("bool"), "{p:?}");
+    }
+
+    #[test]
+    fn default_prefixes_match_their_text() {
+        assert_eq!(
+            DEFAULT_IPV4_NET.to_string(),
+            super::super::DEFAULT_IPV4_PREFIX
+        );
+        assert_eq!(
+            DEFAULT_IPV6_NET.to_string(),
+            super::super::DEFAULT_IPV6_PREFIX
+        );
     }
 
     #[test]

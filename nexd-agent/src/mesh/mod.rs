@@ -5,13 +5,16 @@
 //! routes) is derived from this model by the reconcile loop.
 
 mod file;
+pub mod rate;
 mod render;
 
 pub use file::{MeshFileError, Problem, parse, read};
 pub(crate) use file::{check_name, check_v4_host, check_v6_host, parse_endpoint};
+pub use rate::Rate;
 pub use render::render;
 
 use std::{
+    collections::BTreeSet,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
@@ -26,6 +29,11 @@ pub const DEFAULT_IPV4_PREFIX: &str = "100.64.0.0/10";
 /// Default mesh IPv6 prefix: a ULA /48 ("nex" in the global ID). Operators
 /// running several meshes that can see each other should pick their own.
 pub const DEFAULT_IPV6_PREFIX: &str = "fd6e:6578:6400::/48";
+/// [`DEFAULT_IPV4_PREFIX`] as a prefix, checked at compile time.
+pub const DEFAULT_IPV4_NET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0, 0), 10);
+/// [`DEFAULT_IPV6_PREFIX`] as a prefix, checked at compile time.
+pub const DEFAULT_IPV6_NET: Ipv6Net =
+    Ipv6Net::new_assert(Ipv6Addr::new(0xfd6e, 0x6578, 0x6400, 0, 0, 0, 0, 0), 48);
 /// Default persistent keepalive, seconds: below common NAT UDP timeouts.
 pub const DEFAULT_KEEPALIVE: u16 = 25;
 /// Default tunnel MTU: 1500 minus the worst-case WireGuard overhead over an
@@ -62,6 +70,16 @@ pub struct Device {
     pub listen_port: u16,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
+    /// `exit_node = true`: the device may serve as an exit node. Clients
+    /// ignore exit announcements from devices without it.
+    pub exit_node: bool,
+    /// `exit_clients = [...]` on an exit node: the names of the devices it
+    /// serves; `None` (the key absent) serves every device. Validated: every
+    /// name is a device of the file.
+    pub exit_clients: Option<BTreeSet<String>>,
+    /// `exit_rate_limit`: the most this device may send, and receive,
+    /// through an exit node (each direction on its own).
+    pub exit_rate_limit: Option<Rate>,
 }
 
 /// A device's underlay address as written in the file. Names are resolved
@@ -95,14 +113,169 @@ impl Serialize for Endpoint {
     }
 }
 
+impl Device {
+    /// The device's mesh addresses, IPv4 then IPv6: what a source check
+    /// (announcements, the exit node's DNS) admits for it.
+    pub fn mesh_addrs(&self) -> [IpAddr; 2] {
+        [IpAddr::V4(self.ipv4), IpAddr::V6(self.ipv6)]
+    }
+
+    /// Whether this device, as exit node, serves the device named `name`
+    /// (the caller rules out the device itself).
+    fn serves_name(&self, name: &str) -> bool {
+        self.exit_node
+            && self
+                .exit_clients
+                .as_ref()
+                .is_none_or(|clients| clients.contains(name))
+    }
+}
+
 impl Mesh {
     /// The device with this public key, if the file lists it.
     pub fn device(&self, key: &PublicKey) -> Option<&Device> {
         self.devices.iter().find(|d| &d.public_key == key)
     }
 
+    /// Whether the device with `key` may serve as an exit node at all.
+    pub fn may_serve_exit(&self, key: &PublicKey) -> bool {
+        self.device(key).is_some_and(|d| d.exit_node)
+    }
+
+    /// Whether `exit` serves `client` as exit node: both are devices of the
+    /// mesh, they differ, `exit` may serve, and its `exit_clients` (if
+    /// given) names `client`. What both sides check: a client before it
+    /// believes an exit announcement, an exit node before it forwards.
+    pub fn serves(&self, exit: &PublicKey, client: &PublicKey) -> bool {
+        if exit == client {
+            return false;
+        }
+        let (Some(e), Some(c)) = (self.device(exit), self.device(client)) else {
+            return false;
+        };
+        e.serves_name(&c.name)
+    }
+
+    /// The exit nodes that serve `client`, in file order.
+    pub fn exit_nodes_for<'a>(
+        &'a self,
+        client: &'a PublicKey,
+    ) -> impl Iterator<Item = &'a Device> + 'a {
+        let name = self.device(client).map(|d| d.name.as_str());
+        self.devices
+            .iter()
+            .filter(move |e| &e.public_key != client && name.is_some_and(|n| e.serves_name(n)))
+    }
+
+    /// The devices `exit` serves, in file order (none if it may not serve):
+    /// what the exit node's data path lets through.
+    pub fn exit_clients_of<'a>(
+        &'a self,
+        exit: &'a PublicKey,
+    ) -> impl Iterator<Item = &'a Device> + 'a {
+        let e = self.device(exit);
+        self.devices
+            .iter()
+            .filter(move |c| &c.public_key != exit && e.is_some_and(|e| e.serves_name(&c.name)))
+    }
+
     /// Every device except the one with `own` key: the peers of that device.
     pub fn peers_of<'a>(&'a self, own: &'a PublicKey) -> impl Iterator<Item = &'a Device> + 'a {
         self.devices.iter().filter(move |d| &d.public_key != own)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+
+    /// Devices e1 (exit for everyone), e2 (exit for "c1" only), e3 (exit
+    /// serving nobody), n (not an exit node, even with clients that would
+    /// want it), c1, c2.
+    fn mesh() -> (Mesh, [PublicKey; 6]) {
+        let keys: Vec<PublicKey> = (0..6)
+            .map(|_| PrivateKey::generate().public_key())
+            .collect();
+        let extra = [
+            "exit_node = true\n",
+            "exit_node = true\nexit_clients = [\"c1\"]\n",
+            "exit_node = true\nexit_clients = []\n",
+            "exit_node = false\n",
+            "",
+            "",
+        ];
+        let names = ["e1", "e2", "e3", "n", "c1", "c2"];
+        let text: String = (0..6)
+            .map(|i| {
+                format!(
+                    "[[device]]\nname = \"{}\"\npublic_key = \"{}\"\nipv4 = \"100.64.0.{}\"\nipv6 = \"fd6e:6578:6400::{}\"\n{}\n",
+                    names[i],
+                    keys[i],
+                    i + 1,
+                    i + 1,
+                    extra[i]
+                )
+            })
+            .collect();
+        let mesh = parse(&text).unwrap_or_else(|p| panic!("{p:?}"));
+        (mesh, [keys[0], keys[1], keys[2], keys[3], keys[4], keys[5]])
+    }
+
+    fn names<'a>(it: impl Iterator<Item = &'a Device>) -> Vec<&'a str> {
+        it.map(|d| d.name.as_str()).collect()
+    }
+
+    #[test]
+    fn who_may_serve_whom() {
+        let (m, [e1, e2, e3, n, c1, c2]) = mesh();
+        let stranger = PrivateKey::generate().public_key();
+        assert!(m.may_serve_exit(&e1) && m.may_serve_exit(&e2) && m.may_serve_exit(&e3));
+        assert!(!m.may_serve_exit(&n) && !m.may_serve_exit(&c1));
+        assert!(!m.may_serve_exit(&stranger));
+
+        assert!(m.serves(&e1, &c1) && m.serves(&e1, &c2) && m.serves(&e1, &e2));
+        assert!(m.serves(&e2, &c1) && !m.serves(&e2, &c2));
+        assert!(!m.serves(&e3, &c1) && !m.serves(&e3, &c2));
+        assert!(!m.serves(&n, &c1), "not an exit node");
+        assert!(!m.serves(&e1, &e1), "nobody is its own exit node");
+        assert!(!m.serves(&e1, &stranger) && !m.serves(&stranger, &c1));
+    }
+
+    #[test]
+    fn exit_nodes_for_and_clients_of_agree_with_serves() {
+        let (m, keys) = mesh();
+        let [e1, e2, e3, n, c1, c2] = keys;
+        assert_eq!(names(m.exit_nodes_for(&c1)), ["e1", "e2"]);
+        assert_eq!(names(m.exit_nodes_for(&c2)), ["e1"]);
+        assert_eq!(names(m.exit_nodes_for(&e1)), Vec::<&str>::new());
+        assert_eq!(names(m.exit_nodes_for(&e2)), ["e1"]);
+        assert_eq!(names(m.exit_clients_of(&e2)), ["c1"]);
+        let dns_allowed: Vec<IpAddr> = m
+            .exit_clients_of(&e2)
+            .flat_map(Device::mesh_addrs)
+            .collect();
+        assert_eq!(
+            dns_allowed,
+            [
+                "100.64.0.5".parse::<IpAddr>().expect("ip"),
+                "fd6e:6578:6400::5".parse().expect("ip")
+            ]
+        );
+        assert_eq!(names(m.exit_clients_of(&e3)), Vec::<&str>::new());
+        assert_eq!(names(m.exit_clients_of(&n)), Vec::<&str>::new());
+        assert_eq!(names(m.exit_clients_of(&e1)), ["e2", "e3", "n", "c1", "c2"]);
+        for x in &keys {
+            for y in &keys {
+                assert_eq!(
+                    m.exit_nodes_for(y).any(|d| d.public_key == *x),
+                    m.serves(x, y)
+                );
+                assert_eq!(
+                    m.exit_clients_of(x).any(|d| d.public_key == *y),
+                    m.serves(x, y)
+                );
+            }
+        }
     }
 }

@@ -154,6 +154,13 @@ fn assemble(
             listen_port: d.listen_port,
             ipv4: d.ipv4,
             ipv6: d.ipv6,
+            exit_node: d.roles.exit_node,
+            exit_clients: d
+                .roles
+                .exit_clients
+                .as_ref()
+                .map(|c| c.iter().cloned().collect()),
+            exit_rate_limit: None,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -255,7 +262,7 @@ mod tests {
         let text = format!(
             "[mesh]\nipv4_prefix = \"100.64.0.0/10\"\nipv6_prefix = \"fd6e:6578:6400::/48\"\n\
              [[device]]\nname = \"a\"\npublic_key = \"{}\"\nendpoint = \"198.51.100.7:4000\"\nlisten_port = 51820\nipv4 = \"100.64.0.1\"\nipv6 = \"fd6e:6578:6400::1\"\n\
-             [[device]]\nname = \"b\"\npublic_key = \"{}\"\nendpoint = \"192.0.2.2:51820\"\nipv4 = \"100.64.0.2\"\nipv6 = \"fd6e:6578:6400::2\"\n",
+             [[device]]\nname = \"b\"\npublic_key = \"{}\"\nendpoint = \"192.0.2.2:51820\"\nipv4 = \"100.64.0.2\"\nipv6 = \"fd6e:6578:6400::2\"\nexit_node = true\n",
             a.public_key, b.public_key
         );
         assert_eq!(m.mesh, mesh::parse(&text).expect("file"));
