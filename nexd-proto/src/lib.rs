@@ -47,6 +47,8 @@ pub enum Method {
     Stats,
     /// Exit nodes announced in the mesh.
     ExitNodeList,
+    /// The exit node's clients with their traffic, denials and limits.
+    ExitNodeClients,
     /// Send this device's internet traffic through an exit node.
     ExitNodeEnable,
     /// Restore the direct path.
@@ -64,6 +66,7 @@ impl Method {
             | Method::PeersList
             | Method::Stats
             | Method::ExitNodeList
+            | Method::ExitNodeClients
             | Method::Metrics => false,
             Method::ExitNodeEnable | Method::ExitNodeDisable => true,
         }
@@ -121,6 +124,9 @@ pub enum Reply {
     Stats(StatsInfo),
     ExitNodes {
         exit_nodes: Vec<ExitNodeRow>,
+    },
+    ExitClients {
+        clients: Vec<ExitClientRow>,
     },
     /// A change was made (or was already in place); `message` says what.
     Done {
@@ -245,6 +251,33 @@ pub struct ExitNodeRow {
     pub rtt_ms: Option<f64>,
     /// Seconds since its last announcement.
     pub last_heard_seconds: Option<f64>,
+}
+
+/// One client of the exit node, as `nexctl nexd exit-node clients` shows
+/// it (CLIENT, MESH IP, RX, TX, DENIED, RATE LIMIT): the CPUs summed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitClientRow {
+    /// The device's name in the mesh file.
+    pub client: String,
+    /// Its mesh addresses.
+    pub addresses: Vec<std::net::IpAddr>,
+    /// Received from the client and forwarded (the exit node's WireGuard
+    /// ingress): packets (GSO segments) and bytes (IP packet bytes; a
+    /// GRO aggregate counts its headers once).
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// Forwarded to the client (the exit node's WireGuard egress).
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Dropped packets by reason (stable snake_case names such as
+    /// `private`, `metadata`, `connected`, `host_address`,
+    /// `rate_limit_from_client`), only reasons that occurred.
+    pub denied: std::collections::BTreeMap<String, u64>,
+    /// All dropped packets.
+    pub denied_total: u64,
+    /// Rate limits in bits per second (`None`: unlimited).
+    pub rate_limit_from_client: Option<u64>,
+    pub rate_limit_to_client: Option<u64>,
 }
 
 /// The exit-node side of `status`.

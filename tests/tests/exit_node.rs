@@ -21,7 +21,7 @@ use anyhow::{Context as _, bail};
 use nexd_testkit::{
     Netns, Node, NodeSpec,
     delay::DelayRelay,
-    proto::{ClientPhase, ExitNodeRow},
+    proto::{ClientPhase, ExitClientRow, ExitNodeRow},
     topology::{count_forwarded_to, forwarded_to, mesh_toml, nft_counter, remove_forward_probes},
     traffic::{ping_once, ping_until, tcp_transfer, udp_exchange},
     wait_for,
@@ -198,6 +198,22 @@ fn exit_node_client_end_to_end() -> anyhow::Result<()> {
     );
     let list = w.node("client").exit_nodes()?;
     assert!(list[0].active, "{list:?}");
+    // The exit node accounts for the client by name; the peer, which
+    // sent nothing through it, has a row at zero.
+    let clients: Vec<ExitClientRow> = w
+        .node("exit1")
+        .nexctl_json(&["nexd", "exit-node", "clients"])?;
+    let row = clients
+        .iter()
+        .find(|c| c.client == "client")
+        .with_context(|| format!("no row for the client: {clients:?}"))?;
+    assert!(row.rx_bytes > 0 && row.tx_bytes > 0, "{row:?}");
+    assert!(row.addresses.contains(&w.mesh_ip("client", false)), "{row:?}");
+    let peer_row = clients.iter().find(|c| c.client == "peer");
+    assert_eq!(peer_row.map(|r| r.rx_bytes), Some(0), "{clients:?}");
+    // A device that serves no one says so, with "unavailable".
+    let out = w.node("client").nexctl(&["nexd", "exit-node", "clients"])?;
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     let wg = wg_config(w.node("client"))?;
     assert!(wg.contains("0.0.0.0/0") && wg.contains("::/0"), "{wg}");
     // The device marks its own packets (28280 = 0x6e78) so they bypass

@@ -10,8 +10,8 @@ use super::output::{self, OutputFormat, Table, human_age, human_bytes};
 use crate::control::{
     client::{self, ClientError},
     protocol::{
-        ErrorCode, ExitNodeRow, Method, PROTOCOL_VERSION, PeerRow, Reply, StatsInfo, StatusInfo,
-        VersionInfo,
+        ErrorCode, ExitClientRow, ExitNodeRow, Method, PROTOCOL_VERSION, PeerRow, Reply, StatsInfo,
+        StatusInfo, VersionInfo,
     },
 };
 use crate::instance::Instance;
@@ -104,6 +104,10 @@ pub enum ExitNodeCommand {
     /// Exit nodes of the mesh: ENDPOINT ADDRESS, PUBLIC KEY, NAME, MESH IP,
     /// STATUS, ACTIVE, RTT.
     List,
+    /// On an exit node: the devices it serves, with what they sent (RX)
+    /// and received (TX) through it, what it refused (DENIED, by reason in
+    /// json/yaml) and their RATE LIMIT (to the client / from the client).
+    Clients,
     /// Send this device's non-mesh traffic through an exit node. Fails (and
     /// changes nothing) when none is available.
     Enable,
@@ -446,6 +450,7 @@ fn peers_list(ctx: &Ctx) -> Result<(), ClientError> {
 fn exit_node(ctx: &Ctx, cmd: ExitNodeCommand) -> Result<(), ClientError> {
     let method = match &cmd {
         ExitNodeCommand::List => Method::ExitNodeList,
+        ExitNodeCommand::Clients => Method::ExitNodeClients,
         ExitNodeCommand::Enable => Method::ExitNodeEnable,
         ExitNodeCommand::Disable(_) => Method::ExitNodeDisable,
     };
@@ -469,8 +474,47 @@ fn exit_node(ctx: &Ctx, cmd: ExitNodeCommand) -> Result<(), ClientError> {
             print_exit_nodes(ctx.output, &exit_nodes);
             Ok(())
         }
+        Reply::ExitClients { clients } => {
+            print_exit_clients(ctx.output, &clients);
+            Ok(())
+        }
         other => Err(unexpected(&other)),
     }
+}
+
+fn print_exit_clients(format: OutputFormat, rows: &[ExitClientRow]) {
+    let rate = |bps: Option<u64>| {
+        bps.map_or_else(
+            || "-".to_owned(),
+            |b| {
+                crate::mesh::Rate::from_bits_per_second(b)
+                    .map_or_else(|| format!("{b}bit"), |r| r.to_string())
+            },
+        )
+    };
+    output::print(format, &rows, || {
+        let mut t = Table::new(&["CLIENT", "MESH IP", "RX", "TX", "DENIED", "RATE LIMIT"]);
+        for r in rows {
+            let limit = match (r.rate_limit_to_client, r.rate_limit_from_client) {
+                (None, None) => "-".to_owned(),
+                (to, from) if to == from => rate(to),
+                (to, from) => format!("{}/{}", rate(to), rate(from)),
+            };
+            t.row(vec![
+                r.client.clone(),
+                r.addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                human_bytes(r.rx_bytes),
+                human_bytes(r.tx_bytes),
+                r.denied_total.to_string(),
+                limit,
+            ]);
+        }
+        t
+    });
 }
 
 /// nexd is not running: remove what it left (its record and its fixed

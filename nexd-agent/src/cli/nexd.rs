@@ -124,6 +124,15 @@ pub struct AgentArgs {
     /// so with the kill switch even the LAN is unreachable).
     #[arg(long = "kill-switch-allow", global = true, value_name = "CIDR", value_parser = exclude::parse_cidr)]
     pub kill_switch_allow: Vec<ipnet::IpNet>,
+    /// Exit node: a subnet its clients may reach besides the internet (one
+    /// it routes to, a service on its network); by default they reach the
+    /// internet only (repeatable).
+    #[arg(long = "exit-allow", global = true, value_name = "CIDR", value_parser = exclude::parse_cidr)]
+    pub exit_allow: Vec<ipnet::IpNet>,
+    /// Exit node: each client's rate limit, each direction, where its mesh
+    /// entry gives none (e.g. "200mbit"; units bit, kbit, mbit, gbit).
+    #[arg(long, global = true, env = "NEXD_EXIT_RATE_LIMIT", value_name = "RATE", value_parser = crate::mesh::rate::parse)]
+    pub exit_rate_limit: Option<crate::mesh::Rate>,
     /// Log each packet the leak guard drops (debug level).
     #[arg(long, global = true)]
     pub log_guard_drops: bool,
@@ -135,6 +144,12 @@ pub struct AgentArgs {
     /// classifier, no leak guard): the benchmarks' "wg-quick way" baseline.
     #[arg(long, global = true, hide = true, conflicts_with = "kill_switch")]
     pub no_ebpf: bool,
+    /// Do not clamp TCP's MSS to what fits the tunnel (exit node and LAN
+    /// gateway). Clamping is what keeps large transfers going where the
+    /// path filters ICMP "fragmentation needed"; turn it off only to
+    /// diagnose path MTU problems.
+    #[arg(long, global = true, env = "NEXD_NO_MSS_CLAMP", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_mss_clamp: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (off by default;
     /// keep it on a loopback or management address).
     #[arg(long, global = true, env = "NEXD_METRICS_LISTEN", value_name = "ADDR")]
@@ -318,7 +333,10 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
         wireguard: args.wireguard,
         exit_server: router
             .filter(|r| r.exit_node)
-            .map(|_| daemon::ExitServerOptions {}),
+            .map(|_| daemon::ExitServerOptions {
+                allow: args.exit_allow.clone(),
+                rate_limit: args.exit_rate_limit,
+            }),
         exit_node_client: args.exit_node_client,
         policy,
         lan_interfaces: args.lan_interfaces,
@@ -331,6 +349,7 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
         bpffs: args.bpffs,
         uplink: args.uplink,
         no_ebpf: args.no_ebpf,
+        mss_clamp: !args.no_mss_clamp,
         exit_node_pin: args.exit_node_pin,
         socket_group: args.socket_group,
         metrics_listen: args.metrics_listen,

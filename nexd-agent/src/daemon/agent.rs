@@ -29,7 +29,7 @@ use super::{
     dataplane::{DataPlane, DataPlaneSettings, Inputs},
     endpoints::{Endpoints, Resolved},
     exit_client::{Candidates, Effects, ExitClient},
-    exit_server::ExitServer,
+    exit_server::{self, ExitServer, ExitSettings},
     heartbeats::Heartbeats,
     interface::MeshInterface,
     log_error_lines, reconcile,
@@ -130,8 +130,10 @@ impl Daemon {
             kill_switch_allow: opts.kill_switch_allow.clone(),
             log_guard_drops: opts.log_guard_drops,
             no_ebpf: opts.no_ebpf,
+            mss_clamp: opts.mss_clamp,
             fwmark: opts.policy.fwmark,
             bpffs: opts.bpffs.clone(),
+            exit_node: opts.exit_server.is_some(),
         });
         let heartbeats = Heartbeats::new(key.clone(), epoch, &mesh, channels.announcements);
         Daemon {
@@ -225,14 +227,30 @@ impl Daemon {
             self.endpoints.refresh(&self.mesh, Instant::now());
             let mesh = self.mesh.clone();
             self.apply_mesh(mesh).await?;
-            if self.opts.exit_server.is_some() {
+            if let Some(why) = self
+                .opts
+                .exit_server
+                .as_ref()
+                .and_then(|_| exit_server::not_allowed(&self.mesh, &self.own))
+            {
+                // Serving follows the membership: it starts when an
+                // update lets this device serve.
+                warn!("{why}: not serving as exit node until the membership allows it");
+            } else if let Some(role) = &self.opts.exit_server {
+                let settings = ExitSettings {
+                    uplink: self.opts.uplink.clone(),
+                    allow: role.allow.clone(),
+                    rate_limit: role.rate_limit,
+                };
                 self.exit_server = Some(
                     ExitServer::start(
                         &self.nl,
                         &self.opts.interface,
-                        self.opts.uplink.as_deref(),
-                        (self.mesh.ipv4_prefix, self.mesh.ipv6_prefix),
+                        settings,
+                        &self.mesh,
+                        &self.own,
                         &mut self.sysctls,
+                        &mut self.dataplane,
                     )
                     .await?,
                 );
@@ -245,7 +263,8 @@ impl Daemon {
                 // send: the guard goes on now, not at the first tick.
                 self.evaluate_exit().await;
             }
-            self.dataplane.install_gateway(&mut self.sysctls)?;
+            self.dataplane
+                .install_gateway(&mut self.sysctls, self.mesh.mtu)?;
             super::release_freed_memory();
             Ok(())
         }
@@ -337,12 +356,7 @@ impl Daemon {
         if let Err(e) = self.split.sync(&self.nl).await {
             log_error_lines("updating the excluded routes failed", &e);
         }
-        if let Some(server) = &mut self.exit_server {
-            server.reload(
-                (self.mesh.ipv4_prefix, self.mesh.ipv6_prefix),
-                &mut self.sysctls,
-            );
-        }
+        self.follow_exit_role().await;
         self.endpoints.refresh(&self.mesh, Instant::now());
         // An exit node that left the mesh must not stay in use.
         self.evaluate_exit().await;
@@ -385,13 +399,77 @@ impl Daemon {
         }
     }
 
+    /// The exit node role after a membership change: the clients, their
+    /// limits and the table follow; a device the membership no longer lets
+    /// serve stops serving (and announcing itself) at once, and starts
+    /// again if it is allowed again.
+    async fn follow_exit_role(&mut self) {
+        let Some(role) = self.opts.exit_server.clone() else {
+            return;
+        };
+        let allowed = exit_server::not_allowed(&self.mesh, &self.own);
+        match (self.exit_server.as_mut(), allowed) {
+            (Some(server), None) => {
+                server
+                    .reload(
+                        &self.nl,
+                        &self.mesh,
+                        &self.own,
+                        &mut self.sysctls,
+                        &mut self.dataplane,
+                    )
+                    .await;
+            }
+            (Some(_), Some(why)) => {
+                warn!("{why}: no longer serving as exit node");
+                if let Some(server) = self.exit_server.take() {
+                    server.remove(&mut self.sysctls, &mut self.dataplane).await;
+                }
+            }
+            (None, None) => {
+                let settings = ExitSettings {
+                    uplink: self.opts.uplink.clone(),
+                    allow: role.allow,
+                    rate_limit: role.rate_limit,
+                };
+                match ExitServer::start(
+                    &self.nl,
+                    &self.opts.interface,
+                    settings,
+                    &self.mesh,
+                    &self.own,
+                    &mut self.sysctls,
+                    &mut self.dataplane,
+                )
+                .await
+                {
+                    Ok(s) => self.exit_server = Some(s),
+                    Err(e) => log_error_lines("starting to serve as exit node failed", &e),
+                }
+            }
+            (None, Some(_)) => {}
+        }
+    }
+
     /// Routes, addresses or links changed: the leak guard goes onto every
     /// interface a default route now leaves through, the uplinks' subnets
-    /// in the maps follow, and the excluded routes follow the new gateway.
+    /// in the maps follow, and the excluded routes follow the new gateway;
+    /// an exit node's idea of "the internet" follows the host's networks.
     pub async fn on_uplinks_changed(&mut self) {
         let t0 = Instant::now();
         if let Err(e) = self.dataplane.sync(&self.nl).await {
             log_error_lines("following the uplinks failed", &e);
+        }
+        if let Some(server) = &mut self.exit_server {
+            server
+                .refresh_host(
+                    &self.nl,
+                    &self.mesh,
+                    &self.own,
+                    &mut self.sysctls,
+                    &mut self.dataplane,
+                )
+                .await;
         }
         if let Err(e) = self.split.sync(&self.nl).await {
             debug!(error = %e, "excluded routes not updated");
@@ -468,7 +546,7 @@ impl Daemon {
             client.teardown(&mut fx).await;
         }
         if let Some(server) = self.exit_server.take() {
-            server.remove(&mut self.sysctls);
+            server.remove(&mut self.sysctls, &mut self.dataplane).await;
         }
         self.heartbeats.close();
         self.dataplane.remove(&mut self.sysctls);

@@ -44,11 +44,31 @@ impl Daemon {
             Method::ExitNodeList => Response::ok(Reply::ExitNodes {
                 exit_nodes: self.exit_rows(Instant::now()),
             }),
+            Method::ExitNodeClients => self.exit_clients(),
             Method::ExitNodeEnable => self.exit_enable().await,
             Method::ExitNodeDisable => self.exit_disable().await,
             Method::Metrics => Response::ok(Reply::Metrics {
                 text: self.metrics_text(),
             }),
+        }
+    }
+
+    fn exit_clients(&self) -> Response {
+        if self.exit_server.is_none() {
+            let why = match &self.opts.exit_server {
+                None => "this device does not serve as exit node (nexd runs without `router --exit-node`)"
+                    .to_owned(),
+                Some(_) => super::exit_server::not_allowed(&self.mesh, &self.own)
+                    .unwrap_or_else(|| "this device does not serve as exit node now".into()),
+            };
+            return Response::error(ErrorCode::Unavailable, why);
+        }
+        match self.dataplane.exit_clients() {
+            Ok(clients) => Response::ok(Reply::ExitClients { clients }),
+            Err(e) => Response::error(
+                ErrorCode::Internal,
+                format!("reading the exit node's per-client counters: {e}"),
+            ),
         }
     }
 

@@ -21,7 +21,9 @@ use tracing::{debug, warn};
 
 use crate::{
     control::protocol::DatapathInfo,
-    datapath::{self, BypassSet, CounterTotal, Datapath},
+    datapath::{
+        self, BypassSet, CounterTotal, Datapath, EXIT_CLIENTS_MAX, LoadOptions, MssConfig, exit,
+    },
     netif,
     netlink::Netlink,
     routing::{gateway::Gateway, sysctl::Sysctls, uplink},
@@ -70,8 +72,13 @@ pub struct DataPlaneSettings {
     pub kill_switch_allow: Vec<IpNet>,
     pub log_guard_drops: bool,
     pub no_ebpf: bool,
+    /// `--no-mss-clamp` turns it off.
+    pub mss_clamp: bool,
     pub fwmark: u32,
     pub bpffs: PathBuf,
+    /// This node serves as exit node: the client maps get their full size
+    /// (other nodes save their memory).
+    pub exit_node: bool,
 }
 
 /// What other components own and the maps mirror.
@@ -126,17 +133,73 @@ impl DataPlane {
     }
 
     /// The LAN gateway role: forwarding on, LAN traffic into the tunnel
-    /// masqueraded. After the leak guard (with the kill switch, forwarded
+    /// masqueraded, and TCP's MSS clamped to what fits the tunnel (both
+    /// directions on the WireGuard interface: LAN hosts' SYNs and the
+    /// answers), so a path that filters ICMP cannot stall large
+    /// transfers. After the leak guard (with the kill switch, forwarded
     /// LAN traffic must meet the guard from its first packet).
-    pub fn install_gateway(&mut self, sysctls: &mut Sysctls) -> anyhow::Result<()> {
-        if !self.settings.lan_interfaces.is_empty() && self.gateway.is_none() {
-            self.gateway = Some(Gateway::install(
-                &self.settings.wg_iface,
-                &self.settings.lan_interfaces,
-                sysctls,
-            )?);
+    pub fn install_gateway(&mut self, sysctls: &mut Sysctls, mtu: u32) -> anyhow::Result<()> {
+        if self.settings.lan_interfaces.is_empty() || self.gateway.is_some() {
+            return Ok(());
+        }
+        self.gateway = Some(Gateway::install(
+            &self.settings.wg_iface,
+            &self.settings.lan_interfaces,
+            sysctls,
+        )?);
+        if let Ok(dp) = self.datapath.as_mut()
+            && self.settings.mss_clamp
+        {
+            dp.set_mss(exit::mss_for_mtu(mtu))?;
+            dp.attach_mss_clamp(&self.settings.wg_iface, false)
+                .context("attaching the MSS clamp to the tunnel")?;
         }
         Ok(())
+    }
+
+    /// The exit node's policy and clients into the maps, the MSS for the
+    /// tunnel; the exit programs attached the first time.
+    pub fn sync_exit(
+        &mut self,
+        policy: &exit::ExitPolicy,
+        clients: &[exit::ExitClient],
+        mss: MssConfig,
+    ) -> anyhow::Result<()> {
+        let dp = self
+            .datapath
+            .as_mut()
+            .map_err(|e| anyhow::anyhow!("the eBPF data path is not available: {e}"))?;
+        dp.sync_exit_policy(policy)?;
+        let sync = dp.sync_exit_clients(clients)?;
+        debug!(?sync, "exit node clients synced");
+        // An MSS of 0 is "leave it alone" to the programs.
+        dp.set_mss(if self.settings.mss_clamp {
+            mss
+        } else {
+            MssConfig::default()
+        })?;
+        if dp.exit_interface().is_none() {
+            dp.attach_exit(&self.settings.wg_iface, false)?;
+        }
+        Ok(())
+    }
+
+    /// Detaches the exit programs (the node stops serving).
+    pub fn detach_exit(&mut self) {
+        if let Ok(dp) = self.datapath.as_mut()
+            && let Err(e) = dp.detach_exit()
+        {
+            warn!(error = %e, "detaching the exit programs failed");
+        }
+    }
+
+    /// Per-client accounting of the exit node.
+    pub fn exit_clients(&self) -> Result<Vec<exit::ExitClientRow>, String> {
+        match &self.datapath {
+            Ok(dp) if dp.exit_interface().is_some() => dp.exit_clients().map_err(|e| e.to_string()),
+            Ok(_) => Err("the exit programs are not attached".into()),
+            Err(e) => Err(format!("the eBPF data path is not loaded: {e}")),
+        }
     }
 
     /// Loads the programs, attaches the tunnel observers and the steering
@@ -147,12 +210,26 @@ impl DataPlane {
             self.datapath = Err("disabled with --no-ebpf".into());
             return Ok(());
         }
-        let mut dp = match Datapath::start(&self.settings.wg_iface) {
+        let opts = LoadOptions {
+            exit_clients: if self.settings.exit_node {
+                EXIT_CLIENTS_MAX
+            } else {
+                1
+            },
+        };
+        let mut dp = match Datapath::start_with(&self.settings.wg_iface, opts) {
             Ok(dp) => dp,
             Err(e) if self.settings.kill_switch => {
                 return Err(
                     anyhow::Error::from(e).context("--kill-switch needs the eBPF leak guard")
                 );
+            }
+            // An exit node without its programs would forward anyone
+            // anywhere: it does not serve at all.
+            Err(e) if self.settings.exit_node => {
+                return Err(anyhow::Error::from(e).context(
+                    "an exit node needs its eBPF programs (who it serves, and only to the internet)",
+                ));
             }
             Err(e) => {
                 warn!(error = %e, "eBPF data path not attached: no counters, no steering classifier");

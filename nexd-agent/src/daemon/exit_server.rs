@@ -1,86 +1,273 @@
-//! The exit-node role (`nexd router --exit-node`): the one owner of the
-//! exit node's forwarding (nftables table and forwarding sysctls, through
-//! `routing::forward`) and of the uplinks it serves through.
+//! The exit-node role (`nexd router --exit-node`): the one owner of what an
+//! exit node installs besides its eBPF programs (which `DataPlane` owns and
+//! this component feeds): the nftables table and forwarding sysctls
+//! (`routing::forward`), the DNS resolver on its mesh addresses (`dns`),
+//! and the decisions of whom it serves and where they may go.
+//!
+//! Whom: the devices the membership names (`exit_node = true` on this
+//! device's entry, `exit_clients` if given), with their rate limits. Where:
+//! the internet only, so everything the host itself has (its addresses,
+//! its connected and routed subnets, link-local and the metadata service,
+//! private ranges) is denied unless `--exit-allow` shares it. Both are
+//! recomputed on every membership change and every change of the host's
+//! links, addresses and routes.
+
+use std::net::IpAddr;
 
 use anyhow::Context as _;
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use tracing::{info, warn};
 
+use super::dataplane::DataPlane;
 use crate::{
+    datapath::exit::{ClientLimits, ExitClient, HostNetworks, RateLimit, exit_policy, mss_for_mtu},
+    dns::{self, DnsConfig, DnsHandle},
+    keys::PublicKey,
+    mesh::{Mesh, Rate},
     netlink::Netlink,
     routing::{
-        forward::{ExitForwarding, Uplinks},
+        forward::{ExitForwarding, ExitRules, Uplinks},
+        host,
         sysctl::Sysctls,
         uplink,
     },
 };
 
+/// The exit node's settings from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct ExitSettings {
+    /// `--uplink`; default: the default routes' interfaces.
+    pub uplink: Option<String>,
+    /// `--exit-allow`: subnets shared with the clients besides the internet.
+    pub allow: Vec<IpNet>,
+    /// `--exit-rate-limit`: each client's limit (each direction) where its
+    /// entry has none.
+    pub rate_limit: Option<Rate>,
+}
+
 pub struct ExitServer {
     wg_iface: String,
+    settings: ExitSettings,
     forwarding: ExitForwarding,
+    dns: Option<DnsHandle>,
+}
+
+/// Why this device may not serve.
+pub fn not_allowed(mesh: &Mesh, own: &PublicKey) -> Option<String> {
+    let me = mesh.device(own)?;
+    (!me.exit_node).then(|| {
+        format!(
+            "device {} may not serve as exit node: its [[device]] entry has no `exit_node = true`",
+            me.name
+        )
+    })
+}
+
+/// The interfaces the exit node forwards out of: `--uplink`, else the
+/// default routes' interfaces now (which follow the host's routes).
+async fn uplinks(nl: &Netlink, fixed: Option<&str>, warn_missing: bool) -> anyhow::Result<Uplinks> {
+    if let Some(u) = fixed {
+        if nl.link_index(u).await?.is_none() {
+            anyhow::bail!("--uplink {u}: no such interface");
+        }
+        return Ok(Uplinks {
+            v4: Some(u.to_owned()),
+            v6: Some(u.to_owned()),
+        });
+    }
+    let (v4, v6) = uplink::default_route_interfaces(nl).await?;
+    if warn_missing && v4.is_none() {
+        warn!("no IPv4 default route: this exit node will not forward IPv4");
+    }
+    if warn_missing && v6.is_none() {
+        warn!("no IPv6 default route: this exit node will not forward IPv6");
+    }
+    Ok(Uplinks { v4, v6 })
+}
+
+/// The clients `mesh` lets this exit node serve, with their limits.
+fn clients(mesh: &Mesh, own: &PublicKey, default: Option<Rate>) -> Vec<ExitClient> {
+    mesh.exit_clients_of(own)
+        .map(|d| {
+            let limits = d
+                .exit_rate_limit
+                .or(default)
+                .map(|r| ClientLimits::both(RateLimit::new(r.bits_per_second())))
+                .unwrap_or_default();
+            ExitClient {
+                name: d.name.clone(),
+                addresses: d.mesh_addrs().to_vec(),
+                limits,
+            }
+        })
+        .collect()
 }
 
 impl ExitServer {
-    /// Finds the uplinks (`--uplink`, or the default routes' interfaces)
-    /// and installs forwarding for the mesh prefixes.
+    /// Starts serving: the nftables table and forwarding, the eBPF exit
+    /// programs with the policy and the clients, the DNS resolver. Fails
+    /// (and installs nothing) when the membership does not let this
+    /// device serve.
     pub async fn start(
         nl: &Netlink,
         wg_iface: &str,
-        uplink_override: Option<&str>,
-        prefixes: (Ipv4Net, Ipv6Net),
+        settings: ExitSettings,
+        mesh: &Mesh,
+        own: &PublicKey,
         sysctls: &mut Sysctls,
+        dataplane: &mut DataPlane,
     ) -> anyhow::Result<Self> {
-        let uplinks = match uplink_override {
-            Some(u) => {
-                if nl.link_index(u).await?.is_none() {
-                    anyhow::bail!("--uplink {u}: no such interface");
-                }
-                Uplinks {
-                    v4: Some(u.to_owned()),
-                    v6: Some(u.to_owned()),
-                }
-            }
-            None => {
-                let (v4, v6) = uplink::default_route_interfaces(nl).await?;
-                if v4.is_none() {
-                    warn!("no IPv4 default route: this exit node will not forward IPv4");
-                }
-                if v6.is_none() {
-                    warn!("no IPv6 default route: this exit node will not forward IPv6");
-                }
-                Uplinks { v4, v6 }
-            }
-        };
-        let forwarding =
-            ExitForwarding::install(wg_iface, uplinks, prefixes.0, prefixes.1, sysctls)
-                .context("setting up the exit node")?;
-        info!("serving as exit node: advertising 0.0.0.0/0 and ::/0 to the mesh");
-        Ok(ExitServer {
+        if let Some(why) = not_allowed(mesh, own) {
+            anyhow::bail!("{why}");
+        }
+        let me = mesh.device(own).context("this device is not in the mesh")?;
+        let uplinks = uplinks(nl, settings.uplink.as_deref(), true).await?;
+        // The data path first: from the first forwarded packet, only
+        // served clients, and only to the internet.
+        let mut server = ExitServer {
             wg_iface: wg_iface.to_owned(),
-            forwarding,
-        })
+            forwarding: ExitForwarding { uplinks },
+            dns: None,
+            settings,
+        };
+        server
+            .sync_datapath(nl, mesh, own, dataplane)
+            .await
+            .context("the exit node's data path")?;
+        server.forwarding = ExitForwarding::apply(&server.rules(mesh, me.ipv4, me.ipv6), sysctls)
+            .context("setting up the exit node")?;
+        let allowed: Vec<IpAddr> = mesh
+            .exit_clients_of(own)
+            .flat_map(|d| d.mesh_addrs())
+            .collect();
+        match dns::start(
+            DnsConfig::new(
+                vec![IpAddr::V4(me.ipv4), IpAddr::V6(me.ipv6)],
+                Some(wg_iface.to_owned()),
+            ),
+            allowed,
+        ) {
+            Ok(h) => server.dns = Some(h),
+            // The clients' DNS goes nowhere then, which they see; routing
+            // still works.
+            Err(e) => warn!(error = %e, "the DNS resolver for the clients did not start"),
+        }
+        info!(
+            clients = mesh.exit_clients_of(own).count(),
+            "serving as exit node: advertising 0.0.0.0/0 and ::/0 to the mesh"
+        );
+        Ok(server)
+    }
+
+    fn rules(&self, mesh: &Mesh, v4: std::net::Ipv4Addr, v6: std::net::Ipv6Addr) -> ExitRules {
+        ExitRules {
+            wg: self.wg_iface.clone(),
+            uplinks: self.forwarding.uplinks.clone(),
+            mesh_v4: mesh.ipv4_prefix,
+            mesh_v6: mesh.ipv6_prefix,
+            own: Some((v4, v6)),
+        }
+    }
+
+    /// The policy (from the host's networks now) and the clients into the
+    /// eBPF maps; attaches the programs the first time.
+    async fn sync_datapath(
+        &self,
+        nl: &Netlink,
+        mesh: &Mesh,
+        own: &PublicKey,
+        dataplane: &mut DataPlane,
+    ) -> anyhow::Result<()> {
+        let me = mesh.device(own).context("this device is not in the mesh")?;
+        let host = HostNetworks {
+            addresses: host::addresses(nl).await?,
+            routes: host::routed_subnets(nl).await?,
+            mesh_prefixes: vec![IpNet::V4(mesh.ipv4_prefix), IpNet::V6(mesh.ipv6_prefix)],
+            mesh_addresses: me.mesh_addrs().to_vec(),
+        };
+        let policy = exit_policy(&host, &self.settings.allow);
+        let clients = clients(mesh, own, self.settings.rate_limit);
+        dataplane.sync_exit(&policy, &clients, mss_for_mtu(mesh.mtu))
     }
 
     pub fn uplinks(&self) -> &Uplinks {
         &self.forwarding.uplinks
     }
 
-    /// The mesh prefixes changed (reload): the table is replaced whole.
-    pub fn reload(&mut self, prefixes: (Ipv4Net, Ipv6Net), sysctls: &mut Sysctls) {
-        match ExitForwarding::install(
-            &self.wg_iface,
-            self.forwarding.uplinks.clone(),
-            prefixes.0,
-            prefixes.1,
-            sysctls,
-        ) {
+    /// The DNS resolver's counters, if it runs.
+    pub fn dns_counters(&self) -> Option<dns::DnsCounters> {
+        self.dns.as_ref().map(DnsHandle::counters)
+    }
+
+    /// The membership changed: the table (prefixes), the clients and their
+    /// limits, the resolver's allowed sources and upstreams.
+    pub async fn reload(
+        &mut self,
+        nl: &Netlink,
+        mesh: &Mesh,
+        own: &PublicKey,
+        sysctls: &mut Sysctls,
+        dataplane: &mut DataPlane,
+    ) {
+        let Some(me) = mesh.device(own) else { return };
+        if let Err(e) = self.sync_datapath(nl, mesh, own, dataplane).await {
+            warn!(error = %crate::error_text(&e), "updating the exit node's data path failed");
+        }
+        match ExitForwarding::apply(&self.rules(mesh, me.ipv4, me.ipv6), sysctls) {
             Ok(fw) => self.forwarding = fw,
             Err(e) => warn!(error = %e, "updating exit node forwarding failed"),
         }
+        if let Some(dns) = &self.dns {
+            dns.update_allowed(mesh.exit_clients_of(own).flat_map(|d| d.mesh_addrs()));
+            if let Err(e) = dns.reload_upstreams() {
+                warn!(error = %e, "re-reading the upstream resolvers failed; keeping the previous ones");
+            }
+        }
     }
 
-    /// Deletes the table and restores the forwarding sysctls.
-    pub fn remove(self, sysctls: &mut Sysctls) {
+    /// The host's links, addresses or routes changed: what is "the
+    /// internet" changed with them, and without `--uplink` the interfaces
+    /// the clients' traffic leaves through (masquerading follows them).
+    pub async fn refresh_host(
+        &mut self,
+        nl: &Netlink,
+        mesh: &Mesh,
+        own: &PublicKey,
+        sysctls: &mut Sysctls,
+        dataplane: &mut DataPlane,
+    ) {
+        if let Err(e) = self.sync_datapath(nl, mesh, own, dataplane).await {
+            warn!(error = %crate::error_text(&e), "updating the exit node's policy failed");
+        }
+        let now = match uplinks(nl, self.settings.uplink.as_deref(), false).await {
+            Ok(u) => u,
+            Err(e) => {
+                warn!(error = %crate::error_text(&e), "reading the exit node's uplinks failed");
+                return;
+            }
+        };
+        if now == self.forwarding.uplinks {
+            return;
+        }
+        let Some(me) = mesh.device(own) else { return };
+        info!(v4 = ?now.v4, v6 = ?now.v6, "the exit node's uplinks changed");
+        let rules = ExitRules {
+            uplinks: now,
+            ..self.rules(mesh, me.ipv4, me.ipv6)
+        };
+        match ExitForwarding::apply(&rules, sysctls) {
+            Ok(fw) => self.forwarding = fw,
+            Err(e) => warn!(error = %e, "following the exit node's new uplinks failed"),
+        }
+    }
+
+    /// Stops serving: the resolver, the exit programs, the table and the
+    /// forwarding sysctls.
+    pub async fn remove(mut self, sysctls: &mut Sysctls, dataplane: &mut DataPlane) {
+        if let Some(dns) = self.dns.take() {
+            dns.shutdown().await;
+        }
+        dataplane.detach_exit();
         self.forwarding.remove(sysctls);
     }
 }

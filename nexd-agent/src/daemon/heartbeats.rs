@@ -54,6 +54,14 @@ impl Heartbeats {
         &self.book
     }
 
+    /// Datagrams the receive tasks dropped before the book saw them.
+    pub fn socket_counters(&self) -> crate::announce::SocketCounters {
+        self.announcer
+            .as_ref()
+            .map(crate::announce::Announcer::counters)
+            .unwrap_or_default()
+    }
+
     /// A peer's name, or "?" for a key the mesh does not have.
     pub fn name_of(&self, key: &PublicKey) -> String {
         self.book.name(key).unwrap_or("?").to_owned()

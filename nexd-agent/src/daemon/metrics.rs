@@ -20,6 +20,19 @@ fn label(k: &str, v: impl Into<String>) -> Labels {
     vec![(k.to_owned(), v.into())]
 }
 
+/// One series per field of a counters struct (named u64 fields), labelled
+/// `outcome`: the struct is the single list of outcomes, so a new one
+/// shows up here without a second list to keep in step.
+fn outcomes(family: &Family<Labels, Counter>, counters: &impl serde::Serialize) {
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(counters) {
+        for (name, v) in fields {
+            if let Some(n) = v.as_u64() {
+                family.get_or_create(&label("outcome", name)).inc_by(n);
+            }
+        }
+    }
+}
+
 impl Daemon {
     /// The whole scrape, as Prometheus text format.
     pub(super) fn metrics_text(&self) -> String {
@@ -151,10 +164,92 @@ impl Daemon {
             failovers,
         );
 
+        let announcements = Family::<Labels, Counter>::default();
+        outcomes(&announcements, &book.counters());
+        outcomes(&announcements, &self.heartbeats.socket_counters());
+        reg.register(
+            "nexd_announcements",
+            "Announcements received from peers, by outcome (accepted, or why they were dropped or partly ignored)",
+            announcements,
+        );
+
+        if self.exit_server.is_some() {
+            self.exit_node_metrics(&mut reg);
+        }
+
         let mut out = String::new();
         if encode(&mut out, &reg).is_err() {
             out = "# encoding failed\n".into();
         }
         out
+    }
+
+    /// The exit node's side: each client's traffic, refusals and limits,
+    /// and what its DNS resolver did.
+    fn exit_node_metrics(&self, reg: &mut Registry) {
+        let rx = Family::<Labels, Counter>::default();
+        let tx = Family::<Labels, Counter>::default();
+        let denied = Family::<Labels, Counter>::default();
+        let limit = Family::<Labels, Gauge>::default();
+        // A failed read leaves the families empty: the scrape still works,
+        // and the failure is in the log (and in `exit-node clients`).
+        for c in self.dataplane.exit_clients().unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "exit clients' counters not read");
+            Vec::new()
+        }) {
+            let l = label("client", c.client.clone());
+            rx.get_or_create(&l).inc_by(c.rx_bytes);
+            tx.get_or_create(&l).inc_by(c.tx_bytes);
+            for (reason, n) in &c.denied {
+                denied
+                    .get_or_create(&vec![
+                        ("client".to_owned(), c.client.clone()),
+                        ("reason".to_owned(), reason.clone()),
+                    ])
+                    .inc_by(*n);
+            }
+            for (dir, bps) in [
+                ("from_client", c.rate_limit_from_client),
+                ("to_client", c.rate_limit_to_client),
+            ] {
+                if let Some(b) = bps {
+                    limit
+                        .get_or_create(&vec![
+                            ("client".to_owned(), c.client.clone()),
+                            ("direction".to_owned(), dir.to_owned()),
+                        ])
+                        .set(i64::try_from(b).unwrap_or(i64::MAX));
+                }
+            }
+        }
+        reg.register(
+            "nexd_exit_client_received_bytes",
+            "Bytes the exit node received from each client and forwarded",
+            rx,
+        );
+        reg.register(
+            "nexd_exit_client_sent_bytes",
+            "Bytes the exit node forwarded to each client",
+            tx,
+        );
+        reg.register(
+            "nexd_exit_client_denied_packets",
+            "Packets of each client the exit node dropped, by reason",
+            denied,
+        );
+        reg.register(
+            "nexd_exit_client_rate_limit_bits_per_second",
+            "Each client's rate limit by direction (absent: unlimited)",
+            limit,
+        );
+        if let Some(dns) = self.exit_server.as_ref().and_then(|s| s.dns_counters()) {
+            let queries = Family::<Labels, Counter>::default();
+            outcomes(&queries, &dns);
+            reg.register(
+                "nexd_exit_dns_queries",
+                "The exit node's DNS resolver for its clients, by outcome",
+                queries,
+            );
+        }
     }
 }

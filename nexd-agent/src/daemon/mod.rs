@@ -76,6 +76,8 @@ pub struct Options {
     pub uplink: Option<String>,
     /// Run without the eBPF data path (benchmark baseline).
     pub no_ebpf: bool,
+    /// Clamp TCP's MSS on the exit node's and the gateway's tunnel.
+    pub mss_clamp: bool,
     /// `--exit-node NAME|PUBLIC_KEY`: use only this exit node.
     pub exit_node_pin: Option<String>,
     /// Group allowed read-only access to the control socket.
@@ -86,7 +88,12 @@ pub struct Options {
 
 /// Options of the exit node role.
 #[derive(Debug, Clone, Default)]
-pub struct ExitServerOptions {}
+pub struct ExitServerOptions {
+    /// `--exit-allow`: subnets shared with the clients besides the internet.
+    pub allow: Vec<ipnet::IpNet>,
+    /// `--exit-rate-limit`: each client's limit where its entry has none.
+    pub rate_limit: Option<crate::mesh::Rate>,
+}
 
 /// How often the loop wakes up without an event: backend status,
 /// heartbeats, exit-node health.

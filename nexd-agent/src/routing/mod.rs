@@ -17,6 +17,7 @@ pub mod dns;
 pub mod exclusions;
 pub mod forward;
 pub mod gateway;
+pub mod host;
 pub mod nft;
 pub mod policy;
 pub mod sysctl;

@@ -1,43 +1,17 @@
 //! Reading the exit node's per-client counters: one row per client, the
 //! CPUs summed, for `nexctl nexd exit-node clients` and the metrics.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::collections::BTreeMap;
 
 use aya::maps::{MapData, PerCpuArray};
 use nexd_common::{
     exit::{ClientCounters, DenyReason},
     names,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::datapath::{Datapath, DatapathError};
 
-/// One client of the exit node, as `nexctl nexd exit-node clients` shows
-/// it (CLIENT, MESH IP, RX, TX, DENIED, RATE LIMIT). Self-contained
-/// (std and serde only) so it can move to the wire types as it is.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExitClientRow {
-    /// The device's name in the mesh file.
-    pub client: String,
-    /// Its mesh addresses.
-    pub addresses: Vec<IpAddr>,
-    /// Received from the client and forwarded (the exit node's WireGuard
-    /// ingress): packets (GSO segments) and bytes (IP packet bytes; a
-    /// GRO aggregate counts its headers once).
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    /// Forwarded to the client (the exit node's WireGuard egress).
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    /// Dropped packets by reason (stable snake_case names of
-    /// `nexd_common::exit::DenyReason`), only reasons that occurred.
-    pub denied: BTreeMap<String, u64>,
-    /// All dropped packets.
-    pub denied_total: u64,
-    /// Rate limits in bits per second (`None`: unlimited).
-    pub rate_limit_from_client: Option<u64>,
-    pub rate_limit_to_client: Option<u64>,
-}
+pub use nexd_proto::ExitClientRow;
 
 /// Sums one slot's per-CPU counters.
 pub fn sum(per_cpu: &[ClientCounters]) -> ClientCounters {

@@ -1,0 +1,80 @@
+//! What networks the host itself has: every address of every interface
+//! and the destinations of its routes. An exit node denies its clients all
+//! of it (its own addresses, its connected and routed subnets: the VPC,
+//! a private network only it reaches), so it reads them here and again
+//! whenever links, addresses or routes change.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt as _;
+use ipnet::IpNet;
+use netlink_packet_route::{
+    address::AddressAttribute,
+    route::{RouteAddress, RouteAttribute},
+};
+use rtnetlink::RouteMessageBuilder;
+
+use super::uplink::table_of;
+use crate::netlink::{Netlink, NetlinkError};
+
+/// Every address of every interface, with its prefix length.
+pub async fn addresses(nl: &Netlink) -> Result<Vec<IpNet>, NetlinkError> {
+    let mut out = Vec::new();
+    let mut stream = nl.handle().address().get().execute();
+    while let Some(msg) = stream
+        .try_next()
+        .await
+        .map_err(|e| NetlinkError::new("listing addresses", e))?
+    {
+        let len = msg.header.prefix_len;
+        let addr = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        });
+        if let Some(ip) = addr
+            && let Ok(net) = IpNet::new(ip, len)
+        {
+            out.push(net);
+        }
+    }
+    Ok(out)
+}
+
+/// Destinations of the main table's routes other than the default routes
+/// and the halves that split a default (0.0.0.0/1 and 128.0.0.0/1, ::/1
+/// and 8000::/1, as VPN clients install): subnets the host reaches that
+/// are not the internet.
+pub async fn routed_subnets(nl: &Netlink) -> Result<Vec<IpNet>, NetlinkError> {
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        let query = if v6 {
+            RouteMessageBuilder::<Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new().build()
+        };
+        let mut routes = nl.handle().route().get(query).execute();
+        while let Some(r) = routes
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::new("listing routes", e))?
+        {
+            let len = r.header.destination_prefix_length;
+            if table_of(&r) != 254 || len <= 1 {
+                continue;
+            }
+            let dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+                RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+                _ => None,
+            });
+            if let Some(ip) = dst
+                && let Ok(net) = IpNet::new(ip, len)
+            {
+                out.push(net.trunc());
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
