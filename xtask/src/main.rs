@@ -8,7 +8,9 @@
 //! * `fuzz`       the cargo-fuzz targets, each for a bounded time
 //! * `man`        man pages from the clap definitions
 //! * `vm-test`    the e2e suite in VMs with stock kernels and kernel WireGuard
+//! * `package`    Debian packages for amd64 and arm64 (cargo-deb)
 
+mod arch;
 mod bench;
 mod build_ebpf;
 #[path = "../../nexd-agent/ebpf_toolchain.rs"]
@@ -16,6 +18,7 @@ mod ebpf_toolchain;
 mod fuzz;
 mod lab;
 mod man;
+mod package;
 mod setup;
 mod test;
 mod vm;
@@ -56,6 +59,9 @@ enum Task {
     /// Run the end-to-end suite in VMs booting stock Debian kernels, with
     /// kernel WireGuard (qemu, software emulation; needs root).
     VmTest(vm::Args),
+    /// Build the Debian packages (.deb) of nexd for amd64 and/or arm64
+    /// (cargo-deb; arm64 cross-built).
+    Package(package::Args),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +88,7 @@ fn main() -> ExitCode {
         Task::Fuzz(a) => fuzz::run(&a),
         Task::Man(a) => man::run(&a),
         Task::VmTest(a) => vm::run(&a),
+        Task::Package(a) => package::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
