@@ -134,7 +134,7 @@ impl Tree {
 
     /// A file of the Debian tree at `root`, at the same path in the image
     /// (its links resolved inside the tree).
-    fn from_tree(&mut self, root: &Path, path: &str) -> anyhow::Result<()> {
+    fn copy_from_tree(&mut self, root: &Path, path: &str) -> anyhow::Result<()> {
         let real = elf::resolve(root, path)?;
         let data = std::fs::read(&real).with_context(|| format!("reading {}", real.display()))?;
         self.add(path, data, 0o755);
@@ -144,7 +144,7 @@ impl Tree {
     /// The dynamic loader and shared libraries `file` needs, from the tree.
     fn runtime_of(&mut self, root: &Path, arch: Arch, file: &Path) -> anyhow::Result<()> {
         for lib in elf::runtime_needs(root, arch.gnu_triple(), file)? {
-            self.from_tree(root, &lib)?;
+            self.copy_from_tree(root, &lib)?;
         }
         Ok(())
     }
@@ -389,7 +389,7 @@ pub fn initramfs(
             .map(|d| format!("{d}/{t}"))
             .find(|p| elf::resolve(userland, p).is_ok_and(|r| r.is_file()))
             .with_context(|| format!("no {t} in {}", userland.display()))?;
-        tree.from_tree(userland, &path)?;
+        tree.copy_from_tree(userland, &path)?;
         tree.runtime_of(userland, arch, &elf::resolve(userland, &path)?)?;
     }
     tree.stripped(userland, arch, &bins.nexd, "usr/bin/nexd")?;

@@ -30,7 +30,7 @@ use crate::{arch::Arch, step};
 /// The packages of the system besides the Essential ones: systemd as init,
 /// udev and kmod as on any Debian machine, the package's dependencies (so
 /// that dpkg -i needs no network), ping for the test's traffic. Not
-/// wireguard-tools (only recommended) nor procps: nexd must work without.
+/// wireguard-tools: it is only recommended, nexd must work without.
 const PACKAGES: &[&str] = &[
     "systemd",
     "systemd-sysv",
@@ -38,6 +38,7 @@ const PACKAGES: &[&str] = &[
     "kmod",
     "nftables",
     "iproute2",
+    "procps",
     "iputils-ping",
 ];
 
@@ -96,7 +97,8 @@ pub fn run(cache: &Path, args: &Args) -> anyhow::Result<()> {
                 &kernel.vmlinuz,
                 &initrd,
                 "rdinit=/sbin/init systemd.show_status=true",
-                "Welcome to Debian",
+                // systemd's first line (the name after it is in colour).
+                "Welcome to",
                 Duration::from_secs(args.timeout_minutes * 60),
             )? {
                 Some(status) => break status,
