@@ -8,12 +8,15 @@
 //! * `fuzz`       the cargo-fuzz targets, each for a bounded time
 //! * `man`        man pages from the clap definitions
 //! * `vm-test`    the e2e suite in VMs with stock kernels and kernel WireGuard
+//! * `package`    Debian packages for amd64 and arm64 (cargo-deb)
 
+mod arch;
 mod bench;
 mod build_ebpf;
 mod fuzz;
 mod lab;
 mod man;
+mod package;
 mod setup;
 mod test;
 mod vm;
@@ -54,6 +57,9 @@ enum Task {
     /// Run the end-to-end suite in VMs booting stock Debian kernels, with
     /// kernel WireGuard (qemu, software emulation; needs root).
     VmTest(vm::Args),
+    /// Build the Debian packages (.deb) of nexd for amd64 and/or arm64
+    /// (cargo-deb; arm64 cross-built).
+    Package(package::Args),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +73,7 @@ fn main() -> ExitCode {
         Task::Fuzz(a) => fuzz::run(&a),
         Task::Man(a) => man::run(&a),
         Task::VmTest(a) => vm::run(&a),
+        Task::Package(a) => package::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,7 +39,40 @@ const PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "openssl",
+    // Packaging and arm64 (`cargo xtask package`, `vm-test --arch arm64`,
+    // `vm-test --systemd`): the cross linker and libc, qemu-user for the
+    // arm64 unit tests (no binfmt registration: cargo's runner calls it),
+    // and mmdebstrap for the VM images.
+    "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
+    "qemu-user",
+    "mmdebstrap",
 ];
+
+/// The cross target for arm64 (`rustup target add`).
+const ARM64_TARGET: &str = "aarch64-unknown-linux-gnu";
+
+/// cargo-deb, pinned like bpf-linker: the packages are made by this one.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// Whether cargo-deb (any version) is installed.
+pub fn cargo_deb_installed() -> bool {
+    Command::new("cargo-deb")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn arm64_target_installed() -> bool {
+    Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == ARM64_TARGET)
+        })
+}
 
 /// The bpf-linker release known to work with aya-ebpf 0.2 and LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -135,7 +168,28 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 "missing"
             }
         );
-        if !missing.is_empty() || !missing_components.is_empty() || !has_linker {
+        println!(
+            "cargo-deb: {}",
+            if cargo_deb_installed() {
+                "yes"
+            } else {
+                "missing"
+            }
+        );
+        println!(
+            "Rust target {ARM64_TARGET}: {}",
+            if arm64_target_installed() {
+                "yes"
+            } else {
+                "missing"
+            }
+        );
+        if !missing.is_empty()
+            || !missing_components.is_empty()
+            || !has_linker
+            || !cargo_deb_installed()
+            || !arm64_target_installed()
+        {
             bail!("setup is incomplete; run `cargo xtask setup`");
         }
         return Ok(());
@@ -221,6 +275,26 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         step("installing cargo-fuzz (about 2 minutes)");
         exec(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
-    step("setup complete: Debian packages, nightly + rust-src + clippy, bpf-linker, cargo-fuzz");
+    if !arm64_target_installed() {
+        step(&format!(
+            "adding the Rust target {ARM64_TARGET} (arm64 cross builds)"
+        ));
+        exec(Command::new("rustup").args(["target", "add", ARM64_TARGET]))?;
+    }
+    if !cargo_deb_installed() {
+        step(&format!(
+            "installing cargo-deb {CARGO_DEB_VERSION} (about 5 minutes on 2 cores)"
+        ));
+        exec(Command::new("cargo").args([
+            "install",
+            "--locked",
+            "cargo-deb",
+            "--version",
+            CARGO_DEB_VERSION,
+        ]))?;
+    }
+    step(
+        "setup complete: Debian packages, nightly + rust-src + clippy, bpf-linker, cargo-fuzz, cargo-deb, the arm64 target",
+    );
     Ok(())
 }

@@ -26,6 +26,11 @@ pub struct Args {
     /// default: 6.1 and 6.12.
     #[arg(long = "vm-kernel", value_name = "6.1|6.12|PATH")]
     pub vm_kernels: Vec<String>,
+    /// Skip the packages and arm64: `cargo xtask package` for amd64 and
+    /// arm64, the arm64 unit tests under qemu-user, and (unless --no-vm)
+    /// the arm64 VM suite and the package under systemd.
+    #[arg(long)]
+    pub no_package: bool,
     /// Extra arguments for `cargo test` (a test name filter, `--nocapture`...).
     #[arg(last = true)]
     pub cargo_test_args: Vec<String>,
@@ -87,7 +92,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             // A run takes about 3 minutes; this bounds a hang (retried once)
             // well inside the CI budget.
             timeout_minutes: 12,
+            arch: crate::arch::Arch::Amd64,
+            tests: Vec::new(),
+            systemd: false,
         })?;
+    }
+    if !args.no_package {
+        crate::package::ci(!args.no_vm)?;
     }
     if !args.no_fuzz {
         step("fuzzing each target for 15 s");

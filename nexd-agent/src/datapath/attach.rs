@@ -40,6 +40,9 @@ pub enum GuardState {
         iface: String,
         program: &'static str,
         link: PinnedLink,
+        /// The pin, `<bpffs>/nexd/<wg>/guard-<uplink>`: its directories
+        /// go with it when they are left empty.
+        path: PathBuf,
     },
     /// Attached with clsact (no links to pin): a tc filter, which stays in
     /// the kernel when nexd dies, whether or not it crashed.
@@ -143,7 +146,7 @@ pub fn remove_leftovers(
                 Err(e) => warn!(path = %pin.display(), error = %e, "cannot remove a leftover pin"),
             }
         }
-        let _ = std::fs::remove_dir(&dir);
+        remove_empty_pin_dirs(&dir.join("guard"));
     }
     if super::running_kernel_mode() == AttachMode::Clsact {
         for iface in ifaces {
@@ -216,6 +219,20 @@ pub fn guards_on(iface: &str) -> Vec<String> {
                     .collect()
             })
             .unwrap_or_default(),
+    }
+}
+
+/// Removes a pin's directories, `<bpffs>/nexd/<wg>` and `<bpffs>/nexd`,
+/// where they are empty (another interface's pins keep theirs): a stopped
+/// nexd leaves nothing in bpffs (seen under systemd on a TCX kernel).
+fn remove_empty_pin_dirs(pin: &Path) {
+    let wg_dir = pin.parent();
+    for dir in [wg_dir, wg_dir.and_then(Path::parent)]
+        .into_iter()
+        .flatten()
+    {
+        // Fails, as it should, on a directory that still holds something.
+        let _ = std::fs::remove_dir(dir);
     }
 }
 
@@ -443,6 +460,7 @@ impl Datapath {
             iface: iface.to_owned(),
             program: name,
             link,
+            path: path.to_owned(),
         })
     }
 
@@ -489,6 +507,7 @@ impl Datapath {
             iface: iface.to_owned(),
             program: name,
             link,
+            path: path.to_owned(),
         }))
     }
 
@@ -569,9 +588,12 @@ impl Datapath {
             GuardState::Owned { program, link, .. } => {
                 self.detach_on(&iface, Attached { program, link })?;
             }
-            GuardState::Pinned { link, .. } => match link.unpin() {
+            GuardState::Pinned { link, path, .. } => match link.unpin() {
                 // Dropping the last reference detaches it.
-                Ok(fd) => drop(fd),
+                Ok(fd) => {
+                    drop(fd);
+                    remove_empty_pin_dirs(&path);
+                }
                 Err(e) => warn!(error = %e, "cannot remove the leak guard's pin"),
             },
             GuardState::Filter { program, .. } => {

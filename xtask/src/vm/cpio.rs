@@ -3,6 +3,17 @@
 
 use std::io::Write;
 
+/// Who owns an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Owner {
+    pub const ROOT: Owner = Owner { uid: 0, gid: 0 };
+}
+
 /// An archive being written.
 pub struct Cpio<W: Write> {
     out: W,
@@ -15,11 +26,21 @@ impl<W: Write> Cpio<W> {
     }
 
     fn header(&mut self, name: &str, mode: u32, size: usize) -> std::io::Result<()> {
+        self.header_owned(name, mode, Owner::ROOT, size)
+    }
+
+    fn header_owned(
+        &mut self,
+        name: &str,
+        mode: u32,
+        owner: Owner,
+        size: usize,
+    ) -> std::io::Result<()> {
         let namesize = name.len() + 1;
         write!(
             self.out,
             "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            self.ino, mode, 0, 0, 1, 0, size, 0, 0, 0, 0, namesize, 0
+            self.ino, mode, owner.uid, owner.gid, 1, 0, size, 0, 0, 0, 0, namesize, 0
         )?;
         self.ino += 1;
         self.out.write_all(name.as_bytes())?;
@@ -52,6 +73,19 @@ impl<W: Write> Cpio<W> {
         self.data(target.as_bytes())
     }
 
+    /// Any entry with its full mode (type and permission bits) and owner:
+    /// a file's contents, a link's target, nothing for a directory.
+    pub fn entry(
+        &mut self,
+        name: &str,
+        mode: u32,
+        owner: Owner,
+        data: &[u8],
+    ) -> std::io::Result<()> {
+        self.header_owned(name, mode, owner, data.len())?;
+        self.data(data)
+    }
+
     /// Ends the archive.
     pub fn finish(mut self) -> std::io::Result<W> {
         self.header("TRAILER!!!", 0, 0)?;
@@ -73,5 +107,15 @@ mod tests {
         assert_eq!(out.len() % 4, 0);
         assert!(out.starts_with(b"070701"));
         assert!(out.windows(10).any(|w| w == b"TRAILER!!!"));
+    }
+
+    #[test]
+    fn entries_carry_mode_and_owner() {
+        let mut c = Cpio::new(Vec::new());
+        c.entry("etc/shadow", 0o100640, Owner { uid: 0, gid: 42 }, b"x")
+            .expect("entry");
+        let out = c.finish().expect("finish");
+        // mode, uid, gid: the 2nd, 3rd and 4th 8-digit hex fields.
+        assert_eq!(&out[14..38], b"000081a0000000000000002a");
     }
 }

@@ -1,5 +1,6 @@
-//! Fetching (once, into the cache) what the VM tests boot: qemu, busybox,
-//! Debian kernels.
+//! Fetching (once, into the cache) what the VM tests boot: qemu, a Debian
+//! userland (busybox and the tools the tests drive, with their libraries),
+//! Debian kernels; for amd64 and arm64.
 
 use std::{
     path::{Path, PathBuf},
@@ -8,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::step;
+use crate::{arch::Arch, step};
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let desc = format!("{cmd:?}");
@@ -127,25 +128,32 @@ pub struct Qemu {
     pub data_dirs: Vec<PathBuf>,
 }
 
-/// qemu-system-x86_64: the machine's own if installed, else the packages
-/// apt would install, extracted into the cache.
-pub fn qemu(cache: &Path) -> anyhow::Result<Qemu> {
-    if let Ok(path) = which("qemu-system-x86_64") {
+/// qemu-system for `arch`: the machine's own if installed, else the
+/// packages apt would install, extracted into the cache (installing them
+/// would replace the machine's newer qemu-utils).
+pub fn qemu(cache: &Path, arch: Arch) -> anyhow::Result<Qemu> {
+    let (package, name, dir) = match arch {
+        Arch::Amd64 => ("qemu-system-x86", "qemu-system-x86_64", "qemu"),
+        Arch::Arm64 => ("qemu-system-arm", "qemu-system-aarch64", "qemu-arm"),
+    };
+    if let Ok(path) = which(name) {
         return Ok(Qemu {
             binary: path,
             library_path: None,
             data_dirs: Vec::new(),
         });
     }
-    let root = cache.join("qemu");
-    let binary = root.join("usr/bin/qemu-system-x86_64");
+    let root = cache.join(dir);
+    let binary = root.join("usr/bin").join(name);
     if !binary.exists() {
-        step("fetching qemu-system-x86 and the libraries this machine lacks (apt-get download)");
+        step(&format!(
+            "fetching {package} and the libraries this machine lacks (apt-get download)"
+        ));
         let sim = run(Command::new("apt-get").args([
             "install",
             "-s",
             "--no-install-recommends",
-            "qemu-system-x86",
+            package,
         ]))?;
         let packages: Vec<String> = sim
             .lines()
@@ -154,9 +162,7 @@ pub fn qemu(cache: &Path) -> anyhow::Result<Qemu> {
             .map(str::to_owned)
             .collect();
         if packages.is_empty() {
-            bail!(
-                "apt lists nothing to install for qemu-system-x86, yet there is no qemu-system-x86_64"
-            );
+            bail!("apt lists nothing to install for {package}, yet there is no {name}");
         }
         let debs = cache.join("debs");
         apt_download(&debs, &packages)?;
@@ -186,17 +192,66 @@ fn which(name: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("{name} not on PATH"))
 }
 
-/// busybox, statically linked.
-pub fn busybox(cache: &Path) -> anyhow::Result<PathBuf> {
-    let root = cache.join("busybox");
-    let bin = root.join("bin/busybox");
-    if !bin.exists() {
-        step("fetching busybox-static");
-        let debs = cache.join("debs");
-        apt_download(&debs, &["busybox-static".to_owned()])?;
-        extract(&[deb_of(&debs, "busybox-static")?], &root)?;
+/// Debian packages unpacked into a tree for `arch` by mmdebstrap's
+/// `extract` variant: apt resolves the dependencies and checks the
+/// archive's signatures, nothing is configured or run, so a foreign
+/// architecture needs no emulation. Cached until `packages` change.
+pub fn debian_tree(
+    cache: &Path,
+    name: &str,
+    arch: Arch,
+    packages: &[&str],
+) -> anyhow::Result<PathBuf> {
+    let root = cache.join(format!("{name}-{arch}"));
+    let stamp = root.join(".nexd-packages");
+    let want = packages.join(",");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
+        return Ok(root);
     }
-    Ok(bin)
+    step(&format!(
+        "unpacking Debian packages for {arch} into {} (mmdebstrap)",
+        root.display()
+    ));
+    let scratch = root.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&scratch);
+    mmdebstrap(
+        &[
+            &format!("--architectures={}", arch.debian()),
+            "--variant=extract",
+            &format!("--include={want}"),
+        ],
+        &scratch,
+    )?;
+    std::fs::write(scratch.join(".nexd-packages"), &want)?;
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::rename(&scratch, &root)
+        .with_context(|| format!("moving {} into place", scratch.display()))?;
+    Ok(root)
+}
+
+/// Runs mmdebstrap (bookworm, from Debian's mirror) into `target` with
+/// `args`, in a private mount namespace: whatever it mounts into the tree
+/// while it works never shows on the host, even if it dies.
+pub fn mmdebstrap(args: &[&str], target: &Path) -> anyhow::Result<()> {
+    let status = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "mmdebstrap",
+            "--mode=root",
+            "--quiet",
+        ])
+        .args(args)
+        .arg("bookworm")
+        .arg(target)
+        .arg(MIRROR)
+        .status()
+        .context("cannot run mmdebstrap (`cargo xtask setup` installs it)")?;
+    if !status.success() {
+        bail!("mmdebstrap into {} failed ({status})", target.display());
+    }
+    Ok(())
 }
 
 /// An unpacked kernel package.
@@ -243,13 +298,14 @@ fn unpack_kernel(cache: &Path, deb: &Path) -> anyhow::Result<Kernel> {
     })
 }
 
-/// A Debian kernel: "6.1" (bookworm's current), "6.12" (bookworm-backports'
+/// A Debian kernel for `arch`: "6.1" (bookworm's), "6.12" (bookworm-backports'
 /// newest), or the path of a linux-image .deb.
-pub fn kernel(cache: &Path, spec: &str) -> anyhow::Result<Kernel> {
+pub fn kernel(cache: &Path, spec: &str, arch: Arch) -> anyhow::Result<Kernel> {
     let debs = cache.join("debs");
     std::fs::create_dir_all(&debs)?;
-    match spec {
-        "6.1" => {
+    match (spec, arch) {
+        // This machine's apt (with bookworm-security) knows amd64 kernels.
+        ("6.1", Arch::Amd64) => {
             let deps = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
             let pkg = deps
                 .lines()
@@ -261,42 +317,54 @@ pub fn kernel(cache: &Path, spec: &str) -> anyhow::Result<Kernel> {
             apt_download(&debs, std::slice::from_ref(&pkg))?;
             unpack_kernel(cache, &deb_of(&debs, &pkg)?)
         }
-        "6.12" => {
-            let (pkg, file, digest) = backports_kernel(cache, "6.12")?;
+        ("6.1" | "6.12", _) => {
+            let suite = if spec == "6.1" {
+                "bookworm"
+            } else {
+                "bookworm-backports"
+            };
+            let (pkg, file, digest) = index_kernel(cache, suite, arch, spec)?;
             let deb = debs.join(file.rsplit('/').next().unwrap_or("kernel.deb"));
             if !deb.exists() {
-                step(&format!("kernel 6.12: downloading {pkg}"));
+                step(&format!("kernel {spec} for {arch}: downloading {pkg}"));
                 download(&format!("{MIRROR}/{file}"), &deb, 900)?;
                 check_sha256(&deb, &digest)?;
             }
             unpack_kernel(cache, &deb)
         }
-        path => unpack_kernel(cache, Path::new(path)),
+        (path, _) => unpack_kernel(cache, Path::new(path)),
     }
 }
 
 const MIRROR: &str = "http://deb.debian.org/debian";
-const BACKPORTS: &str = "dists/bookworm-backports";
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
-/// The newest `linux-image-<series>.*-amd64` of bookworm-backports: its
-/// package name, pool path and SHA256. The chain is checked as apt would:
-/// InRelease's signature by Debian's archive keyring, Packages.xz's digest
-/// from InRelease, and (by the caller) the package's digest from
-/// Packages.xz. Plain HTTP is fine then.
-fn backports_kernel(cache: &Path, series: &str) -> anyhow::Result<(String, String, String)> {
-    let dir = cache.join("bookworm-backports");
+/// The newest `linux-image-<series>.*-<arch>` of `suite`: its package name,
+/// pool path and SHA256. The chain is checked as apt would: InRelease's
+/// signature by Debian's archive keyring, Packages.xz's digest from
+/// InRelease, and (by the caller) the package's digest from Packages.xz.
+/// Plain HTTP is fine then.
+fn index_kernel(
+    cache: &Path,
+    suite: &str,
+    arch: Arch,
+    series: &str,
+) -> anyhow::Result<(String, String, String)> {
+    let dir = cache.join("index").join(format!("{suite}-{arch}"));
     std::fs::create_dir_all(&dir)?;
     let release = dir.join("InRelease");
     let index = dir.join("Packages.xz");
-    // Refreshed daily: backports replaces its kernels, and the pool drops
+    let component = format!("main/binary-{}/Packages.xz", arch.debian());
+    // Refreshed daily: the archive replaces its kernels, and the pool drops
     // the old ones.
     let fresh = std::fs::metadata(&index)
         .and_then(|m| m.modified())
         .is_ok_and(|t| t.elapsed().is_ok_and(|e| e.as_secs() < 86_400));
     if !fresh {
-        step("fetching the bookworm-backports package index (signed)");
-        download(&format!("{MIRROR}/{BACKPORTS}/InRelease"), &release, 120)?;
+        step(&format!(
+            "fetching the {suite} package index for {arch} (signed)"
+        ));
+        download(&format!("{MIRROR}/dists/{suite}/InRelease"), &release, 120)?;
         run(Command::new("gpgv")
             .args(["--keyring", KEYRING])
             .arg(&release))
@@ -308,20 +376,16 @@ fn backports_kernel(cache: &Path, series: &str) -> anyhow::Result<(String, Strin
             .and_then(|sums| {
                 sums.lines().find_map(|l| {
                     let f: Vec<&str> = l.split_whitespace().collect();
-                    (f.len() == 3 && f[2] == "main/binary-amd64/Packages.xz")
-                        .then(|| f[0].to_owned())
+                    (f.len() == 3 && f[2] == component).then(|| f[0].to_owned())
                 })
             })
-            .context("InRelease lists no main/binary-amd64/Packages.xz")?;
-        download(
-            &format!("{MIRROR}/{BACKPORTS}/main/binary-amd64/Packages.xz"),
-            &index,
-            120,
-        )?;
+            .with_context(|| format!("InRelease lists no {component}"))?;
+        download(&format!("{MIRROR}/dists/{suite}/{component}"), &index, 300)?;
         check_sha256(&index, &want)?;
     }
     let text = run(Command::new("xz").arg("-dc").arg(&index))?;
     let prefix = format!("linux-image-{series}.");
+    let suffix = format!("-{}", arch.debian());
     let mut best: Option<(String, String, String)> = None;
     for stanza in text.split("\n\n") {
         let field = |k: &str| {
@@ -332,7 +396,7 @@ fn backports_kernel(cache: &Path, series: &str) -> anyhow::Result<(String, Strin
         };
         if let (Some(p), Some(f), Some(d)) = (field("Package"), field("Filename"), field("SHA256"))
             && p.starts_with(&prefix)
-            && p.ends_with("-amd64")
+            && p.ends_with(&suffix)
             && !p.contains("cloud")
             && !p.contains("-rt-")
             && !p.contains("dbg")
@@ -344,7 +408,7 @@ fn backports_kernel(cache: &Path, series: &str) -> anyhow::Result<(String, Strin
             best = Some((p, f, d));
         }
     }
-    best.with_context(|| format!("no {series} kernel in bookworm-backports"))
+    best.with_context(|| format!("no {series} kernel for {arch} in {suite}"))
 }
 
 /// Orders "linux-image-6.12.57+deb12-amd64" by its numeric parts.

@@ -1,6 +1,7 @@
-//! The VM's initramfs: busybox, the host tools the tests drive with their
-//! shared libraries, the kernel modules, nexd, nexctl, the test binaries,
-//! and an /init that loads modules, runs the suite and reports.
+//! The VM's initramfs: busybox and the tools the tests drive with their
+//! shared libraries (from a Debian tree of the VM's architecture), the
+//! kernel modules, nexd, nexctl, the test binaries, and an /init that loads
+//! modules, runs the suite and reports.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -10,21 +11,28 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{SUITE, cpio::Cpio, fetch::Kernel};
-use crate::step;
+use super::{Case, cpio::Cpio, elf, fetch::Kernel};
+use crate::{arch::Arch, step};
 
-/// Host tools the tests run, at the paths they have on the host.
-const TOOLS: [&str; 6] = [
-    "/usr/sbin/ip",
-    "/usr/sbin/tc",
-    "/usr/sbin/nft",
-    "/usr/bin/ping",
-    "/usr/bin/wg",
-    "/usr/bin/nsenter",
+/// The Debian packages the VM's userland comes from.
+pub const USERLAND: &[&str] = &[
+    "busybox-static",
+    "iproute2",
+    "nftables",
+    "iputils-ping",
+    "wireguard-tools",
+    "util-linux",
+    "libc6",
+    "libgcc-s1",
 ];
 
-/// Kernel modules the suite needs (their dependencies are added).
-const MODULES: [&str; 15] = [
+/// Tools the tests run, found by name where Debian puts them (bookworm's
+/// iproute2 still has /bin/ip) and put at the same path in the image.
+const TOOLS: [&str; 6] = ["ip", "tc", "nft", "ping", "wg", "nsenter"];
+
+/// Kernel modules the suite needs (their dependencies are added; a name
+/// this kernel does not have is skipped: built in, or another arch's).
+const MODULES: [&str; 17] = [
     "wireguard",
     "veth",
     "bridge",
@@ -37,57 +45,73 @@ const MODULES: [&str; 15] = [
     "nft_masq",
     "nft_ct",
     "nft_objref",
+    // The accelerated WireGuard ciphers of each architecture.
     "chacha_x86_64",
     "poly1305_x86_64",
     "curve25519_x86_64",
+    "chacha_neon",
+    "poly1305_neon",
 ];
 
-/// nexd, nexctl and the suite's test binaries, built on the host.
+/// nexd, nexctl and the suite's test binaries, built on this machine for
+/// the VM's architecture.
 pub struct Binaries {
     pub nexd: PathBuf,
     pub nexctl: PathBuf,
     pub tests: BTreeMap<String, PathBuf>,
 }
 
-pub fn build_binaries() -> anyhow::Result<Binaries> {
-    crate::build_agent(false)?;
-    step("building the end-to-end test binaries");
-    let out = crate::cargo_command()
-        .args([
-            "test",
-            "-p",
-            "nexd-tests",
-            "--no-run",
-            "--message-format=json",
-        ])
-        .output()
-        .context("cargo test --no-run")?;
-    if !out.status.success() {
-        bail!(
-            "building the tests failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+/// Builds nexd, nexctl and the test binaries of `cases` for `arch`: debug
+/// for the host's architecture (as `cargo test` builds them), release when
+/// cross-building (shared with the package and the qemu-user unit tests).
+pub fn build_binaries(arch: Arch, cases: &[Case]) -> anyhow::Result<Binaries> {
+    let release = !arch.is_host();
+    let dir = if release {
+        crate::arch::build_release(arch)?
+    } else {
+        crate::build_agent(false)?;
+        arch.output_dir(false)
+    };
+    step(&format!("building the end-to-end test binaries for {arch}"));
     let mut tests = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if v["reason"] != "compiler-artifact" {
-            continue;
+    let packages: BTreeSet<&str> = cases.iter().map(|c| c.package).collect();
+    for package in packages {
+        let mut cmd = crate::cargo_command();
+        cmd.arg("test").args(arch.cargo_target_args());
+        if release {
+            cmd.arg("--release");
         }
-        if let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str())
-            && SUITE.iter().any(|(bin, _)| *bin == name)
-        {
-            tests.insert(name.to_owned(), PathBuf::from(exe));
+        cmd.args(["--package", package, "--no-run", "--message-format=json"]);
+        for c in cases.iter().filter(|c| c.package == package) {
+            cmd.args(["--test", c.binary]);
+        }
+        let out = cmd.output().context("cargo test --no-run")?;
+        if !out.status.success() {
+            bail!(
+                "building the tests failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if v["reason"] != "compiler-artifact" {
+                continue;
+            }
+            if let (Some(name), Some(exe)) =
+                (v["target"]["name"].as_str(), v["executable"].as_str())
+                && cases.iter().any(|c| c.binary == name)
+            {
+                tests.insert(name.to_owned(), PathBuf::from(exe));
+            }
         }
     }
-    for (bin, _) in SUITE {
-        if !tests.contains_key(bin) {
-            bail!("no test binary {bin} was built");
+    for c in cases {
+        if !tests.contains_key(c.binary) {
+            bail!("no test binary {} was built", c.binary);
         }
     }
-    let dir = crate::workspace_root().join("target/debug");
     Ok(Binaries {
         nexd: dir.join("nexd"),
         nexctl: dir.join("nexctl"),
@@ -108,41 +132,32 @@ impl Tree {
             .insert(path.trim_start_matches('/').to_owned(), (data, mode));
     }
 
-    /// A host file, its real contents (symlinks followed) at the same path.
-    fn host(&mut self, path: &str) -> anyhow::Result<()> {
-        let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+    /// A file of the Debian tree at `root`, at the same path in the image
+    /// (its links resolved inside the tree).
+    fn copy_from_tree(&mut self, root: &Path, path: &str) -> anyhow::Result<()> {
+        let real = elf::resolve(root, path)?;
+        let data = std::fs::read(&real).with_context(|| format!("reading {}", real.display()))?;
         self.add(path, data, 0o755);
         Ok(())
     }
 
-    /// A host binary and every shared library it loads (from ldd).
-    fn binary_with_libs(&mut self, path: &str) -> anyhow::Result<()> {
-        self.host(path)?;
-        self.libs_of(Path::new(path))
-    }
-
-    /// Every shared library `path` loads (from ldd).
-    fn libs_of(&mut self, path: &Path) -> anyhow::Result<()> {
-        let out = Command::new("ldd").arg(path).output().context("ldd")?;
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let lib = match line.split_once("=>") {
-                Some((_, rest)) => rest.split_whitespace().next(),
-                None => line
-                    .split_whitespace()
-                    .next()
-                    .filter(|l| l.starts_with('/')),
-            };
-            if let Some(lib) = lib.filter(|l| l.starts_with('/')) {
-                self.host(lib)?;
-            }
+    /// The dynamic loader and shared libraries `file` needs, from the tree.
+    fn runtime_of(&mut self, root: &Path, arch: Arch, file: &Path) -> anyhow::Result<()> {
+        for lib in elf::runtime_needs(root, arch.gnu_triple(), file)? {
+            self.copy_from_tree(root, &lib)?;
         }
         Ok(())
     }
 
-    /// One of our binaries, without its debug info (they are large).
-    fn stripped(&mut self, src: &Path, dest: &str) -> anyhow::Result<()> {
+    /// One of our binaries, without its debug info (they are large), and
+    /// what it needs from the tree.
+    fn stripped(&mut self, root: &Path, arch: Arch, src: &Path, dest: &str) -> anyhow::Result<()> {
         let tmp = std::env::temp_dir().join(format!("nexd-vm-strip-{}", std::process::id()));
-        let ok = Command::new("objcopy")
+        let objcopy = match arch {
+            Arch::Amd64 => "objcopy",
+            Arch::Arm64 => "aarch64-linux-gnu-objcopy",
+        };
+        let ok = Command::new(objcopy)
             .arg("--strip-debug")
             .arg(src)
             .arg(&tmp)
@@ -155,7 +170,7 @@ impl Tree {
         };
         let _ = std::fs::remove_file(&tmp);
         self.add(dest, data, 0o755);
-        self.libs_of(src)
+        self.runtime_of(root, arch, src)
     }
 
     fn write(&self, out: &Path) -> anyhow::Result<()> {
@@ -255,7 +270,7 @@ fn read_module(path: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Modules (with dependencies first) and their contents.
-fn modules(kernel: &Kernel) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+pub fn modules(kernel: &Kernel) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let mut index: HashMap<String, PathBuf> = HashMap::new();
     let mut stack = vec![kernel.modules.join("kernel")];
     while let Some(dir) = stack.pop() {
@@ -298,11 +313,26 @@ fn modules(kernel: &Kernel) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     Ok(order)
 }
 
-fn init_script(modules: &[String]) -> String {
+/// How much longer than on the host the tests may take: TCG emulates
+/// arm64 on x86_64 more slowly than x86_64 on itself.
+fn time_scale(arch: Arch) -> u32 {
+    match arch {
+        Arch::Amd64 => 4,
+        Arch::Arm64 => 8,
+    }
+}
+
+fn init_script(arch: Arch, modules: &[String], cases: &[Case]) -> String {
     let mut runs = String::new();
-    for (bin, test) in SUITE {
+    for c in cases {
+        let filter = if c.test.is_empty() {
+            String::new()
+        } else {
+            format!(" {} --exact", c.test)
+        };
         runs.push_str(&format!(
-            "run /tests/{bin} {test} --exact --nocapture --test-threads=1\n"
+            "run /tests/{}{filter} --nocapture --test-threads=1\n",
+            c.binary
         ));
     }
     format!(
@@ -320,37 +350,52 @@ ln -s /run /var/run
 for m in {mods}; do insmod /lib/modules/$m.ko || echo "insmod $m failed"; done
 echo "modules: $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"
 ip link set lo up
-echo "{booted} $(uname -r), $(nproc) CPUs"
-export HOME=/root NEXD_BIN_DIR=/usr/bin NEXD_TEST_WIREGUARD=kernel NEXD_TEST_TIME_SCALE=4 RUST_BACKTRACE=1
+echo "{booted} $(uname -r) ({arch}), $(nproc) CPUs"
+export HOME=/root NEXD_BIN_DIR=/usr/bin NEXD_TEST_WIREGUARD=kernel NEXD_TEST_TIME_SCALE={scale} RUST_BACKTRACE=1
 status=0
 run() {{
   echo "=== $*"
+  start=$(cut -d. -f1 /proc/uptime)
   "$@" || {{ status=1; echo "=== FAILED: $*"; }}
+  echo "=== took $(( $(cut -d. -f1 /proc/uptime) - start )) s: $1"
 }}
 {runs}echo "NEXD-VM-RESULT: $status"
 poweroff -f
 "#,
         mods = modules.join(" "),
         booted = super::BOOTED,
+        scale = time_scale(arch),
     )
 }
 
 /// Builds the initramfs for `kernel` and returns its path.
 pub fn initramfs(
     cache: &Path,
+    arch: Arch,
     kernel: &Kernel,
-    busybox: &Path,
+    userland: &Path,
     bins: &Binaries,
+    cases: &[Case],
 ) -> anyhow::Result<PathBuf> {
     let mut tree = Tree::default();
-    tree.add("bin/busybox", std::fs::read(busybox)?, 0o755);
+    tree.add(
+        "bin/busybox",
+        std::fs::read(elf::resolve(userland, "/bin/busybox")?)?,
+        0o755,
+    );
     for t in TOOLS {
-        tree.binary_with_libs(t)?;
+        let path = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .map(|d| format!("{d}/{t}"))
+            .find(|p| elf::resolve(userland, p).is_ok_and(|r| r.is_file()))
+            .with_context(|| format!("no {t} in {}", userland.display()))?;
+        tree.copy_from_tree(userland, &path)?;
+        tree.runtime_of(userland, arch, &elf::resolve(userland, &path)?)?;
     }
-    tree.stripped(&bins.nexd, "usr/bin/nexd")?;
-    tree.stripped(&bins.nexctl, "usr/bin/nexctl")?;
+    tree.stripped(userland, arch, &bins.nexd, "usr/bin/nexd")?;
+    tree.stripped(userland, arch, &bins.nexctl, "usr/bin/nexctl")?;
     for (name, path) in &bins.tests {
-        tree.stripped(path, &format!("tests/{name}"))?;
+        tree.stripped(userland, arch, path, &format!("tests/{name}"))?;
     }
     let mods = modules(kernel)?;
     let names: Vec<String> = mods.iter().map(|(n, _)| n.clone()).collect();
@@ -367,7 +412,7 @@ pub fn initramfs(
         b"root:x:0:\nnogroup:x:65534:\n".to_vec(),
         0o644,
     );
-    tree.add("init", init_script(&names).into_bytes(), 0o755);
+    tree.add("init", init_script(arch, &names, cases).into_bytes(), 0o755);
     let out = cache.join(format!("initramfs-{}.cpio", kernel.version));
     tree.write(&out)?;
     let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);

@@ -1,25 +1,30 @@
 //! `cargo xtask vm-test`: the end-to-end tests inside a VM booting a stock
 //! Debian kernel, with kernel WireGuard, under qemu (TCG: no usable KVM on
-//! these machines).
+//! these machines), for amd64 and arm64; and (`--systemd`) the package
+//! under a real systemd.
 //!
 //! Everything is fetched into `target/vm-cache` once: the kernel package
-//! (6.1 from bookworm through apt, 6.12 from bookworm-backports by HTTP, or
-//! a `.deb` given by path), busybox-static, and qemu with the libraries
-//! this machine lacks (`apt-get download` + `dpkg-deb -x`: installing
-//! qemu-system-x86 would replace the machine's newer qemu-utils). Each run
-//! builds an initramfs with busybox, the tools the tests drive (ip, nft,
-//! tc, ping, wg, nsenter) and their libraries, the kernel modules they
-//! need, nexd, nexctl and the test binaries; boots it; streams the serial
-//! console; and returns the suite's status, which the guest prints as
-//! `NEXD-VM-RESULT: <n>` before powering off.
+//! (amd64 6.1 through this machine's apt; 6.12, and arm64's, by HTTP from
+//! Debian's signed indexes; or a `.deb` given by path), a Debian userland
+//! of the VM's architecture (busybox-static, iproute2, nftables, ...,
+//! unpacked by mmdebstrap without running anything), and qemu with the
+//! libraries this machine lacks (`apt-get download` + `dpkg-deb -x`:
+//! installing qemu-system-* would replace the machine's newer qemu-utils).
+//! Each run builds an initramfs with busybox, the tools the tests drive
+//! (ip, nft, tc, ping, wg, nsenter) and their libraries, the kernel modules
+//! they need, nexd, nexctl and the test binaries; boots it; streams the
+//! serial console; and returns the suite's status, which the guest prints
+//! as `NEXD-VM-RESULT: <n>` before powering off.
 
 mod cpio;
+mod elf;
 mod fetch;
 mod image;
+mod systemd;
 
 use std::{
     io::{BufRead as _, BufReader},
-    path::PathBuf,
+    path::Path,
     process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -27,57 +32,127 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{step, workspace_root};
+use crate::{arch::Arch, step, workspace_root};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Kernels: 6.1 (bookworm), 6.12 (bookworm-backports) or a path to a
-    /// Debian linux-image .deb. Repeatable; default: 6.1 and 6.12.
+    /// Debian linux-image .deb. Repeatable; default: 6.1 and 6.12 (with
+    /// --systemd: 6.1).
     #[arg(long = "kernel", value_name = "6.1|6.12|PATH")]
     pub kernels: Vec<String>,
     /// Minutes one VM run may take before it is killed (and retried once
     /// if it never printed a result).
     #[arg(long, default_value_t = 30)]
     pub timeout_minutes: u64,
+    /// The VM's architecture: amd64 (qemu-system-x86_64) or arm64
+    /// (qemu-system-aarch64, -M virt; nexd and the tests cross-built).
+    #[arg(long, value_enum, default_value_t = Arch::Amd64)]
+    pub arch: Arch,
+    /// Only these test binaries of the suite (repeatable): mesh,
+    /// exit_node, gateway (and programs on arm64). Default: all.
+    #[arg(long = "test", value_name = "BINARY")]
+    pub tests: Vec<String>,
+    /// Instead of the suite: install the amd64 .deb in a Debian system
+    /// booted with systemd as init, and check the service's life cycle
+    /// (see xtask/src/vm/systemd-test.sh).
+    #[arg(long)]
+    pub systemd: bool,
 }
 
-/// The tests run inside (binary, exact test name): mesh up over kernel
-/// WireGuard; exit node enable/disable with the source-address proof and
-/// direct mesh traffic; the steering classifier and the leak guard; clean
-/// stops throughout.
-pub const SUITE: [(&str, &str); 3] = [
-    ("mesh", "three_node_mesh"),
-    ("exit_node", "exit_node_client_end_to_end"),
-    ("gateway", "lan_gateway_split_tunnel_and_kill_switch"),
+/// One test binary of the suite and the test in it to run (every test of
+/// the binary when `test` is empty).
+#[derive(Clone, Copy, Debug)]
+pub struct Case {
+    pub package: &'static str,
+    pub binary: &'static str,
+    pub test: &'static str,
+}
+
+/// The tests run inside: mesh up over kernel WireGuard; exit node
+/// enable/disable with the source-address proof and direct mesh traffic;
+/// the steering classifier and the leak guard; clean stops throughout.
+pub const SUITE: [Case; 3] = [
+    Case {
+        package: "nexd-tests",
+        binary: "mesh",
+        test: "three_node_mesh",
+    },
+    Case {
+        package: "nexd-tests",
+        binary: "exit_node",
+        test: "exit_node_client_end_to_end",
+    },
+    Case {
+        package: "nexd-tests",
+        binary: "gateway",
+        test: "lan_gateway_split_tunnel_and_kill_switch",
+    },
 ];
+
+/// On arm64 also the eBPF programs' verdicts (BPF_PROG_TEST_RUN) under that
+/// kernel's JIT; on amd64 `cargo test` runs them on the host.
+pub const ARM64_PROGRAMS: Case = Case {
+    package: "nexd-agent",
+    binary: "programs",
+    test: "",
+};
+
+/// The cases for `arch`, narrowed to `only` (binary names) if given.
+fn cases(arch: Arch, only: &[String]) -> anyhow::Result<Vec<Case>> {
+    let mut all = SUITE.to_vec();
+    if arch == Arch::Arm64 {
+        all.push(ARM64_PROGRAMS);
+    }
+    if only.is_empty() {
+        return Ok(all);
+    }
+    for o in only {
+        if !all.iter().any(|c| c.binary == o) {
+            bail!("no test binary {o} in the {arch} suite");
+        }
+    }
+    Ok(all
+        .into_iter()
+        .filter(|c| only.iter().any(|o| o == c.binary))
+        .collect())
+}
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("fetching packages needs root; run `sudo cargo xtask vm-test`");
+    }
+    let cache = workspace_root().join("target/vm-cache");
+    std::fs::create_dir_all(&cache)?;
+    if args.systemd {
+        return systemd::run(&cache, args);
     }
     let kernels = if args.kernels.is_empty() {
         vec!["6.1".to_owned(), "6.12".to_owned()]
     } else {
         args.kernels.clone()
     };
-    let cache = workspace_root().join("target/vm-cache");
-    std::fs::create_dir_all(&cache)?;
-    let qemu = fetch::qemu(&cache)?;
-    let busybox = fetch::busybox(&cache)?;
-    let binaries = image::build_binaries()?;
+    let cases = cases(args.arch, &args.tests)?;
+    let qemu = fetch::qemu(&cache, args.arch)?;
+    let userland = fetch::debian_tree(&cache, "userland", args.arch, image::USERLAND)?;
+    let binaries = image::build_binaries(args.arch, &cases)?;
     let mut failures = Vec::new();
     for k in &kernels {
-        let kernel = fetch::kernel(&cache, k)?;
+        let kernel = fetch::kernel(&cache, k, args.arch)?;
         step(&format!("building the initramfs for {}", kernel.version));
-        let initrd = image::initramfs(&cache, &kernel, &busybox, &binaries)?;
+        let initrd = image::initramfs(&cache, args.arch, &kernel, &userland, &binaries, &cases)?;
+        let started = Instant::now();
         let mut attempt = 0;
         let status = loop {
             attempt += 1;
             step(&format!("booting {} (attempt {attempt})", kernel.version));
             match boot(
                 &qemu,
+                args.arch,
                 &kernel.vmlinuz,
                 &initrd,
+                "rdinit=/init",
+                BOOTED,
                 Duration::from_secs(args.timeout_minutes * 60),
             )? {
                 Some(status) => break status,
@@ -88,9 +163,17 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 ),
             }
         };
+        let took = started.elapsed().as_secs();
         if status == 0 {
-            step(&format!("kernel {}: the suite passed", kernel.version));
+            step(&format!(
+                "kernel {}: the suite passed in {took} s",
+                kernel.version
+            ));
         } else {
+            step(&format!(
+                "kernel {}: the suite FAILED in {took} s",
+                kernel.version
+            ));
             failures.push(kernel.version.clone());
         }
     }
@@ -105,20 +188,32 @@ pub const BOOTED: &str = "nexd VM: kernel";
 
 /// Boots and streams the console; `Some(status)` when the guest reported
 /// one, `None` when it hung or died first.
+/// `init` goes on the kernel command line; `marker` is what the guest
+/// prints once it is up (a boot that has not printed it in two minutes has
+/// hung).
 fn boot(
     qemu: &fetch::Qemu,
-    vmlinuz: &PathBuf,
-    initrd: &PathBuf,
+    arch: Arch,
+    vmlinuz: &Path,
+    initrd: &Path,
+    init: &str,
+    marker: &str,
     timeout: Duration,
 ) -> anyhow::Result<Option<i32>> {
+    // arm64: the generic virt board; pointer authentication with QEMU's
+    // own cheap algorithm (the architected one costs a lot under TCG).
+    let (machine, cpu, console) = match arch {
+        Arch::Amd64 => ("q35", "max", "ttyS0"),
+        Arch::Arm64 => ("virt", "max,pauth-impdef=on", "ttyAMA0"),
+    };
     let mut cmd = Command::new(&qemu.binary);
     cmd.args([
         "-M",
-        "q35",
+        machine,
         "-accel",
         "tcg,thread=multi",
         "-cpu",
-        "max",
+        cpu,
         "-smp",
         "2",
         "-m",
@@ -138,10 +233,10 @@ fn boot(
     .arg(vmlinuz)
     .arg("-initrd")
     .arg(initrd)
-    .args([
-        "-append",
-        "console=ttyS0 rdinit=/init panic=-1 quiet loglevel=3",
-    ])
+    .arg("-append")
+    .arg(format!(
+        "console={console} {init} panic=-1 quiet loglevel=3"
+    ))
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
@@ -165,14 +260,16 @@ fn boot(
     });
     let start = Instant::now();
     let mut result = None;
+    let mut reported: Option<Instant> = None;
     let mut booted = false;
     loop {
         match rx.recv_timeout(Duration::from_secs(1)) {
             Ok(line) => {
                 println!("vm| {line}");
-                booted |= line.contains(BOOTED);
+                booted |= line.contains(marker);
                 if let Some(r) = line.trim().strip_prefix("NEXD-VM-RESULT: ") {
                     result = r.trim().parse::<i32>().ok();
+                    reported = Some(Instant::now());
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -182,12 +279,35 @@ fn boot(
         // about once in 30 boots under TCG; a good boot takes seconds).
         // Once booted, tests may be quiet for minutes: only `timeout` holds.
         let hung = !booted && start.elapsed() > Duration::from_secs(120);
-        if start.elapsed() > timeout || hung {
-            eprintln!("vm: no progress; killing qemu");
+        // The result is in: a minute for the guest to power off.
+        let done = reported.is_some_and(|t| t.elapsed() > Duration::from_secs(60));
+        if start.elapsed() > timeout || hung || done {
+            if done {
+                eprintln!("vm: reported, but did not power off in a minute; killing qemu");
+            } else {
+                eprintln!("vm: no progress; killing qemu");
+            }
             let _ = child.kill();
             break;
         }
     }
     let _ = child.wait();
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suites_per_architecture() {
+        let names = |c: Vec<Case>| c.iter().map(|c| c.binary).collect::<Vec<_>>();
+        let amd64 = cases(Arch::Amd64, &[]).expect("amd64");
+        assert_eq!(names(amd64), ["mesh", "exit_node", "gateway"]);
+        let arm64 = cases(Arch::Arm64, &[]).expect("arm64");
+        assert_eq!(names(arm64), ["mesh", "exit_node", "gateway", "programs"]);
+        let some = cases(Arch::Arm64, &["exit_node".into(), "mesh".into()]).expect("subset");
+        assert_eq!(names(some), ["mesh", "exit_node"]);
+        assert!(cases(Arch::Amd64, &["programs".into()]).is_err());
+    }
 }
