@@ -51,6 +51,10 @@ pub struct Ledger {
     pub lan_interfaces: Vec<String>,
     /// nftables tables, as "family name".
     pub nft_tables: Vec<String>,
+    /// Interfaces whose clsact qdisc nexd added (kernels without TCX).
+    /// Absent in records of older versions.
+    #[serde(default)]
+    pub clsact_interfaces: Vec<String>,
 }
 
 /// Why a record was not used.
@@ -79,6 +83,7 @@ impl Ledger {
         for i in std::iter::once(&self.interface)
             .chain(&self.guard_interfaces)
             .chain(&self.lan_interfaces)
+            .chain(&self.clsact_interfaces)
         {
             if !valid_iface(i) {
                 return Err(format!("{i:?} is not an interface name"));
@@ -175,6 +180,7 @@ mod tests {
             guard_interfaces: vec!["eth0".into()],
             lan_interfaces: vec![],
             nft_tables: vec!["inet nexd_dns".into()],
+            clsact_interfaces: vec!["eth0".into()],
         }
     }
 
@@ -183,6 +189,19 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).expect("dir");
         d
+    }
+
+    #[test]
+    fn a_record_of_an_older_version_reads_without_clsact() {
+        let d = dir("old");
+        let mut v = serde_json::to_value(sample()).expect("json");
+        v.as_object_mut()
+            .expect("object")
+            .remove("clsact_interfaces");
+        std::fs::write(path(&d), v.to_string()).expect("write");
+        let l = read(&d).expect("read").expect("some");
+        assert!(l.clsact_interfaces.is_empty());
+        remove(&d);
     }
 
     #[test]
@@ -231,6 +250,13 @@ mod tests {
                 "guard iface",
                 Ledger {
                     guard_interfaces: vec!["a b".into()],
+                    ..sample()
+                },
+            ),
+            (
+                "clsact iface",
+                Ledger {
+                    clsact_interfaces: vec!["-o;x".into(), "eth0 x".into()],
                     ..sample()
                 },
             ),

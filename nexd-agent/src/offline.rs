@@ -111,6 +111,11 @@ pub fn restore_direct_path(inst: &Instance) -> Result<Report, OfflineError> {
             ifaces.extend(r.guard_interfaces.iter().cloned());
             ifaces.extend(r.lan_interfaces.iter().cloned());
         }
+        // Only the record knows which clsact qdiscs nexd added; without
+        // one, none is touched (another tool's are not nexd's).
+        let clsact: Vec<String> = record
+            .as_ref()
+            .map_or_else(Vec::new, |r| r.clsact_interfaces.clone());
         let uplinks = uplink::all_default_route_interfaces(&nl).await?;
         ifaces.extend(uplinks.iter().cloned());
 
@@ -118,9 +123,9 @@ pub fn restore_direct_path(inst: &Instance) -> Result<Report, OfflineError> {
         remove_routing(&nl, &policies, &inst.state_dir, &mut report).await?;
         let ifaces: Vec<String> = ifaces.into_iter().collect();
         for (bpffs, wg) in &wg_ifaces {
-            report
-                .removed
-                .extend(datapath::remove_leftovers(bpffs, wg, &ifaces, false));
+            report.removed.extend(datapath::remove_leftovers(
+                bpffs, wg, &ifaces, false, &clsact,
+            ));
         }
         for table in NFT_TABLES {
             let (family, name) = table.split_once(' ').unwrap_or(("inet", table));

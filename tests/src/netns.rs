@@ -158,6 +158,28 @@ impl Netns {
                 out.push('\n');
             }
         }
+        // Traffic control: a qdisc or filter nexd added and left (clsact
+        // on kernels without TCX) is a leftover like a route.
+        out.push_str("## tc qdisc show\n");
+        let qdiscs = self.exec(&["tc", "qdisc", "show"])?;
+        for line in qdiscs.lines() {
+            out.push_str(line.split(" refcnt").next().unwrap_or(line).trim_end());
+            out.push('\n');
+        }
+        for link in self.ip("-o link show")?.lines() {
+            let Some(name) = link.split(':').nth(1).map(|n| n.trim()) else {
+                continue;
+            };
+            let name = name.split('@').next().unwrap_or(name);
+            for dir in ["ingress", "egress"] {
+                let filters = self
+                    .exec(&["tc", "filter", "show", "dev", name, dir])
+                    .unwrap_or_default();
+                if !filters.trim().is_empty() {
+                    out.push_str(&format!("## tc filter {name} {dir}\n{filters}"));
+                }
+            }
+        }
         out.push_str("## nft list ruleset\n");
         out.push_str(&self.exec(&["nft", "list", "ruleset"]).unwrap_or_default());
         Ok(out)

@@ -200,15 +200,18 @@ fn exit_node_client_end_to_end() -> anyhow::Result<()> {
     assert!(list[0].active, "{list:?}");
     // The exit node accounts for the client by name; the peer, which
     // sent nothing through it, has a row at zero.
-    let clients: Vec<ExitClientRow> = w
-        .node("exit1")
-        .nexctl_json(&["nexd", "exit-node", "clients"])?;
+    let clients: Vec<ExitClientRow> =
+        w.node("exit1")
+            .nexctl_json(&["nexd", "exit-node", "clients"])?;
     let row = clients
         .iter()
         .find(|c| c.client == "client")
         .with_context(|| format!("no row for the client: {clients:?}"))?;
     assert!(row.rx_bytes > 0 && row.tx_bytes > 0, "{row:?}");
-    assert!(row.addresses.contains(&w.mesh_ip("client", false)), "{row:?}");
+    assert!(
+        row.addresses.contains(&w.mesh_ip("client", false)),
+        "{row:?}"
+    );
     let peer_row = clients.iter().find(|c| c.client == "peer");
     assert_eq!(peer_row.map(|r| r.rx_bytes), Some(0), "{clients:?}");
     // A device that serves no one says so, with "unavailable".
@@ -545,8 +548,13 @@ fn exit_node_switches_to_a_clearly_faster_one_after_the_dwell_time() -> anyhow::
     );
     let list = w.node("client").exit_nodes()?;
     let rtt = |name: &str| list.iter().find(|r| r.name == name).and_then(|r| r.rtt_ms);
-    assert!(rtt(&first).is_some_and(|r| r > 50.0), "{list:?}");
-    assert!(rtt(second).is_some_and(|r| r < 50.0), "{list:?}");
+    // The 100 ms the relay adds shows as a difference; absolute figures
+    // grow with the machine's load.
+    let (slow, fast) = (
+        rtt(&first).context("no RTT for the slowed exit node")?,
+        rtt(second).context("no RTT for the faster exit node")?,
+    );
+    assert!(slow > fast + 50.0, "{list:?}");
     assert_eq!(tcp_source(&w, "client", false)?, w.underlay(second, false));
     assert_eq!(tcp_source(&w, "client", true)?, w.underlay(second, true));
     assert_eq!(w.inet.count("client4")?, 0, "IPv4 leaked during the switch");

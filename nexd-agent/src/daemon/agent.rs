@@ -122,7 +122,7 @@ impl Daemon {
             },
             opts.exit_node_pin.clone(),
         );
-        let dataplane = DataPlane::new(DataPlaneSettings {
+        let mut dataplane = DataPlane::new(DataPlaneSettings {
             wg_iface: opts.interface.clone(),
             lan_interfaces: opts.lan_interfaces.clone(),
             uplink: opts.uplink.clone(),
@@ -135,6 +135,9 @@ impl Daemon {
             bpffs: opts.bpffs.clone(),
             exit_node: opts.exit_server.is_some(),
         });
+        if let Some(p) = &previous {
+            dataplane.inherit_clsact(p.clsact_interfaces.clone());
+        }
         let heartbeats = Heartbeats::new(key.clone(), epoch, &mesh, channels.announcements);
         Daemon {
             own,
@@ -182,6 +185,7 @@ impl Daemon {
             exit_wanted: self.exit_client.wanted(),
             kill_switch: self.opts.kill_switch,
             guard_interfaces: self.dataplane.info(0).guard_interfaces,
+            clsact_interfaces: self.dataplane.clsact_interfaces(),
             lan_interfaces: self.opts.lan_interfaces.clone(),
             nft_tables,
         };

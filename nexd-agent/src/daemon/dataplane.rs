@@ -100,6 +100,8 @@ pub struct DataPlane {
     inputs: Inputs,
     steering: bool,
     guard: bool,
+    /// The clsact qdiscs a previous nexd's record says it added.
+    inherited_clsact: Vec<String>,
 }
 
 impl DataPlane {
@@ -112,6 +114,7 @@ impl DataPlane {
             inputs: Inputs::default(),
             steering: false,
             guard: false,
+            inherited_clsact: Vec::new(),
         }
     }
 
@@ -120,6 +123,7 @@ impl DataPlane {
     /// guard is taken over in place), nexd's tc filters (clsact), the
     /// gateway's nftables table.
     pub async fn remove_leftovers(&self, nl: &Netlink, keep_guard: bool) {
+        let clsact = &self.inherited_clsact;
         let mut ifaces = self.settings.lan_interfaces.clone();
         ifaces.extend(self.uplink_names(nl).await);
         ifaces.push(self.settings.wg_iface.clone());
@@ -128,6 +132,7 @@ impl DataPlane {
             &self.settings.wg_iface,
             &ifaces,
             keep_guard,
+            clsact,
         );
         crate::routing::gateway::remove_table();
     }
@@ -242,8 +247,24 @@ impl DataPlane {
             dp.attach_steer(lan, l2)
                 .with_context(|| format!("attaching the steering classifier to {lan}"))?;
         }
+        // What a kept guard kept of a previous nexd's clsact qdiscs is
+        // this nexd's to remove.
+        dp.adopt_clsact(&self.inherited_clsact);
         self.datapath = Ok(dp);
         Ok(())
+    }
+
+    /// The clsact qdiscs a previous nexd added (from its record).
+    pub fn inherit_clsact(&mut self, ifaces: Vec<String>) {
+        self.inherited_clsact = ifaces;
+    }
+
+    /// Interfaces whose clsact qdisc nexd added, for the record.
+    pub fn clsact_interfaces(&self) -> Vec<String> {
+        match &self.datapath {
+            Ok(dp) => dp.clsact_interfaces(),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// The endpoints the maps hold now.

@@ -7,7 +7,7 @@
 //! the next nexd (or an explicit disable) removes the pin.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
@@ -19,7 +19,7 @@ use aya::programs::{
 use nexd_common::names;
 use tracing::{debug, info, warn};
 
-use super::{AttachMode, Datapath, DatapathError, bpffs};
+use super::{AttachMode, Datapath, DatapathError, bpffs, qdisc};
 
 /// An attached program.
 pub(super) struct Attached {
@@ -76,6 +76,9 @@ pub struct Attachments {
     pub(super) exit: Option<(String, Vec<Attached>)>,
     /// MSS clamps alone (a LAN gateway's interfaces), both directions.
     pub(super) mss: BTreeMap<String, Vec<Attached>>,
+    /// Interfaces whose clsact qdisc nexd added (kernels before 6.6): it
+    /// goes when nexd's last filter there does.
+    clsact: BTreeSet<String>,
 }
 
 /// The leak guard's place on a clsact egress: fixed, so the next nexd finds
@@ -114,6 +117,7 @@ pub fn remove_leftovers(
     wg_iface: &str,
     ifaces: &[String],
     keep_guard: bool,
+    clsact_added: &[String],
 ) -> Vec<String> {
     let mut removed = Vec::new();
     let dir = pin_dir(bpffs, wg_iface);
@@ -182,6 +186,17 @@ pub fn remove_leftovers(
                         "the tc filter {prog} on {iface} ({})",
                         direction(dir)
                     ));
+                }
+            }
+        }
+        // The clsact qdiscs the previous nexd added, where nothing is
+        // left on them (a kept guard keeps its qdisc).
+        for iface in clsact_added {
+            match qdisc::remove_clsact_if_empty(iface) {
+                Ok(true) => removed.push(format!("the clsact qdisc on {iface}")),
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(iface, error = %e, "cannot remove a clsact qdisc a previous nexd added")
                 }
             }
         }
@@ -263,17 +278,8 @@ impl Datapath {
         dir: TcAttachType,
     ) -> Result<SchedClassifierLinkId, DatapathError> {
         self.ensure_loaded(name)?;
-        if self.mode == AttachMode::Clsact {
-            match tc::qdisc_add_clsact(iface) {
-                Ok(()) => {}
-                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(source) => {
-                    return Err(DatapathError::Qdisc {
-                        iface: iface.to_owned(),
-                        source: Box::new(source),
-                    });
-                }
-            }
+        if self.mode == AttachMode::Clsact && qdisc::add_clsact(iface)? {
+            self.attached.clsact.insert(iface.to_owned());
         }
         let link = self
             .classifier(name)?
@@ -353,13 +359,50 @@ impl Datapath {
     /// programs with it, which is not an error (a LAN veth whose peer
     /// namespace was deleted, a USB NIC unplugged).
     pub(super) fn detach_on(&mut self, iface: &str, a: Attached) -> Result<(), DatapathError> {
-        match self.detach_one(a) {
+        let r = match self.detach_one(a) {
             Err(_) if !interface_exists(iface) => {
                 debug!(iface, "interface is gone, and its eBPF programs with it");
                 Ok(())
             }
             r => r,
+        };
+        self.release_clsact(iface);
+        r
+    }
+
+    /// Removes the clsact qdisc nexd added to `iface` once nexd's last
+    /// filter there is gone.
+    fn release_clsact(&mut self, iface: &str) {
+        if !self.attached.clsact.contains(iface) {
+            return;
         }
+        if !interface_exists(iface) {
+            self.attached.clsact.remove(iface);
+            return;
+        }
+        match qdisc::remove_clsact_if_empty(iface) {
+            Ok(_) if !qdisc::has_clsact(iface) => {
+                self.attached.clsact.remove(iface);
+            }
+            Ok(_) => {}
+            Err(e) => warn!(iface, error = %e, "cannot remove the clsact qdisc nexd added"),
+        }
+    }
+
+    /// Takes over the clsact qdiscs a previous nexd added (its record
+    /// says where) and that are still there: they go with this nexd's
+    /// last filter on them.
+    pub fn adopt_clsact(&mut self, ifaces: &[String]) {
+        for i in ifaces {
+            if qdisc::has_clsact(i) {
+                self.attached.clsact.insert(i.clone());
+            }
+        }
+    }
+
+    /// Interfaces whose clsact qdisc nexd added (for its record).
+    pub fn clsact_interfaces(&self) -> Vec<String> {
+        self.attached.clsact.iter().cloned().collect()
     }
 
     /// LAN interfaces with the steering classifier attached.
@@ -518,15 +561,8 @@ impl Datapath {
         name: &'static str,
         iface: &str,
     ) -> Result<GuardState, DatapathError> {
-        match tc::qdisc_add_clsact(iface) {
-            Ok(()) => {}
-            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(source) => {
-                return Err(DatapathError::Qdisc {
-                    iface: iface.to_owned(),
-                    source: Box::new(source),
-                });
-            }
+        if qdisc::add_clsact(iface)? {
+            self.attached.clsact.insert(iface.to_owned());
         }
         let attach_err = |source| DatapathError::Attach {
             name: name.to_owned(),
@@ -600,6 +636,7 @@ impl Datapath {
                 if let Err(e) = tc::qdisc_detach_program(&iface, TcAttachType::Egress, program) {
                     warn!(iface, error = %e, "cannot remove the leak guard filter");
                 }
+                self.release_clsact(&iface);
             }
         }
         info!(iface, "leak guard detached");

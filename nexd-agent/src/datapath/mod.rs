@@ -11,6 +11,7 @@ mod attach;
 mod bpffs;
 pub mod exit;
 mod maps;
+mod qdisc;
 
 use std::{collections::BTreeMap, path::PathBuf};
 
