@@ -53,6 +53,8 @@ struct Control {
     registry: Registry,
     key: Option<PrivateKey>,
     listen_port: Option<u16>,
+    /// The port the sockets are bound to (the configured one may be 0).
+    bound_port: Option<u16>,
     fwmark: Option<u32>,
 }
 
@@ -60,7 +62,7 @@ impl Control {
     fn get_reply(&self) -> GetReply {
         GetReply {
             private_key: self.key.clone(),
-            listen_port: self.listen_port,
+            listen_port: self.bound_port,
             fwmark: self.fwmark,
             peers: self.registry.status(Instant::now()),
         }
@@ -165,6 +167,7 @@ impl WireGuard for UserspaceWireGuard {
                 .map_err(|e| self.err("binding the UDP port", e))?;
             let f = u.features();
             info!(iface = %self.iface, port = u.port, udp_gso = f.gso, udp_gro = f.gro, ipv6 = f.ipv6, "WireGuard UDP sockets bound");
+            c.bound_port = Some(u.port);
             self.shared.set_underlay(u);
             c.listen_port = Some(config.listen_port);
             c.fwmark = config.fwmark;
@@ -198,7 +201,7 @@ impl WireGuard for UserspaceWireGuard {
     fn status(&self) -> Result<DeviceStatus, WgError> {
         let c = lock(&self.control);
         Ok(DeviceStatus {
-            listen_port: c.listen_port,
+            listen_port: c.bound_port,
             fwmark: c.fwmark,
             peers: c
                 .registry
