@@ -21,7 +21,9 @@
 //! 91% of the bare path's figure and the ratio was capped by the offer;
 //! with `-b 0` the figure is set by how much CPU the iperf3 receiver gets
 //! on two cores, not by the tunnel), TCP
-//! from a LAN host behind the client, and the CPU time (user + system) the
+//! from a LAN host behind the client, what the exit node's tunnel
+//! interface delivered during the UDP test ("carried": the tunnel's
+//! capacity, whether or not the iperf3 receiver kept up), and the CPU time (user + system) the
 //! two tunnel processes (nexd or wireguard-go, client and exit node) spent
 //! per GB delivered: a figure that holds up on a loaded machine, where the
 //! scheduler decides the Mbit/s.
@@ -149,6 +151,43 @@ fn measure(
                 .or_default()
                 .push(cpu / (t.bytes / 1e9));
         }
+    }
+    Ok(())
+}
+
+/// Bytes the tunnel interface `iface` in `ns` received so far.
+fn rx_bytes(ns: &Netns, iface: &str) -> anyhow::Result<f64> {
+    let path = format!("/sys/class/net/{iface}/statistics/rx_bytes");
+    let v = ns.exec(&["cat", &path])?;
+    v.trim()
+        .parse()
+        .with_context(|| format!("{path} in {}: {v:?}", ns.name()))
+}
+
+/// `measure` for UDP, also recording under `key` + ".carried" what the exit
+/// node's tunnel interface delivered (Mbit/s over the test's duration):
+/// what the tunnel moved, whether or not the iperf3 receiver kept up.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call per candidate, all named"
+)]
+fn measure_udp(
+    m: &mut HashMap<String, Vec<f64>>,
+    record: bool,
+    key: &str,
+    from: &Netns,
+    secs: u64,
+    pids: &[u32],
+    exit: &Netns,
+    iface: &str,
+) -> anyhow::Result<()> {
+    let before = rx_bytes(exit, iface)?;
+    measure(m, record, key, from, secs, Mode::Udp, pids)?;
+    let carried = rx_bytes(exit, iface)? - before;
+    if record {
+        m.entry(format!("{key}.carried"))
+            .or_default()
+            .push(carried * 8.0 / secs as f64 / 1e6);
     }
     Ok(())
 }
@@ -457,14 +496,15 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                             &pids,
                         )?;
                     }
-                    measure(
+                    measure_udp(
                         &mut m,
                         rec,
                         &format!("{variant}.udp"),
                         ns,
                         secs,
-                        Mode::Udp,
                         &pids,
+                        &w.node("exit1").ns,
+                        "wg0",
                     )?;
                     if variant != "other" {
                         measure(
@@ -493,7 +533,16 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                 let ns = &w.node("client").ns;
                 measure(&mut m, rec, "wggo.tcp", ns, secs, Mode::TcpUp, &pids)?;
                 measure(&mut m, rec, "wggo.tcpR", ns, secs, Mode::TcpDown, &pids)?;
-                measure(&mut m, rec, "wggo.udp", ns, secs, Mode::Udp, &pids)?;
+                measure_udp(
+                    &mut m,
+                    rec,
+                    "wggo.udp",
+                    ns,
+                    secs,
+                    &pids,
+                    &w.node("exit1").ns,
+                    WGGO_IFACE,
+                )?;
             }
             // No tunnel at all: the client straight to the server.
             let ns = &w.node("client").ns;
@@ -533,6 +582,15 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
             "wireguard-go (wg-quick)",
             &g("wggo.udp"),
             &g("nexd.udp"),
+            true,
+        ),
+        Row::new(
+            "throughput",
+            "UDP carried by the tunnel",
+            "Mbit/s",
+            "wireguard-go (wg-quick)",
+            &g("wggo.udp.carried"),
+            &g("nexd.udp.carried"),
             true,
         ),
         Row::new(
@@ -636,6 +694,15 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                 b,
                 &g("other.udp"),
                 &g("nexd.udp"),
+                true,
+            ),
+            Row::new(
+                "throughput",
+                "UDP carried by the tunnel",
+                "Mbit/s",
+                b,
+                &g("other.udp.carried"),
+                &g("nexd.udp.carried"),
                 true,
             ),
             Row::new(
