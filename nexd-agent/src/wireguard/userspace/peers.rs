@@ -399,6 +399,70 @@ mod tests {
         let _ = pb;
     }
 
+    /// Completes a handshake between the registry's peer (initiator) and
+    /// `responder`.
+    fn handshake(p: &Peer, responder: &mut Tunn) {
+        let mut a = [0u8; 256];
+        let mut b = [0u8; 256];
+        let mut s = p.lock();
+        let TunnResult::WriteToNetwork(init) = s.tunn.format_handshake_initiation(&mut a, false)
+        else {
+            panic!("no initiation");
+        };
+        let TunnResult::WriteToNetwork(resp) = responder.decapsulate(None, init, &mut b) else {
+            panic!("no response");
+        };
+        let TunnResult::WriteToNetwork(keepalive) = s.tunn.decapsulate(None, resp, &mut a) else {
+            panic!("no keepalive");
+        };
+        let mut c = [0u8; 256];
+        assert!(matches!(
+            responder.decapsulate(None, keepalive, &mut c),
+            TunnResult::Done
+        ));
+    }
+
+    #[test]
+    fn an_allowed_ips_change_keeps_the_session() {
+        let mine = PrivateKey::generate();
+        let keys = Keys::new(&mine);
+        let theirs = PrivateKey::generate();
+        let mut responder = Tunn::new(
+            x25519::StaticSecret::from(theirs.to_bytes()),
+            keys.public,
+            None,
+            None,
+            7,
+            None,
+        );
+        let mut r = Registry::default();
+        let t = r.apply(&keys, &[peer(theirs.public_key(), &["100.64.0.2/32"])], &[]);
+        handshake(&t.peers[0], &mut responder);
+        assert!(t.peers[0].lock().has_session());
+        // The exit node is enabled on it: 0.0.0.0/0 and ::/0 added.
+        let t2 = r.apply(
+            &keys,
+            &[peer(
+                theirs.public_key(),
+                &["100.64.0.2/32", "0.0.0.0/0", "::/0"],
+            )],
+            &[],
+        );
+        assert!(Arc::ptr_eq(&t.peers[0], &t2.peers[0]));
+        let mut s = t2.peers[0].lock();
+        assert!(s.has_session(), "the update restarted the session");
+        // And data flows on it without a new handshake.
+        let mut out = [0u8; 256];
+        let pkt = [0x45u8; 40];
+        assert!(
+            matches!(s.tunn.encapsulate(&pkt, &mut out), TunnResult::WriteToNetwork(d) if d[0] == 4)
+        );
+        // A new device key ends it, as on any WireGuard key change.
+        drop(s);
+        r.rekey(&Keys::new(&PrivateKey::generate()));
+        assert!(!t2.peers[0].lock().has_session());
+    }
+
     #[test]
     fn a_prefix_claimed_twice_belongs_to_the_later_claim() {
         let keys = Keys::new(&PrivateKey::generate());
