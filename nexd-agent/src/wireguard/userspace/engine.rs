@@ -462,6 +462,8 @@ struct Rx<'a> {
     plain: Plain,
     /// Scratch for `Tunn`'s own queue and rate-limiter answers.
     tmp: Vec<u8>,
+    /// The time of the batch being processed (one clock read per batch).
+    now: Instant,
 }
 
 /// The peer whose lock is held across consecutive datagrams.
@@ -480,6 +482,7 @@ impl<'a> Rx<'a> {
             replies: SendBatch::new(RX_REPLIES),
             plain: Plain::new(),
             tmp: vec![0; SLOT],
+            now: Instant::now(),
         }
     }
 
@@ -562,6 +565,7 @@ impl<'a> Rx<'a> {
             return;
         };
         let mut locked: Option<Locked<'_>> = None;
+        self.now = Instant::now();
         for (src, d) in recv.datagrams() {
             self.datagram(&table, &keys, underlay, &mut locked, src, d);
         }
@@ -633,7 +637,7 @@ impl<'a> Rx<'a> {
             let failed = self.plain.write(self.tun);
             Drops::add(&drops.tun, failed);
         }
-        let now = Instant::now();
+        let now = self.now;
         let mut sent = 0;
         let authenticated = match l
             .state
