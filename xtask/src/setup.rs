@@ -28,6 +28,9 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
     "wireguard-tools",
+    // The independent userspace WireGuard the throughput benchmark
+    // compares with.
+    "wireguard-go",
     "iputils-ping",
     "procps",
     "util-linux",

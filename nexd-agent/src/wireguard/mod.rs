@@ -2,8 +2,9 @@
 //!
 //! * `kernel`: the kernel module, link created over rtnetlink, configured
 //!   with wireguard-control's netlink backend.
-//! * `userspace`: boringtun running in-process on a TUN device, configured
-//!   through the standard cross-platform UAPI socket (`uapi`).
+//! * `userspace`: in-process on a TUN device: boringtun's noise core with
+//!   nexd's own batched, offloaded I/O, configured through typed calls;
+//!   `uapi` serves the read-only UAPI socket `wg show` reads.
 //!
 //! The rest of nexd only sees [`WireGuard`], so exit-node and routing code
 //! cannot depend on which one runs.
@@ -31,7 +32,7 @@ pub enum BackendChoice {
     Auto,
     /// Kernel WireGuard only; fail when the kernel has none.
     Kernel,
-    /// The in-process userspace implementation (boringtun).
+    /// The in-process userspace implementation (boringtun's noise core).
     Userspace,
 }
 
@@ -85,17 +86,11 @@ pub enum WgError {
     KernelUnavailable(NetlinkError),
     #[error("{iface}: starting the userspace WireGuard device failed: {reason}")]
     UserspaceStart { iface: String, reason: String },
-    #[error("{iface}: WireGuard UAPI {op} failed: {source}")]
-    Uapi {
+    #[error("{iface}: userspace WireGuard: {op} failed: {source}")]
+    Userspace {
         iface: String,
         op: &'static str,
         source: std::io::Error,
-    },
-    #[error("{iface}: WireGuard UAPI {op} was refused: {message}")]
-    UapiErrno {
-        iface: String,
-        op: &'static str,
-        message: String,
     },
     #[error("{iface}: kernel WireGuard {op} failed: {source}")]
     Kernel {
@@ -108,7 +103,7 @@ pub enum WgError {
 }
 
 /// A running WireGuard device. Implementations are cheap to call from the
-/// reconcile loop: every call is a single UAPI exchange or netlink request.
+/// reconcile loop: every call is a netlink request or an in-process update.
 pub trait WireGuard: Send + Sync {
     /// Which implementation this is.
     fn kind(&self) -> BackendKind;
@@ -169,7 +164,7 @@ pub async fn open(
             let dev = userspace::UserspaceWireGuard::start(iface)?;
             info!(
                 iface,
-                "WireGuard backend: userspace boringtun (requested with --wireguard userspace)"
+                "WireGuard backend: userspace (requested with --wireguard userspace)"
             );
             Ok(Box::new(dev))
         }
@@ -186,7 +181,7 @@ pub async fn open(
                 warn!(
                     iface,
                     reason = %e,
-                    "WireGuard backend: userspace boringtun (auto: kernel WireGuard is not available)"
+                    "WireGuard backend: userspace (auto: kernel WireGuard is not available)"
                 );
                 Ok(Box::new(dev))
             }

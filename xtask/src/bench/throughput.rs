@@ -1,27 +1,84 @@
-//! Benchmark 3, end-to-end throughput to the internet server through the exit node,
-//! from the client and from a LAN host behind it (iperf3). nexd with its
-//! eBPF data path against the same WireGuard backend and the same policy
-//! routing without any eBPF (`nexd --no-ebpf`, the wg-quick way), and the
-//! direct path without a tunnel to show what the tunnel itself costs.
+//! Benchmark 3, end-to-end throughput to the internet server through the
+//! exit node (iperf3), candidates alternating round by round:
+//!
+//! - **nexd**: an exit node (`router --exit-node`) and a client
+//!   (`--exit-node-client --lan-interface lan0`), with the eBPF data path;
+//! - **no eBPF**: the same with `--no-ebpf` on the client (what the eBPF
+//!   programs cost);
+//! - **wireguard-go**: both nexd stopped; Debian's wireguard-go on both
+//!   nodes, configured by hand as wg-quick would (full tunnel: fwmark,
+//!   `not fwmark` rule into a table with the default route, `suppress
+//!   prefixlength 0`), and an nftables masquerade on the exit node. The
+//!   independent userspace WireGuard to compare with;
+//! - **no tunnel**: the client straight to the server;
+//! - with `NEXD_BENCH_BASELINE_BIN_DIR` set to another build's binaries
+//!   (e.g. the previous commit's `target/release`): that nexd too, for a
+//!   before/after in one run.
+//!
+//! Measured: TCP upload (client -> server) and download (`-R`), UDP at a
+//! fixed offered rate (`-b 2G -l 1300`: above what a userspace tunnel
+//! carries here, so the tunnel is the limit; at 1 Gbit/s nexd delivered
+//! 91% of the bare path's figure and the ratio was capped by the offer;
+//! with `-b 0` the figure is set by how much CPU the iperf3 receiver gets
+//! on two cores, not by the tunnel), TCP
+//! from a LAN host behind the client, what the exit node's tunnel
+//! interface delivered during the UDP test ("carried": the tunnel's
+//! capacity, whether or not the iperf3 receiver kept up), and the CPU time (user + system) the
+//! two tunnel processes (nexd or wireguard-go, client and exit node) spent
+//! per GB delivered: a figure that holds up on a loaded machine, where the
+//! scheduler decides the Mbit/s.
 
-use std::{process::Command, time::Duration};
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
 use nexd_testkit::{
     Netns, NodeSpec,
     cmd::output_with_timeout,
     proto::ClientPhase,
-    topology::{SERVER_V4, lan_behind},
+    topology::{SERVER_V4, lan_behind, nft_script},
     world::World,
 };
 
 use super::{Plan, Row};
 
-fn iperf(from: &Netns, secs: u64, udp: bool) -> anyhow::Result<f64> {
+/// Offered UDP load (see the module doc).
+const UDP_RATE: &str = "2G";
+/// Interface, port, fwmark and table of the wireguard-go baseline (the
+/// fwmark and table are wg-quick's defaults).
+const WGGO_IFACE: &str = "wggo";
+const WGGO_PORT: u16 = 51830;
+const WGGO_MARK: u32 = 51820;
+const WGGO_EXIT_IP: &str = "100.64.99.1";
+const WGGO_CLIENT_IP: &str = "100.64.99.2";
+/// The wg-quick rules' priorities (explicit, so they can be removed).
+const WGGO_RULE_PRIORITIES: [u32; 2] = [30000, 30001];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    TcpUp,
+    TcpDown,
+    Udp,
+}
+
+/// One iperf3 run: Mbit/s and bytes received.
+struct Transfer {
+    mbps: f64,
+    bytes: f64,
+}
+
+fn iperf(from: &Netns, secs: u64, mode: Mode) -> anyhow::Result<Transfer> {
     let t = secs.to_string();
     let mut args = vec!["iperf3", "-c", SERVER_V4, "-t", t.as_str(), "-J"];
-    if udp {
-        args.extend(["-u", "-b", "0", "-l", "1300"]);
+    match mode {
+        Mode::TcpUp => {}
+        Mode::TcpDown => args.push("-R"),
+        Mode::Udp => args.extend(["-u", "-b", UDP_RATE, "-l", "1300"]),
     }
     let mut c = Command::new("ip");
     c.args(["netns", "exec", from.name()]).args(&args);
@@ -32,18 +89,343 @@ fn iperf(from: &Netns, secs: u64, udp: bool) -> anyhow::Result<f64> {
         bail!("iperf3: {e}");
     }
     let end = &v["end"];
-    let bps = end["sum_received"]["bits_per_second"]
+    let sum = if end["sum_received"].is_object() {
+        &end["sum_received"]
+    } else {
+        &end["sum"]
+    };
+    let bps = sum["bits_per_second"]
         .as_f64()
-        .or_else(|| end["sum"]["bits_per_second"].as_f64())
         .context("no throughput in iperf3 output")?;
-    Ok(bps / 1e6)
+    let bytes = sum["bytes"]
+        .as_f64()
+        .context("no byte count in iperf3 output")?;
+    Ok(Transfer {
+        mbps: bps / 1e6,
+        bytes,
+    })
+}
+
+/// User + system CPU time of `pids`, in seconds.
+fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
+    let tick =
+        nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.context("no CLK_TCK")? as f64;
+    let mut total = 0.0;
+    for pid in pids {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("reading /proc/{pid}/stat"))?;
+        // Fields after the command name (which may contain spaces).
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .context("malformed /proc/PID/stat")?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15, i.e. 11 and 12 after ')'.
+        let ticks: f64 = [11, 12]
+            .iter()
+            .map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
+            .sum();
+        total += ticks / tick;
+    }
+    Ok(total)
+}
+
+/// Runs `mode` from `from`, recording Mbit/s under `key` and, with tunnel
+/// process ids, CPU seconds per GB under `key` + ".cpu".
+fn measure(
+    m: &mut HashMap<String, Vec<f64>>,
+    record: bool,
+    key: &str,
+    from: &Netns,
+    secs: u64,
+    mode: Mode,
+    pids: &[u32],
+) -> anyhow::Result<()> {
+    let before = cpu_seconds(pids)?;
+    let t = iperf(from, secs, mode)?;
+    let cpu = cpu_seconds(pids)? - before;
+    if record {
+        m.entry(key.to_owned()).or_default().push(t.mbps);
+        if !pids.is_empty() && t.bytes > 0.0 {
+            m.entry(format!("{key}.cpu"))
+                .or_default()
+                .push(cpu / (t.bytes / 1e9));
+        }
+    }
+    Ok(())
+}
+
+/// Bytes the tunnel interface `iface` in `ns` received so far.
+fn rx_bytes(ns: &Netns, iface: &str) -> anyhow::Result<f64> {
+    let path = format!("/sys/class/net/{iface}/statistics/rx_bytes");
+    let v = ns.exec(&["cat", &path])?;
+    v.trim()
+        .parse()
+        .with_context(|| format!("{path} in {}: {v:?}", ns.name()))
+}
+
+/// `measure` for UDP, also recording under `key` + ".carried" what the exit
+/// node's tunnel interface delivered (Mbit/s over the test's duration):
+/// what the tunnel moved, whether or not the iperf3 receiver kept up.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call per candidate, all named"
+)]
+fn measure_udp(
+    m: &mut HashMap<String, Vec<f64>>,
+    record: bool,
+    key: &str,
+    from: &Netns,
+    secs: u64,
+    pids: &[u32],
+    exit: &Netns,
+    iface: &str,
+) -> anyhow::Result<()> {
+    let before = rx_bytes(exit, iface)?;
+    measure(m, record, key, from, secs, Mode::Udp, pids)?;
+    let carried = rx_bytes(exit, iface)? - before;
+    if record {
+        m.entry(format!("{key}.carried"))
+            .or_default()
+            .push(carried * 8.0 / secs as f64 / 1e6);
+    }
+    Ok(())
+}
+
+fn nsenter(pid: u32, args: &[&str]) -> anyhow::Result<String> {
+    let p = pid.to_string();
+    let mut c = Command::new("nsenter");
+    c.args(["-t", &p, "-m", "-n", "--"]).args(args);
+    let out = output_with_timeout(&mut c, Duration::from_secs(20))?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn wg_key(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, String)> {
+    let out = Command::new("wg")
+        .arg("genkey")
+        .output()
+        .context("wg genkey")?;
+    let private = String::from_utf8(out.stdout)?.trim().to_owned();
+    let path = dir.join(format!("{name}.key"));
+    fs::write(&path, format!("{private}\n"))?;
+    let mut c = Command::new("wg");
+    c.arg("pubkey").stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = c.spawn().context("wg pubkey")?;
+    {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .context("no stdin")?
+            .write_all(private.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    Ok((path, String::from_utf8(out.stdout)?.trim().to_owned()))
+}
+
+/// The wireguard-go baseline on both nodes while it lives; dropping it
+/// stops the processes and removes what was configured.
+struct WireguardGo {
+    procs: Vec<Child>,
+    client: Netns,
+    exit: Netns,
+    forwarding_was: String,
+    valid_mark_was: String,
+}
+
+impl WireguardGo {
+    fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(Child::id).collect()
+    }
+
+    fn start(w: &mut World, dir: &Path) -> anyhow::Result<Self> {
+        let exit_holder = w.node_mut("exit1").holder_pid()?;
+        let client_holder = w.node_mut("client").holder_pid()?;
+        let client = Netns::attach(w.node("client").ns.name())?;
+        let exit = Netns::attach(w.node("exit1").ns.name())?;
+        let forwarding_was = exit.exec(&["sysctl", "-n", "net.ipv4.ip_forward"])?;
+        let valid_mark_was = client.exec(&["sysctl", "-n", "net.ipv4.conf.all.src_valid_mark"])?;
+        let mut me = WireguardGo {
+            procs: Vec::new(),
+            client,
+            exit,
+            forwarding_was: forwarding_was.trim().to_owned(),
+            valid_mark_was: valid_mark_was.trim().to_owned(),
+        };
+        for (holder, name) in [(exit_holder, "exit"), (client_holder, "client")] {
+            let log = fs::File::create(dir.join(format!("wireguard-go-{name}.log")))?;
+            let h = holder.to_string();
+            let child = Command::new("nsenter")
+                .args(["-t", &h, "-m", "-n", "--", "wireguard-go", "-f", WGGO_IFACE])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting wireguard-go")?;
+            me.procs.push(child);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while nsenter(holder, &["wg", "show", WGGO_IFACE]).is_err() {
+                if Instant::now() > deadline {
+                    bail!("wireguard-go did not come up in the {name} namespace");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let (exit_key, exit_pub) = wg_key(dir, "wggo-exit")?;
+        let (client_key, client_pub) = wg_key(dir, "wggo-client")?;
+        let exit_underlay = w.underlay("exit1", false);
+        let s = |p: &Path| p.to_string_lossy().into_owned();
+        let port = WGGO_PORT.to_string();
+        let mark = WGGO_MARK.to_string();
+        let client_allowed = format!("{WGGO_CLIENT_IP}/32");
+        let endpoint = format!("{exit_underlay}:{WGGO_PORT}");
+        nsenter(
+            exit_holder,
+            &[
+                "wg",
+                "set",
+                WGGO_IFACE,
+                "private-key",
+                &s(&exit_key),
+                "listen-port",
+                &port,
+                "peer",
+                &client_pub,
+                "allowed-ips",
+                &client_allowed,
+            ],
+        )?;
+        nsenter(
+            client_holder,
+            &[
+                "wg",
+                "set",
+                WGGO_IFACE,
+                "private-key",
+                &s(&client_key),
+                "fwmark",
+                &mark,
+                "peer",
+                &exit_pub,
+                "endpoint",
+                &endpoint,
+                "allowed-ips",
+                "0.0.0.0/0",
+            ],
+        )?;
+        // The exit node: address, route back to the client, forwarding and
+        // a masquerade out of its uplink.
+        let ex = &me.exit;
+        ex.ip(&format!("addr add {WGGO_EXIT_IP}/32 dev {WGGO_IFACE}"))?;
+        ex.ip(&format!("link set {WGGO_IFACE} mtu 1420 up"))?;
+        ex.ip(&format!("route add {WGGO_CLIENT_IP}/32 dev {WGGO_IFACE}"))?;
+        ex.sysctl("net.ipv4.ip_forward", "1")?;
+        nft_script(
+            ex,
+            "table ip bench_wggo {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  ip saddr 100.64.99.0/24 oifname \"eth0\" masquerade\n }\n}\n",
+        )?;
+        // The client, as wg-quick sets up a full tunnel.
+        let cl = &me.client;
+        cl.ip(&format!("addr add {WGGO_CLIENT_IP}/32 dev {WGGO_IFACE}"))?;
+        cl.ip(&format!("link set {WGGO_IFACE} mtu 1420 up"))?;
+        cl.ip(&format!(
+            "route add default dev {WGGO_IFACE} table {WGGO_MARK}"
+        ))?;
+        cl.ip(&format!(
+            "rule add not fwmark {WGGO_MARK} table {WGGO_MARK} pref {}",
+            WGGO_RULE_PRIORITIES[1]
+        ))?;
+        cl.ip(&format!(
+            "rule add table main suppress_prefixlength 0 pref {}",
+            WGGO_RULE_PRIORITIES[0]
+        ))?;
+        cl.sysctl("net.ipv4.conf.all.src_valid_mark", "1")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cl
+            .exec_output(&["ping", "-c1", "-W1", SERVER_V4], Duration::from_secs(5))
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            if Instant::now() > deadline {
+                bail!("no ping through the wireguard-go tunnel");
+            }
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for WireguardGo {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        for p in &mut self.procs {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(p.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        for pref in WGGO_RULE_PRIORITIES {
+            let _ = self.client.ip(&format!("rule del pref {pref}"));
+        }
+        let _ = self.client.ip(&format!("route flush table {WGGO_MARK}"));
+        let _ = self
+            .client
+            .sysctl("net.ipv4.conf.all.src_valid_mark", &self.valid_mark_was);
+        let _ = self
+            .exit
+            .exec(&["nft", "delete", "table", "ip", "bench_wggo"]);
+        let _ = self
+            .exit
+            .sysctl("net.ipv4.ip_forward", &self.forwarding_was);
+        for ns in [&self.client, &self.exit] {
+            let _ = ns.ip(&format!("link del {WGGO_IFACE}"));
+        }
+    }
+}
+
+/// Runs `f` with `NEXD_BIN_DIR` pointing at `dir`, then restores it.
+fn with_bin_dir<T>(dir: &Path, f: impl FnOnce() -> T) -> T {
+    let before = std::env::var_os("NEXD_BIN_DIR");
+    // SAFETY: the benchmark runs on one thread; no other thread reads the
+    // environment meanwhile.
+    unsafe { std::env::set_var("NEXD_BIN_DIR", dir) };
+    let r = f();
+    match before {
+        // SAFETY: as above.
+        Some(b) => unsafe { std::env::set_var("NEXD_BIN_DIR", b) },
+        // SAFETY: as above.
+        None => unsafe { std::env::remove_var("NEXD_BIN_DIR") },
+    }
+    r
+}
+
+fn exit_spec() -> NodeSpec {
+    NodeSpec {
+        args: vec!["router".into(), "--exit-node".into()],
+        log_level: "info".into(),
+        ..NodeSpec::default()
+    }
 }
 
 pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
     let secs = if plan.quick { 1 } else { 4 };
+    let other_build = std::env::var_os("NEXD_BENCH_BASELINE_BIN_DIR").map(PathBuf::from);
     let mut w = World::new(&["exit1", "client"])?;
     let lan = Netns::new("blan")?;
     lan_behind(&w.node("client").ns, &lan)?;
+    let dir = w.node("client").dir().to_owned();
     // The iperf3 server lives as long as the internet namespace.
     let mut server = Command::new("ip");
     server
@@ -56,67 +438,116 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
             "-B",
             SERVER_V4,
         ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let mut server = server.spawn().context("starting iperf3 -s")?;
     std::thread::sleep(Duration::from_millis(300));
-    w.node_mut("exit1").start(&NodeSpec {
-        args: vec!["router".into(), "--exit-node".into()],
-        log_level: "info".into(),
-        ..NodeSpec::default()
-    })?;
 
-    let mut m: std::collections::HashMap<&str, Vec<f64>> = Default::default();
+    let mut m: HashMap<String, Vec<f64>> = HashMap::new();
+    let mut variants = vec![
+        ("nexd", None::<&str>, None::<&Path>),
+        ("no-ebpf", Some("--no-ebpf"), None),
+    ];
+    if let Some(d) = other_build.as_deref() {
+        variants.push(("other", None, Some(d)));
+    }
     let result = (|| -> anyhow::Result<()> {
         for round in 0..=plan.rounds() {
-            for (variant, extra) in [("nexd", None), ("no-ebpf", Some("--no-ebpf"))] {
-                let mut args = vec![
-                    "--exit-node-client".to_owned(),
-                    "--lan-interface".into(),
-                    "lan0".into(),
-                ];
-                args.extend(extra.map(str::to_owned));
-                w.node_mut("client").start(&NodeSpec {
-                    args,
-                    log_level: "info".into(),
-                    ..NodeSpec::default()
-                })?;
-                w.node("client")
-                    .wait_phase(ClientPhase::Active, Duration::from_secs(20))?;
-                let tcp = iperf(&w.node("client").ns, secs, false)?;
-                let udp = iperf(&w.node("client").ns, secs, true)?;
-                let lan_tcp = iperf(&lan, secs, false)?;
-                w.node_mut("client").stop()?;
-                // Round 0 is the warm-up.
-                if round > 0 {
-                    m.entry(if variant == "nexd" {
-                        "tcp_nexd"
-                    } else {
-                        "tcp_base"
-                    })
-                    .or_default()
-                    .push(tcp);
-                    m.entry(if variant == "nexd" {
-                        "udp_nexd"
-                    } else {
-                        "udp_base"
-                    })
-                    .or_default()
-                    .push(udp);
-                    m.entry(if variant == "nexd" {
-                        "lan_nexd"
-                    } else {
-                        "lan_base"
-                    })
-                    .or_default()
-                    .push(lan_tcp);
+            // Round 0 is the warm-up.
+            let rec = round > 0;
+            for &(variant, extra, bins) in &variants {
+                let mut go = || -> anyhow::Result<()> {
+                    w.node_mut("exit1").start(&exit_spec())?;
+                    let mut args = vec![
+                        "--exit-node-client".to_owned(),
+                        "--lan-interface".into(),
+                        "lan0".into(),
+                    ];
+                    args.extend(extra.map(str::to_owned));
+                    w.node_mut("client").start(&NodeSpec {
+                        args,
+                        log_level: "info".into(),
+                        ..NodeSpec::default()
+                    })?;
+                    w.node("client")
+                        .wait_phase(ClientPhase::Active, Duration::from_secs(20))?;
+                    let pids: Vec<u32> = ["client", "exit1"]
+                        .iter()
+                        .filter_map(|n| w.node(n).pid())
+                        .collect();
+                    let ns = &w.node("client").ns;
+                    measure(
+                        &mut m,
+                        rec,
+                        &format!("{variant}.tcp"),
+                        ns,
+                        secs,
+                        Mode::TcpUp,
+                        &pids,
+                    )?;
+                    if variant != "no-ebpf" {
+                        measure(
+                            &mut m,
+                            rec,
+                            &format!("{variant}.tcpR"),
+                            ns,
+                            secs,
+                            Mode::TcpDown,
+                            &pids,
+                        )?;
+                    }
+                    measure_udp(
+                        &mut m,
+                        rec,
+                        &format!("{variant}.udp"),
+                        ns,
+                        secs,
+                        &pids,
+                        &w.node("exit1").ns,
+                        "wg0",
+                    )?;
+                    if variant != "other" {
+                        measure(
+                            &mut m,
+                            rec,
+                            &format!("{variant}.lan"),
+                            &lan,
+                            secs,
+                            Mode::TcpUp,
+                            &[],
+                        )?;
+                    }
+                    w.node_mut("client").stop()?;
+                    w.node_mut("exit1").stop()?;
+                    Ok(())
+                };
+                match bins {
+                    Some(d) => with_bin_dir(d, go)?,
+                    None => go()?,
                 }
             }
-            // No tunnel at all: the client straight to the server.
-            let direct = iperf(&w.node("client").ns, secs, false)?;
-            if round > 0 {
-                m.entry("direct").or_default().push(direct);
+            // wireguard-go configured by hand, nexd stopped on both nodes.
+            {
+                let wg = WireguardGo::start(&mut w, &dir)?;
+                let pids = wg.pids();
+                let ns = &w.node("client").ns;
+                measure(&mut m, rec, "wggo.tcp", ns, secs, Mode::TcpUp, &pids)?;
+                measure(&mut m, rec, "wggo.tcpR", ns, secs, Mode::TcpDown, &pids)?;
+                measure_udp(
+                    &mut m,
+                    rec,
+                    "wggo.udp",
+                    ns,
+                    secs,
+                    &pids,
+                    &w.node("exit1").ns,
+                    WGGO_IFACE,
+                )?;
             }
+            // No tunnel at all: the client straight to the server.
+            let ns = &w.node("client").ns;
+            measure(&mut m, rec, "direct.tcp", ns, secs, Mode::TcpUp, &[])?;
+            measure(&mut m, rec, "direct.udp", ns, secs, Mode::Udp, &[])?;
         }
         Ok(())
     })();
@@ -124,32 +555,42 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
     let _ = server.wait();
     result?;
     let g = |k: &str| m.get(k).cloned().unwrap_or_default();
-    Ok(vec![
+    let udp = format!("UDP client -> server ({UDP_RATE}b/s offered)");
+    let mut rows = vec![
         Row::new(
             "throughput",
             "TCP client -> server",
             "Mbit/s",
-            "same WG, no eBPF",
-            &g("tcp_base"),
-            &g("tcp_nexd"),
+            "wireguard-go (wg-quick)",
+            &g("wggo.tcp"),
+            &g("nexd.tcp"),
             true,
         ),
         Row::new(
             "throughput",
-            "UDP client -> server",
+            "TCP server -> client",
             "Mbit/s",
-            "same WG, no eBPF",
-            &g("udp_base"),
-            &g("udp_nexd"),
+            "wireguard-go (wg-quick)",
+            &g("wggo.tcpR"),
+            &g("nexd.tcpR"),
             true,
         ),
         Row::new(
             "throughput",
-            "TCP LAN host -> server",
+            &udp,
             "Mbit/s",
-            "same WG, no eBPF",
-            &g("lan_base"),
-            &g("lan_nexd"),
+            "wireguard-go (wg-quick)",
+            &g("wggo.udp"),
+            &g("nexd.udp"),
+            true,
+        ),
+        Row::new(
+            "throughput",
+            "UDP carried by the tunnel",
+            "Mbit/s",
+            "wireguard-go (wg-quick)",
+            &g("wggo.udp.carried"),
+            &g("nexd.udp.carried"),
             true,
         ),
         Row::new(
@@ -157,9 +598,132 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
             "TCP client -> server",
             "Mbit/s",
             "no tunnel",
-            &g("direct"),
-            &g("tcp_nexd"),
+            &g("direct.tcp"),
+            &g("nexd.tcp"),
             true,
         ),
-    ])
+        Row::new(
+            "throughput",
+            &udp,
+            "Mbit/s",
+            "no tunnel",
+            &g("direct.udp"),
+            &g("nexd.udp"),
+            true,
+        ),
+        Row::new(
+            "throughput",
+            "CPU per GB, TCP up",
+            "CPU-s/GB",
+            "wireguard-go (wg-quick)",
+            &g("wggo.tcp.cpu"),
+            &g("nexd.tcp.cpu"),
+            false,
+        ),
+        Row::new(
+            "throughput",
+            "CPU per GB, TCP down",
+            "CPU-s/GB",
+            "wireguard-go (wg-quick)",
+            &g("wggo.tcpR.cpu"),
+            &g("nexd.tcpR.cpu"),
+            false,
+        ),
+        Row::new(
+            "throughput",
+            "CPU per GB, UDP",
+            "CPU-s/GB",
+            "wireguard-go (wg-quick)",
+            &g("wggo.udp.cpu"),
+            &g("nexd.udp.cpu"),
+            false,
+        ),
+        Row::new(
+            "throughput",
+            "TCP client -> server",
+            "Mbit/s",
+            "same WG, no eBPF",
+            &g("no-ebpf.tcp"),
+            &g("nexd.tcp"),
+            true,
+        ),
+        Row::new(
+            "throughput",
+            &udp,
+            "Mbit/s",
+            "same WG, no eBPF",
+            &g("no-ebpf.udp"),
+            &g("nexd.udp"),
+            true,
+        ),
+        Row::new(
+            "throughput",
+            "TCP LAN host -> server",
+            "Mbit/s",
+            "same WG, no eBPF",
+            &g("no-ebpf.lan"),
+            &g("nexd.lan"),
+            true,
+        ),
+    ];
+    if other_build.is_some() {
+        let b = "other build (NEXD_BENCH_BASELINE_BIN_DIR)";
+        rows.extend([
+            Row::new(
+                "throughput",
+                "TCP client -> server",
+                "Mbit/s",
+                b,
+                &g("other.tcp"),
+                &g("nexd.tcp"),
+                true,
+            ),
+            Row::new(
+                "throughput",
+                "TCP server -> client",
+                "Mbit/s",
+                b,
+                &g("other.tcpR"),
+                &g("nexd.tcpR"),
+                true,
+            ),
+            Row::new(
+                "throughput",
+                &udp,
+                "Mbit/s",
+                b,
+                &g("other.udp"),
+                &g("nexd.udp"),
+                true,
+            ),
+            Row::new(
+                "throughput",
+                "UDP carried by the tunnel",
+                "Mbit/s",
+                b,
+                &g("other.udp.carried"),
+                &g("nexd.udp.carried"),
+                true,
+            ),
+            Row::new(
+                "throughput",
+                "CPU per GB, TCP up",
+                "CPU-s/GB",
+                b,
+                &g("other.tcp.cpu"),
+                &g("nexd.tcp.cpu"),
+                false,
+            ),
+            Row::new(
+                "throughput",
+                "CPU per GB, UDP",
+                "CPU-s/GB",
+                b,
+                &g("other.udp.cpu"),
+                &g("nexd.udp.cpu"),
+                false,
+            ),
+        ]);
+    }
+    Ok(rows)
 }

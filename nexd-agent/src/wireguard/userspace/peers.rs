@@ -1,0 +1,546 @@
+//! The peers of the userspace backend: each one's noise state
+//! (`boringtun::noise::Tunn`: handshake, sessions, replay windows, rekey
+//! timers), endpoint, counters and a small queue; and the table the data
+//! path reads (by destination, by receiver index, by public key).
+//!
+//! Updates happen in place: a peer whose endpoint, AllowedIPs or keepalive
+//! change keeps its `Tunn`, so its session survives. That is what makes an
+//! exit-node failover (moving 0.0.0.0/0 and ::/0 from one peer to another)
+//! cost no handshake. The `Registry` is the control side's record; every
+//! change builds a new immutable `Table` that the data path picks up
+//! whole.
+//!
+//! Memory per peer is bounded: the `Tunn` (about 11 KB), and at most
+//! `QUEUE_PACKETS` packets waiting for a handshake (a peer that never
+//! answers costs no more; boringtun's own queue of 256 is never used,
+//! because nothing is handed to `encapsulate` without a session).
+//! Persistent keepalive is nexd's own timer, not `Tunn`'s, because `Tunn`
+//! cannot change it in place.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use boringtun::{
+    noise::{Tunn, rate_limiter::RateLimiter},
+    x25519,
+};
+use ipnet::IpNet;
+
+use super::allowed_ips::AllowedIps;
+use crate::{
+    keys::{PrivateKey, PublicKey},
+    wireguard::{PeerConfig, PeerStatus},
+};
+
+/// Packets kept per peer while its handshake is under way. The kernel keeps
+/// 128; a handful covers a TCP SYN, a ping and a heartbeat, and a peer that
+/// never answers (an offline device) must not grow nexd.
+pub const QUEUE_PACKETS: usize = 16;
+
+/// Handshake messages accepted per second across all peers before the
+/// device demands cookies. boringtun's device uses 100; incoming
+/// initiations are checked twice (once to find the peer, once inside
+/// `Tunn`), hence twice that.
+const HANDSHAKE_RATE_LIMIT: u64 = 200;
+
+/// Receiver indices are 24 bits; `Tunn` uses the low 8 for its sessions.
+const INDEX_MASK: u32 = (1 << 24) - 1;
+
+/// The device's own keys and the rate limiter that belongs to them.
+pub struct Keys {
+    pub secret: x25519::StaticSecret,
+    pub public: x25519::PublicKey,
+    pub limiter: Arc<RateLimiter>,
+}
+
+impl Keys {
+    pub fn new(key: &PrivateKey) -> Self {
+        let secret = x25519::StaticSecret::from(key.to_bytes());
+        let public = x25519::PublicKey::from(&secret);
+        let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        Keys {
+            secret,
+            public,
+            limiter,
+        }
+    }
+}
+
+/// One peer as the data path sees it.
+pub struct Peer {
+    pub key: PublicKey,
+    pub state: Mutex<PeerState>,
+    /// Bytes of WireGuard datagrams sent to and accepted from the peer
+    /// (handshakes and keepalives included, as the kernel counts).
+    pub tx_bytes: AtomicU64,
+    pub rx_bytes: AtomicU64,
+}
+
+impl Peer {
+    /// Locks the peer's state. A panic while it was held leaves nothing
+    /// half-done that matters more than stopping the data path would.
+    pub fn lock(&self) -> MutexGuard<'_, PeerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What changes under the peer's lock.
+pub struct PeerState {
+    pub tunn: Tunn,
+    /// Configured, then wherever the peer's authenticated packets come from
+    /// (roaming).
+    pub endpoint: Option<SocketAddr>,
+    /// Persistent keepalive interval in seconds, 0 = off.
+    pub keepalive: u16,
+    /// When anything was last sent to the peer.
+    pub last_sent: Option<Instant>,
+    /// When the last handshake completed.
+    pub last_handshake: Option<Instant>,
+    queue: VecDeque<Vec<u8>>,
+}
+
+impl PeerState {
+    /// Whether data can be encrypted now (`Tunn` has a current session;
+    /// without one, `encapsulate` would queue the packet itself).
+    pub fn has_session(&self) -> bool {
+        self.tunn.time_since_last_handshake().is_some()
+    }
+
+    /// Keeps `pkt` until the handshake completes; false (dropped) when the
+    /// queue is full.
+    pub fn enqueue(&mut self, pkt: &[u8]) -> bool {
+        if self.queue.len() >= QUEUE_PACKETS {
+            return false;
+        }
+        self.queue.push_back(pkt.to_vec());
+        true
+    }
+
+    /// The queued packets, oldest first, leaving the queue empty.
+    pub fn take_queue(&mut self) -> VecDeque<Vec<u8>> {
+        std::mem::take(&mut self.queue)
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Forgets what was waiting (the handshake gave up).
+    pub fn clear_queue(&mut self) {
+        self.queue.clear();
+    }
+}
+
+/// Whether a persistent keepalive is due: enabled, and nothing was sent for
+/// a whole interval (or ever).
+pub fn keepalive_due(interval: u16, last_sent: Option<Instant>, now: Instant) -> bool {
+    interval > 0
+        && last_sent.is_none_or(|t| {
+            now.saturating_duration_since(t) >= Duration::from_secs(u64::from(interval))
+        })
+}
+
+/// Whether processing a received message of type `received` that produced
+/// a message of type `sent` completed a handshake: an initiation answered
+/// with a response (we are the responder), or a response answered with
+/// the first keepalive (we are the initiator). A cookie reply completes
+/// nothing.
+pub fn completes_handshake(received: u8, sent: u8) -> bool {
+    matches!((received, sent), (1, 2) | (2, 4))
+}
+
+/// The data path's view: immutable, swapped whole on every change.
+#[derive(Default)]
+pub struct Table {
+    pub peers: Vec<Arc<Peer>>,
+    by_key: HashMap<PublicKey, usize>,
+    by_index: HashMap<u32, usize>,
+    routes: AllowedIps<usize>,
+}
+
+impl Table {
+    /// The peer a packet to `dst` goes to (cryptokey routing).
+    pub fn route(&self, dst: IpAddr) -> Option<usize> {
+        self.routes.lookup(dst)
+    }
+
+    /// The peer a message with this receiver index is for.
+    pub fn by_receiver(&self, receiver_index: u32) -> Option<usize> {
+        self.by_index.get(&(receiver_index >> 8)).copied()
+    }
+
+    pub fn by_key(&self, key: &PublicKey) -> Option<usize> {
+        self.by_key.get(key).copied()
+    }
+}
+
+struct Entry {
+    peer: Arc<Peer>,
+    index: u32,
+    allowed_ips: Vec<IpNet>,
+    /// When its AllowedIPs were last set: a prefix claimed by two peers
+    /// belongs to the later one, as in the kernel.
+    generation: u64,
+}
+
+/// The control side's record of the peers.
+#[derive(Default)]
+pub struct Registry {
+    entries: BTreeMap<PublicKey, Entry>,
+    next_index: u32,
+    generation: u64,
+}
+
+impl Registry {
+    /// Applies `remove`, then `upsert` (in place for known keys), and
+    /// returns the table to swap in.
+    pub fn apply(&mut self, keys: &Keys, upsert: &[PeerConfig], remove: &[PublicKey]) -> Table {
+        for k in remove {
+            self.entries.remove(k);
+        }
+        for p in upsert {
+            self.generation += 1;
+            let generation = self.generation;
+            if let Some(e) = self.entries.get_mut(&p.public_key) {
+                let mut s = e.peer.lock();
+                if let Some(ep) = p.endpoint {
+                    s.endpoint = Some(ep);
+                }
+                s.keepalive = p.persistent_keepalive;
+                drop(s);
+                if e.allowed_ips != p.allowed_ips {
+                    e.allowed_ips.clone_from(&p.allowed_ips);
+                    e.generation = generation;
+                }
+                continue;
+            }
+            let index = self.allocate_index();
+            let tunn = Tunn::new(
+                keys.secret.clone(),
+                x25519::PublicKey::from(p.public_key.0),
+                None,
+                // Keepalive is nexd's timer (see the module doc).
+                None,
+                index,
+                Some(Arc::clone(&keys.limiter)),
+            );
+            let peer = Arc::new(Peer {
+                key: p.public_key,
+                state: Mutex::new(PeerState {
+                    tunn,
+                    endpoint: p.endpoint,
+                    keepalive: p.persistent_keepalive,
+                    last_sent: None,
+                    last_handshake: None,
+                    queue: VecDeque::new(),
+                }),
+                tx_bytes: AtomicU64::new(0),
+                rx_bytes: AtomicU64::new(0),
+            });
+            self.entries.insert(
+                p.public_key,
+                Entry {
+                    peer,
+                    index,
+                    allowed_ips: p.allowed_ips.clone(),
+                    generation,
+                },
+            );
+        }
+        self.table()
+    }
+
+    /// A new private key: every session ends (as on any WireGuard key
+    /// change); peers, endpoints and counters stay.
+    pub fn rekey(&self, keys: &Keys) {
+        for e in self.entries.values() {
+            let mut s = e.peer.lock();
+            s.tunn.set_static_private(
+                keys.secret.clone(),
+                keys.public,
+                Some(Arc::clone(&keys.limiter)),
+            );
+            s.clear_queue();
+        }
+    }
+
+    fn allocate_index(&mut self) -> u32 {
+        loop {
+            self.next_index = (self.next_index + 1) & INDEX_MASK;
+            let candidate = self.next_index;
+            if candidate != 0 && !self.entries.values().any(|e| e.index == candidate) {
+                return candidate;
+            }
+        }
+    }
+
+    /// Builds the data path's table from the record.
+    pub fn table(&self) -> Table {
+        let mut t = Table::default();
+        let mut by_generation: Vec<(u64, usize)> = Vec::with_capacity(self.entries.len());
+        for (i, e) in self.entries.values().enumerate() {
+            t.peers.push(Arc::clone(&e.peer));
+            t.by_key.insert(e.peer.key, i);
+            t.by_index.insert(e.index, i);
+            by_generation.push((e.generation, i));
+        }
+        by_generation.sort_unstable();
+        let entries: Vec<&Entry> = self.entries.values().collect();
+        for (_, i) in by_generation {
+            for net in &entries[i].allowed_ips {
+                t.routes.insert(*net, i);
+            }
+        }
+        t
+    }
+
+    /// Every peer's status and keepalive interval.
+    pub fn status(&self, now: Instant) -> Vec<(PeerStatus, u16)> {
+        self.entries
+            .values()
+            .map(|e| {
+                let s = e.peer.lock();
+                (
+                    PeerStatus {
+                        public_key: e.peer.key,
+                        endpoint: s.endpoint,
+                        allowed_ips: e.allowed_ips.clone(),
+                        last_handshake: s.last_handshake.map(|t| now.saturating_duration_since(t)),
+                        rx_bytes: e.peer.rx_bytes.load(Ordering::Relaxed),
+                        tx_bytes: e.peer.tx_bytes.load(Ordering::Relaxed),
+                    },
+                    s.keepalive,
+                )
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use boringtun::noise::TunnResult;
+
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("prefix")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("address")
+    }
+
+    fn peer(key: PublicKey, allowed: &[&str]) -> PeerConfig {
+        PeerConfig {
+            public_key: key,
+            endpoint: Some("192.0.2.2:51820".parse().expect("addr")),
+            allowed_ips: allowed.iter().map(|s| net(s)).collect(),
+            persistent_keepalive: 25,
+        }
+    }
+
+    #[test]
+    fn keepalive_is_due_after_an_idle_interval() {
+        let now = Instant::now();
+        assert!(!keepalive_due(0, None, now));
+        assert!(keepalive_due(25, None, now));
+        assert!(!keepalive_due(25, Some(now), now + Duration::from_secs(24)));
+        assert!(keepalive_due(25, Some(now), now + Duration::from_secs(25)));
+    }
+
+    #[test]
+    fn handshakes_complete_on_response_and_first_keepalive_only() {
+        assert!(completes_handshake(1, 2));
+        assert!(completes_handshake(2, 4));
+        assert!(!completes_handshake(1, 3), "a cookie reply");
+        assert!(!completes_handshake(4, 4));
+    }
+
+    #[test]
+    fn failover_moves_the_default_route_and_keeps_both_peers() {
+        let keys = Keys::new(&PrivateKey::generate());
+        let (a, b) = (
+            PrivateKey::generate().public_key(),
+            PrivateKey::generate().public_key(),
+        );
+        let mut r = Registry::default();
+        let t = r.apply(
+            &keys,
+            &[
+                peer(a, &["100.64.0.2/32", "0.0.0.0/0"]),
+                peer(b, &["100.64.0.3/32"]),
+            ],
+            &[],
+        );
+        let pa = t.by_key(&a).expect("a");
+        let pb = t.by_key(&b).expect("b");
+        assert_eq!(t.route(ip("203.0.113.10")), Some(pa));
+        let a_before = Arc::clone(&t.peers[pa]);
+        // Failover: b gets 0/0, a loses it, in one update.
+        let t = r.apply(
+            &keys,
+            &[
+                peer(a, &["100.64.0.2/32"]),
+                peer(b, &["100.64.0.3/32", "0.0.0.0/0"]),
+            ],
+            &[],
+        );
+        assert_eq!(t.route(ip("203.0.113.10")), t.by_key(&b));
+        assert_eq!(t.route(ip("100.64.0.2")), t.by_key(&a));
+        // The same peer object: its Tunn, sessions and counters live on.
+        assert!(Arc::ptr_eq(&a_before, &t.peers[t.by_key(&a).expect("a")]));
+        let _ = pb;
+    }
+
+    /// Completes a handshake between the registry's peer (initiator) and
+    /// `responder`.
+    fn handshake(p: &Peer, responder: &mut Tunn) {
+        let mut a = [0u8; 256];
+        let mut b = [0u8; 256];
+        let mut s = p.lock();
+        let TunnResult::WriteToNetwork(init) = s.tunn.format_handshake_initiation(&mut a, false)
+        else {
+            panic!("no initiation");
+        };
+        let TunnResult::WriteToNetwork(resp) = responder.decapsulate(None, init, &mut b) else {
+            panic!("no response");
+        };
+        let TunnResult::WriteToNetwork(keepalive) = s.tunn.decapsulate(None, resp, &mut a) else {
+            panic!("no keepalive");
+        };
+        let mut c = [0u8; 256];
+        assert!(matches!(
+            responder.decapsulate(None, keepalive, &mut c),
+            TunnResult::Done
+        ));
+    }
+
+    #[test]
+    fn an_allowed_ips_change_keeps_the_session() {
+        let mine = PrivateKey::generate();
+        let keys = Keys::new(&mine);
+        let theirs = PrivateKey::generate();
+        let mut responder = Tunn::new(
+            x25519::StaticSecret::from(theirs.to_bytes()),
+            keys.public,
+            None,
+            None,
+            7,
+            None,
+        );
+        let mut r = Registry::default();
+        let t = r.apply(&keys, &[peer(theirs.public_key(), &["100.64.0.2/32"])], &[]);
+        handshake(&t.peers[0], &mut responder);
+        assert!(t.peers[0].lock().has_session());
+        // The exit node is enabled on it: 0.0.0.0/0 and ::/0 added.
+        let t2 = r.apply(
+            &keys,
+            &[peer(
+                theirs.public_key(),
+                &["100.64.0.2/32", "0.0.0.0/0", "::/0"],
+            )],
+            &[],
+        );
+        assert!(Arc::ptr_eq(&t.peers[0], &t2.peers[0]));
+        let mut s = t2.peers[0].lock();
+        assert!(s.has_session(), "the update restarted the session");
+        // And data flows on it without a new handshake.
+        let mut out = [0u8; 256];
+        let pkt = [0x45u8; 40];
+        assert!(
+            matches!(s.tunn.encapsulate(&pkt, &mut out), TunnResult::WriteToNetwork(d) if d[0] == 4)
+        );
+        // A new device key ends it, as on any WireGuard key change.
+        drop(s);
+        r.rekey(&Keys::new(&PrivateKey::generate()));
+        assert!(!t2.peers[0].lock().has_session());
+    }
+
+    #[test]
+    fn a_prefix_claimed_twice_belongs_to_the_later_claim() {
+        let keys = Keys::new(&PrivateKey::generate());
+        let (a, b) = (
+            PrivateKey::generate().public_key(),
+            PrivateKey::generate().public_key(),
+        );
+        let mut r = Registry::default();
+        r.apply(&keys, &[peer(a, &["0.0.0.0/0"])], &[]);
+        let t = r.apply(&keys, &[peer(b, &["0.0.0.0/0"])], &[]);
+        assert_eq!(t.route(ip("198.51.100.1")), t.by_key(&b));
+        // Re-sending a's unchanged config does not take it back.
+        let t = r.apply(&keys, &[peer(a, &["0.0.0.0/0"])], &[]);
+        assert_eq!(t.route(ip("198.51.100.1")), t.by_key(&b));
+    }
+
+    #[test]
+    fn removal_and_missing_endpoint_keep_what_is_known() {
+        let keys = Keys::new(&PrivateKey::generate());
+        let a = PrivateKey::generate().public_key();
+        let mut r = Registry::default();
+        let t = r.apply(&keys, &[peer(a, &["100.64.0.2/32"])], &[]);
+        let p = Arc::clone(&t.peers[0]);
+        p.lock().endpoint = Some("198.51.100.7:4000".parse().expect("addr"));
+        // An update without an endpoint keeps the roamed one.
+        let mut update = peer(a, &["100.64.0.2/32"]);
+        update.endpoint = None;
+        update.persistent_keepalive = 0;
+        r.apply(&keys, &[update], &[]);
+        assert_eq!(
+            p.lock().endpoint,
+            Some("198.51.100.7:4000".parse().expect("addr"))
+        );
+        assert_eq!(p.lock().keepalive, 0);
+        let t = r.apply(&keys, &[], &[a]);
+        assert!(t.peers.is_empty());
+        assert_eq!(t.route(ip("100.64.0.2")), None);
+    }
+
+    #[test]
+    fn receiver_indices_find_their_peer() {
+        let keys = Keys::new(&PrivateKey::generate());
+        let other = PrivateKey::generate();
+        let a = other.public_key();
+        let mut r = Registry::default();
+        let t = r.apply(&keys, &[peer(a, &["100.64.0.2/32"])], &[]);
+        let mut dst = [0u8; 256];
+        let init = match t.peers[0]
+            .lock()
+            .tunn
+            .format_handshake_initiation(&mut dst, false)
+        {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("no initiation: {other:?}"),
+        };
+        // The sender index of our initiation is what the response names as
+        // its receiver.
+        let sender = u32::from_le_bytes([init[4], init[5], init[6], init[7]]);
+        assert_eq!(t.by_receiver(sender), Some(0));
+        assert_eq!(t.by_receiver(sender ^ (1 << 20)), None);
+    }
+
+    #[test]
+    fn the_queue_is_bounded() {
+        let keys = Keys::new(&PrivateKey::generate());
+        let mut r = Registry::default();
+        let t = r.apply(
+            &keys,
+            &[peer(PrivateKey::generate().public_key(), &[])],
+            &[],
+        );
+        let mut s = t.peers[0].lock();
+        assert!(!s.has_session());
+        for _ in 0..QUEUE_PACKETS {
+            assert!(s.enqueue(&[0x45; 100]));
+        }
+        assert!(!s.enqueue(&[0x45; 100]));
+        assert_eq!(s.take_queue().len(), QUEUE_PACKETS);
+        assert_eq!(s.queued(), 0);
+    }
+}
