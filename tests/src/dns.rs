@@ -133,6 +133,7 @@ impl DnsServer {
             seen: Arc::clone(&seen),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready) = std::sync::mpsc::channel::<Result<(), String>>();
         let thread = std::thread::spawn(move || -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -140,13 +141,19 @@ impl DnsServer {
             rt.block_on(async move {
                 let mut server = Server::new(handler);
                 for (udp, tcp) in sockets {
-                    server.register_socket(tokio::net::UdpSocket::from_std(udp)?);
-                    server.register_listener(
-                        tokio::net::TcpListener::from_std(tcp)?,
-                        Duration::from_secs(5),
-                        4096,
-                    );
+                    let registered = tokio::net::UdpSocket::from_std(udp)
+                        .and_then(|udp| Ok((udp, tokio::net::TcpListener::from_std(tcp)?)));
+                    let (udp, tcp) = match registered {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                            return Ok(());
+                        }
+                    };
+                    server.register_socket(udp);
+                    server.register_listener(tcp, Duration::from_secs(5), 4096);
                 }
+                let _ = ready_tx.send(Ok(()));
                 tokio::select! {
                     r = server.block_until_done() => r?,
                     _ = stopped => {
@@ -162,12 +169,17 @@ impl DnsServer {
                 Ok(())
             })
         });
-        Ok(DnsServer {
+        let server = DnsServer {
             addrs: addrs.to_vec(),
             seen,
             stop: Some(stop),
             thread: Some(thread),
-        })
+        };
+        match ready.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => Ok(server),
+            Ok(Err(e)) => bail!("DNS server on {addrs:?} did not start: {e}"),
+            Err(e) => bail!("DNS server on {addrs:?} did not start: {e}"),
+        }
     }
 
     /// The sources of every query so far, in arrival order.
@@ -272,7 +284,7 @@ fn timed_out(e: &std::io::Error) -> bool {
     )
 }
 
-/// One lookup of `name` (A, or AAAA if `rtype` says so) from inside `ns`
+/// One lookup of `name`'s `rtype` records from inside `ns`
 /// to `server` port 53, as a stub resolver makes it: over UDP, one socket
 /// sending the query up to `tries` times, `wait` apart, and taking the
 /// first response with the query's id; over TCP, one connection with
@@ -298,14 +310,18 @@ pub fn lookup(
         match transport {
             Transport::Udp => {
                 let s = UdpSocket::bind(SocketAddr::new(unspecified, 0))?;
-                s.set_read_timeout(Some(wait))?;
                 let mut buf = [0u8; 4096];
                 for _ in 0..tries.max(1) {
                     // A send can fail while routes change (a failover):
                     // that try is lost, as for any stub.
                     let _ = s.send_to(&q, to);
                     let until = Instant::now() + wait;
-                    while Instant::now() < until {
+                    loop {
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        s.set_read_timeout(Some(left))?;
                         match s.recv_from(&mut buf) {
                             Ok((n, _)) => {
                                 if let Ok(m) = Message::from_vec(&buf[..n])
