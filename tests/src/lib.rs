@@ -9,6 +9,7 @@
 pub mod bins;
 pub mod cmd;
 pub mod delay;
+pub mod dns;
 pub mod etcd;
 pub mod netns;
 pub mod node;

@@ -175,6 +175,54 @@ impl Node {
         Ok(Path::new(&format!("/proc/{pid}/root{path}")).exists())
     }
 
+    /// Makes `/etc/resolv.conf` read `text` inside the node's mount
+    /// namespace only: a file in the node's directory bind-mounted over it
+    /// there, seen by nexd (an exit node's resolver forwards to the
+    /// `nameserver`s it names) and by commands run on the device with
+    /// [`Node::on_device`], and by nothing outside. Call it before nexd
+    /// starts (its resolver reads the file when it starts serving, and on
+    /// SIGHUP); calling it again rewrites the same file.
+    pub fn use_resolv_conf(&mut self, text: &str) -> anyhow::Result<()> {
+        let file = self.dir.join("resolv.conf");
+        let mounted = file.exists();
+        fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+        let pid = self.holder_pid()?;
+        if !mounted {
+            cmd::run(
+                "nsenter",
+                [
+                    "-t",
+                    &pid.to_string(),
+                    "-m",
+                    "--",
+                    "mount",
+                    "--bind",
+                    file.to_str().context("path")?,
+                    "/etc/resolv.conf",
+                ],
+            )
+            .context("bind-mounting the node's resolv.conf")?;
+        }
+        let seen = fs::read_to_string(format!("/proc/{pid}/root/etc/resolv.conf"))
+            .context("reading the node's resolv.conf back")?;
+        if seen != text {
+            bail!(
+                "{}: /etc/resolv.conf in its mount namespace reads {seen:?}, not the test's",
+                self.name
+            );
+        }
+        Ok(())
+    }
+
+    /// A command to run on the device: inside the node's network and mount
+    /// namespaces (its resolv.conf, its bpffs), like a program on it.
+    pub fn on_device(&mut self, program: &str) -> anyhow::Result<Command> {
+        let holder = self.holder_pid()?.to_string();
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &holder, "-m", "-n", "--", program]);
+        Ok(c)
+    }
+
     /// Starts nexd without waiting for it to be ready.
     pub fn spawn(&mut self, spec: &NodeSpec) -> anyhow::Result<()> {
         if self.child.is_some() {
