@@ -30,7 +30,7 @@ use std::{
     net::{SocketAddr, UdpSocket},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -91,13 +91,14 @@ fn row<'a>(list: &'a [ExitNodeRow], name: &str) -> Option<&'a ExitNodeRow> {
 
 /// The liar's announcer, on a thread inside its namespace: echoes each of
 /// the client's announcements at once, reporting the hold `hold_mode`
-/// says, and says "exit node" every 300 ms in between. Stops when `stop`
-/// is set (or after 5 minutes).
+/// says (counting the echoes in `echoes`), and says "exit node" every
+/// 300 ms in between. Stops when `stop` is set (or after 5 minutes).
 fn start_liar(
     w: &World,
     hold_mode: Arc<AtomicU32>,
+    echoes: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<u64>>> {
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
     let liar = w.node("exit1");
     let own = keys::load(&liar.state_dir()).context("the liar's key")?;
     let client_key: PublicKey = w.devices[2]
@@ -108,14 +109,13 @@ fn start_liar(
     let sender = own.public_key();
     let bind = SocketAddr::new(w.mesh_ip("exit1", false), AGENT_PORT);
     let client = w.mesh_ip("client", false);
-    liar.ns.spawn_in(move || -> anyhow::Result<u64> {
+    liar.ns.spawn_in(move || -> anyhow::Result<()> {
         let s = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
         s.set_read_timeout(Some(Duration::from_millis(50)))?;
         let to = SocketAddr::new(client, AGENT_PORT);
         let started = Instant::now();
         let deadline = started + Duration::from_secs(300);
         let mut seq = 0u64;
-        let mut echoed = 0u64;
         let mut last_sent = Instant::now() - Duration::from_secs(1);
         let mut buf = [0u8; 256];
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
@@ -145,7 +145,7 @@ fn start_liar(
                         INFLATED => INFLATED_HOLD_MS,
                         extra => held + extra,
                     };
-                    echoed += 1;
+                    echoes.fetch_add(1, Ordering::Relaxed);
                     (their_seq, claim)
                 }
             };
@@ -162,7 +162,7 @@ fn start_liar(
             let _ = s.send_to(&wire::encode(&a, &pair), to);
             last_sent = Instant::now();
         }
-        Ok(echoed)
+        Ok(())
     })
 }
 
@@ -228,26 +228,22 @@ fn a_peer_inflating_its_hold_time_is_not_preferred() -> anyhow::Result<()> {
     w.node_mut("exit1").start(&spec(&[]))?;
     let hold_mode = Arc::new(AtomicU32::new(BELIEVABLE_EXTRA_MS));
     let stop = Arc::new(AtomicBool::new(false));
-    let liar = start_liar(&w, hold_mode.clone(), stop.clone())?;
+    let echoes = Arc::new(AtomicU64::new(0));
+    let liar = start_liar(&w, hold_mode.clone(), echoes.clone(), stop.clone())?;
     let outcome = (|| -> anyhow::Result<()> {
         // 1. The control: the liar claims a hold just below the round
         // trip (its real hold plus 90% of the relays' 100 ms): believed,
         // exit1 looks faster than exit2, and the client chooses it.
         w.node_mut("client").start(&spec(&[]))?;
-        let list = wait_for_both(&w, "exit1's RTT from a believable hold", |l| {
-            row(l, "exit1").is_some_and(|r| r.rtt_ms.is_some())
-        })?;
+        // The first samples of both include WireGuard handshakes; the
+        // smoothed RTTs settle within a few announcements.
+        let faster = |l: &[ExitNodeRow]| {
+            let rtt = |n: &str| row(l, n).and_then(|r| r.rtt_ms);
+            matches!((rtt("exit1"), rtt("exit2")), (Some(a), Some(b)) if a < b)
+        };
+        let list = wait_for_both(&w, "exit1 to look faster from a believable hold", faster)
+            .context("control: a liar whose claim is believed never looked faster")?;
         eprintln!("believable hold: {list:?}");
-        let (liar_rtt, honest_rtt) = (
-            row(&list, "exit1")
-                .and_then(|r| r.rtt_ms)
-                .unwrap_or(f64::MAX),
-            row(&list, "exit2").and_then(|r| r.rtt_ms).unwrap_or(0.0),
-        );
-        assert!(
-            liar_rtt < honest_rtt,
-            "control: the liar's believed RTT {liar_rtt} ms is not below exit2's {honest_rtt} ms"
-        );
         assert_eq!(
             enable_and_active(&w)?,
             "exit1",
@@ -260,10 +256,17 @@ fn a_peer_inflating_its_hold_time_is_not_preferred() -> anyhow::Result<()> {
         w.node_mut("client").stop()?;
         hold_mode.store(INFLATED, Ordering::Relaxed);
         w.node_mut("client").start(&spec(&[]))?;
-        let list = wait_for_both(&w, "exit1's samples to be discarded", |_| {
-            announcements(w.node("client"), "rtt_discarded").is_ok_and(|n| n >= 3)
+        // Three inflated echoes sent to this client (waiting on the
+        // liar's side, not on what is tested), and time for the last to
+        // arrive.
+        let sent = echoes.load(Ordering::Relaxed);
+        wait_for_both(&w, "three inflated echoes", |_| {
+            echoes.load(Ordering::Relaxed) >= sent + 3
         })?;
+        std::thread::sleep(nexd_testkit::scaled(Duration::from_secs(1)));
+        let list = w.node("client").exit_nodes()?;
         eprintln!("inflated hold: {list:?}");
+        assert_eq!(enable_and_active(&w)?, "exit2", "the liar was preferred");
         let liar_row = row(&list, "exit1").context("exit1")?;
         assert_eq!(
             liar_row.rtt_ms, None,
@@ -274,7 +277,8 @@ fn a_peer_inflating_its_hold_time_is_not_preferred() -> anyhow::Result<()> {
             honest >= 100.0,
             "exit2's RTT {honest} ms: the relay is not in the path"
         );
-        assert_eq!(enable_and_active(&w)?, "exit2", "the liar was preferred");
+        let discarded = announcements(w.node("client"), "rtt_discarded")?;
+        assert!(discarded >= 3, "only {discarded} samples discarded");
         // Accepted as exit node all along: a candidate, just not a fast one.
         let list = w.node("client").exit_nodes()?;
         assert_eq!(
@@ -285,13 +289,11 @@ fn a_peer_inflating_its_hold_time_is_not_preferred() -> anyhow::Result<()> {
         Ok(())
     })();
     stop.store(true, Ordering::Relaxed);
-    let echoed = liar
+    let liar = liar
         .join()
         .map_err(|_| anyhow::anyhow!("the liar's thread panicked"))?;
     outcome?;
-    let echoed = echoed?;
-    // At least one believed, then three discarded.
-    assert!(echoed >= 4, "the liar echoed only {echoed} announcements");
+    liar?;
     eprintln!("hold-time test: {:.1} s", started.elapsed().as_secs_f64());
     drop(w);
     drop(relays);
