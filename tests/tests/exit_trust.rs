@@ -40,7 +40,8 @@ use nexd_testkit::{
     netns::veth,
     proto::{ClientPhase, ExitClientRow, ExitStatus, Role},
     topology::{
-        ExitRole, lan_behind, local_service_address, mesh_toml_with_exits, nft_counter, nft_script,
+        ExitRole, MESH_V6_PREFIX, lan_behind, local_service_address, mesh_toml_with_exits,
+        nft_counter, nft_script,
     },
     traffic::{UdpOpts, ping_once, tcp_transfer, udp_exchange, udp_exchange_with},
     wait_for,
@@ -60,6 +61,8 @@ const METADATA: &str = "169.254.169.254";
 const VPC_HOST: &str = "10.1.0.2";
 /// A public prefix the exit host routes via that neighbour.
 const VPC_ROUTED: &str = "198.51.100.10";
+/// The neighbour's IPv6 address, on the same link (a ULA subnet).
+const VPC_HOST6: &str = "fd10:1::2";
 
 fn spec(args: &[&str]) -> NodeSpec {
     NodeSpec {
@@ -153,16 +156,30 @@ fn assert_unreachable(from: &Netns, server: &Netns, to: IpAddr, what: &str) -> a
 }
 
 /// Counts, in a test-owned table `inet probe` of `ns`, packets arriving
-/// on any interface addressed to one of `to` (IPv4): under `seen` in
-/// prerouting, before anything of the host can drop them.
+/// on any interface addressed to one of `to` (but IPv6 neighbour
+/// discovery): under `seen` in prerouting, before anything of the host
+/// can drop them.
 fn count_arrivals(ns: &Netns, to: &[&str]) -> anyhow::Result<()> {
+    let rules: String = to
+        .iter()
+        .map(|a| {
+            if a.contains(':') {
+                // Not the exit host's own neighbour discovery.
+                format!(
+                    "  ip6 daddr {a} meta l4proto != ipv6-icmp counter name seen\n\
+                     \x20 ip6 daddr {a} icmpv6 type echo-request counter name seen\n"
+                )
+            } else {
+                format!("  ip daddr {a} counter name seen\n")
+            }
+        })
+        .collect();
     nft_script(
         ns,
         &format!(
             "table inet probe {{\n counter seen {{ }}\n\
              \x20chain pre {{ type filter hook prerouting priority -300; policy accept;\n\
-             \x20 ip daddr {{ {} }} counter name seen\n }}\n}}\n",
-            to.join(", ")
+             {rules} }}\n}}\n"
         ),
     )
 }
@@ -189,17 +206,21 @@ fn exit_node_forwards_to_the_internet_only() -> anyhow::Result<()> {
     let vpc = Netns::new("vpc")?;
     veth(exit_ns, "vpc0", &vpc, "eth0")?;
     exit_ns.ip("addr add 10.1.0.1/24 dev vpc0")?;
+    exit_ns.ip("addr add fd10:1::1/64 dev vpc0 nodad")?;
     vpc.ip(&format!("addr add {VPC_HOST}/24 dev eth0"))?;
+    vpc.ip(&format!("addr add {VPC_HOST6}/64 dev eth0 nodad"))?;
     vpc.ip(&format!("addr add {VPC_ROUTED}/32 dev lo"))?;
     exit_ns.ip(&format!("route add 198.51.100.0/24 via {VPC_HOST}"))?;
     vpc.ip("route add 100.64.0.0/10 via 10.1.0.1")?;
-    count_arrivals(&vpc, &[VPC_HOST, VPC_ROUTED])?;
+    vpc.ip(&format!("-6 route add {MESH_V6_PREFIX} via fd10:1::1"))?;
+    count_arrivals(&vpc, &[VPC_HOST, VPC_ROUTED, VPC_HOST6])?;
     let vpc_seen = || nft_counter(&vpc, "inet", "probe", "seen");
 
     // Controls: the services exist and the exit host reaches them.
     tcp_transfer(exit_ns, exit_ns, ip(METADATA), 1024, T).context("metadata service")?;
     tcp_transfer(exit_ns, &vpc, ip(VPC_HOST), 1024, T).context("the VPC host")?;
     tcp_transfer(exit_ns, &vpc, ip(VPC_ROUTED), 1024, T).context("the routed prefix")?;
+    tcp_transfer(exit_ns, &vpc, ip(VPC_HOST6), 1024, T).context("the VPC host, IPv6")?;
     assert!(vpc_seen()? > 0, "the neighbour's counter does not count");
 
     let lan = Netns::new("lanhost")?;
@@ -231,12 +252,14 @@ fn exit_node_forwards_to_the_internet_only() -> anyhow::Result<()> {
     // (a) the metadata address on the exit host: one of the host's own
     // addresses, so counted as such (the host's addresses are denied
     // before the built-in prefixes: DenyReason::HostAddress).
-    // (b) the private subnet only the exit host is connected to, (c) the
-    // public prefix it routes there: both the host's networks.
+    // (b) the private subnet only the exit host is connected to (IPv4
+    // and IPv6), (c) the public prefix it routes there: all the host's
+    // networks, more specific than the private ranges around them.
     for (dest, server, why) in [
         (METADATA, exit_ns, "host_address"),
         (VPC_HOST, &vpc, "connected"),
         (VPC_ROUTED, &vpc, "connected"),
+        (VPC_HOST6, &vpc, "connected"),
     ] {
         let before = denied(exit, "client")?;
         assert_unreachable(client_ns, server, ip(dest), dest)?;
@@ -268,8 +291,10 @@ fn exit_node_forwards_to_the_internet_only() -> anyhow::Result<()> {
         "LAN host to {VPC_HOST}: not counted: {before:?} -> {after:?}"
     );
     // The metadata address: link-local, so the gateway never sends it
-    // into the tunnel at all (its classifier's built-in bypass): the LAN
-    // host does not reach the exit host's, and the exit node sees nothing.
+    // into the tunnel at all (its classifier's built-in bypass: it leaves
+    // through the gateway's own uplink, where nothing answers it): the
+    // LAN host does not reach the exit host's, and the exit node sees
+    // nothing of it.
     let bypassed = counter(&w.node("client").stats()?, "bypassed")?;
     let before = client_row(exit, "client")?.denied_total;
     assert_unreachable(&lan, exit_ns, ip(METADATA), METADATA)?;
@@ -305,6 +330,8 @@ fn exit_node_forwards_to_the_internet_only() -> anyhow::Result<()> {
             "10.1.0.0/24",
             "--exit-allow",
             "198.51.100.0/24",
+            "--exit-allow",
+            "fd10:1::/64",
         ],
     )?;
     let client_ns = &w.node("client").ns;
@@ -312,6 +339,8 @@ fn exit_node_forwards_to_the_internet_only() -> anyhow::Result<()> {
     assert_eq!(t.seen_from.ip(), client_mesh);
     let t = tcp_transfer(client_ns, &vpc, ip(VPC_ROUTED), 16 * 1024, T)?;
     assert_eq!(t.seen_from.ip(), client_mesh);
+    let t = tcp_transfer(client_ns, &vpc, ip(VPC_HOST6), 16 * 1024, T)?;
+    assert_eq!(t.seen_from.ip(), w.mesh_ip("client", true));
     let t = tcp_transfer(&lan, &vpc, ip(VPC_HOST), 16 * 1024, T)?;
     assert_eq!(t.seen_from.ip(), client_mesh);
     assert!(vpc_seen()? > vpc_before);
