@@ -280,12 +280,22 @@ pub fn remove_forward_probes(ns: &Netns) -> anyhow::Result<()> {
         .map(|_| ())
 }
 
-/// Gives `ns` an address of its own on a dummy interface `ifname`: a
-/// service only that host answers, like a cloud VM's metadata service at
+/// Gives `ns` an address of its own on an interface `ifname`: a service
+/// only that host answers, like a cloud VM's metadata service at
 /// 169.254.169.254 (`addr` with its prefix, e.g. "169.254.169.254/32").
 /// An exit node must not let its clients reach it.
+///
+/// The interface is one end of a veth pair whose other end (`<ifname>p`)
+/// stays in `ns` too: not every kernel the tests run on has the `dummy`
+/// driver, and an unconnected veth end behaves the same for a local
+/// address (the other end is up, so the link is up).
 pub fn local_service_address(ns: &Netns, ifname: &str, addr: &str) -> anyhow::Result<()> {
-    ns.ip(&format!("link add {ifname} type dummy"))?;
+    let peer = format!("{ifname}p");
+    if peer.len() > 15 {
+        anyhow::bail!("interface names are limited to 15 characters: {peer}");
+    }
+    ns.ip(&format!("link add {ifname} type veth peer name {peer}"))?;
+    ns.ip(&format!("link set {peer} up"))?;
     ns.ip(&format!("addr add {addr} dev {ifname}"))?;
     ns.ip(&format!("link set {ifname} up")).map(|_| ())
 }
