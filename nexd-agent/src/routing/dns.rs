@@ -17,8 +17,21 @@
 //! the mesh address on the way into the tunnel. With the kill switch,
 //! DNS-over-TLS (TCP 853) that would leave outside the tunnel is dropped
 //! too. The table is replaced atomically on every change.
+//!
+//! Each replacement also moves the queries to a new connection-tracking
+//! zone (`ct original zone set`, before conntrack, in both hooks): NAT is
+//! decided once per connection, so without it a stub that re-sends from
+//! the same socket (glibc within one lookup) would keep reaching the
+//! resolver of an exit node that died, each retry refreshing the stale
+//! entry, and while traffic is held back such flows would skip the
+//! refusal. In a new zone a retry is a new connection, redirected (or
+//! refused) by the rules now in force; the old entries just time out. The
+//! zone applies to the original direction only, so replies need no rule.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::info;
@@ -46,8 +59,9 @@ pub struct Context {
     pub kill_switch: bool,
 }
 
-/// The nftables transaction for `redirect`.
-pub fn script(ctx: &Context, redirect: Redirect) -> String {
+/// The nftables transaction for `redirect`, its queries in conntrack zone
+/// `zone` (not 0: the default zone).
+pub fn script(ctx: &Context, redirect: Redirect, zone: u16) -> String {
     let Context {
         wg,
         mesh_v4,
@@ -59,6 +73,18 @@ pub fn script(ctx: &Context, redirect: Redirect) -> String {
         format!("ip daddr != {{ 127.0.0.0/8, {mesh_v4} }} meta l4proto {{ tcp, udp }} th dport 53");
     let v6 = format!("ip6 daddr != {{ ::1, {mesh_v6} }} meta l4proto {{ tcp, udp }} th dport 53");
     let mut chains = String::new();
+    for (hook, iif) in [
+        ("prerouting", format!("iifname != \"{wg}\" ")),
+        ("output", String::new()),
+    ] {
+        chains.push_str(&format!(
+            "  chain zone_{hook} {{\n\
+             \x20   type filter hook {hook} priority raw; policy accept;\n\
+             \x20   {iif}{v4} ct original zone set {zone}\n\
+             \x20   {iif}{v6} ct original zone set {zone}\n\
+             \x20 }}\n"
+        ));
+    }
     match redirect {
         Redirect::To(a4, a6) => {
             for (hook, iif) in [
@@ -118,9 +144,18 @@ pub fn script(ctx: &Context, redirect: Redirect) -> String {
     )
 }
 
+/// The zone of the next replacement: a new one each time (1..=65535,
+/// wrapping), starting from the process id so a restarted nexd does not
+/// reuse the zones of the one before.
+fn next_zone() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    (((std::process::id().wrapping_mul(7919)).wrapping_add(n)) % 65535 + 1) as u16
+}
+
 /// Installs (or replaces) the table.
 pub fn apply(ctx: &Context, redirect: Redirect) -> Result<(), NftError> {
-    nft::apply(&script(ctx, redirect))?;
+    nft::apply(&script(ctx, redirect, next_zone()))?;
     match redirect {
         Redirect::To(a4, a6) => {
             info!(%a4, %a6, "DNS redirected to the exit node's resolver")
@@ -156,6 +191,7 @@ mod tests {
                 "100.64.0.1".parse().expect("ip"),
                 "fd6e:6578:6400::1".parse().expect("ip"),
             ),
+            7,
         );
         assert!(
             s.starts_with("add table inet nexd_dns\ndelete table inet nexd_dns\n"),
@@ -177,6 +213,16 @@ mod tests {
             !s.contains("853"),
             "no DoT rule without the kill switch: {s}"
         );
+        // Before conntrack, in both hooks: each replacement's own zone.
+        assert_eq!(s.matches("ct original zone set 7").count(), 4, "{s}");
+        assert_eq!(s.matches("priority raw").count(), 2, "{s}");
+    }
+
+    #[test]
+    fn every_replacement_gets_a_new_nonzero_zone() {
+        let zones: Vec<u16> = (0..1000).map(|_| next_zone()).collect();
+        assert!(zones.iter().all(|z| *z != 0));
+        assert!(zones.windows(2).all(|w| w[0] != w[1]), "{zones:?}");
     }
 
     /// nft itself accepts every variant (checked, not applied, in a
@@ -189,7 +235,7 @@ mod tests {
         );
         for ks in [false, true] {
             for r in [to, Redirect::Refused] {
-                if let Err(e) = nft::check(&script(&ctx(ks), r)) {
+                if let Err(e) = nft::check(&script(&ctx(ks), r, 65535)) {
                     panic!("{r:?} (kill switch {ks}): {e}");
                 }
             }
@@ -198,8 +244,11 @@ mod tests {
 
     #[test]
     fn held_refuses_and_the_kill_switch_drops_dot() {
-        let s = script(&ctx(true), Redirect::Refused);
+        let s = script(&ctx(true), Redirect::Refused, 9);
         assert!(!s.contains("dnat"), "{s}");
+        // Flows redirected before the hold start over in a new zone, so
+        // they meet the refusal instead of their old redirect.
+        assert_eq!(s.matches("ct original zone set 9").count(), 4, "{s}");
         assert!(s.contains("counter name \"refused\" reject"), "{s}");
         assert!(
             s.contains("oifname != \"wg0\" tcp dport 853 counter name \"dot_dropped\" drop"),
