@@ -250,13 +250,12 @@ fn exit_node_forwards_to_the_internet_only() -> anyhow::Result<()> {
     let vpc_before = vpc_seen()?;
     let exit = w.node("exit1");
     // (a) the metadata address on the exit host: one of the host's own
-    // addresses, so counted as such (the host's addresses are denied
-    // before the built-in prefixes: DenyReason::HostAddress).
+    // addresses, still counted under its own name.
     // (b) the private subnet only the exit host is connected to (IPv4
     // and IPv6), (c) the public prefix it routes there: all the host's
     // networks, more specific than the private ranges around them.
     for (dest, server, why) in [
-        (METADATA, exit_ns, "host_address"),
+        (METADATA, exit_ns, "metadata"),
         (VPC_HOST, &vpc, "connected"),
         (VPC_ROUTED, &vpc, "connected"),
         (VPC_HOST6, &vpc, "connected"),
@@ -295,11 +294,24 @@ fn exit_node_forwards_to_the_internet_only() -> anyhow::Result<()> {
     // through the gateway's own uplink, where nothing answers it): the
     // LAN host does not reach the exit host's, and the exit node sees
     // nothing of it.
+    // Nor does the gateway route it out of its uplink (RFC 3927: link-local
+    // is never forwarded): the client's upstream router sees none of it.
+    nft_script(
+        &w.inet.ns,
+        &format!(
+            "table inet linklocal {{\n counter seen {{ }}\n chain pre {{ type filter hook prerouting priority -300; policy accept;\n  ip daddr {METADATA} counter name seen\n }}\n}}\n"
+        ),
+    )?;
     let bypassed = counter(&w.node("client").stats()?, "bypassed")?;
     let before = client_row(exit, "client")?.denied_total;
     assert_unreachable(&lan, exit_ns, ip(METADATA), METADATA)?;
     assert!(counter(&w.node("client").stats()?, "bypassed")? > bypassed);
     assert_eq!(client_row(exit, "client")?.denied_total, before);
+    assert_eq!(
+        nft_counter(&w.inet.ns, "inet", "linklocal", "seen")?,
+        0,
+        "the gateway forwarded the LAN host's link-local probe out of its uplink"
+    );
     assert_eq!(
         vpc_seen()?,
         vpc_before,

@@ -3,7 +3,12 @@
 //! traffic entering the tunnel the gateway's mesh address. Without it the
 //! peers (exit node included) would drop it: WireGuard accepts from this
 //! device only source addresses in its AllowedIPs, its /32 and /128.
-
+//!
+//! The table also keeps the gateway from routing link-local destinations
+//! from the LAN (RFC 3927: routers must not forward 169.254/16): the data
+//! path leaves them out of the tunnel, and without the rule a LAN host's
+//! probe of a metadata address would leave through the gateway's own
+//! uplink, beside the tunnel.
 use tracing::{info, warn};
 
 use super::{
@@ -33,6 +38,10 @@ pub fn script(wg: &str, lans: &[String]) -> String {
         "add table {NFT_FAMILY} {NFT_TABLE}\n\
          delete table {NFT_FAMILY} {NFT_TABLE}\n\
          table {NFT_FAMILY} {NFT_TABLE} {{\n\
+         \x20 chain forward {{\n\
+         \x20   type filter hook forward priority filter; policy accept;\n\
+         \x20   iifname {{ {set} }} ip daddr 169.254.0.0/16 counter drop\n\
+         \x20 }}\n\
          \x20 chain postrouting {{\n\
          \x20   type nat hook postrouting priority srcnat; policy accept;\n\
          \x20   iifname {{ {set} }} oifname \"{wg}\" counter masquerade\n\
@@ -80,6 +89,10 @@ mod tests {
         let s = super::script("wg0", &["lan0".into(), "lan1".into()]);
         assert!(
             s.contains("iifname { \"lan0\", \"lan1\" } oifname \"wg0\" counter masquerade"),
+            "{s}"
+        );
+        assert!(
+            s.contains("iifname { \"lan0\", \"lan1\" } ip daddr 169.254.0.0/16 counter drop"),
             "{s}"
         );
         assert!(

@@ -126,7 +126,16 @@ pub fn exit_policy(host: &HostNetworks, allow: &[IpNet]) -> ExitPolicy {
         deny.insert(net.trunc(), DenyReason::Mesh);
     }
     for addr in &host.addresses {
-        deny.insert(host_prefix(addr.addr()), DenyReason::HostAddress);
+        // The metadata address assigned on the host (how a cloud serves
+        // it) keeps its name: the operator reads "metadata", not a
+        // generic host address.
+        deny.entry(host_prefix(addr.addr()))
+            .and_modify(|r| {
+                if *r != DenyReason::Metadata {
+                    *r = DenyReason::HostAddress;
+                }
+            })
+            .or_insert(DenyReason::HostAddress);
     }
 
     let allow: Vec<IpNet> = allow.iter().map(IpNet::trunc).collect();
@@ -307,6 +316,16 @@ mod tests {
             mesh_prefixes: vec![net("100.64.0.0/10"), net("fd6e:6578:6400::/48")],
             mesh_addresses: vec![ip("100.64.0.1"), ip("fd6e:6578:6400::1")],
         }
+    }
+
+    #[test]
+    fn the_metadata_address_on_the_host_is_counted_as_metadata() {
+        let mut host = cloud_host();
+        host.addresses.push(net("169.254.169.254/32"));
+        host.addresses.push(net("169.254.7.1/16"));
+        let p = exit_policy(&host, &[]);
+        assert_eq!(denied(&p, "169.254.169.254"), Some(DenyReason::Metadata));
+        assert_eq!(denied(&p, "169.254.7.1"), Some(DenyReason::HostAddress));
     }
 
     fn verdict(p: &ExitPolicy, a: &str) -> Option<PolicyValue> {
