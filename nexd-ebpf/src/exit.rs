@@ -62,22 +62,54 @@ use crate::{
         EXIT_CLIENT_COUNTERS, EXIT_CLIENTS_V4, EXIT_CLIENTS_V6, EXIT_LIMITS, EXIT_POLICY_V4,
         EXIT_POLICY_V6, count, exit_config,
     },
-    mss::{IPPROTO_TCP, clamp_parsed},
+    mss::{IPPROTO_TCP, IPPROTO_UDP, clamp_parsed, tcp_header_len},
     parse::{Parsed, parse},
 };
 
-/// GSO segments this skb stands for (a GRO aggregate is one skb).
+/// What one skb stands for on the wire: a GRO aggregate, or a GSO packet
+/// the userspace backend wrote into its TUN with a virtio header, is one
+/// skb carrying several segments, each of which goes out (or came in)
+/// with its own copy of the headers. `gso_segs` is not enough: packets
+/// from a TUN are marked untrusted (DODGY) and keep `gso_segs` at 0 until
+/// the kernel segments them, so the count comes from `gso_size`.
+///
+/// `hdr` is the length of the headers every segment repeats (IP and L4);
+/// returns (segments, bytes).
 #[inline(always)]
-fn segments(ctx: &TcContext) -> u64 {
+fn on_wire(ctx: &TcContext, len: u32, hdr: u32) -> (u64, u64) {
     // SAFETY: the skb pointer is valid for the program's run.
-    let segs = unsafe { (*ctx.skb.skb).gso_segs };
-    u64::from(if segs == 0 { 1 } else { segs })
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 || hdr >= len {
+        return (1, u64::from(len));
+    }
+    let payload = len - hdr;
+    let segs = payload.div_ceil(gso_size).max(1);
+    (
+        u64::from(segs),
+        u64::from(len) + u64::from(segs - 1) * u64::from(hdr),
+    )
+}
+
+/// The headers a segment of this packet repeats: everything up to the L4
+/// payload. Read only for GSO packets (the only ones that need it).
+#[inline(always)]
+fn header_len(ctx: &TcContext, proto: u8, l4: usize, later_fragment: bool) -> u32 {
+    // SAFETY: as above.
+    if unsafe { (*ctx.skb.skb).gso_size } == 0 || later_fragment {
+        return l4 as u32;
+    }
+    let l4_len = match proto {
+        IPPROTO_UDP => 8,
+        IPPROTO_TCP => tcp_header_len(ctx, l4),
+        _ => 0,
+    };
+    (l4 + l4_len) as u32
 }
 
 /// Whether the bucket admits `len` more bytes now (see the module's
 /// comment on atomicity).
 #[inline(always)]
-fn admit(bucket: *mut Bucket, len: u32) -> bool {
+fn admit(bucket: *mut Bucket, len: u64) -> bool {
     // SAFETY: `bucket` points into an array map value, valid for the
     // program's run; user space may rewrite it concurrently, which at
     // worst restarts the bucket.
@@ -89,7 +121,7 @@ fn admit(bucket: *mut Bucket, len: u32) -> bool {
         let burst = core::ptr::read_volatile(&raw const (*bucket).burst_ns);
         let tat_ptr = &raw mut (*bucket).tat_ns;
         let now = bpf_ktime_get_ns();
-        let cost = (u64::from(len) * ns_per_byte) >> BUCKET_FRAC_BITS;
+        let cost = (len * ns_per_byte) >> BUCKET_FRAC_BITS;
         let mut tat = core::ptr::read_volatile(tat_ptr);
         if tat < now {
             core::ptr::write_volatile(tat_ptr, now);
@@ -134,6 +166,10 @@ struct Seen {
     /// Offset of the TCP header, if TCP with a header.
     tcp_l4: Option<usize>,
     v6: bool,
+    /// The L4 protocol and header offset, for `header_len`.
+    proto: u8,
+    l4: usize,
+    later_fragment: bool,
 }
 
 #[inline(always)]
@@ -188,6 +224,9 @@ fn exit_ingress(ctx: &TcContext, l2: bool) -> i32 {
                 policy,
                 tcp_l4: (p.proto == IPPROTO_TCP && !p.later_fragment).then_some(p.l4),
                 v6: false,
+                proto: p.proto,
+                l4: p.l4,
+                later_fragment: p.later_fragment,
             }
         }
         Parsed::V6(p) => {
@@ -201,6 +240,9 @@ fn exit_ingress(ctx: &TcContext, l2: bool) -> i32 {
                 policy,
                 tcp_l4: (p.next == IPPROTO_TCP).then_some(p.l4),
                 v6: true,
+                proto: p.next,
+                l4: p.l4,
+                later_fragment: false,
             }
         }
     };
@@ -215,9 +257,11 @@ fn exit_ingress(ctx: &TcContext, l2: bool) -> i32 {
         count(Counter::ExitDenied, len);
         return TC_SHOT;
     }
+    let hdr = header_len(ctx, seen.proto, seen.l4, seen.later_fragment);
+    let (segs, bytes) = on_wire(ctx, len, hdr);
     if let Some(limit) = EXIT_LIMITS.get_ptr_mut(slot) {
         // SAFETY: an array map value, valid for the program's run.
-        if !admit(unsafe { &raw mut (*limit).from_client }, len) {
+        if !admit(unsafe { &raw mut (*limit).from_client }, bytes) {
             count_denied(slot, DenyReason::RateFromClient.index());
             count(Counter::ExitRateLimited, len);
             return TC_SHOT;
@@ -227,8 +271,8 @@ fn exit_ingress(ctx: &TcContext, l2: bool) -> i32 {
     if let Some(c) = EXIT_CLIENT_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: this CPU's slot of a per-CPU array value.
         unsafe {
-            (*c).rx_packets += segments(ctx);
-            (*c).rx_bytes += u64::from(len);
+            (*c).rx_packets += segs;
+            (*c).rx_bytes += bytes;
         }
     }
     TC_NEXT
@@ -264,20 +308,28 @@ fn exit_egress(ctx: &TcContext, l2: bool) -> i32 {
             policy: None,
             tcp_l4: (p.proto == IPPROTO_TCP && !p.later_fragment).then_some(p.l4),
             v6: false,
+            proto: p.proto,
+            l4: p.l4,
+            later_fragment: p.later_fragment,
         },
         Parsed::V6(p) => Seen {
             slot: client6(p.dst),
             policy: None,
             tcp_l4: (p.next == IPPROTO_TCP).then_some(p.l4),
             v6: true,
+            proto: p.next,
+            l4: p.l4,
+            later_fragment: false,
         },
     };
     let Some(slot) = seen.slot else {
         return TC_NEXT;
     };
+    let hdr = header_len(ctx, seen.proto, seen.l4, seen.later_fragment);
+    let (segs, bytes) = on_wire(ctx, len, hdr);
     if let Some(limit) = EXIT_LIMITS.get_ptr_mut(slot) {
         // SAFETY: an array map value, valid for the program's run.
-        if !admit(unsafe { &raw mut (*limit).to_client }, len) {
+        if !admit(unsafe { &raw mut (*limit).to_client }, bytes) {
             count_denied(slot, DenyReason::RateToClient.index());
             count(Counter::ExitRateLimited, len);
             return TC_SHOT;
@@ -287,8 +339,8 @@ fn exit_egress(ctx: &TcContext, l2: bool) -> i32 {
     if let Some(c) = EXIT_CLIENT_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: this CPU's slot of a per-CPU array value.
         unsafe {
-            (*c).tx_packets += segments(ctx);
-            (*c).tx_bytes += u64::from(len);
+            (*c).tx_packets += segs;
+            (*c).tx_bytes += bytes;
         }
     }
     TC_NEXT

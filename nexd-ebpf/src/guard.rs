@@ -29,11 +29,11 @@ use nexd_common::{
 use crate::{
     TC_NEXT,
     maps::{config, count, guard_flags4, guard_flags6, is_endpoint4, is_endpoint6},
+    mss::IPPROTO_UDP,
     parse::{Parsed, V4, V6, parse, read},
 };
 
 const TC_ACT_SHOT: i32 = 2;
-const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_HOPOPTS: u8 = 0;

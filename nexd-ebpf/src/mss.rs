@@ -26,6 +26,7 @@ use crate::{
 };
 
 pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCPOPT_EOL: u8 = 0;
 const TCPOPT_NOP: u8 = 1;
@@ -46,6 +47,17 @@ fn ensure_linear(ctx: &TcContext, upto: usize) {
     if have < upto && have < len {
         let want = if len < upto { len } else { upto };
         let _ = ctx.pull_data(want as u32);
+    }
+}
+
+/// The length of the TCP header at `l4` (20 when it cannot be read).
+/// Read with a helper copy rather than a direct access: it needs no pull
+/// of paged data, which would invalidate the caller's packet pointers.
+#[inline(always)]
+pub fn tcp_header_len(ctx: &TcContext, l4: usize) -> usize {
+    match ctx.load::<u8>(l4 + 12) {
+        Ok(doff) if usize::from(doff >> 4) * 4 >= TCP_HLEN => usize::from(doff >> 4) * 4,
+        _ => TCP_HLEN,
     }
 }
 
