@@ -184,6 +184,7 @@ public_key = "$exit_key"
 endpoint = "198.51.100.2:51820"
 ipv4 = "100.64.0.1"
 ipv6 = "fd6e:6578:6400::1"
+exit_node = true
 EOF
 cp /etc/nexd/mesh.toml /root/exit/mesh.toml
 touch /root/exit/nexd.toml
