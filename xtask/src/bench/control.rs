@@ -4,7 +4,9 @@
 //! * enable -> first packet through the exit node, against one probe round
 //!   trip once exit mode is on (the floor of the measurement itself);
 //! * exit node SIGKILLed -> traffic through the second one, against
-//!   SIGKILL -> the client listing it as stale (detection alone);
+//!   SIGKILL -> the client listing it as stale (detection alone), and
+//!   against the same with heartbeats only (`--no-exit-probes`, the 3 s
+//!   design before probes);
 //! * start-up with a 1,000-device mesh file, against a 10-device one;
 //! * applying a 1-device change to the 1,000-device file (SIGHUP), against
 //!   a SIGHUP that changes nothing;
@@ -96,22 +98,57 @@ fn enable_and_failover(plan: &Plan) -> anyhow::Result<Vec<Row>> {
         false,
     )];
 
-    // Failover.
+    // Failover: with probes (today's client), then with heartbeats only
+    // (the 3 s design, `--no-exit-probes`) as the same run's baseline.
     w.node_mut("exit2")
         .start(&spec(&["router", "--exit-node"]))?;
     w.node("client").nexctl(&["exit-node", "enable"])?;
+    let (detect, switch) = failover_rounds(&mut w, plan.rounds())?;
+    rows.push(Row::new(
+        "control",
+        "exit node killed -> traffic via 2nd",
+        "ms",
+        "kill -> seen stale",
+        &detect,
+        &switch,
+        false,
+    ));
+    w.node_mut("client").stop()?;
+    w.node_mut("client")
+        .start(&spec(&["--exit-node-client", "--no-exit-probes"]))?;
+    let (_, old_switch) = failover_rounds(&mut w, plan.rounds())?;
+    rows.push(Row::new(
+        "control",
+        "failover with probes",
+        "ms",
+        "heartbeats only (3 s design)",
+        &old_switch,
+        &switch,
+        false,
+    ));
+    Ok(rows)
+}
+
+/// `rounds` times: both exit nodes available, the active one SIGKILLed;
+/// the time until the client lists it stale and until traffic flows
+/// through the other (then the killed one is started again).
+fn failover_rounds(w: &mut World, rounds: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let (mut detect, mut switch) = (Vec::new(), Vec::new());
-    for _ in 0..plan.rounds() {
+    for _ in 0..rounds {
         wait_for(
-            "both exits available",
+            "both exits available, one active",
             Duration::from_secs(30),
             Duration::from_millis(100),
             || {
                 let rows = w.node("client").exit_nodes().ok()?;
-                (rows.len() == 2 && rows.iter().all(|r| r.status == ExitStatus::Available))
-                    .then_some(())
+                (rows.len() == 2
+                    && rows.iter().all(|r| r.status == ExitStatus::Available)
+                    && rows.iter().any(|r| r.active))
+                .then_some(())
             },
         )?;
+        // Both watched (the probes need a moment to be answered).
+        std::thread::sleep(Duration::from_millis(500));
         let list = w.node("client").exit_nodes()?;
         let active = list
             .iter()
@@ -130,7 +167,7 @@ fn enable_and_failover(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                 wait_for(
                     "the killed exit node to be stale",
                     Duration::from_secs(30),
-                    Duration::from_millis(20),
+                    Duration::from_millis(10),
                     || {
                         client
                             .exit_nodes()
@@ -149,7 +186,7 @@ fn enable_and_failover(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                     &w.node("client").ns,
                     &w.inet.ns,
                     World::server(false),
-                    Duration::from_millis(100),
+                    Duration::from_millis(50),
                 ) {
                     Ok(src) if src.ip() == other_ip => Some(t0.elapsed()),
                     _ => None,
@@ -168,16 +205,7 @@ fn enable_and_failover(plan: &Plan) -> anyhow::Result<Vec<Row>> {
         w.node_mut(&active)
             .start(&spec(&["router", "--exit-node"]))?;
     }
-    rows.push(Row::new(
-        "control",
-        "exit node killed -> traffic via 2nd",
-        "ms",
-        "kill -> seen stale",
-        &detect,
-        &switch,
-        false,
-    ));
-    Ok(rows)
+    Ok((detect, switch))
 }
 
 /// A mesh file with `n` devices; device 0 is `node`'s own key.
