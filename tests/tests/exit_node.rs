@@ -21,8 +21,12 @@ use anyhow::{Context as _, bail};
 use nexd_testkit::{
     Netns, Node, NodeSpec,
     delay::DelayRelay,
-    proto::{ClientPhase, ExitClientRow, ExitNodeRow},
-    topology::{count_forwarded_to, forwarded_to, mesh_toml, nft_counter, remove_forward_probes},
+    proto::{ClientPhase, ExitClientRow, ExitNodeRow, ExitStatus},
+    scaled,
+    topology::{
+        ROUTER_V4, ROUTER_V6, count_forwarded_to, forwarded_to, mesh_toml, nft_counter,
+        remove_forward_probes,
+    },
     traffic::{ping_once, ping_until, tcp_transfer, udp_exchange},
     wait_for,
     world::World,
@@ -488,6 +492,93 @@ fn exit_node_failover() -> anyhow::Result<()> {
     assert!(log.contains("switching to"), "{log}");
     let list = w.node("client").exit_nodes()?;
     assert_eq!(list.iter().filter(|r| r.active).count(), 1, "{list:?}");
+    Ok(())
+}
+
+/// An exit node that loses its way to the internet (its default routes
+/// go, as when its uplink drops) withdraws its exit capability at once:
+/// the client moves to the other exit node well within a second, with no
+/// packet leaving its underlay; when the routes come back, the exit node
+/// announces itself again only after they have held for 2 s, and the
+/// client stays where it is (no flapping back).
+#[test]
+fn an_exit_node_without_internet_withdraws_and_its_clients_move() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "exit2", "client"])?;
+    start_two_exits_and_client(&mut w)?;
+    let list = w.node("client").exit_nodes()?;
+    let first = active_exit(&list)
+        .context("no active exit node")?
+        .to_owned();
+    let second = if first == "exit1" { "exit2" } else { "exit1" };
+    assert_eq!(tcp_source(&w, "client", false)?, w.underlay(&first, false));
+    w.inet
+        .watch("client4", &w.underlay("client", false).to_string())?;
+    w.inet
+        .watch("client6", &w.underlay("client", true).to_string())?;
+
+    // The active exit node's default routes go (nexd keeps running).
+    let exit_ns = &w.node(&first).ns;
+    exit_ns.ip("route del default")?;
+    exit_ns.ip("-6 route del default")?;
+    let lost = Instant::now();
+    let moved = wait_for(
+        "the client to move to the other exit node",
+        scaled(Duration::from_secs(10)),
+        Duration::from_millis(10),
+        || {
+            let list = w.node("client").exit_nodes().ok()?;
+            (active_exit(&list) == Some(second)).then(|| lost.elapsed())
+        },
+    )?;
+    eprintln!(
+        "{first} lost its default routes; the client moved to {second} after {:.2} s",
+        moved.as_secs_f64()
+    );
+    assert_eq!(tcp_source(&w, "client", false)?, w.underlay(second, false));
+    assert!(
+        w.node(&first)
+            .log()
+            .contains("withdrawing its exit capability"),
+        "{}",
+        w.node(&first).log()
+    );
+    let list = w.node("client").exit_nodes()?;
+    assert!(
+        !list
+            .iter()
+            .any(|r| r.name == first && r.status == ExitStatus::Available),
+        "{first} still listed as available: {list:?}"
+    );
+
+    // The routes come back: not announced for 2 s, then available again,
+    // and the client stays with the exit node it moved to.
+    exit_ns.ip(&format!("route add default via {ROUTER_V4}"))?;
+    exit_ns.ip(&format!("-6 route add default via {ROUTER_V6}"))?;
+    let back = Instant::now();
+    let available = wait_for(
+        "the exit node to be announced again",
+        scaled(Duration::from_secs(15)),
+        Duration::from_millis(50),
+        || {
+            w.node("client")
+                .exit_nodes()
+                .ok()?
+                .iter()
+                .any(|r| r.name == first && r.status == ExitStatus::Available)
+                .then(|| back.elapsed())
+        },
+    )?;
+    assert!(
+        available >= Duration::from_millis(1900),
+        "announced again after only {available:?}"
+    );
+    let list = w.node("client").exit_nodes()?;
+    assert_eq!(active_exit(&list), Some(second), "{list:?}");
+    assert_eq!(w.inet.count("client4")?, 0, "IPv4 leaked");
+    assert_eq!(w.inet.count("client6")?, 0, "IPv6 leaked");
     Ok(())
 }
 

@@ -32,8 +32,9 @@ use crate::{
     mesh::Mesh,
 };
 
-/// Sent announcements remembered per peer for RTT matching.
-const SENT_MEMORY: usize = 8;
+/// Sent announcements remembered per peer for RTT matching (a second of
+/// probes and heartbeats to a watched exit node).
+const SENT_MEMORY: usize = 16;
 
 /// Why an incoming datagram was ignored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -100,13 +101,25 @@ pub struct PeerLive {
     /// per sample, as TCP's SRTT): exit-node selection compares these, so
     /// one delayed heartbeat does not make an exit node look slow.
     pub rtt: Option<Duration>,
+    /// Smoothed mean deviation of the round trip (weight 1/4 per sample,
+    /// as TCP's RTTVAR): how much later than `rtt` an answer may come
+    /// before it is late.
+    pub rttvar: Option<Duration>,
+    /// Since when this device probes the peer (`FLAG_PROBE`), if it does.
+    pub probed_since: Option<Instant>,
+    /// When the peer last answered a probe (an announcement echoing one).
+    pub probe_answered: Option<Instant>,
+    /// Declared lost by its probes' deadline and not heard since: stays
+    /// stale when probing stops, until it is heard again.
+    pub lost: bool,
     /// Latest WireGuard handshake known for the peer. Kept across backend
     /// resets (a userspace peer update restarts its session), so a peer
     /// does not look unhealthy just because nexd reconfigured it.
     pub last_handshake: Option<Instant>,
     /// The peer's last seq and when it arrived, echoed back for its RTT.
     echo: Option<(u64, Instant)>,
-    sent: VecDeque<(u64, Instant)>,
+    /// Sent sequence numbers, when, and whether each was a probe.
+    sent: VecDeque<(u64, Instant, bool)>,
 }
 
 impl PeerLive {
@@ -120,6 +133,17 @@ impl PeerLive {
     /// let it serve this device: worth a warning in status, never used.
     pub fn exit_not_allowed(&self) -> bool {
         self.announced_flags & wire::FLAG_EXIT != 0 && !self.is_exit()
+    }
+
+    /// Its last announcement was a probe: it wants one back now.
+    pub fn asks_for_answer(&self) -> bool {
+        self.announced_flags & wire::FLAG_PROBE != 0
+    }
+
+    /// This device probes it, and it has answered since probing began:
+    /// its liveness can be judged by the probes' deadline.
+    pub fn watched(&self) -> bool {
+        matches!((self.probed_since, self.probe_answered), (Some(p), Some(a)) if a >= p)
     }
 }
 
@@ -273,34 +297,67 @@ impl PeerBook {
         now: Instant,
     ) -> Vec<(SocketAddr, [u8; wire::LEN])> {
         let keys: Vec<PublicKey> = self.peers.keys().copied().collect();
-        let mut out = Vec::with_capacity(keys.len());
-        for k in keys {
-            let seq = self.seq.next_seq();
-            let sent_at_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
-            let Some(e) = self.peers.get_mut(&k) else {
-                continue;
-            };
-            let (echo_seq, echo_hold_ms) = e.live.echo.map_or((0, 0), |(s, at)| {
-                (s, now.saturating_duration_since(at).as_millis() as u32)
-            });
-            let a = Announcement {
-                flags,
-                seq,
-                sender: self.own_pub,
-                sent_at_ms,
-                echo_seq,
-                echo_hold_ms,
-            };
-            e.live.sent.push_back((seq, now));
-            while e.live.sent.len() > SENT_MEMORY {
-                e.live.sent.pop_front();
-            }
-            out.push((
-                SocketAddr::new(IpAddr::V4(e.v4), port),
-                wire::encode(&a, &e.pair),
-            ));
+        keys.iter()
+            .filter_map(|k| self.outgoing_to(k, flags, port, now))
+            .collect()
+    }
+
+    /// One announcement to the peer with `key` (a probe or the answer to
+    /// one, with `FLAG_PROBE` in `flags` for a probe).
+    pub fn outgoing_to(
+        &mut self,
+        key: &PublicKey,
+        flags: u8,
+        port: u16,
+        now: Instant,
+    ) -> Option<(SocketAddr, [u8; wire::LEN])> {
+        let e = self.peers.get_mut(key)?;
+        let seq = self.seq.next_seq();
+        let sent_at_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let (echo_seq, echo_hold_ms) = e.live.echo.map_or((0, 0), |(s, at)| {
+            (s, now.saturating_duration_since(at).as_millis() as u32)
+        });
+        let a = Announcement {
+            flags,
+            seq,
+            sender: self.own_pub,
+            sent_at_ms,
+            echo_seq,
+            echo_hold_ms,
+        };
+        e.live
+            .sent
+            .push_back((seq, now, flags & wire::FLAG_PROBE != 0));
+        while e.live.sent.len() > SENT_MEMORY {
+            e.live.sent.pop_front();
         }
-        out
+        Some((
+            SocketAddr::new(IpAddr::V4(e.v4), port),
+            wire::encode(&a, &e.pair),
+        ))
+    }
+
+    /// The peers this device probes from now on (`watched` ones are
+    /// judged by the probes' deadline). A peer that leaves the set while
+    /// past that deadline stays lost until it is heard again, so dropping
+    /// it from the probes never makes it look alive.
+    pub fn set_probed(&mut self, probed: &[PublicKey], now: Instant) {
+        for (k, e) in &mut self.peers {
+            let live = &mut e.live;
+            if probed.contains(k) {
+                live.probed_since.get_or_insert(now);
+            } else if live.probed_since.is_some() {
+                if live.watched()
+                    && live.last_heard.is_none_or(|h| {
+                        now.saturating_duration_since(h) >= crate::exit::probe_deadline(live)
+                    })
+                {
+                    live.lost = true;
+                }
+                live.probed_since = None;
+                live.probe_answered = None;
+            }
+        }
     }
 
     /// Checks and records an incoming datagram from `from`. Returns the
@@ -352,6 +409,7 @@ impl PeerBook {
         let was_exit = e.live.is_exit();
         e.live.last_seq = a.seq;
         e.live.last_heard = Some(now);
+        e.live.lost = false;
         e.live.announced_flags = a.flags;
         e.live.flags = believed_flags(self.exit_allowed.as_ref(), &actual, a.flags);
         if e.live.exit_not_allowed() {
@@ -359,16 +417,25 @@ impl PeerBook {
         }
         e.live.echo = Some((a.seq, now));
         if a.echo_seq != 0
-            && let Some(&(_, sent)) = e.live.sent.iter().find(|(s, _)| *s == a.echo_seq)
+            && let Some(&(_, sent, probe)) = e.live.sent.iter().find(|(s, ..)| *s == a.echo_seq)
         {
+            if probe && e.live.probed_since.is_some() {
+                e.live.probe_answered = Some(now);
+            }
             let measured = now.saturating_duration_since(sent);
             let hold = Duration::from_millis(u64::from(a.echo_hold_ms));
             if hold < measured {
                 let rtt = measured - hold;
-                e.live.rtt = Some(match e.live.rtt {
-                    Some(prev) => (prev * 7 + rtt) / 8,
-                    None => rtt,
-                });
+                let (srtt, var) = match (e.live.rtt, e.live.rttvar) {
+                    (Some(prev), var) => {
+                        let dev = prev.abs_diff(rtt);
+                        let var = var.map_or(dev, |v| (v * 3 + dev) / 4);
+                        ((prev * 7 + rtt) / 8, var)
+                    }
+                    (None, _) => (rtt, rtt / 2),
+                };
+                e.live.rtt = Some(srtt);
+                e.live.rttvar = Some(var);
             } else {
                 // The peer claims to have held our announcement at least
                 // as long as the whole round trip took: impossible, or a
@@ -554,6 +621,51 @@ mod tests {
             ba.live(&k).and_then(|l| l.rtt),
             Some(Duration::from_millis(30))
         );
+    }
+
+    #[test]
+    fn an_answered_probe_makes_a_peer_watched_and_dropping_a_dead_one_keeps_it_lost() {
+        let (a, b, mut ba, mut bb, t0) = pair();
+        let kb = b.public_key();
+        let ka = a.public_key();
+        ba.set_probed(&[kb], t0);
+        // A heartbeat answer is not a probe answer.
+        let (_, hb) = ba.outgoing(0, 1, t0)[0];
+        bb.receive(ip("100.64.0.1"), &hb, t0).expect("ok");
+        let (_, back) = bb.outgoing(wire::FLAG_EXIT, 1, t0)[0];
+        ba.receive(ip("100.64.0.2"), &back, t0).expect("ok");
+        assert!(!ba.live(&kb).expect("b").watched());
+        // A probe, seen by b as asking for an answer, answered at once.
+        let t1 = t0 + Duration::from_millis(100);
+        let (_, probe) = ba
+            .outgoing_to(&kb, wire::FLAG_PROBE, 1, t1)
+            .expect("b is a peer");
+        bb.receive(ip("100.64.0.1"), &probe, t1).expect("ok");
+        assert!(bb.live(&ka).expect("a").asks_for_answer());
+        let (_, answer) = bb.outgoing_to(&ka, wire::FLAG_EXIT, 1, t1).expect("a");
+        let t2 = t1 + Duration::from_millis(4);
+        ba.receive(ip("100.64.0.2"), &answer, t2).expect("ok");
+        let lb = ba.live(&kb).expect("b");
+        assert!(lb.watched());
+        assert_eq!(lb.rtt, Some(Duration::from_millis(4)));
+        // b falls silent; past its deadline the probes stop (a failover
+        // moved on): b stays lost, not "fresh for 3 s" again.
+        let t3 = t2 + Duration::from_millis(400);
+        ba.set_probed(&[], t3);
+        let lb = ba.live(&kb).expect("b");
+        assert!(lb.lost && !lb.watched());
+        // Heard again: no longer lost.
+        let (_, again) = bb.outgoing(wire::FLAG_EXIT, 1, t3)[0];
+        ba.receive(ip("100.64.0.2"), &again, t3).expect("ok");
+        assert!(!ba.live(&kb).expect("b").lost);
+        // Dropped while alive: not lost.
+        ba.set_probed(&[kb], t3);
+        let (_, p2) = ba.outgoing_to(&kb, wire::FLAG_PROBE, 1, t3).expect("b");
+        bb.receive(ip("100.64.0.1"), &p2, t3).expect("ok");
+        let (_, a2) = bb.outgoing_to(&ka, wire::FLAG_EXIT, 1, t3).expect("a");
+        ba.receive(ip("100.64.0.2"), &a2, t3).expect("ok");
+        ba.set_probed(&[], t3 + Duration::from_millis(50));
+        assert!(!ba.live(&kb).expect("b").lost);
     }
 
     fn ip(s: &str) -> IpAddr {

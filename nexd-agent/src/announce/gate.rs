@@ -18,10 +18,12 @@ use std::{
 };
 
 /// Sustained datagrams per second accepted from one address. A peer sends
-/// one heartbeat per second; four leave room for a restart and jitter.
-pub const RATE_PER_SECOND: u32 = 4;
+/// one heartbeat per second, and a client watching its exit node ten
+/// probes a second (an exit node as many answers); sixteen leave room for
+/// a restart and jitter.
+pub const RATE_PER_SECOND: u32 = 16;
 /// Datagrams accepted back to back from one address.
-pub const BURST: u32 = 8;
+pub const BURST: u32 = 24;
 
 /// Tokens are counted in thousandths, so refills need no floats.
 const MILLI: u64 = 1000;

@@ -4,7 +4,7 @@
 //! ```text
 //!  0  magic "NXAN"            4
 //!  4  version = 1             1
-//!  5  flags                   1   bit 0: exit node
+//!  5  flags                   1   bit 0: exit node, bit 1: probe
 //!  6  reserved                2
 //!  8  seq                     8   strictly increasing per sender
 //! 16  sender public key      32
@@ -37,6 +37,12 @@ const MAC_AT: usize = 80;
 
 /// Flag: the sender is an exit node that forwards to the internet now.
 pub const FLAG_EXIT: u8 = 0x01;
+/// Flag: a probe. The sender watches this peer closely (it is the exit
+/// node in use, or the next one) and asks for an announcement back at
+/// once, whose echo gives a round trip and proves the peer alive. Agents
+/// that do not know the bit ignore it, and are then watched through their
+/// heartbeats only.
+pub const FLAG_PROBE: u8 = 0x02;
 
 /// The content of an announcement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -150,6 +150,10 @@ pub struct AgentArgs {
     /// diagnose path MTU problems.
     #[arg(long, global = true, env = "NEXD_NO_MSS_CLAMP", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_mss_clamp: bool,
+    /// Watch the exit node in use through heartbeats only (3 s to notice
+    /// it is gone) instead of probes: the benchmark's baseline.
+    #[arg(long, global = true, hide = true)]
+    pub no_exit_probes: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (off by default;
     /// keep it on a loopback or management address).
     #[arg(long, global = true, env = "NEXD_METRICS_LISTEN", value_name = "ADDR")]
@@ -350,6 +354,7 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
         uplink: args.uplink,
         no_ebpf: args.no_ebpf,
         mss_clamp: !args.no_mss_clamp,
+        exit_probes: !args.no_exit_probes,
         exit_node_pin: args.exit_node_pin,
         socket_group: args.socket_group,
         metrics_listen: args.metrics_listen,

@@ -386,8 +386,8 @@ impl Daemon {
                 Err(e) => debug!(error = %e, "reading WireGuard status failed"),
             }
         }
-        self.heartbeats
-            .send_due(self.exit_server.is_some(), self.mesh.agent_port, now);
+        let exit = self.announces_exit();
+        self.heartbeats.send_due(exit, self.mesh.agent_port, now);
         self.evaluate_exit().await;
         if self
             .last_route_check
@@ -464,8 +464,8 @@ impl Daemon {
         if let Err(e) = self.dataplane.sync(&self.nl).await {
             log_error_lines("following the uplinks failed", &e);
         }
-        if let Some(server) = &mut self.exit_server {
-            server
+        if let Some(server) = &mut self.exit_server
+            && server
                 .refresh_host(
                     &self.nl,
                     &self.mesh,
@@ -473,7 +473,13 @@ impl Daemon {
                     &mut self.sysctls,
                     &mut self.dataplane,
                 )
-                .await;
+                .await
+        {
+            // Clients not probing this exit node learn it at once too.
+            self.heartbeats.send_now();
+            let now = Instant::now();
+            self.heartbeats
+                .send_due(self.announces_exit(), self.mesh.agent_port, now);
         }
         if let Err(e) = self.split.sync(&self.nl).await {
             debug!(error = %e, "excluded routes not updated");
@@ -483,7 +489,44 @@ impl Daemon {
 
     /// One datagram from the announcement sockets.
     pub async fn on_announcement(&mut self, inc: Incoming) {
-        if self.heartbeats.receive(&inc, Instant::now()) {
+        let now = Instant::now();
+        let heard = self.heartbeats.receive(&inc, now);
+        if let Some(prober) = heard.wants_answer {
+            self.heartbeats
+                .answer(&prober, self.announces_exit(), self.mesh.agent_port, now);
+        }
+        if heard.exit_changed {
+            self.evaluate_exit().await;
+        }
+    }
+
+    /// Whether this device tells its peers it serves as exit node now.
+    fn announces_exit(&self) -> bool {
+        self.exit_server
+            .as_ref()
+            .is_some_and(|s| s.announces(Instant::now()))
+    }
+
+    /// Every `exit::PROBE_INTERVAL`: the exit-node client probes the exit
+    /// node in use and the next one, and re-evaluates, so a dead exit node
+    /// is left within its probe deadline rather than at the next tick.
+    pub async fn probe_tick(&mut self) {
+        let now = Instant::now();
+        let targets =
+            if self.exit_server.is_none() && self.opts.exit_probes && self.exit_client.wanted() {
+                self.exit_client.probe_targets(
+                    &Candidates {
+                        book: self.heartbeats.book(),
+                        mesh: &self.mesh,
+                        own: &self.own,
+                    },
+                    now,
+                )
+            } else {
+                Vec::new()
+            };
+        self.heartbeats.probe(&targets, self.mesh.agent_port, now);
+        if !targets.is_empty() {
             self.evaluate_exit().await;
         }
     }

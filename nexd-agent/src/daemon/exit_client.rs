@@ -172,6 +172,21 @@ impl ExitClient {
         exit::choose(current, pinned, candidates, now)
     }
 
+    /// The exit nodes to probe: the one in use and the next one.
+    pub fn probe_targets(&self, c: &Candidates<'_>, now: Instant) -> Vec<PublicKey> {
+        let Ok(pinned) = self.pinned(c) else {
+            return Vec::new();
+        };
+        let candidates = c.book.keys().filter_map(|k| {
+            Some(Candidate {
+                key: *k,
+                name: c.book.name(k)?,
+                live: c.book.live(k)?,
+            })
+        });
+        exit::probe_targets(self.phase.exit_peer(), pinned, candidates, now)
+    }
+
     /// Moves to the phase the announcements call for.
     pub async fn evaluate(&mut self, c: &Candidates<'_>, fx: &mut Effects<'_>) {
         let now = Instant::now();

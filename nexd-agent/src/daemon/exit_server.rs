@@ -12,7 +12,10 @@
 //! recomputed on every membership change and every change of the host's
 //! links, addresses and routes.
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use ipnet::IpNet;
@@ -50,7 +53,17 @@ pub struct ExitServer {
     settings: ExitSettings,
     forwarding: ExitForwarding,
     dns: Option<DnsHandle>,
+    /// Since when the internet is reachable (`None`: it is not).
+    internet_since: Option<Instant>,
+    /// The internet was lost since serving began: its return is announced
+    /// only after `RESTORE_AFTER`, so a flapping uplink does not make the
+    /// clients flap with it.
+    damped: bool,
 }
+
+/// How long the internet must be back before the exit node announces
+/// itself again after losing it.
+pub const RESTORE_AFTER: Duration = Duration::from_secs(2);
 
 /// Why this device may not serve.
 pub fn not_allowed(mesh: &Mesh, own: &PublicKey) -> Option<String> {
@@ -124,11 +137,19 @@ impl ExitServer {
         let uplinks = uplinks(nl, settings.uplink.as_deref(), true).await?;
         // The data path first: from the first forwarded packet, only
         // served clients, and only to the internet.
+        let internet = uplink::internet_reachable(nl, settings.uplink.as_deref()).await?;
+        if !internet {
+            warn!(
+                "no default route through an interface that is up: not announcing this exit node until there is one"
+            );
+        }
         let mut server = ExitServer {
             wg_iface: wg_iface.to_owned(),
             forwarding: ExitForwarding { uplinks },
             dns: None,
             settings,
+            internet_since: internet.then(Instant::now),
+            damped: false,
         };
         server
             .sync_datapath(nl, mesh, own, dataplane)
@@ -194,6 +215,41 @@ impl ExitServer {
         &self.forwarding.uplinks
     }
 
+    /// Whether to announce this exit node now: the internet is reachable
+    /// (and, after a loss, has been for `RESTORE_AFTER`).
+    pub fn announces(&self, now: Instant) -> bool {
+        self.internet_since
+            .is_some_and(|t| !self.damped || now.saturating_duration_since(t) >= RESTORE_AFTER)
+    }
+
+    /// Re-reads whether the internet is reachable; returns whether the
+    /// exit capability should be withdrawn at once (peers told now).
+    async fn follow_internet(&mut self, nl: &Netlink) -> bool {
+        let up = match uplink::internet_reachable(nl, self.settings.uplink.as_deref()).await {
+            Ok(up) => up,
+            Err(e) => {
+                warn!(error = %e, "checking the exit node's way to the internet failed");
+                return false;
+            }
+        };
+        match (self.internet_since.is_some(), up) {
+            (true, false) => {
+                warn!(
+                    "the exit node lost its way to the internet (no default route through an interface that is up): withdrawing its exit capability"
+                );
+                self.internet_since = None;
+                self.damped = true;
+                true
+            }
+            (false, true) => {
+                info!(after = ?RESTORE_AFTER, "the exit node's way to the internet is back: announcing it again once it has held");
+                self.internet_since = Some(Instant::now());
+                false
+            }
+            _ => false,
+        }
+    }
+
     /// The DNS resolver's counters, if it runs.
     pub fn dns_counters(&self) -> Option<dns::DnsCounters> {
         self.dns.as_ref().map(DnsHandle::counters)
@@ -228,7 +284,23 @@ impl ExitServer {
     /// The host's links, addresses or routes changed: what is "the
     /// internet" changed with them, and without `--uplink` the interfaces
     /// the clients' traffic leaves through (masquerading follows them).
+    /// Returns whether the exit capability was just withdrawn (no way to
+    /// the internet left): the peers are then told at once.
     pub async fn refresh_host(
+        &mut self,
+        nl: &Netlink,
+        mesh: &Mesh,
+        own: &PublicKey,
+        sysctls: &mut Sysctls,
+        dataplane: &mut DataPlane,
+    ) -> bool {
+        let withdrawn = self.follow_internet(nl).await;
+        self.refresh_forwarding(nl, mesh, own, sysctls, dataplane)
+            .await;
+        withdrawn
+    }
+
+    async fn refresh_forwarding(
         &mut self,
         nl: &Netlink,
         mesh: &Mesh,

@@ -30,6 +30,16 @@ pub struct Heartbeats {
     /// Where the sockets deliver; kept so a rebind feeds the same queue.
     incoming: mpsc::Sender<Incoming>,
     last_sent: Option<Instant>,
+    last_probe: Option<Instant>,
+}
+
+/// What one received datagram changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Heard {
+    /// A peer's standing as exit node changed.
+    pub exit_changed: bool,
+    /// The peer probes this device and wants an announcement back now.
+    pub wants_answer: Option<PublicKey>,
 }
 
 impl Heartbeats {
@@ -46,6 +56,7 @@ impl Heartbeats {
             announcer: None,
             incoming,
             last_sent: None,
+            last_probe: None,
         }
     }
 
@@ -124,22 +135,64 @@ impl Heartbeats {
         }
     }
 
-    /// One received datagram. Returns whether a peer's exit capability
-    /// changed (the exit-node client then re-evaluates).
-    pub fn receive(&mut self, inc: &Incoming, now: Instant) -> bool {
+    /// One received datagram: whether a peer's exit capability changed
+    /// (the exit-node client then re-evaluates), and whether it asks for
+    /// an answer.
+    pub fn receive(&mut self, inc: &Incoming, now: Instant) -> Heard {
         match self.book.receive(inc.from.ip(), &inc.bytes, now) {
             Ok((key, exit_changed)) => {
+                let live = self.book.live(&key);
                 if exit_changed {
-                    let is_exit = self.book.live(&key).is_some_and(PeerLive::is_exit);
+                    let is_exit = live.is_some_and(PeerLive::is_exit);
                     info!(peer = %self.name_of(&key), exit_node = is_exit, "peer announces a new exit-node capability");
                 }
-                exit_changed
+                Heard {
+                    exit_changed,
+                    wants_answer: live.is_some_and(PeerLive::asks_for_answer).then_some(key),
+                }
             }
             Err(e) => {
                 debug!(from = %inc.from, reason = %e, "announcement ignored");
-                false
+                Heard::default()
             }
         }
+    }
+
+    /// Watches `targets` closely: a probe to each every
+    /// `exit::PROBE_INTERVAL` (the rest of the mesh keeps its one
+    /// heartbeat a second). An empty list stops probing.
+    pub fn probe(&mut self, targets: &[PublicKey], agent_port: u16, now: Instant) {
+        self.book.set_probed(targets, now);
+        if targets.is_empty()
+            || self
+                .last_probe
+                .is_some_and(|t| now.saturating_duration_since(t) < crate::exit::PROBE_INTERVAL)
+        {
+            return;
+        }
+        self.last_probe = Some(now);
+        let Some(ann) = &self.announcer else { return };
+        for k in targets {
+            if let Some((to, bytes)) = self.book.outgoing_to(k, wire::FLAG_PROBE, agent_port, now) {
+                ann.send(to, &bytes);
+            }
+        }
+    }
+
+    /// Answers a probe at once: an announcement whose echo gives the
+    /// prober its round trip.
+    pub fn answer(&mut self, to: &PublicKey, exit_node: bool, agent_port: u16, now: Instant) {
+        let Some(ann) = &self.announcer else { return };
+        let flags = if exit_node { wire::FLAG_EXIT } else { 0 };
+        if let Some((addr, bytes)) = self.book.outgoing_to(to, flags, agent_port, now) {
+            ann.send(addr, &bytes);
+        }
+    }
+
+    /// Sends the next heartbeats now instead of at their time (this
+    /// device's exit capability changed: peers should know at once).
+    pub fn send_now(&mut self) {
+        self.last_sent = None;
     }
 
     /// Stops sending and receiving.

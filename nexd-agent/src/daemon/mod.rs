@@ -78,6 +78,9 @@ pub struct Options {
     pub no_ebpf: bool,
     /// Clamp TCP's MSS on the exit node's and the gateway's tunnel.
     pub mss_clamp: bool,
+    /// Probe the exit node in use (fast failover); off only for the
+    /// benchmark's baseline (`--no-exit-probes`).
+    pub exit_probes: bool,
     /// `--exit-node NAME|PUBLIC_KEY`: use only this exit node.
     pub exit_node_pin: Option<String>,
     /// Group allowed read-only access to the control socket.
@@ -200,6 +203,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut probe = tokio::time::interval(crate::exit::PROBE_INTERVAL);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reason = loop {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
@@ -219,6 +224,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             Some(r) = resolved.recv() => daemon.on_resolved(r).await,
             Some(()) = uplinks_changed.recv() => daemon.on_uplinks_changed().await,
             _ = tick.tick() => daemon.tick().await,
+            _ = probe.tick() => daemon.probe_tick().await,
         }
         daemon.record();
     };

@@ -4,8 +4,14 @@
 //!
 //! The rules:
 //! * an exit node is *available* when its latest announcement says so, is
-//!   fresh (younger than [`STALE_AFTER`]), and WireGuard completed a
-//!   handshake with it within [`HANDSHAKE_RECENT`];
+//!   fresh, and WireGuard completed a handshake with it within
+//!   [`HANDSHAKE_RECENT`]. Fresh means younger than [`STALE_AFTER`] (three
+//!   missed one-second heartbeats), except for the exit node in use and
+//!   the next one: the client probes those every [`PROBE_INTERVAL`] and,
+//!   once they answer, holds them to [`probe_deadline`] (three missed
+//!   probes plus the round trip and four times its deviation, at least
+//!   [`PROBE_DEADLINE_MIN`]): a dead exit node is noticed in about
+//!   300 ms, without more heartbeats for the rest of the mesh;
 //! * the pinned exit node (`--exit-node`) is used when available, and no
 //!   other; without a pin, the available one with the lowest smoothed RTT
 //!   (then name) is chosen: exactly one;
@@ -28,6 +34,27 @@ use crate::{announce::book::PeerLive, keys::PublicKey};
 /// An exit node whose last announcement is older than this is stale. Three
 /// missed one-second heartbeats.
 pub const STALE_AFTER: Duration = Duration::from_secs(3);
+/// How often the client probes the exit node in use and the next one.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// The shortest probe deadline: three probe intervals. A lost probe or
+/// two (1% loss makes three in a row a once-a-day event at 10 probes a
+/// second) never moves the client.
+pub const PROBE_DEADLINE_MIN: Duration = Duration::from_millis(300);
+
+/// How long a probed exit node that answers probes may stay silent before
+/// it counts as gone: three probe intervals, plus its smoothed round trip
+/// and four times its deviation (TCP's retransmission timeout, in
+/// spirit), between [`PROBE_DEADLINE_MIN`] and [`STALE_AFTER`]. A peer
+/// not watched this way gets [`STALE_AFTER`].
+pub fn probe_deadline(live: &PeerLive) -> Duration {
+    if !live.watched() {
+        return STALE_AFTER;
+    }
+    let rtt = live.rtt.unwrap_or_default();
+    let var = live.rttvar.unwrap_or_default();
+    (PROBE_INTERVAL * 3 + rtt + var * 4).clamp(PROBE_DEADLINE_MIN, STALE_AFTER)
+}
+
 /// A handshake older than this means the tunnel is down (WireGuard's
 /// reject-after time).
 pub const HANDSHAKE_RECENT: Duration = Duration::from_secs(180);
@@ -48,9 +75,10 @@ pub fn status(live: &PeerLive, now: Instant) -> Option<ExitStatus> {
     if !live.is_exit() {
         return None;
     }
-    let fresh = live
-        .last_heard
-        .is_some_and(|t| now.saturating_duration_since(t) < STALE_AFTER);
+    let fresh = !live.lost
+        && live
+            .last_heard
+            .is_some_and(|t| now.saturating_duration_since(t) < probe_deadline(live));
     let tunnel = live
         .last_handshake
         .is_some_and(|t| now.saturating_duration_since(t) < HANDSHAKE_RECENT);
@@ -114,6 +142,23 @@ pub fn choose<'a>(
     } else {
         active.key
     })
+}
+
+/// The exit nodes worth probing: the one in use and the one `choose`
+/// would move to if it went away (the fastest other available one, or the
+/// pinned one), so a failover finds its target already watched.
+pub fn probe_targets<'a>(
+    active: Option<PublicKey>,
+    pinned: Option<PublicKey>,
+    candidates: impl IntoIterator<Item = Candidate<'a>>,
+    now: Instant,
+) -> Vec<PublicKey> {
+    let others: Vec<Candidate<'a>> = candidates
+        .into_iter()
+        .filter(|c| Some(c.key) != active)
+        .collect();
+    let standby = choose(None, pinned, others, now);
+    active.into_iter().chain(standby).collect()
 }
 
 /// Where the exit-node client is.
@@ -203,6 +248,89 @@ mod tests {
             key,
             since: now - Duration::from_secs(secs),
         })
+    }
+
+    /// `l` probed since `probed_ago_ms` and last answering
+    /// `answered_ago_ms` before `now`, heard then too.
+    fn watched(
+        mut l: PeerLive,
+        now: Instant,
+        probed_ago_ms: u64,
+        answered_ago_ms: u64,
+    ) -> PeerLive {
+        l.probed_since = now.checked_sub(Duration::from_millis(probed_ago_ms));
+        l.probe_answered = now.checked_sub(Duration::from_millis(answered_ago_ms));
+        l.last_heard = l.probe_answered;
+        l
+    }
+
+    #[test]
+    fn a_watched_exit_node_is_stale_after_its_probe_deadline() {
+        let now = Instant::now() + Duration::from_secs(1000);
+        // 5 ms round trip, 1 ms deviation: 300 + 5 + 4 = 309 ms.
+        let mut l = live(now, 0, 5);
+        l.rttvar = Some(Duration::from_millis(1));
+        let ok = watched(l.clone(), now, 5000, 200);
+        assert_eq!(probe_deadline(&ok), Duration::from_millis(309));
+        assert_eq!(status(&ok, now), Some(ExitStatus::Available));
+        let late = watched(l.clone(), now, 5000, 320);
+        assert_eq!(status(&late, now), Some(ExitStatus::Stale));
+        // Not yet answered since probing began: heartbeats' 3 s rule.
+        let unanswered = watched(l.clone(), now, 100, 900);
+        assert_eq!(probe_deadline(&unanswered), STALE_AFTER);
+        assert_eq!(status(&unanswered, now), Some(ExitStatus::Available));
+        // Not probed at all: 3 s.
+        let mut quiet = l.clone();
+        quiet.last_heard = now.checked_sub(Duration::from_millis(2500));
+        assert_eq!(status(&quiet, now), Some(ExitStatus::Available));
+    }
+
+    #[test]
+    fn the_probe_deadline_follows_round_trip_and_jitter_within_bounds() {
+        let now = Instant::now() + Duration::from_secs(1000);
+        let with = |rtt: u64, var: u64| {
+            let mut l = live(now, 0, rtt);
+            l.rttvar = Some(Duration::from_millis(var));
+            probe_deadline(&watched(l, now, 5000, 10))
+        };
+        assert_eq!(with(0, 0), PROBE_DEADLINE_MIN);
+        assert_eq!(with(80, 20), Duration::from_millis(460));
+        assert_eq!(with(2000, 500), STALE_AFTER);
+    }
+
+    #[test]
+    fn a_lost_exit_node_stays_stale_until_heard_again() {
+        let now = Instant::now() + Duration::from_secs(1000);
+        let mut l = live(now, 0, 5);
+        l.last_heard = now.checked_sub(Duration::from_millis(500));
+        l.lost = true;
+        assert_eq!(status(&l, now), Some(ExitStatus::Stale));
+    }
+
+    #[test]
+    fn probes_go_to_the_exit_node_in_use_and_the_next_one() {
+        let now = Instant::now() + Duration::from_secs(1000);
+        let (ka, kb, kc) = (key(), key(), key());
+        let (la, lb, lc) = (live(now, 1, 30), live(now, 1, 10), live(now, 1, 20));
+        let mut all = pair(ka, &la, kb, &lb);
+        all.push(Candidate {
+            key: kc,
+            name: "c",
+            live: &lc,
+        });
+        // In use: a; next: b, the fastest of the others.
+        assert_eq!(probe_targets(Some(ka), None, all.clone(), now), [ka, kb]);
+        // Nothing in use: the one choose would pick.
+        assert_eq!(probe_targets(None, None, all.clone(), now), [kb]);
+        // Pinned: only the pinned one is ever a target besides the active.
+        assert_eq!(
+            probe_targets(Some(ka), Some(kc), all.clone(), now),
+            [ka, kc]
+        );
+        // A stale one is nobody's next.
+        let stale = live(now, 10, 1);
+        let two = pair(ka, &la, kb, &stale);
+        assert_eq!(probe_targets(Some(ka), None, two, now), [ka]);
     }
 
     #[test]

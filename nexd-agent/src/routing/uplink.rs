@@ -127,3 +127,26 @@ pub async fn default_route_interfaces(
     };
     Ok((name(v4).await?, name(v6).await?))
 }
+
+/// Whether this host has a way to the internet now: a default route (either
+/// family) through an interface that is up with a carrier (`only`: through
+/// that interface). An exit node without one withdraws its exit
+/// capability.
+pub async fn internet_reachable(nl: &Netlink, only: Option<&str>) -> Result<bool, NetlinkError> {
+    use netlink_packet_route::link::LinkFlags;
+    let (v4, v6) = default_route_interfaces(nl).await?;
+    for name in [v4, v6].into_iter().flatten() {
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
+        if let Some(link) = nl.link(&name).await?
+            && link
+                .header
+                .flags
+                .contains(LinkFlags::Up | LinkFlags::LowerUp)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
