@@ -151,6 +151,8 @@ impl Daemon {
             failovers,
         );
 
+        self.membership.register_metrics(&mut reg);
+
         let mut out = String::new();
         if encode(&mut out, &reg).is_err() {
             out = "# encoding failed\n".into();
