@@ -494,6 +494,17 @@ impl MeshAdmin {
     /// `nexctl mesh init` at `url` (with `extra` options such as
     /// `--mtu`): a new admin key pair, the mesh settings written.
     pub fn init(ns: Netns, url: String, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::create(ns, url, &["init"], extra)
+    }
+
+    /// `nexctl mesh import FILE --new-admin-key` at `url`: a new admin key
+    /// pair, the file's settings and devices written, signed.
+    pub fn import(ns: Netns, url: String, file: &Path) -> anyhow::Result<Self> {
+        let f = file.to_str().context("path")?;
+        Self::create(ns, url, &["import", f], &["--new-admin-key"])
+    }
+
+    fn create(ns: Netns, url: String, command: &[&str], extra: &[&str]) -> anyhow::Result<Self> {
         let n = CLUSTERS.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("nexd-admin-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -506,7 +517,8 @@ impl MeshAdmin {
         };
         let key = admin.key_path();
         let k = key.to_str().context("path")?.to_owned();
-        let mut args = vec!["init", "--admin-key", k.as_str()];
+        let mut args = command.to_vec();
+        args.extend(["--admin-key", k.as_str()]);
         args.extend_from_slice(extra);
         admin.ok(&args)?;
         admin.public = fs::read_to_string(admin.dir.join("admin.key.pub"))
