@@ -550,6 +550,26 @@ fn exit_roles_come_from_signed_records_and_forged_ones_change_nothing() -> anyho
     lab.etcd.put(&exit2_path, &original)?;
     wait_mesh(&lab, &["exit1", "exit2", "client"])?;
     assert_eq!(mesh_ip(lab.node("exit2"), false)?.to_string(), ip);
+    // Meanwhile exit2 asked to join again; a member again, it withdraws
+    // the request (only the intruder's is left).
+    wait_for(
+        "exit2 to withdraw its join request",
+        T,
+        Duration::from_millis(100),
+        || {
+            let r = lab
+                .admin
+                .ok(&[
+                    "requests",
+                    "--registry-admin-key",
+                    lab.admin.public_key(),
+                    "-o",
+                    "json",
+                ])
+                .ok()?;
+            (!r.contains("\"exit2\"") && r.contains("\"intruder\"")).then_some(())
+        },
+    )?;
     for n in everyone {
         let info = registry(lab.node(n))?;
         assert!(info.rejected_total >= 2, "{n}: {info:?}");
