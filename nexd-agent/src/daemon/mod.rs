@@ -116,9 +116,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if created {
         info!(public_key = %own, path = %keys::key_path(&opts.state_dir).display(), "generated a new private key");
     }
-    let (membership, mut membership_events) = membership::Membership::open(&opts, &own).await?;
-    info!(device = %membership.starting_name(&own), public_key = %own, interface = %opts.interface, "starting nexd {}", env!("CARGO_PKG_VERSION"));
-
     if opts.exit_server.is_some() && opts.exit_node_client {
         anyhow::bail!(
             "--exit-node-client cannot be combined with `router --exit-node`: an exit node sends its own traffic out directly"
@@ -129,6 +126,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             "--kill-switch and --lan-interface are exit-node client options; they cannot be used with `router --exit-node`"
         );
     }
+    // After the option checks: a misconfigured nexd publishes no join
+    // request.
+    let (membership, mut membership_events) = membership::Membership::open(&opts, &own).await?;
+    info!(device = %membership.starting_name(&own), public_key = %own, interface = %opts.interface, "starting nexd {}", env!("CARGO_PKG_VERSION"));
+
     let split = split_tunnel::SplitTunnel::load(
         opts.exclude_routes.clone(),
         opts.exclude_routes_file.clone(),
