@@ -262,9 +262,11 @@ fn devices_join_are_approved_and_follow_revocations() -> anyhow::Result<()> {
         assert_eq!(st.peers, 0, "{st:?}");
         assert_eq!(st.mesh_ipv4, "", "{st:?}");
         assert_eq!(st.mesh_file, "", "no mesh file in registry mode: {st:?}");
+        assert_eq!(st.device_name, n, "the name it asks to join under: {st:?}");
     }
     let table = lab.node("a").nexctl(&["nexd", "status"])?;
     let text = String::from_utf8_lossy(&table.stdout);
+    println!("nexctl nexd status before approval:\n{text}");
     assert!(
         text.contains("REGISTRY") && text.contains("(connected"),
         "{text}"
@@ -340,10 +342,9 @@ fn devices_join_are_approved_and_follow_revocations() -> anyhow::Result<()> {
         "a revoked device still reaches the mesh"
     );
     let table = lab.node("c").nexctl(&["nexd", "status"])?;
-    assert!(
-        String::from_utf8_lossy(&table.stdout).contains("revoked"),
-        "{table:?}"
-    );
+    let text = String::from_utf8_lossy(&table.stdout);
+    println!("nexctl nexd status of the revoked device:\n{text}");
+    assert!(text.contains("revoked"), "{text}");
     let after = peer(&lab.node("a").peers()?, "b")?.clone();
     assert!(
         after.transmitted_bytes >= before.transmitted_bytes
@@ -694,10 +695,9 @@ fn etcd_member_loss_outage_and_restart_from_the_cache() -> anyhow::Result<()> {
         "{info:?}"
     );
     let table = lab.node("b").nexctl(&["nexd", "status"])?;
-    assert!(
-        String::from_utf8_lossy(&table.stdout).contains("from the cache"),
-        "{table:?}"
-    );
+    let text = String::from_utf8_lossy(&table.stdout);
+    println!("nexctl nexd status restarted with etcd down:\n{text}");
+    assert!(text.contains("from the cache"), "{text}");
     assert!(
         lab.node("b")
             .log()

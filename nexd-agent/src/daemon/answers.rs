@@ -73,7 +73,7 @@ impl Daemon {
         };
         StatusInfo {
             version: env!("CARGO_PKG_VERSION").into(),
-            device_name: me.map(|d| d.name.clone()).unwrap_or_default(),
+            device_name: self.membership.device_name(&self.mesh, &self.own),
             public_key: self.own.to_string(),
             interface: self.opts.interface.clone(),
             backend,
