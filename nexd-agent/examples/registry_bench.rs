@@ -16,10 +16,10 @@
 //! * one approval (read and verify N records, allocate, commit), against
 //!   one read of the prefix.
 //!
-//! N is 1,000 (50 with `--quick`). What this cannot measure yet, because
-//! nexd does not consume the registry: approval to the *peer configured*
-//! on a watching nexd, nexd's start-up from etcd against the mesh file, and
-//! the watcher's RSS (see docs/ARCHITECTURE.md, "Membership through etcd").
+//! N is 1,000 (50 with `--quick`). The rows that need a real nexd
+//! (approval to the peer configured on a watching nexd, nexd's start-up
+//! from etcd against the mesh file, the watcher's RSS) are xtask's own
+//! (`xtask/src/bench/registry.rs`), which runs this example first.
 
 use std::{
     path::PathBuf,

@@ -318,6 +318,9 @@ pub struct StatusInfo {
     pub uptime_seconds: u64,
     pub datapath: DatapathInfo,
     pub exit_node: ExitInfo,
+    /// Membership through etcd (`--registry`); absent with a mesh file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryInfo>,
 }
 
 /// State of the eBPF data path.
@@ -371,6 +374,82 @@ pub struct CounterRow {
     pub name: String,
     #[serde(flatten)]
     pub total: CounterTotal,
+}
+
+// ---- Membership through etcd (issue 14): the registry side of `status` ----
+
+/// Where this device stands with the registry (`nexd --registry`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryInfo {
+    /// `etcd://HOST:PORT[,...]/PREFIX`.
+    pub url: String,
+    /// A session with an etcd member is up.
+    pub connected: bool,
+    pub membership: MembershipState,
+    /// Where the membership in force came from; `None` before the first.
+    pub source: Option<MembershipSource>,
+    /// The etcd revision last read.
+    pub revision: i64,
+    /// Devices in the membership in force (this one included).
+    pub devices: usize,
+    /// Records not used right now, with the reason (bad or missing
+    /// signature, revoked, conflicting...).
+    pub ignored: Vec<IgnoredRecord>,
+    /// Rejected values seen since start (each bad write counts).
+    pub rejected_total: u64,
+    /// Full reads after a watch fell behind a compaction.
+    pub resyncs: u64,
+    /// etcd sessions that ended with an error.
+    pub disconnects: u64,
+    /// Why the last session ended, while it is not back.
+    pub last_error: Option<String>,
+}
+
+/// This device's membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MembershipState {
+    /// Nothing heard yet (etcd not reached, no cache).
+    Starting,
+    /// Not a member: the join request is published, no peers are
+    /// configured until the admin approves it.
+    WaitingForApproval,
+    /// Was a member and was revoked: every peer was removed; the join
+    /// request is published again.
+    Revoked,
+    /// Approved: peers are configured from the signed records.
+    Member,
+}
+
+impl MembershipState {
+    /// For tables: what an operator reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MembershipState::Starting => "starting",
+            MembershipState::WaitingForApproval => "waiting for approval",
+            MembershipState::Revoked => "revoked (waiting for approval)",
+            MembershipState::Member => "member",
+        }
+    }
+}
+
+/// Where the membership in force came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MembershipSource {
+    /// Read from etcd at this revision.
+    Registry { revision: i64 },
+    /// From the cache in the state directory (etcd was unreachable at
+    /// start), saved at this Unix time.
+    Cache { saved_at: u64 },
+}
+
+/// A registry record that is not used, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IgnoredRecord {
+    /// Its etcd key.
+    pub key: String,
+    pub reason: String,
 }
 
 impl Response {

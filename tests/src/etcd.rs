@@ -361,6 +361,21 @@ impl EtcdCluster {
         self.wait_healthy(i)
     }
 
+    /// Starts every stopped member again, all at once (a cluster that lost
+    /// its quorum needs more than one back before any is healthy), and
+    /// waits until each is healthy.
+    pub fn restart_all(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                self.spawn(i)?;
+            }
+        }
+        for i in 0..self.members.len() {
+            self.wait_healthy(i)?;
+        }
+        Ok(())
+    }
+
     /// Runs etcdctl (v3 API) from the namespace of the first running
     /// member against every member; fails unless it exits 0.
     pub fn etcdctl(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -463,6 +478,156 @@ impl EtcdCluster {
     pub fn log(&self, i: usize) -> String {
         fs::read_to_string(self.log_path(i)).unwrap_or_default()
     }
+}
+
+/// The mesh admin: `nexctl mesh` against a registry, run in a namespace
+/// of its own that reaches etcd, with the admin key pair in a directory
+/// of its own (removed on drop).
+pub struct MeshAdmin {
+    ns: Netns,
+    url: String,
+    dir: PathBuf,
+    public: String,
+}
+
+impl MeshAdmin {
+    /// `nexctl mesh init` at `url` (with `extra` options such as
+    /// `--mtu`): a new admin key pair, the mesh settings written.
+    pub fn init(ns: Netns, url: String, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::create(ns, url, &["init"], extra)
+    }
+
+    /// `nexctl mesh import FILE --new-admin-key` at `url`: a new admin key
+    /// pair, the file's settings and devices written, signed.
+    pub fn import(ns: Netns, url: String, file: &Path) -> anyhow::Result<Self> {
+        let f = file.to_str().context("path")?;
+        Self::create(ns, url, &["import", f], &["--new-admin-key"])
+    }
+
+    fn create(ns: Netns, url: String, command: &[&str], extra: &[&str]) -> anyhow::Result<Self> {
+        let n = CLUSTERS.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("nexd-admin-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut admin = MeshAdmin {
+            ns,
+            url,
+            dir,
+            public: String::new(),
+        };
+        let key = admin.key_path();
+        let k = key.to_str().context("path")?.to_owned();
+        let mut args = command.to_vec();
+        args.extend(["--admin-key", k.as_str()]);
+        args.extend_from_slice(extra);
+        admin.ok(&args)?;
+        admin.public = fs::read_to_string(admin.dir.join("admin.key.pub"))
+            .context("reading the admin public key")?
+            .trim()
+            .to_owned();
+        Ok(admin)
+    }
+
+    /// The admin's private key file.
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join("admin.key")
+    }
+
+    /// The admin's public key, for `--registry-admin-key`.
+    pub fn public_key(&self) -> &str {
+        &self.public
+    }
+
+    /// The namespace the admin works from.
+    pub fn ns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// `nexctl mesh --registry URL ARGS`; the raw output.
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let nexctl = crate::bins::nexctl()?;
+        let mut full = vec![
+            nexctl.to_str().context("path")?,
+            "mesh",
+            "--registry",
+            &self.url,
+        ];
+        full.extend_from_slice(args);
+        self.ns.exec_output(&full, Duration::from_secs(30))
+    }
+
+    /// Like `run`, failing unless nexctl exits 0; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.run(args)?;
+        if !out.status.success() {
+            bail!(
+                "nexctl mesh {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `nexctl mesh approve DEVICE --admin-key KEY EXTRA...`.
+    pub fn approve(&self, device: &str, extra: &[&str]) -> anyhow::Result<String> {
+        let key = self.key_path();
+        let mut args = vec![
+            "approve",
+            device,
+            "--admin-key",
+            key.to_str().context("path")?,
+        ];
+        args.extend_from_slice(extra);
+        self.ok(&args)
+    }
+
+    /// `nexctl mesh revoke DEVICE --admin-key KEY`.
+    pub fn revoke(&self, device: &str) -> anyhow::Result<String> {
+        let key = self.key_path();
+        self.ok(&[
+            "revoke",
+            device,
+            "--admin-key",
+            key.to_str().context("path")?,
+        ])
+    }
+
+    /// nexd's options to join this mesh as `name`, publishing `endpoint`
+    /// (`HOST:PORT`) if given.
+    pub fn device_args(&self, name: &str, endpoint: Option<&str>) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--registry",
+            &self.url,
+            "--registry-admin-key",
+            &self.public,
+            "--registry-name",
+            name,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        if let Some(e) = endpoint {
+            a.push("--registry-endpoint".into());
+            a.push(e.to_owned());
+        }
+        a
+    }
+}
+
+impl Drop for MeshAdmin {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The etcd key id of a WireGuard public key (URL-safe base64 without
+/// padding), as the registry's paths use it.
+pub fn key_id(public_key: &str) -> String {
+    public_key
+        .trim_end_matches('=')
+        .replace('+', "-")
+        .replace('/', "_")
 }
 
 fn which_etcd() -> anyhow::Result<()> {

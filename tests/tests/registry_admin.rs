@@ -242,9 +242,26 @@ fn init_approve_revoke_list_import_export() -> anyhow::Result<()> {
         "{out:?}"
     );
 
-    // Export, import into a fresh prefix, export again: same mesh.
+    // Export, import into a fresh prefix, export again: same mesh, exit
+    // roles included.
+    lab.ok(
+        "m1",
+        &[
+            "approve",
+            "gamma",
+            "--admin-key",
+            k,
+            "--exit-node",
+            "--exit-clients",
+            "beta",
+        ],
+    )?;
     let first = lab.ok("m1", &["export", "--admin-key", k])?;
     assert!(first.contains("mtu = 1380"), "{first}");
+    assert!(
+        first.contains("exit_node = true\nexit_clients = [\"beta\"]"),
+        "{first}"
+    );
     let file = lab.dir.join("exported.toml");
     std::fs::write(&file, &first)?;
     let key2 = lab.key("admin2.key");
@@ -277,6 +294,7 @@ fn init_approve_revoke_list_import_export() -> anyhow::Result<()> {
     assert_eq!(body(&first), body(&second));
     let l2 = lab.list("m2", &key2)?;
     assert_eq!(l2["devices"].as_array().map(Vec::len), Some(2), "{l2}");
+    assert_eq!(device(&l2, "gamma").context("gamma")?["exit_node"], true);
     assert_eq!(
         device(&l2, "beta").context("beta")?["endpoint"],
         serde_json::Value::Null

@@ -366,6 +366,8 @@ async fn init(out: &mut String, r: &RegistryArgs, a: InitArgs) -> Result<(), Fai
 
 async fn import(out: &mut String, r: &RegistryArgs, a: ImportArgs) -> Result<(), Failure> {
     let mesh = mesh::read(&a.file).map_err(|e| Failure::Other(e.to_string()))?;
+    // Before a new key is created: a refused import leaves nothing behind.
+    crate::registry::admin::check_importable(&mesh)?;
     let mut admin = connect(r).await?;
     let path = &a.key.admin_key;
     let key = if a.new_admin_key {

@@ -10,8 +10,8 @@ use super::output::{self, OutputFormat, Table, human_age, human_bytes};
 use crate::control::{
     client::{self, ClientError},
     protocol::{
-        ErrorCode, ExitClientRow, ExitNodeRow, Method, PROTOCOL_VERSION, PeerRow, Reply, StatsInfo,
-        StatusInfo, VersionInfo,
+        ErrorCode, ExitClientRow, ExitNodeRow, MembershipSource, MembershipState, Method,
+        PROTOCOL_VERSION, PeerRow, RegistryInfo, Reply, StatsInfo, StatusInfo, VersionInfo,
     },
 };
 use crate::instance::Instance;
@@ -397,15 +397,67 @@ fn status(ctx: &Ctx) -> Result<(), ClientError> {
                     None => info.exit_node.client_phase.as_str().to_owned(),
                 },
             ),
-            ("MESH FILE", info.mesh_file.clone()),
-            ("UPTIME", format!("{}s", info.uptime_seconds)),
-            ("VERSION", info.version.clone()),
         ] {
             t.row(vec![k.into(), v]);
         }
+        match &info.registry {
+            None => t.row(vec!["MESH FILE".into(), info.mesh_file.clone()]),
+            Some(r) => {
+                for (k, v) in registry_rows(r) {
+                    t.row(vec![k.into(), v]);
+                }
+            }
+        }
+        t.row(vec!["UPTIME".into(), format!("{}s", info.uptime_seconds)]);
+        t.row(vec!["VERSION".into(), info.version.clone()]);
         t
     });
     Ok(())
+}
+
+/// The REGISTRY, MEMBERSHIP and IGNORED RECORDS rows of `status` (nexd
+/// runs with `--registry`).
+fn registry_rows(r: &RegistryInfo) -> [(&'static str, String); 3] {
+    let connection = if r.connected {
+        format!("{} (connected, revision {})", r.url, r.revision)
+    } else {
+        format!(
+            "{} (unreachable: {})",
+            r.url,
+            r.last_error.as_deref().unwrap_or("not connected yet")
+        )
+    };
+    let membership = match (r.membership, r.source) {
+        (MembershipState::Member, Some(MembershipSource::Registry { revision })) => format!(
+            "member ({} devices, from etcd at revision {revision})",
+            r.devices
+        ),
+        (MembershipState::Member, Some(MembershipSource::Cache { saved_at })) => format!(
+            "member ({} devices, from the cache saved at Unix time {saved_at}: etcd unreachable)",
+            r.devices
+        ),
+        (state, _) => state.as_str().to_owned(),
+    };
+    let ignored = if r.ignored.is_empty() {
+        format!("0 ({} rejected since start)", r.rejected_total)
+    } else {
+        let list: Vec<String> = r
+            .ignored
+            .iter()
+            .map(|i| format!("{}: {}", i.key, i.reason))
+            .collect();
+        format!(
+            "{} ({} rejected since start): {}",
+            r.ignored.len(),
+            r.rejected_total,
+            list.join("; ")
+        )
+    };
+    [
+        ("REGISTRY", connection),
+        ("MEMBERSHIP", membership),
+        ("IGNORED RECORDS", ignored),
+    ]
 }
 
 fn peers_list(ctx: &Ctx) -> Result<(), ClientError> {

@@ -13,7 +13,8 @@ use crate::{daemon, exclude, instance, keys, routing, wireguard::BackendChoice};
     name = "nexd",
     version,
     about = "WireGuard mesh agent with an eBPF exit-node data path",
-    long_about = "Joins this device to the WireGuard mesh described by the mesh file and keeps it there. \
+    long_about = "Joins this device to the WireGuard mesh described by the mesh file, or with --registry by the \
+                  admin-signed membership in etcd, and keeps it there. \
                   Stop it with SIGTERM or SIGINT: it removes everything it installed. SIGHUP reloads the mesh file."
 )]
 pub struct Cli {
@@ -30,7 +31,8 @@ pub struct AgentArgs {
     /// The command line and NEXD_* variables override it.
     #[arg(long, global = true, env = "NEXD_CONFIG", default_value = instance::DEFAULT_CONFIG)]
     pub config: PathBuf,
-    /// The mesh file: prefixes and devices (TOML, see README).
+    /// The mesh file: prefixes and devices (TOML, see README); not read
+    /// with --registry.
     #[arg(
         long,
         global = true,
@@ -279,14 +281,16 @@ fn key_command(args: &AgentArgs, create: bool) -> ExitCode {
 }
 
 fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
-    // The device side exists (`registry::Registry`) but the daemon does
-    // not consume it yet: refuse rather than silently use the mesh file.
-    if args.registry.registry.is_some() {
-        eprintln!(
-            "error: --registry is not wired into the daemon yet; run with a mesh file (--mesh-file)"
-        );
-        return ExitCode::from(2);
-    }
+    // `--registry`: membership through etcd instead of the mesh file; the
+    // options are checked before anything starts.
+    let exit_node = router.as_ref().is_some_and(|r| r.exit_node);
+    let registry = match super::registry_args::device_config(&args, exit_node) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     // Everything nexd creates is private: its sockets (the UAPI relay
     // answers with the private key's public half and the peers, the
     // control socket takes requests) exist from bind() on, before any
@@ -358,6 +362,7 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
         exit_node_pin: args.exit_node_pin,
         socket_group: args.socket_group,
         metrics_listen: args.metrics_listen,
+        registry,
     };
     match runtime.block_on(daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,6 +13,7 @@
 //! | `SplitTunnel` | the exclusions and the excluded-routes table |
 //! | `DataPlane` | the eBPF programs, maps, guard, the gateway's table |
 //! | `Sysctls` | every sysctl changed, with its original value |
+//! | `Membership` | where the mesh comes from: the file, or the registry |
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -32,7 +33,9 @@ use super::{
     exit_server::{self, ExitServer, ExitSettings},
     heartbeats::Heartbeats,
     interface::MeshInterface,
-    log_error_lines, reconcile,
+    log_error_lines,
+    membership::Membership,
+    reconcile,
     split_tunnel::SplitTunnel,
     teardown_warning,
 };
@@ -41,7 +44,7 @@ use crate::{
     exit::plan::Policy,
     keys::{PrivateKey, PublicKey},
     ledger::{self, Ledger},
-    mesh::{self, Mesh},
+    mesh::Mesh,
     netlink::Netlink,
     routing::sysctl::Sysctls,
     wireguard::DeviceStatus,
@@ -75,6 +78,9 @@ pub struct Daemon {
     /// A previous nexd's kill switch holds: its guard is taken over, not
     /// removed.
     adopt_guard: bool,
+    /// Where the mesh comes from (file or registry), and the registry's
+    /// device side.
+    pub(super) membership: Membership,
 }
 
 /// Where the event loop's asynchronous inputs are delivered.
@@ -88,11 +94,12 @@ impl Daemon {
         opts: Options,
         key: PrivateKey,
         nl: Netlink,
-        mesh: Mesh,
+        mut membership: Membership,
         split: SplitTunnel,
         channels: Channels,
         epoch: u32,
     ) -> Self {
+        let mesh = membership.first();
         let own = key.public_key();
         let sysctls = Sysctls::open(&opts.state_dir);
         // What a previous nexd left: if it wanted exit mode (by flag or by
@@ -157,6 +164,7 @@ impl Daemon {
             last_route_check: None,
             recorded: None,
             adopt_guard: wanted && opts.kill_switch,
+            membership,
             opts,
         }
     }
@@ -283,9 +291,16 @@ impl Daemon {
             .iface
             .as_mut()
             .ok_or_else(|| anyhow!("the WireGuard interface is not up"))?;
-        let me = mesh
-            .device(&self.own)
-            .context("this device is not in the mesh file")?;
+        let Some(me) = mesh.device(&self.own) else {
+            // Not a member (waiting for approval, or revoked): no peers,
+            // no mesh addresses, no announcements.
+            let book = self.heartbeats.book();
+            iface.set_peers(Vec::new(), &|k| book.name(k).unwrap_or("?").to_owned())?;
+            iface.set_addresses(&self.nl, &[]).await?;
+            self.heartbeats.leave(&mesh);
+            self.mesh = mesh;
+            return Ok(());
+        };
         let (v4, v6): (IpAddr, IpAddr) = (me.ipv4.into(), me.ipv6.into());
         iface.set_listen_port(me.listen_port)?;
         iface.set_link(&self.nl, mesh.mtu).await?;
@@ -333,26 +348,22 @@ impl Daemon {
         self.dataplane.set_inputs(&self.nl, inputs).await
     }
 
-    /// Re-reads the mesh file and applies the difference. A file with errors
-    /// (or without this device) is rejected and the running config stays.
+    /// SIGHUP: re-reads the mesh file (not in registry mode) and applies
+    /// the difference. A file with errors (or without this device) is
+    /// rejected and the running config stays.
     pub async fn reload(&mut self) {
-        let mesh = match mesh::read(&self.opts.mesh_file) {
-            Ok(m) => m,
-            Err(e) => {
-                log_error_lines("mesh file rejected, keeping the running config", &e);
-                return;
-            }
-        };
-        if mesh.device(&self.own).is_none() {
-            warn!(
-                public_key = %self.own,
-                "mesh file rejected, keeping the running config: it no longer lists this device"
-            );
+        let Some(mesh) = self.membership.reread(&self.own, &self.mesh) else {
             return;
-        }
+        };
         self.split.reload();
+        self.apply_membership(mesh).await;
+    }
+
+    /// Applies a new membership (a reloaded file, the registry's) and what
+    /// follows from it: only differences are touched.
+    pub(super) async fn apply_membership(&mut self, mesh: Mesh) {
         if let Err(e) = self.apply_mesh(mesh).await {
-            log_error_lines("applying the reloaded mesh file failed", &e);
+            log_error_lines("applying the membership failed", &e);
         }
         if let Err(e) = self.sync_dataplane().await {
             log_error_lines("updating the data path failed", &e);
@@ -589,6 +600,7 @@ impl Daemon {
     /// Removes everything nexd installed, in reverse order. Never fails:
     /// each step logs its own problem and the next step still runs.
     pub async fn teardown(&mut self) {
+        self.membership.shutdown().await;
         if let Some((client, _, mut fx)) = self.exit_parts() {
             client.teardown(&mut fx).await;
         }

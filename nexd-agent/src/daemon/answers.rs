@@ -93,19 +93,24 @@ impl Daemon {
         };
         StatusInfo {
             version: env!("CARGO_PKG_VERSION").into(),
-            device_name: me.map(|d| d.name.clone()).unwrap_or_default(),
+            device_name: self.membership.device_name(&self.mesh, &self.own),
             public_key: self.own.to_string(),
             interface: self.opts.interface.clone(),
             backend,
             listen_port: dev.listen_port.unwrap_or_default(),
             mesh_ipv4: me.map(|d| d.ipv4.to_string()).unwrap_or_default(),
             mesh_ipv6: me.map(|d| d.ipv6.to_string()).unwrap_or_default(),
-            mesh_file: self.opts.mesh_file.display().to_string(),
+            mesh_file: self
+                .membership
+                .mesh_file()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             peers,
             healthy_peers: healthy,
             uptime_seconds: self.started.elapsed().as_secs(),
             datapath: self.dataplane.info(self.split.exclusions().len()),
             exit_node: self.exit_info(),
+            registry: self.membership.info(),
         }
     }
 

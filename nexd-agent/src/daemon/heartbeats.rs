@@ -111,6 +111,13 @@ impl Heartbeats {
         }
     }
 
+    /// This device is not a member (waiting for approval, or revoked): no
+    /// sockets, and no peers in the book (`mesh` has no devices).
+    pub fn leave(&mut self, mesh: &Mesh) {
+        self.announcer = None;
+        self.book.sync(mesh);
+    }
+
     /// Records the handshakes WireGuard reports (availability needs them).
     pub fn observe(&mut self, status: &DeviceStatus, now: Instant) {
         for p in &status.peers {

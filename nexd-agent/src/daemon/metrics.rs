@@ -177,6 +177,8 @@ impl Daemon {
             self.exit_node_metrics(&mut reg);
         }
 
+        self.membership.register_metrics(&mut reg);
+
         let mut out = String::new();
         if encode(&mut out, &reg).is_err() {
             out = "# encoding failed\n".into();

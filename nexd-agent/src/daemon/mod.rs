@@ -16,6 +16,7 @@ mod exit_server;
 mod heartbeats;
 mod interface;
 pub mod lock;
+mod membership;
 mod metrics;
 pub mod reconcile;
 mod split_tunnel;
@@ -31,7 +32,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     control::server::{self, ControlServer},
-    keys, mesh,
+    keys,
     netlink::Netlink,
     routing::PolicyNumbers,
     wireguard::BackendChoice,
@@ -87,6 +88,8 @@ pub struct Options {
     pub socket_group: Option<String>,
     /// Address of the Prometheus endpoint, if any.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `--registry`: membership through etcd instead of the mesh file.
+    pub registry: Option<crate::registry::DeviceConfig>,
 }
 
 /// Options of the exit node role.
@@ -123,15 +126,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if created {
         info!(public_key = %own, path = %keys::key_path(&opts.state_dir).display(), "generated a new private key");
     }
-    let mesh = mesh::read(&opts.mesh_file)?;
-    let me = mesh.device(&own).ok_or_else(|| {
-        anyhow!(
-            "this device's public key {own} is not in the mesh file {}; add a [[device]] entry with public_key = \"{own}\"",
-            opts.mesh_file.display()
-        )
-    })?;
-    info!(device = %me.name, public_key = %own, interface = %opts.interface, "starting nexd {}", env!("CARGO_PKG_VERSION"));
-
     if opts.exit_server.is_some() && opts.exit_node_client {
         anyhow::bail!(
             "--exit-node-client cannot be combined with `router --exit-node`: an exit node sends its own traffic out directly"
@@ -142,6 +136,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             "--kill-switch and --lan-interface are exit-node client options; they cannot be used with `router --exit-node`"
         );
     }
+    // After the option checks: a misconfigured nexd publishes no join
+    // request.
+    let (membership, mut membership_events) = membership::Membership::open(&opts, &own).await?;
+    info!(device = %membership.starting_name(&own), public_key = %own, interface = %opts.interface, "starting nexd {}", env!("CARGO_PKG_VERSION"));
+
     let split = split_tunnel::SplitTunnel::load(
         opts.exclude_routes.clone(),
         opts.exclude_routes_file.clone(),
@@ -161,7 +160,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         opts.clone(),
         key,
         nl,
-        mesh,
+        membership,
         split,
         agent::Channels {
             announcements,
@@ -210,7 +209,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
             _ = sighup.recv() => {
-                info!(mesh_file = %opts.mesh_file.display(), "SIGHUP: reloading the mesh file");
                 crate::notify::reloading();
                 daemon.reload().await;
                 release_freed_memory();
@@ -222,6 +220,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
             Some(inc) = incoming.recv() => daemon.on_announcement(inc).await,
             Some(r) = resolved.recv() => daemon.on_resolved(r).await,
+            Some(ev) = membership_events.recv() => {
+                daemon.on_membership(ev).await;
+                release_freed_memory();
+            }
             Some(()) = uplinks_changed.recv() => daemon.on_uplinks_changed().await,
             _ = tick.tick() => daemon.tick().await,
             _ = probe.tick() => daemon.probe_tick().await,

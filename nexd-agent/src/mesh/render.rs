@@ -47,6 +47,16 @@ pub fn render(mesh: &Mesh, header: &[String]) -> String {
             quote(&d.ipv4.to_string()),
             quote(&d.ipv6.to_string())
         );
+        if d.exit_node {
+            s.push_str("exit_node = true\n");
+        }
+        if let Some(clients) = &d.exit_clients {
+            let list: Vec<String> = clients.iter().map(|c| quote(c)).collect();
+            let _ = writeln!(s, "exit_clients = [{}]", list.join(", "));
+        }
+        if let Some(rate) = &d.exit_rate_limit {
+            let _ = writeln!(s, "exit_rate_limit = {}", quote(&rate.to_string()));
+        }
     }
     s
 }
@@ -62,12 +72,21 @@ mod tests {
             "[mesh]\nipv4_prefix = \"100.100.0.0/16\"\nipv6_prefix = \"fd00:1::/64\"\npersistent_keepalive = 10\nmtu = 1380\nagent_port = 4000\n\
              [[device]]\nname = \"a\"\npublic_key = \"{}\"\nendpoint = \"[2001:db8::1]:4000\"\nlisten_port = 4001\nipv4 = \"100.100.0.1\"\nipv6 = \"fd00:1::1\"\n\
              [[device]]\nname = \"b.c-d\"\npublic_key = \"{}\"\nlisten_port = 5000\nipv4 = \"100.100.0.2\"\nipv6 = \"fd00:1::2\"\n\
-             [[device]]\nname = \"e\"\npublic_key = \"{}\"\nendpoint = \"exit.example.net:51820\"\nipv4 = \"100.100.0.3\"\nipv6 = \"fd00:1::3\"\n",
+             [[device]]\nname = \"e\"\npublic_key = \"{}\"\nendpoint = \"exit.example.net:51820\"\nipv4 = \"100.100.0.3\"\nipv6 = \"fd00:1::3\"\n\
+             exit_node = true\nexit_clients = [\"a\", \"b.c-d\"]\n\
+             [[device]]\nname = \"f\"\npublic_key = \"{}\"\nipv4 = \"100.100.0.4\"\nipv6 = \"fd00:1::4\"\nexit_node = true\nexit_rate_limit = \"200mbit\"\n",
+            PrivateKey::generate().public_key(),
             PrivateKey::generate().public_key(),
             PrivateKey::generate().public_key(),
             PrivateKey::generate().public_key(),
         );
         let mesh = parse(&text).expect("valid");
+        assert!(
+            mesh.devices
+                .iter()
+                .any(|d| d.exit_node && d.exit_clients.is_some())
+        );
+        assert!(mesh.devices.iter().any(|d| d.exit_rate_limit.is_some()));
         let out = render(&mesh, &["exported".into()]);
         assert!(out.starts_with("# exported\n"));
         assert_eq!(parse(&out).expect("rendered file parses"), mesh);

@@ -447,11 +447,13 @@ impl Admin {
         Err(contention())
     }
 
-    /// Writes a mesh file's settings and devices into an empty prefix.
+    /// Writes a mesh file's settings and devices (with their exit roles)
+    /// into an empty prefix.
     /// Devices go in transactions of `DEVICES_PER_TXN`, each guarded by the
     /// serial counter, so a concurrent approval stops the import with an
     /// error rather than interleaving.
     pub async fn import(&mut self, key: &AdminKey, mesh: &Mesh) -> Result<usize, AdminError> {
+        check_importable(mesh)?;
         let view = self.read(key.public_key()).await?;
         let existing = view
             .store
@@ -491,7 +493,12 @@ impl Admin {
                     ipv6: d.ipv6,
                     listen_port: d.listen_port,
                     endpoint: d.endpoint.as_ref().map(ToString::to_string),
-                    roles: Roles::default(),
+                    // The exit roles come along (the file's exit_node and
+                    // exit_clients); check_importable refused rate limits.
+                    roles: Roles {
+                        exit_node: d.exit_node,
+                        exit_clients: d.exit_clients.as_ref().map(|c| c.iter().cloned().collect()),
+                    },
                     serial,
                 };
                 let dk = self.layout.device(&d.public_key);
@@ -570,5 +577,46 @@ fn find_request<'a>(store: &'a Store, who: &str) -> Result<&'a JoinRequest, Admi
                 .collect::<Vec<_>>()
                 .join(", ")
         ))),
+    }
+}
+
+/// Whether the registry can hold everything `mesh` says: device records
+/// have no `exit_rate_limit` yet, and an import must not drop one
+/// silently.
+pub fn check_importable(mesh: &Mesh) -> Result<(), AdminError> {
+    let limited: Vec<&str> = mesh
+        .devices
+        .iter()
+        .filter(|d| d.exit_rate_limit.is_some())
+        .map(|d| d.name.as_str())
+        .collect();
+    if limited.is_empty() {
+        return Ok(());
+    }
+    Err(AdminError::Refused(format!(
+        "exit_rate_limit is set for {}: the registry's device records cannot carry rate limits yet; remove them from the file to import it (nothing was written)",
+        limited.join(", ")
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mesh_with_rate_limits_is_refused_naming_the_devices() {
+        let text = format!(
+            "[mesh]\n[[device]]\nname = \"a\"\npublic_key = \"{}\"\nipv4 = \"100.64.0.1\"\nipv6 = \"fd6e:6578:6400::1\"\nexit_node = true\n\
+             [[device]]\nname = \"b\"\npublic_key = \"{}\"\nipv4 = \"100.64.0.2\"\nipv6 = \"fd6e:6578:6400::2\"\n",
+            crate::keys::PrivateKey::generate().public_key(),
+            crate::keys::PrivateKey::generate().public_key(),
+        );
+        let mut mesh = crate::mesh::parse(&text).expect("valid");
+        assert!(check_importable(&mesh).is_ok(), "exit roles are importable");
+        mesh.devices[1].exit_rate_limit = crate::mesh::Rate::from_bits_per_second(200_000_000);
+        match check_importable(&mesh) {
+            Err(AdminError::Refused(m)) => assert!(m.contains("for b:"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -631,6 +631,15 @@ impl Worker {
             return Ok(());
         }
         let Some(m) = m else { return Ok(()) };
+        // A member asks for nothing: a request left from a time it was not
+        // one (revoked, or its record briefly unverifiable) goes. The
+        // approval itself deletes the request in its transaction.
+        let request_key = self.layout.request(&self.own);
+        if self.store.raw(&request_key).is_some() {
+            cfg.call("removing the join request", kv.delete(request_key, None))
+                .await?;
+        }
+        self.request_lease = None;
         self.waiting = false;
         let source = Source::Registry { revision };
         self.update_status(|s| s.waiting_for_approval = false);

@@ -6,6 +6,7 @@
 mod control;
 mod datapath;
 mod exit;
+mod registry;
 mod stats;
 mod throughput;
 
@@ -24,7 +25,7 @@ pub struct Args {
     /// Write the results as JSON here.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
-    /// Only these benchmarks (repeatable): classifier, split, throughput, control, exit.
+    /// Only these benchmarks (repeatable): classifier, split, throughput, control, exit, registry.
     #[arg(long = "only", value_name = "NAME")]
     pub only: Vec<String>,
     /// Rounds per measurement after the warm-up (ignored with --quick).
@@ -87,6 +88,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if wanted("exit") {
         step("5. exit node policy: CPU per forwarded packet, eBPF against nftables");
         rows.extend(exit::run(&plan)?);
+    }
+    if wanted("registry") {
+        step("6. membership through etcd: approval to the peer configured, start-up, RSS");
+        rows.extend(registry::run(&plan)?);
     }
     println!();
     print!("{}", stats::table(&rows));
