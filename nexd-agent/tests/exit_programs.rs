@@ -36,6 +36,7 @@ const FORWARDED: TestContext = TestContext {
     mark: 0,
     ingress_ifindex: 7,
     gso_segs: 0,
+    gso_size: 0,
 };
 
 fn ip(s: &str) -> IpAddr {
@@ -200,14 +201,33 @@ fn a_served_client_reaches_the_internet_and_is_counted() {
         assert_eq!(moved.clients.len(), 1, "{:?}", moved.clients.keys());
         assert!(moved.global.is_empty(), "{:?}", moved.global);
     }
-    // A GRO aggregate counts its segments.
+    // A GRO aggregate counts its segments, each with its own headers
+    // (everything before the 100 bytes of payload).
     let p = udp_packet(ip(ALICE), ip(INTERNET), 100);
+    let hdr = p.len() as u64 - 100;
     let ctx = TestContext {
         gso_segs: 5,
+        gso_size: 20,
         ..Default::default()
     };
     let (_, moved) = step(&mut dp, INGRESS, &p, ctx);
-    assert_eq!(moved.clients["alice"].rx_packets, 5);
+    let alice = &moved.clients["alice"];
+    assert_eq!(
+        (alice.rx_packets, alice.rx_bytes),
+        (5, p.len() as u64 + 4 * hdr)
+    );
+    // A GSO packet from a TUN (the userspace backend) has a segment size
+    // but no count yet: 100 bytes of payload in 30-byte segments are 4.
+    let ctx = TestContext {
+        gso_size: 30,
+        ..Default::default()
+    };
+    let (_, moved) = step(&mut dp, INGRESS, &p, ctx);
+    let alice = &moved.clients["alice"];
+    assert_eq!(
+        (alice.rx_packets, alice.rx_bytes),
+        (4, p.len() as u64 + 3 * hdr)
+    );
 }
 
 #[test]

@@ -69,21 +69,26 @@ use crate::{
 /// What one skb stands for on the wire: a GRO aggregate, or a GSO packet
 /// the userspace backend wrote into its TUN with a virtio header, is one
 /// skb carrying several segments, each of which goes out (or came in)
-/// with its own copy of the headers. `gso_segs` is not enough: packets
-/// from a TUN are marked untrusted (DODGY) and keep `gso_segs` at 0 until
-/// the kernel segments them, so the count comes from `gso_size`.
+/// with its own copy of the headers. `gso_segs` is not always set:
+/// packets from a TUN are marked untrusted (DODGY) and keep it at 0 until
+/// the kernel segments them, so then the count comes from `gso_size`.
 ///
 /// `hdr` is the length of the headers every segment repeats (IP and L4);
 /// returns (segments, bytes).
 #[inline(always)]
 fn on_wire(ctx: &TcContext, len: u32, hdr: u32) -> (u64, u64) {
     // SAFETY: the skb pointer is valid for the program's run.
-    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
-    if gso_size == 0 || hdr >= len {
-        return (1, u64::from(len));
+    let (gso_segs, gso_size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
+    let segs = if gso_segs > 0 {
+        gso_segs
+    } else if gso_size > 0 && hdr < len {
+        (len - hdr).div_ceil(gso_size).max(1)
+    } else {
+        1
+    };
+    if hdr >= len {
+        return (u64::from(segs), u64::from(len));
     }
-    let payload = len - hdr;
-    let segs = payload.div_ceil(gso_size).max(1);
     (
         u64::from(segs),
         u64::from(len) + u64::from(segs - 1) * u64::from(hdr),
@@ -95,7 +100,8 @@ fn on_wire(ctx: &TcContext, len: u32, hdr: u32) -> (u64, u64) {
 #[inline(always)]
 fn header_len(ctx: &TcContext, proto: u8, l4: usize, later_fragment: bool) -> u32 {
     // SAFETY: as above.
-    if unsafe { (*ctx.skb.skb).gso_size } == 0 || later_fragment {
+    let (gso_segs, gso_size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
+    if (gso_size == 0 && gso_segs <= 1) || later_fragment {
         return l4 as u32;
     }
     let l4_len = match proto {

@@ -167,6 +167,9 @@ pub struct TestContext {
     pub ingress_ifindex: u32,
     /// `skb_shinfo(skb)->gso_segs`.
     pub gso_segs: u32,
+    /// `skb_shinfo(skb)->gso_size` (a GSO packet from a TUN has a size
+    /// but no segment count yet).
+    pub gso_size: u32,
 }
 
 /// What a test run returned, with the packet as the program left it.
@@ -432,6 +435,7 @@ impl Datapath {
         ctx_in[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4]
             .copy_from_slice(&ctx.ingress_ifindex.to_ne_bytes());
         ctx_in[SKB_GSO_SEGS..SKB_GSO_SEGS + 4].copy_from_slice(&ctx.gso_segs.to_ne_bytes());
+        ctx_in[SKB_GSO_SIZE..SKB_GSO_SIZE + 4].copy_from_slice(&ctx.gso_size.to_ne_bytes());
         let mut ctx_out = [0u8; SK_BUFF_SIZE];
         let mut data_out = vec![0u8; packet.len() + 256];
         let mut opts = TestRunOptions::new();
@@ -463,6 +467,7 @@ const SK_BUFF_SIZE: usize = 192;
 const SKB_MARK: usize = 8;
 const SKB_INGRESS_IFINDEX: usize = 36;
 const SKB_GSO_SEGS: usize = 164;
+const SKB_GSO_SIZE: usize = 176;
 
 impl Drop for Datapath {
     fn drop(&mut self) {
