@@ -4,7 +4,7 @@
 //! a private network only it reaches), so it reads them here and again
 //! whenever links, addresses or routes change.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
@@ -12,9 +12,8 @@ use netlink_packet_route::{
     address::AddressAttribute,
     route::{RouteAddress, RouteAttribute},
 };
-use rtnetlink::RouteMessageBuilder;
 
-use super::uplink::table_of;
+use super::uplink::main_routes;
 use crate::netlink::{Netlink, NetlinkError};
 
 /// Every address of every interface, with its prefix length.
@@ -46,32 +45,20 @@ pub async fn addresses(nl: &Netlink) -> Result<Vec<IpNet>, NetlinkError> {
 /// are not the internet.
 pub async fn routed_subnets(nl: &Netlink) -> Result<Vec<IpNet>, NetlinkError> {
     let mut out = Vec::new();
-    for v6 in [false, true] {
-        let query = if v6 {
-            RouteMessageBuilder::<Ipv6Addr>::new().build()
-        } else {
-            RouteMessageBuilder::<Ipv4Addr>::new().build()
-        };
-        let mut routes = nl.handle().route().get(query).execute();
-        while let Some(r) = routes
-            .try_next()
-            .await
-            .map_err(|e| NetlinkError::new("listing routes", e))?
+    for (_, r) in main_routes(nl).await? {
+        let len = r.header.destination_prefix_length;
+        if len <= 1 {
+            continue;
+        }
+        let dst = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+            _ => None,
+        });
+        if let Some(ip) = dst
+            && let Ok(net) = IpNet::new(ip, len)
         {
-            let len = r.header.destination_prefix_length;
-            if table_of(&r) != 254 || len <= 1 {
-                continue;
-            }
-            let dst = r.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
-                RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
-                _ => None,
-            });
-            if let Some(ip) = dst
-                && let Ok(net) = IpNet::new(ip, len)
-            {
-                out.push(net.trunc());
-            }
+            out.push(net.trunc());
         }
     }
     out.sort();

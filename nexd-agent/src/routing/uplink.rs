@@ -43,11 +43,10 @@ fn default_of(msg: &RouteMessage) -> Option<DefaultRoute> {
     oif.map(|oif| DefaultRoute { oif, gateway })
 }
 
-/// The IPv4 and IPv6 default routes of the main table.
-pub async fn default_routes(
-    nl: &Netlink,
-) -> Result<(Option<DefaultRoute>, Option<DefaultRoute>), NetlinkError> {
-    let mut out = (None, None);
+/// Every route of the main table, IPv4 then IPv6, with whether it is
+/// IPv6: the one listing the uplink and host readers filter.
+pub async fn main_routes(nl: &Netlink) -> Result<Vec<(bool, RouteMessage)>, NetlinkError> {
+    let mut out = Vec::new();
     for v6 in [false, true] {
         let query = if v6 {
             RouteMessageBuilder::<Ipv6Addr>::new().build()
@@ -60,11 +59,24 @@ pub async fn default_routes(
             .await
             .map_err(|e| NetlinkError::new("listing routes", e))?
         {
-            if r.header.destination_prefix_length == 0 && table_of(&r) == 254 {
-                let slot = if v6 { &mut out.1 } else { &mut out.0 };
-                if slot.is_none() {
-                    *slot = default_of(&r);
-                }
+            if table_of(&r) == 254 {
+                out.push((v6, r));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The IPv4 and IPv6 default routes of the main table.
+pub async fn default_routes(
+    nl: &Netlink,
+) -> Result<(Option<DefaultRoute>, Option<DefaultRoute>), NetlinkError> {
+    let mut out = (None, None);
+    for (v6, r) in main_routes(nl).await? {
+        if r.header.destination_prefix_length == 0 {
+            let slot = if v6 { &mut out.1 } else { &mut out.0 };
+            if slot.is_none() {
+                *slot = default_of(&r);
             }
         }
     }
@@ -77,29 +89,17 @@ pub async fn default_routes(
 /// uplinks the leak guard must sit on.
 pub async fn all_default_route_interfaces(nl: &Netlink) -> Result<Vec<String>, NetlinkError> {
     let mut indexes: Vec<u32> = Vec::new();
-    for v6 in [false, true] {
-        let query = if v6 {
-            RouteMessageBuilder::<Ipv6Addr>::new().build()
-        } else {
-            RouteMessageBuilder::<Ipv4Addr>::new().build()
-        };
-        let mut routes = nl.handle().route().get(query).execute();
-        while let Some(r) = routes
-            .try_next()
-            .await
-            .map_err(|e| NetlinkError::new("listing routes", e))?
-        {
-            if r.header.destination_prefix_length != 0 || table_of(&r) != 254 {
-                continue;
-            }
-            for a in &r.attributes {
-                match a {
-                    RouteAttribute::Oif(i) => indexes.push(*i),
-                    RouteAttribute::MultiPath(hops) => {
-                        indexes.extend(hops.iter().map(|h| h.interface_index));
-                    }
-                    _ => {}
+    for (_, r) in main_routes(nl).await? {
+        if r.header.destination_prefix_length != 0 {
+            continue;
+        }
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Oif(i) => indexes.push(*i),
+                RouteAttribute::MultiPath(hops) => {
+                    indexes.extend(hops.iter().map(|h| h.interface_index));
                 }
+                _ => {}
             }
         }
     }
