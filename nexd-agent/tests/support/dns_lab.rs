@@ -146,7 +146,9 @@ pub fn upstream(inet: &Netns) -> anyhow::Result<Arc<Mutex<Vec<SocketAddr>>>> {
 // ---- the resolver under test, on its own runtime inside the exit node ------
 
 pub enum Command {
-    Allow(Vec<IpAddr>),
+    /// Replace the allowed sources; the reply says it is done, so the
+    /// next query meets the new set (not a race with the resolver task).
+    Allow(Vec<IpAddr>, mpsc::Sender<()>),
     Counters(mpsc::Sender<DnsCounters>),
     /// Stop, then start again on the same port.
     Restart(mpsc::Sender<Result<(), String>>),
@@ -178,7 +180,10 @@ impl Resolver {
                 let _ = ready_tx.send(Ok(()));
                 while let Some(cmd) = rx.recv().await {
                     match cmd {
-                        Command::Allow(a) => handle.update_allowed(a),
+                        Command::Allow(a, done) => {
+                            handle.update_allowed(a);
+                            let _ = done.send(());
+                        }
                         Command::Counters(reply) => {
                             let _ = reply.send(handle.counters());
                         }
@@ -215,7 +220,9 @@ impl Resolver {
     }
 
     pub fn allow(&self, addrs: &[&str]) -> anyhow::Result<()> {
-        self.send(Command::Allow(addrs.iter().map(|a| ip(a)).collect()))
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Allow(addrs.iter().map(|a| ip(a)).collect(), tx))?;
+        Ok(rx.recv_timeout(WAIT)?)
     }
 
     pub fn counters(&self) -> anyhow::Result<DnsCounters> {
