@@ -65,9 +65,13 @@ pub struct ExitServer {
 /// itself again after losing it.
 pub const RESTORE_AFTER: Duration = Duration::from_secs(2);
 
-/// Why this device may not serve.
+/// Why this device may not serve. A device that is not a member yet (a
+/// registry device waiting for approval) may not either: it starts
+/// serving when the membership that approves it says so.
 pub fn not_allowed(mesh: &Mesh, own: &PublicKey) -> Option<String> {
-    let me = mesh.device(own)?;
+    let Some(me) = mesh.device(own) else {
+        return Some("this device is not a member of the mesh (yet)".to_owned());
+    };
     (!me.exit_node).then(|| {
         format!(
             "device {} may not serve as exit node: its [[device]] entry has no `exit_node = true`",
