@@ -32,7 +32,7 @@ const TOOLS: [&str; 6] = ["ip", "tc", "nft", "ping", "wg", "nsenter"];
 
 /// Kernel modules the suite needs (their dependencies are added; a name
 /// this kernel does not have is skipped: built in, or another arch's).
-const MODULES: [&str; 17] = [
+const MODULES: [&str; 19] = [
     "wireguard",
     "veth",
     "bridge",
@@ -45,6 +45,10 @@ const MODULES: [&str; 17] = [
     "nft_masq",
     "nft_ct",
     "nft_objref",
+    // The client's DNS redirect (`dnat`) and, while traffic is held,
+    // its refusal (`reject` in an inet table).
+    "nft_nat",
+    "nft_reject_inet",
     // The accelerated WireGuard ciphers of each architecture.
     "chacha_x86_64",
     "poly1305_x86_64",
