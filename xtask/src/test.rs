@@ -95,6 +95,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             arch: crate::arch::Arch::Amd64,
             tests: Vec::new(),
             systemd: false,
+            bench: false,
         })?;
     }
     if !args.no_package {

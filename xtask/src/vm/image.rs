@@ -330,8 +330,9 @@ fn init_script(arch: Arch, modules: &[String], cases: &[Case]) -> String {
         } else {
             format!(" {} --exact", c.test)
         };
+        let ignored = if c.ignored { " --ignored" } else { "" };
         runs.push_str(&format!(
-            "run /tests/{}{filter} --nocapture --test-threads=1\n",
+            "run /tests/{}{filter}{ignored} --nocapture --test-threads=1\n",
             c.binary
         ));
     }
