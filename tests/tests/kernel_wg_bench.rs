@@ -277,8 +277,25 @@ fn measure(w: &World, what: &str, secs: u64) -> anyhow::Result<Throughput> {
 }
 
 /// One nexd round: exit node and client started, the client active over
-/// kernel WireGuard, measured, both stopped.
+/// kernel WireGuard, measured, both stopped. On failure the error carries
+/// both nexd logs: the test fails by returning an error, not by panicking,
+/// so the nodes would not print them when dropped.
 fn nexd_round(w: &mut World, secs: u64) -> anyhow::Result<Throughput> {
+    nexd_round_inner(w, secs).with_context(|| {
+        let exits = w
+            .node("client")
+            .nexctl(&["nexd", "exit-node", "list"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        format!(
+            "nexd round; the client's exit-node list:\n{exits}\n---- exit1 nexd log ----\n{}\n---- client nexd log ----\n{}",
+            w.node("exit1").log(),
+            w.node("client").log()
+        )
+    })
+}
+
+fn nexd_round_inner(w: &mut World, secs: u64) -> anyhow::Result<Throughput> {
     w.node_mut("exit1")
         .start(&spec(&["router", "--exit-node"]))?;
     w.node_mut("client").start(&spec(&["--exit-node-client"]))?;

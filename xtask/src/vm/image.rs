@@ -32,7 +32,7 @@ const TOOLS: [&str; 6] = ["ip", "tc", "nft", "ping", "wg", "nsenter"];
 
 /// Kernel modules the suite needs (their dependencies are added; a name
 /// this kernel does not have is skipped: built in, or another arch's).
-const MODULES: [&str; 17] = [
+const MODULES: [&str; 19] = [
     "wireguard",
     "veth",
     "bridge",
@@ -43,6 +43,10 @@ const MODULES: [&str; 17] = [
     "nf_nat",
     "nft_chain_nat",
     "nft_masq",
+    // The exit client's DNS redirect to the exit node's resolver: dnat
+    // (nft_nat) and its reject of what it cannot redirect.
+    "nft_nat",
+    "nft_reject_inet",
     "nft_ct",
     "nft_objref",
     // The accelerated WireGuard ciphers of each architecture.
