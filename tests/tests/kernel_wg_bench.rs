@@ -48,6 +48,8 @@ const MAX_BYTES: u64 = 4 << 30;
 /// An unrecorded transfer after each setup: the first packets of a fresh
 /// tunnel (handshake, ARP, TCP slow start) are not what is compared.
 const WARMUP: Duration = Duration::from_secs(1);
+/// How long nexd's CPU is watched with no traffic, before the transfer.
+const IDLE: Duration = Duration::from_secs(3);
 
 /// The hand-configured tunnel: interface, port, fwmark and table (wg-quick's
 /// default fwmark and table number), addresses, rule priorities.
@@ -248,9 +250,60 @@ fn spec(args: &[&str]) -> NodeSpec {
     }
 }
 
+/// User + system CPU seconds `pid` has used.
+fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The fields after the command name (which may contain spaces); utime
+    // and stime are fields 14 and 15, i.e. 11 and 12 after the ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/PID/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
+        .sum();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    Ok(ticks / hz)
+}
+
+/// Busy and total jiffies of all CPUs (`/proc/stat`): whether the machine
+/// had idle CPU left while a transfer ran, i.e. whether the transfer was
+/// CPU-bound.
+fn cpu_jiffies() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .context("empty /proc/stat")?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    // idle and iowait.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+/// One measured transfer and what the CPUs did meanwhile.
+struct Sample {
+    t: Throughput,
+    /// CPU seconds nexd's processes used during the transfer (0 for the
+    /// hand-configured tunnel, which has none).
+    nexd_cpu: f64,
+    /// Fraction of all CPUs busy during the transfer.
+    busy: f64,
+    /// CPU seconds per second nexd's processes used with the tunnel idle.
+    nexd_idle_cpu: Option<f64>,
+}
+
 /// Checks the path (the server sees the exit node's underlay address, so
-/// the traffic went through it), warms the tunnel up, then measures.
-fn measure(w: &World, what: &str, secs: u64) -> anyhow::Result<Throughput> {
+/// the traffic went through it), warms the tunnel up, then measures,
+/// with the CPU time of `pids` (nexd's processes) meanwhile.
+fn measure(w: &World, what: &str, secs: u64, pids: &[u32]) -> anyhow::Result<Sample> {
     let client = &w.node("client").ns;
     let server = World::server(false);
     ping_until(client, server, T)?;
@@ -262,6 +315,10 @@ fn measure(w: &World, what: &str, secs: u64) -> anyhow::Result<Throughput> {
         bail!("{what}: the server saw {seen}, not the exit node's {exit}");
     }
     tcp_throughput(client, &w.inet.ns, server, MAX_BYTES, WARMUP, T)?;
+    let cpu = |pids: &[u32]| -> anyhow::Result<f64> {
+        pids.iter().map(|p| process_cpu_seconds(*p)).sum()
+    };
+    let (cpu_before, jiffies_before) = (cpu(pids)?, cpu_jiffies()?);
     let t = tcp_throughput(
         client,
         &w.inet.ns,
@@ -270,17 +327,24 @@ fn measure(w: &World, what: &str, secs: u64) -> anyhow::Result<Throughput> {
         Duration::from_secs(secs),
         T,
     )?;
+    let (cpu_after, jiffies_after) = (cpu(pids)?, cpu_jiffies()?);
     if t.bytes == 0 {
         bail!("{what}: no data moved");
     }
-    Ok(t)
+    let total = jiffies_after.1.saturating_sub(jiffies_before.1).max(1);
+    Ok(Sample {
+        t,
+        nexd_cpu: cpu_after - cpu_before,
+        busy: jiffies_after.0.saturating_sub(jiffies_before.0) as f64 / total as f64,
+        nexd_idle_cpu: None,
+    })
 }
 
 /// One nexd round: exit node and client started, the client active over
 /// kernel WireGuard, measured, both stopped. On failure the error carries
 /// both nexd logs: the test fails by returning an error, not by panicking,
 /// so the nodes would not print them when dropped.
-fn nexd_round(w: &mut World, secs: u64) -> anyhow::Result<Throughput> {
+fn nexd_round(w: &mut World, secs: u64) -> anyhow::Result<Sample> {
     nexd_round_inner(w, secs).with_context(|| {
         let exits = w
             .node("client")
@@ -295,7 +359,7 @@ fn nexd_round(w: &mut World, secs: u64) -> anyhow::Result<Throughput> {
     })
 }
 
-fn nexd_round_inner(w: &mut World, secs: u64) -> anyhow::Result<Throughput> {
+fn nexd_round_inner(w: &mut World, secs: u64) -> anyhow::Result<Sample> {
     w.node_mut("exit1")
         .start(&spec(&["router", "--exit-node"]))?;
     w.node_mut("client").start(&spec(&["--exit-node-client"]))?;
@@ -307,15 +371,33 @@ fn nexd_round_inner(w: &mut World, secs: u64) -> anyhow::Result<Throughput> {
             bail!("{n}: nexd's wg0 is not a kernel WireGuard interface:\n{link}");
         }
     }
-    let t = measure(w, "nexd", secs)?;
+    let pids: Vec<u32> = ["client", "exit1"]
+        .iter()
+        .filter_map(|n| w.node(n).pid())
+        .collect();
+    // nexd's own CPU with the tunnel idle (probes, heartbeats, timers):
+    // under emulation every wake-up is dear, and it comes out of the same
+    // two vCPUs the transfer needs.
+    let before = pids
+        .iter()
+        .map(|p| process_cpu_seconds(*p))
+        .sum::<anyhow::Result<f64>>()?;
+    std::thread::sleep(IDLE);
+    let idle = pids
+        .iter()
+        .map(|p| process_cpu_seconds(*p))
+        .sum::<anyhow::Result<f64>>()?
+        - before;
+    let mut t = measure(w, "nexd", secs, &pids)?;
+    t.nexd_idle_cpu = Some(idle / IDLE.as_secs_f64());
     w.node_mut("client").stop()?;
     w.node_mut("exit1").stop()?;
     Ok(t)
 }
 
-fn hand_round(w: &World, keys: &HandKeys, secs: u64) -> anyhow::Result<Throughput> {
+fn hand_round(w: &World, keys: &HandKeys, secs: u64) -> anyhow::Result<Sample> {
     let _tunnel = HandConfigured::start(w, keys)?;
-    measure(w, "hand-configured", secs)
+    measure(w, "hand-configured", secs, &[])
 }
 
 /// min, median, max.
@@ -360,16 +442,22 @@ fn kernel_wireguard_exit_throughput() -> anyhow::Result<()> {
             ["hand-configured", "nexd"]
         };
         for what in order {
-            let t = if what == "nexd" {
+            let s = if what == "nexd" {
                 nexd_round(&mut w, secs)?
             } else {
                 hand_round(&w, &keys, secs)?
             };
-            let mbps = t.mbit_per_s();
+            let mbps = s.t.mbit_per_s();
+            let idle = s
+                .nexd_idle_cpu
+                .map(|c| format!(", idle {c:.3} CPU-s/s"))
+                .unwrap_or_default();
             println!(
-                "KWG-BENCH round {round}/{rounds} {what}: {mbps:.1} Mbit/s ({} bytes in {:.2} s)",
-                t.bytes,
-                t.elapsed.as_secs_f64()
+                "KWG-BENCH round {round}/{rounds} {what}: {mbps:.1} Mbit/s ({} bytes in {:.2} s; CPUs {:.0}% busy; nexd {:.2} CPU-s{idle})",
+                s.t.bytes,
+                s.t.elapsed.as_secs_f64(),
+                s.busy * 100.0,
+                s.nexd_cpu
             );
             if what == "nexd" {
                 nexd.push(mbps);

@@ -100,6 +100,7 @@ pub fn ci(vms: bool) -> anyhow::Result<()> {
                 tests: CI_ARM64_TESTS.iter().map(|t| (*t).to_owned()).collect(),
                 systemd: false,
                 bench: false,
+                rounds: None,
             })
         })?;
         timed("the package under systemd", &|| {
@@ -110,6 +111,7 @@ pub fn ci(vms: bool) -> anyhow::Result<()> {
                 tests: Vec::new(),
                 systemd: true,
                 bench: false,
+                rounds: None,
             })
         })?;
     }

@@ -96,6 +96,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             tests: Vec::new(),
             systemd: false,
             bench: false,
+            rounds: None,
         })?;
     }
     if !args.no_package {

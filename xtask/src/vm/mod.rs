@@ -64,6 +64,9 @@ pub struct Args {
     /// elsewhere). Prints `KWG-BENCH` lines with the ratio of the medians.
     #[arg(long, conflicts_with_all = ["systemd", "tests"])]
     pub bench: bool,
+    /// With --bench: rounds of each configuration (default: the test's, 3).
+    #[arg(long, requires = "bench", value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: Option<u32>,
 }
 
 /// One test binary of the suite and the test in it to run (every test of
@@ -163,12 +166,19 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let what = if args.bench { "measurement" } else { "suite" };
     let qemu = fetch::qemu(&cache, args.arch)?;
     let userland = fetch::debian_tree(&cache, "userland", args.arch, image::USERLAND)?;
-    let binaries = image::build_binaries(args.arch, &cases)?;
+    let binaries = image::build_binaries(args.arch, &cases, args.bench)?;
+    let env: Vec<(String, String)> = args
+        .rounds
+        .map(|r| ("NEXD_KWG_BENCH_ROUNDS".to_owned(), r.to_string()))
+        .into_iter()
+        .collect();
     let mut failures = Vec::new();
     for k in &kernels {
         let kernel = fetch::kernel(&cache, k, args.arch)?;
         step(&format!("building the initramfs for {}", kernel.version));
-        let initrd = image::initramfs(&cache, args.arch, &kernel, &userland, &binaries, &cases)?;
+        let initrd = image::initramfs(
+            &cache, args.arch, &kernel, &userland, &binaries, &cases, &env,
+        )?;
         let started = Instant::now();
         let mut attempt = 0;
         let status = loop {
