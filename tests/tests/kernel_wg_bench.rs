@@ -506,5 +506,17 @@ fn kernel_wireguard_exit_throughput() -> anyhow::Result<()> {
         "KWG-BENCH ratio median(nexd paused)/median(hand-configured) = {:.3} (nexd's data path without nexd's CPU)",
         p_med / h_med
     );
+    // The same within each round (the two configurations measured back to
+    // back): robust to the machine's load drifting over the run, which
+    // under emulation on a shared host moves whole rounds by 2-4x.
+    for (what, v) in [("nexd", &nexd), ("nexd (paused)", &paused)] {
+        let per_round: Vec<f64> = v.iter().zip(&hand).map(|(a, b)| a / b).collect();
+        let shown: Vec<String> = per_round.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "KWG-BENCH per-round ratio {what}/hand-configured: {} (median {:.3})",
+            shown.join(" "),
+            summary(&per_round).1
+        );
+    }
     Ok(())
 }
