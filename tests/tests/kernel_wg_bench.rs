@@ -15,6 +15,10 @@
 //!   ip_forward plus one nftables masquerade. wg-quick's own anti-spoofing
 //!   nftables table is left out: a leaner baseline than wg-quick itself.
 //!
+//! Each nexd round is also measured with both nexd processes paused
+//! (SIGSTOP): the same data path without nexd's own CPU, to tell the two
+//! apart when the ratio falls short.
+//!
 //! What counts is the ratio of the medians (issue 15: goal ≥ 0.98): under
 //! emulation the absolute Mbit/s mean little. The test asserts only that
 //! both configurations moved data through the exit node, and fails (never
