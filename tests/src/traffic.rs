@@ -142,6 +142,103 @@ pub fn tcp_transfer(
     })
 }
 
+/// Result of a throughput run: what the receiver counted and how long the
+/// sender took, from its first write to the receiver's acknowledgement of
+/// the last byte (so data still queued in the tunnel is counted in time).
+#[derive(Debug, Clone, Copy)]
+pub struct Throughput {
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl Throughput {
+    pub fn mbit_per_s(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.elapsed.as_secs_f64().max(1e-9) / 1e6
+    }
+}
+
+/// Bulk TCP from a socket in `from` to a sink listening on `to_addr` in
+/// `to`: sends until `max_bytes` are sent or `duration` has passed,
+/// whichever comes first, then waits for the sink's byte count. The VM's
+/// userland has no iperf3, so the benchmarks that run there measure with
+/// this. `duration` is not scaled (it is the measurement, not a deadline);
+/// every wait (connect, the sink's reads, the count) is bounded by
+/// `timeout`, scaled.
+pub fn tcp_throughput(
+    from: &Netns,
+    to: &Netns,
+    to_addr: IpAddr,
+    max_bytes: u64,
+    duration: Duration,
+    timeout: Duration,
+) -> anyhow::Result<Throughput> {
+    let timeout = crate::scaled(timeout);
+    let listener =
+        to.run_in(move || TcpListener::bind(SocketAddr::new(to_addr, 0)).context("bind"))?;
+    let port = listener.local_addr()?.port();
+    listener.set_nonblocking(true)?;
+    let sink = std::thread::spawn(move || -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        bail!("no connection within {timeout:?}");
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(timeout))?;
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = conn.read(&mut buf).context("sink read")?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        conn.write_all(&total.to_be_bytes())?;
+        Ok(total)
+    });
+    let sender = from.run_in(move || -> anyhow::Result<(u64, u64, Duration)> {
+        let addr = SocketAddr::new(to_addr, port);
+        let mut s = TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("connect {addr}"))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.set_read_timeout(Some(timeout))?;
+        let chunk = pattern(128 * 1024);
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while sent < max_bytes && start.elapsed() < duration {
+            let n = chunk.len().min((max_bytes - sent) as usize);
+            s.write_all(&chunk[..n]).context("sender write")?;
+            sent += n as u64;
+        }
+        s.shutdown(Shutdown::Write)?;
+        let mut reply = [0u8; 8];
+        s.read_exact(&mut reply)
+            .context("sender read the sink's count")?;
+        Ok((sent, u64::from_be_bytes(reply), start.elapsed()))
+    });
+    let sink = sink
+        .join()
+        .map_err(|_| anyhow::anyhow!("sink thread panicked"))?;
+    let (sent, counted, elapsed) = sender?;
+    let received = sink?;
+    if counted != sent || received != sent {
+        bail!("TCP to {to_addr}: sent {sent} bytes, the sink counted {received}");
+    }
+    Ok(Throughput {
+        bytes: received,
+        elapsed,
+    })
+}
+
 /// Socket options for a UDP probe, to imitate applications that route
 /// around the routing table (the leaks a kill switch must stop).
 #[derive(Debug, Clone, Default)]

@@ -99,6 +99,8 @@ pub fn ci(vms: bool) -> anyhow::Result<()> {
                 arch: Arch::Arm64,
                 tests: CI_ARM64_TESTS.iter().map(|t| (*t).to_owned()).collect(),
                 systemd: false,
+                bench: false,
+                rounds: None,
             })
         })?;
         timed("the package under systemd", &|| {
@@ -108,6 +110,8 @@ pub fn ci(vms: bool) -> anyhow::Result<()> {
                 arch: Arch::Amd64,
                 tests: Vec::new(),
                 systemd: true,
+                bench: false,
+                rounds: None,
             })
         })?;
     }

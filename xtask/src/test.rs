@@ -95,6 +95,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             arch: crate::arch::Arch::Amd64,
             tests: Vec::new(),
             systemd: false,
+            bench: false,
+            rounds: None,
         })?;
     }
     if !args.no_package {

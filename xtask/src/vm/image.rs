@@ -43,6 +43,10 @@ const MODULES: [&str; 19] = [
     "nf_nat",
     "nft_chain_nat",
     "nft_masq",
+    // The exit client's DNS redirect to the exit node's resolver: dnat
+    // (nft_nat) and its reject of what it cannot redirect.
+    "nft_nat",
+    "nft_reject_inet",
     "nft_ct",
     "nft_objref",
     // The client's DNS redirect (`dnat`) and, while traffic is held,
@@ -68,13 +72,17 @@ pub struct Binaries {
 /// Builds nexd, nexctl and the test binaries of `cases` for `arch`: debug
 /// for the host's architecture (as `cargo test` builds them), release when
 /// cross-building (shared with the package and the qemu-user unit tests).
-pub fn build_binaries(arch: Arch, cases: &[Case]) -> anyhow::Result<Binaries> {
+/// `release_agent` makes nexd and nexctl release builds on the host's
+/// architecture too: a measurement must see the nexd that ships, not a
+/// debug build's background CPU (the test binaries stay as they are: the
+/// traffic they drive is the kernel's work).
+pub fn build_binaries(arch: Arch, cases: &[Case], release_agent: bool) -> anyhow::Result<Binaries> {
     let release = !arch.is_host();
     let dir = if release {
         crate::arch::build_release(arch)?
     } else {
-        crate::build_agent(false)?;
-        arch.output_dir(false)
+        crate::build_agent(release_agent)?;
+        arch.output_dir(release_agent)
     };
     step(&format!("building the end-to-end test binaries for {arch}"));
     let mut tests = BTreeMap::new();
@@ -326,7 +334,8 @@ fn time_scale(arch: Arch) -> u32 {
     }
 }
 
-fn init_script(arch: Arch, modules: &[String], cases: &[Case]) -> String {
+/// `env`: more variables for the tests (e.g. the measurement's rounds).
+fn init_script(arch: Arch, modules: &[String], cases: &[Case], env: &[(String, String)]) -> String {
     let mut runs = String::new();
     for c in cases {
         let filter = if c.test.is_empty() {
@@ -334,10 +343,15 @@ fn init_script(arch: Arch, modules: &[String], cases: &[Case]) -> String {
         } else {
             format!(" {} --exact", c.test)
         };
+        let ignored = if c.ignored { " --ignored" } else { "" };
         runs.push_str(&format!(
-            "run /tests/{}{filter} --nocapture --test-threads=1\n",
+            "run /tests/{}{filter}{ignored} --nocapture --test-threads=1\n",
             c.binary
         ));
+    }
+    let mut exports = String::new();
+    for (k, v) in env {
+        exports.push_str(&format!("export {k}='{v}'\n"));
     }
     format!(
         r#"#!/bin/busybox sh
@@ -356,7 +370,7 @@ echo "modules: $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"
 ip link set lo up
 echo "{booted} $(uname -r) ({arch}), $(nproc) CPUs"
 export HOME=/root NEXD_BIN_DIR=/usr/bin NEXD_TEST_WIREGUARD=kernel NEXD_TEST_TIME_SCALE={scale} RUST_BACKTRACE=1
-status=0
+{exports}status=0
 run() {{
   echo "=== $*"
   start=$(cut -d. -f1 /proc/uptime)
@@ -380,6 +394,7 @@ pub fn initramfs(
     userland: &Path,
     bins: &Binaries,
     cases: &[Case],
+    env: &[(String, String)],
 ) -> anyhow::Result<PathBuf> {
     let mut tree = Tree::default();
     tree.add(
@@ -416,7 +431,11 @@ pub fn initramfs(
         b"root:x:0:\nnogroup:x:65534:\n".to_vec(),
         0o644,
     );
-    tree.add("init", init_script(arch, &names, cases).into_bytes(), 0o755);
+    tree.add(
+        "init",
+        init_script(arch, &names, cases, env).into_bytes(),
+        0o755,
+    );
     let out = cache.join(format!("initramfs-{}.cpio", kernel.version));
     tree.write(&out)?;
     let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
