@@ -49,10 +49,6 @@ const MODULES: [&str; 19] = [
     "nft_reject_inet",
     "nft_ct",
     "nft_objref",
-    // The client's DNS redirect (`dnat`) and, while traffic is held,
-    // its refusal (`reject` in an inet table).
-    "nft_nat",
-    "nft_reject_inet",
     // The accelerated WireGuard ciphers of each architecture.
     "chacha_x86_64",
     "poly1305_x86_64",
