@@ -63,21 +63,6 @@ fn delete_tables_script(tables: &[(&str, &str)]) -> String {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn one_transaction_deletes_tables_that_may_not_exist() {
-        let s = super::delete_tables_script(&[("inet", "nexd"), ("inet", "nexd_gw")]);
-        assert_eq!(
-            s,
-            "add table inet nexd\ndelete table inet nexd\nadd table inet nexd_gw\ndelete table inet nexd_gw\n"
-        );
-        if let Err(e) = super::check(&s) {
-            panic!("{e}");
-        }
-    }
-}
-
 /// Whether the table `family name` exists.
 pub fn table_exists(family: &str, name: &str) -> Result<bool, NftError> {
     let out = Command::new("nft")
@@ -119,5 +104,20 @@ pub fn check(script: &str) -> Result<(), String> {
             "{}\n{script}",
             String::from_utf8_lossy(&out.stderr).trim()
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_transaction_deletes_tables_that_may_not_exist() {
+        let s = super::delete_tables_script(&[("inet", "nexd"), ("inet", "nexd_gw")]);
+        assert_eq!(
+            s,
+            "add table inet nexd\ndelete table inet nexd\nadd table inet nexd_gw\ndelete table inet nexd_gw\n"
+        );
+        if let Err(e) = super::check(&s) {
+            panic!("{e}");
+        }
     }
 }
