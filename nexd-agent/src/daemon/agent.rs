@@ -215,7 +215,7 @@ impl Daemon {
             self.exit_client
                 .remove_leftovers(&self.nl, &mut self.sysctls)
                 .await;
-            crate::routing::forward::remove_table();
+            crate::routing::remove_leftover_tables();
             self.dataplane
                 .remove_leftovers(&self.nl, self.adopt_guard)
                 .await;

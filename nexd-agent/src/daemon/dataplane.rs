@@ -120,8 +120,9 @@ impl DataPlane {
 
     /// Removes what a crashed nexd may have left of the data path: pinned
     /// guards (unless `keep_guard`: the kill switch still holds, and the
-    /// guard is taken over in place), nexd's tc filters (clsact), the
-    /// gateway's nftables table.
+    /// guard is taken over in place), nexd's tc filters (clsact). (The
+    /// gateway's nftables table goes with the others, in
+    /// `routing::remove_leftover_tables`.)
     pub async fn remove_leftovers(&self, nl: &Netlink, keep_guard: bool) {
         let clsact = &self.inherited_clsact;
         let mut ifaces = self.settings.lan_interfaces.clone();
@@ -134,7 +135,6 @@ impl DataPlane {
             keep_guard,
             clsact,
         );
-        crate::routing::gateway::remove_table();
     }
 
     /// The LAN gateway role: forwarding on, LAN traffic into the tunnel

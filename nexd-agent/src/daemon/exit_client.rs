@@ -132,13 +132,12 @@ impl ExitClient {
     }
 
     /// Removes whatever a crashed nexd left at nexd's fixed numbers (rules,
-    /// routes, `src_valid_mark`) before anything else starts.
+    /// routes, `src_valid_mark`) before anything else starts. (A leftover
+    /// DNS redirect goes with the other nftables tables, in
+    /// `routing::remove_leftover_tables`.)
     pub async fn remove_leftovers(&self, nl: &Netlink, sysctls: &mut Sysctls) {
         if let Err(e) = self.routing.remove(nl, sysctls).await {
             warn!(error = %e, "removing leftover exit-node client routing failed");
-        }
-        if let Err(e) = dns::remove() {
-            warn!(error = %e, "removing a leftover DNS redirect failed");
         }
     }
 

@@ -48,6 +48,21 @@ pub fn delete_table(family: &str, name: &str) -> Result<(), NftError> {
     ))
 }
 
+/// Deletes every table of `tables` (`(family, name)`) that exists, in one
+/// transaction: one `nft` run instead of one per table (each run costs
+/// 10-30 ms, most of it starting `nft`).
+pub fn delete_tables(tables: &[(&str, &str)]) -> Result<(), NftError> {
+    apply(&delete_tables_script(tables))
+}
+
+/// "add" first makes each delete succeed whether or not the table existed.
+fn delete_tables_script(tables: &[(&str, &str)]) -> String {
+    tables
+        .iter()
+        .map(|(family, name)| format!("add table {family} {name}\ndelete table {family} {name}\n"))
+        .collect()
+}
+
 /// Whether the table `family name` exists.
 pub fn table_exists(family: &str, name: &str) -> Result<bool, NftError> {
     let out = Command::new("nft")
@@ -89,5 +104,20 @@ pub fn check(script: &str) -> Result<(), String> {
             "{}\n{script}",
             String::from_utf8_lossy(&out.stderr).trim()
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_transaction_deletes_tables_that_may_not_exist() {
+        let s = super::delete_tables_script(&[("inet", "nexd"), ("inet", "nexd_gw")]);
+        assert_eq!(
+            s,
+            "add table inet nexd\ndelete table inet nexd\nadd table inet nexd_gw\ndelete table inet nexd_gw\n"
+        );
+        if let Err(e) = super::check(&s) {
+            panic!("{e}");
+        }
     }
 }

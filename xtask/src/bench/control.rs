@@ -10,7 +10,8 @@
 //! * start-up with a 1,000-device mesh file, against a 10-device one;
 //! * applying a 1-device change to the 1,000-device file (SIGHUP), against
 //!   a SIGHUP that changes nothing;
-//! * peak RSS with 1,000 peers against 10 peers;
+//! * peak RSS (VmHWM) with 1,000 peers against 10 peers, and the steady
+//!   state (VmRSS 5 s after start-up) likewise;
 //! * SIGTERM to a finished clean-up with 1,000 peers against 10 peers.
 
 use std::{
@@ -253,12 +254,13 @@ fn big_mesh(own: &str, n: usize, tweak: usize) -> String {
     s
 }
 
-fn peak_rss_kib(pid: u32) -> f64 {
+/// A `/proc/PID/status` field in KiB: `VmHWM` (peak RSS) or `VmRSS`.
+fn status_kib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(f64::NAN)
@@ -282,6 +284,7 @@ fn mesh_scaling(plan: &Plan) -> anyhow::Result<Vec<Row>> {
         Vec::new(),
     );
     let (mut stop_small, mut stop_big) = (Vec::new(), Vec::new());
+    let (mut steady_small, mut steady_big) = (Vec::new(), Vec::new());
     for round in 0..=plan.rounds() {
         for n in [small, big] {
             node.write_mesh(&big_mesh(&own, n, usize::MAX))?;
@@ -296,7 +299,13 @@ fn mesh_scaling(plan: &Plan) -> anyhow::Result<Vec<Row>> {
             let up = ms(t0.elapsed());
             // Let it settle (handshake attempts, first ticks) before RSS.
             std::thread::sleep(Duration::from_millis(if plan.quick { 200 } else { 1500 }));
-            let rss = peak_rss_kib(node.pid().unwrap_or(0));
+            let pid = node.pid().unwrap_or(0);
+            let rss = status_kib(pid, "VmHWM");
+            // Steady state: what it holds once start-up is over (the
+            // handshake attempts to the absent peers keep going).
+            let settle = Duration::from_secs(if plan.quick { 1 } else { 5 });
+            std::thread::sleep(settle.saturating_sub(t0.elapsed()));
+            let steady = status_kib(pid, "VmRSS");
             if n == big {
                 // SIGHUP with nothing changed, then with one device changed;
                 // a status request after the signal is answered once the
@@ -337,10 +346,12 @@ fn mesh_scaling(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                 if n == big {
                     up_big.push(up);
                     rss_big.push(rss);
+                    steady_big.push(steady);
                     stop_big.push(stop);
                 } else {
                     up_small.push(up);
                     rss_small.push(rss);
+                    steady_small.push(steady);
                     stop_small.push(stop);
                 }
             }
@@ -376,6 +387,15 @@ fn mesh_scaling(plan: &Plan) -> anyhow::Result<Vec<Row>> {
         ),
         Row::new(
             "control",
+            &format!("steady RSS (5 s), {} peers", big - 1),
+            "KiB",
+            &format!("{} peers", small - 1),
+            &steady_small,
+            &steady_big,
+            false,
+        ),
+        Row::new(
+            "control",
             &format!("SIGTERM -> clean exit, {} peers", big - 1),
             "ms",
             &format!("{} peers", small - 1),
@@ -386,8 +406,14 @@ fn mesh_scaling(plan: &Plan) -> anyhow::Result<Vec<Row>> {
     ])
 }
 
-pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
-    let mut rows = enable_and_failover(plan)?;
+/// `scaling_only`: the mesh-size rows without the exit-node ones (which
+/// take most of the time), for iterating on start-up and memory.
+pub fn run(plan: &Plan, scaling_only: bool) -> anyhow::Result<Vec<Row>> {
+    let mut rows = if scaling_only {
+        Vec::new()
+    } else {
+        enable_and_failover(plan)?
+    };
     rows.extend(mesh_scaling(plan)?);
     Ok(rows)
 }

@@ -25,7 +25,8 @@ pub struct Args {
     /// Write the results as JSON here.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
-    /// Only these benchmarks (repeatable): classifier, split, throughput, control, exit, registry.
+    /// Only these benchmarks (repeatable): classifier, split, throughput, control, exit, registry;
+    /// `control-scaling` is the mesh-size part of control alone (start-up, reload, memory).
     #[arg(long = "only", value_name = "NAME")]
     pub only: Vec<String>,
     /// Rounds per measurement after the warm-up (ignored with --quick).
@@ -83,7 +84,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     if wanted("control") {
         step("4. control-plane timings and memory");
-        rows.extend(control::run(&plan)?);
+        rows.extend(control::run(&plan, false)?);
+    } else if args.only.iter().any(|o| o == "control-scaling") {
+        step("4. control-plane timings and memory (mesh size only)");
+        rows.extend(control::run(&plan, true)?);
     }
     if wanted("exit") {
         step("5. exit node policy: CPU per forwarded packet, eBPF against nftables");

@@ -235,7 +235,7 @@ fn encrypt_into(s: &mut PeerState, pkt: &[u8], batch: &mut SendBatch, to: Socket
     if pkt.len() + OVERHEAD > SLOT {
         return 0;
     }
-    match s.tunn.encapsulate(pkt, batch.slot()) {
+    match s.tunn().encapsulate(pkt, batch.slot()) {
         TunnResult::WriteToNetwork(out) => {
             let n = out.len();
             batch.commit(n, to);
@@ -247,7 +247,7 @@ fn encrypt_into(s: &mut PeerState, pkt: &[u8], batch: &mut SendBatch, to: Socket
 
 /// Starts a handshake unless one is under way; returns the bytes queued.
 fn initiate(s: &mut PeerState, batch: &mut SendBatch, to: SocketAddr) -> usize {
-    match s.tunn.format_handshake_initiation(batch.slot(), false) {
+    match s.tunn().format_handshake_initiation(batch.slot(), false) {
         TunnResult::WriteToNetwork(out) => {
             let n = out.len();
             batch.commit(n, to);
@@ -641,7 +641,7 @@ impl<'a> Rx<'a> {
         let mut sent = 0;
         let authenticated = match l
             .state
-            .tunn
+            .tunn()
             .decapsulate(Some(src.ip()), d, self.plain.slot())
         {
             TunnResult::WriteToTunnelV4(pkt, from) => {
@@ -666,7 +666,7 @@ impl<'a> Rx<'a> {
                 }
                 // What boringtun queued itself (keepalives from its timers).
                 while let TunnResult::WriteToNetwork(q) =
-                    l.state.tunn.decapsulate(None, &[], &mut self.tmp)
+                    l.state.tunn().decapsulate(None, &[], &mut self.tmp)
                 {
                     sent += q.len();
                     if !self.replies.push(q, src) {
@@ -739,7 +739,11 @@ impl<'a> Rx<'a> {
             if self.replies.is_full() {
                 flush(self.shared, underlay, &mut self.replies);
             }
-            match s.tunn.update_timers(self.replies.slot()) {
+            let timer = match s.built_tunn() {
+                Some(t) => t.update_timers(self.replies.slot()),
+                None => TunnResult::Done,
+            };
+            match timer {
                 TunnResult::WriteToNetwork(out) => {
                     let n = out.len();
                     self.replies.commit(n, to);

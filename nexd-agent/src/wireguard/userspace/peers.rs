@@ -10,7 +10,9 @@
 //! change builds a new immutable `Table` that the data path picks up
 //! whole.
 //!
-//! Memory per peer is bounded: the `Tunn` (about 11 KB), and at most
+//! Memory per peer is bounded: the `Tunn` (about 11 KB: boringtun keeps
+//! eight session slots inline, each with two AEAD keys; built on the
+//! peer's first packet, see `TunnSeed`), and at most
 //! `QUEUE_PACKETS` packets waiting for a handshake (a peer that never
 //! answers costs no more; boringtun's own queue of 256 is never used,
 //! because nothing is handed to `encapsulate` without a session).
@@ -18,7 +20,7 @@
 //! cannot change it in place.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex, MutexGuard,
@@ -91,9 +93,52 @@ impl Peer {
     }
 }
 
+/// What builds a peer's `Tunn` when it is first needed.
+///
+/// `Tunn::new` costs two X25519 operations (the static shared secret, and
+/// this device's public key again), about 0.1 ms; building a thousand of
+/// them was a fifth of a 1,000-device start-up, all before nexd was ready.
+/// Built on first use instead, they cost the data path's threads that
+/// time spread over the first packets, and a peer that never exchanges a
+/// packet costs no `Tunn` (11 KB) at all.
+pub struct TunnSeed {
+    secret: x25519::StaticSecret,
+    peer: x25519::PublicKey,
+    index: u32,
+    limiter: Arc<RateLimiter>,
+}
+
+impl TunnSeed {
+    fn new(keys: &Keys, peer: &PublicKey, index: u32) -> Self {
+        TunnSeed {
+            secret: keys.secret.clone(),
+            peer: x25519::PublicKey::from(peer.0),
+            index,
+            limiter: Arc::clone(&keys.limiter),
+        }
+    }
+
+    fn build(&self) -> Tunn {
+        Tunn::new(
+            self.secret.clone(),
+            self.peer,
+            None,
+            // Keepalive is nexd's timer (see the module doc).
+            None,
+            self.index,
+            Some(Arc::clone(&self.limiter)),
+        )
+    }
+}
+
 /// What changes under the peer's lock.
 pub struct PeerState {
-    pub tunn: Tunn,
+    /// Built on first use (see [`TunnSeed`]); `None` until a packet is
+    /// sent to or received from the peer. Boxed: inline, the 11 KB would
+    /// be allocated (and written by the move into the `Arc`) with every
+    /// peer, used or not.
+    tunn: Option<Box<Tunn>>,
+    seed: TunnSeed,
     /// Configured, then wherever the peer's authenticated packets come from
     /// (roaming).
     pub endpoint: Option<SocketAddr>,
@@ -107,10 +152,24 @@ pub struct PeerState {
 }
 
 impl PeerState {
+    /// The peer's noise state, built now if this is its first use.
+    pub fn tunn(&mut self) -> &mut Tunn {
+        let seed = &self.seed;
+        self.tunn.get_or_insert_with(|| Box::new(seed.build()))
+    }
+
+    /// The noise state if it was ever needed (timers have nothing to do
+    /// for a peer that never exchanged a packet).
+    pub fn built_tunn(&mut self) -> Option<&mut Tunn> {
+        self.tunn.as_deref_mut()
+    }
+
     /// Whether data can be encrypted now (`Tunn` has a current session;
     /// without one, `encapsulate` would queue the packet itself).
     pub fn has_session(&self) -> bool {
-        self.tunn.time_since_last_handshake().is_some()
+        self.tunn
+            .as_ref()
+            .is_some_and(|t| t.time_since_last_handshake().is_some())
     }
 
     /// Keeps `pkt` until the handshake completes; false (dropped) when the
@@ -205,6 +264,9 @@ impl Registry {
         for k in remove {
             self.entries.remove(k);
         }
+        let mut used: HashSet<u32> = self.entries.values().map(|e| e.index).collect();
+        let mut new: Vec<(&PeerConfig, u32, u64)> = Vec::new();
+        let mut new_at: HashMap<PublicKey, usize> = HashMap::new();
         for p in upsert {
             self.generation += 1;
             let generation = self.generation;
@@ -221,20 +283,22 @@ impl Registry {
                 }
                 continue;
             }
-            let index = self.allocate_index();
-            let tunn = Tunn::new(
-                keys.secret.clone(),
-                x25519::PublicKey::from(p.public_key.0),
-                None,
-                // Keepalive is nexd's timer (see the module doc).
-                None,
-                index,
-                Some(Arc::clone(&keys.limiter)),
-            );
+            if let Some(&i) = new_at.get(&p.public_key) {
+                // The same new key twice in one request: the later wins.
+                new[i] = (p, new[i].1, generation);
+                continue;
+            }
+            let index = self.allocate_index(&used);
+            used.insert(index);
+            new_at.insert(p.public_key, new.len());
+            new.push((p, index, generation));
+        }
+        for (p, index, generation) in new {
             let peer = Arc::new(Peer {
                 key: p.public_key,
                 state: Mutex::new(PeerState {
-                    tunn,
+                    tunn: None,
+                    seed: TunnSeed::new(keys, &p.public_key, index),
                     endpoint: p.endpoint,
                     keepalive: p.persistent_keepalive,
                     last_sent: None,
@@ -262,20 +326,26 @@ impl Registry {
     pub fn rekey(&self, keys: &Keys) {
         for e in self.entries.values() {
             let mut s = e.peer.lock();
-            s.tunn.set_static_private(
-                keys.secret.clone(),
-                keys.public,
-                Some(Arc::clone(&keys.limiter)),
-            );
+            s.seed.secret = keys.secret.clone();
+            s.seed.limiter = Arc::clone(&keys.limiter);
+            if let Some(t) = s.built_tunn() {
+                t.set_static_private(
+                    keys.secret.clone(),
+                    keys.public,
+                    Some(Arc::clone(&keys.limiter)),
+                );
+            }
             s.clear_queue();
         }
     }
 
-    fn allocate_index(&mut self) -> u32 {
+    /// The next receiver index not in `used` (a set, so that adding a
+    /// thousand peers is not a thousand scans of the record).
+    fn allocate_index(&mut self, used: &HashSet<u32>) -> u32 {
         loop {
             self.next_index = (self.next_index + 1) & INDEX_MASK;
             let candidate = self.next_index;
-            if candidate != 0 && !self.entries.values().any(|e| e.index == candidate) {
+            if candidate != 0 && !used.contains(&candidate) {
                 return candidate;
             }
         }
@@ -405,14 +475,14 @@ mod tests {
         let mut a = [0u8; 256];
         let mut b = [0u8; 256];
         let mut s = p.lock();
-        let TunnResult::WriteToNetwork(init) = s.tunn.format_handshake_initiation(&mut a, false)
+        let TunnResult::WriteToNetwork(init) = s.tunn().format_handshake_initiation(&mut a, false)
         else {
             panic!("no initiation");
         };
         let TunnResult::WriteToNetwork(resp) = responder.decapsulate(None, init, &mut b) else {
             panic!("no response");
         };
-        let TunnResult::WriteToNetwork(keepalive) = s.tunn.decapsulate(None, resp, &mut a) else {
+        let TunnResult::WriteToNetwork(keepalive) = s.tunn().decapsulate(None, resp, &mut a) else {
             panic!("no keepalive");
         };
         let mut c = [0u8; 256];
@@ -455,7 +525,7 @@ mod tests {
         let mut out = [0u8; 256];
         let pkt = [0x45u8; 40];
         assert!(
-            matches!(s.tunn.encapsulate(&pkt, &mut out), TunnResult::WriteToNetwork(d) if d[0] == 4)
+            matches!(s.tunn().encapsulate(&pkt, &mut out), TunnResult::WriteToNetwork(d) if d[0] == 4)
         );
         // A new device key ends it, as on any WireGuard key change.
         drop(s);
@@ -503,6 +573,40 @@ mod tests {
     }
 
     #[test]
+    fn the_tunn_is_built_on_first_use_with_the_current_key() {
+        let keys = Keys::new(&PrivateKey::generate());
+        let responder_key = PrivateKey::generate();
+        let mut r = Registry::default();
+        let t = r.apply(
+            &keys,
+            &[peer(responder_key.public_key(), &["100.64.0.2/32"])],
+            &[],
+        );
+        {
+            let mut s = t.peers[0].lock();
+            assert!(s.built_tunn().is_none(), "built before any packet");
+            assert!(!s.has_session());
+        }
+        // An unused peer does not carry the Tunn's 11 KB inline.
+        assert!(std::mem::size_of::<PeerState>() < 1024);
+        // A key change before the first packet: the Tunn built later
+        // speaks for the new key (the responder knows only that one).
+        let new = PrivateKey::generate();
+        let new_keys = Keys::new(&new);
+        r.rekey(&new_keys);
+        let mut responder = Tunn::new(
+            x25519::StaticSecret::from(responder_key.to_bytes()),
+            x25519::PublicKey::from(new.public_key().0),
+            None,
+            None,
+            7,
+            None,
+        );
+        handshake(&t.peers[0], &mut responder);
+        assert!(t.peers[0].lock().has_session());
+    }
+
+    #[test]
     fn receiver_indices_find_their_peer() {
         let keys = Keys::new(&PrivateKey::generate());
         let other = PrivateKey::generate();
@@ -512,7 +616,7 @@ mod tests {
         let mut dst = [0u8; 256];
         let init = match t.peers[0]
             .lock()
-            .tunn
+            .tunn()
             .format_handshake_initiation(&mut dst, false)
         {
             TunnResult::WriteToNetwork(p) => p.to_vec(),
