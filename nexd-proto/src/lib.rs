@@ -263,7 +263,7 @@ pub struct ExitClientRow {
     pub addresses: Vec<std::net::IpAddr>,
     /// Received from the client and forwarded (the exit node's WireGuard
     /// ingress): packets (GSO segments) and bytes (IP packet bytes; a
-    /// GRO aggregate counts its headers once).
+    /// GRO/GSO aggregate counts as its segments, each with its headers).
     pub rx_packets: u64,
     pub rx_bytes: u64,
     /// Forwarded to the client (the exit node's WireGuard egress).
