@@ -35,16 +35,24 @@ use crate::{
 
 const TC_ACT_SHOT: i32 = 2;
 const IPPROTO_ICMPV6: u8 = 58;
+/// The ports of a packet that has none (not UDP, a later fragment, too
+/// short): port 0 matches no check below. Plain values rather than an
+/// `Option`: LLVM may compare an `Option`'s payload even when it is
+/// `None`, reading a stack slot nothing wrote on that path, and some
+/// kernels' verifiers (Debian's arm64 6.1.0-50) refuse that read.
+const NO_PORTS: (u16, u16) = (0, 0);
 const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_HOPOPTS: u8 = 0;
 
 #[inline(always)]
-fn udp_ports(ctx: &TcContext, l4: usize) -> Option<(u16, u16)> {
-    let p = read::<[u8; 4]>(ctx, l4)?;
-    Some((
-        u16::from_be_bytes([p[0], p[1]]),
-        u16::from_be_bytes([p[2], p[3]]),
-    ))
+fn udp_ports(ctx: &TcContext, l4: usize) -> (u16, u16) {
+    match read::<[u8; 4]>(ctx, l4) {
+        Some(p) => (
+            u16::from_be_bytes([p[0], p[1]]),
+            u16::from_be_bytes([p[2], p[3]]),
+        ),
+        None => NO_PORTS,
+    }
 }
 
 /// fe80::/10.
@@ -71,13 +79,10 @@ fn allowed_v4(ctx: &TcContext, p: &V4, mark: u32, fwmark: u32, listen_port: u16)
     let ports = if p.proto == IPPROTO_UDP && !p.later_fragment {
         udp_ports(ctx, p.l4)
     } else {
-        None
+        NO_PORTS
     };
-    if let Some((sport, dport)) = ports
-        && mark == fwmark
-        && sport == listen_port
-        && is_endpoint4(p.dst, dport)
-    {
+    let (sport, dport) = ports;
+    if ports != NO_PORTS && mark == fwmark && sport == listen_port && is_endpoint4(p.dst, dport) {
         return true;
     }
     // A later fragment has no ports to check; WireGuard's (marked: only
@@ -90,7 +95,7 @@ fn allowed_v4(ctx: &TcContext, p: &V4, mark: u32, fwmark: u32, listen_port: u16)
     if flags & GUARD_ALLOW != 0 {
         return true;
     }
-    ports == Some((68, 67)) && (p.dst == [255, 255, 255, 255] || flags & GUARD_UPLINK_NET != 0)
+    ports == (68, 67) && (p.dst == [255, 255, 255, 255] || flags & GUARD_UPLINK_NET != 0)
 }
 
 #[inline(always)]
@@ -98,13 +103,10 @@ fn allowed_v6(ctx: &TcContext, p: &V6, mark: u32, fwmark: u32, listen_port: u16)
     let ports = if p.next == IPPROTO_UDP {
         udp_ports(ctx, p.l4)
     } else {
-        None
+        NO_PORTS
     };
-    if let Some((sport, dport)) = ports
-        && mark == fwmark
-        && sport == listen_port
-        && is_endpoint6(p.dst, dport)
-    {
+    let (sport, dport) = ports;
+    if ports != NO_PORTS && mark == fwmark && sport == listen_port && is_endpoint6(p.dst, dport) {
         return true;
     }
     // Fragments (the ports sit behind the fragment header): as IPv4's.
@@ -129,7 +131,7 @@ fn allowed_v6(ctx: &TcContext, p: &V6, mark: u32, fwmark: u32, listen_port: u16)
         }
         // MLD reports carry a hop-by-hop header (router alert) first.
         IPPROTO_HOPOPTS => p.hop_limit == 1 && link_multicast6(&p.dst),
-        IPPROTO_UDP => ports == Some((546, 547)) && (dhcp6_servers(&p.dst) || link_local6(&p.dst)),
+        IPPROTO_UDP => ports == (546, 547) && (dhcp6_servers(&p.dst) || link_local6(&p.dst)),
         _ => false,
     }
 }
