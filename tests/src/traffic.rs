@@ -64,6 +64,30 @@ pub struct Transfer {
     pub elapsed: Duration,
 }
 
+/// The first connection on a non-blocking `listener` within `timeout`,
+/// made blocking with `timeout` as its read timeout.
+fn accept_within(
+    listener: &TcpListener,
+    timeout: Duration,
+) -> anyhow::Result<(TcpStream, SocketAddr)> {
+    let deadline = Instant::now() + timeout;
+    let (conn, peer) = loop {
+        match listener.accept() {
+            Ok(c) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    bail!("no connection within {timeout:?}");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(timeout))?;
+    Ok((conn, peer))
+}
+
 /// Sends `len` bytes over TCP from a socket in `from` to a listener on
 /// `to_addr` in `to`, and checks the server received exactly those bytes.
 pub fn tcp_transfer(
@@ -79,21 +103,7 @@ pub fn tcp_transfer(
     let port = listener.local_addr()?.port();
     listener.set_nonblocking(true)?;
     let server = std::thread::spawn(move || -> anyhow::Result<(SocketAddr, usize, u64)> {
-        let deadline = Instant::now() + timeout;
-        let (mut conn, peer) = loop {
-            match listener.accept() {
-                Ok(c) => break c,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        bail!("no connection within {timeout:?}");
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        conn.set_nonblocking(false)?;
-        conn.set_read_timeout(Some(timeout))?;
+        let (mut conn, peer) = accept_within(&listener, timeout)?;
         let mut total = 0usize;
         let mut h = FNV_OFFSET;
         let mut buf = vec![0u8; 64 * 1024];
@@ -178,21 +188,7 @@ pub fn tcp_throughput(
     let port = listener.local_addr()?.port();
     listener.set_nonblocking(true)?;
     let sink = std::thread::spawn(move || -> anyhow::Result<u64> {
-        let deadline = Instant::now() + timeout;
-        let mut conn = loop {
-            match listener.accept() {
-                Ok((c, _)) => break c,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        bail!("no connection within {timeout:?}");
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        conn.set_nonblocking(false)?;
-        conn.set_read_timeout(Some(timeout))?;
+        let (mut conn, _) = accept_within(&listener, timeout)?;
         let mut total = 0u64;
         let mut buf = vec![0u8; 256 * 1024];
         loop {
