@@ -5,6 +5,11 @@
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -322,20 +327,21 @@ pub fn udp_exchange_with(
     from.run_in(move || -> anyhow::Result<()> {
         let s = UdpSocket::bind(SocketAddr::new(unspecified, 0))?;
         apply_opts(&s, &opts)?;
-        s.set_read_timeout(Some(Duration::from_millis(500)))?;
         let deadline = Instant::now() + timeout;
         let msg = b"nexd-udp-probe";
         loop {
+            // Never wait past the deadline: a caller polling with a short
+            // timeout gets its answer at that timeout, not later.
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(1), Duration::from_millis(500));
+            s.set_read_timeout(Some(wait))?;
             s.send_to(msg, SocketAddr::new(to_addr, port))?;
             let mut buf = [0u8; 64];
             match s.recv_from(&mut buf) {
                 Ok((n, _)) if &buf[..n] == msg => return Ok(()),
                 Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
+                Err(e) if is_timeout(&e) => {}
                 Err(e) => return Err(e.into()),
             }
             if Instant::now() >= deadline {
@@ -346,4 +352,152 @@ pub fn udp_exchange_with(
     server
         .join()
         .map_err(|_| anyhow::anyhow!("udp server thread panicked"))?
+}
+
+/// One answered datagram of a [`UdpStream`].
+#[derive(Debug, Clone, Copy)]
+pub struct Echo {
+    pub sent: Instant,
+    pub received: Instant,
+    /// The sender's address as the server saw it (which exit node's, say).
+    pub source: IpAddr,
+}
+
+/// A steady stream of numbered UDP datagrams from `from` to an echo server
+/// in `to`, each answer naming the source address the server saw. Made for
+/// measuring how long a path change interrupts traffic: unlike a probe
+/// that waits for each answer, a lost datagram costs one interval, so the
+/// first datagram through the new path is seen within an interval of the
+/// switch.
+pub struct UdpStream {
+    stop: Arc<AtomicBool>,
+    echoes: Arc<Mutex<Vec<Echo>>>,
+    client: JoinHandle<anyhow::Result<()>>,
+    server: JoinHandle<anyhow::Result<()>>,
+}
+
+impl UdpStream {
+    /// Starts sending every `interval`; both ends stop by themselves after
+    /// `limit` (and on [`UdpStream::finish`]).
+    pub fn start(
+        from: &Netns,
+        to: &Netns,
+        to_addr: IpAddr,
+        interval: Duration,
+        limit: Duration,
+    ) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let echoes = Arc::new(Mutex::new(Vec::new()));
+        let server_sock =
+            to.run_in(move || UdpSocket::bind(SocketAddr::new(to_addr, 0)).context("bind"))?;
+        let port = server_sock.local_addr()?.port();
+        server_sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+        let until = Instant::now() + limit;
+        let server = {
+            let stop = stop.clone();
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut buf = [0u8; 64];
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    match server_sock.recv_from(&mut buf) {
+                        Ok((8, peer)) => {
+                            let mut answer = buf[..8].to_vec();
+                            answer.extend_from_slice(peer.ip().to_string().as_bytes());
+                            server_sock.send_to(&answer, peer)?;
+                        }
+                        Ok(_) => {}
+                        Err(e) if is_timeout(&e) => {}
+                        Err(e) => return Err(e).context("echo server"),
+                    }
+                }
+                Ok(())
+            })
+        };
+        let client = {
+            let (stop, echoes) = (stop.clone(), echoes.clone());
+            let unspecified: IpAddr = if to_addr.is_ipv4() {
+                "0.0.0.0".parse()?
+            } else {
+                "::".parse()?
+            };
+            from.spawn_in(move || -> anyhow::Result<()> {
+                let s = UdpSocket::bind(SocketAddr::new(unspecified, 0))?;
+                let mut sent: Vec<Instant> = Vec::new();
+                let mut buf = [0u8; 128];
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    let seq = sent.len() as u64;
+                    sent.push(Instant::now());
+                    // A send can fail while routes change (no route for a
+                    // moment): that datagram is lost, as an application's.
+                    let _ = s.send_to(&seq.to_be_bytes(), SocketAddr::new(to_addr, port));
+                    let next = Instant::now() + interval;
+                    while let Some(wait) = next
+                        .checked_duration_since(Instant::now())
+                        .filter(|w| !w.is_zero())
+                    {
+                        s.set_read_timeout(Some(wait))?;
+                        match s.recv_from(&mut buf) {
+                            Ok((n, _)) if n > 8 => {
+                                let received = Instant::now();
+                                let seq = u64::from_be_bytes(buf[..8].try_into()?);
+                                let source: IpAddr = std::str::from_utf8(&buf[8..n])?.parse()?;
+                                let sent = *usize::try_from(seq)
+                                    .ok()
+                                    .and_then(|i| sent.get(i))
+                                    .context("an echo of a datagram never sent")?;
+                                echoes
+                                    .lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .push(Echo {
+                                        sent,
+                                        received,
+                                        source,
+                                    });
+                            }
+                            Ok(_) => {}
+                            Err(e) if is_timeout(&e) => break,
+                            Err(e) => return Err(e).context("stream client"),
+                        }
+                    }
+                }
+                Ok(())
+            })?
+        };
+        Ok(UdpStream {
+            stop,
+            echoes,
+            client,
+            server,
+        })
+    }
+
+    /// The first echo received at or after `after` whose source is `source`.
+    pub fn first_from(&self, source: IpAddr, after: Instant) -> Option<Echo> {
+        self.echoes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|e| e.source == source && e.received >= after)
+            .copied()
+    }
+
+    /// Stops both ends; returns every echo.
+    pub fn finish(self) -> anyhow::Result<Vec<Echo>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let joined = |h: JoinHandle<anyhow::Result<()>>, what: &str| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("the stream's {what} thread panicked"))?
+        };
+        joined(self.client, "client")?;
+        joined(self.server, "server")?;
+        Ok(std::mem::take(
+            &mut *self.echoes.lock().unwrap_or_else(PoisonError::into_inner),
+        ))
+    }
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }

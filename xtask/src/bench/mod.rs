@@ -26,7 +26,8 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
     /// Only these benchmarks (repeatable): classifier, split, throughput, control, exit, registry;
-    /// `control-scaling` is the mesh-size part of control alone (start-up, reload, memory).
+    /// `control-failover` is the enable and failover part of control alone, `control-scaling`
+    /// its mesh-size part (start-up, reload, memory).
     #[arg(long = "only", value_name = "NAME")]
     pub only: Vec<String>,
     /// Rounds per measurement after the warm-up (ignored with --quick).
@@ -84,10 +85,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     if wanted("control") {
         step("4. control-plane timings and memory");
-        rows.extend(control::run(&plan, false)?);
+        rows.extend(control::run(&plan, control::Part::All)?);
+    } else if args.only.iter().any(|o| o == "control-failover") {
+        step("4. control-plane timings (enable and failover only)");
+        rows.extend(control::run(&plan, control::Part::Failover)?);
     } else if args.only.iter().any(|o| o == "control-scaling") {
         step("4. control-plane timings and memory (mesh size only)");
-        rows.extend(control::run(&plan, true)?);
+        rows.extend(control::run(&plan, control::Part::Scaling)?);
     }
     if wanted("exit") {
         step("5. exit node policy: CPU per forwarded packet, eBPF against nftables");
