@@ -542,6 +542,22 @@ impl Daemon {
         }
     }
 
+    /// When the exit node in use goes stale unless heard from again (see
+    /// `ExitClient::stale_at`): the loop re-evaluates then.
+    pub fn exit_stale_at(&self) -> Option<Instant> {
+        if self.exit_server.is_some() {
+            return None;
+        }
+        self.exit_client.stale_at(
+            &Candidates {
+                book: self.heartbeats.book(),
+                mesh: &self.mesh,
+                own: &self.own,
+            },
+            Instant::now(),
+        )
+    }
+
     /// A round of endpoint lookups: only peers whose address changed are
     /// reconfigured.
     pub async fn on_resolved(&mut self, resolved: Resolved) {

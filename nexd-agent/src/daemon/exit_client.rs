@@ -186,6 +186,15 @@ impl ExitClient {
         exit::probe_targets(self.phase.exit_peer(), pinned, candidates, now)
     }
 
+    /// When the exit node in use goes stale unless it is heard from again:
+    /// the moment to re-evaluate. `None` when there is none, or when that
+    /// moment has passed (the ticks then carry on, so a failed transition
+    /// never turns this into a busy loop).
+    pub fn stale_at(&self, c: &Candidates<'_>, now: Instant) -> Option<Instant> {
+        let live = c.book.live(&self.phase.exit_peer()?)?;
+        exit::fresh_until(live).filter(|t| *t > now)
+    }
+
     /// Moves to the phase the announcements call for.
     pub async fn evaluate(&mut self, c: &Candidates<'_>, fx: &mut Effects<'_>) {
         let now = Instant::now();

@@ -104,6 +104,10 @@ pub struct ExitServerOptions {
 /// How often the loop wakes up without an event: backend status,
 /// heartbeats, exit-node health.
 const TICK: Duration = Duration::from_millis(500);
+/// Past the active exit node's deadline before re-evaluating, so the
+/// timer never fires a hair early (tokio's timer has millisecond
+/// granularity) and finds the exit node still fresh.
+const STALE_MARGIN: Duration = Duration::from_millis(2);
 
 /// Runs nexd until SIGINT or SIGTERM, then removes everything it created.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -205,6 +209,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut probe = tokio::time::interval(crate::exit::PROBE_INTERVAL);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reason = loop {
+        // The exit node in use is left the moment its deadline passes,
+        // not at the next probe tick (up to 100 ms later).
+        let stale_at = daemon.exit_stale_at();
+        let exit_deadline = async {
+            match stale_at {
+                Some(t) => tokio::time::sleep_until((t + STALE_MARGIN).into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
@@ -227,6 +240,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             Some(()) = uplinks_changed.recv() => daemon.on_uplinks_changed().await,
             _ = tick.tick() => daemon.tick().await,
             _ = probe.tick() => daemon.probe_tick().await,
+            () = exit_deadline => daemon.evaluate_exit().await,
         }
         daemon.record();
     };

@@ -89,6 +89,17 @@ pub fn status(live: &PeerLive, now: Instant) -> Option<ExitStatus> {
     })
 }
 
+/// Until when an exit node's announcements keep it fresh (its last one
+/// plus its deadline), or `None` when it is already lost or never
+/// announced itself. The client re-evaluates at that instant, so a dead
+/// exit node is left at its deadline rather than at the next probe tick.
+pub fn fresh_until(live: &PeerLive) -> Option<Instant> {
+    if live.lost || !live.is_exit() {
+        return None;
+    }
+    live.last_heard.map(|t| t + probe_deadline(live))
+}
+
 /// One peer as a candidate exit node.
 #[derive(Debug, Clone, Copy)]
 pub struct Candidate<'a> {
@@ -283,6 +294,31 @@ mod tests {
         let mut quiet = l.clone();
         quiet.last_heard = now.checked_sub(Duration::from_millis(2500));
         assert_eq!(status(&quiet, now), Some(ExitStatus::Available));
+    }
+
+    #[test]
+    fn an_exit_node_is_fresh_until_its_last_announcement_plus_its_deadline() {
+        let now = Instant::now() + Duration::from_secs(1000);
+        let mut l = live(now, 0, 5);
+        l.rttvar = Some(Duration::from_millis(1));
+        let ok = watched(l.clone(), now, 5000, 200);
+        let until = fresh_until(&ok).expect("fresh");
+        assert_eq!(
+            until,
+            now - Duration::from_millis(200) + Duration::from_millis(309)
+        );
+        // The status turns at exactly that instant.
+        assert_eq!(
+            status(&ok, until - Duration::from_millis(1)),
+            Some(ExitStatus::Available)
+        );
+        assert_eq!(status(&ok, until), Some(ExitStatus::Stale));
+        let mut lost = ok.clone();
+        lost.lost = true;
+        assert_eq!(fresh_until(&lost), None);
+        let mut plain = ok;
+        plain.flags = 0;
+        assert_eq!(fresh_until(&plain), None);
     }
 
     #[test]
