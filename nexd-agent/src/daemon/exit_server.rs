@@ -13,15 +13,20 @@
 //! links, addresses and routes.
 
 use std::{
-    net::IpAddr,
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use ipnet::IpNet;
-use tracing::{info, warn};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
 
-use super::dataplane::DataPlane;
+use super::{
+    dataplane::DataPlane,
+    exit_probe::{self, Change, ExitProbe, ProbeHealth, Round},
+};
 use crate::{
     datapath::exit::{ClientLimits, ExitClient, HostNetworks, RateLimit, exit_policy, mss_for_mtu},
     dns::{self, DnsConfig, DnsHandle},
@@ -46,6 +51,15 @@ pub struct ExitSettings {
     /// `--exit-rate-limit`: each client's limit (each direction) where its
     /// entry has none.
     pub rate_limit: Option<Rate>,
+    /// `--exit-probe-target`: the internet counts as lost when none of
+    /// these answers (see `exit_probe`); empty: routes only.
+    pub probe_targets: Vec<SocketAddr>,
+}
+
+/// Where the exit probe's rounds go, and the id of the next probe task.
+pub struct ProbeWiring {
+    pub results: mpsc::Sender<Round>,
+    pub id: u64,
 }
 
 pub struct ExitServer {
@@ -53,7 +67,18 @@ pub struct ExitServer {
     settings: ExitSettings,
     forwarding: ExitForwarding,
     dns: Option<DnsHandle>,
-    /// Since when the internet is reachable (`None`: it is not).
+    /// A default route through an interface that is up exists.
+    routes_ok: bool,
+    /// The probe targets' verdict, with `--exit-probe-target`.
+    probes: Option<ProbeHealth>,
+    /// The probe task (stops when dropped) and its id.
+    probe: Option<(ExitProbe, u64)>,
+    /// Why the last failed probe round failed, for the log and `status`.
+    probe_errors: String,
+    /// Failed probes per target, for the metrics.
+    probe_failures: BTreeMap<SocketAddr, u64>,
+    /// Since when the internet is reachable (`None`: it is not): routes
+    /// and, with targets, probes.
     internet_since: Option<Instant>,
     /// The internet was lost since serving began: its return is announced
     /// only after `RESTORE_AFTER`, so a flapping uplink does not make the
@@ -125,6 +150,7 @@ impl ExitServer {
     /// programs with the policy and the clients, the DNS resolver. Fails
     /// (and installs nothing) when the membership does not let this
     /// device serve.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         nl: &Netlink,
         wg_iface: &str,
@@ -133,10 +159,16 @@ impl ExitServer {
         own: &PublicKey,
         sysctls: &mut Sysctls,
         dataplane: &mut DataPlane,
+        probe: ProbeWiring,
     ) -> anyhow::Result<Self> {
         if let Some(why) = not_allowed(mesh, own) {
             anyhow::bail!("{why}");
         }
+        exit_probe::check_outside_mesh(
+            &settings.probe_targets,
+            &[IpNet::V4(mesh.ipv4_prefix), IpNet::V6(mesh.ipv6_prefix)],
+        )
+        .map_err(anyhow::Error::msg)?;
         let me = mesh.device(own).context("this device is not in the mesh")?;
         let uplinks = uplinks(nl, settings.uplink.as_deref(), true).await?;
         // The data path first: from the first forwarded packet, only
@@ -147,13 +179,21 @@ impl ExitServer {
                 "no default route through an interface that is up: not announcing this exit node until there is one"
             );
         }
+        let probes = (!settings.probe_targets.is_empty()).then(ProbeHealth::default);
         let mut server = ExitServer {
             wg_iface: wg_iface.to_owned(),
             forwarding: ExitForwarding { uplinks },
             dns: None,
-            settings,
-            internet_since: internet.then(Instant::now),
+            routes_ok: internet,
+            // Not announced before the first round answers (at once, a
+            // few milliseconds, when the targets are reachable).
+            internet_since: (internet && probes.is_none()).then(Instant::now),
+            probes,
+            probe: None,
+            probe_errors: String::new(),
+            probe_failures: BTreeMap::new(),
             damped: false,
+            settings,
         };
         server
             .sync_datapath(nl, mesh, own, dataplane)
@@ -176,6 +216,22 @@ impl ExitServer {
             // The clients' DNS goes nowhere then, which they see; routing
             // still works.
             Err(e) => warn!(error = %e, "the DNS resolver for the clients did not start"),
+        }
+        if !server.settings.probe_targets.is_empty() {
+            info!(
+                targets = ?server.settings.probe_targets,
+                every = ?exit_probe::PROBE_EVERY,
+                "probing the internet: announced while at least one target answers a TCP connect"
+            );
+            server.probe = Some((
+                ExitProbe::start(
+                    probe.id,
+                    server.settings.probe_targets.clone(),
+                    server.settings.uplink.clone(),
+                    probe.results,
+                ),
+                probe.id,
+            ));
         }
         info!(
             clients = mesh.exit_clients_of(own).count(),
@@ -226,6 +282,62 @@ impl ExitServer {
             .is_some_and(|t| !self.damped || now.saturating_duration_since(t) >= RESTORE_AFTER)
     }
 
+    /// Why this exit node does not announce itself now, if it does not
+    /// (for `status`).
+    pub fn withdrawn(&self, now: Instant) -> Option<String> {
+        if self.announces(now) {
+            return None;
+        }
+        Some(match (self.routes_ok, &self.probes) {
+            (false, _) => "no default route through an interface that is up".to_owned(),
+            (true, Some(p)) if !p.reachable() => self.probe_reason(p),
+            _ => format!(
+                "the internet is back; announced again once it has held for {RESTORE_AFTER:?}"
+            ),
+        })
+    }
+
+    fn probe_reason(&self, p: &ProbeHealth) -> String {
+        match p.verdict() {
+            exit_probe::Verdict::Unknown if self.probe_errors.is_empty() => {
+                "waiting for the first answer of a probe target".to_owned()
+            }
+            _ => format!("no probe target answers ({})", self.probe_errors),
+        }
+    }
+
+    /// Whether the internet is reachable now: a default route through an
+    /// interface that is up, and, with probe targets, one that answers.
+    fn internet(&self) -> bool {
+        self.routes_ok && self.probes.as_ref().is_none_or(ProbeHealth::reachable)
+    }
+
+    /// Follows a change of `internet()` from `was`; returns whether the
+    /// exit capability was just withdrawn (peers told at once). `why`:
+    /// the reason for the log.
+    fn follow(&mut self, was: bool, why: &str) -> bool {
+        match (was, self.internet()) {
+            (true, false) => {
+                warn!(
+                    "the exit node lost its way to the internet ({why}): withdrawing its exit capability"
+                );
+                self.internet_since = None;
+                self.damped = true;
+                true
+            }
+            (false, true) => {
+                if self.damped {
+                    info!(after = ?RESTORE_AFTER, "the exit node's way to the internet is back: announcing it again once it has held");
+                } else {
+                    info!("the exit node reaches the internet: announcing it");
+                }
+                self.internet_since = Some(Instant::now());
+                false
+            }
+            _ => false,
+        }
+    }
+
     /// Re-reads whether the internet is reachable; returns whether the
     /// exit capability should be withdrawn at once (peers told now).
     async fn follow_internet(&mut self, nl: &Netlink) -> bool {
@@ -236,22 +348,65 @@ impl ExitServer {
                 return false;
             }
         };
-        match (self.internet_since.is_some(), up) {
-            (true, false) => {
-                warn!(
-                    "the exit node lost its way to the internet (no default route through an interface that is up): withdrawing its exit capability"
-                );
-                self.internet_since = None;
-                self.damped = true;
-                true
+        let was = self.internet();
+        self.routes_ok = up;
+        self.follow(was, "no default route through an interface that is up")
+    }
+
+    /// A round of the probe task; returns whether the exit capability was
+    /// just withdrawn (peers told now).
+    pub fn on_probe_round(&mut self, round: Round) -> bool {
+        if self.probe.as_ref().is_none_or(|(_, id)| *id != round.task) {
+            return false;
+        }
+        let Some(mut health) = self.probes.take() else {
+            return false;
+        };
+        let was = self.internet();
+        let ok = round.ok();
+        for (target, r) in &round.results {
+            if r.is_err() {
+                *self.probe_failures.entry(*target).or_default() += 1;
             }
-            (false, true) => {
-                info!(after = ?RESTORE_AFTER, "the exit node's way to the internet is back: announcing it again once it has held");
-                self.internet_since = Some(Instant::now());
+        }
+        if !ok {
+            self.probe_errors = round.failures();
+        }
+        let change = health.observe(ok);
+        self.probes = Some(health);
+        match change {
+            Some(Change::Lost) => {
+                let why = format!(
+                    "no probe target answered in {} rounds: {}",
+                    exit_probe::LOST_AFTER,
+                    self.probe_errors
+                );
+                let withdrawn = self.follow(was, &why);
+                if !withdrawn && self.routes_ok {
+                    // Never announced (start-up).
+                    warn!("the exit node's probe targets do not answer ({why}): not announcing it");
+                } else if !withdrawn {
+                    // Withdrawn already for its routes: expected.
+                    debug!("{why}");
+                }
+                withdrawn
+            }
+            Some(Change::Reachable) => {
+                debug!("a probe target answers");
+                self.follow(was, "")
+            }
+            None => {
+                if !ok {
+                    debug!(errors = %self.probe_errors, "a probe round failed");
+                }
                 false
             }
-            _ => false,
         }
+    }
+
+    /// Failed probes per target (`--exit-probe-target`), for the metrics.
+    pub fn probe_failures(&self) -> &BTreeMap<SocketAddr, u64> {
+        &self.probe_failures
     }
 
     /// The DNS resolver's counters, if it runs.
@@ -340,6 +495,8 @@ impl ExitServer {
     /// Stops serving: the resolver, the exit programs, the table and the
     /// forwarding sysctls.
     pub async fn remove(mut self, sysctls: &mut Sysctls, dataplane: &mut DataPlane) {
+        // Stops the probe task.
+        self.probe = None;
         if let Some(dns) = self.dns.take() {
             dns.shutdown().await;
         }
