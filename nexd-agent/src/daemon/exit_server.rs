@@ -359,10 +359,10 @@ impl ExitServer {
         if self.probe.as_ref().is_none_or(|(_, id)| *id != round.task) {
             return false;
         }
+        let was = self.internet();
         let Some(mut health) = self.probes.take() else {
             return false;
         };
-        let was = self.internet();
         let ok = round.ok();
         for (target, r) in &round.results {
             if r.is_err() {
