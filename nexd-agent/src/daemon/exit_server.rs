@@ -77,13 +77,63 @@ pub struct ExitServer {
     probe_errors: String,
     /// Failed probes per target, for the metrics.
     probe_failures: BTreeMap<SocketAddr, u64>,
-    /// Since when the internet is reachable (`None`: it is not): routes
-    /// and, with targets, probes.
+    /// Whether to announce the exit capability, from the internet's
+    /// state over time (routes and, with targets, probes).
+    announcement: Announcement,
+}
+
+/// The internet's ups and downs as the mesh sees them: the pure part of
+/// the withdrawal.
+#[derive(Debug, Clone, Default)]
+struct Announcement {
+    /// Since when the internet is reachable (`None`: it is not).
     internet_since: Option<Instant>,
     /// The internet was lost since serving began: its return is announced
     /// only after `RESTORE_AFTER`, so a flapping uplink does not make the
     /// clients flap with it.
     damped: bool,
+}
+
+/// A change of the internet `Announcement::follow` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Edge {
+    /// Lost: withdraw at once.
+    Lost,
+    /// Reachable (again): announced at once the first time, after
+    /// `RESTORE_AFTER` after a loss.
+    Back { damped: bool },
+}
+
+impl Announcement {
+    fn new(internet: bool, now: Instant) -> Self {
+        Announcement {
+            internet_since: internet.then_some(now),
+            damped: false,
+        }
+    }
+
+    /// Takes whether the internet is reachable now.
+    fn follow(&mut self, internet: bool, now: Instant) -> Option<Edge> {
+        match (self.internet_since.is_some(), internet) {
+            (true, false) => {
+                self.internet_since = None;
+                self.damped = true;
+                Some(Edge::Lost)
+            }
+            (false, true) => {
+                self.internet_since = Some(now);
+                Some(Edge::Back {
+                    damped: self.damped,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn announces(&self, now: Instant) -> bool {
+        self.internet_since
+            .is_some_and(|t| !self.damped || now.saturating_duration_since(t) >= RESTORE_AFTER)
+    }
 }
 
 /// How long the internet must be back before the exit node announces
@@ -187,12 +237,11 @@ impl ExitServer {
             routes_ok: internet,
             // Not announced before the first round answers (at once, a
             // few milliseconds, when the targets are reachable).
-            internet_since: (internet && probes.is_none()).then(Instant::now),
+            announcement: Announcement::new(internet && probes.is_none(), Instant::now()),
             probes,
             probe: None,
             probe_errors: String::new(),
             probe_failures: BTreeMap::new(),
-            damped: false,
             settings,
         };
         server
@@ -278,8 +327,7 @@ impl ExitServer {
     /// Whether to announce this exit node now: the internet is reachable
     /// (and, after a loss, has been for `RESTORE_AFTER`).
     pub fn announces(&self, now: Instant) -> bool {
-        self.internet_since
-            .is_some_and(|t| !self.damped || now.saturating_duration_since(t) >= RESTORE_AFTER)
+        self.announcement.announces(now)
     }
 
     /// Why this exit node does not announce itself now, if it does not
@@ -312,29 +360,26 @@ impl ExitServer {
         self.routes_ok && self.probes.as_ref().is_none_or(ProbeHealth::reachable)
     }
 
-    /// Follows a change of `internet()` from `was`; returns whether the
-    /// exit capability was just withdrawn (peers told at once). `why`:
-    /// the reason for the log.
-    fn follow(&mut self, was: bool, why: &str) -> bool {
-        match (was, self.internet()) {
-            (true, false) => {
+    /// Follows a change of `internet()`; returns whether the exit
+    /// capability was just withdrawn (peers told at once). `why`: the
+    /// reason for the log.
+    fn follow(&mut self, why: &str) -> bool {
+        match self.announcement.follow(self.internet(), Instant::now()) {
+            Some(Edge::Lost) => {
                 warn!(
                     "the exit node lost its way to the internet ({why}): withdrawing its exit capability"
                 );
-                self.internet_since = None;
-                self.damped = true;
                 true
             }
-            (false, true) => {
-                if self.damped {
-                    info!(after = ?RESTORE_AFTER, "the exit node's way to the internet is back: announcing it again once it has held");
-                } else {
-                    info!("the exit node reaches the internet: announcing it");
-                }
-                self.internet_since = Some(Instant::now());
+            Some(Edge::Back { damped: true }) => {
+                info!(after = ?RESTORE_AFTER, "the exit node's way to the internet is back: announcing it again once it has held");
                 false
             }
-            _ => false,
+            Some(Edge::Back { damped: false }) => {
+                info!("the exit node reaches the internet: announcing it");
+                false
+            }
+            None => false,
         }
     }
 
@@ -348,9 +393,8 @@ impl ExitServer {
                 return false;
             }
         };
-        let was = self.internet();
         self.routes_ok = up;
-        self.follow(was, "no default route through an interface that is up")
+        self.follow("no default route through an interface that is up")
     }
 
     /// A round of the probe task; returns whether the exit capability was
@@ -359,7 +403,6 @@ impl ExitServer {
         if self.probe.as_ref().is_none_or(|(_, id)| *id != round.task) {
             return false;
         }
-        let was = self.internet();
         let Some(mut health) = self.probes.take() else {
             return false;
         };
@@ -381,7 +424,7 @@ impl ExitServer {
                     exit_probe::LOST_AFTER,
                     self.probe_errors
                 );
-                let withdrawn = self.follow(was, &why);
+                let withdrawn = self.follow(&why);
                 if !withdrawn && self.routes_ok {
                     // Never announced (start-up).
                     warn!("the exit node's probe targets do not answer ({why}): not announcing it");
@@ -393,7 +436,7 @@ impl ExitServer {
             }
             Some(Change::Reachable) => {
                 debug!("a probe target answers");
-                self.follow(was, "")
+                self.follow("")
             }
             None => {
                 if !ok {
@@ -502,5 +545,41 @@ impl ExitServer {
         }
         dataplane.detach_exit();
         self.forwarding.remove(sysctls);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loss_withdraws_at_once_and_the_return_is_damped() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut a = Announcement::new(true, t0);
+        assert!(a.announces(t0), "announced at once when serving begins");
+        assert_eq!(a.follow(true, at(100)), None);
+        assert_eq!(a.follow(false, at(200)), Some(Edge::Lost));
+        assert!(!a.announces(at(200)));
+        assert_eq!(a.follow(false, at(300)), None);
+        assert_eq!(a.follow(true, at(1000)), Some(Edge::Back { damped: true }));
+        assert!(!a.announces(at(1000)));
+        assert!(!a.announces(at(2999)));
+        assert!(a.announces(at(3000)), "announced again after RESTORE_AFTER");
+        // A flap inside the damping restarts it.
+        assert_eq!(a.follow(false, at(3100)), Some(Edge::Lost));
+        assert_eq!(a.follow(true, at(3200)), Some(Edge::Back { damped: true }));
+        assert!(!a.announces(at(5199)));
+        assert!(a.announces(at(5200)));
+    }
+
+    #[test]
+    fn without_internet_at_start_the_first_return_is_not_damped() {
+        let t0 = Instant::now();
+        let mut a = Announcement::new(false, t0);
+        assert!(!a.announces(t0));
+        let t1 = t0 + Duration::from_millis(5);
+        assert_eq!(a.follow(true, t1), Some(Edge::Back { damped: false }));
+        assert!(a.announces(t1));
     }
 }
