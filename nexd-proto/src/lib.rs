@@ -292,6 +292,11 @@ pub struct ExitInfo {
     /// Exit node: uplink interfaces.
     pub uplink_ipv4: Option<String>,
     pub uplink_ipv6: Option<String>,
+    /// Exit node: why it does not announce itself to the mesh now (no
+    /// default route, probe targets not answering, damping after a
+    /// loss); absent while it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withdrawn: Option<String>,
 }
 
 /// Reply to `version`.

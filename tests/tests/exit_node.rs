@@ -24,7 +24,7 @@ use nexd_testkit::{
     proto::{ClientPhase, ExitClientRow, ExitNodeRow, ExitStatus},
     scaled,
     topology::{
-        ROUTER_V4, ROUTER_V6, count_forwarded_to, forwarded_to, mesh_toml, nft_counter,
+        ROUTER_V4, ROUTER_V6, count_forwarded_to, forwarded_to, mesh_toml, nft_counter, nft_script,
         remove_forward_probes,
     },
     traffic::{ping_once, ping_until, tcp_transfer, udp_exchange},
@@ -595,6 +595,203 @@ fn an_exit_node_without_internet_withdraws_and_its_clients_move() -> anyhow::Res
     assert_eq!(active_exit(&list), Some(second), "{list:?}");
     assert_eq!(w.inet.count("client4")?, 0, "IPv4 leaked");
     assert_eq!(w.inet.count("client6")?, 0, "IPv6 leaked");
+    Ok(())
+}
+
+/// A TCP service in the "internet" namespace for `--exit-probe-target`
+/// (IPv4 and IPv6, one port): accepts and closes every connection, so the
+/// probes never fill its accept queue. Stops when dropped.
+struct ProbeService {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl ProbeService {
+    fn start(inet: &Netns) -> anyhow::Result<Self> {
+        use std::net::{SocketAddr, TcpListener};
+        let v4 = inet.run_in(|| {
+            TcpListener::bind(SocketAddr::new(World::server(false), 0)).context("bind v4")
+        })?;
+        let port = v4.local_addr()?.port();
+        let v6 = inet.run_in(move || {
+            TcpListener::bind(SocketAddr::new(World::server(true), port)).context("bind v6")
+        })?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || -> anyhow::Result<()> {
+            v4.set_nonblocking(true)?;
+            v6.set_nonblocking(true)?;
+            // Bounded: the test stops it, and it ends on its own anyway.
+            let until = Instant::now() + Duration::from_secs(600);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+                for l in [&v4, &v6] {
+                    while let Ok((conn, _)) = l.accept() {
+                        drop(conn);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(())
+        });
+        Ok(ProbeService {
+            port,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The `--exit-probe-target` arguments for it.
+    fn targets(&self) -> [String; 2] {
+        [
+            format!("{}:{}", World::server(false), self.port),
+            format!("[{}]:{}", World::server(true), self.port),
+        ]
+    }
+}
+
+impl Drop for ProbeService {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The operator-given probe: two exit nodes check a TCP service in the
+/// "internet" with `--exit-probe-target`. The "internet" drops the active
+/// exit node's probes (its routes stay, so only the probe can tell): it
+/// withdraws its exit capability and says why, the client moves to the
+/// other exit node with no packet leaving its underlay; when the probes
+/// pass again, the exit node is announced again only after 2 s.
+#[test]
+fn an_exit_node_whose_probe_targets_do_not_answer_withdraws() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "exit2", "client"])?;
+    let service = ProbeService::start(&w.inet.ns)?;
+    let [t4, t6] = service.targets();
+    let exit_args = [
+        "router",
+        "--exit-node",
+        "--exit-probe-target",
+        t4.as_str(),
+        "--exit-probe-target",
+        t6.as_str(),
+    ];
+    for exit in ["exit1", "exit2"] {
+        w.node_mut(exit).start(&spec(&exit_args))?;
+    }
+    w.node_mut("client").start(&spec(&["--exit-node-client"]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    let list = w.node("client").exit_nodes()?;
+    let first = active_exit(&list)
+        .context("no active exit node")?
+        .to_owned();
+    let second = if first == "exit1" { "exit2" } else { "exit1" };
+    assert_eq!(tcp_source(&w, "client", false)?, w.underlay(&first, false));
+    assert_eq!(w.node(&first).status()?.exit_node.withdrawn, None);
+    w.inet
+        .watch("client4", &w.underlay("client", false).to_string())?;
+    w.inet
+        .watch("client6", &w.underlay("client", true).to_string())?;
+
+    // The internet drops the active exit node's probes, nothing else.
+    let block = format!(
+        "add table inet probe_block\n\
+         add chain inet probe_block input {{ type filter hook input priority -20; policy accept; }}\n\
+         add rule inet probe_block input ip saddr {} tcp dport {port} drop\n\
+         add rule inet probe_block input ip6 saddr {} tcp dport {port} drop\n",
+        w.underlay(&first, false),
+        w.underlay(&first, true),
+        port = service.port,
+    );
+    nft_script(&w.inet.ns, &block)?;
+    let lost = Instant::now();
+    let moved = wait_for(
+        "the client to move to the other exit node",
+        scaled(Duration::from_secs(15)),
+        Duration::from_millis(10),
+        || {
+            let list = w.node("client").exit_nodes().ok()?;
+            (active_exit(&list) == Some(second)).then(|| lost.elapsed())
+        },
+    )?;
+    eprintln!(
+        "{first}'s probes were dropped; the client moved to {second} after {:.2} s",
+        moved.as_secs_f64()
+    );
+    assert_eq!(tcp_source(&w, "client", false)?, w.underlay(second, false));
+    let log = w.node(&first).log();
+    assert!(
+        log.contains("withdrawing its exit capability")
+            && log.contains("no probe target answered")
+            && log.contains(&t4)
+            && log.contains(&t6),
+        "{log}"
+    );
+    let why = w.node(&first).status()?.exit_node.withdrawn;
+    assert!(
+        why.as_deref()
+            .is_some_and(|y| y.contains("no probe target answers") && y.contains(&t4)),
+        "{why:?}"
+    );
+    // Its routes never went: only the probe withdrew it.
+    assert!(
+        w.node(&first)
+            .ns
+            .ip("route show default")?
+            .contains(ROUTER_V4)
+    );
+    let list = w.node("client").exit_nodes()?;
+    assert!(
+        !list
+            .iter()
+            .any(|r| r.name == first && r.status == ExitStatus::Available),
+        "{first} still listed as available: {list:?}"
+    );
+    assert!(
+        list.iter()
+            .any(|r| r.name == second && r.status == ExitStatus::Available),
+        "{second}, whose probes pass, is not available: {list:?}"
+    );
+
+    // The probes pass again: not announced for 2 s, then available, and
+    // the client stays with the exit node it moved to.
+    w.inet
+        .ns
+        .exec(&["nft", "delete", "table", "inet", "probe_block"])?;
+    let back = Instant::now();
+    let available = wait_for(
+        "the exit node to be announced again",
+        scaled(Duration::from_secs(15)),
+        Duration::from_millis(50),
+        || {
+            w.node("client")
+                .exit_nodes()
+                .ok()?
+                .iter()
+                .any(|r| r.name == first && r.status == ExitStatus::Available)
+                .then(|| back.elapsed())
+        },
+    )?;
+    eprintln!(
+        "{first}'s probes pass again; announced again after {:.2} s",
+        available.as_secs_f64()
+    );
+    assert!(
+        available >= Duration::from_millis(1900),
+        "announced again after only {available:?}"
+    );
+    assert_eq!(w.node(&first).status()?.exit_node.withdrawn, None);
+    let list = w.node("client").exit_nodes()?;
+    assert_eq!(active_exit(&list), Some(second), "{list:?}");
+    assert_eq!(w.inet.count("client4")?, 0, "IPv4 leaked");
+    assert_eq!(w.inet.count("client6")?, 0, "IPv6 leaked");
+    drop(w);
+    drop(service);
     Ok(())
 }
 

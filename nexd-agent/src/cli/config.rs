@@ -214,6 +214,19 @@ mod tests {
     }
 
     #[test]
+    fn exit_probe_targets_come_from_the_file_and_are_checked() {
+        let p = write(
+            "p.toml",
+            "exit-probe-target = [\"203.0.113.10:443\", \"[2001:db8::1]:443\"]\n[router]\nexit-node = true\n",
+        );
+        let cli = parse(args(&["nexd", "--config", p.to_str().expect("p")])).expect("parse");
+        assert_eq!(cli.agent.exit_probe_targets.len(), 2);
+        let p = write("q.toml", "exit-probe-target = [\"probe.example:443\"]\n");
+        let e = parse(args(&["nexd", "--config", p.to_str().expect("p")])).expect_err("a name");
+        assert!(e.to_string().contains("--exit-probe-target"), "{e}");
+    }
+
+    #[test]
     fn unknown_and_bad_settings_name_the_line() {
         let p = write("b.toml", "log-level = \"info\"\ncolour = \"red\"\n");
         let e = parse(args(&["nexd", "--config", p.to_str().expect("p")])).expect_err("unknown");

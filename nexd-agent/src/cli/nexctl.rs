@@ -389,7 +389,13 @@ fn status(ctx: &Ctx) -> Result<(), ClientError> {
                 },
             ),
             ("EXCLUDED ROUTES", info.datapath.excluded_routes.to_string()),
-            ("EXIT NODE ROLE", info.exit_node.role.as_str().to_owned()),
+            (
+                "EXIT NODE ROLE",
+                match &info.exit_node.withdrawn {
+                    Some(why) => format!("{} (withdrawn: {why})", info.exit_node.role.as_str()),
+                    None => info.exit_node.role.as_str().to_owned(),
+                },
+            ),
             (
                 "EXIT NODE CLIENT",
                 match &info.exit_node.active_exit_node {

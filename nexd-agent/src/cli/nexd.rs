@@ -135,6 +135,20 @@ pub struct AgentArgs {
     /// entry gives none (e.g. "200mbit"; units bit, kbit, mbit, gbit).
     #[arg(long, global = true, env = "NEXD_EXIT_RATE_LIMIT", value_name = "RATE", value_parser = crate::mesh::rate::parse)]
     pub exit_rate_limit: Option<crate::mesh::Rate>,
+    /// Exit node: an IP:PORT on the internet to check with a TCP connect
+    /// every second (repeatable, up to 8; NEXD_EXIT_PROBE_TARGET takes a
+    /// comma-separated list). When none has answered for 3 rounds the
+    /// exit node withdraws its exit capability and its clients move to
+    /// another; it is announced again 2 s after one answers.
+    #[arg(
+        long = "exit-probe-target",
+        global = true,
+        env = "NEXD_EXIT_PROBE_TARGET",
+        value_delimiter = ',',
+        value_name = "IP:PORT",
+        value_parser = parse_probe_target
+    )]
+    pub exit_probe_targets: Vec<std::net::SocketAddr>,
     /// Log each packet the leak guard drops (debug level).
     #[arg(long, global = true)]
     pub log_guard_drops: bool,
@@ -225,6 +239,50 @@ fn parse_priority(s: &str) -> Result<u32, String> {
     routing::check_priority(parse_u32(s)?)
 }
 
+/// An `--exit-probe-target`: an address (no name: resolving it would need
+/// the DNS the probe is meant to check, and a name could resolve into the
+/// mesh) and a port, somewhere a probe proves the uplink works.
+fn parse_probe_target(s: &str) -> Result<std::net::SocketAddr, String> {
+    let t: std::net::SocketAddr = s.trim().parse().map_err(|_| {
+        format!("{s:?} is not IP:PORT (an address, not a name; IPv6 as [2001:db8::1]:443)")
+    })?;
+    let ip = t.ip().to_canonical();
+    if t.port() == 0 {
+        return Err(format!("{s:?}: port 0 cannot be connected to"));
+    }
+    let why = if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_loopback() {
+        Some("a loopback address (it proves nothing about the uplink)")
+    } else if ip.is_multicast() || ip == std::net::IpAddr::from([255, 255, 255, 255]) {
+        Some("not a unicast address")
+    } else {
+        None
+    };
+    match why {
+        Some(w) => Err(format!("{s:?} is {w}")),
+        None => Ok(t),
+    }
+}
+
+/// Checks `--exit-probe-target` against the rest of the command line.
+fn check_probe_targets(targets: &[std::net::SocketAddr], exit_node: bool) -> Result<(), String> {
+    if !targets.is_empty() && !exit_node {
+        return Err(
+            "--exit-probe-target is an exit node option: it needs `nexd router --exit-node`"
+                .to_owned(),
+        );
+    }
+    let max = daemon::MAX_EXIT_PROBE_TARGETS;
+    if targets.len() > max {
+        return Err(format!(
+            "--exit-probe-target given {} times: at most {max} (each is probed every second)",
+            targets.len()
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent as a router: with --exit-node, forward the mesh's
@@ -284,6 +342,10 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
     // `--registry`: membership through etcd instead of the mesh file; the
     // options are checked before anything starts.
     let exit_node = router.as_ref().is_some_and(|r| r.exit_node);
+    if let Err(e) = check_probe_targets(&args.exit_probe_targets, exit_node) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let registry = match super::registry_args::device_config(&args, exit_node) {
         Ok(r) => r,
         Err(e) => {
@@ -344,6 +406,7 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
             .map(|_| daemon::ExitServerOptions {
                 allow: args.exit_allow.clone(),
                 rate_limit: args.exit_rate_limit,
+                probe_targets: args.exit_probe_targets.clone(),
             }),
         exit_node_client: args.exit_node_client,
         policy,
@@ -449,6 +512,54 @@ mod tests {
                 "{flag} {value}: {text}"
             );
         }
+    }
+
+    #[test]
+    fn exit_probe_targets_parse_and_bad_ones_name_the_option() {
+        let c = Cli::try_parse_from([
+            "nexd",
+            "router",
+            "--exit-node",
+            "--exit-probe-target",
+            "203.0.113.10:443",
+            "--exit-probe-target",
+            "[2001:db8::1]:80,198.51.100.7:53",
+        ])
+        .expect("targets");
+        let want: Vec<std::net::SocketAddr> =
+            ["203.0.113.10:443", "[2001:db8::1]:80", "198.51.100.7:53"]
+                .iter()
+                .map(|s| s.parse().expect("addr"))
+                .collect();
+        assert_eq!(c.agent.exit_probe_targets, want);
+        assert!(check_probe_targets(&want, true).is_ok());
+        for (bad, says) in [
+            ("example.com:443", "not IP:PORT"),
+            ("203.0.113.10", "not IP:PORT"),
+            ("2001:db8::1:443", "not IP:PORT"),
+            ("203.0.113.10:0", "port 0"),
+            ("127.0.0.1:80", "loopback"),
+            ("[::1]:80", "loopback"),
+            ("[::ffff:127.0.0.1]:80", "loopback"),
+            ("0.0.0.0:80", "unspecified"),
+            ("224.0.0.1:80", "not a unicast"),
+            ("255.255.255.255:80", "not a unicast"),
+        ] {
+            let e = Cli::try_parse_from(["nexd", "--exit-probe-target", bad]).expect_err(bad);
+            let text = e.to_string();
+            assert!(
+                text.contains("--exit-probe-target") && text.contains(says),
+                "{bad}: {text}"
+            );
+        }
+        let e = check_probe_targets(&want[..1], false).expect_err("client");
+        assert!(
+            e.contains("--exit-probe-target") && e.contains("router --exit-node"),
+            "{e}"
+        );
+        let many = vec![want[0]; daemon::MAX_EXIT_PROBE_TARGETS + 1];
+        let e = check_probe_targets(&many, true).expect_err("too many");
+        assert!(e.contains("--exit-probe-target given 9 times"), "{e}");
     }
 
     #[test]

@@ -30,7 +30,8 @@ use super::{
     dataplane::{DataPlane, DataPlaneSettings, Inputs},
     endpoints::{Endpoints, Resolved},
     exit_client::{Candidates, Effects, ExitClient},
-    exit_server::{self, ExitServer, ExitSettings},
+    exit_probe,
+    exit_server::{self, ExitServer, ExitSettings, ProbeWiring},
     heartbeats::Heartbeats,
     interface::MeshInterface,
     log_error_lines,
@@ -81,12 +82,18 @@ pub struct Daemon {
     /// Where the mesh comes from (file or registry), and the registry's
     /// device side.
     pub(super) membership: Membership,
+    /// Where the exit node's probe task sends its rounds.
+    exit_probes: mpsc::Sender<exit_probe::Round>,
+    /// Tasks started so far: a round of an earlier task is ignored.
+    exit_probe_tasks: u64,
 }
 
 /// Where the event loop's asynchronous inputs are delivered.
 pub struct Channels {
     pub announcements: mpsc::Sender<Incoming>,
     pub resolved: mpsc::Sender<Resolved>,
+    /// The exit node's probe rounds (`--exit-probe-target`).
+    pub exit_probes: mpsc::Sender<exit_probe::Round>,
 }
 
 impl Daemon {
@@ -165,6 +172,8 @@ impl Daemon {
             recorded: None,
             adopt_guard: wanted && opts.kill_switch,
             membership,
+            exit_probes: channels.exit_probes,
+            exit_probe_tasks: 0,
             opts,
         }
     }
@@ -253,7 +262,9 @@ impl Daemon {
                     uplink: self.opts.uplink.clone(),
                     allow: role.allow.clone(),
                     rate_limit: role.rate_limit,
+                    probe_targets: role.probe_targets.clone(),
                 };
+                let probe = self.probe_wiring();
                 self.exit_server = Some(
                     ExitServer::start(
                         &self.nl,
@@ -263,6 +274,7 @@ impl Daemon {
                         &self.own,
                         &mut self.sysctls,
                         &mut self.dataplane,
+                        probe,
                     )
                     .await?,
                 );
@@ -446,7 +458,9 @@ impl Daemon {
                     uplink: self.opts.uplink.clone(),
                     allow: role.allow,
                     rate_limit: role.rate_limit,
+                    probe_targets: role.probe_targets,
                 };
+                let probe = self.probe_wiring();
                 match ExitServer::start(
                     &self.nl,
                     &self.opts.interface,
@@ -455,6 +469,7 @@ impl Daemon {
                     &self.own,
                     &mut self.sysctls,
                     &mut self.dataplane,
+                    probe,
                 )
                 .await
                 {
@@ -486,16 +501,41 @@ impl Daemon {
                 )
                 .await
         {
-            // Clients not probing this exit node learn it at once too.
-            self.heartbeats.send_now();
-            let now = Instant::now();
-            self.heartbeats
-                .send_due(self.announces_exit(), self.mesh.agent_port, now);
+            self.tell_peers_now();
         }
         if let Err(e) = self.split.sync(&self.nl).await {
             debug!(error = %e, "excluded routes not updated");
         }
         debug!(elapsed = ?t0.elapsed(), "uplinks re-evaluated");
+    }
+
+    /// The exit capability was just withdrawn: every peer hears it now,
+    /// not at its next heartbeat (clients that do not probe this exit
+    /// node learn it at once too).
+    fn tell_peers_now(&mut self) {
+        self.heartbeats.send_now();
+        let now = Instant::now();
+        self.heartbeats
+            .send_due(self.announces_exit(), self.mesh.agent_port, now);
+    }
+
+    /// The wiring of a new exit probe task.
+    fn probe_wiring(&mut self) -> ProbeWiring {
+        self.exit_probe_tasks += 1;
+        ProbeWiring {
+            results: self.exit_probes.clone(),
+            id: self.exit_probe_tasks,
+        }
+    }
+
+    /// A round of the exit node's probes (`--exit-probe-target`): the
+    /// same withdrawal as a lost default route.
+    pub fn on_exit_probe(&mut self, round: exit_probe::Round) {
+        if let Some(server) = &mut self.exit_server
+            && server.on_probe_round(round)
+        {
+            self.tell_peers_now();
+        }
     }
 
     /// One datagram from the announcement sockets.

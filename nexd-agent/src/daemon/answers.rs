@@ -139,6 +139,10 @@ impl Daemon {
                 .and_then(|k| self.heartbeats.book().name(&k).map(str::to_owned)),
             uplink_ipv4: uplinks.and_then(|u| u.v4.clone()),
             uplink_ipv6: uplinks.and_then(|u| u.v6.clone()),
+            withdrawn: self
+                .exit_server
+                .as_ref()
+                .and_then(|s| s.withdrawn(std::time::Instant::now())),
         }
     }
 

@@ -13,15 +13,20 @@
 //! links, addresses and routes.
 
 use std::{
-    net::IpAddr,
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use ipnet::IpNet;
-use tracing::{info, warn};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
 
-use super::dataplane::DataPlane;
+use super::{
+    dataplane::DataPlane,
+    exit_probe::{self, Change, ExitProbe, ProbeHealth, Round},
+};
 use crate::{
     datapath::exit::{ClientLimits, ExitClient, HostNetworks, RateLimit, exit_policy, mss_for_mtu},
     dns::{self, DnsConfig, DnsHandle},
@@ -46,6 +51,15 @@ pub struct ExitSettings {
     /// `--exit-rate-limit`: each client's limit (each direction) where its
     /// entry has none.
     pub rate_limit: Option<Rate>,
+    /// `--exit-probe-target`: the internet counts as lost when none of
+    /// these answers (see `exit_probe`); empty: routes only.
+    pub probe_targets: Vec<SocketAddr>,
+}
+
+/// Where the exit probe's rounds go, and the id of the next probe task.
+pub struct ProbeWiring {
+    pub results: mpsc::Sender<Round>,
+    pub id: u64,
 }
 
 pub struct ExitServer {
@@ -53,12 +67,73 @@ pub struct ExitServer {
     settings: ExitSettings,
     forwarding: ExitForwarding,
     dns: Option<DnsHandle>,
+    /// A default route through an interface that is up exists.
+    routes_ok: bool,
+    /// The probe targets' verdict, with `--exit-probe-target`.
+    probes: Option<ProbeHealth>,
+    /// The probe task (stops when dropped) and its id.
+    probe: Option<(ExitProbe, u64)>,
+    /// Why the last failed probe round failed, for the log and `status`.
+    probe_errors: String,
+    /// Failed probes per target, for the metrics.
+    probe_failures: BTreeMap<SocketAddr, u64>,
+    /// Whether to announce the exit capability, from the internet's
+    /// state over time (routes and, with targets, probes).
+    announcement: Announcement,
+}
+
+/// The internet's ups and downs as the mesh sees them: the pure part of
+/// the withdrawal.
+#[derive(Debug, Clone, Default)]
+struct Announcement {
     /// Since when the internet is reachable (`None`: it is not).
     internet_since: Option<Instant>,
     /// The internet was lost since serving began: its return is announced
     /// only after `RESTORE_AFTER`, so a flapping uplink does not make the
     /// clients flap with it.
     damped: bool,
+}
+
+/// A change of the internet `Announcement::follow` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Edge {
+    /// Lost: withdraw at once.
+    Lost,
+    /// Reachable (again): announced at once the first time, after
+    /// `RESTORE_AFTER` after a loss.
+    Back { damped: bool },
+}
+
+impl Announcement {
+    fn new(internet: bool, now: Instant) -> Self {
+        Announcement {
+            internet_since: internet.then_some(now),
+            damped: false,
+        }
+    }
+
+    /// Takes whether the internet is reachable now.
+    fn follow(&mut self, internet: bool, now: Instant) -> Option<Edge> {
+        match (self.internet_since.is_some(), internet) {
+            (true, false) => {
+                self.internet_since = None;
+                self.damped = true;
+                Some(Edge::Lost)
+            }
+            (false, true) => {
+                self.internet_since = Some(now);
+                Some(Edge::Back {
+                    damped: self.damped,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn announces(&self, now: Instant) -> bool {
+        self.internet_since
+            .is_some_and(|t| !self.damped || now.saturating_duration_since(t) >= RESTORE_AFTER)
+    }
 }
 
 /// How long the internet must be back before the exit node announces
@@ -125,6 +200,7 @@ impl ExitServer {
     /// programs with the policy and the clients, the DNS resolver. Fails
     /// (and installs nothing) when the membership does not let this
     /// device serve.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         nl: &Netlink,
         wg_iface: &str,
@@ -133,10 +209,16 @@ impl ExitServer {
         own: &PublicKey,
         sysctls: &mut Sysctls,
         dataplane: &mut DataPlane,
+        probe: ProbeWiring,
     ) -> anyhow::Result<Self> {
         if let Some(why) = not_allowed(mesh, own) {
             anyhow::bail!("{why}");
         }
+        exit_probe::check_outside_mesh(
+            &settings.probe_targets,
+            &[IpNet::V4(mesh.ipv4_prefix), IpNet::V6(mesh.ipv6_prefix)],
+        )
+        .map_err(anyhow::Error::msg)?;
         let me = mesh.device(own).context("this device is not in the mesh")?;
         let uplinks = uplinks(nl, settings.uplink.as_deref(), true).await?;
         // The data path first: from the first forwarded packet, only
@@ -147,13 +229,20 @@ impl ExitServer {
                 "no default route through an interface that is up: not announcing this exit node until there is one"
             );
         }
+        let probes = (!settings.probe_targets.is_empty()).then(ProbeHealth::default);
         let mut server = ExitServer {
             wg_iface: wg_iface.to_owned(),
             forwarding: ExitForwarding { uplinks },
             dns: None,
+            routes_ok: internet,
+            // Not announced before the first round answers (at once, a
+            // few milliseconds, when the targets are reachable).
+            announcement: Announcement::new(internet && probes.is_none(), Instant::now()),
+            probes,
+            probe: None,
+            probe_errors: String::new(),
+            probe_failures: BTreeMap::new(),
             settings,
-            internet_since: internet.then(Instant::now),
-            damped: false,
         };
         server
             .sync_datapath(nl, mesh, own, dataplane)
@@ -176,6 +265,22 @@ impl ExitServer {
             // The clients' DNS goes nowhere then, which they see; routing
             // still works.
             Err(e) => warn!(error = %e, "the DNS resolver for the clients did not start"),
+        }
+        if !server.settings.probe_targets.is_empty() {
+            info!(
+                targets = ?server.settings.probe_targets,
+                every = ?exit_probe::PROBE_EVERY,
+                "probing the internet: announced while at least one target answers a TCP connect"
+            );
+            server.probe = Some((
+                ExitProbe::start(
+                    probe.id,
+                    server.settings.probe_targets.clone(),
+                    server.settings.uplink.clone(),
+                    probe.results,
+                ),
+                probe.id,
+            ));
         }
         info!(
             clients = mesh.exit_clients_of(own).count(),
@@ -222,8 +327,60 @@ impl ExitServer {
     /// Whether to announce this exit node now: the internet is reachable
     /// (and, after a loss, has been for `RESTORE_AFTER`).
     pub fn announces(&self, now: Instant) -> bool {
-        self.internet_since
-            .is_some_and(|t| !self.damped || now.saturating_duration_since(t) >= RESTORE_AFTER)
+        self.announcement.announces(now)
+    }
+
+    /// Why this exit node does not announce itself now, if it does not
+    /// (for `status`).
+    pub fn withdrawn(&self, now: Instant) -> Option<String> {
+        if self.announces(now) {
+            return None;
+        }
+        Some(match (self.routes_ok, &self.probes) {
+            (false, _) => "no default route through an interface that is up".to_owned(),
+            (true, Some(p)) if !p.reachable() => self.probe_reason(p),
+            _ => format!(
+                "the internet is back; announced again once it has held for {RESTORE_AFTER:?}"
+            ),
+        })
+    }
+
+    fn probe_reason(&self, p: &ProbeHealth) -> String {
+        match p.verdict() {
+            exit_probe::Verdict::Unknown if self.probe_errors.is_empty() => {
+                "waiting for the first answer of a probe target".to_owned()
+            }
+            _ => format!("no probe target answers ({})", self.probe_errors),
+        }
+    }
+
+    /// Whether the internet is reachable now: a default route through an
+    /// interface that is up, and, with probe targets, one that answers.
+    fn internet(&self) -> bool {
+        self.routes_ok && self.probes.as_ref().is_none_or(ProbeHealth::reachable)
+    }
+
+    /// Follows a change of `internet()`; returns whether the exit
+    /// capability was just withdrawn (peers told at once). `why`: the
+    /// reason for the log.
+    fn follow(&mut self, why: &str) -> bool {
+        match self.announcement.follow(self.internet(), Instant::now()) {
+            Some(Edge::Lost) => {
+                warn!(
+                    "the exit node lost its way to the internet ({why}): withdrawing its exit capability"
+                );
+                true
+            }
+            Some(Edge::Back { damped: true }) => {
+                info!(after = ?RESTORE_AFTER, "the exit node's way to the internet is back: announcing it again once it has held");
+                false
+            }
+            Some(Edge::Back { damped: false }) => {
+                info!("the exit node reaches the internet: announcing it");
+                false
+            }
+            None => false,
+        }
     }
 
     /// Re-reads whether the internet is reachable; returns whether the
@@ -236,22 +393,63 @@ impl ExitServer {
                 return false;
             }
         };
-        match (self.internet_since.is_some(), up) {
-            (true, false) => {
-                warn!(
-                    "the exit node lost its way to the internet (no default route through an interface that is up): withdrawing its exit capability"
-                );
-                self.internet_since = None;
-                self.damped = true;
-                true
+        self.routes_ok = up;
+        self.follow("no default route through an interface that is up")
+    }
+
+    /// A round of the probe task; returns whether the exit capability was
+    /// just withdrawn (peers told now).
+    pub fn on_probe_round(&mut self, round: Round) -> bool {
+        if self.probe.as_ref().is_none_or(|(_, id)| *id != round.task) {
+            return false;
+        }
+        let Some(mut health) = self.probes.take() else {
+            return false;
+        };
+        let ok = round.ok();
+        for (target, r) in &round.results {
+            if r.is_err() {
+                *self.probe_failures.entry(*target).or_default() += 1;
             }
-            (false, true) => {
-                info!(after = ?RESTORE_AFTER, "the exit node's way to the internet is back: announcing it again once it has held");
-                self.internet_since = Some(Instant::now());
+        }
+        if !ok {
+            self.probe_errors = round.failures();
+        }
+        let change = health.observe(ok);
+        self.probes = Some(health);
+        match change {
+            Some(Change::Lost) => {
+                let why = format!(
+                    "no probe target answered in {} rounds: {}",
+                    exit_probe::LOST_AFTER,
+                    self.probe_errors
+                );
+                let withdrawn = self.follow(&why);
+                if !withdrawn && self.routes_ok {
+                    // Never announced (start-up).
+                    warn!("the exit node's probe targets do not answer ({why}): not announcing it");
+                } else if !withdrawn {
+                    // Withdrawn already for its routes: expected.
+                    debug!("{why}");
+                }
+                withdrawn
+            }
+            Some(Change::Reachable) => {
+                debug!("a probe target answers");
+                self.follow("")
+            }
+            None => {
+                if !ok {
+                    debug!(errors = %self.probe_errors, "a probe round failed");
+                }
                 false
             }
-            _ => false,
         }
+    }
+
+    /// Failed probes per target (`--exit-probe-target`), for the metrics.
+    pub fn probe_failures(&self) -> &BTreeMap<SocketAddr, u64> {
+        &self.probe_failures
     }
 
     /// The DNS resolver's counters, if it runs.
@@ -340,10 +538,48 @@ impl ExitServer {
     /// Stops serving: the resolver, the exit programs, the table and the
     /// forwarding sysctls.
     pub async fn remove(mut self, sysctls: &mut Sysctls, dataplane: &mut DataPlane) {
+        // Stops the probe task.
+        self.probe = None;
         if let Some(dns) = self.dns.take() {
             dns.shutdown().await;
         }
         dataplane.detach_exit();
         self.forwarding.remove(sysctls);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loss_withdraws_at_once_and_the_return_is_damped() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut a = Announcement::new(true, t0);
+        assert!(a.announces(t0), "announced at once when serving begins");
+        assert_eq!(a.follow(true, at(100)), None);
+        assert_eq!(a.follow(false, at(200)), Some(Edge::Lost));
+        assert!(!a.announces(at(200)));
+        assert_eq!(a.follow(false, at(300)), None);
+        assert_eq!(a.follow(true, at(1000)), Some(Edge::Back { damped: true }));
+        assert!(!a.announces(at(1000)));
+        assert!(!a.announces(at(2999)));
+        assert!(a.announces(at(3000)), "announced again after RESTORE_AFTER");
+        // A flap inside the damping restarts it.
+        assert_eq!(a.follow(false, at(3100)), Some(Edge::Lost));
+        assert_eq!(a.follow(true, at(3200)), Some(Edge::Back { damped: true }));
+        assert!(!a.announces(at(5199)));
+        assert!(a.announces(at(5200)));
+    }
+
+    #[test]
+    fn without_internet_at_start_the_first_return_is_not_damped() {
+        let t0 = Instant::now();
+        let mut a = Announcement::new(false, t0);
+        assert!(!a.announces(t0));
+        let t1 = t0 + Duration::from_millis(5);
+        assert_eq!(a.follow(true, t1), Some(Edge::Back { damped: false }));
+        assert!(a.announces(t1));
     }
 }

@@ -244,6 +244,21 @@ impl Daemon {
             "Each client's rate limit by direction (absent: unlimited)",
             limit,
         );
+        if let Some(server) = &self.exit_server
+            && !server.probe_failures().is_empty()
+        {
+            let failures = Family::<Labels, Counter>::default();
+            for (target, n) in server.probe_failures() {
+                failures
+                    .get_or_create(&label("target", target.to_string()))
+                    .inc_by(*n);
+            }
+            reg.register(
+                "nexd_exit_probe_failures",
+                "Probes of each --exit-probe-target that got no connection",
+                failures,
+            );
+        }
         if let Some(dns) = self.exit_server.as_ref().and_then(|s| s.dns_counters()) {
             let queries = Family::<Labels, Counter>::default();
             outcomes(&queries, &dns);

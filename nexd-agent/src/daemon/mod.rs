@@ -12,6 +12,7 @@ mod answers;
 mod dataplane;
 mod endpoints;
 mod exit_client;
+mod exit_probe;
 mod exit_server;
 mod heartbeats;
 mod interface;
@@ -39,6 +40,8 @@ use crate::{
 };
 
 pub use agent::Daemon;
+/// At most this many `--exit-probe-target`s.
+pub use exit_probe::MAX_TARGETS as MAX_EXIT_PROBE_TARGETS;
 
 /// Everything the daemon needs to know from its command line.
 #[derive(Debug, Clone)]
@@ -99,6 +102,9 @@ pub struct ExitServerOptions {
     pub allow: Vec<ipnet::IpNet>,
     /// `--exit-rate-limit`: each client's limit where its entry has none.
     pub rate_limit: Option<crate::mesh::Rate>,
+    /// `--exit-probe-target`: withdraw the exit capability when none of
+    /// these answers a TCP connect.
+    pub probe_targets: Vec<std::net::SocketAddr>,
 }
 
 /// How often the loop wakes up without an event: backend status,
@@ -160,6 +166,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let _watch = crate::netlink::watch_uplink_changes(uplink_changes)?;
     let (announcements, mut incoming) = mpsc::channel(crate::announce::QUEUE);
     let (resolved_tx, mut resolved) = mpsc::channel(4);
+    let (exit_probe_tx, mut exit_probe_rounds) = mpsc::channel(4);
     let mut daemon = Daemon::new(
         opts.clone(),
         key,
@@ -169,6 +176,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         agent::Channels {
             announcements,
             resolved: resolved_tx,
+            exit_probes: exit_probe_tx,
         },
         epoch,
     );
@@ -233,6 +241,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
             Some(inc) = incoming.recv() => daemon.on_announcement(inc).await,
             Some(r) = resolved.recv() => daemon.on_resolved(r).await,
+            Some(r) = exit_probe_rounds.recv() => daemon.on_exit_probe(r),
             Some(ev) = membership_events.recv() => {
                 daemon.on_membership(ev).await;
                 release_freed_memory();
