@@ -63,6 +63,7 @@ enum Task {
 }
 
 fn main() -> ExitCode {
+    started();
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup(a) => setup::run(&a),
@@ -159,6 +160,15 @@ pub fn cargo_command() -> std::process::Command {
 }
 
 /// Prints a step header, so long runs show where they are.
+/// When xtask started.
+fn started() -> std::time::Instant {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(std::time::Instant::now)
+}
+
+/// Prints a step with the time since xtask started, so a CI log shows
+/// where its minutes go (the budget is tight).
 pub fn step(msg: &str) {
-    println!("\x1b[1m==> {msg}\x1b[0m");
+    let t = started().elapsed().as_secs();
+    println!("\x1b[1m==> [{:02}:{:02}] {msg}\x1b[0m", t / 60, t % 60);
 }
