@@ -10,9 +10,11 @@
 //! change builds a new immutable `Table` that the data path picks up
 //! whole.
 //!
-//! Memory per peer is bounded: the `Tunn` (about 11 KB: boringtun keeps
-//! eight session slots inline, each with two AEAD keys; built on the
-//! peer's first packet, see `TunnSeed`), and at most
+//! Memory per peer is bounded: the `Tunn` (under 1 KB, plus about 1.3 KB
+//! per live session: upstream boringtun keeps eight session slots inline,
+//! 11 KB whether used or not, and nexd's copy boxes them, see
+//! vendor/boringtun/NEXD-PATCH.md; built on the peer's first packet, see
+//! `TunnSeed`), and at most
 //! `QUEUE_PACKETS` packets waiting for a handshake (a peer that never
 //! answers costs no more; boringtun's own queue of 256 is never used,
 //! because nothing is handed to `encapsulate` without a session).
@@ -100,7 +102,7 @@ impl Peer {
 /// them was a fifth of a 1,000-device start-up, all before nexd was ready.
 /// Built on first use instead, they cost the data path's threads that
 /// time spread over the first packets, and a peer that never exchanges a
-/// packet costs no `Tunn` (11 KB) at all.
+/// packet costs no `Tunn` at all.
 pub struct TunnSeed {
     secret: x25519::StaticSecret,
     peer: x25519::PublicKey,
@@ -134,7 +136,7 @@ impl TunnSeed {
 /// What changes under the peer's lock.
 pub struct PeerState {
     /// Built on first use (see [`TunnSeed`]); `None` until a packet is
-    /// sent to or received from the peer. Boxed: inline, the 11 KB would
+    /// sent to or received from the peer. Boxed: inline, the `Tunn` would
     /// be allocated (and written by the move into the `Arc`) with every
     /// peer, used or not.
     tunn: Option<Box<Tunn>>,
@@ -407,6 +409,19 @@ mod tests {
         s.parse().expect("address")
     }
 
+    /// The patched boringtun is in use (vendor/boringtun/NEXD-PATCH.md):
+    /// upstream's `Tunn` is 11,040 bytes with its session slots inline,
+    /// which with heartbeats to every peer was most of nexd's memory per
+    /// peer. Fails if the `[patch.crates-io]` entry is lost in an upgrade.
+    #[test]
+    fn a_tunn_without_sessions_is_small() {
+        let size = std::mem::size_of::<Tunn>();
+        assert!(
+            size < 2048,
+            "boringtun's Tunn is {size} bytes: the session slots are inline again"
+        );
+    }
+
     fn peer(key: PublicKey, allowed: &[&str]) -> PeerConfig {
         PeerConfig {
             public_key: key,
@@ -587,7 +602,7 @@ mod tests {
             assert!(s.built_tunn().is_none(), "built before any packet");
             assert!(!s.has_session());
         }
-        // An unused peer does not carry the Tunn's 11 KB inline.
+        // An unused peer does not carry a Tunn inline.
         assert!(std::mem::size_of::<PeerState>() < 1024);
         // A key change before the first packet: the Tunn built later
         // speaks for the new key (the responder knows only that one).
