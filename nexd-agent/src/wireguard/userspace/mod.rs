@@ -193,8 +193,9 @@ impl WireGuard for UserspaceWireGuard {
                 std::io::Error::other("the device has no private key yet"),
             ));
         };
-        let table = c.registry.apply(&keys, upsert, remove);
-        self.shared.set_table(table);
+        if let Some(table) = c.registry.apply_changes(&keys, upsert, remove) {
+            self.shared.set_table(table);
+        }
         Ok(())
     }
 

@@ -263,8 +263,24 @@ impl Registry {
     /// Applies `remove`, then `upsert` (in place for known keys), and
     /// returns the table to swap in.
     pub fn apply(&mut self, keys: &Keys, upsert: &[PeerConfig], remove: &[PublicKey]) -> Table {
+        self.apply_changes(keys, upsert, remove)
+            .unwrap_or_else(|| self.table())
+    }
+
+    /// `apply`, returning a new table only when the table changed (a peer
+    /// added or removed, AllowedIPs changed). An endpoint or keepalive
+    /// change is made in place under the peer's lock, where the data path
+    /// reads it: rebuilding the table of a thousand peers for it was most
+    /// of what a one-peer reload cost beyond a reload changing nothing.
+    pub fn apply_changes(
+        &mut self,
+        keys: &Keys,
+        upsert: &[PeerConfig],
+        remove: &[PublicKey],
+    ) -> Option<Table> {
+        let mut changed = false;
         for k in remove {
-            self.entries.remove(k);
+            changed |= self.entries.remove(k).is_some();
         }
         let mut used: HashSet<u32> = self.entries.values().map(|e| e.index).collect();
         let mut new: Vec<(&PeerConfig, u32, u64)> = Vec::new();
@@ -282,6 +298,7 @@ impl Registry {
                 if e.allowed_ips != p.allowed_ips {
                     e.allowed_ips.clone_from(&p.allowed_ips);
                     e.generation = generation;
+                    changed = true;
                 }
                 continue;
             }
@@ -295,6 +312,7 @@ impl Registry {
             new_at.insert(p.public_key, new.len());
             new.push((p, index, generation));
         }
+        changed |= !new.is_empty();
         for (p, index, generation) in new {
             let peer = Arc::new(Peer {
                 key: p.public_key,
@@ -320,7 +338,7 @@ impl Registry {
                 },
             );
         }
-        self.table()
+        changed.then(|| self.table())
     }
 
     /// A new private key: every session ends (as on any WireGuard key
@@ -576,12 +594,22 @@ mod tests {
         let mut update = peer(a, &["100.64.0.2/32"]);
         update.endpoint = None;
         update.persistent_keepalive = 0;
-        r.apply(&keys, &[update], &[]);
+        // Nothing the table holds changed: no new table to swap in.
+        assert!(r.apply_changes(&keys, &[update], &[]).is_none());
         assert_eq!(
             p.lock().endpoint,
             Some("198.51.100.7:4000".parse().expect("addr"))
         );
         assert_eq!(p.lock().keepalive, 0);
+        // A new endpoint is set in place on the live peer, too.
+        let mut moved = peer(a, &["100.64.0.2/32"]);
+        moved.endpoint = Some("198.51.100.8:4001".parse().expect("addr"));
+        assert!(r.apply_changes(&keys, &[moved.clone()], &[]).is_none());
+        assert_eq!(p.lock().endpoint, moved.endpoint);
+        // New AllowedIPs do change the table.
+        let wider = peer(a, &["100.64.0.2/32", "10.9.0.0/16"]);
+        let t = r.apply_changes(&keys, &[wider], &[]).expect("a new table");
+        assert_eq!(t.route(ip("10.9.1.1")), Some(0));
         let t = r.apply(&keys, &[], &[a]);
         assert!(t.peers.is_empty());
         assert_eq!(t.route(ip("100.64.0.2")), None);
