@@ -480,6 +480,21 @@ impl UdpStream {
             .copied()
     }
 
+    /// Whether both ends still run (an end stops early only on an error,
+    /// which `finish` returns).
+    pub fn running(&self) -> bool {
+        !self.client.is_finished() && !self.server.is_finished()
+    }
+
+    /// The latest echo, if any.
+    pub fn last_echo(&self) -> Option<Echo> {
+        self.echoes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .last()
+            .copied()
+    }
+
     /// Stops both ends; returns every echo.
     pub fn finish(self) -> anyhow::Result<Vec<Echo>> {
         self.stop.store(true, Ordering::Relaxed);

@@ -199,7 +199,20 @@ fn failover_rounds(w: &mut World, rounds: usize) -> anyhow::Result<(Vec<f64>, Ve
             Duration::from_secs(30),
             Duration::from_millis(5),
             || stream.first_from(other_ip, t0).map(|e| e.received - t0),
-        )?;
+        )
+        .map_err(|e| {
+            // What the client saw, so that a failure says why.
+            let log = client.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            e.context(format!(
+                "killed {active}; the client lists {:?}; the stream is {}; the last echo came at {:?} after the kill; its log ends:\n{}",
+                client.exit_nodes(),
+                if stream.running() { "running" } else { "stopped" },
+                stream.last_echo().map(|e| (e.source, e.received.checked_duration_since(t0))),
+                tail.join("\n")
+            ))
+        })?;
         stream.finish()?;
         detect.push(ms(detected));
         switch.push(ms(switched));

@@ -261,7 +261,8 @@ pub struct Registry {
 
 impl Registry {
     /// Applies `remove`, then `upsert` (in place for known keys), and
-    /// returns the table to swap in.
+    /// returns the table to swap in (the tests' view of `apply_changes`).
+    #[cfg(test)]
     pub fn apply(&mut self, keys: &Keys, upsert: &[PeerConfig], remove: &[PublicKey]) -> Table {
         self.apply_changes(keys, upsert, remove)
             .unwrap_or_else(|| self.table())
