@@ -558,24 +558,37 @@ impl Daemon {
             .is_some_and(|s| s.announces(Instant::now()))
     }
 
+    /// Whether this device probes exit nodes: an exit-node client with
+    /// probes on (an exit node uses none).
+    fn probes_wanted(&self) -> bool {
+        self.exit_server.is_none() && self.opts.exit_probes && self.exit_client.wanted()
+    }
+
+    /// Whether the loop should run `probe_tick`: while probes are wanted,
+    /// and once more after, to stop watching the targets. Every other
+    /// device (exit nodes, plain peers: most of a mesh) skips the 100 ms
+    /// wake-ups altogether.
+    pub fn probe_tick_due(&self) -> bool {
+        self.probes_wanted() || self.heartbeats.probing()
+    }
+
     /// Every `exit::PROBE_INTERVAL`: the exit-node client probes the exit
     /// node in use and the next one, and re-evaluates, so a dead exit node
     /// is left within its probe deadline rather than at the next tick.
     pub async fn probe_tick(&mut self) {
         let now = Instant::now();
-        let targets =
-            if self.exit_server.is_none() && self.opts.exit_probes && self.exit_client.wanted() {
-                self.exit_client.probe_targets(
-                    &Candidates {
-                        book: self.heartbeats.book(),
-                        mesh: &self.mesh,
-                        own: &self.own,
-                    },
-                    now,
-                )
-            } else {
-                Vec::new()
-            };
+        let targets = if self.probes_wanted() {
+            self.exit_client.probe_targets(
+                &Candidates {
+                    book: self.heartbeats.book(),
+                    mesh: &self.mesh,
+                    own: &self.own,
+                },
+                now,
+            )
+        } else {
+            Vec::new()
+        };
         self.heartbeats.probe(&targets, self.mesh.agent_port, now);
         if !targets.is_empty() {
             self.evaluate_exit().await;

@@ -31,6 +31,9 @@ pub struct Heartbeats {
     incoming: mpsc::Sender<Incoming>,
     last_sent: Option<Instant>,
     last_probe: Option<Instant>,
+    /// The last `probe` had targets: one more call (with none) is needed
+    /// to stop watching them.
+    probing: bool,
 }
 
 /// What one received datagram changed.
@@ -57,6 +60,7 @@ impl Heartbeats {
             incoming,
             last_sent: None,
             last_probe: None,
+            probing: false,
         }
     }
 
@@ -170,6 +174,7 @@ impl Heartbeats {
     /// heartbeat a second). An empty list stops probing.
     pub fn probe(&mut self, targets: &[PublicKey], agent_port: u16, now: Instant) {
         self.book.set_probed(targets, now);
+        self.probing = !targets.is_empty();
         if targets.is_empty()
             || self
                 .last_probe
@@ -184,6 +189,11 @@ impl Heartbeats {
                 ann.send(to, &bytes);
             }
         }
+    }
+
+    /// Whether peers are being probed (see `probe`).
+    pub fn probing(&self) -> bool {
+        self.probing
     }
 
     /// Answers a probe at once: an announcement whose echo gives the

@@ -220,6 +220,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         // The exit node in use is left the moment its deadline passes,
         // not at the next probe tick (up to 100 ms later).
         let stale_at = daemon.exit_stale_at();
+        let probing = daemon.probe_tick_due();
         let exit_deadline = async {
             match stale_at {
                 Some(t) => tokio::time::sleep_until((t + STALE_MARGIN).into()).await,
@@ -248,7 +249,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
             Some(()) = uplinks_changed.recv() => daemon.on_uplinks_changed().await,
             _ = tick.tick() => daemon.tick().await,
-            _ = probe.tick() => daemon.probe_tick().await,
+            _ = probe.tick(), if probing => daemon.probe_tick().await,
             () = exit_deadline => daemon.evaluate_exit().await,
         }
         daemon.record();
