@@ -454,6 +454,40 @@ fn start_two_exits_and_client_with(w: &mut World, extra: &[&str]) -> anyhow::Res
     w.node("client").wait_phase(ClientPhase::Active, T * 2)
 }
 
+/// Waits (up to `timeout`, scaled) until the client uses `to`; returns
+/// how long that took from now.
+fn client_moves_to(w: &World, to: &str, timeout: Duration) -> anyhow::Result<Duration> {
+    let since = Instant::now();
+    wait_for(
+        "the client to move to the other exit node",
+        scaled(timeout),
+        Duration::from_millis(10),
+        || {
+            let list = w.node("client").exit_nodes().ok()?;
+            (active_exit(&list) == Some(to)).then(|| since.elapsed())
+        },
+    )
+}
+
+/// Waits until the client lists `exit` as available again; returns how
+/// long that took from now.
+fn available_again(w: &World, exit: &str) -> anyhow::Result<Duration> {
+    let since = Instant::now();
+    wait_for(
+        "the exit node to be announced again",
+        scaled(Duration::from_secs(15)),
+        Duration::from_millis(50),
+        || {
+            w.node("client")
+                .exit_nodes()
+                .ok()?
+                .iter()
+                .any(|r| r.name == exit && r.status == ExitStatus::Available)
+                .then(|| since.elapsed())
+        },
+    )
+}
+
 fn start_two_exits_and_client(w: &mut World) -> anyhow::Result<()> {
     start_two_exits_and_client_with(w, &[])
 }
@@ -539,16 +573,7 @@ fn an_exit_node_without_internet_withdraws_and_its_clients_move() -> anyhow::Res
     let exit_ns = &w.node(&first).ns;
     exit_ns.ip("route del default")?;
     exit_ns.ip("-6 route del default")?;
-    let lost = Instant::now();
-    let moved = wait_for(
-        "the client to move to the other exit node",
-        scaled(Duration::from_secs(10)),
-        Duration::from_millis(10),
-        || {
-            let list = w.node("client").exit_nodes().ok()?;
-            (active_exit(&list) == Some(second)).then(|| lost.elapsed())
-        },
-    )?;
+    let moved = client_moves_to(&w, second, Duration::from_secs(10))?;
     eprintln!(
         "{first} lost its default routes; the client moved to {second} after {:.2} s",
         moved.as_secs_f64()
@@ -573,20 +598,7 @@ fn an_exit_node_without_internet_withdraws_and_its_clients_move() -> anyhow::Res
     // and the client stays with the exit node it moved to.
     exit_ns.ip(&format!("route add default via {ROUTER_V4}"))?;
     exit_ns.ip(&format!("-6 route add default via {ROUTER_V6}"))?;
-    let back = Instant::now();
-    let available = wait_for(
-        "the exit node to be announced again",
-        scaled(Duration::from_secs(15)),
-        Duration::from_millis(50),
-        || {
-            w.node("client")
-                .exit_nodes()
-                .ok()?
-                .iter()
-                .any(|r| r.name == first && r.status == ExitStatus::Available)
-                .then(|| back.elapsed())
-        },
-    )?;
+    let available = available_again(&w, &first)?;
     assert!(
         available >= Duration::from_millis(1900),
         "announced again after only {available:?}"
@@ -709,16 +721,7 @@ fn an_exit_node_whose_probe_targets_do_not_answer_withdraws() -> anyhow::Result<
         port = service.port,
     );
     nft_script(&w.inet.ns, &block)?;
-    let lost = Instant::now();
-    let moved = wait_for(
-        "the client to move to the other exit node",
-        scaled(Duration::from_secs(15)),
-        Duration::from_millis(10),
-        || {
-            let list = w.node("client").exit_nodes().ok()?;
-            (active_exit(&list) == Some(second)).then(|| lost.elapsed())
-        },
-    )?;
+    let moved = client_moves_to(&w, second, Duration::from_secs(15))?;
     eprintln!(
         "{first}'s probes were dropped; the client moved to {second} after {:.2} s",
         moved.as_secs_f64()
@@ -763,20 +766,7 @@ fn an_exit_node_whose_probe_targets_do_not_answer_withdraws() -> anyhow::Result<
     w.inet
         .ns
         .exec(&["nft", "delete", "table", "inet", "probe_block"])?;
-    let back = Instant::now();
-    let available = wait_for(
-        "the exit node to be announced again",
-        scaled(Duration::from_secs(15)),
-        Duration::from_millis(50),
-        || {
-            w.node("client")
-                .exit_nodes()
-                .ok()?
-                .iter()
-                .any(|r| r.name == first && r.status == ExitStatus::Available)
-                .then(|| back.elapsed())
-        },
-    )?;
+    let available = available_again(&w, &first)?;
     eprintln!(
         "{first}'s probes pass again; announced again after {:.2} s",
         available.as_secs_f64()
