@@ -49,6 +49,13 @@ same() { [ "$1" = "$2" ]; }
 # links, addresses, rules, routes, nftables, TC qdiscs and filters, pins,
 # the sysctls nexd may change.
 net_state() {
+    # Duplicate address detection finishes on its own schedule: an address
+    # still "tentative" in one snapshot and not in the next is the kernel's
+    # doing, not the install's. Wait (bounded) for it to settle first.
+    for _ in $(seq 50); do
+        ip addr show | grep -q tentative || break
+        sleep 0.1
+    done
     ip -d link show | sed 's/ qlen [0-9]*//'
     ip addr show
     ip rule show
