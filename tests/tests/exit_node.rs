@@ -454,6 +454,23 @@ fn start_two_exits_and_client_with(w: &mut World, extra: &[&str]) -> anyhow::Res
     w.node("client").wait_phase(ClientPhase::Active, T * 2)
 }
 
+/// The exit node the client uses (checked by the source address the
+/// internet sees) and the other one; from here on the internet counts any
+/// packet arriving straight from the client's underlay (a leak).
+fn active_exit_watched(w: &World) -> anyhow::Result<(String, &'static str)> {
+    let list = w.node("client").exit_nodes()?;
+    let first = active_exit(&list)
+        .context("no active exit node")?
+        .to_owned();
+    let second = if first == "exit1" { "exit2" } else { "exit1" };
+    assert_eq!(tcp_source(w, "client", false)?, w.underlay(&first, false));
+    w.inet
+        .watch("client4", &w.underlay("client", false).to_string())?;
+    w.inet
+        .watch("client6", &w.underlay("client", true).to_string())?;
+    Ok((first, second))
+}
+
 /// Waits (up to `timeout`, scaled) until the client uses `to`; returns
 /// how long that took from now.
 fn client_moves_to(w: &World, to: &str, timeout: Duration) -> anyhow::Result<Duration> {
@@ -558,16 +575,7 @@ fn an_exit_node_without_internet_withdraws_and_its_clients_move() -> anyhow::Res
     }
     let mut w = World::new(&["exit1", "exit2", "client"])?;
     start_two_exits_and_client(&mut w)?;
-    let list = w.node("client").exit_nodes()?;
-    let first = active_exit(&list)
-        .context("no active exit node")?
-        .to_owned();
-    let second = if first == "exit1" { "exit2" } else { "exit1" };
-    assert_eq!(tcp_source(&w, "client", false)?, w.underlay(&first, false));
-    w.inet
-        .watch("client4", &w.underlay("client", false).to_string())?;
-    w.inet
-        .watch("client6", &w.underlay("client", true).to_string())?;
+    let (first, second) = active_exit_watched(&w)?;
 
     // The active exit node's default routes go (nexd keeps running).
     let exit_ns = &w.node(&first).ns;
@@ -698,17 +706,8 @@ fn an_exit_node_whose_probe_targets_do_not_answer_withdraws() -> anyhow::Result<
     }
     w.node_mut("client").start(&spec(&["--exit-node-client"]))?;
     w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
-    let list = w.node("client").exit_nodes()?;
-    let first = active_exit(&list)
-        .context("no active exit node")?
-        .to_owned();
-    let second = if first == "exit1" { "exit2" } else { "exit1" };
-    assert_eq!(tcp_source(&w, "client", false)?, w.underlay(&first, false));
+    let (first, second) = active_exit_watched(&w)?;
     assert_eq!(w.node(&first).status()?.exit_node.withdrawn, None);
-    w.inet
-        .watch("client4", &w.underlay("client", false).to_string())?;
-    w.inet
-        .watch("client6", &w.underlay("client", true).to_string())?;
 
     // The internet drops the active exit node's probes, nothing else.
     let block = format!(
