@@ -152,6 +152,52 @@ impl Step {
     }
 }
 
+impl Step {
+    /// What is *surely* installed after this step failed half-way: the
+    /// other side of `failed`. An addition may not have happened, a
+    /// removal may have; a half-done change of where something points
+    /// leaves the old target as the sure one.
+    pub fn surely_after_failure(self, s: Installed) -> Installed {
+        match self {
+            Step::AttachGuard
+            | Step::SetFwmark
+            | Step::AddRoutes
+            | Step::AddRules
+            | Step::SteeringOn
+            | Step::RouteVia(_)
+            | Step::Dns(Dns::Via(_) | Dns::Blocked) => s,
+            Step::Dns(Dns::Off)
+            | Step::SteeringOff
+            | Step::RemoveRules
+            | Step::RemoveRoutes
+            | Step::ClearFwmark
+            | Step::DetachGuard => self.apply(s),
+        }
+    }
+}
+
+/// The state to plan from when what is installed is only known between
+/// `surely` and `maybe` (after a failed step): each part of it is taken
+/// from whichever bound differs from `to`, so the plan removes what may
+/// be there and (re)adds what may be missing. Every step is idempotent,
+/// so one that finds its work done changes nothing, and on the host the
+/// plan passes through the same states as the plan from what really is
+/// installed: the invariants hold as they do for that plan.
+pub fn from_uncertain(maybe: Installed, surely: Installed, to: Installed) -> Installed {
+    fn pick<T: PartialEq + Copy>(maybe: T, surely: T, to: T) -> T {
+        if maybe != to { maybe } else { surely }
+    }
+    Installed {
+        guard: pick(maybe.guard, surely.guard, to.guard),
+        fwmark: pick(maybe.fwmark, surely.fwmark, to.fwmark),
+        dns: pick(maybe.dns, surely.dns, to.dns),
+        routes: pick(maybe.routes, surely.routes, to.routes),
+        exit_peer: pick(maybe.exit_peer, surely.exit_peer, to.exit_peer),
+        rules: pick(maybe.rules, surely.rules, to.rules),
+        steering: pick(maybe.steering, surely.steering, to.steering),
+    }
+}
+
 /// What a phase needs installed. With the kill switch the leak guard holds
 /// from the moment exit mode is wanted (waiting too, not only once an exit
 /// node answers), and WireGuard's fwmark with it: the guard recognises
@@ -515,6 +561,40 @@ mod tests {
                         }
                     }
                     assert_eq!(reached, end, "{what}: plan {steps:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_plan_from_an_uncertain_state_readds_what_may_be_missing_and_removes_what_may_be_there() {
+        let a = key();
+        for policy in policies() {
+            for (from, to) in [
+                (target(Phase::Off, policy), target(Phase::Active(a), policy)),
+                (target(Phase::Active(a), policy), target(Phase::Off, policy)),
+            ] {
+                let steps = plan(from, to);
+                for fail_at in 0..steps.len() {
+                    let (mut maybe, mut surely) = (from, from);
+                    for step in &steps[..fail_at] {
+                        (maybe, surely) = (step.apply(maybe), step.apply(surely));
+                    }
+                    let failed = steps[fail_at];
+                    (maybe, surely) = (failed.failed(maybe), failed.surely_after_failure(surely));
+                    // Whatever the failed step really did, the plan from
+                    // the uncertain state reaches `to`, and from either
+                    // real state never breaks an invariant.
+                    for goal in [from, to] {
+                        let p = plan(from_uncertain(maybe, surely, goal), goal);
+                        for real in [maybe, surely] {
+                            let what = format!(
+                                "{failed:?} failed ({policy:?}), really {real:?}, to {goal:?}"
+                            );
+                            let reached = walk(real, &p, policy, false, &what);
+                            assert_eq!(reached, goal, "{what}");
+                        }
+                    }
                 }
             }
         }
