@@ -18,6 +18,33 @@ use crate::control::{
     server::ControlCall,
 };
 
+/// The labels of a series: (name, value) pairs.
+pub type Labels = Vec<(String, String)>;
+
+/// One label.
+pub fn label(k: &str, v: impl Into<String>) -> Labels {
+    vec![(k.to_owned(), v.into())]
+}
+
+/// One series per field of a counters struct (named u64 fields), labelled
+/// `outcome`: the struct is the single list of outcomes, so a new one
+/// shows up in the metrics without a second list to keep in step.
+pub fn outcomes(
+    family: &prometheus_client::metrics::family::Family<
+        Labels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    counters: &impl serde::Serialize,
+) {
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(counters) {
+        for (name, v) in fields {
+            if let Some(n) = v.as_u64() {
+                family.get_or_create(&label("outcome", name)).inc_by(n);
+            }
+        }
+    }
+}
+
 /// Largest request head read from a scraper.
 const MAX_HEAD: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);

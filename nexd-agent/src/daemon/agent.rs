@@ -2,21 +2,23 @@
 //! objects, and the wiring between them. Nothing here reaches into a
 //! component's fields; every change goes through the owner's methods, and
 //! the inputs one component needs from another are passed as arguments.
+//! This file is the only `impl Daemon`.
 //!
 //! | component | owns |
 //! |---|---|
+//! | `Host` | the netlink handle, the sysctls changed, the data plane (below) |
+//! | `DataPlane` | the eBPF programs, maps, guard, the gateway's table |
 //! | `MeshInterface` | the WireGuard device, link, addresses, applied peers |
 //! | `Endpoints` | the resolver task and the cache of resolved names |
 //! | `Heartbeats` | the announcement sockets and the peer book |
-//! | `ExitClient` | wanted, phase, failovers, the client's routing |
-//! | `ExitServer` | the exit node's forwarding |
+//! | `ExitClient` | wanted, phase, failovers; runs its plans through `ClientSteps` |
+//! | `ExitRole` | the exit node role: its settings and, while serving, `ExitServer` |
 //! | `SplitTunnel` | the exclusions and the excluded-routes table |
-//! | `DataPlane` | the eBPF programs, maps, guard, the gateway's table |
-//! | `Sysctls` | every sysctl changed, with its original value |
 //! | `Membership` | where the mesh comes from: the file, or the registry |
+//! | `Record` | the record of what is installed, in the state directory |
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -26,66 +28,60 @@ use tokio::sync::mpsc;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::{
-    Options,
-    dataplane::{DataPlane, DataPlaneSettings, Inputs},
+    answers, client_steps,
+    client_steps::ClientSteps,
+    dataplane::{DataPlane, Inputs},
     endpoints::{Endpoints, Resolved},
-    exit_client::{Candidates, Effects, ExitClient},
+    exit_client::{Candidates, EnableError, ExitClient},
     exit_probe,
-    exit_server::{self, ExitServer, ExitSettings, ProbeWiring},
+    exit_role::ExitRole,
     heartbeats::Heartbeats,
+    host::Host,
     interface::MeshInterface,
-    log_error_lines,
-    membership::Membership,
-    reconcile,
+    ledger_record::{self, Record},
+    membership::{Membership, Step},
+    metrics, reconcile,
+    report::{log_error_lines, teardown_warning},
+    settings::{InterfaceSettings, Settings},
     split_tunnel::SplitTunnel,
-    teardown_warning,
+    view::View,
 };
 use crate::{
     announce::Incoming,
-    exit::plan::Policy,
+    control::protocol::{ErrorCode, Method, Reply, Response},
     keys::{PrivateKey, PublicKey},
-    ledger::{self, Ledger},
     mesh::Mesh,
     netlink::Netlink,
-    routing::sysctl::Sysctls,
-    wireguard::DeviceStatus,
+    registry::MembershipEvent,
+    routing::{policy::ClientRouting, sysctl::Sysctls},
 };
 
 /// How often the default routes are checked for the excluded routes.
 const ROUTE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct Daemon {
-    pub(super) opts: Options,
-    pub(super) own: PublicKey,
+    own: PublicKey,
     key: PrivateKey,
-    pub(super) nl: Netlink,
     /// The membership in force.
-    pub(super) mesh: Mesh,
-    pub(super) started: Instant,
+    mesh: Mesh,
+    started: Instant,
+    host: Host,
+    interface: InterfaceSettings,
     /// `None` until start-up created it (teardown copes with either).
-    pub(super) iface: Option<MeshInterface>,
+    iface: Option<MeshInterface>,
     endpoints: Endpoints,
-    pub(super) heartbeats: Heartbeats,
-    pub(super) exit_client: ExitClient,
-    pub(super) exit_server: Option<ExitServer>,
-    pub(super) split: SplitTunnel,
-    pub(super) dataplane: DataPlane,
-    sysctls: Sysctls,
-    /// The backend's view, refreshed every tick.
-    pub(super) last_status: Option<DeviceStatus>,
+    heartbeats: Heartbeats,
+    exit_client: ExitClient,
+    exit_role: ExitRole,
+    split: SplitTunnel,
     last_route_check: Option<Instant>,
-    /// The record of what is installed, as last written to the state dir.
-    recorded: Option<Ledger>,
+    /// Where the mesh comes from (file or registry), and the registry's
+    /// device side.
+    membership: Membership,
+    record: Record,
     /// A previous nexd's kill switch holds: its guard is taken over, not
     /// removed.
     adopt_guard: bool,
-    /// Where the mesh comes from (file or registry), and the registry's
-    /// device side.
-    pub(super) membership: Membership,
-    /// Where the exit node's probe task sends its rounds.
-    exit_probes: mpsc::Sender<exit_probe::Round>,
-    /// Tasks started so far: a round of an earlier task is ignored.
-    exit_probe_tasks: u64,
 }
 
 /// Where the event loop's asynchronous inputs are delivered.
@@ -98,7 +94,7 @@ pub struct Channels {
 
 impl Daemon {
     pub fn new(
-        opts: Options,
+        settings: Settings,
         key: PrivateKey,
         nl: Netlink,
         mut membership: Membership,
@@ -108,188 +104,107 @@ impl Daemon {
     ) -> Self {
         let mesh = membership.first();
         let own = key.public_key();
-        let sysctls = Sysctls::open(&opts.state_dir);
+        let now = Instant::now();
+        let record = Record::new(settings.record);
         // What a previous nexd left: if it wanted exit mode (by flag or by
         // nexctl) and the kill switch still holds, exit mode resumes and
         // the guard it pinned stays in force, taken over in place.
-        let previous = match ledger::read(&opts.state_dir) {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %e, "ignoring the record of a previous nexd");
-                None
-            }
-        };
-        let resume = opts.kill_switch && previous.as_ref().is_some_and(|l| l.exit_wanted);
-        if resume && !opts.exit_node_client {
+        let previous = record.previous();
+        if previous.resume_exit && !settings.client.wanted {
             warn!(
-                pid = previous.as_ref().map_or(0, |l| l.pid),
+                pid = previous.pid,
                 "a previous nexd stopped without cleaning up while exit mode was enabled: resuming exit mode, the kill switch holds"
             );
         }
-        let wanted = opts.exit_node_client || resume;
-        let exit_client = ExitClient::new(
-            wanted,
-            opts.policy,
-            Policy {
-                kill_switch: opts.kill_switch,
-                private_dns: !opts.exit_node_allow_lan_dns,
-            },
-            opts.exit_node_pin.clone(),
-        );
-        let mut dataplane = DataPlane::new(DataPlaneSettings {
-            wg_iface: opts.interface.clone(),
-            lan_interfaces: opts.lan_interfaces.clone(),
-            uplink: opts.uplink.clone(),
-            kill_switch: opts.kill_switch,
-            kill_switch_allow: opts.kill_switch_allow.clone(),
-            log_guard_drops: opts.log_guard_drops,
-            no_ebpf: opts.no_ebpf,
-            mss_clamp: opts.mss_clamp,
-            fwmark: opts.policy.fwmark,
-            bpffs: opts.bpffs.clone(),
-            exit_node: opts.exit_server.is_some(),
-        });
-        if let Some(p) = &previous {
-            dataplane.inherit_clsact(p.clsact_interfaces.clone());
-        }
+        let wanted = settings.client.wanted || previous.resume_exit;
+        let exit_client = ExitClient::new(&settings.client, wanted, now);
+        let mut dataplane = DataPlane::new(settings.dataplane);
+        dataplane.inherit_clsact(previous.clsact_interfaces);
         let heartbeats = Heartbeats::new(key.clone(), epoch, &mesh, channels.announcements);
         Daemon {
             own,
             key,
-            nl,
             mesh,
-            started: Instant::now(),
+            started: now,
+            host: Host {
+                nl,
+                sysctls: Sysctls::open(&settings.state_dir),
+                dataplane,
+            },
+            interface: settings.interface,
             iface: None,
             endpoints: Endpoints::start(channels.resolved),
             heartbeats,
+            adopt_guard: wanted && exit_client.policy().kill_switch,
             exit_client,
-            exit_server: None,
+            exit_role: ExitRole::new(settings.exit, own, channels.exit_probes),
             split,
-            dataplane,
-            sysctls,
-            last_status: None,
             last_route_check: None,
-            recorded: None,
-            adopt_guard: wanted && opts.kill_switch,
             membership,
-            exit_probes: channels.exit_probes,
-            exit_probe_tasks: 0,
-            opts,
+            record,
         }
     }
 
     /// Rewrites the record of what is installed in the state directory
     /// when it changed. Called after every event.
     pub fn record(&mut self) {
-        let installed = self.exit_client.installed();
-        let mut nft_tables = Vec::new();
-        if self.exit_server.is_some() {
-            nft_tables.push("inet nexd".to_owned());
-        }
-        if !self.opts.lan_interfaces.is_empty() {
-            nft_tables.push("inet nexd_gw".to_owned());
-        }
-        if installed.dns != crate::exit::plan::Dns::Off {
-            nft_tables.push("inet nexd_dns".to_owned());
-        }
-        let now = Ledger {
-            pid: std::process::id(),
-            interface: self.opts.interface.clone(),
-            bpffs: self.opts.bpffs.clone(),
-            exit_table: self.opts.policy.table,
-            exit_fwmark: self.opts.policy.fwmark,
-            exit_rule_priority: self.opts.policy.priority,
+        let dataplane = &self.host.dataplane;
+        let mut nft_tables = self.exit_role.nft_tables();
+        nft_tables.extend(dataplane.nft_tables());
+        nft_tables.extend(self.exit_client.nft_tables());
+        self.record.write(ledger_record::Installed {
             exit_wanted: self.exit_client.wanted(),
-            kill_switch: self.opts.kill_switch,
-            guard_interfaces: self.dataplane.info(0).guard_interfaces,
-            clsact_interfaces: self.dataplane.clsact_interfaces(),
-            lan_interfaces: self.opts.lan_interfaces.clone(),
+            guard_interfaces: dataplane.info(0).guard_interfaces,
+            clsact_interfaces: dataplane.clsact_interfaces(),
             nft_tables,
-        };
-        if self.recorded.as_ref() == Some(&now) {
-            return;
-        }
-        match ledger::write(&self.opts.state_dir, &now) {
-            Ok(()) => self.recorded = Some(now),
-            Err(e) => warn!(error = %e, "cannot record what nexd installed in its state directory"),
-        }
+        });
     }
 
     /// Removes what a crashed nexd left, creates the interface, applies the
     /// mesh, sets up the exit node role and the data path.
     pub async fn start(&mut self) -> anyhow::Result<()> {
-        let span = info_span!("start", iface = %self.opts.interface);
+        let span = info_span!("start", iface = %self.interface.name);
         async {
             // Whatever a crashed nexd left at nexd's fixed numbers goes first.
-            self.exit_client
-                .remove_leftovers(&self.nl, &mut self.sysctls)
-                .await;
+            client_steps::remove_leftovers(self.exit_client.numbers(), &mut self.host).await;
             crate::routing::remove_leftover_tables();
-            self.dataplane
-                .remove_leftovers(&self.nl, self.adopt_guard)
+            let host = &mut self.host;
+            host.dataplane
+                .remove_leftovers(&host.nl, self.adopt_guard)
                 .await;
-            if let Err(e) = self.split.clear(&self.nl).await {
+            if let Err(e) = self.split.clear(&host.nl).await {
                 teardown_warning("removing leftover excluded routes", &e);
             }
 
             self.iface = Some(
                 MeshInterface::open(
-                    self.opts.wireguard,
-                    &self.nl,
-                    &self.opts.interface,
+                    self.interface.backend,
+                    &host.nl,
+                    &self.interface.name,
                     self.key.clone(),
                 )
                 .await?,
             );
             // The programs first: loading them is the peak of nexd's memory,
             // and it is lower before a thousand peers are configured.
-            self.dataplane.start(&self.nl).await?;
-            super::release_freed_memory();
+            host.dataplane.start(&host.nl).await?;
+            release_freed_memory();
             self.endpoints.refresh(&self.mesh, Instant::now());
             let mesh = self.mesh.clone();
             self.apply_mesh(mesh).await?;
-            if let Some(why) = self
-                .opts
-                .exit_server
-                .as_ref()
-                .and_then(|_| exit_server::not_allowed(&self.mesh, &self.own))
-            {
-                // Serving follows the membership: it starts when an
-                // update lets this device serve.
-                warn!("{why}: not serving as exit node until the membership allows it");
-            } else if let Some(role) = &self.opts.exit_server {
-                let settings = ExitSettings {
-                    uplink: self.opts.uplink.clone(),
-                    allow: role.allow.clone(),
-                    rate_limit: role.rate_limit,
-                    probe_targets: role.probe_targets.clone(),
-                };
-                let probe = self.probe_wiring();
-                self.exit_server = Some(
-                    ExitServer::start(
-                        &self.nl,
-                        &self.opts.interface,
-                        settings,
-                        &self.mesh,
-                        &self.own,
-                        &mut self.sysctls,
-                        &mut self.dataplane,
-                        probe,
-                    )
-                    .await?,
-                );
-            }
+            self.exit_role.follow(&mut self.host, &self.mesh).await?;
             self.sync_dataplane().await?;
-            self.split.sync(&self.nl).await?;
+            self.split.sync(&self.host.nl).await?;
             if self.exit_client.wanted() {
                 info!("exit-node client requested (--exit-node-client): it applies as soon as an exit node is available");
                 // The kill switch holds before anything else of nexd's can
                 // send: the guard goes on now, not at the first tick.
                 self.evaluate_exit().await;
             }
-            self.dataplane
-                .install_gateway(&mut self.sysctls, self.mesh.mtu)?;
-            super::release_freed_memory();
+            let host = &mut self.host;
+            host.dataplane
+                .install_gateway(&mut host.sysctls, self.mesh.mtu)?;
+            release_freed_memory();
             Ok(())
         }
         .instrument(span)
@@ -303,22 +218,23 @@ impl Daemon {
             .iface
             .as_mut()
             .ok_or_else(|| anyhow!("the WireGuard interface is not up"))?;
+        let nl = &self.host.nl;
         let Some(me) = mesh.device(&self.own) else {
             // Not a member (waiting for approval, or revoked): no peers,
             // no mesh addresses, no announcements.
             let book = self.heartbeats.book();
             iface.set_peers(Vec::new(), &|k| book.name(k).unwrap_or("?").to_owned())?;
-            iface.set_addresses(&self.nl, &[]).await?;
+            iface.set_addresses(nl, &[]).await?;
             self.heartbeats.leave(&mesh);
             self.mesh = mesh;
             return Ok(());
         };
         let (v4, v6): (IpAddr, IpAddr) = (me.ipv4.into(), me.ipv6.into());
         iface.set_listen_port(me.listen_port)?;
-        iface.set_link(&self.nl, mesh.mtu).await?;
+        iface.set_link(nl, mesh.mtu).await?;
         let addrs = reconcile::interface_addresses(&mesh, &self.own)
             .context("this device is not in the mesh file")?;
-        iface.set_addresses(&self.nl, &addrs).await?;
+        iface.set_addresses(nl, &addrs).await?;
         self.heartbeats.sync(&mesh, iface.name(), v4, v6);
         let book = self.heartbeats.book();
         iface.set_peers(
@@ -327,22 +243,6 @@ impl Daemon {
         )?;
         self.mesh = mesh;
         Ok(())
-    }
-
-    /// The peers' endpoints: as configured, and as WireGuard last saw
-    /// them (a roaming peer, a peer that only dials in), sorted.
-    fn endpoints(&self) -> Vec<SocketAddr> {
-        let mut eps: Vec<SocketAddr> = self
-            .iface
-            .as_ref()
-            .map(MeshInterface::endpoints)
-            .unwrap_or_default();
-        if let Some(st) = &self.last_status {
-            eps.extend(st.peers.iter().filter_map(|p| p.endpoint));
-        }
-        eps.sort_unstable();
-        eps.dedup();
-        eps
     }
 
     /// The data plane mirrors the mesh prefixes, the exclusions, the
@@ -354,10 +254,15 @@ impl Daemon {
                 IpNet::V6(self.mesh.ipv6_prefix),
             ],
             exclusions: self.split.exclusions().to_vec(),
-            endpoints: self.endpoints(),
+            endpoints: self
+                .iface
+                .as_ref()
+                .map(MeshInterface::endpoints_in_use)
+                .unwrap_or_default(),
             listen_port: self.mesh.device(&self.own).map_or(0, |d| d.listen_port),
         };
-        self.dataplane.set_inputs(&self.nl, inputs).await
+        let host = &mut self.host;
+        host.dataplane.set_inputs(&host.nl, inputs).await
     }
 
     /// SIGHUP: re-reads the mesh file (not in registry mode) and applies
@@ -369,21 +274,32 @@ impl Daemon {
         };
         self.split.reload();
         self.apply_membership(mesh).await;
+        release_freed_memory();
+    }
+
+    /// One event of the registry.
+    pub async fn on_membership(&mut self, event: MembershipEvent) {
+        if let Step::Apply(mesh) = self.membership.take(event, &self.own, &self.mesh) {
+            self.apply_membership(mesh).await;
+            release_freed_memory();
+        }
     }
 
     /// Applies a new membership (a reloaded file, the registry's) and what
     /// follows from it: only differences are touched.
-    pub(super) async fn apply_membership(&mut self, mesh: Mesh) {
+    async fn apply_membership(&mut self, mesh: Mesh) {
         if let Err(e) = self.apply_mesh(mesh).await {
             log_error_lines("applying the membership failed", &e);
         }
         if let Err(e) = self.sync_dataplane().await {
             log_error_lines("updating the data path failed", &e);
         }
-        if let Err(e) = self.split.sync(&self.nl).await {
+        if let Err(e) = self.split.sync(&self.host.nl).await {
             log_error_lines("updating the excluded routes failed", &e);
         }
-        self.follow_exit_role().await;
+        if let Err(e) = self.exit_role.follow(&mut self.host, &self.mesh).await {
+            log_error_lines("starting to serve as exit node failed", &e);
+        }
         self.endpoints.refresh(&self.mesh, Instant::now());
         // An exit node that left the mesh must not stay in use.
         self.evaluate_exit().await;
@@ -393,14 +309,13 @@ impl Daemon {
     /// re-evaluate the exit node, follow the default routes.
     pub async fn tick(&mut self) {
         let now = Instant::now();
-        if let Some(iface) = &self.iface {
-            match iface.status() {
+        if let Some(iface) = &mut self.iface {
+            match iface.refresh_status() {
                 Ok(st) => {
-                    self.heartbeats.observe(&st, now);
-                    self.last_status = Some(st);
+                    self.heartbeats.observe(st, now);
                     // A peer roamed: the guard must let WireGuard reach
                     // it where it is now.
-                    if self.endpoints() != self.dataplane.endpoints()
+                    if iface.endpoints_in_use() != self.host.dataplane.endpoints()
                         && let Err(e) = self.sync_dataplane().await
                     {
                         log_error_lines("updating the data path failed", &e);
@@ -409,7 +324,7 @@ impl Daemon {
                 Err(e) => debug!(error = %e, "reading WireGuard status failed"),
             }
         }
-        let exit = self.announces_exit();
+        let exit = self.exit_role.announces(now);
         self.heartbeats.send_due(exit, self.mesh.agent_port, now);
         self.evaluate_exit().await;
         if self
@@ -417,67 +332,12 @@ impl Daemon {
             .is_none_or(|t| now.saturating_duration_since(t) >= ROUTE_CHECK_INTERVAL)
         {
             self.last_route_check = Some(now);
-            if let Err(e) = self.split.sync(&self.nl).await {
+            if let Err(e) = self.split.sync(&self.host.nl).await {
                 debug!(error = %e, "excluded routes not updated");
             }
         }
         if self.endpoints.due(now) {
             self.endpoints.refresh(&self.mesh, now);
-        }
-    }
-
-    /// The exit node role after a membership change: the clients, their
-    /// limits and the table follow; a device the membership no longer lets
-    /// serve stops serving (and announcing itself) at once, and starts
-    /// again if it is allowed again.
-    async fn follow_exit_role(&mut self) {
-        let Some(role) = self.opts.exit_server.clone() else {
-            return;
-        };
-        let allowed = exit_server::not_allowed(&self.mesh, &self.own);
-        match (self.exit_server.as_mut(), allowed) {
-            (Some(server), None) => {
-                server
-                    .reload(
-                        &self.nl,
-                        &self.mesh,
-                        &self.own,
-                        &mut self.sysctls,
-                        &mut self.dataplane,
-                    )
-                    .await;
-            }
-            (Some(_), Some(why)) => {
-                warn!("{why}: no longer serving as exit node");
-                if let Some(server) = self.exit_server.take() {
-                    server.remove(&mut self.sysctls, &mut self.dataplane).await;
-                }
-            }
-            (None, None) => {
-                let settings = ExitSettings {
-                    uplink: self.opts.uplink.clone(),
-                    allow: role.allow,
-                    rate_limit: role.rate_limit,
-                    probe_targets: role.probe_targets,
-                };
-                let probe = self.probe_wiring();
-                match ExitServer::start(
-                    &self.nl,
-                    &self.opts.interface,
-                    settings,
-                    &self.mesh,
-                    &self.own,
-                    &mut self.sysctls,
-                    &mut self.dataplane,
-                    probe,
-                )
-                .await
-                {
-                    Ok(s) => self.exit_server = Some(s),
-                    Err(e) => log_error_lines("starting to serve as exit node failed", &e),
-                }
-            }
-            (None, Some(_)) => {}
         }
     }
 
@@ -487,23 +347,14 @@ impl Daemon {
     /// an exit node's idea of "the internet" follows the host's networks.
     pub async fn on_uplinks_changed(&mut self) {
         let t0 = Instant::now();
-        if let Err(e) = self.dataplane.sync(&self.nl).await {
+        let host = &mut self.host;
+        if let Err(e) = host.dataplane.sync(&host.nl).await {
             log_error_lines("following the uplinks failed", &e);
         }
-        if let Some(server) = &mut self.exit_server
-            && server
-                .refresh_host(
-                    &self.nl,
-                    &self.mesh,
-                    &self.own,
-                    &mut self.sysctls,
-                    &mut self.dataplane,
-                )
-                .await
-        {
+        if self.exit_role.on_host_changed(host, &self.mesh).await {
             self.tell_peers_now();
         }
-        if let Err(e) = self.split.sync(&self.nl).await {
+        if let Err(e) = self.split.sync(&self.host.nl).await {
             debug!(error = %e, "excluded routes not updated");
         }
         debug!(elapsed = ?t0.elapsed(), "uplinks re-evaluated");
@@ -516,24 +367,13 @@ impl Daemon {
         self.heartbeats.send_now();
         let now = Instant::now();
         self.heartbeats
-            .send_due(self.announces_exit(), self.mesh.agent_port, now);
-    }
-
-    /// The wiring of a new exit probe task.
-    fn probe_wiring(&mut self) -> ProbeWiring {
-        self.exit_probe_tasks += 1;
-        ProbeWiring {
-            results: self.exit_probes.clone(),
-            id: self.exit_probe_tasks,
-        }
+            .send_due(self.exit_role.announces(now), self.mesh.agent_port, now);
     }
 
     /// A round of the exit node's probes (`--exit-probe-target`): the
     /// same withdrawal as a lost default route.
     pub fn on_exit_probe(&mut self, round: exit_probe::Round) {
-        if let Some(server) = &mut self.exit_server
-            && server.on_probe_round(round)
-        {
+        if self.exit_role.on_probe_round(round) {
             self.tell_peers_now();
         }
     }
@@ -543,25 +383,22 @@ impl Daemon {
         let now = Instant::now();
         let heard = self.heartbeats.receive(&inc, now);
         if let Some(prober) = heard.wants_answer {
-            self.heartbeats
-                .answer(&prober, self.announces_exit(), self.mesh.agent_port, now);
+            self.heartbeats.answer(
+                &prober,
+                self.exit_role.announces(now),
+                self.mesh.agent_port,
+                now,
+            );
         }
         if heard.exit_changed {
             self.evaluate_exit().await;
         }
     }
 
-    /// Whether this device tells its peers it serves as exit node now.
-    fn announces_exit(&self) -> bool {
-        self.exit_server
-            .as_ref()
-            .is_some_and(|s| s.announces(Instant::now()))
-    }
-
     /// Whether this device probes exit nodes: an exit-node client with
     /// probes on (an exit node uses none).
     fn probes_wanted(&self) -> bool {
-        self.exit_server.is_none() && self.opts.exit_probes && self.exit_client.wanted()
+        !self.exit_role.serving() && self.exit_client.probes_wanted()
     }
 
     /// Whether the loop should run `probe_tick`: while probes are wanted,
@@ -572,20 +409,21 @@ impl Daemon {
         self.probes_wanted() || self.heartbeats.probing()
     }
 
+    fn candidates(&self) -> Candidates<'_> {
+        Candidates {
+            book: self.heartbeats.book(),
+            mesh: &self.mesh,
+            own: &self.own,
+        }
+    }
+
     /// Every `exit::PROBE_INTERVAL`: the exit-node client probes the exit
     /// node in use and the next one, and re-evaluates, so a dead exit node
     /// is left within its probe deadline rather than at the next tick.
     pub async fn probe_tick(&mut self) {
         let now = Instant::now();
         let targets = if self.probes_wanted() {
-            self.exit_client.probe_targets(
-                &Candidates {
-                    book: self.heartbeats.book(),
-                    mesh: &self.mesh,
-                    own: &self.own,
-                },
-                now,
-            )
+            self.exit_client.probe_targets(&self.candidates(), now)
         } else {
             Vec::new()
         };
@@ -598,17 +436,11 @@ impl Daemon {
     /// When the exit node in use goes stale unless heard from again (see
     /// `ExitClient::stale_at`): the loop re-evaluates then.
     pub fn exit_stale_at(&self) -> Option<Instant> {
-        if self.exit_server.is_some() {
+        if self.exit_role.serving() {
             return None;
         }
-        self.exit_client.stale_at(
-            &Candidates {
-                book: self.heartbeats.book(),
-                mesh: &self.mesh,
-                own: &self.own,
-            },
-            Instant::now(),
-        )
+        self.exit_client
+            .stale_at(&self.candidates(), Instant::now())
     }
 
     /// A round of endpoint lookups: only peers whose address changed are
@@ -632,60 +464,147 @@ impl Daemon {
         }
     }
 
+    /// The exit client with what it chooses from and the steps its plans
+    /// run on, or `None` before the interface exists.
+    fn exit_parts(&mut self) -> Option<(&mut ExitClient, Candidates<'_>, ClientSteps<'_>)> {
+        let iface = self.iface.as_mut()?;
+        let book = self.heartbeats.book();
+        let client = &mut self.exit_client;
+        let steps = ClientSteps {
+            host: &mut self.host,
+            iface,
+            routing: ClientRouting::new(client.numbers()),
+            mesh: &self.mesh,
+            book,
+            kill_switch: client.policy().kill_switch,
+        };
+        let candidates = Candidates {
+            book,
+            mesh: &self.mesh,
+            own: &self.own,
+        };
+        Some((client, candidates, steps))
+    }
+
     /// The exit-node client follows the announcements (an exit node does
     /// not use another one).
-    pub(super) async fn evaluate_exit(&mut self) {
-        if self.exit_server.is_some() {
+    pub async fn evaluate_exit(&mut self) {
+        if self.exit_role.serving() {
             return;
         }
-        if let Some((client, candidates, mut fx)) = self.exit_parts() {
-            client.evaluate(&candidates, &mut fx).await;
+        if let Some((client, candidates, mut steps)) = self.exit_parts() {
+            client
+                .evaluate(&candidates, &mut steps, Instant::now())
+                .await;
         }
     }
 
-    /// The exit client with what it chooses from and what its plans act
-    /// on, or `None` before the interface exists.
-    pub(super) fn exit_parts(&mut self) -> Option<(&mut ExitClient, Candidates<'_>, Effects<'_>)> {
-        let iface = self.iface.as_mut()?;
-        let book = self.heartbeats.book();
-        Some((
-            &mut self.exit_client,
-            Candidates {
-                book,
-                mesh: &self.mesh,
-                own: &self.own,
-            },
-            Effects {
-                nl: &self.nl,
-                iface,
-                dataplane: &mut self.dataplane,
-                sysctls: &mut self.sysctls,
-                book,
-                mesh: &self.mesh,
-            },
-        ))
+    fn view(&self) -> View<'_> {
+        View {
+            own: &self.own,
+            mesh: &self.mesh,
+            iface: self.iface.as_ref(),
+            heartbeats: &self.heartbeats,
+            exit_client: &self.exit_client,
+            exit_role: &self.exit_role,
+            split: &self.split,
+            host: &self.host,
+            membership: &self.membership,
+            started: self.started,
+        }
+    }
+
+    /// Answers one control request.
+    pub async fn answer(&mut self, method: Method) -> Response {
+        match method {
+            Method::Version => answers::version(),
+            Method::Status => answers::status(&self.view()),
+            Method::PeersList => answers::peers(&self.view()),
+            Method::Stats => answers::stats(&self.view()),
+            Method::ExitNodeList => answers::exit_nodes(&self.view(), Instant::now()),
+            Method::ExitNodeClients => answers::exit_clients(&self.view()),
+            Method::ExitNodeEnable => self.exit_enable().await,
+            Method::ExitNodeDisable => self.exit_disable().await,
+            Method::Metrics => Response::ok(Reply::Metrics {
+                text: metrics::text(&self.view()),
+            }),
+        }
+    }
+
+    /// `nexctl nexd exit-node enable`.
+    async fn exit_enable(&mut self) -> Response {
+        if self.exit_role.serving() {
+            return Response::error(
+                ErrorCode::Unavailable,
+                "this device is an exit node (nexd router --exit-node); it cannot also be an exit-node client",
+            );
+        }
+        let unavailable = answers::unavailable(&self.view());
+        let Some((client, candidates, mut steps)) = self.exit_parts() else {
+            return Response::error(ErrorCode::Internal, "the WireGuard interface is not up");
+        };
+        match client.enable(&candidates, &mut steps, Instant::now()).await {
+            Ok(()) => Response::ok(Reply::Done {
+                message: answers::ENABLED.into(),
+            }),
+            Err(EnableError::Unavailable) => Response::error(ErrorCode::Unavailable, unavailable),
+            Err(EnableError::Failed(e)) => Response::error(
+                ErrorCode::Internal,
+                format!("enabling the exit node client failed: {e}"),
+            ),
+        }
+    }
+
+    /// `nexctl nexd exit-node disable`.
+    async fn exit_disable(&mut self) -> Response {
+        let Some((client, candidates, mut steps)) = self.exit_parts() else {
+            return Response::error(ErrorCode::Internal, "the WireGuard interface is not up");
+        };
+        match client
+            .disable(&mut steps, candidates.book, Instant::now())
+            .await
+        {
+            Ok(()) => Response::ok(Reply::Done {
+                message: answers::DISABLED.into(),
+            }),
+            Err(e) => Response::error(
+                ErrorCode::Internal,
+                format!("disabling the exit node client failed: {e}"),
+            ),
+        }
     }
 
     /// Removes everything nexd installed, in reverse order. Never fails:
     /// each step logs its own problem and the next step still runs.
     pub async fn teardown(&mut self) {
         self.membership.shutdown().await;
-        if let Some((client, _, mut fx)) = self.exit_parts() {
-            client.teardown(&mut fx).await;
+        if let Some((client, _, mut steps)) = self.exit_parts() {
+            client.teardown(&mut steps).await;
         }
-        if let Some(server) = self.exit_server.take() {
-            server.remove(&mut self.sysctls, &mut self.dataplane).await;
-        }
+        self.exit_role.remove(&mut self.host).await;
         self.heartbeats.close();
-        self.dataplane.remove(&mut self.sysctls);
-        if let Err(e) = self.split.clear(&self.nl).await {
+        let host = &mut self.host;
+        host.dataplane.remove(&mut host.sysctls);
+        if let Err(e) = self.split.clear(&host.nl).await {
             teardown_warning("removing the excluded routes", &e);
         }
-        self.sysctls.restore_all();
+        host.sysctls.restore_all();
         if let Some(iface) = self.iface.take() {
-            iface.remove(&self.nl).await;
+            iface.remove(&host.nl).await;
         }
         // Everything is gone: nothing is left for a successor to adopt.
-        ledger::remove(&self.opts.state_dir);
+        self.record.remove();
+    }
+}
+
+/// Hands memory freed after a burst (loading the eBPF object, a large
+/// mesh) back to the system: glibc keeps freed heap for reuse, which made
+/// nexd's steady RSS most of its peak.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap pages; it takes no
+    // pointer and is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -17,6 +17,10 @@ use anyhow::Context as _;
 use ipnet::IpNet;
 use netlink_packet_route::link::LinkLayerType;
 use nexd_common::config::{BypassReason, DatapathConfig, FLAG_GUARD, FLAG_LOG_DROPS, FLAG_STEER};
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family},
+    registry::Registry as Metrics,
+};
 use tracing::{debug, warn};
 
 use crate::{
@@ -24,6 +28,7 @@ use crate::{
     datapath::{
         self, BypassSet, CounterTotal, Datapath, EXIT_CLIENTS_MAX, LoadOptions, MssConfig, exit,
     },
+    metrics::{Labels, label},
     netif,
     netlink::Netlink,
     routing::{gateway::Gateway, sysctl::Sysctls, uplink},
@@ -370,6 +375,39 @@ impl DataPlane {
                 }
             },
             Err(_) => Vec::new(),
+        }
+    }
+
+    /// Packets and bytes per verdict of the programs.
+    pub fn register_metrics(&self, reg: &mut Metrics) {
+        let packets = Family::<Labels, Counter>::default();
+        let bytes = Family::<Labels, Counter>::default();
+        for (name, total) in self.counters() {
+            packets
+                .get_or_create(&label("verdict", name))
+                .inc_by(total.packets);
+            bytes
+                .get_or_create(&label("verdict", name))
+                .inc_by(total.bytes);
+        }
+        reg.register(
+            "nexd_datapath_packets",
+            "Packets per eBPF data path verdict",
+            packets,
+        );
+        reg.register(
+            "nexd_datapath_bytes",
+            "Bytes per eBPF data path verdict",
+            bytes,
+        );
+    }
+
+    /// The nftables tables the data plane has in place (the gateway's).
+    pub fn nft_tables(&self) -> Vec<String> {
+        if self.gateway.is_some() {
+            vec!["inet nexd_gw".to_owned()]
+        } else {
+            Vec::new()
         }
     }
 

@@ -6,12 +6,21 @@
 //! the plan from what is installed to what the next phase needs, records
 //! every step that succeeded, and on a failure runs the plan back to the
 //! previous phase, reporting both errors when that fails too.
+//!
+//! The executor touches the host only through `StepRunner` and takes the
+//! time as an argument, so "step k failed", its rollback, the reported
+//! error and the retry time are unit tests (below) rather than root
+//! end-to-end runs; `client_steps` is the runner over the kernel.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry as Metrics,
+};
 use tracing::{error, info, warn};
 
-use super::{dataplane::DataPlane, interface::MeshInterface};
+use super::settings::ClientSettings;
 use crate::{
     announce::book::PeerBook,
     exit::{
@@ -20,20 +29,13 @@ use crate::{
     },
     keys::PublicKey,
     mesh::Mesh,
-    netlink::Netlink,
-    routing::{PolicyNumbers, dns, policy::ClientRouting, sysctl::Sysctls},
+    metrics::{Labels, label},
+    routing::PolicyNumbers,
 };
 
-/// The kernel objects a plan's steps act on, each through its owner.
-pub struct Effects<'a> {
-    pub nl: &'a Netlink,
-    pub iface: &'a mut MeshInterface,
-    pub dataplane: &'a mut DataPlane,
-    pub sysctls: &'a mut Sysctls,
-    /// For peer names in log lines.
-    pub book: &'a PeerBook,
-    /// For an exit node's mesh addresses (its DNS resolver) and prefixes.
-    pub mesh: &'a Mesh,
+/// What a step does to the host: the executor's only way to touch it.
+pub trait StepRunner {
+    async fn run(&mut self, step: Step) -> anyhow::Result<()>;
 }
 
 /// What the announcements and the membership say, for choosing.
@@ -72,6 +74,7 @@ pub enum EnableError {
     Failed(#[from] TransitionError),
 }
 
+#[derive(Debug, Clone)]
 pub struct ExitClient {
     wanted: bool,
     phase: Phase,
@@ -79,11 +82,18 @@ pub struct ExitClient {
     /// it only after `exit::SWITCH_DWELL`.
     since: Instant,
     failovers: u64,
+    /// What may be installed: every step that succeeded, and what a
+    /// failed one may have done. Rollbacks and the record go by this.
     installed: Installed,
-    routing: ClientRouting,
+    /// What surely is installed: differs from `installed` only after a
+    /// failed step. The next plan re-adds what may be missing.
+    surely: Installed,
+    numbers: PolicyNumbers,
     policy: Policy,
     /// `--exit-node NAME|KEY`.
     pin: Option<String>,
+    /// Probe the exit node in use (fast failover).
+    probes: bool,
     /// After a failed transition: no automatic retry before this, and how
     /// many failed in a row (the delay doubles, up to `RETRY_MAX`).
     retry_at: Option<Instant>,
@@ -91,27 +101,31 @@ pub struct ExitClient {
 }
 
 /// The longest wait between automatic retries of a failed transition.
-const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The wait before the next automatic retry after `failures` failures in
+/// a row (the first retry after 1 s).
+fn retry_delay(failures: u32) -> Duration {
+    RETRY_MAX.min(Duration::from_secs(1 << failures.min(5)))
+}
 
 impl ExitClient {
-    pub fn new(wanted: bool, numbers: PolicyNumbers, policy: Policy, pin: Option<String>) -> Self {
+    /// `wanted`: by flag, or resumed from a previous nexd's record.
+    pub fn new(settings: &ClientSettings, wanted: bool, now: Instant) -> Self {
         ExitClient {
             wanted,
             phase: Phase::Off,
-            since: Instant::now(),
+            since: now,
             failovers: 0,
             installed: Installed::default(),
-            routing: ClientRouting::new(numbers),
-            policy,
-            pin,
+            surely: Installed::default(),
+            numbers: settings.numbers,
+            policy: settings.policy,
+            pin: settings.pin.clone(),
+            probes: settings.probes,
             retry_at: None,
             failures: 0,
         }
-    }
-
-    /// What is installed now (the record nexd keeps in its state directory).
-    pub fn installed(&self) -> Installed {
-        self.installed
     }
 
     pub fn wanted(&self) -> bool {
@@ -122,22 +136,30 @@ impl ExitClient {
         self.phase
     }
 
-    /// Times the client moved to another exit node.
-    pub fn failovers(&self) -> u64 {
-        self.failovers
+    /// Table, mark and priorities of the client's routing.
+    pub fn numbers(&self) -> PolicyNumbers {
+        self.numbers
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
     }
 
     pub fn pin(&self) -> Option<&str> {
         self.pin.as_deref()
     }
 
-    /// Removes whatever a crashed nexd left at nexd's fixed numbers (rules,
-    /// routes, `src_valid_mark`) before anything else starts. (A leftover
-    /// DNS redirect goes with the other nftables tables, in
-    /// `routing::remove_leftover_tables`.)
-    pub async fn remove_leftovers(&self, nl: &Netlink, sysctls: &mut Sysctls) {
-        if let Err(e) = self.routing.remove(nl, sysctls).await {
-            warn!(error = %e, "removing leftover exit-node client routing failed");
+    /// Whether this client probes exit nodes now (wanted, probes on).
+    pub fn probes_wanted(&self) -> bool {
+        self.probes && self.wanted
+    }
+
+    /// The nftables tables the client has in place (for the record).
+    pub fn nft_tables(&self) -> Vec<String> {
+        if self.installed.dns == Dns::Off {
+            Vec::new()
+        } else {
+            vec!["inet nexd_dns".to_owned()]
         }
     }
 
@@ -157,18 +179,11 @@ impl ExitClient {
     /// The exit node `exit::choose` picks now.
     fn choose(&self, c: &Candidates<'_>, now: Instant) -> Option<PublicKey> {
         let pinned = self.pinned(c).ok()?;
-        let candidates = c.book.keys().filter_map(|k| {
-            Some(Candidate {
-                key: *k,
-                name: c.book.name(k)?,
-                live: c.book.live(k)?,
-            })
-        });
         let current = self.phase.exit_peer().map(|key| exit::Current {
             key,
             since: self.since,
         });
-        exit::choose(current, pinned, candidates, now)
+        exit::choose(current, pinned, candidates(c.book), now)
     }
 
     /// The exit nodes to probe: the one in use and the next one.
@@ -176,14 +191,7 @@ impl ExitClient {
         let Ok(pinned) = self.pinned(c) else {
             return Vec::new();
         };
-        let candidates = c.book.keys().filter_map(|k| {
-            Some(Candidate {
-                key: *k,
-                name: c.book.name(k)?,
-                live: c.book.live(k)?,
-            })
-        });
-        exit::probe_targets(self.phase.exit_peer(), pinned, candidates, now)
+        exit::probe_targets(self.phase.exit_peer(), pinned, candidates(c.book), now)
     }
 
     /// When the exit node in use goes stale unless it is heard from again:
@@ -196,30 +204,42 @@ impl ExitClient {
     }
 
     /// Moves to the phase the announcements call for.
-    pub async fn evaluate(&mut self, c: &Candidates<'_>, fx: &mut Effects<'_>) {
-        let now = Instant::now();
-        if self.retry_at.is_some_and(|t| now < t) {
-            return;
-        }
+    pub async fn evaluate(&mut self, c: &Candidates<'_>, host: &mut impl StepRunner, now: Instant) {
         let chosen = if self.wanted {
-            self.choose(c, Instant::now())
+            self.choose(c, now)
         } else {
             None
         };
         let next = exit::next_phase(self.wanted, self.phase, chosen);
-        // Also when the phase stays but what is installed is not what it
-        // needs (a failed rollback): the plan from the record repairs it.
-        let repair = self.installed != plan::target(self.phase, self.policy);
-        if !(next != self.phase || repair) {
+        self.follow(next, host, c.book, now).await;
+    }
+
+    /// Moves to `next` unless a failed transition's retry time has not
+    /// come; also when the phase stays but what is installed is not what
+    /// it needs (a failed rollback): the plan from the record repairs it.
+    /// A failure doubles the wait before the next try, up to `RETRY_MAX`.
+    async fn follow(
+        &mut self,
+        next: Phase,
+        host: &mut impl StepRunner,
+        book: &PeerBook,
+        now: Instant,
+    ) {
+        if self.retry_at.is_some_and(|t| now < t) {
             return;
         }
-        match self.transition(next, fx).await {
+        let needed = plan::target(self.phase, self.policy);
+        let repair = self.installed != needed || self.surely != needed;
+        if next == self.phase && !repair {
+            return;
+        }
+        match self.transition(next, host, book, now).await {
             Ok(()) => {
                 self.retry_at = None;
                 self.failures = 0;
             }
             Err(e) => {
-                let wait = RETRY_MAX.min(std::time::Duration::from_secs(1 << self.failures.min(5)));
+                let wait = retry_delay(self.failures);
                 self.failures += 1;
                 self.retry_at = Some(now + wait);
                 error!(error = %e, retry_in = ?wait, failures = self.failures, "changing the exit-node client failed");
@@ -232,47 +252,56 @@ impl ExitClient {
     pub async fn enable(
         &mut self,
         c: &Candidates<'_>,
-        fx: &mut Effects<'_>,
+        host: &mut impl StepRunner,
+        now: Instant,
     ) -> Result<(), EnableError> {
         if let Phase::Active(_) = self.phase {
             self.wanted = true;
             return Ok(());
         }
-        let Some(chosen) = self.choose(c, Instant::now()) else {
+        let Some(chosen) = self.choose(c, now) else {
             return Err(EnableError::Unavailable);
         };
-        self.transition(Phase::Active(chosen), fx).await?;
+        self.transition(Phase::Active(chosen), host, c.book, now)
+            .await?;
         self.wanted = true;
         Ok(())
     }
 
     /// `nexctl nexd exit-node disable`: back to the direct path.
-    pub async fn disable(&mut self, fx: &mut Effects<'_>) -> Result<(), TransitionError> {
+    pub async fn disable(
+        &mut self,
+        host: &mut impl StepRunner,
+        book: &PeerBook,
+        now: Instant,
+    ) -> Result<(), TransitionError> {
         self.wanted = false;
         if self.phase == Phase::Off {
             return Ok(());
         }
-        self.transition(Phase::Off, fx).await
+        self.transition(Phase::Off, host, book, now).await
     }
 
     /// Runs the plan to `next`; on a failure, the plan back.
-    pub async fn transition(
+    async fn transition(
         &mut self,
         next: Phase,
-        fx: &mut Effects<'_>,
+        host: &mut impl StepRunner,
+        book: &PeerBook,
+        now: Instant,
     ) -> Result<(), TransitionError> {
         let prev = self.phase;
-        let steps = plan::plan(self.installed, plan::target(next, self.policy));
-        if let Err(failed) = self.execute(&steps, fx).await {
-            let back = plan::plan(self.installed, plan::target(prev, self.policy));
+        let steps = self.plan_to(plan::target(next, self.policy));
+        if let Err(failed) = self.execute(&steps, host).await {
+            let back = self.plan_to(plan::target(prev, self.policy));
             // The phase stays `prev`. If the rollback failed too, what is
             // installed differs from what `prev` needs, and the next
-            // evaluation repairs it from the record (see `evaluate`).
-            let rollback = self.execute(&back, fx).await;
+            // evaluation repairs it from the record (see `follow`).
+            let rollback = self.execute(&back, host).await;
             return Err(TransitionError { failed, rollback });
         }
         if next != prev {
-            self.log_transition(prev, next, fx.book);
+            log_transition(prev, next, book, now);
         }
         if let (Phase::Active(a), Phase::Active(b)) = (prev, next)
             && a != b
@@ -280,20 +309,33 @@ impl ExitClient {
             self.failovers += 1;
         }
         if next.exit_peer().is_some() && next.exit_peer() != prev.exit_peer() {
-            self.since = Instant::now();
+            self.since = now;
         }
         self.phase = next;
         Ok(())
     }
 
+    /// The steps to `to` from what is installed, as far as it is known.
+    fn plan_to(&self, to: Installed) -> Vec<Step> {
+        plan::plan(plan::from_uncertain(self.installed, self.surely, to), to)
+    }
+
     /// Runs `steps` in order, recording each success; stops at the first
     /// failure with a conservative record of what may be installed.
-    async fn execute(&mut self, steps: &[Step], fx: &mut Effects<'_>) -> Result<(), StepError> {
+    async fn execute(
+        &mut self,
+        steps: &[Step],
+        host: &mut impl StepRunner,
+    ) -> Result<(), StepError> {
         for &step in steps {
-            match self.run(step, fx).await {
-                Ok(()) => self.installed = step.apply(self.installed),
+            match host.run(step).await {
+                Ok(()) => {
+                    self.installed = step.apply(self.installed);
+                    self.surely = step.apply(self.surely);
+                }
                 Err(source) => {
                     self.installed = step.failed(self.installed);
+                    self.surely = step.surely_after_failure(self.surely);
                     return Err(StepError { step, source });
                 }
             }
@@ -301,60 +343,16 @@ impl ExitClient {
         Ok(())
     }
 
-    async fn run(&self, step: Step, fx: &mut Effects<'_>) -> anyhow::Result<()> {
-        let book = fx.book;
-        let names = |k: &PublicKey| book.name(k).unwrap_or("?").to_owned();
-        match step {
-            Step::AttachGuard => fx.dataplane.set_guard(fx.nl, true).await,
-            Step::DetachGuard => fx.dataplane.set_guard(fx.nl, false).await,
-            Step::SetFwmark => Ok(fx.iface.set_fwmark(Some(self.routing.numbers().fwmark))?),
-            Step::ClearFwmark => Ok(fx.iface.set_fwmark(None)?),
-            Step::AddRoutes => Ok(self
-                .routing
-                .add_routes(fx.nl, fx.iface.index(), fx.iface.name())
-                .await?),
-            Step::RemoveRoutes => Ok(self.routing.remove_routes(fx.nl).await?),
-            Step::RouteVia(k) => Ok(fx.iface.route_default_via(k, &names)?),
-            Step::AddRules => Ok(self.routing.add_rules(fx.nl, fx.sysctls).await?),
-            Step::RemoveRules => Ok(self
-                .routing
-                .remove_rules_and_mark(fx.nl, fx.sysctls)
-                .await?),
-            Step::SteeringOn => fx.dataplane.set_steering(fx.nl, true).await,
-            Step::SteeringOff => fx.dataplane.set_steering(fx.nl, false).await,
-            Step::Dns(d) => {
-                let ctx = dns::Context {
-                    wg: fx.iface.name().to_owned(),
-                    mesh_v4: fx.mesh.ipv4_prefix,
-                    mesh_v6: fx.mesh.ipv6_prefix,
-                    kill_switch: self.policy.kill_switch,
-                };
-                let redirect = match d {
-                    Dns::Off => return Ok(dns::remove()?),
-                    Dns::Blocked => dns::Redirect::Refused,
-                    Dns::Via(k) => {
-                        let exit = fx
-                            .mesh
-                            .device(&k)
-                            .ok_or_else(|| anyhow::anyhow!("exit node {k} is not in the mesh"))?;
-                        dns::Redirect::To(exit.ipv4, exit.ipv6)
-                    }
-                };
-                Ok(dns::apply(&ctx, redirect)?)
-            }
-        }
-    }
-
     /// Removes everything the client installed (stop). Never gives up half
     /// way: the plan to Off is run step by step, each failure logged.
-    pub async fn teardown(&mut self, fx: &mut Effects<'_>) {
+    pub async fn teardown(&mut self, host: &mut impl StepRunner) {
         self.wanted = false;
-        let steps = plan::plan(self.installed, Installed::default());
-        for step in steps {
-            if let Err(e) = self.run(step, fx).await {
-                super::teardown_warning(&step.to_string(), &crate::error_text(&e));
+        for step in self.plan_to(Installed::default()) {
+            if let Err(e) = host.run(step).await {
+                super::report::teardown_warning(&step.to_string(), &crate::error_text(&e));
             }
             self.installed = step.apply(self.installed);
+            self.surely = step.apply(self.surely);
         }
         if self.phase.routing_installed() {
             info!("exit-node client disabled: the direct path is restored");
@@ -362,50 +360,413 @@ impl ExitClient {
         self.phase = Phase::Off;
     }
 
-    fn log_transition(&self, prev: Phase, next: Phase, book: &PeerBook) {
-        let name = |k: &PublicKey| book.name(k).unwrap_or("?").to_owned();
-        let available = |k: &PublicKey| {
-            book.live(k).and_then(|l| exit::status(l, Instant::now()))
-                == Some(exit::ExitStatus::Available)
-        };
-        match (prev, next) {
-            (_, Phase::Off) if prev.routing_installed() => {
-                info!("exit-node client disabled: the direct path is restored")
-            }
-            (_, Phase::Off) => info!("exit-node client off"),
-            (_, Phase::Waiting) => info!(
-                "exit-node client wanted, but no exit node is available yet: waiting (the device keeps its direct path)"
-            ),
-            (Phase::Active(old), Phase::Active(new)) if available(&old) => info!(
-                from = %name(&old),
-                to = %name(&new),
-                "exit node {} is clearly faster than {}: switching to it",
-                name(&new),
-                name(&old)
-            ),
-            (Phase::Active(old), Phase::Active(new)) => warn!(
-                from = %name(&old),
-                to = %name(&new),
-                "exit node {} is no longer available: switching to {}",
-                name(&old),
-                name(&new)
-            ),
-            (Phase::Held, Phase::Active(new)) => info!(
-                exit = %name(&new),
-                "exit node {} is available: internet traffic flows through it again",
-                name(&new)
-            ),
-            (_, Phase::Active(new)) => info!(
-                exit = %name(&new),
-                "exit-node client enabled: internet traffic goes through {}",
-                name(&new)
-            ),
-            (Phase::Active(old), Phase::Held) => warn!(
-                exit = %name(&old),
-                "exit node {} is no longer available and no other is: internet traffic is held back (not leaked) until one returns",
-                name(&old)
-            ),
-            (_, Phase::Held) => warn!("exit-node client holding internet traffic back"),
+    /// The client's side of the metrics: the exit node in use, the phase,
+    /// the failovers.
+    pub fn register_metrics(&self, reg: &mut Metrics, book: &PeerBook) {
+        let active = Family::<Labels, Gauge>::default();
+        if let Some(k) = self.phase.exit_peer() {
+            active
+                .get_or_create(&label("exit_node", book.name(&k).unwrap_or("unknown")))
+                .set(1);
         }
+        reg.register(
+            "nexd_exit_node_active",
+            "1 for the exit node this client uses",
+            active,
+        );
+        let phase = Family::<Labels, Gauge>::default();
+        for p in ["off", "waiting", "active", "held"] {
+            let on = matches!(
+                (p, self.phase),
+                ("off", Phase::Off)
+                    | ("waiting", Phase::Waiting)
+                    | ("active", Phase::Active(_))
+                    | ("held", Phase::Held)
+            );
+            phase.get_or_create(&label("phase", p)).set(i64::from(on));
+        }
+        reg.register(
+            "nexd_exit_node_client_phase",
+            "The exit-node client's phase (1 for the current one)",
+            phase,
+        );
+        let failovers: Counter = Counter::default();
+        failovers.inc_by(self.failovers);
+        reg.register(
+            "nexd_exit_node_failovers",
+            "Times the client moved to another exit node (the one in use went away, or another was clearly faster)",
+            failovers,
+        );
+    }
+}
+
+/// Every peer the book knows, as a candidate for `exit::choose`.
+fn candidates(book: &PeerBook) -> impl Iterator<Item = Candidate<'_>> {
+    book.keys().filter_map(|k| {
+        Some(Candidate {
+            key: *k,
+            name: book.name(k)?,
+            live: book.live(k)?,
+        })
+    })
+}
+
+fn log_transition(prev: Phase, next: Phase, book: &PeerBook, now: Instant) {
+    let name = |k: &PublicKey| book.name(k).unwrap_or("?").to_owned();
+    let available = |k: &PublicKey| {
+        book.live(k).and_then(|l| exit::status(l, now)) == Some(exit::ExitStatus::Available)
+    };
+    match (prev, next) {
+        (_, Phase::Off) if prev.routing_installed() => {
+            info!("exit-node client disabled: the direct path is restored")
+        }
+        (_, Phase::Off) => info!("exit-node client off"),
+        (_, Phase::Waiting) => info!(
+            "exit-node client wanted, but no exit node is available yet: waiting (the device keeps its direct path)"
+        ),
+        (Phase::Active(old), Phase::Active(new)) if available(&old) => info!(
+            from = %name(&old),
+            to = %name(&new),
+            "exit node {} is clearly faster than {}: switching to it",
+            name(&new),
+            name(&old)
+        ),
+        (Phase::Active(old), Phase::Active(new)) => warn!(
+            from = %name(&old),
+            to = %name(&new),
+            "exit node {} is no longer available: switching to {}",
+            name(&old),
+            name(&new)
+        ),
+        (Phase::Held, Phase::Active(new)) => info!(
+            exit = %name(&new),
+            "exit node {} is available: internet traffic flows through it again",
+            name(&new)
+        ),
+        (_, Phase::Active(new)) => info!(
+            exit = %name(&new),
+            "exit-node client enabled: internet traffic goes through {}",
+            name(&new)
+        ),
+        (Phase::Active(old), Phase::Held) => warn!(
+            exit = %name(&old),
+            "exit node {} is no longer available and no other is: internet traffic is held back (not leaked) until one returns",
+            name(&old)
+        ),
+        (_, Phase::Held) => warn!("exit-node client holding internet traffic back"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The executor against a host that fails on demand: every plan, a
+    //! failure at every step, the rollback, the error and the retry time.
+
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::keys::PrivateKey;
+
+    /// A host whose kernel is an `Installed` model: a step that succeeds
+    /// applies to it; the calls listed in `fail` fail, having done half
+    /// their work (`Step::failed`: the worst case) or none of it.
+    struct FakeHost {
+        model: Installed,
+        calls: usize,
+        fail: BTreeSet<usize>,
+        half_done: bool,
+        ran: Vec<Step>,
+        /// Invariants a step broke (from a state where they held).
+        broke: Vec<String>,
+        policy: Policy,
+    }
+
+    impl FakeHost {
+        fn new(model: Installed, policy: Policy) -> Self {
+            FakeHost {
+                model,
+                calls: 0,
+                fail: BTreeSet::new(),
+                half_done: false,
+                ran: Vec::new(),
+                broke: Vec::new(),
+                policy,
+            }
+        }
+
+        fn failing(mut self, calls: impl IntoIterator<Item = usize>, half_done: bool) -> Self {
+            self.fail = calls.into_iter().collect();
+            self.half_done = half_done;
+            self
+        }
+    }
+
+    impl StepRunner for FakeHost {
+        async fn run(&mut self, step: Step) -> anyhow::Result<()> {
+            let call = self.calls;
+            self.calls += 1;
+            self.ran.push(step);
+            let before = plan::broken(&self.model, self.policy);
+            let result = if self.fail.contains(&call) {
+                if self.half_done {
+                    self.model = step.failed(self.model);
+                }
+                Err(anyhow::anyhow!("injected failure of call {call}"))
+            } else {
+                self.model = step.apply(self.model);
+                Ok(())
+            };
+            for b in plan::broken(&self.model, self.policy) {
+                if !before.contains(&b) {
+                    self.broke.push(format!("{step}: {b}"));
+                }
+            }
+            result
+        }
+    }
+
+    fn key() -> PublicKey {
+        PrivateKey::generate().public_key()
+    }
+
+    fn book() -> PeerBook {
+        PeerBook::with_epoch(PrivateKey::generate(), 1, Instant::now())
+    }
+
+    fn client(policy: Policy, now: Instant) -> ExitClient {
+        let settings = ClientSettings {
+            wanted: true,
+            numbers: PolicyNumbers {
+                table: 28280,
+                fwmark: 0x6e78,
+                priority: 28280,
+            },
+            policy,
+            pin: None,
+            probes: true,
+        };
+        ExitClient::new(&settings, true, now)
+    }
+
+    fn policies() -> Vec<Policy> {
+        let mut v = Vec::new();
+        for kill_switch in [false, true] {
+            for private_dns in [false, true] {
+                v.push(Policy {
+                    kill_switch,
+                    private_dns,
+                });
+            }
+        }
+        v
+    }
+
+    fn phases(a: PublicKey, b: PublicKey) -> [Phase; 5] {
+        [
+            Phase::Off,
+            Phase::Waiting,
+            Phase::Active(a),
+            Phase::Active(b),
+            Phase::Held,
+        ]
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        futures::executor::block_on(f)
+    }
+
+    /// A client in `phase`, with exactly what it needs installed.
+    fn client_in(phase: Phase, policy: Policy, now: Instant) -> ExitClient {
+        let mut c = client(policy, now);
+        let mut host = FakeHost::new(Installed::default(), policy);
+        block_on(c.transition(phase, &mut host, &book(), now)).expect("the way there succeeds");
+        assert_eq!(c.phase, phase);
+        c
+    }
+
+    #[test]
+    fn a_failure_at_any_step_of_any_plan_is_rolled_back_to_the_previous_phase() {
+        let (a, b) = (key(), key());
+        let now = Instant::now();
+        let mut cases = 0;
+        for policy in policies() {
+            for prev in phases(a, b) {
+                for next in phases(a, b) {
+                    let start = client_in(prev, policy, now);
+                    let steps = plan::plan(start.installed, plan::target(next, policy));
+                    for (k, &step) in steps.iter().enumerate() {
+                        for half_done in [false, true] {
+                            let mut c = start.clone();
+                            let mut host =
+                                FakeHost::new(c.installed, policy).failing([k], half_done);
+                            let err = block_on(c.transition(next, &mut host, &book(), now))
+                                .expect_err("step k fails");
+                            let what = format!(
+                                "{prev:?} -> {next:?}, step {k} ({step}) fails, half done: {half_done}"
+                            );
+                            assert_eq!(err.failed.step, step, "{what}: the error names the step");
+                            assert!(err.rollback.is_ok(), "{what}: the rollback succeeds");
+                            let text = err.to_string();
+                            assert!(
+                                text.contains(&format!(
+                                    "{step} failed: injected failure of call {k}"
+                                )) && text.ends_with("rolled back, nothing changed"),
+                                "{what}: {text}"
+                            );
+                            assert_eq!(c.phase, prev, "{what}: the phase stays");
+                            assert_eq!(c.installed, plan::target(prev, policy), "{what}: record");
+                            assert_eq!(
+                                host.model, c.installed,
+                                "{what}: the host is what the record says"
+                            );
+                            assert_eq!(
+                                &host.ran[..k + 1],
+                                &steps[..k + 1],
+                                "{what}: steps in plan order"
+                            );
+                            assert!(host.broke.is_empty(), "{what}: {:?}", host.broke);
+                            assert_eq!(c.failovers, 0, "{what}");
+                            cases += 1;
+                        }
+                    }
+                }
+            }
+        }
+        // Every policy, every pair of phases, every step (both kinds of
+        // failure): a plan got lost if this count drops.
+        assert!(cases > 400, "only {cases} cases");
+    }
+
+    #[test]
+    fn a_failed_rollback_is_reported_and_repaired_from_the_record() {
+        let now = Instant::now();
+        let policy = Policy {
+            kill_switch: true,
+            private_dns: true,
+        };
+        let exit = key();
+        let mut c = client_in(Phase::Off, policy, now);
+        // Off -> Active: fwmark, guard, DNS, routes, peer, rules, steering.
+        // The 4th step fails (half done), and so does the rollback's first.
+        let steps = c.plan_to(plan::target(Phase::Active(exit), policy));
+        assert!(steps.len() > 4);
+        let mut host = FakeHost::new(c.installed, policy).failing([3, 4], true);
+        block_on(c.follow(Phase::Active(exit), &mut host, &book(), now));
+        assert_eq!(c.phase, Phase::Off);
+        assert_ne!(
+            c.installed,
+            plan::target(Phase::Off, policy),
+            "half installed"
+        );
+        assert_eq!(
+            host.model, c.installed,
+            "half done: what may be there is there"
+        );
+        assert!(
+            !plan::leaks(&c.installed),
+            "the guard still holds: nothing leaks"
+        );
+        assert_eq!(c.retry_at, Some(now + Duration::from_secs(1)));
+        // Before the retry time nothing runs, whatever is asked for.
+        let calls = host.calls;
+        block_on(c.follow(
+            Phase::Off,
+            &mut host,
+            &book(),
+            now + Duration::from_millis(999),
+        ));
+        assert_eq!(host.calls, calls);
+        // At the retry time the phase (Off) stays, and what is installed
+        // is repaired to what it needs, from the record.
+        block_on(c.follow(Phase::Off, &mut host, &book(), now + Duration::from_secs(1)));
+        assert!(host.calls > calls);
+        assert_eq!(c.phase, Phase::Off);
+        assert_eq!(c.installed, Installed::default());
+        assert_eq!(host.model, Installed::default());
+        assert_eq!((c.retry_at, c.failures), (None, 0));
+    }
+
+    #[test]
+    fn failed_transitions_are_retried_after_1_2_4_8_16_and_then_30_seconds() {
+        let t0 = Instant::now();
+        let policy = Policy::default();
+        let exit = key();
+        let mut c = client_in(Phase::Waiting, policy, t0);
+        let mut host = FakeHost::new(c.installed, policy).failing(0..1000, false);
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            block_on(c.follow(Phase::Active(exit), &mut host, &book(), now));
+            let at = c.retry_at.expect("a retry time");
+            waits.push(at.duration_since(now).as_secs());
+            now = at;
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(c.phase, Phase::Waiting);
+        // The next success resets the backoff.
+        host.fail.clear();
+        block_on(c.follow(Phase::Active(exit), &mut host, &book(), now));
+        assert_eq!(c.phase, Phase::Active(exit));
+        assert_eq!((c.retry_at, c.failures), (None, 0));
+        assert_eq!(host.model, plan::target(Phase::Active(exit), policy));
+        assert!(host.broke.is_empty(), "{:?}", host.broke);
+    }
+
+    #[test]
+    fn a_move_to_another_exit_node_counts_as_a_failover_and_restarts_the_dwell() {
+        let t0 = Instant::now();
+        let (a, b) = (key(), key());
+        let policy = Policy::default();
+        let mut c = client_in(Phase::Active(a), policy, t0);
+        assert_eq!(c.since, t0);
+        let later = t0 + Duration::from_secs(5);
+        let mut host = FakeHost::new(c.installed, policy);
+        block_on(c.transition(Phase::Active(b), &mut host, &book(), later)).expect("moves");
+        assert_eq!(
+            (c.phase, c.failovers, c.since),
+            (Phase::Active(b), 1, later)
+        );
+        // Only the default routes (and nothing else) moved.
+        assert_eq!(host.ran, [Step::RouteVia(Some(b))]);
+        // Held and back to the same exit node is not a failover.
+        block_on(c.transition(Phase::Held, &mut host, &book(), later)).expect("holds");
+        block_on(c.transition(Phase::Active(b), &mut host, &book(), later)).expect("back");
+        assert_eq!(c.failovers, 1);
+    }
+
+    #[test]
+    fn enable_without_an_exit_node_changes_nothing() {
+        let now = Instant::now();
+        let mut c = client_in(Phase::Off, Policy::default(), now);
+        c.wanted = false;
+        let own = key();
+        let mesh = super::super::membership::no_devices(None);
+        let book = book();
+        let candidates = Candidates {
+            book: &book,
+            mesh: &mesh,
+            own: &own,
+        };
+        let mut host = FakeHost::new(c.installed, c.policy);
+        let r = block_on(c.enable(&candidates, &mut host, now));
+        assert!(matches!(r, Err(EnableError::Unavailable)), "{r:?}");
+        assert_eq!((c.wanted, c.phase, host.calls), (false, Phase::Off, 0));
+    }
+
+    #[test]
+    fn teardown_runs_every_step_even_when_each_fails() {
+        let now = Instant::now();
+        let policy = Policy {
+            kill_switch: true,
+            private_dns: true,
+        };
+        let exit = key();
+        let mut c = client_in(Phase::Active(exit), policy, now);
+        let steps = c.plan_to(Installed::default());
+        let mut host = FakeHost::new(c.installed, policy).failing(0..100, false);
+        block_on(c.teardown(&mut host));
+        assert_eq!(host.ran, steps, "every removal was tried, in order");
+        assert_eq!((c.phase, c.wanted), (Phase::Off, false));
+        assert_eq!(c.installed, Installed::default());
     }
 }

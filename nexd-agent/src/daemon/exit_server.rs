@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use super::{
     dataplane::DataPlane,
     exit_probe::{self, Change, ExitProbe, ProbeHealth, Round},
+    host::Host,
 };
 use crate::{
     datapath::exit::{ClientLimits, ExitClient, HostNetworks, RateLimit, exit_policy, mss_for_mtu},
@@ -35,15 +36,15 @@ use crate::{
     netlink::Netlink,
     routing::{
         forward::{ExitForwarding, ExitRules, Uplinks},
-        host,
-        sysctl::Sysctls,
-        uplink,
+        host, uplink,
     },
 };
 
 /// The exit node's settings from the command line.
 #[derive(Debug, Clone, Default)]
 pub struct ExitSettings {
+    /// The WireGuard interface the clients come in through.
+    pub wg_iface: String,
     /// `--uplink`; default: the default routes' interfaces.
     pub uplink: Option<String>,
     /// `--exit-allow`: subnets shared with the clients besides the internet.
@@ -63,7 +64,7 @@ pub struct ProbeWiring {
 }
 
 pub struct ExitServer {
-    wg_iface: String,
+    own: PublicKey,
     settings: ExitSettings,
     forwarding: ExitForwarding,
     dns: Option<DnsHandle>,
@@ -200,15 +201,11 @@ impl ExitServer {
     /// programs with the policy and the clients, the DNS resolver. Fails
     /// (and installs nothing) when the membership does not let this
     /// device serve.
-    #[allow(clippy::too_many_arguments)]
     pub async fn start(
-        nl: &Netlink,
-        wg_iface: &str,
+        host: &mut Host,
         settings: ExitSettings,
         mesh: &Mesh,
         own: &PublicKey,
-        sysctls: &mut Sysctls,
-        dataplane: &mut DataPlane,
         probe: ProbeWiring,
     ) -> anyhow::Result<Self> {
         if let Some(why) = not_allowed(mesh, own) {
@@ -220,10 +217,10 @@ impl ExitServer {
         )
         .map_err(anyhow::Error::msg)?;
         let me = mesh.device(own).context("this device is not in the mesh")?;
-        let uplinks = uplinks(nl, settings.uplink.as_deref(), true).await?;
+        let uplinks = uplinks(&host.nl, settings.uplink.as_deref(), true).await?;
         // The data path first: from the first forwarded packet, only
         // served clients, and only to the internet.
-        let internet = uplink::internet_reachable(nl, settings.uplink.as_deref()).await?;
+        let internet = uplink::internet_reachable(&host.nl, settings.uplink.as_deref()).await?;
         if !internet {
             warn!(
                 "no default route through an interface that is up: not announcing this exit node until there is one"
@@ -231,7 +228,7 @@ impl ExitServer {
         }
         let probes = (!settings.probe_targets.is_empty()).then(ProbeHealth::default);
         let mut server = ExitServer {
-            wg_iface: wg_iface.to_owned(),
+            own: *own,
             forwarding: ExitForwarding { uplinks },
             dns: None,
             routes_ok: internet,
@@ -245,11 +242,12 @@ impl ExitServer {
             settings,
         };
         server
-            .sync_datapath(nl, mesh, own, dataplane)
+            .sync_datapath(&host.nl, mesh, &mut host.dataplane)
             .await
             .context("the exit node's data path")?;
-        server.forwarding = ExitForwarding::apply(&server.rules(mesh, me.ipv4, me.ipv6), sysctls)
-            .context("setting up the exit node")?;
+        server.forwarding =
+            ExitForwarding::apply(&server.rules(mesh, me.ipv4, me.ipv6), &mut host.sysctls)
+                .context("setting up the exit node")?;
         let allowed: Vec<IpAddr> = mesh
             .exit_clients_of(own)
             .flat_map(|d| d.mesh_addrs())
@@ -257,7 +255,7 @@ impl ExitServer {
         match dns::start(
             DnsConfig::new(
                 vec![IpAddr::V4(me.ipv4), IpAddr::V6(me.ipv6)],
-                Some(wg_iface.to_owned()),
+                Some(server.settings.wg_iface.clone()),
             ),
             allowed,
         ) {
@@ -291,7 +289,7 @@ impl ExitServer {
 
     fn rules(&self, mesh: &Mesh, v4: std::net::Ipv4Addr, v6: std::net::Ipv6Addr) -> ExitRules {
         ExitRules {
-            wg: self.wg_iface.clone(),
+            wg: self.settings.wg_iface.clone(),
             uplinks: self.forwarding.uplinks.clone(),
             mesh_v4: mesh.ipv4_prefix,
             mesh_v6: mesh.ipv6_prefix,
@@ -305,10 +303,11 @@ impl ExitServer {
         &self,
         nl: &Netlink,
         mesh: &Mesh,
-        own: &PublicKey,
         dataplane: &mut DataPlane,
     ) -> anyhow::Result<()> {
-        let me = mesh.device(own).context("this device is not in the mesh")?;
+        let me = mesh
+            .device(&self.own)
+            .context("this device is not in the mesh")?;
         let host = HostNetworks {
             addresses: host::addresses(nl).await?,
             routes: host::routed_subnets(nl).await?,
@@ -316,7 +315,7 @@ impl ExitServer {
             mesh_addresses: me.mesh_addrs().to_vec(),
         };
         let policy = exit_policy(&host, &self.settings.allow);
-        let clients = clients(mesh, own, self.settings.rate_limit);
+        let clients = clients(mesh, &self.own, self.settings.rate_limit);
         dataplane.sync_exit(&policy, &clients, mss_for_mtu(mesh.mtu))
     }
 
@@ -459,24 +458,22 @@ impl ExitServer {
 
     /// The membership changed: the table (prefixes), the clients and their
     /// limits, the resolver's allowed sources and upstreams.
-    pub async fn reload(
-        &mut self,
-        nl: &Netlink,
-        mesh: &Mesh,
-        own: &PublicKey,
-        sysctls: &mut Sysctls,
-        dataplane: &mut DataPlane,
-    ) {
-        let Some(me) = mesh.device(own) else { return };
-        if let Err(e) = self.sync_datapath(nl, mesh, own, dataplane).await {
+    pub async fn reload(&mut self, host: &mut Host, mesh: &Mesh) {
+        let Some(me) = mesh.device(&self.own) else {
+            return;
+        };
+        if let Err(e) = self
+            .sync_datapath(&host.nl, mesh, &mut host.dataplane)
+            .await
+        {
             warn!(error = %crate::error_text(&e), "updating the exit node's data path failed");
         }
-        match ExitForwarding::apply(&self.rules(mesh, me.ipv4, me.ipv6), sysctls) {
+        match ExitForwarding::apply(&self.rules(mesh, me.ipv4, me.ipv6), &mut host.sysctls) {
             Ok(fw) => self.forwarding = fw,
             Err(e) => warn!(error = %e, "updating exit node forwarding failed"),
         }
         if let Some(dns) = &self.dns {
-            dns.update_allowed(mesh.exit_clients_of(own).flat_map(|d| d.mesh_addrs()));
+            dns.update_allowed(mesh.exit_clients_of(&self.own).flat_map(|d| d.mesh_addrs()));
             if let Err(e) = dns.reload_upstreams() {
                 warn!(error = %e, "re-reading the upstream resolvers failed; keeping the previous ones");
             }
@@ -488,32 +485,20 @@ impl ExitServer {
     /// the clients' traffic leaves through (masquerading follows them).
     /// Returns whether the exit capability was just withdrawn (no way to
     /// the internet left): the peers are then told at once.
-    pub async fn refresh_host(
-        &mut self,
-        nl: &Netlink,
-        mesh: &Mesh,
-        own: &PublicKey,
-        sysctls: &mut Sysctls,
-        dataplane: &mut DataPlane,
-    ) -> bool {
-        let withdrawn = self.follow_internet(nl).await;
-        self.refresh_forwarding(nl, mesh, own, sysctls, dataplane)
-            .await;
+    pub async fn refresh_host(&mut self, host: &mut Host, mesh: &Mesh) -> bool {
+        let withdrawn = self.follow_internet(&host.nl).await;
+        self.refresh_forwarding(host, mesh).await;
         withdrawn
     }
 
-    async fn refresh_forwarding(
-        &mut self,
-        nl: &Netlink,
-        mesh: &Mesh,
-        own: &PublicKey,
-        sysctls: &mut Sysctls,
-        dataplane: &mut DataPlane,
-    ) {
-        if let Err(e) = self.sync_datapath(nl, mesh, own, dataplane).await {
+    async fn refresh_forwarding(&mut self, host: &mut Host, mesh: &Mesh) {
+        if let Err(e) = self
+            .sync_datapath(&host.nl, mesh, &mut host.dataplane)
+            .await
+        {
             warn!(error = %crate::error_text(&e), "updating the exit node's policy failed");
         }
-        let now = match uplinks(nl, self.settings.uplink.as_deref(), false).await {
+        let now = match uplinks(&host.nl, self.settings.uplink.as_deref(), false).await {
             Ok(u) => u,
             Err(e) => {
                 warn!(error = %crate::error_text(&e), "reading the exit node's uplinks failed");
@@ -523,13 +508,15 @@ impl ExitServer {
         if now == self.forwarding.uplinks {
             return;
         }
-        let Some(me) = mesh.device(own) else { return };
+        let Some(me) = mesh.device(&self.own) else {
+            return;
+        };
         info!(v4 = ?now.v4, v6 = ?now.v6, "the exit node's uplinks changed");
         let rules = ExitRules {
             uplinks: now,
             ..self.rules(mesh, me.ipv4, me.ipv6)
         };
-        match ExitForwarding::apply(&rules, sysctls) {
+        match ExitForwarding::apply(&rules, &mut host.sysctls) {
             Ok(fw) => self.forwarding = fw,
             Err(e) => warn!(error = %e, "following the exit node's new uplinks failed"),
         }
@@ -537,14 +524,14 @@ impl ExitServer {
 
     /// Stops serving: the resolver, the exit programs, the table and the
     /// forwarding sysctls.
-    pub async fn remove(mut self, sysctls: &mut Sysctls, dataplane: &mut DataPlane) {
+    pub async fn remove(mut self, host: &mut Host) {
         // Stops the probe task.
         self.probe = None;
         if let Some(dns) = self.dns.take() {
             dns.shutdown().await;
         }
-        dataplane.detach_exit();
-        self.forwarding.remove(sysctls);
+        host.dataplane.detach_exit();
+        self.forwarding.remove(&mut host.sysctls);
     }
 }
 

@@ -7,6 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry as Metrics,
+};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -18,6 +22,7 @@ use crate::{
     },
     keys::{PrivateKey, PublicKey},
     mesh::Mesh,
+    metrics::{Labels, label, outcomes},
     wireguard::DeviceStatus,
 };
 
@@ -215,5 +220,34 @@ impl Heartbeats {
     /// Stops sending and receiving.
     pub fn close(&mut self) {
         self.announcer = None;
+    }
+
+    /// What the announcements say: which exit nodes are available, and
+    /// what became of the datagrams received.
+    pub fn register_metrics(&self, reg: &mut Metrics, now: Instant) {
+        let available = Family::<Labels, Gauge>::default();
+        let book = &self.book;
+        for k in book.keys() {
+            if let (Some(name), Some(live)) = (book.name(k), book.live(k))
+                && let Some(status) = crate::exit::status(live, now)
+            {
+                available
+                    .get_or_create(&label("exit_node", name))
+                    .set(i64::from(status == crate::exit::ExitStatus::Available));
+            }
+        }
+        reg.register(
+            "nexd_exit_node_available",
+            "1 for each exit node that is available now, 0 if stale",
+            available,
+        );
+        let announcements = Family::<Labels, Counter>::default();
+        outcomes(&announcements, &book.counters());
+        outcomes(&announcements, &self.socket_counters());
+        reg.register(
+            "nexd_announcements",
+            "Announcements received from peers, by outcome (accepted, or why they were dropped or partly ignored)",
+            announcements,
+        );
     }
 }

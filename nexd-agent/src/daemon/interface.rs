@@ -11,6 +11,7 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    sync::atomic::AtomicU64,
     time::{Duration, Instant},
 };
 
@@ -18,15 +19,26 @@ use anyhow::Context as _;
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry as Metrics,
+};
+
 use super::reconcile;
 use crate::{
+    announce::book::PeerBook,
     keys::{PrivateKey, PublicKey},
+    metrics::{Labels, label},
     netif,
     netlink::Netlink,
     wireguard::{
         self, BackendChoice, BackendKind, DeviceConfig, DeviceStatus, PeerConfig, WgError,
     },
 };
+
+/// A handshake younger than this means the session is usable: WireGuard
+/// rejects a session 180 s after its handshake unless it was renewed.
+pub const HEALTHY_HANDSHAKE: Duration = Duration::from_secs(180);
 
 /// How long a userspace device's TUN link may take to disappear on stop.
 const LINK_GONE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -56,6 +68,8 @@ pub struct MeshInterface {
     exit_peer: Option<PublicKey>,
     /// Peer configs as last applied to the backend.
     applied: BTreeMap<PublicKey, PeerConfig>,
+    /// The backend's view as last read (`refresh_status`).
+    last_status: Option<DeviceStatus>,
 }
 
 impl MeshInterface {
@@ -84,6 +98,7 @@ impl MeshInterface {
             peers: Vec::new(),
             exit_peer: None,
             applied: BTreeMap::new(),
+            last_status: None,
         };
         iface.adopt(nl).await?;
         Ok(iface)
@@ -132,6 +147,29 @@ impl MeshInterface {
     /// The backend's live view (handshakes, counters, roaming endpoints).
     pub fn status(&self) -> Result<DeviceStatus, WgError> {
         self.wg.status()
+    }
+
+    /// Reads the backend's view (handshakes, counters, roaming endpoints)
+    /// and keeps it for `last_status`.
+    pub fn refresh_status(&mut self) -> Result<&DeviceStatus, WgError> {
+        Ok(self.last_status.insert(self.wg.status()?))
+    }
+
+    /// The backend's view as last read.
+    pub fn last_status(&self) -> Option<&DeviceStatus> {
+        self.last_status.as_ref()
+    }
+
+    /// The peers' endpoints: as configured, and as WireGuard last saw
+    /// them (a roaming peer, a peer that only dials in), sorted.
+    pub fn endpoints_in_use(&self) -> Vec<SocketAddr> {
+        let mut eps = self.endpoints();
+        if let Some(st) = &self.last_status {
+            eps.extend(st.peers.iter().filter_map(|p| p.endpoint));
+        }
+        eps.sort_unstable();
+        eps.dedup();
+        eps
     }
 
     /// How many peers are configured.
@@ -252,6 +290,49 @@ impl MeshInterface {
         Ok(())
     }
 
+    /// Each peer's traffic and handshake age, live (not the last tick's
+    /// snapshot: a scrape sees every byte).
+    pub fn register_metrics(&self, reg: &mut Metrics, book: &PeerBook) {
+        let sent = Family::<Labels, Counter>::default();
+        let received = Family::<Labels, Counter>::default();
+        let age = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let healthy = Family::<Labels, Gauge>::default();
+        let live = self.status().ok();
+        if let Some(st) = live.as_ref().or(self.last_status.as_ref()) {
+            for p in &st.peers {
+                let l = label("peer", book.name(&p.public_key).unwrap_or("unknown"));
+                sent.get_or_create(&l).inc_by(p.tx_bytes);
+                received.get_or_create(&l).inc_by(p.rx_bytes);
+                if let Some(h) = p.last_handshake {
+                    age.get_or_create(&l).set(h.as_secs_f64());
+                }
+                healthy.get_or_create(&l).set(i64::from(
+                    p.last_handshake.is_some_and(|h| h < HEALTHY_HANDSHAKE),
+                ));
+            }
+        }
+        reg.register(
+            "nexd_peer_sent_bytes",
+            "Bytes sent to each peer through WireGuard",
+            sent,
+        );
+        reg.register(
+            "nexd_peer_received_bytes",
+            "Bytes received from each peer through WireGuard",
+            received,
+        );
+        reg.register(
+            "nexd_peer_handshake_age_seconds",
+            "Seconds since the last WireGuard handshake with each peer",
+            age,
+        );
+        reg.register(
+            "nexd_peer_healthy",
+            "1 if the peer completed a handshake within 180 s",
+            healthy,
+        );
+    }
+
     /// Stops the device and removes the link with its addresses and routes.
     /// Never fails: problems are logged and the rest still runs.
     pub async fn remove(self, nl: &Netlink) {
@@ -267,13 +348,13 @@ impl MeshInterface {
                 Ok(None) => break,
                 Ok(Some(index)) if Instant::now() >= deadline => {
                     if let Err(e) = nl.delete_link(index, &name).await {
-                        super::teardown_warning("deleting the interface", &e);
+                        super::report::teardown_warning("deleting the interface", &e);
                     }
                     break;
                 }
                 Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
                 Err(e) => {
-                    super::teardown_warning("looking up the interface", &e);
+                    super::report::teardown_warning("looking up the interface", &e);
                     break;
                 }
             }

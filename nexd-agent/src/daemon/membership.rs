@@ -5,7 +5,7 @@
 //! and join request under it, the cache in the state directory).
 //!
 //! Either way the daemon gets a `Mesh` and applies it through
-//! `Daemon::apply_membership`, the path of a SIGHUP reload: a diff against
+//! the daemon's `apply_membership`, the path of a SIGHUP reload: a diff against
 //! what is applied, so unchanged peers keep their sessions. The file is
 //! read at start and on SIGHUP; the registry pushes changes as events,
 //! and a SIGHUP then reads no file. A device that is not (or no longer) a
@@ -25,7 +25,7 @@ use prometheus_client::{
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{Options, agent::Daemon, log_error_lines};
+use super::{report::log_error_lines, settings::MembershipSettings};
 use crate::{
     control::protocol::{IgnoredRecord, MembershipSource, MembershipState, RegistryInfo},
     keys::PublicKey,
@@ -71,24 +71,27 @@ impl Membership {
     /// device), or starts the registry's device side. The mesh to start
     /// with (`first`) is, in registry mode, one without devices, until the
     /// registry (or its cache) says more.
-    pub async fn open(opts: &Options, own: &PublicKey) -> anyhow::Result<(Self, Events)> {
-        let Some(cfg) = &opts.registry else {
-            let mesh = mesh::read(&opts.mesh_file)?;
+    pub async fn open(
+        settings: &MembershipSettings,
+        own: &PublicKey,
+    ) -> anyhow::Result<(Self, Events)> {
+        let Some(cfg) = &settings.registry else {
+            let mesh = mesh::read(&settings.mesh_file)?;
             if mesh.device(own).is_none() {
                 return Err(anyhow!(
                     "this device's public key {own} is not in the mesh file {}; add a [[device]] entry with public_key = \"{own}\"",
-                    opts.mesh_file.display()
+                    settings.mesh_file.display()
                 ));
             }
             // No sender: the loop's branch for registry events never fires.
             let (_, events) = mpsc::channel(1);
             let kind = Kind::File {
-                path: opts.mesh_file.clone(),
+                path: settings.mesh_file.clone(),
             };
             let first = Some(mesh);
             return Ok((Membership { kind, first }, events));
         };
-        let (registry, events) = Registry::connect(cfg.clone(), *own, opts.state_dir.clone())
+        let (registry, events) = Registry::connect(cfg.clone(), *own, settings.state_dir.clone())
             .await
             .map_err(|e| anyhow!("--registry {}: {e}", cfg.etcd.url))?;
         info!(
@@ -168,13 +171,21 @@ impl Membership {
         Some(mesh)
     }
 
-    /// Takes in a registry event: the new state, and what to apply.
+    /// Takes in a registry event: the new state, and what to apply (a
+    /// membership is applied like a SIGHUP reload; losing the membership
+    /// removes every peer; a lost or restored connection is logged and
+    /// changes nothing).
     pub fn take(&mut self, event: MembershipEvent, own: &PublicKey, current: &Mesh) -> Step {
         let Kind::Registry { state, .. } = &mut self.kind else {
             return Step::Keep;
         };
-        let (next, step) = decide(*state, event, own, current);
+        log_event(&event);
+        let before = *state;
+        let (next, step) = decide(before, event, own, current);
         *state = next;
+        if before != next {
+            log_state(next);
+        }
         step
     }
 
@@ -251,45 +262,35 @@ impl Membership {
     }
 }
 
-impl Daemon {
-    /// One event of the registry: a membership is applied like a SIGHUP
-    /// reload; losing the membership removes every peer; a lost or
-    /// restored connection is logged and changes nothing.
-    pub async fn on_membership(&mut self, event: MembershipEvent) {
-        match &event {
-            MembershipEvent::Membership { membership, source } => info!(
-                devices = membership.mesh.devices.len(),
-                ignored = membership.ignored.len(),
-                source = %describe(*source),
-                "registry membership received: applying the difference"
-            ),
-            MembershipEvent::WaitingForApproval => {}
-            MembershipEvent::ConnectionLost { error } => warn!(
-                error = %error,
-                "registry unreachable: the mesh stays as it is (nothing changes in the data path); reconnecting with backoff"
-            ),
-            MembershipEvent::ConnectionRestored => {
-                info!("registry reachable again: changes made meanwhile follow")
-            }
+fn log_event(event: &MembershipEvent) {
+    match event {
+        MembershipEvent::Membership { membership, source } => info!(
+            devices = membership.mesh.devices.len(),
+            ignored = membership.ignored.len(),
+            source = %describe(*source),
+            "registry membership received: applying the difference"
+        ),
+        MembershipEvent::WaitingForApproval => {}
+        MembershipEvent::ConnectionLost { error } => warn!(
+            error = %error,
+            "registry unreachable: the mesh stays as it is (nothing changes in the data path); reconnecting with backoff"
+        ),
+        MembershipEvent::ConnectionRestored => {
+            info!("registry reachable again: changes made meanwhile follow")
         }
-        let before = self.membership.info().map(|i| i.membership);
-        let step = self.membership.take(event, &self.own, &self.mesh);
-        let after = self.membership.info().map(|i| i.membership);
-        if before != after {
-            match after {
-                Some(MembershipState::Revoked) => warn!(
-                    "this device is no longer a member of the mesh (revoked): removing every peer; the join request is published again"
-                ),
-                Some(MembershipState::WaitingForApproval) => info!(
-                    "not a member of the mesh yet: waiting for approval (`nexctl mesh approve` on the admin's machine)"
-                ),
-                Some(MembershipState::Member) => info!("approved: a member of the mesh"),
-                _ => {}
-            }
-        }
-        if let Step::Apply(mesh) = step {
-            self.apply_membership(mesh).await;
-        }
+    }
+}
+
+fn log_state(state: MembershipState) {
+    match state {
+        MembershipState::Revoked => warn!(
+            "this device is no longer a member of the mesh (revoked): removing every peer; the join request is published again"
+        ),
+        MembershipState::WaitingForApproval => info!(
+            "not a member of the mesh yet: waiting for approval (`nexctl mesh approve` on the admin's machine)"
+        ),
+        MembershipState::Member => info!("approved: a member of the mesh"),
+        MembershipState::Starting => {}
     }
 }
 

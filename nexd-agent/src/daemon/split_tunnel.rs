@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 use tracing::info;
 
+use super::settings::SplitSettings;
 use crate::{
     netlink::{Netlink, NetlinkError},
     routing::{
@@ -30,7 +31,12 @@ pub struct SplitTunnel {
 
 impl SplitTunnel {
     /// Reads the file once; a bad file fails the start (with its lines).
-    pub fn load(fixed: Vec<IpNet>, file: Option<PathBuf>, table: u32) -> anyhow::Result<Self> {
+    pub fn load(settings: &SplitSettings) -> anyhow::Result<Self> {
+        let SplitSettings {
+            routes: fixed,
+            file,
+            table,
+        } = settings.clone();
         let exclusions = crate::exclude::load(&fixed, file.as_deref())?;
         Ok(SplitTunnel {
             fixed,
@@ -61,7 +67,7 @@ impl SplitTunnel {
             }
             Ok(_) => false,
             Err(e) => {
-                super::log_error_lines(
+                super::report::log_error_lines(
                     "excluded routes file rejected, keeping the running list",
                     &e,
                 );
