@@ -6,8 +6,9 @@
 //!
 //! | component | owns |
 //! |---|---|
-//! | `Host` | the netlink handle, the sysctls changed, the data plane (below) |
-//! | `DataPlane` | the eBPF programs, maps, guard, the gateway's table |
+//! | `Host` | the netlink handle, the sysctls changed, the programs (below) |
+//! | `Programs` | the eBPF programs, their maps and attachments (guard included) |
+//! | `LanGateway` | the LAN gateway's nftables table and forwarding |
 //! | `MeshInterface` | the WireGuard device, link, addresses, applied peers |
 //! | `Endpoints` | the resolver task and the cache of resolved names |
 //! | `Heartbeats` | the announcement sockets and the peer book |
@@ -30,7 +31,6 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use super::{
     answers, client_steps,
     client_steps::ClientSteps,
-    dataplane::{DataPlane, Inputs},
     endpoints::{Endpoints, Resolved},
     exit_client::{Candidates, EnableError, ExitClient},
     exit_probe,
@@ -38,9 +38,12 @@ use super::{
     heartbeats::Heartbeats,
     host::Host,
     interface::MeshInterface,
+    lan_gateway::LanGateway,
     ledger_record::{self, Record},
-    membership::{Membership, Step},
-    metrics, reconcile,
+    membership::{Change, Membership},
+    metrics,
+    programs::{Inputs, Programs},
+    reconcile,
     report::{log_error_lines, teardown_warning},
     settings::{InterfaceSettings, Settings},
     split_tunnel::SplitTunnel,
@@ -73,6 +76,7 @@ pub struct Daemon {
     heartbeats: Heartbeats,
     exit_client: ExitClient,
     exit_role: ExitRole,
+    lan_gateway: LanGateway,
     split: SplitTunnel,
     last_route_check: Option<Instant>,
     /// Where the mesh comes from (file or registry), and the registry's
@@ -118,8 +122,8 @@ impl Daemon {
         }
         let wanted = settings.client.wanted || previous.resume_exit;
         let exit_client = ExitClient::new(&settings.client, wanted, now);
-        let mut dataplane = DataPlane::new(settings.dataplane);
-        dataplane.inherit_clsact(previous.clsact_interfaces);
+        let mut programs = Programs::new(settings.programs);
+        programs.inherit_clsact(previous.clsact_interfaces);
         let heartbeats = Heartbeats::new(key.clone(), epoch, &mesh, channels.announcements);
         Daemon {
             own,
@@ -129,7 +133,7 @@ impl Daemon {
             host: Host {
                 nl,
                 sysctls: Sysctls::open(&settings.state_dir),
-                dataplane,
+                programs,
             },
             interface: settings.interface,
             iface: None,
@@ -138,6 +142,7 @@ impl Daemon {
             adopt_guard: wanted && exit_client.policy().kill_switch,
             exit_client,
             exit_role: ExitRole::new(settings.exit, own, channels.exit_probes),
+            lan_gateway: LanGateway::new(settings.gateway),
             split,
             last_route_check: None,
             membership,
@@ -148,14 +153,14 @@ impl Daemon {
     /// Rewrites the record of what is installed in the state directory
     /// when it changed. Called after every event.
     pub fn record(&mut self) {
-        let dataplane = &self.host.dataplane;
+        let programs = &self.host.programs;
         let mut nft_tables = self.exit_role.nft_tables();
-        nft_tables.extend(dataplane.nft_tables());
+        nft_tables.extend(self.lan_gateway.nft_tables());
         nft_tables.extend(self.exit_client.nft_tables());
         self.record.write(ledger_record::Installed {
             exit_wanted: self.exit_client.wanted(),
-            guard_interfaces: dataplane.info(0).guard_interfaces,
-            clsact_interfaces: dataplane.clsact_interfaces(),
+            guard_interfaces: programs.info(0).guard_interfaces,
+            clsact_interfaces: programs.clsact_interfaces(),
             nft_tables,
         });
     }
@@ -169,7 +174,7 @@ impl Daemon {
             client_steps::remove_leftovers(self.exit_client.numbers(), &mut self.host).await;
             crate::routing::remove_leftover_tables();
             let host = &mut self.host;
-            host.dataplane
+            host.programs
                 .remove_leftovers(&host.nl, self.adopt_guard)
                 .await;
             if let Err(e) = self.split.clear(&host.nl).await {
@@ -187,13 +192,13 @@ impl Daemon {
             );
             // The programs first: loading them is the peak of nexd's memory,
             // and it is lower before a thousand peers are configured.
-            host.dataplane.start(&host.nl).await?;
+            host.programs.start(&host.nl).await?;
             release_freed_memory();
             self.endpoints.refresh(&self.mesh, Instant::now());
             let mesh = self.mesh.clone();
             self.apply_mesh(mesh).await?;
             self.exit_role.follow(&mut self.host, &self.mesh).await?;
-            self.sync_dataplane().await?;
+            self.sync_programs().await?;
             self.split.sync(&self.host.nl).await?;
             if self.exit_client.wanted() {
                 info!("exit-node client requested (--exit-node-client): it applies as soon as an exit node is available");
@@ -201,9 +206,7 @@ impl Daemon {
                 // send: the guard goes on now, not at the first tick.
                 self.evaluate_exit().await;
             }
-            let host = &mut self.host;
-            host.dataplane
-                .install_gateway(&mut host.sysctls, self.mesh.mtu)?;
+            self.lan_gateway.install(&mut self.host, self.mesh.mtu)?;
             release_freed_memory();
             Ok(())
         }
@@ -245,9 +248,9 @@ impl Daemon {
         Ok(())
     }
 
-    /// The data plane mirrors the mesh prefixes, the exclusions, the
+    /// The programs' maps mirror the mesh prefixes, the exclusions, the
     /// peers' endpoints and WireGuard's listen port.
-    async fn sync_dataplane(&mut self) -> anyhow::Result<()> {
+    async fn sync_programs(&mut self) -> anyhow::Result<()> {
         let inputs = Inputs {
             mesh_prefixes: vec![
                 IpNet::V4(self.mesh.ipv4_prefix),
@@ -262,7 +265,7 @@ impl Daemon {
             listen_port: self.mesh.device(&self.own).map_or(0, |d| d.listen_port),
         };
         let host = &mut self.host;
-        host.dataplane.set_inputs(&host.nl, inputs).await
+        host.programs.set_inputs(&host.nl, inputs).await
     }
 
     /// SIGHUP: re-reads the mesh file (not in registry mode) and applies
@@ -279,7 +282,7 @@ impl Daemon {
 
     /// One event of the registry.
     pub async fn on_membership(&mut self, event: MembershipEvent) {
-        if let Step::Apply(mesh) = self.membership.take(event, &self.own, &self.mesh) {
+        if let Change::Apply(mesh) = self.membership.take(event, &self.own, &self.mesh) {
             self.apply_membership(mesh).await;
             release_freed_memory();
         }
@@ -291,7 +294,7 @@ impl Daemon {
         if let Err(e) = self.apply_mesh(mesh).await {
             log_error_lines("applying the membership failed", &e);
         }
-        if let Err(e) = self.sync_dataplane().await {
+        if let Err(e) = self.sync_programs().await {
             log_error_lines("updating the data path failed", &e);
         }
         if let Err(e) = self.split.sync(&self.host.nl).await {
@@ -315,8 +318,8 @@ impl Daemon {
                     self.heartbeats.observe(st, now);
                     // A peer roamed: the guard must let WireGuard reach
                     // it where it is now.
-                    if iface.endpoints_in_use() != self.host.dataplane.endpoints()
-                        && let Err(e) = self.sync_dataplane().await
+                    if iface.endpoints_in_use() != self.host.programs.endpoints()
+                        && let Err(e) = self.sync_programs().await
                     {
                         log_error_lines("updating the data path failed", &e);
                     }
@@ -348,7 +351,7 @@ impl Daemon {
     pub async fn on_uplinks_changed(&mut self) {
         let t0 = Instant::now();
         let host = &mut self.host;
-        if let Err(e) = host.dataplane.sync(&host.nl).await {
+        if let Err(e) = host.programs.sync(&host.nl).await {
             log_error_lines("following the uplinks failed", &e);
         }
         if self.exit_role.on_host_changed(host, &self.mesh).await {
@@ -459,7 +462,7 @@ impl Daemon {
         ) {
             log_error_lines("updating peer endpoints failed", &e);
         }
-        if let Err(e) = self.sync_dataplane().await {
+        if let Err(e) = self.sync_programs().await {
             log_error_lines("updating the data path failed", &e);
         }
     }
@@ -584,7 +587,8 @@ impl Daemon {
         self.exit_role.remove(&mut self.host).await;
         self.heartbeats.close();
         let host = &mut self.host;
-        host.dataplane.remove(&mut host.sysctls);
+        host.programs.remove();
+        self.lan_gateway.remove(&mut host.sysctls);
         if let Err(e) = self.split.clear(&host.nl).await {
             teardown_warning("removing the excluded routes", &e);
         }

@@ -42,10 +42,10 @@ pub fn peers(v: &View<'_>) -> Response {
 }
 
 pub fn stats(v: &View<'_>) -> Response {
-    let dataplane = &v.host.dataplane;
+    let programs = &v.host.programs;
     Response::ok(Reply::Stats(StatsInfo {
-        datapath: dataplane.info(v.split.exclusions().len()),
-        counters: dataplane
+        datapath: programs.info(v.split.exclusions().len()),
+        counters: programs
             .counters()
             .into_iter()
             .map(|(name, total)| CounterRow {
@@ -69,7 +69,7 @@ pub fn exit_clients(v: &View<'_>) -> Response {
             v.exit_role.not_serving_reason(v.mesh),
         );
     }
-    match v.host.dataplane.exit_clients() {
+    match v.host.programs.exit_clients() {
         Ok(clients) => Response::ok(Reply::ExitClients { clients }),
         Err(e) => Response::error(
             ErrorCode::Internal,
@@ -113,7 +113,7 @@ fn status_info(v: &View<'_>, dev: &DeviceStatus) -> StatusInfo {
         peers,
         healthy_peers: healthy,
         uptime_seconds: v.started.elapsed().as_secs(),
-        datapath: v.host.dataplane.info(v.split.exclusions().len()),
+        datapath: v.host.programs.info(v.split.exclusions().len()),
         exit_node: exit_info(v),
         registry: v.membership.info(),
     }

@@ -1,6 +1,6 @@
 //! The exit-node client's steps on the real host: each `plan::Step` as a
 //! call to the owner of the kernel object it changes (the WireGuard
-//! interface, the client's policy routing, the data plane's switches, the
+//! interface, the client's policy routing, the programs' switches, the
 //! DNS redirect). The executor (`exit_client`) decides the order; this
 //! only carries each step out.
 
@@ -34,8 +34,8 @@ impl StepRunner for ClientSteps<'_> {
         let names = |k: &PublicKey| book.name(k).unwrap_or("?").to_owned();
         let host = &mut *self.host;
         match step {
-            Step::AttachGuard => host.dataplane.set_guard(&host.nl, true).await,
-            Step::DetachGuard => host.dataplane.set_guard(&host.nl, false).await,
+            Step::AttachGuard => host.programs.set_guard(&host.nl, true).await,
+            Step::DetachGuard => host.programs.set_guard(&host.nl, false).await,
             Step::SetFwmark => Ok(self.iface.set_fwmark(Some(self.routing.numbers().fwmark))?),
             Step::ClearFwmark => Ok(self.iface.set_fwmark(None)?),
             Step::AddRoutes => Ok(self
@@ -49,8 +49,8 @@ impl StepRunner for ClientSteps<'_> {
                 .routing
                 .remove_rules_and_mark(&host.nl, &mut host.sysctls)
                 .await?),
-            Step::SteeringOn => host.dataplane.set_steering(&host.nl, true).await,
-            Step::SteeringOff => host.dataplane.set_steering(&host.nl, false).await,
+            Step::SteeringOn => host.programs.set_steering(&host.nl, true).await,
+            Step::SteeringOff => host.programs.set_steering(&host.nl, false).await,
             Step::Dns(d) => self.redirect_dns(d),
         }
     }

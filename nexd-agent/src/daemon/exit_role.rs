@@ -172,7 +172,7 @@ impl ExitRole {
         let limit = Family::<Labels, Gauge>::default();
         // A failed read leaves the families empty: the scrape still works,
         // and the failure is in the log (and in `exit-node clients`).
-        for c in host.dataplane.exit_clients().unwrap_or_else(|e| {
+        for c in host.programs.exit_clients().unwrap_or_else(|e| {
             tracing::debug!(error = %e, "exit clients' counters not read");
             Vec::new()
         }) {

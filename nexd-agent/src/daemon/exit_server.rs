@@ -1,5 +1,5 @@
 //! The exit-node role (`nexd router --exit-node`): the one owner of what an
-//! exit node installs besides its eBPF programs (which `DataPlane` owns and
+//! exit node installs besides its eBPF programs (which `Programs` owns and
 //! this component feeds): the nftables table and forwarding sysctls
 //! (`routing::forward`), the DNS resolver on its mesh addresses (`dns`),
 //! and the decisions of whom it serves and where they may go.
@@ -24,9 +24,9 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{
-    dataplane::DataPlane,
     exit_probe::{self, Change, ExitProbe, ProbeHealth, Round},
     host::Host,
+    programs::Programs,
 };
 use crate::{
     datapath::exit::{ClientLimits, ExitClient, HostNetworks, RateLimit, exit_policy, mss_for_mtu},
@@ -242,7 +242,7 @@ impl ExitServer {
             settings,
         };
         server
-            .sync_datapath(&host.nl, mesh, &mut host.dataplane)
+            .sync_datapath(&host.nl, mesh, &mut host.programs)
             .await
             .context("the exit node's data path")?;
         server.forwarding =
@@ -303,7 +303,7 @@ impl ExitServer {
         &self,
         nl: &Netlink,
         mesh: &Mesh,
-        dataplane: &mut DataPlane,
+        programs: &mut Programs,
     ) -> anyhow::Result<()> {
         let me = mesh
             .device(&self.own)
@@ -316,7 +316,7 @@ impl ExitServer {
         };
         let policy = exit_policy(&host, &self.settings.allow);
         let clients = clients(mesh, &self.own, self.settings.rate_limit);
-        dataplane.sync_exit(&policy, &clients, mss_for_mtu(mesh.mtu))
+        programs.sync_exit(&policy, &clients, mss_for_mtu(mesh.mtu))
     }
 
     pub fn uplinks(&self) -> &Uplinks {
@@ -462,10 +462,7 @@ impl ExitServer {
         let Some(me) = mesh.device(&self.own) else {
             return;
         };
-        if let Err(e) = self
-            .sync_datapath(&host.nl, mesh, &mut host.dataplane)
-            .await
-        {
+        if let Err(e) = self.sync_datapath(&host.nl, mesh, &mut host.programs).await {
             warn!(error = %crate::error_text(&e), "updating the exit node's data path failed");
         }
         match ExitForwarding::apply(&self.rules(mesh, me.ipv4, me.ipv6), &mut host.sysctls) {
@@ -492,10 +489,7 @@ impl ExitServer {
     }
 
     async fn refresh_forwarding(&mut self, host: &mut Host, mesh: &Mesh) {
-        if let Err(e) = self
-            .sync_datapath(&host.nl, mesh, &mut host.dataplane)
-            .await
-        {
+        if let Err(e) = self.sync_datapath(&host.nl, mesh, &mut host.programs).await {
             warn!(error = %crate::error_text(&e), "updating the exit node's policy failed");
         }
         let now = match uplinks(&host.nl, self.settings.uplink.as_deref(), false).await {
@@ -530,7 +524,7 @@ impl ExitServer {
         if let Some(dns) = self.dns.take() {
             dns.shutdown().await;
         }
-        host.dataplane.detach_exit();
+        host.programs.detach_exit();
         self.forwarding.remove(&mut host.sysctls);
     }
 }

@@ -5,15 +5,15 @@
 //! - `nl`: the netlink handle (routes, rules, links, addresses);
 //! - `sysctls`: every sysctl nexd changed, with its original value, so
 //!   the exit role, the gateway and the client restore what they set;
-//! - `dataplane`: the eBPF programs and maps, fed by the exit role (its
+//! - `programs`: the eBPF programs and maps, fed by the exit role (its
 //!   policy and clients), flipped by the exit client's plan (steering,
 //!   guard) and mirrored from the mesh by the daemon.
 
-use super::dataplane::DataPlane;
+use super::programs::Programs;
 use crate::{netlink::Netlink, routing::sysctl::Sysctls};
 
 pub struct Host {
     pub nl: Netlink,
     pub sysctls: Sysctls,
-    pub dataplane: DataPlane,
+    pub programs: Programs,
 }

@@ -59,7 +59,7 @@ enum Kind {
 
 /// What an event does to the mesh in force.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
+pub enum Change {
     /// Apply this mesh (the SIGHUP path: only differences are touched).
     Apply(Mesh),
     /// Nothing changes in the data path.
@@ -175,9 +175,9 @@ impl Membership {
     /// membership is applied like a SIGHUP reload; losing the membership
     /// removes every peer; a lost or restored connection is logged and
     /// changes nothing).
-    pub fn take(&mut self, event: MembershipEvent, own: &PublicKey, current: &Mesh) -> Step {
+    pub fn take(&mut self, event: MembershipEvent, own: &PublicKey, current: &Mesh) -> Change {
         let Kind::Registry { state, .. } = &mut self.kind else {
-            return Step::Keep;
+            return Change::Keep;
         };
         log_event(&event);
         let before = *state;
@@ -300,7 +300,7 @@ pub fn decide(
     event: MembershipEvent,
     own: &PublicKey,
     current: &Mesh,
-) -> (MembershipState, Step) {
+) -> (MembershipState, Change) {
     let not_member = match state {
         MembershipState::Member | MembershipState::Revoked => MembershipState::Revoked,
         MembershipState::Starting | MembershipState::WaitingForApproval => {
@@ -310,15 +310,15 @@ pub fn decide(
     // Leaving keeps the mesh settings (prefixes, MTU) and drops the devices.
     let leave = |mesh: &Mesh| {
         if mesh.devices.is_empty() {
-            Step::Keep
+            Change::Keep
         } else {
-            Step::Apply(no_devices(Some(mesh)))
+            Change::Apply(no_devices(Some(mesh)))
         }
     };
     match event {
         MembershipEvent::Membership { membership, .. } => {
             if membership.mesh.device(own).is_some() {
-                (MembershipState::Member, Step::Apply(membership.mesh))
+                (MembershipState::Member, Change::Apply(membership.mesh))
             } else {
                 // The registry never sends this; should it, it is not a
                 // membership of this device.
@@ -327,7 +327,7 @@ pub fn decide(
         }
         MembershipEvent::WaitingForApproval => (not_member, leave(current)),
         MembershipEvent::ConnectionLost { .. } | MembershipEvent::ConnectionRestored => {
-            (state, Step::Keep)
+            (state, Change::Keep)
         }
     }
 }
@@ -444,11 +444,11 @@ mod tests {
         let (state, step) = decide(MembershipState::Starting, ev, &own, &no_devices(None));
         assert_eq!(state, MembershipState::Member);
         match step {
-            Step::Apply(m) => {
+            Change::Apply(m) => {
                 assert_eq!(m.devices.len(), 2);
                 assert_eq!(m.mtu, 1380);
             }
-            Step::Keep => panic!("must apply"),
+            Change::Keep => panic!("must apply"),
         }
     }
 
@@ -464,7 +464,7 @@ mod tests {
             &no_devices(None),
         );
         assert_eq!(state, MembershipState::WaitingForApproval);
-        assert_eq!(step, Step::Keep);
+        assert_eq!(step, Change::Keep);
         // A member that gets WaitingForApproval was revoked: the mesh
         // keeps its settings and loses every device.
         let mut current = no_devices(None);
@@ -478,12 +478,12 @@ mod tests {
         );
         assert_eq!(state, MembershipState::Revoked);
         match step {
-            Step::Apply(m) => {
+            Change::Apply(m) => {
                 assert!(m.devices.is_empty());
                 assert_eq!(m.mtu, 1380);
                 assert_eq!(m.ipv4_prefix, current.ipv4_prefix);
             }
-            Step::Keep => panic!("a revoked device must drop its peers"),
+            Change::Keep => panic!("a revoked device must drop its peers"),
         }
         // Approved again: member.
         let (state, _) = decide(
@@ -508,7 +508,7 @@ mod tests {
             &current,
         );
         assert_eq!(state, MembershipState::Revoked);
-        assert!(matches!(step, Step::Apply(m) if m.devices.is_empty()));
+        assert!(matches!(step, Change::Apply(m) if m.devices.is_empty()));
     }
 
     #[test]
@@ -529,7 +529,7 @@ mod tests {
             ] {
                 let (next, step) = decide(state, ev.clone(), &own, &current);
                 assert_eq!(next, state);
-                assert_eq!(step, Step::Keep);
+                assert_eq!(step, Change::Keep);
             }
         }
     }

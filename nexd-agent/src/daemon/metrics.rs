@@ -23,7 +23,7 @@ pub fn text(v: &View<'_>) -> String {
         .set(1);
     reg.register("nexd_build_info", "nexd's version", build);
 
-    v.host.dataplane.register_metrics(&mut reg);
+    v.host.programs.register_metrics(&mut reg);
     if let Some(iface) = v.iface {
         iface.register_metrics(&mut reg, v.book());
     }

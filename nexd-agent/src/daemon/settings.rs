@@ -8,7 +8,8 @@ use std::{net::SocketAddr, path::PathBuf};
 use ipnet::IpNet;
 
 use super::{
-    dataplane::DataPlaneSettings, exit_server::ExitSettings, ledger_record::RecordSettings,
+    exit_server::ExitSettings, lan_gateway::GatewaySettings, ledger_record::RecordSettings,
+    programs::ProgramSettings,
 };
 use crate::{exit::plan::Policy, routing::PolicyNumbers, wireguard::BackendChoice};
 
@@ -88,7 +89,8 @@ pub struct Settings {
     pub client: ClientSettings,
     /// `None` without `router --exit-node`.
     pub exit: Option<ExitSettings>,
-    pub dataplane: DataPlaneSettings,
+    pub programs: ProgramSettings,
+    pub gateway: GatewaySettings,
     pub record: RecordSettings,
 }
 
@@ -192,7 +194,11 @@ impl Settings {
                 pin: opts.exit_node_pin,
                 probes: opts.exit_probes,
             },
-            dataplane: DataPlaneSettings {
+            gateway: GatewaySettings {
+                wg_iface: opts.interface.clone(),
+                lan_interfaces: opts.lan_interfaces.clone(),
+            },
+            programs: ProgramSettings {
                 wg_iface: opts.interface.clone(),
                 lan_interfaces: opts.lan_interfaces.clone(),
                 uplink: opts.uplink,

@@ -1,6 +1,5 @@
-//! The daemon's side of the eBPF data path and of the LAN gateway role:
-//! the one owner of the loaded programs, their maps and attachments
-//! (through `datapath::Datapath`) and of the gateway's nftables table.
+//! The daemon's side of the eBPF data path: the one owner of the loaded
+//! programs, their maps and attachments (through `datapath::Datapath`).
 //!
 //! What the maps hold is derived from inputs other components own (the
 //! mesh prefixes, the excluded prefixes, the peers' endpoints) and from two
@@ -31,7 +30,7 @@ use crate::{
     metrics::{Labels, label},
     netif,
     netlink::Netlink,
-    routing::{gateway::Gateway, sysctl::Sysctls, uplink},
+    routing::uplink,
 };
 
 /// Prefixes that never go through the exit node: link-local, multicast,
@@ -64,9 +63,9 @@ pub fn bypass_set(lan: &[IpNet], excluded: &[IpNet], endpoints: &[IpAddr]) -> By
     set
 }
 
-/// Fixed settings of the data plane, from the command line.
+/// Fixed settings of the programs, from the command line.
 #[derive(Debug, Clone)]
-pub struct DataPlaneSettings {
+pub struct ProgramSettings {
     pub wg_iface: String,
     pub lan_interfaces: Vec<String>,
     /// `--uplink`; default: the interfaces of the default routes.
@@ -98,10 +97,9 @@ pub struct Inputs {
     pub listen_port: u16,
 }
 
-pub struct DataPlane {
-    settings: DataPlaneSettings,
+pub struct Programs {
+    settings: ProgramSettings,
     datapath: Result<Datapath, String>,
-    gateway: Option<Gateway>,
     inputs: Inputs,
     steering: bool,
     guard: bool,
@@ -109,13 +107,12 @@ pub struct DataPlane {
     inherited_clsact: Vec<String>,
 }
 
-impl DataPlane {
+impl Programs {
     /// Before anything is loaded (start-up failures tear down from here).
-    pub fn new(settings: DataPlaneSettings) -> Self {
-        DataPlane {
+    pub fn new(settings: ProgramSettings) -> Self {
+        Programs {
             settings,
             datapath: Err("not attached yet".into()),
-            gateway: None,
             inputs: Inputs::default(),
             steering: false,
             guard: false,
@@ -125,9 +122,7 @@ impl DataPlane {
 
     /// Removes what a crashed nexd may have left of the data path: pinned
     /// guards (unless `keep_guard`: the kill switch still holds, and the
-    /// guard is taken over in place), nexd's tc filters (clsact). (The
-    /// gateway's nftables table goes with the others, in
-    /// `routing::remove_leftover_tables`.)
+    /// guard is taken over in place), nexd's tc filters (clsact).
     pub async fn remove_leftovers(&self, nl: &Netlink, keep_guard: bool) {
         let clsact = &self.inherited_clsact;
         let mut ifaces = self.settings.lan_interfaces.clone();
@@ -142,21 +137,11 @@ impl DataPlane {
         );
     }
 
-    /// The LAN gateway role: forwarding on, LAN traffic into the tunnel
-    /// masqueraded, and TCP's MSS clamped to what fits the tunnel (both
-    /// directions on the WireGuard interface: LAN hosts' SYNs and the
-    /// answers), so a path that filters ICMP cannot stall large
-    /// transfers. After the leak guard (with the kill switch, forwarded
-    /// LAN traffic must meet the guard from its first packet).
-    pub fn install_gateway(&mut self, sysctls: &mut Sysctls, mtu: u32) -> anyhow::Result<()> {
-        if self.settings.lan_interfaces.is_empty() || self.gateway.is_some() {
-            return Ok(());
-        }
-        self.gateway = Some(Gateway::install(
-            &self.settings.wg_iface,
-            &self.settings.lan_interfaces,
-            sysctls,
-        )?);
+    /// TCP's MSS clamped to what fits the tunnel, both directions on the
+    /// WireGuard interface (a LAN gateway's hosts' SYNs and the answers),
+    /// so a path that filters ICMP cannot stall large transfers. Nothing
+    /// without the programs or with `--no-mss-clamp`.
+    pub fn clamp_tunnel_mss(&mut self, mtu: u32) -> anyhow::Result<()> {
         if let Ok(dp) = self.datapath.as_mut()
             && self.settings.mss_clamp
         {
@@ -402,15 +387,6 @@ impl DataPlane {
         );
     }
 
-    /// The nftables tables the data plane has in place (the gateway's).
-    pub fn nft_tables(&self) -> Vec<String> {
-        if self.gateway.is_some() {
-            vec!["inet nexd_gw".to_owned()]
-        } else {
-            Vec::new()
-        }
-    }
-
     /// For `status` and `stats`.
     pub fn info(&self, excluded_routes: usize) -> DatapathInfo {
         match &self.datapath {
@@ -438,14 +414,11 @@ impl DataPlane {
     }
 
     /// Detaches the programs (a pinned guard is unpinned by the exit-node
-    /// client's plan before this), removes the gateway's table.
-    pub fn remove(&mut self, sysctls: &mut Sysctls) {
+    /// client's plan before this).
+    pub fn remove(&mut self) {
         if let Ok(dp) = std::mem::replace(&mut self.datapath, Err("stopped".into())) {
             drop(dp);
             debug!("eBPF programs detached");
-        }
-        if let Some(gw) = self.gateway.take() {
-            gw.remove(sysctls);
         }
     }
 }

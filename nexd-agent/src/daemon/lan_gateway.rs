@@ -1,0 +1,62 @@
+//! The LAN gateway role (`--lan-interface`): forwarding on, LAN traffic
+//! into the tunnel masqueraded (the nftables table `routing::gateway`
+//! owns), and TCP's MSS clamped on the tunnel by the programs. Installed
+//! after the leak guard: with the kill switch, forwarded LAN traffic must
+//! meet the guard from its first packet.
+
+use super::host::Host;
+use crate::routing::{gateway::Gateway, sysctl::Sysctls};
+
+/// The gateway's settings from the command line.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub wg_iface: String,
+    /// `--lan-interface`: none, no gateway.
+    pub lan_interfaces: Vec<String>,
+}
+
+pub struct LanGateway {
+    settings: GatewaySettings,
+    /// `Some` once installed.
+    installed: Option<Gateway>,
+}
+
+impl LanGateway {
+    pub fn new(settings: GatewaySettings) -> Self {
+        LanGateway {
+            settings,
+            installed: None,
+        }
+    }
+
+    /// Installs the gateway, once; nothing without LAN interfaces.
+    pub fn install(&mut self, host: &mut Host, mtu: u32) -> anyhow::Result<()> {
+        if self.settings.lan_interfaces.is_empty() || self.installed.is_some() {
+            return Ok(());
+        }
+        self.installed = Some(Gateway::install(
+            &self.settings.wg_iface,
+            &self.settings.lan_interfaces,
+            &mut host.sysctls,
+        )?);
+        host.programs.clamp_tunnel_mss(mtu)
+    }
+
+    /// The nftables tables in place (for the record).
+    pub fn nft_tables(&self) -> Vec<String> {
+        if self.installed.is_some() {
+            vec!["inet nexd_gw".to_owned()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Removes the table and restores the forwarding sysctls. (A table a
+    /// crashed nexd left goes with the others, in
+    /// `routing::remove_leftover_tables`.)
+    pub fn remove(&mut self, sysctls: &mut Sysctls) {
+        if let Some(gw) = self.installed.take() {
+            gw.remove(sysctls);
+        }
+    }
+}
