@@ -5,7 +5,7 @@
 //! one pass. The raw structs keep the span of every value for that purpose.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet, hash_map::Entry},
     fmt,
     hash::Hash,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -314,11 +314,15 @@ impl<T> Default for Unique<T> {
 
 impl<T: Eq + Hash> Unique<T> {
     /// Records that device `index` uses `value`; if another device used it
-    /// before, returns that device's index.
+    /// before, returns the first device that did (a third use names the
+    /// first, as "first used by device #1" promises, not the second).
     fn claim(&mut self, value: T, index: usize) -> Result<(), usize> {
-        match self.holders.insert(value, index) {
-            None => Ok(()),
-            Some(holder) => Err(holder),
+        match self.holders.entry(value) {
+            Entry::Vacant(v) => {
+                v.insert(index);
+                Ok(())
+            }
+            Entry::Occupied(o) => Err(*o.get()),
         }
     }
 }
@@ -910,6 +914,33 @@ mod tests {
                 "13:8: device \"b\": ipv6 fd6e:6578:6400::1 is already used by device \"a\"",
             ]
         );
+    }
+
+    #[test]
+    fn a_third_use_names_the_first_device() {
+        let k = key();
+        let text = format!(
+            "{}{}{}",
+            device("a", 1, &k),
+            device("a", 2, &k),
+            device("a", 3, &k)
+        );
+        let p = located(&text);
+        assert!(
+            p.contains(&"16:8: duplicate device name \"a\" (first used by device #1)".to_owned()),
+            "{p:#?}"
+        );
+        assert!(
+            p.contains(
+                &"17:14: device \"a\": public_key is already used by device \"a\"".to_owned()
+            ),
+            "{p:#?}"
+        );
+        let mut names = Unique::default();
+        assert_eq!(names.claim("x", 0), Ok(()));
+        assert_eq!(names.claim("x", 1), Err(0));
+        assert_eq!(names.claim("x", 2), Err(0));
+        assert_eq!(names.claim("y", 2), Ok(()));
     }
 
     #[test]
