@@ -8,7 +8,7 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use super::{
-    nexctl::exit,
+    exit,
     output::{self, OutputFormat, Table},
     registry_args::RegistryArgs,
 };

@@ -2,6 +2,7 @@
 //! binaries in src/bin only parse arguments and call into here.
 
 pub mod config;
+pub mod exit;
 pub mod man;
 pub mod mesh;
 pub mod nexctl;
