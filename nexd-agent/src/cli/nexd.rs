@@ -476,12 +476,6 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory as _;
-
-    #[test]
-    fn cli_definition_is_consistent() {
-        Cli::command().debug_assert();
-    }
 
     #[test]
     fn router_and_client_flags_parse() {
