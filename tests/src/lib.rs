@@ -11,6 +11,7 @@ pub mod cmd;
 pub mod delay;
 pub mod dns;
 pub mod etcd;
+pub mod hand_tunnel;
 pub mod netns;
 pub mod node;
 pub mod topology;
