@@ -8,6 +8,7 @@
 
 pub mod bins;
 pub mod cmd;
+pub mod cpu;
 pub mod delay;
 pub mod dns;
 pub mod etcd;

@@ -30,6 +30,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use nexd_testkit::{
     Netns, NodeSpec,
+    cpu::cpu_seconds,
     hand_tunnel::{Backend, HandTunnel, Keys, Spec},
     proto::ClientPhase,
     traffic::{Throughput, ping_until, tcp_throughput, tcp_transfer},
@@ -102,25 +103,6 @@ fn spec(args: &[&str]) -> NodeSpec {
     }
 }
 
-/// User + system CPU seconds `pid` has used.
-fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // The fields after the command name (which may contain spaces); utime
-    // and stime are fields 14 and 15, i.e. 11 and 12 after the ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("malformed /proc/PID/stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
-        .sum();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
-    Ok(ticks / hz)
-}
-
 /// Busy and total jiffies of all CPUs (`/proc/stat`): whether the machine
 /// had idle CPU left while a transfer ran, i.e. whether the transfer was
 /// CPU-bound.
@@ -167,10 +149,7 @@ fn measure(w: &World, what: &str, secs: u64, pids: &[u32]) -> anyhow::Result<Sam
         bail!("{what}: the server saw {seen}, not the exit node's {exit}");
     }
     tcp_throughput(client, &w.inet.ns, server, MAX_BYTES, WARMUP, T)?;
-    let cpu = |pids: &[u32]| -> anyhow::Result<f64> {
-        pids.iter().map(|p| process_cpu_seconds(*p)).sum()
-    };
-    let (cpu_before, jiffies_before) = (cpu(pids)?, cpu_jiffies()?);
+    let (cpu_before, jiffies_before) = (cpu_seconds(pids)?, cpu_jiffies()?);
     let t = tcp_throughput(
         client,
         &w.inet.ns,
@@ -179,7 +158,7 @@ fn measure(w: &World, what: &str, secs: u64, pids: &[u32]) -> anyhow::Result<Sam
         Duration::from_secs(secs),
         T,
     )?;
-    let (cpu_after, jiffies_after) = (cpu(pids)?, cpu_jiffies()?);
+    let (cpu_after, jiffies_after) = (cpu_seconds(pids)?, cpu_jiffies()?);
     if t.bytes == 0 {
         bail!("{what}: no data moved");
     }
@@ -235,16 +214,9 @@ fn nexd_round_inner(w: &mut World, secs: u64) -> anyhow::Result<(Sample, Sample)
     // nexd's own CPU with the tunnel idle (probes, heartbeats, timers):
     // under emulation every wake-up is dear, and it comes out of the same
     // two vCPUs the transfer needs.
-    let before = pids
-        .iter()
-        .map(|p| process_cpu_seconds(*p))
-        .sum::<anyhow::Result<f64>>()?;
+    let before = cpu_seconds(&pids)?;
     std::thread::sleep(IDLE);
-    let idle = pids
-        .iter()
-        .map(|p| process_cpu_seconds(*p))
-        .sum::<anyhow::Result<f64>>()?
-        - before;
+    let idle = cpu_seconds(&pids)? - before;
     let mut t = measure(w, "nexd", secs, &pids)?;
     t.nexd_idle_cpu = Some(idle / IDLE.as_secs_f64());
     let signal = |sig: Signal| -> anyhow::Result<()> {

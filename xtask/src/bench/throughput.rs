@@ -31,7 +31,6 @@
 
 use std::{
     collections::HashMap,
-    fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -41,6 +40,7 @@ use anyhow::{Context as _, bail};
 use nexd_testkit::{
     Netns, NodeSpec,
     cmd::output_with_timeout,
+    cpu::cpu_seconds,
     hand_tunnel::{Backend, HandTunnel, Keys, Spec},
     proto::ClientPhase,
     topology::{SERVER_V4, lan_behind},
@@ -107,30 +107,6 @@ fn iperf(from: &Netns, secs: u64, mode: Mode) -> anyhow::Result<Transfer> {
         mbps: bps / 1e6,
         bytes,
     })
-}
-
-/// User + system CPU time of `pids`, in seconds.
-fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
-    let tick =
-        nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.context("no CLK_TCK")? as f64;
-    let mut total = 0.0;
-    for pid in pids {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .with_context(|| format!("reading /proc/{pid}/stat"))?;
-        // Fields after the command name (which may contain spaces).
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .context("malformed /proc/PID/stat")?;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // utime and stime are fields 14 and 15, i.e. 11 and 12 after ')'.
-        let ticks: f64 = [11, 12]
-            .iter()
-            .map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
-            .sum();
-        total += ticks / tick;
-    }
-    Ok(total)
 }
 
 /// Runs `mode` from `from`, recording Mbit/s under `key` and, with tunnel
