@@ -21,7 +21,7 @@ use hickory_server::proto::{
     rr::RecordType,
 };
 use nexd::dns::{DnsConfig, Limits};
-use nexd_testkit::Netns;
+use nexd_testkit::{Netns, dns::query};
 
 const QUERIES_PER_ROUND: usize = 2000;
 const CLIENTS: usize = 8;
@@ -82,7 +82,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("the DNS benchmark needs root (network namespaces)");
     }
     let lab = Lab::new("dnsbench", &["100.64.0.2/10"])?;
-    let _seen = upstream(&lab.inet)?;
+    let _upstream = upstream(&lab.inet)?;
     let conf = TempFile::new("bench.conf", &format!("nameserver {UPSTREAM}\n"))?;
     let config = DnsConfig {
         bind: vec!["100.64.0.1".parse()?],

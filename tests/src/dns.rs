@@ -1,8 +1,10 @@
-//! DNS for the end-to-end tests: a small authoritative server that answers
-//! A and AAAA for one name and notes the source address of every query it
-//! gets (an upstream resolver on the internet, a resolver on a client's
-//! LAN), and a stub client that asks a server over UDP or TCP from inside a
-//! namespace, like an application's resolver library does.
+//! DNS for the tests in namespaces (the end-to-end tests here, and
+//! nexd-agent's test and benchmark of the exit node's resolver): a small
+//! authoritative server that answers A and AAAA for one name and notes the
+//! source address of every query it gets (an upstream resolver on the
+//! internet, a resolver on a client's LAN), and a stub client that asks a
+//! server over UDP or TCP from inside a namespace, like an application's
+//! resolver library does.
 //!
 //! The protocol is hickory-dns's (the same library nexd's resolver uses):
 //! hickory-server's `Catalog` over an in-memory zone answers, hickory-proto
@@ -27,7 +29,7 @@ use hickory_server::{
     Server,
     net::runtime::{Time, TokioRuntimeProvider},
     proto::{
-        op::{Message, MessageType, OpCode, Query, ResponseCode},
+        op::{MessageType, OpCode, Query},
         rr::{
             LowerName, Name, RData, Record,
             rdata::{A, AAAA},
@@ -40,6 +42,8 @@ use hickory_server::{
 
 use crate::netns::Netns;
 
+/// A response as [`exchange`] returns it, and its code.
+pub use hickory_server::proto::op::{Message, ResponseCode};
 /// The record types a lookup asks for (`RecordType::A`, `RecordType::AAAA`).
 pub use hickory_server::proto::rr::RecordType;
 
@@ -75,8 +79,9 @@ impl RequestHandler for Recording {
     }
 }
 
-/// The zone: `name` (inside [`ZONE`]) with one A and one AAAA record.
-fn catalog(name: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> anyhow::Result<Catalog> {
+/// The zone: `name` (inside [`ZONE`]) with one A and one AAAA record, each
+/// with a TTL of `ttl` seconds.
+fn catalog(name: &str, v4: Ipv4Addr, v6: Ipv6Addr, ttl: u32) -> anyhow::Result<Catalog> {
     let origin = Name::from_str(ZONE)?;
     let owner = Name::from_str(name)?;
     if !origin.zone_of(&owner) {
@@ -87,8 +92,8 @@ fn catalog(name: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> anyhow::Result<Catalog> {
         ZoneType::Primary,
         AxfrPolicy::Deny,
     );
-    zone.upsert_mut(Record::from_rdata(owner.clone(), 0, RData::A(A(v4))), 1);
-    zone.upsert_mut(Record::from_rdata(owner, 0, RData::AAAA(AAAA(v6))), 1);
+    zone.upsert_mut(Record::from_rdata(owner.clone(), ttl, RData::A(A(v4))), 1);
+    zone.upsert_mut(Record::from_rdata(owner, ttl, RData::AAAA(AAAA(v6))), 1);
     let mut catalog = Catalog::new();
     catalog.upsert(LowerName::from(origin), vec![Arc::new(zone)]);
     Ok(catalog)
@@ -115,6 +120,20 @@ impl DnsServer {
         v4: Ipv4Addr,
         v6: Ipv6Addr,
     ) -> anyhow::Result<Self> {
+        Self::start_with_ttl(ns, addrs, name, v4, v6, 0)
+    }
+
+    /// [`DnsServer::start`] with answers that resolvers in between may
+    /// keep for `ttl` seconds (the exit node's resolver's benchmark
+    /// measures its cache).
+    pub fn start_with_ttl(
+        ns: &Netns,
+        addrs: &[IpAddr],
+        name: &str,
+        v4: Ipv4Addr,
+        v6: Ipv6Addr,
+        ttl: u32,
+    ) -> anyhow::Result<Self> {
         let mut sockets = Vec::new();
         for addr in addrs {
             let sa = SocketAddr::new(*addr, 53);
@@ -129,7 +148,7 @@ impl DnsServer {
         }
         let seen: Seen = Arc::default();
         let handler = Recording {
-            catalog: catalog(name, v4, v6)?,
+            catalog: catalog(name, v4, v6, ttl)?,
             seen: Arc::clone(&seen),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -221,13 +240,6 @@ impl Drop for DnsServer {
     }
 }
 
-/// How a stub asks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Udp,
-    Tcp,
-}
-
 /// What a lookup got.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -240,6 +252,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// What an [`exchange`] got: its response, if any.
+    pub fn of(response: Option<&Message>) -> Self {
+        match response {
+            None => Outcome::NoResponse,
+            Some(m) if m.metadata.response_code != ResponseCode::NoError => {
+                Outcome::Rcode(m.metadata.response_code.to_string())
+            }
+            Some(m) => Outcome::Answer(answer_ips(m)),
+        }
+    }
+
     /// The answer's addresses, or an error saying what came instead.
     pub fn addresses(self) -> anyhow::Result<Vec<IpAddr>> {
         match self {
@@ -249,27 +272,29 @@ impl Outcome {
     }
 }
 
-fn query(name: &str, rtype: RecordType, id: u16) -> anyhow::Result<Vec<u8>> {
+/// The A and AAAA addresses of a response's answers.
+pub fn answer_ips(m: &Message) -> Vec<IpAddr> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(A(v4)) => Some(IpAddr::V4(*v4)),
+            RData::AAAA(AAAA(v6)) => Some(IpAddr::V6(*v6)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A query for `name`'s `rtype` records, recursion desired, with an id of
+/// its own.
+pub fn query(name: &str, rtype: RecordType) -> anyhow::Result<Vec<u8>> {
+    query_with_id(name, rtype, NEXT_ID.fetch_add(1, Ordering::Relaxed))
+}
+
+fn query_with_id(name: &str, rtype: RecordType, id: u16) -> anyhow::Result<Vec<u8>> {
     let mut m = Message::new(id, MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = true;
     m.add_query(Query::query(Name::from_str(name)?, rtype));
     Ok(m.to_vec()?)
-}
-
-fn outcome(m: &Message) -> Outcome {
-    if m.metadata.response_code != ResponseCode::NoError {
-        return Outcome::Rcode(m.metadata.response_code.to_string());
-    }
-    Outcome::Answer(
-        m.answers
-            .iter()
-            .filter_map(|r| match &r.data {
-                RData::A(A(v4)) => Some(IpAddr::V4(*v4)),
-                RData::AAAA(AAAA(v6)) => Some(IpAddr::V6(*v6)),
-                _ => None,
-            })
-            .collect(),
-    )
 }
 
 fn timed_out(e: &std::io::Error) -> bool {
@@ -284,37 +309,65 @@ fn timed_out(e: &std::io::Error) -> bool {
     )
 }
 
-/// One lookup of `name`'s `rtype` records from inside `ns`
-/// to `server` port 53, as a stub resolver makes it: over UDP, one socket
-/// sending the query up to `tries` times, `wait` apart, and taking the
-/// first response with the query's id; over TCP, one connection with
-/// `wait` for the connect and the answer (`tries` is ignored).
-pub fn lookup(
+/// How a stub asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// How a stub resolver makes one lookup: over UDP, one socket (bound to
+/// `source` if given, else to any address) sending the query up to
+/// `tries` times, `wait` apart, and taking the first response with the
+/// query's id; over TCP, one connection with `wait` for the connect and
+/// the answer (`tries` and `source` are ignored).
+#[derive(Debug, Clone, Copy)]
+pub struct Stub {
+    pub transport: Transport,
+    pub source: Option<IpAddr>,
+    pub wait: Duration,
+    pub tries: u32,
+}
+
+/// One lookup of `name`'s `rtype` records from inside `ns` to `server` port
+/// 53, as `stub` makes it: the response, or `None` if nothing came back
+/// (or the server's port was closed). Fails if the query could never be
+/// sent at all.
+pub fn exchange(
     ns: &Netns,
     server: IpAddr,
     name: &str,
     rtype: RecordType,
-    transport: Transport,
-    wait: Duration,
-    tries: u32,
-) -> anyhow::Result<Outcome> {
+    stub: Stub,
+) -> anyhow::Result<Option<Message>> {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    let q = query(name, rtype, id)?;
+    let q = query_with_id(name, rtype, id)?;
     let to = SocketAddr::new(server, 53);
-    let unspecified: IpAddr = if server.is_ipv4() {
+    let Stub {
+        transport,
+        source,
+        wait,
+        tries,
+    } = stub;
+    let source = source.unwrap_or(if server.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
     } else {
         Ipv6Addr::UNSPECIFIED.into()
-    };
-    ns.run_in(move || -> anyhow::Result<Outcome> {
+    });
+    ns.run_in(move || -> anyhow::Result<Option<Message>> {
         match transport {
             Transport::Udp => {
-                let s = UdpSocket::bind(SocketAddr::new(unspecified, 0))?;
+                let s = UdpSocket::bind(SocketAddr::new(source, 0))?;
                 let mut buf = [0u8; 4096];
+                let mut sent = false;
+                let mut send_error = None;
                 for _ in 0..tries.max(1) {
                     // A send can fail while routes change (a failover):
                     // that try is lost, as for any stub.
-                    let _ = s.send_to(&q, to);
+                    match s.send_to(&q, to) {
+                        Ok(_) => sent = true,
+                        Err(e) => send_error = Some(e),
+                    }
                     let until = Instant::now() + wait;
                     loop {
                         let left = until.saturating_duration_since(Instant::now());
@@ -327,7 +380,7 @@ pub fn lookup(
                                 if let Ok(m) = Message::from_vec(&buf[..n])
                                     && m.metadata.id == id
                                 {
-                                    return Ok(outcome(&m));
+                                    return Ok(Some(m));
                                 }
                             }
                             Err(e) if timed_out(&e) => {
@@ -340,12 +393,16 @@ pub fn lookup(
                         }
                     }
                 }
-                Ok(Outcome::NoResponse)
+                match send_error {
+                    Some(e) if !sent => Err(anyhow::Error::from(e)
+                        .context(format!("no try of the query to {to} could be sent"))),
+                    _ => Ok(None),
+                }
             }
             Transport::Tcp => {
                 let mut s = match TcpStream::connect_timeout(&to, wait) {
                     Ok(s) => s,
-                    Err(e) if timed_out(&e) => return Ok(Outcome::NoResponse),
+                    Err(e) if timed_out(&e) => return Ok(None),
                     Err(e) => return Err(e.into()),
                 };
                 s.set_read_timeout(Some(wait))?;
@@ -362,13 +419,35 @@ pub fn lookup(
                     Ok(body)
                 })();
                 match exchange {
-                    Ok(body) => Ok(outcome(&Message::from_vec(&body)?)),
+                    Ok(body) => Ok(Some(Message::from_vec(&body)?)),
                     Err(e) if timed_out(&e) || e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        Ok(Outcome::NoResponse)
+                        Ok(None)
                     }
                     Err(e) => Err(e.into()),
                 }
             }
         }
     })
+}
+
+/// One lookup of `name`'s `rtype` records from inside `ns` to `server`
+/// port 53, from any address, as [`Stub`] describes.
+pub fn lookup(
+    ns: &Netns,
+    server: IpAddr,
+    name: &str,
+    rtype: RecordType,
+    transport: Transport,
+    wait: Duration,
+    tries: u32,
+) -> anyhow::Result<Outcome> {
+    let stub = Stub {
+        transport,
+        source: None,
+        wait,
+        tries,
+    };
+    Ok(Outcome::of(
+        exchange(ns, server, name, rtype, stub)?.as_ref(),
+    ))
 }

@@ -8,9 +8,11 @@
 
 pub mod bins;
 pub mod cmd;
+pub mod cpu;
 pub mod delay;
 pub mod dns;
 pub mod etcd;
+pub mod hand_tunnel;
 pub mod netns;
 pub mod node;
 pub mod topology;

@@ -12,8 +12,9 @@
 //!   wireguard`, `wg set` keys and peer with allowed-ips 0.0.0.0/0 on the
 //!   client, its fwmark with a `not fwmark` rule into a table holding the
 //!   default route and `suppress_prefixlength 0`), and on the exit node
-//!   ip_forward plus one nftables masquerade. wg-quick's own anti-spoofing
-//!   nftables table is left out: a leaner baseline than wg-quick itself.
+//!   ip_forward plus one nftables masquerade (the testkit's `hand_tunnel`).
+//!   wg-quick's own anti-spoofing nftables table is left out: a leaner
+//!   baseline than wg-quick itself.
 //!
 //! Each nexd round is also measured with both nexd processes paused
 //! (SIGSTOP): the same data path without nexd's own CPU, to tell the two
@@ -24,18 +25,14 @@
 //! both configurations moved data through the exit node, and fails (never
 //! skips) without root or without kernel WireGuard.
 
-use std::{
-    io::Write as _,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use nexd_testkit::{
     Netns, NodeSpec,
+    cpu::cpu_seconds,
+    hand_tunnel::{Backend, HandTunnel, Keys, Spec},
     proto::ClientPhase,
-    topology::nft_script,
     traffic::{Throughput, ping_until, tcp_throughput, tcp_transfer},
     world::World,
 };
@@ -56,14 +53,16 @@ const WARMUP: Duration = Duration::from_secs(1);
 /// How long nexd's CPU is watched with no traffic, before the transfer.
 const IDLE: Duration = Duration::from_secs(3);
 
-/// The hand-configured tunnel: interface, port, fwmark and table (wg-quick's
-/// default fwmark and table number), addresses, rule priorities.
-const HAND_IFACE: &str = "wgk";
-const HAND_PORT: u16 = 51821;
-const HAND_MARK: u32 = 51820;
-const HAND_EXIT_IP: &str = "100.64.99.1";
-const HAND_CLIENT_IP: &str = "100.64.99.2";
-const HAND_RULE_PRIORITIES: [u32; 2] = [30000, 30001];
+/// The hand-configured tunnel (the rest is the testkit's: wg-quick's
+/// fwmark and table, addresses, rule priorities).
+const HAND: Spec = Spec {
+    backend: Backend::Kernel,
+    exit: "exit1",
+    client: "client",
+    iface: "wgk",
+    port: 51821,
+    nft_table: "kwg_hand",
+};
 
 /// A positive integer from the environment, or `default`.
 fn env_or(name: &str, default: u64) -> anyhow::Result<u64> {
@@ -93,157 +92,6 @@ fn require_kernel_wireguard(ns: &Netns) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A new WireGuard key pair: the private key's file (for `wg set`) and the
-/// public key.
-fn wg_key(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, String)> {
-    let out = Command::new("wg")
-        .arg("genkey")
-        .output()
-        .context("wg genkey")?;
-    if !out.status.success() {
-        bail!("wg genkey failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let private = String::from_utf8(out.stdout)?.trim().to_owned();
-    let path = dir.join(format!("{name}.key"));
-    std::fs::write(&path, format!("{private}\n"))?;
-    let mut child = Command::new("wg")
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("wg pubkey")?;
-    child
-        .stdin
-        .take()
-        .context("no stdin for wg pubkey")?
-        .write_all(private.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("wg pubkey failed");
-    }
-    Ok((path, String::from_utf8(out.stdout)?.trim().to_owned()))
-}
-
-/// The hand-configured tunnel while it lives; dropping it removes what was
-/// configured and restores the sysctls, so the next nexd round starts from
-/// the state nexd's own rounds start from. (The namespaces, and so all of
-/// this, also go when the test's World drops, on failure too.)
-struct HandConfigured {
-    client: Netns,
-    exit: Netns,
-    forwarding_was: String,
-    valid_mark_was: String,
-}
-
-impl HandConfigured {
-    fn start(w: &World, keys: &HandKeys) -> anyhow::Result<Self> {
-        let client = Netns::attach(w.node("client").ns.name())?;
-        let exit = Netns::attach(w.node("exit1").ns.name())?;
-        let forwarding_was = exit.exec(&["sysctl", "-n", "net.ipv4.ip_forward"])?;
-        let valid_mark_was = client.exec(&["sysctl", "-n", "net.ipv4.conf.all.src_valid_mark"])?;
-        let me = HandConfigured {
-            client,
-            exit,
-            forwarding_was: forwarding_was.trim().to_owned(),
-            valid_mark_was: valid_mark_was.trim().to_owned(),
-        };
-        let path = |p: &Path| p.to_string_lossy().into_owned();
-        let port = HAND_PORT.to_string();
-        let mark = HAND_MARK.to_string();
-
-        // The exit node: its end of the tunnel, the route back to the
-        // client, forwarding and a masquerade out of its uplink.
-        let ex = &me.exit;
-        ex.ip(&format!("link add {HAND_IFACE} type wireguard"))?;
-        ex.exec(&[
-            "wg",
-            "set",
-            HAND_IFACE,
-            "private-key",
-            &path(&keys.exit.0),
-            "listen-port",
-            &port,
-            "peer",
-            &keys.client.1,
-            "allowed-ips",
-            &format!("{HAND_CLIENT_IP}/32"),
-        ])?;
-        ex.ip(&format!("addr add {HAND_EXIT_IP}/32 dev {HAND_IFACE}"))?;
-        ex.ip(&format!("link set {HAND_IFACE} mtu 1420 up"))?;
-        ex.ip(&format!("route add {HAND_CLIENT_IP}/32 dev {HAND_IFACE}"))?;
-        ex.sysctl("net.ipv4.ip_forward", "1")?;
-        nft_script(
-            ex,
-            "table ip kwg_hand {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  ip saddr 100.64.99.0/24 oifname \"eth0\" masquerade\n }\n}\n",
-        )?;
-
-        // The client, as wg-quick sets up a full tunnel (AllowedIPs
-        // 0.0.0.0/0): the tunnel's own packets carry the fwmark and use the
-        // main table; everything else goes to the table with the default
-        // route into the tunnel, except what main routes more specifically.
-        let cl = &me.client;
-        cl.ip(&format!("link add {HAND_IFACE} type wireguard"))?;
-        cl.exec(&[
-            "wg",
-            "set",
-            HAND_IFACE,
-            "private-key",
-            &path(&keys.client.0),
-            "fwmark",
-            &mark,
-            "peer",
-            &keys.exit.1,
-            "endpoint",
-            &format!("{}:{HAND_PORT}", w.underlay("exit1", false)),
-            "allowed-ips",
-            "0.0.0.0/0",
-        ])?;
-        cl.ip(&format!("addr add {HAND_CLIENT_IP}/32 dev {HAND_IFACE}"))?;
-        cl.ip(&format!("link set {HAND_IFACE} mtu 1420 up"))?;
-        cl.ip(&format!(
-            "route add default dev {HAND_IFACE} table {HAND_MARK}"
-        ))?;
-        cl.ip(&format!(
-            "rule add not fwmark {HAND_MARK} table {HAND_MARK} pref {}",
-            HAND_RULE_PRIORITIES[1]
-        ))?;
-        cl.ip(&format!(
-            "rule add table main suppress_prefixlength 0 pref {}",
-            HAND_RULE_PRIORITIES[0]
-        ))?;
-        cl.sysctl("net.ipv4.conf.all.src_valid_mark", "1")?;
-        Ok(me)
-    }
-}
-
-impl Drop for HandConfigured {
-    fn drop(&mut self) {
-        for pref in HAND_RULE_PRIORITIES {
-            let _ = self.client.ip(&format!("rule del pref {pref}"));
-        }
-        let _ = self.client.ip(&format!("route flush table {HAND_MARK}"));
-        let _ = self
-            .client
-            .sysctl("net.ipv4.conf.all.src_valid_mark", &self.valid_mark_was);
-        let _ = self
-            .exit
-            .exec(&["nft", "delete", "table", "ip", "kwg_hand"]);
-        let _ = self
-            .exit
-            .sysctl("net.ipv4.ip_forward", &self.forwarding_was);
-        for ns in [&self.client, &self.exit] {
-            let _ = ns.ip(&format!("link del {HAND_IFACE}"));
-        }
-    }
-}
-
-/// The hand-configured tunnel's key pairs (private key file, public key),
-/// made once.
-struct HandKeys {
-    exit: (PathBuf, String),
-    client: (PathBuf, String),
-}
-
 fn spec(args: &[&str]) -> NodeSpec {
     NodeSpec {
         args: args.iter().map(|s| (*s).to_owned()).collect(),
@@ -253,25 +101,6 @@ fn spec(args: &[&str]) -> NodeSpec {
         log_level: "info".into(),
         ..NodeSpec::default()
     }
-}
-
-/// User + system CPU seconds `pid` has used.
-fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // The fields after the command name (which may contain spaces); utime
-    // and stime are fields 14 and 15, i.e. 11 and 12 after the ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("malformed /proc/PID/stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
-        .sum();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
-    Ok(ticks / hz)
 }
 
 /// Busy and total jiffies of all CPUs (`/proc/stat`): whether the machine
@@ -320,10 +149,7 @@ fn measure(w: &World, what: &str, secs: u64, pids: &[u32]) -> anyhow::Result<Sam
         bail!("{what}: the server saw {seen}, not the exit node's {exit}");
     }
     tcp_throughput(client, &w.inet.ns, server, MAX_BYTES, WARMUP, T)?;
-    let cpu = |pids: &[u32]| -> anyhow::Result<f64> {
-        pids.iter().map(|p| process_cpu_seconds(*p)).sum()
-    };
-    let (cpu_before, jiffies_before) = (cpu(pids)?, cpu_jiffies()?);
+    let (cpu_before, jiffies_before) = (cpu_seconds(pids)?, cpu_jiffies()?);
     let t = tcp_throughput(
         client,
         &w.inet.ns,
@@ -332,7 +158,7 @@ fn measure(w: &World, what: &str, secs: u64, pids: &[u32]) -> anyhow::Result<Sam
         Duration::from_secs(secs),
         T,
     )?;
-    let (cpu_after, jiffies_after) = (cpu(pids)?, cpu_jiffies()?);
+    let (cpu_after, jiffies_after) = (cpu_seconds(pids)?, cpu_jiffies()?);
     if t.bytes == 0 {
         bail!("{what}: no data moved");
     }
@@ -388,16 +214,9 @@ fn nexd_round_inner(w: &mut World, secs: u64) -> anyhow::Result<(Sample, Sample)
     // nexd's own CPU with the tunnel idle (probes, heartbeats, timers):
     // under emulation every wake-up is dear, and it comes out of the same
     // two vCPUs the transfer needs.
-    let before = pids
-        .iter()
-        .map(|p| process_cpu_seconds(*p))
-        .sum::<anyhow::Result<f64>>()?;
+    let before = cpu_seconds(&pids)?;
     std::thread::sleep(IDLE);
-    let idle = pids
-        .iter()
-        .map(|p| process_cpu_seconds(*p))
-        .sum::<anyhow::Result<f64>>()?
-        - before;
+    let idle = cpu_seconds(&pids)? - before;
     let mut t = measure(w, "nexd", secs, &pids)?;
     t.nexd_idle_cpu = Some(idle / IDLE.as_secs_f64());
     let signal = |sig: Signal| -> anyhow::Result<()> {
@@ -417,8 +236,9 @@ fn nexd_round_inner(w: &mut World, secs: u64) -> anyhow::Result<(Sample, Sample)
     Ok((t, paused))
 }
 
-fn hand_round(w: &World, keys: &HandKeys, secs: u64) -> anyhow::Result<Sample> {
-    let _tunnel = HandConfigured::start(w, keys)?;
+fn hand_round(w: &mut World, keys: &Keys, secs: u64) -> anyhow::Result<Sample> {
+    let dir = w.node(HAND.client).dir().to_owned();
+    let _tunnel = HandTunnel::start(w, &HAND, keys, &dir)?;
     measure(w, "hand-configured", secs, &[])
 }
 
@@ -449,10 +269,7 @@ fn kernel_wireguard_exit_throughput() -> anyhow::Result<()> {
         .trim()
         .to_owned();
     let dir = w.node("client").dir().to_owned();
-    let keys = HandKeys {
-        exit: wg_key(&dir, "hand-exit")?,
-        client: wg_key(&dir, "hand-client")?,
-    };
+    let keys = Keys::generate(&dir, "hand")?;
     let mut nexd = Vec::new();
     let mut paused = Vec::new();
     let mut hand = Vec::new();
@@ -469,7 +286,7 @@ fn kernel_wireguard_exit_throughput() -> anyhow::Result<()> {
                 let (running, stopped) = nexd_round(&mut w, secs)?;
                 vec![("nexd", running), ("nexd (paused)", stopped)]
             } else {
-                vec![(what, hand_round(&w, &keys, secs)?)]
+                vec![(what, hand_round(&mut w, &keys, secs)?)]
             };
             for (what, s) in samples {
                 let mbps = s.t.mbit_per_s();

@@ -68,63 +68,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `cargo xtask test` runs for the packages and arm64, each step
-/// timed (the CI budget is tight; the README has the figures): both
-/// packages, the arm64 unit tests under qemu-user and, with `vms`, part of
-/// the arm64 VM suite and the package under systemd.
-pub fn ci(vms: bool) -> anyhow::Result<()> {
-    let timed = |name: &str, f: &dyn Fn() -> anyhow::Result<()>| {
-        let t = std::time::Instant::now();
-        let r = f();
-        step(&format!(
-            "{name}: {} in {} s",
-            if r.is_ok() { "done" } else { "FAILED" },
-            t.elapsed().as_secs()
-        ));
-        r
-    };
-    timed("packages for amd64 and arm64", &|| {
-        run(&Args {
-            arches: vec![Arch::Amd64, Arch::Arm64],
-        })
-    })?;
-    timed("arm64 unit tests under qemu-user", &|| {
-        crate::arch::unit_tests_under_qemu(Arch::Arm64)
-    })?;
-    if vms {
-        timed("the arm64 VM suite (CI's part)", &|| {
-            crate::vm::run(&crate::vm::Args {
-                kernels: vec![CI_ARM64_KERNEL.to_owned()],
-                timeout_minutes: 12,
-                arch: Arch::Arm64,
-                tests: CI_ARM64_TESTS.iter().map(|t| (*t).to_owned()).collect(),
-                systemd: false,
-                bench: false,
-                rounds: None,
-            })
-        })?;
-        timed("the package under systemd", &|| {
-            crate::vm::run(&crate::vm::Args {
-                kernels: Vec::new(),
-                timeout_minutes: 12,
-                arch: Arch::Amd64,
-                tests: Vec::new(),
-                systemd: true,
-                bench: false,
-                rounds: None,
-            })
-        })?;
-    }
-    Ok(())
-}
-
-/// The part of the arm64 VM suite CI runs: Debian 12's own kernel, the
-/// mesh, the exit node with the source-address proof, and the eBPF
-/// programs under the arm64 JIT (about 100 s). The gateway test and 6.12
-/// (another 7 minutes) run with `cargo xtask vm-test --arch arm64`.
-const CI_ARM64_KERNEL: &str = "6.1";
-const CI_ARM64_TESTS: &[&str] = &["mesh", "exit_node", "programs"];
-
 /// Builds and checks the packages of `arches`; returns their paths.
 pub fn build(arches: &[Arch]) -> anyhow::Result<Vec<PathBuf>> {
     if !crate::setup::cargo_deb_installed() {

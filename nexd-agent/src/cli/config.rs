@@ -246,4 +246,32 @@ mod tests {
         let cli = parse(args(&["nexd"])).expect("default file absent");
         assert_eq!(cli.agent.interface, "wg0");
     }
+
+    #[test]
+    fn registry_options_come_from_the_config_file_too() {
+        let dir = std::env::temp_dir().join(format!("nexd-regcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let admin = crate::registry::AdminKey::generate()
+            .public_key()
+            .to_string();
+        let p = dir.join("nexd.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "registry = \"etcd://198.51.100.1:2379/nexd\"\nregistry-admin-key = \"{admin}\"\nregistry-name = \"gw9\"\n"
+            ),
+        )
+        .expect("write");
+        let cli = parse(
+            ["nexd", "--config", p.to_str().expect("p")]
+                .iter()
+                .map(std::ffi::OsString::from)
+                .collect(),
+        )
+        .expect("parse");
+        let cfg = cli.agent.device_config(false).expect("ok").expect("some");
+        assert_eq!(cfg.name, "gw9");
+        assert_eq!(cfg.etcd.url.prefix, "/nexd");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -1,12 +1,11 @@
-//! Man pages for nexd and nexctl, rendered from their clap definitions (so
-//! they never disagree with `--help`): one page per command and
-//! subcommand, section 8. Reached through nexctl's hidden `man` command,
-//! which `cargo xtask man` and the packaging run.
+//! Man pages rendered from clap definitions (so they never disagree with
+//! `--help`): one page per command and subcommand, section 8. nexctl's
+//! hidden `man` command, which `cargo xtask man` and the packaging run,
+//! passes nexd's and its own.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use clap::CommandFactory as _;
 
 fn render(
     cmd: &clap::Command,
@@ -34,11 +33,13 @@ fn render(
     Ok(())
 }
 
-/// Writes every page into `out`; returns their paths.
-pub fn write_all(out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// Writes every page of `commands` into `out`, each command's pages named
+/// after it; returns their paths.
+pub fn write_all(out: &Path, commands: &[clap::Command]) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut written = Vec::new();
-    render(&super::nexd::Cli::command(), "nexd", out, &mut written)?;
-    render(&super::nexctl::Cli::command(), "nexctl", out, &mut written)?;
+    for cmd in commands {
+        render(cmd, cmd.get_name(), out, &mut written)?;
+    }
     Ok(written)
 }

@@ -8,8 +8,8 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use super::{
-    nexctl::exit,
-    output::{self, OutputFormat, Table},
+    exit,
+    output::{OutputFormat, Table, render},
     registry_args::RegistryArgs,
 };
 use crate::{
@@ -19,7 +19,7 @@ use crate::{
     },
     registry::{
         AdminKey, AdminPublicKey, RegistryError,
-        admin::{Admin, AdminError, RoleChange},
+        admin::{Admin, AdminError, RoleChange, View},
         admin_key::{self, AdminKeyError},
         records::Settings,
         verify::Record,
@@ -228,30 +228,6 @@ fn with_sigpipe_ignored<T>(f: impl FnOnce() -> T) -> T {
     r
 }
 
-/// `output::print`, into a string.
-fn render<T: Serialize>(
-    out: &mut String,
-    format: OutputFormat,
-    value: &T,
-    table: impl FnOnce() -> Table,
-) {
-    match format {
-        OutputFormat::Json => match serde_json::to_string_pretty(value) {
-            Ok(s) => {
-                out.push_str(&s);
-                out.push('\n');
-            }
-            Err(e) => eprintln!("error: cannot encode JSON: {e}"),
-        },
-        OutputFormat::Yaml => match serde_json::to_value(value) {
-            Ok(v) => out.push_str(&output::yaml(&v)),
-            Err(e) => eprintln!("error: cannot encode YAML: {e}"),
-        },
-        OutputFormat::Column => out.push_str(&table().render(true)),
-        OutputFormat::NoHeader => out.push_str(&table().render(false)),
-    }
-}
-
 async fn connect(r: &RegistryArgs) -> Result<Admin, Failure> {
     let cfg = r
         .etcd_config()
@@ -276,6 +252,21 @@ fn verifying_key(r: &RegistryArgs, k: &ReadKey) -> Result<AdminPublicKey, Failur
                 .into(),
         )),
     }
+}
+
+/// The registry's records, verified with the admin's public key: what the
+/// reading commands show.
+async fn read(r: &RegistryArgs, k: &ReadKey) -> Result<View, Failure> {
+    let public = verifying_key(r, k)?;
+    Ok(connect(r).await?.read(public).await?)
+}
+
+/// `--registry` as given, for messages (`dispatch` checked it is there).
+fn registry_url(r: &RegistryArgs) -> String {
+    r.registry
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default()
 }
 
 async fn dispatch(out: &mut String, format: OutputFormat, args: MeshArgs) -> Result<(), Failure> {
@@ -332,10 +323,7 @@ async fn init(out: &mut String, r: &RegistryArgs, a: InitArgs) -> Result<(), Fai
             let _ = writeln!(
                 out,
                 "initialised the mesh at {}: {} and {}, MTU {}, keepalive {} s, agent port {}",
-                r.registry
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
+                registry_url(r),
                 s.ipv4_prefix,
                 s.ipv6_prefix,
                 s.mtu,
@@ -383,10 +371,7 @@ async fn import(out: &mut String, r: &RegistryArgs, a: ImportArgs) -> Result<(),
                 out,
                 "imported {} with {n} devices into {}",
                 a.file.display(),
-                r.registry
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
+                registry_url(r),
             );
             if a.new_admin_key {
                 let _ = writeln!(
@@ -502,8 +487,7 @@ async fn requests(
     r: &RegistryArgs,
     k: &ReadKey,
 ) -> Result<(), Failure> {
-    let public = verifying_key(r, k)?;
-    let view = connect(r).await?.read(public).await?;
+    let view = read(r, k).await?;
     let rows: Vec<RequestRow> = view
         .store
         .requests()
@@ -564,8 +548,7 @@ async fn list(
     r: &RegistryArgs,
     k: &ReadKey,
 ) -> Result<(), Failure> {
-    let public = verifying_key(r, k)?;
-    let view = connect(r).await?.read(public).await?;
+    let view = read(r, k).await?;
     let m = view.membership()?;
     let online: std::collections::HashSet<_> = view
         .store
@@ -643,8 +626,7 @@ fn warn_ignored(ignored: &[crate::registry::verify::Ignored]) {
 }
 
 async fn export(out: &mut String, r: &RegistryArgs, k: &ReadKey) -> Result<(), Failure> {
-    let public = verifying_key(r, k)?;
-    let view = connect(r).await?.read(public).await?;
+    let view = read(r, k).await?;
     let m = view.membership()?;
     let with_roles: Vec<&str> = m
         .mesh
@@ -657,10 +639,7 @@ async fn export(out: &mut String, r: &RegistryArgs, k: &ReadKey) -> Result<(), F
         &m.mesh,
         &[format!(
             "exported by nexctl from {} at revision {} (validly signed records only)",
-            r.registry
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
+            registry_url(r),
             view.store.revision
         )],
     ));

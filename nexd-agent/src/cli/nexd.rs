@@ -6,7 +6,10 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::{daemon, exclude, instance, keys, routing, wireguard::BackendChoice};
+use super::registry_args::RegistryArgs;
+use crate::{
+    daemon, exclude, instance, keys, registry::DeviceConfig, routing, wireguard::BackendChoice,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -179,7 +182,7 @@ pub struct AgentArgs {
     pub bpffs: PathBuf,
     /// Membership through etcd (issue 14): where and how.
     #[command(flatten)]
-    pub registry: super::registry_args::RegistryArgs,
+    pub registry: RegistryArgs,
     /// With --registry: the name this device asks to join under (default:
     /// the host name).
     #[arg(long, global = true, env = "NEXD_REGISTRY_NAME", value_name = "NAME")]
@@ -215,6 +218,37 @@ impl AgentArgs {
             bpffs: self.bpffs.clone(),
             policy: self.policy(),
         }
+    }
+
+    /// The device side's registry configuration; `None` without
+    /// `--registry` (the mesh file is used). `request_exit_node` is true
+    /// for `nexd router --exit-node`.
+    pub fn device_config(&self, request_exit_node: bool) -> Result<Option<DeviceConfig>, String> {
+        let Some(etcd) = self.registry.etcd_config()? else {
+            return Ok(None);
+        };
+        let admin = self.registry.registry_admin_key.ok_or_else(|| {
+            "--registry needs --registry-admin-key (the public key `nexctl mesh init` printed)"
+                .to_owned()
+        })?;
+        let name = match &self.registry_name {
+            Some(n) => n.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .map_err(|e| format!("cannot read the host name for --registry-name: {e}"))?,
+        };
+        let listen_port = match &self.registry_endpoint {
+            Some(e) => {
+                crate::mesh::parse_endpoint(e)
+                    .map_err(|m| format!("--registry-endpoint {m}"))?
+                    .port
+            }
+            None => crate::mesh::DEFAULT_LISTEN_PORT,
+        };
+        let mut cfg = DeviceConfig::new(etcd, admin, name, listen_port);
+        cfg.advertise = self.registry_endpoint.clone();
+        cfg.request_exit_node = request_exit_node;
+        Ok(Some(cfg))
     }
 }
 
@@ -346,7 +380,7 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
-    let registry = match super::registry_args::device_config(&args, exit_node) {
+    let registry = match args.device_config(exit_node) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -442,12 +476,6 @@ fn run_agent(args: AgentArgs, router: Option<RouterArgs>) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory as _;
-
-    #[test]
-    fn cli_definition_is_consistent() {
-        Cli::command().debug_assert();
-    }
 
     #[test]
     fn router_and_client_flags_parse() {
@@ -567,5 +595,40 @@ mod tests {
         let c = Cli::try_parse_from(["nexd", "--wireguard", "userspace"]).expect("parse");
         assert_eq!(c.agent.wireguard, BackendChoice::Userspace);
         assert!(Cli::try_parse_from(["nexd", "--wireguard", "magic"]).is_err());
+    }
+
+    #[test]
+    fn registry_options_parse_and_check_each_other() {
+        let admin = crate::registry::AdminKey::generate()
+            .public_key()
+            .to_string();
+        let c = Cli::try_parse_from([
+            "nexd",
+            "--registry",
+            "etcd://198.51.100.1:2379,198.51.100.2:2379/nexd",
+            "--registry-admin-key",
+            &admin,
+            "--registry-name",
+            "gw1",
+            "--registry-endpoint",
+            "192.0.2.1:4000",
+        ])
+        .expect("parse");
+        let cfg = c.agent.device_config(true).expect("valid").expect("some");
+        assert_eq!(cfg.etcd.url.endpoints.len(), 2);
+        assert_eq!(cfg.name, "gw1");
+        assert_eq!(cfg.listen_port, 4000);
+        assert!(cfg.request_exit_node);
+        assert!(cfg.etcd.tls.is_none());
+
+        let c = Cli::try_parse_from(["nexd"]).expect("none");
+        assert!(c.agent.device_config(false).expect("ok").is_none());
+
+        let c = Cli::try_parse_from(["nexd", "--registry", "etcd://h:1/p"]).expect("no key");
+        let e = c
+            .agent
+            .device_config(false)
+            .expect_err("needs the admin key");
+        assert!(e.contains("--registry-admin-key"), "{e}");
     }
 }

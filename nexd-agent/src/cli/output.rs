@@ -71,17 +71,33 @@ impl Table {
 
 /// Prints `value` as JSON or `table` as columns, as `format` says.
 pub fn print<T: Serialize>(format: OutputFormat, value: &T, table: impl FnOnce() -> Table) {
+    let mut out = String::new();
+    render(&mut out, format, value, table);
+    print!("{out}");
+}
+
+/// What [`print`] prints, appended to `out`: for `nexctl mesh`, which
+/// prints only once its connections to etcd are closed.
+pub fn render<T: Serialize>(
+    out: &mut String,
+    format: OutputFormat,
+    value: &T,
+    table: impl FnOnce() -> Table,
+) {
     match format {
         OutputFormat::Json => match serde_json::to_string_pretty(value) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => {
+                out.push_str(&s);
+                out.push('\n');
+            }
             Err(e) => eprintln!("error: cannot encode JSON: {e}"),
         },
         OutputFormat::Yaml => match serde_json::to_value(value) {
-            Ok(v) => print!("{}", yaml(&v)),
+            Ok(v) => out.push_str(&yaml(&v)),
             Err(e) => eprintln!("error: cannot encode YAML: {e}"),
         },
-        OutputFormat::Column => print!("{}", table().render(true)),
-        OutputFormat::NoHeader => print!("{}", table().render(false)),
+        OutputFormat::Column => out.push_str(&table().render(true)),
+        OutputFormat::NoHeader => out.push_str(&table().render(false)),
     }
 }
 

@@ -5,11 +5,13 @@
 //! one pass. The raw structs keep the span of every value for that purpose.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet, hash_map::Entry},
     fmt,
+    hash::Hash,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::Range,
     path::{Path, PathBuf},
+    str::FromStr,
 };
 
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -97,7 +99,7 @@ struct RawFile {
     devices: Vec<Spanned<RawDevice>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawMesh {
     ipv4_prefix: Option<Spanned<String>>,
@@ -121,12 +123,14 @@ struct RawDevice {
     exit_rate_limit: Option<Spanned<String>>,
 }
 
-/// Turns byte offsets into 1-based line and column.
-struct Locator<'a> {
+/// The problems of one file so far, each located by turning its byte offset
+/// into a 1-based line and column.
+struct Problems<'a> {
     text: &'a str,
+    found: Vec<Problem>,
 }
 
-impl Locator<'_> {
+impl Problems<'_> {
     fn at(&self, offset: usize, message: impl Into<String>) -> Problem {
         let offset = offset.min(self.text.len());
         let before = &self.text[..offset];
@@ -141,300 +145,407 @@ impl Locator<'_> {
         }
     }
 
-    fn span(&self, span: Range<usize>, message: impl Into<String>) -> Problem {
-        self.at(span.start, message)
+    fn add(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let problem = self.at(span.start, message);
+        self.found.push(problem);
     }
 }
 
 /// Parses and validates mesh file text. On error returns every problem found.
 pub fn parse(text: &str) -> Result<Mesh, Vec<Problem>> {
-    let loc = Locator { text };
+    let mut problems = Problems {
+        text,
+        found: Vec::new(),
+    };
     let raw: RawFile = toml::from_str(text).map_err(|e| {
         let start = e.span().map_or(0, |s| s.start);
-        vec![loc.at(start, e.message().trim().to_owned())]
+        vec![problems.at(start, e.message().trim().to_owned())]
     })?;
-    let mut problems = Vec::new();
 
-    let raw_mesh = raw.mesh.unwrap_or(RawMesh {
-        ipv4_prefix: None,
-        ipv6_prefix: None,
-        persistent_keepalive: None,
-        mtu: None,
-        agent_port: None,
-    });
-    // On a bad prefix the default stands in, only so that the devices can
-    // still be checked (and their problems reported in the same pass); the
-    // file is rejected either way.
-    let ipv4_prefix = match &raw_mesh.ipv4_prefix {
-        None => DEFAULT_IPV4_NET,
-        Some(s) => parse_v4_prefix(s.get_ref()).unwrap_or_else(|m| {
-            problems.push(loc.span(s.span(), format!("mesh.ipv4_prefix: {m}")));
-            DEFAULT_IPV4_NET
-        }),
-    };
-    let ipv6_prefix = match &raw_mesh.ipv6_prefix {
-        None => DEFAULT_IPV6_NET,
-        Some(s) => parse_v6_prefix(s.get_ref()).unwrap_or_else(|m| {
-            problems.push(loc.span(s.span(), format!("mesh.ipv6_prefix: {m}")));
-            DEFAULT_IPV6_NET
-        }),
-    };
-    let persistent_keepalive = match &raw_mesh.persistent_keepalive {
-        None => DEFAULT_KEEPALIVE,
-        Some(v) => u16::try_from(*v.get_ref()).unwrap_or_else(|_| {
-            problems.push(loc.span(
-                v.span(),
-                format!(
-                    "mesh.persistent_keepalive: {} is out of range (0 to 65535 seconds; 0 turns keepalives off)",
-                    v.get_ref()
-                ),
-            ));
-            DEFAULT_KEEPALIVE
-        }),
-    };
-    let mtu = match &raw_mesh.mtu {
-        None => DEFAULT_MTU,
-        Some(v) => match u32::try_from(*v.get_ref()) {
-            Ok(m) if (1280..=65535).contains(&m) => m,
-            _ => {
-                problems.push(loc.span(
-                    v.span(),
-                    format!(
-                        "mesh.mtu: {} is out of range (1280, the IPv6 minimum, to 65535)",
-                        v.get_ref()
-                    ),
-                ));
-                DEFAULT_MTU
-            }
-        },
-    };
-
-    let agent_port = match &raw_mesh.agent_port {
-        None => DEFAULT_AGENT_PORT,
-        Some(v) => match u16::try_from(*v.get_ref()) {
-            Ok(p) if p != 0 => p,
-            _ => {
-                problems.push(loc.span(
-                    v.span(),
-                    format!(
-                        "mesh.agent_port: {} is not a port (1 to 65535)",
-                        v.get_ref()
-                    ),
-                ));
-                DEFAULT_AGENT_PORT
-            }
-        },
-    };
-
-    let mut devices = Vec::with_capacity(raw.devices.len());
-    let mut names: HashMap<String, usize> = HashMap::new();
-    let mut keys: HashMap<PublicKey, usize> = HashMap::new();
-    let mut v4s: HashMap<Ipv4Addr, usize> = HashMap::new();
-    let mut v6s: HashMap<Ipv6Addr, usize> = HashMap::new();
-    let mut endpoints: HashMap<Endpoint, usize> = HashMap::new();
-    // Every name in the file, for `exit_clients` (which may name a device
-    // listed after the exit node).
-    let all_names: HashSet<&str> = raw
+    // No `[mesh]` section: every setting takes its default.
+    let settings = mesh_section(&raw.mesh.unwrap_or_default(), &mut problems);
+    let roster = Roster::of(&raw.devices);
+    let mut claims = Claims::default();
+    let devices: Vec<Device> = raw
         .devices
         .iter()
-        .map(|d| d.get_ref().name.get_ref().as_str())
+        .enumerate()
+        .filter_map(|(index, d)| {
+            let mut check = DeviceCheck {
+                index,
+                label: format!("device {:?}", d.get_ref().name.get_ref()),
+                roster: &roster,
+                problems: &mut problems,
+            };
+            check.device(d.get_ref(), &settings, &mut claims)
+        })
         .collect();
 
-    for (index, spanned) in raw.devices.iter().enumerate() {
-        let d = spanned.get_ref();
-        let label = format!("device {:?}", d.name.get_ref());
-        let before = problems.len();
+    if problems.found.is_empty() {
+        Ok(Mesh {
+            ipv4_prefix: settings.ipv4_prefix,
+            ipv6_prefix: settings.ipv6_prefix,
+            persistent_keepalive: settings.persistent_keepalive,
+            mtu: settings.mtu,
+            agent_port: settings.agent_port,
+            devices,
+        })
+    } else {
+        Err(problems.found)
+    }
+}
 
-        let name = d.name.get_ref().clone();
+/// The `[mesh]` section, validated.
+struct Settings {
+    ipv4_prefix: Ipv4Net,
+    ipv6_prefix: Ipv6Net,
+    persistent_keepalive: u16,
+    mtu: u32,
+    agent_port: u16,
+}
+
+fn mesh_section(raw: &RawMesh, problems: &mut Problems) -> Settings {
+    Settings {
+        ipv4_prefix: mesh_field(
+            problems,
+            "ipv4_prefix",
+            &raw.ipv4_prefix,
+            DEFAULT_IPV4_NET,
+            |s| parse_v4_prefix(s),
+        ),
+        ipv6_prefix: mesh_field(
+            problems,
+            "ipv6_prefix",
+            &raw.ipv6_prefix,
+            DEFAULT_IPV6_NET,
+            |s| parse_v6_prefix(s),
+        ),
+        persistent_keepalive: mesh_field(
+            problems,
+            "persistent_keepalive",
+            &raw.persistent_keepalive,
+            DEFAULT_KEEPALIVE,
+            keepalive,
+        ),
+        mtu: mesh_field(problems, "mtu", &raw.mtu, DEFAULT_MTU, mtu),
+        agent_port: mesh_field(
+            problems,
+            "agent_port",
+            &raw.agent_port,
+            DEFAULT_AGENT_PORT,
+            port,
+        ),
+    }
+}
+
+/// One setting of `[mesh]`: `default` if absent; if bad, the problem is
+/// reported and the default stands in all the same, only so that the
+/// devices can still be checked (and their problems reported in the same
+/// pass); the file is rejected either way.
+fn mesh_field<R, T>(
+    problems: &mut Problems,
+    name: &str,
+    value: &Option<Spanned<R>>,
+    default: T,
+    check: impl FnOnce(&R) -> Result<T, String>,
+) -> T {
+    let Some(value) = value else {
+        return default;
+    };
+    check(value.get_ref()).unwrap_or_else(|m| {
+        problems.add(value.span(), format!("mesh.{name}: {m}"));
+        default
+    })
+}
+
+fn keepalive(seconds: &i64) -> Result<u16, String> {
+    u16::try_from(*seconds).map_err(|_| {
+        format!("{seconds} is out of range (0 to 65535 seconds; 0 turns keepalives off)")
+    })
+}
+
+fn mtu(mtu: &i64) -> Result<u32, String> {
+    u32::try_from(*mtu)
+        .ok()
+        .filter(|m| (1280..=65535).contains(m))
+        .ok_or_else(|| format!("{mtu} is out of range (1280, the IPv6 minimum, to 65535)"))
+}
+
+/// A UDP port nexd listens on: 0 (any port) is not one.
+fn port(port: &i64) -> Result<u16, String> {
+    u16::try_from(*port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{port} is not a port (1 to 65535)"))
+}
+
+/// The devices' names in file order: for `exit_clients` (which may name a
+/// device listed after the exit node) and to name the device that first
+/// used a value.
+struct Roster<'f> {
+    names: Vec<&'f str>,
+    known: HashSet<&'f str>,
+}
+
+impl<'f> Roster<'f> {
+    fn of(devices: &'f [Spanned<RawDevice>]) -> Self {
+        let names: Vec<&str> = devices
+            .iter()
+            .map(|d| d.get_ref().name.get_ref().as_str())
+            .collect();
+        let known = names.iter().copied().collect();
+        Roster { names, known }
+    }
+}
+
+/// Values no two devices may share, and which device (its index in the
+/// file) holds each, so a second use can say whose it is.
+struct Unique<T> {
+    holders: HashMap<T, usize>,
+}
+
+impl<T> Default for Unique<T> {
+    fn default() -> Self {
+        Unique {
+            holders: HashMap::new(),
+        }
+    }
+}
+
+impl<T: Eq + Hash> Unique<T> {
+    /// Records that device `index` uses `value`; if another device used it
+    /// before, returns the first device that did (a third use names the
+    /// first, as "first used by device #1" promises, not the second).
+    fn claim(&mut self, value: T, index: usize) -> Result<(), usize> {
+        match self.holders.entry(value) {
+            Entry::Vacant(v) => {
+                v.insert(index);
+                Ok(())
+            }
+            Entry::Occupied(o) => Err(*o.get()),
+        }
+    }
+}
+
+/// Everything one device may not share with another.
+#[derive(Default)]
+struct Claims {
+    names: Unique<String>,
+    keys: Unique<PublicKey>,
+    endpoints: Unique<Endpoint>,
+    ipv4: Unique<Ipv4Addr>,
+    ipv6: Unique<Ipv6Addr>,
+}
+
+/// A device's mesh address of one family, as its field checks it.
+trait MeshAddr: FromStr + Copy + Eq + Hash + fmt::Display {
+    type Prefix: Copy;
+    /// The field in the file: `ipv4` or `ipv6`.
+    const FIELD: &'static str;
+    /// The family in messages: `IPv4` or `IPv6`.
+    const FAMILY: &'static str;
+    /// Whether the address may be a host's address inside `prefix`.
+    fn check_host(self, prefix: Self::Prefix) -> Result<(), String>;
+}
+
+impl MeshAddr for Ipv4Addr {
+    type Prefix = Ipv4Net;
+    const FIELD: &'static str = "ipv4";
+    const FAMILY: &'static str = "IPv4";
+    fn check_host(self, prefix: Ipv4Net) -> Result<(), String> {
+        check_v4_host(self, prefix)
+    }
+}
+
+impl MeshAddr for Ipv6Addr {
+    type Prefix = Ipv6Net;
+    const FIELD: &'static str = "ipv6";
+    const FAMILY: &'static str = "IPv6";
+    fn check_host(self, prefix: Ipv6Net) -> Result<(), String> {
+        check_v6_host(self, prefix)
+    }
+}
+
+/// Checks one `[[device]]` entry, field by field, reporting every problem
+/// under the device's label.
+struct DeviceCheck<'f, 'p> {
+    index: usize,
+    label: String,
+    roster: &'f Roster<'f>,
+    problems: &'p mut Problems<'f>,
+}
+
+impl DeviceCheck<'_, '_> {
+    /// The device, if none of its fields has a problem.
+    fn device(
+        &mut self,
+        d: &RawDevice,
+        settings: &Settings,
+        claims: &mut Claims,
+    ) -> Option<Device> {
+        let before = self.problems.found.len();
+        let name = self.name(&d.name, &mut claims.names);
+        let public_key = self.public_key(&d.public_key, &mut claims.keys);
+        let endpoint = self.endpoint(d.endpoint.as_ref(), &mut claims.endpoints);
+        let listen_port = match &d.listen_port {
+            Some(p) => port(p.get_ref()).unwrap_or_else(|m| {
+                self.add(p.span(), format!("listen_port {m}"));
+                DEFAULT_LISTEN_PORT
+            }),
+            None => endpoint.as_ref().map_or(DEFAULT_LISTEN_PORT, |e| e.port),
+        };
+        let ipv4 = self.address(&d.ipv4, settings.ipv4_prefix, &mut claims.ipv4);
+        let ipv6 = self.address(&d.ipv6, settings.ipv6_prefix, &mut claims.ipv6);
+        let exit_node = d.exit_node.as_ref().is_some_and(|v| *v.get_ref());
+        let exit_clients = d
+            .exit_clients
+            .as_ref()
+            .map(|list| self.exit_clients(list, exit_node));
+        let exit_rate_limit = d.exit_rate_limit.as_ref().and_then(|r| {
+            rate::parse(r.get_ref())
+                .map_err(|m| self.add(r.span(), format!("exit_rate_limit {m}")))
+                .ok()
+        });
+
+        if self.problems.found.len() != before {
+            return None;
+        }
+        Some(Device {
+            name,
+            public_key: public_key?,
+            endpoint,
+            listen_port,
+            ipv4: ipv4?,
+            ipv6: ipv6?,
+            exit_node,
+            exit_clients,
+            exit_rate_limit,
+        })
+    }
+
+    fn add(&mut self, span: Range<usize>, what: impl fmt::Display) {
+        self.problems.add(span, format!("{}: {what}", self.label));
+    }
+
+    /// Claims `value` for this device in `used`; `what` names the value in
+    /// the problem if another device has it.
+    fn claim<T: Eq + Hash>(
+        &mut self,
+        used: &mut Unique<T>,
+        value: T,
+        span: Range<usize>,
+        what: impl fmt::Display,
+    ) {
+        if let Err(holder) = used.claim(value, self.index) {
+            let holder = self.roster.names[holder];
+            self.add(span, format!("{what} is already used by device {holder:?}"));
+        }
+    }
+
+    fn name(&mut self, raw: &Spanned<String>, used: &mut Unique<String>) -> String {
+        let name = raw.get_ref().clone();
         if let Err(m) = check_name(&name) {
-            problems.push(loc.span(d.name.span(), format!("{label}: name {m}")));
-        } else if let Some(first) = names.insert(name.clone(), index) {
-            problems.push(loc.span(
-                d.name.span(),
+            self.add(raw.span(), format!("name {m}"));
+        } else if let Err(first) = used.claim(name.clone(), self.index) {
+            self.problems.add(
+                raw.span(),
                 format!(
                     "duplicate device name {name:?} (first used by device #{})",
                     first + 1
                 ),
-            ));
+            );
         }
+        name
+    }
 
-        let public_key = match d.public_key.get_ref().parse::<PublicKey>() {
-            Ok(k) => {
-                if let Some(first) = keys.insert(k, index) {
-                    problems.push(loc.span(
-                        d.public_key.span(),
-                        format!(
-                            "{label}: public_key is already used by device {:?}",
-                            raw.devices[first].get_ref().name.get_ref()
-                        ),
-                    ));
-                }
-                Some(k)
+    fn public_key(
+        &mut self,
+        raw: &Spanned<String>,
+        used: &mut Unique<PublicKey>,
+    ) -> Option<PublicKey> {
+        match raw.get_ref().parse::<PublicKey>() {
+            Ok(key) => {
+                self.claim(used, key, raw.span(), "public_key");
+                Some(key)
             }
             Err(e) => {
-                problems.push(loc.span(
-                    d.public_key.span(),
-                    format!("{label}: public_key is not a WireGuard public key ({e})"),
-                ));
+                self.add(
+                    raw.span(),
+                    format!("public_key is not a WireGuard public key ({e})"),
+                );
                 None
             }
-        };
-
-        let endpoint = match &d.endpoint {
-            None => None,
-            Some(e) => match parse_endpoint(e.get_ref()) {
-                Ok(ep) => {
-                    if let Some(first) = endpoints.insert(ep.clone(), index) {
-                        problems.push(loc.span(
-                            e.span(),
-                            format!(
-                                "{label}: endpoint {ep} is already used by device {:?}",
-                                raw.devices[first].get_ref().name.get_ref()
-                            ),
-                        ));
-                    }
-                    Some(ep)
-                }
-                Err(m) => {
-                    problems.push(loc.span(e.span(), format!("{label}: endpoint {m}")));
-                    None
-                }
-            },
-        };
-
-        let listen_port = match &d.listen_port {
-            Some(p) => match u16::try_from(*p.get_ref()) {
-                Ok(port) if port != 0 => port,
-                _ => {
-                    problems.push(loc.span(
-                        p.span(),
-                        format!(
-                            "{label}: listen_port {} is not a port (1 to 65535)",
-                            p.get_ref()
-                        ),
-                    ));
-                    DEFAULT_LISTEN_PORT
-                }
-            },
-            None => endpoint.as_ref().map_or(DEFAULT_LISTEN_PORT, |e| e.port),
-        };
-
-        let ipv4 = match d.ipv4.get_ref().parse::<Ipv4Addr>() {
-            Ok(ip) => {
-                if let Err(m) = check_v4_host(ip, ipv4_prefix) {
-                    problems.push(loc.span(d.ipv4.span(), format!("{label}: ipv4 {ip} {m}")));
-                } else if let Some(first) = v4s.insert(ip, index) {
-                    problems.push(loc.span(
-                        d.ipv4.span(),
-                        format!(
-                            "{label}: ipv4 {ip} is already used by device {:?}",
-                            raw.devices[first].get_ref().name.get_ref()
-                        ),
-                    ));
-                }
-                ip
-            }
-            Err(_) => {
-                problems.push(loc.span(
-                    d.ipv4.span(),
-                    format!(
-                        "{label}: ipv4 {:?} is not an IPv4 address (write it without a prefix length)",
-                        d.ipv4.get_ref()
-                    ),
-                ));
-                Ipv4Addr::UNSPECIFIED
-            }
-        };
-
-        let ipv6 = match d.ipv6.get_ref().parse::<Ipv6Addr>() {
-            Ok(ip) => {
-                if let Err(m) = check_v6_host(ip, ipv6_prefix) {
-                    problems.push(loc.span(d.ipv6.span(), format!("{label}: ipv6 {ip} {m}")));
-                } else if let Some(first) = v6s.insert(ip, index) {
-                    problems.push(loc.span(
-                        d.ipv6.span(),
-                        format!(
-                            "{label}: ipv6 {ip} is already used by device {:?}",
-                            raw.devices[first].get_ref().name.get_ref()
-                        ),
-                    ));
-                }
-                ip
-            }
-            Err(_) => {
-                problems.push(loc.span(
-                    d.ipv6.span(),
-                    format!(
-                        "{label}: ipv6 {:?} is not an IPv6 address (write it without a prefix length)",
-                        d.ipv6.get_ref()
-                    ),
-                ));
-                Ipv6Addr::UNSPECIFIED
-            }
-        };
-
-        let exit_node = d.exit_node.as_ref().is_some_and(|v| *v.get_ref());
-        let exit_clients = d.exit_clients.as_ref().map(|list| {
-            if !exit_node {
-                problems.push(loc.span(
-                    list.span(),
-                    format!("{label}: exit_clients is only for exit nodes (add exit_node = true, or remove it)"),
-                ));
-            }
-            let mut set = BTreeSet::new();
-            for client in list.get_ref() {
-                let n = client.get_ref();
-                if !all_names.contains(n.as_str()) {
-                    problems.push(loc.span(
-                        client.span(),
-                        format!("{label}: exit_clients names {n:?}, which is not a device of this file"),
-                    ));
-                } else if !set.insert(n.clone()) {
-                    problems.push(loc.span(
-                        client.span(),
-                        format!("{label}: exit_clients lists {n:?} twice"),
-                    ));
-                }
-            }
-            set
-        });
-
-        let exit_rate_limit = d.exit_rate_limit.as_ref().and_then(|r| {
-            rate::parse(r.get_ref())
-                .map_err(|m| {
-                    problems.push(loc.span(r.span(), format!("{label}: exit_rate_limit {m}")));
-                })
-                .ok()
-        });
-
-        if problems.len() == before
-            && let Some(public_key) = public_key
-        {
-            devices.push(Device {
-                name,
-                public_key,
-                endpoint,
-                listen_port,
-                ipv4,
-                ipv6,
-                exit_node,
-                exit_clients,
-                exit_rate_limit,
-            });
         }
     }
 
-    if problems.is_empty() {
-        Ok(Mesh {
-            ipv4_prefix,
-            ipv6_prefix,
-            persistent_keepalive,
-            mtu,
-            agent_port,
-            devices,
-        })
-    } else {
-        Err(problems)
+    fn endpoint(
+        &mut self,
+        raw: Option<&Spanned<String>>,
+        used: &mut Unique<Endpoint>,
+    ) -> Option<Endpoint> {
+        let raw = raw?;
+        match parse_endpoint(raw.get_ref()) {
+            Ok(endpoint) => {
+                let what = format!("endpoint {endpoint}");
+                self.claim(used, endpoint.clone(), raw.span(), what);
+                Some(endpoint)
+            }
+            Err(m) => {
+                self.add(raw.span(), format!("endpoint {m}"));
+                None
+            }
+        }
+    }
+
+    fn address<A: MeshAddr>(
+        &mut self,
+        raw: &Spanned<String>,
+        prefix: A::Prefix,
+        used: &mut Unique<A>,
+    ) -> Option<A> {
+        let field = A::FIELD;
+        let Ok(ip) = raw.get_ref().parse::<A>() else {
+            self.add(
+                raw.span(),
+                format!(
+                    "{field} {:?} is not an {} address (write it without a prefix length)",
+                    raw.get_ref(),
+                    A::FAMILY
+                ),
+            );
+            return None;
+        };
+        match ip.check_host(prefix) {
+            Err(m) => self.add(raw.span(), format!("{field} {ip} {m}")),
+            Ok(()) => self.claim(used, ip, raw.span(), format!("{field} {ip}")),
+        }
+        Some(ip)
+    }
+
+    fn exit_clients(
+        &mut self,
+        list: &Spanned<Vec<Spanned<String>>>,
+        exit_node: bool,
+    ) -> BTreeSet<String> {
+        if !exit_node {
+            self.add(
+                list.span(),
+                "exit_clients is only for exit nodes (add exit_node = true, or remove it)",
+            );
+        }
+        let mut set = BTreeSet::new();
+        for client in list.get_ref() {
+            let n = client.get_ref();
+            if !self.roster.known.contains(n.as_str()) {
+                self.add(
+                    client.span(),
+                    format!("exit_clients names {n:?}, which is not a device of this file"),
+                );
+            } else if !set.insert(n.clone()) {
+                self.add(client.span(), format!("exit_clients lists {n:?} twice"));
+            }
+        }
+        set
     }
 }
 
@@ -688,6 +799,148 @@ mod tests {
             "{joined}"
         );
         assert_eq!(p.len(), 6, "{joined}");
+    }
+
+    /// Every problem of `text`, as `line:column: message`.
+    fn located(text: &str) -> Vec<String> {
+        problems(text).iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn every_mesh_setting_says_what_is_wrong() {
+        assert_eq!(
+            located(
+                "[mesh]\nipv4_prefix = \"100.64.0.0\"\nipv6_prefix = \"fd00::/127\"\n\
+                 persistent_keepalive = 70000\nmtu = 65536\nagent_port = 0\n"
+            ),
+            [
+                "2:15: mesh.ipv4_prefix: \"100.64.0.0\" is not an IPv4 prefix like 100.64.0.0/10",
+                "3:15: mesh.ipv6_prefix: fd00::/127 is too small for a mesh (at most /126)",
+                "4:24: mesh.persistent_keepalive: 70000 is out of range (0 to 65535 seconds; 0 turns keepalives off)",
+                "5:7: mesh.mtu: 65536 is out of range (1280, the IPv6 minimum, to 65535)",
+                "6:14: mesh.agent_port: 0 is not a port (1 to 65535)",
+            ]
+        );
+        assert_eq!(
+            located(
+                "[mesh]\nipv4_prefix = \"100.64.0.0/31\"\nipv6_prefix = \"fd00::\"\npersistent_keepalive = -1\n"
+            ),
+            [
+                "2:15: mesh.ipv4_prefix: 100.64.0.0/31 is too small for a mesh (at most /30)",
+                "3:15: mesh.ipv6_prefix: \"fd00::\" is not an IPv6 prefix like fd6e:6578:6400::/48",
+                "4:24: mesh.persistent_keepalive: -1 is out of range (0 to 65535 seconds; 0 turns keepalives off)",
+            ]
+        );
+    }
+
+    /// One device entry from its fields, as TOML lines in this order.
+    fn entry(fields: &[(&str, &str)]) -> String {
+        let mut out = String::from("[[device]]\n");
+        for (k, v) in fields {
+            out.push_str(&format!("{k} = {v}\n"));
+        }
+        out
+    }
+
+    #[test]
+    fn every_device_field_says_what_is_wrong() {
+        let k = format!("\"{}\"", key());
+        let text = entry(&[
+            ("name", "\"bad name\""),
+            ("public_key", &k),
+            ("endpoint", "\"nohost\""),
+            ("listen_port", "70000"),
+            ("ipv4", "\"100.64.0.1/10\""),
+            ("ipv6", "\"fd6e:6578:6400::1/64\""),
+        ]);
+        assert_eq!(
+            located(&text),
+            [
+                "2:8: device \"bad name\": name \"bad name\" may only contain letters, digits, '-', '_' and '.'",
+                "4:12: device \"bad name\": endpoint \"nohost\" is not host:port (IPv6 as [addr]:port)",
+                "5:15: device \"bad name\": listen_port 70000 is not a port (1 to 65535)",
+                "6:8: device \"bad name\": ipv4 \"100.64.0.1/10\" is not an IPv4 address (write it without a prefix length)",
+                "7:8: device \"bad name\": ipv6 \"fd6e:6578:6400::1/64\" is not an IPv6 address (write it without a prefix length)",
+            ]
+        );
+
+        let text = entry(&[
+            ("name", "\"x\""),
+            ("public_key", &k),
+            ("ipv4", "\"100.127.255.255\""),
+            ("ipv6", "\"fd6e:6578:6400::\""),
+        ]);
+        assert_eq!(
+            located(&text),
+            [
+                "4:8: device \"x\": ipv4 100.127.255.255 is the network or broadcast address of 100.64.0.0/10",
+                "5:8: device \"x\": ipv6 fd6e:6578:6400:: is the subnet-router anycast address of fd6e:6578:6400::/48",
+            ]
+        );
+
+        let text = entry(&[
+            ("name", "\"x\""),
+            ("public_key", &k),
+            ("ipv4", "\"100.64.0.0\""),
+            ("ipv6", "\"fd00::1\""),
+        ]);
+        assert_eq!(
+            located(&text),
+            [
+                "4:8: device \"x\": ipv4 100.64.0.0 is the network or broadcast address of 100.64.0.0/10",
+                "5:8: device \"x\": ipv6 fd00::1 is not inside the mesh prefix fd6e:6578:6400::/48",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_shared_address_or_endpoint_names_the_device_that_has_it() {
+        let text = format!(
+            "{}{}",
+            device("a", 1, &key()),
+            entry(&[
+                ("name", "\"b\""),
+                ("public_key", &format!("\"{}\"", key())),
+                ("endpoint", "\"192.0.2.1:51820\""),
+                ("ipv4", "\"100.64.0.1\""),
+                ("ipv6", "\"fd6e:6578:6400::1\""),
+            ])
+        );
+        assert_eq!(
+            located(&text),
+            [
+                "11:12: device \"b\": endpoint 192.0.2.1:51820 is already used by device \"a\"",
+                "12:8: device \"b\": ipv4 100.64.0.1 is already used by device \"a\"",
+                "13:8: device \"b\": ipv6 fd6e:6578:6400::1 is already used by device \"a\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_third_use_names_the_first_device() {
+        let k = key();
+        let text = format!(
+            "{}{}{}",
+            device("a", 1, &k),
+            device("a", 2, &k),
+            device("a", 3, &k)
+        );
+        let p = located(&text);
+        assert!(
+            p.contains(&"16:8: duplicate device name \"a\" (first used by device #1)".to_owned()),
+            "{p:#?}"
+        );
+        assert!(
+            p.contains(
+                &"17:14: device \"a\": public_key is already used by device \"a\"".to_owned()
+            ),
+            "{p:#?}"
+        );
+        let mut names = Unique::default();
+        assert_eq!(names.claim("x", 0), Ok(()));
+        assert_eq!(names.claim("x", 1), Err(0));
+        assert_eq!(names.claim("x", 2), Err(0));
+        assert_eq!(names.claim("y", 2), Ok(()));
     }
 
     #[test]

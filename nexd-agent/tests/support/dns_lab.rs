@@ -1,35 +1,24 @@
 //! The exit node's DNS resolver in namespaces, shared by its test
 //! (`tests/dns_resolver.rs`) and its benchmark (`benches/dns_resolver.rs`):
-//! an authoritative upstream for `nexd.test.` that notes who asked, the
-//! resolver under test on a runtime inside the exit namespace, and
-//! clients.
+//! the namespaces, the upstream for `nexd.test.` (the testkit's
+//! `DnsServer`, which notes who asked), the resolver under test on a
+//! runtime inside the exit namespace, and the clients' queries (the
+//! testkit's stub).
 #![allow(dead_code, reason = "the test and the benchmark each use part of it")]
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
-    str::FromStr as _,
-    sync::{Arc, Mutex, mpsc},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::mpsc,
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
-use hickory_server::{
-    Server,
-    net::runtime::{Time, TokioRuntimeProvider},
-    proto::{
-        op::{Message, MessageType, OpCode, Query, ResponseCode},
-        rr::{
-            LowerName, Name, RData, Record, RecordType,
-            rdata::{A, AAAA},
-        },
-    },
-    server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
-    store::in_memory::InMemoryZoneHandler,
-    zone_handler::{AxfrPolicy, Catalog, ZoneType},
-};
 use nexd::dns::{self, DnsConfig, DnsCounters};
-use nexd_testkit::{Netns, netns::veth};
+use nexd_testkit::{
+    Netns,
+    dns::{DnsServer, Message, Outcome, RecordType, Stub, Transport, exchange},
+    netns::veth,
+};
 
 /// The three namespaces: a client on the exit node's `wg0` (a veth), the
 /// exit node, and the internet behind its uplink (192.0.2.0/24) with the
@@ -73,74 +62,22 @@ pub fn ip(s: &str) -> IpAddr {
 
 // ---- the upstream: an authoritative server that notes who asked -------------
 
-pub struct Recording {
-    catalog: Catalog,
-    seen: Arc<Mutex<Vec<SocketAddr>>>,
-}
+/// How long the upstream's answers may be cached: the benchmark measures
+/// the resolver answering from its cache.
+pub const UPSTREAM_TTL: u32 = 300;
 
-#[async_trait::async_trait]
-impl RequestHandler for Recording {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        response_handle: R,
-    ) -> ResponseInfo {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(request.src());
-        self.catalog
-            .handle_request::<R, T>(request, response_handle)
-            .await
-    }
-}
-
-pub fn zone() -> anyhow::Result<Catalog> {
-    let origin = Name::from_str("nexd.test.")?;
-    let www = Name::from_str("www.nexd.test.")?;
-    let mut zone = InMemoryZoneHandler::<TokioRuntimeProvider>::empty(
-        origin.clone(),
-        ZoneType::Primary,
-        AxfrPolicy::Deny,
-    );
-    zone.upsert_mut(Record::from_rdata(www.clone(), 300, RData::A(A(WWW_V4))), 1);
-    zone.upsert_mut(Record::from_rdata(www, 300, RData::AAAA(AAAA(WWW_V6))), 1);
-    let mut catalog = Catalog::new();
-    catalog.upsert(LowerName::from(origin), vec![Arc::new(zone)]);
-    Ok(catalog)
-}
-
-/// Starts the upstream on `UPSTREAM:53` in `inet`; returns who asked.
-pub fn upstream(inet: &Netns) -> anyhow::Result<Arc<Mutex<Vec<SocketAddr>>>> {
-    let addr = SocketAddr::new(ip(UPSTREAM), 53);
-    let udp = inet.run_in(move || UdpSocket::bind(addr).context("upstream udp"))?;
-    let tcp = inet.run_in(move || std::net::TcpListener::bind(addr).context("upstream tcp"))?;
-    udp.set_nonblocking(true)?;
-    tcp.set_nonblocking(true)?;
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let handler = Recording {
-        catalog: zone()?,
-        seen: Arc::clone(&seen),
-    };
-    // The runtime ends with the test process; the namespace (and with it
-    // the sockets' network) is removed when the test ends.
-    std::thread::spawn(move || -> anyhow::Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async move {
-            let mut server = Server::new(handler);
-            server.register_socket(tokio::net::UdpSocket::from_std(udp)?);
-            server.register_listener(
-                tokio::net::TcpListener::from_std(tcp)?,
-                Duration::from_secs(5),
-                4096,
-            );
-            server.block_until_done().await?;
-            Ok(())
-        })
-    });
-    Ok(seen)
+/// Starts the upstream on `UPSTREAM:53` in `inet`, answering
+/// `www.nexd.test.` with `WWW_V4` and `WWW_V6`; it notes who asked, and
+/// stops when dropped.
+pub fn upstream(inet: &Netns) -> anyhow::Result<DnsServer> {
+    DnsServer::start_with_ttl(
+        inet,
+        &[ip(UPSTREAM)],
+        "www.nexd.test.",
+        WWW_V4,
+        WWW_V6,
+        UPSTREAM_TTL,
+    )
 }
 
 // ---- the resolver under test, on its own runtime inside the exit node ------
@@ -241,13 +178,6 @@ impl Resolver {
 
 // ---- clients ------------------------------------------------------------------
 
-pub fn query(name: &str, rtype: RecordType) -> anyhow::Result<Vec<u8>> {
-    let mut m = Message::new(0x4e58, MessageType::Query, OpCode::Query);
-    m.metadata.recursion_desired = true;
-    m.add_query(Query::query(Name::from_str(name)?, rtype));
-    Ok(m.to_vec()?)
-}
-
 /// One UDP query from `src` (an address of `ns`) to `server:53`; `None`
 /// if nothing came back within `WAIT` (two tries).
 pub fn udp_query(
@@ -257,69 +187,36 @@ pub fn udp_query(
     name: &str,
     rtype: RecordType,
 ) -> anyhow::Result<Option<Message>> {
-    let (src, server, q) = (ip(src), ip(server), query(name, rtype)?);
-    ns.run_in(move || -> anyhow::Result<Option<Message>> {
-        let s = UdpSocket::bind(SocketAddr::new(src, 0))?;
-        s.set_read_timeout(Some(WAIT / 2))?;
-        let mut buf = [0u8; 4096];
-        for _ in 0..2 {
-            s.send_to(&q, SocketAddr::new(server, 53))?;
-            match s.recv_from(&mut buf) {
-                Ok((n, _)) => return Ok(Some(Message::from_vec(&buf[..n])?)),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::ConnectionRefused
-                    ) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(None)
-    })
+    let stub = Stub {
+        transport: Transport::Udp,
+        source: Some(ip(src)),
+        wait: WAIT / 2,
+        tries: 2,
+    };
+    exchange(ns, ip(server), name, rtype, stub)
 }
 
-/// One query over TCP from `ns` to `server:53`.
+/// One query over TCP from `ns` to `server:53`; `None` if the connection
+/// was refused or closed, or nothing came back within `WAIT`.
 pub fn tcp_query(
     ns: &Netns,
     server: &str,
     name: &str,
     rtype: RecordType,
-) -> anyhow::Result<Message> {
-    let (server, q) = (ip(server), query(name, rtype)?);
-    ns.run_in(move || -> anyhow::Result<Message> {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::new(server, 53), WAIT)?;
-        s.set_read_timeout(Some(WAIT))?;
-        s.set_write_timeout(Some(WAIT))?;
-        let len = u16::try_from(q.len())?;
-        s.write_all(&len.to_be_bytes())?;
-        s.write_all(&q)?;
-        let mut len = [0u8; 2];
-        s.read_exact(&mut len)?;
-        let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        s.read_exact(&mut body)?;
-        Ok(Message::from_vec(&body)?)
-    })
+) -> anyhow::Result<Option<Message>> {
+    let stub = Stub {
+        transport: Transport::Tcp,
+        source: None,
+        wait: WAIT,
+        tries: 1,
+    };
+    exchange(ns, ip(server), name, rtype, stub)
 }
 
-pub fn answer_ips(m: &Message) -> Vec<IpAddr> {
-    m.answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(A(v4)) => Some(IpAddr::V4(*v4)),
-            RData::AAAA(AAAA(v6)) => Some(IpAddr::V6(*v6)),
-            _ => None,
-        })
-        .collect()
-}
-
+/// The addresses `m` answered with; an error, naming `what`, if nothing
+/// came back or the answer is not NOERROR.
 pub fn answered(m: Option<Message>, what: &str) -> anyhow::Result<Vec<IpAddr>> {
-    let m = m.with_context(|| format!("{what}: no response"))?;
-    if m.metadata.response_code != ResponseCode::NoError {
-        bail!("{what}: {}", m.metadata.response_code);
-    }
-    Ok(answer_ips(&m))
+    Outcome::of(m.as_ref()).addresses().context(what.to_owned())
 }
 
 /// A file removed when the test ends, however it ends.

@@ -8,8 +8,9 @@
 //! - **wireguard-go**: both nexd stopped; Debian's wireguard-go on both
 //!   nodes, configured by hand as wg-quick would (full tunnel: fwmark,
 //!   `not fwmark` rule into a table with the default route, `suppress
-//!   prefixlength 0`), and an nftables masquerade on the exit node. The
-//!   independent userspace WireGuard to compare with;
+//!   prefixlength 0`), and an nftables masquerade on the exit node (the
+//!   testkit's `hand_tunnel`). The independent userspace WireGuard to
+//!   compare with;
 //! - **no tunnel**: the client straight to the server;
 //! - with `NEXD_BENCH_BASELINE_BIN_DIR` set to another build's binaries
 //!   (e.g. the previous commit's `target/release`): that nexd too, for a
@@ -30,9 +31,8 @@
 
 use std::{
     collections::HashMap,
-    fs,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -40,8 +40,10 @@ use anyhow::{Context as _, bail};
 use nexd_testkit::{
     Netns, NodeSpec,
     cmd::output_with_timeout,
+    cpu::cpu_seconds,
+    hand_tunnel::{Backend, HandTunnel, Keys, Spec},
     proto::ClientPhase,
-    topology::{SERVER_V4, lan_behind, nft_script},
+    topology::{SERVER_V4, lan_behind},
     world::World,
 };
 
@@ -49,15 +51,16 @@ use super::{Plan, Row};
 
 /// Offered UDP load (see the module doc).
 const UDP_RATE: &str = "2G";
-/// Interface, port, fwmark and table of the wireguard-go baseline (the
-/// fwmark and table are wg-quick's defaults).
-const WGGO_IFACE: &str = "wggo";
-const WGGO_PORT: u16 = 51830;
-const WGGO_MARK: u32 = 51820;
-const WGGO_EXIT_IP: &str = "100.64.99.1";
-const WGGO_CLIENT_IP: &str = "100.64.99.2";
-/// The wg-quick rules' priorities (explicit, so they can be removed).
-const WGGO_RULE_PRIORITIES: [u32; 2] = [30000, 30001];
+/// The wireguard-go baseline (the rest is the testkit's: wg-quick's
+/// fwmark and table, addresses, rule priorities).
+const WGGO: Spec = Spec {
+    backend: Backend::WireguardGo,
+    exit: "exit1",
+    client: "client",
+    iface: "wggo",
+    port: 51830,
+    nft_table: "bench_wggo",
+};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -104,30 +107,6 @@ fn iperf(from: &Netns, secs: u64, mode: Mode) -> anyhow::Result<Transfer> {
         mbps: bps / 1e6,
         bytes,
     })
-}
-
-/// User + system CPU time of `pids`, in seconds.
-fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
-    let tick =
-        nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.context("no CLK_TCK")? as f64;
-    let mut total = 0.0;
-    for pid in pids {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .with_context(|| format!("reading /proc/{pid}/stat"))?;
-        // Fields after the command name (which may contain spaces).
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .context("malformed /proc/PID/stat")?;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // utime and stime are fields 14 and 15, i.e. 11 and 12 after ')'.
-        let ticks: f64 = [11, 12]
-            .iter()
-            .map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
-            .sum();
-        total += ticks / tick;
-    }
-    Ok(total)
 }
 
 /// Runs `mode` from `from`, recording Mbit/s under `key` and, with tunnel
@@ -192,207 +171,22 @@ fn measure_udp(
     Ok(())
 }
 
-fn nsenter(pid: u32, args: &[&str]) -> anyhow::Result<String> {
-    let p = pid.to_string();
-    let mut c = Command::new("nsenter");
-    c.args(["-t", &p, "-m", "-n", "--"]).args(args);
-    let out = output_with_timeout(&mut c, Duration::from_secs(20))?;
-    if !out.status.success() {
-        bail!(
-            "{args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn wg_key(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, String)> {
-    let out = Command::new("wg")
-        .arg("genkey")
-        .output()
-        .context("wg genkey")?;
-    let private = String::from_utf8(out.stdout)?.trim().to_owned();
-    let path = dir.join(format!("{name}.key"));
-    fs::write(&path, format!("{private}\n"))?;
-    let mut c = Command::new("wg");
-    c.arg("pubkey").stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut child = c.spawn().context("wg pubkey")?;
+/// The wireguard-go baseline on both nodes, up: a ping to the server
+/// passes through it.
+fn wireguard_go(w: &mut World, keys: &Keys, dir: &Path) -> anyhow::Result<HandTunnel> {
+    let tunnel = HandTunnel::start(w, &WGGO, keys, dir)?;
+    let cl = &w.node(WGGO.client).ns;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cl
+        .exec_output(&["ping", "-c1", "-W1", SERVER_V4], Duration::from_secs(5))
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
     {
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .context("no stdin")?
-            .write_all(private.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    Ok((path, String::from_utf8(out.stdout)?.trim().to_owned()))
-}
-
-/// The wireguard-go baseline on both nodes while it lives; dropping it
-/// stops the processes and removes what was configured.
-struct WireguardGo {
-    procs: Vec<Child>,
-    client: Netns,
-    exit: Netns,
-    forwarding_was: String,
-    valid_mark_was: String,
-}
-
-impl WireguardGo {
-    fn pids(&self) -> Vec<u32> {
-        self.procs.iter().map(Child::id).collect()
-    }
-
-    fn start(w: &mut World, dir: &Path) -> anyhow::Result<Self> {
-        let exit_holder = w.node_mut("exit1").holder_pid()?;
-        let client_holder = w.node_mut("client").holder_pid()?;
-        let client = Netns::attach(w.node("client").ns.name())?;
-        let exit = Netns::attach(w.node("exit1").ns.name())?;
-        let forwarding_was = exit.exec(&["sysctl", "-n", "net.ipv4.ip_forward"])?;
-        let valid_mark_was = client.exec(&["sysctl", "-n", "net.ipv4.conf.all.src_valid_mark"])?;
-        let mut me = WireguardGo {
-            procs: Vec::new(),
-            client,
-            exit,
-            forwarding_was: forwarding_was.trim().to_owned(),
-            valid_mark_was: valid_mark_was.trim().to_owned(),
-        };
-        for (holder, name) in [(exit_holder, "exit"), (client_holder, "client")] {
-            let log = fs::File::create(dir.join(format!("wireguard-go-{name}.log")))?;
-            let h = holder.to_string();
-            let child = Command::new("nsenter")
-                .args(["-t", &h, "-m", "-n", "--", "wireguard-go", "-f", WGGO_IFACE])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .context("starting wireguard-go")?;
-            me.procs.push(child);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while nsenter(holder, &["wg", "show", WGGO_IFACE]).is_err() {
-                if Instant::now() > deadline {
-                    bail!("wireguard-go did not come up in the {name} namespace");
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        let (exit_key, exit_pub) = wg_key(dir, "wggo-exit")?;
-        let (client_key, client_pub) = wg_key(dir, "wggo-client")?;
-        let exit_underlay = w.underlay("exit1", false);
-        let s = |p: &Path| p.to_string_lossy().into_owned();
-        let port = WGGO_PORT.to_string();
-        let mark = WGGO_MARK.to_string();
-        let client_allowed = format!("{WGGO_CLIENT_IP}/32");
-        let endpoint = format!("{exit_underlay}:{WGGO_PORT}");
-        nsenter(
-            exit_holder,
-            &[
-                "wg",
-                "set",
-                WGGO_IFACE,
-                "private-key",
-                &s(&exit_key),
-                "listen-port",
-                &port,
-                "peer",
-                &client_pub,
-                "allowed-ips",
-                &client_allowed,
-            ],
-        )?;
-        nsenter(
-            client_holder,
-            &[
-                "wg",
-                "set",
-                WGGO_IFACE,
-                "private-key",
-                &s(&client_key),
-                "fwmark",
-                &mark,
-                "peer",
-                &exit_pub,
-                "endpoint",
-                &endpoint,
-                "allowed-ips",
-                "0.0.0.0/0",
-            ],
-        )?;
-        // The exit node: address, route back to the client, forwarding and
-        // a masquerade out of its uplink.
-        let ex = &me.exit;
-        ex.ip(&format!("addr add {WGGO_EXIT_IP}/32 dev {WGGO_IFACE}"))?;
-        ex.ip(&format!("link set {WGGO_IFACE} mtu 1420 up"))?;
-        ex.ip(&format!("route add {WGGO_CLIENT_IP}/32 dev {WGGO_IFACE}"))?;
-        ex.sysctl("net.ipv4.ip_forward", "1")?;
-        nft_script(
-            ex,
-            "table ip bench_wggo {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  ip saddr 100.64.99.0/24 oifname \"eth0\" masquerade\n }\n}\n",
-        )?;
-        // The client, as wg-quick sets up a full tunnel.
-        let cl = &me.client;
-        cl.ip(&format!("addr add {WGGO_CLIENT_IP}/32 dev {WGGO_IFACE}"))?;
-        cl.ip(&format!("link set {WGGO_IFACE} mtu 1420 up"))?;
-        cl.ip(&format!(
-            "route add default dev {WGGO_IFACE} table {WGGO_MARK}"
-        ))?;
-        cl.ip(&format!(
-            "rule add not fwmark {WGGO_MARK} table {WGGO_MARK} pref {}",
-            WGGO_RULE_PRIORITIES[1]
-        ))?;
-        cl.ip(&format!(
-            "rule add table main suppress_prefixlength 0 pref {}",
-            WGGO_RULE_PRIORITIES[0]
-        ))?;
-        cl.sysctl("net.ipv4.conf.all.src_valid_mark", "1")?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while cl
-            .exec_output(&["ping", "-c1", "-W1", SERVER_V4], Duration::from_secs(5))
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
-        {
-            if Instant::now() > deadline {
-                bail!("no ping through the wireguard-go tunnel");
-            }
-        }
-        Ok(me)
-    }
-}
-
-impl Drop for WireguardGo {
-    fn drop(&mut self) {
-        for p in &mut self.procs {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        for p in &mut self.procs {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(p.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = p.kill();
-            let _ = p.wait();
-        }
-        for pref in WGGO_RULE_PRIORITIES {
-            let _ = self.client.ip(&format!("rule del pref {pref}"));
-        }
-        let _ = self.client.ip(&format!("route flush table {WGGO_MARK}"));
-        let _ = self
-            .client
-            .sysctl("net.ipv4.conf.all.src_valid_mark", &self.valid_mark_was);
-        let _ = self
-            .exit
-            .exec(&["nft", "delete", "table", "ip", "bench_wggo"]);
-        let _ = self
-            .exit
-            .sysctl("net.ipv4.ip_forward", &self.forwarding_was);
-        for ns in [&self.client, &self.exit] {
-            let _ = ns.ip(&format!("link del {WGGO_IFACE}"));
+        if Instant::now() > deadline {
+            bail!("no ping through the wireguard-go tunnel");
         }
     }
+    Ok(tunnel)
 }
 
 /// Runs `f` with `NEXD_BIN_DIR` pointing at `dir`, then restores it.
@@ -426,6 +220,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
     let lan = Netns::new("blan")?;
     lan_behind(&w.node("client").ns, &lan)?;
     let dir = w.node("client").dir().to_owned();
+    let wggo_keys = Keys::generate(&dir, "wggo")?;
     // The iperf3 server lives as long as the internet namespace.
     let mut server = Command::new("ip");
     server
@@ -528,7 +323,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
             }
             // wireguard-go configured by hand, nexd stopped on both nodes.
             {
-                let wg = WireguardGo::start(&mut w, &dir)?;
+                let wg = wireguard_go(&mut w, &wggo_keys, &dir)?;
                 let pids = wg.pids();
                 let ns = &w.node("client").ns;
                 measure(&mut m, rec, "wggo.tcp", ns, secs, Mode::TcpUp, &pids)?;
@@ -541,7 +336,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                     secs,
                     &pids,
                     &w.node("exit1").ns,
-                    WGGO_IFACE,
+                    WGGO.iface,
                 )?;
             }
             // No tunnel at all: the client straight to the server.
