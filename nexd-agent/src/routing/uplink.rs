@@ -1,4 +1,5 @@
-//! Finding the uplink: the interface (and gateway) of the default route.
+//! Finding the uplink: the interface (and gateway) of the default route,
+//! and noticing when it may have moved.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -149,4 +150,61 @@ pub async fn internet_reachable(nl: &Netlink, only: Option<&str>) -> Result<bool
         }
     }
     Ok(false)
+}
+
+/// Listens for the changes that move uplinks: links appearing, going or
+/// changing state, addresses, and default routes of the main table (not
+/// nexd's own tables, whose churn is nexd's own doing). Each burst of
+/// changes becomes one notice on `notices` (a full channel already holds
+/// one, which is all the loop needs to know), so the daemon re-evaluates
+/// uplinks within milliseconds instead of on a timer.
+pub fn watch_changes(
+    notices: tokio::sync::mpsc::Sender<()>,
+) -> Result<tokio::task::JoinHandle<()>, NetlinkError> {
+    use futures::StreamExt as _;
+    use netlink_packet_route::RouteNetlinkMessage;
+    use rtnetlink::constants::{
+        RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK,
+    };
+    use rtnetlink::packet_core::NetlinkPayload;
+    use rtnetlink::sys::AsyncSocket as _;
+
+    let io = |op: &str, source: std::io::Error| NetlinkError {
+        op: op.into(),
+        source,
+    };
+    let (mut conn, _handle, mut messages) = rtnetlink::new_connection()
+        .map_err(|e| io("opening a route netlink socket for change notices", e))?;
+    let groups = RTMGRP_LINK
+        | RTMGRP_IPV4_IFADDR
+        | RTMGRP_IPV6_IFADDR
+        | RTMGRP_IPV4_ROUTE
+        | RTMGRP_IPV6_ROUTE;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&rtnetlink::sys::SocketAddr::new(0, groups))
+        .map_err(|e| io("subscribing to route, address and link changes", e))?;
+    tokio::spawn(conn);
+    Ok(tokio::spawn(async move {
+        while let Some((msg, _)) = messages.next().await {
+            let relevant = match msg.payload {
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r),
+                ) => r.header.destination_prefix_length == 0 && table_of(&r) == 254,
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewAddress(_)
+                    | RouteNetlinkMessage::DelAddress(_)
+                    | RouteNetlinkMessage::NewLink(_)
+                    | RouteNetlinkMessage::DelLink(_),
+                ) => true,
+                _ => false,
+            };
+            if relevant
+                && let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) =
+                    notices.try_send(())
+            {
+                return;
+            }
+        }
+    }))
 }
