@@ -184,13 +184,13 @@ impl Daemon {
         let installed = self.exit_client.installed();
         let mut nft_tables = Vec::new();
         if self.exit_server.is_some() {
-            nft_tables.push("inet nexd".to_owned());
+            nft_tables.push(crate::routing::forward::NFT_TABLE.to_string());
         }
         if !self.opts.lan_interfaces.is_empty() {
-            nft_tables.push("inet nexd_gw".to_owned());
+            nft_tables.push(crate::routing::gateway::NFT_TABLE.to_string());
         }
         if installed.dns != crate::exit::plan::Dns::Off {
-            nft_tables.push("inet nexd_dns".to_owned());
+            nft_tables.push(crate::routing::dns::NFT_TABLE.to_string());
         }
         let now = Ledger {
             pid: std::process::id(),
