@@ -11,7 +11,9 @@
 //! * `exclusions::ExcludedRoutes`: the routes of the excluded-routes table;
 //! * `sysctl::Sysctls`: every sysctl nexd changes, with the original value
 //!   kept on disk so a crashed nexd's successor can restore it;
-//! * `uplink`: finding the interface of the default route.
+//! * `uplink`: finding the interface of the default route;
+//! * `routes` and `nft`: how routes and nftables tables are read and
+//!   written, the same way for every owner above.
 
 pub mod dns;
 pub mod exclusions;
@@ -20,6 +22,7 @@ pub mod gateway;
 pub mod host;
 pub mod nft;
 pub mod policy;
+pub mod routes;
 pub mod sysctl;
 pub mod uplink;
 

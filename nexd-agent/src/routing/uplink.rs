@@ -1,12 +1,11 @@
 //! Finding the uplink: the interface (and gateway) of the default route,
 //! and noticing when it may have moved.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
-use futures::TryStreamExt as _;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use rtnetlink::RouteMessageBuilder;
 
+use super::routes::{self, MAIN_TABLE, table_of};
 use crate::netlink::{Netlink, NetlinkError};
 
 /// The main table's default route of one family.
@@ -14,17 +13,6 @@ use crate::netlink::{Netlink, NetlinkError};
 pub struct DefaultRoute {
     pub oif: u32,
     pub gateway: Option<IpAddr>,
-}
-
-/// The routing table a route message belongs to.
-pub fn table_of(msg: &RouteMessage) -> u32 {
-    msg.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(msg.header.table))
 }
 
 fn default_of(msg: &RouteMessage) -> Option<DefaultRoute> {
@@ -47,25 +35,7 @@ fn default_of(msg: &RouteMessage) -> Option<DefaultRoute> {
 /// Every route of the main table, IPv4 then IPv6, with whether it is
 /// IPv6: the one listing the uplink and host readers filter.
 pub async fn main_routes(nl: &Netlink) -> Result<Vec<(bool, RouteMessage)>, NetlinkError> {
-    let mut out = Vec::new();
-    for v6 in [false, true] {
-        let query = if v6 {
-            RouteMessageBuilder::<Ipv6Addr>::new().build()
-        } else {
-            RouteMessageBuilder::<Ipv4Addr>::new().build()
-        };
-        let mut routes = nl.handle().route().get(query).execute();
-        while let Some(r) = routes
-            .try_next()
-            .await
-            .map_err(|e| NetlinkError::new("listing routes", e))?
-        {
-            if table_of(&r) == 254 {
-                out.push((v6, r));
-            }
-        }
-    }
-    Ok(out)
+    routes::of_table(nl, MAIN_TABLE).await
 }
 
 /// The IPv4 and IPv6 default routes of the main table.
@@ -190,7 +160,7 @@ pub fn watch_changes(
             let relevant = match msg.payload {
                 NetlinkPayload::InnerMessage(
                     RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r),
-                ) => r.header.destination_prefix_length == 0 && table_of(&r) == 254,
+                ) => r.header.destination_prefix_length == 0 && table_of(&r) == MAIN_TABLE,
                 NetlinkPayload::InnerMessage(
                     RouteNetlinkMessage::NewAddress(_)
                     | RouteNetlinkMessage::DelAddress(_)
