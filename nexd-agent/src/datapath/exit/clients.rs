@@ -260,21 +260,11 @@ pub fn plan_clients(
 
 impl Datapath {
     fn client_map4(&mut self) -> Result<BpfHashMap<&mut MapData, [u8; 4], u32>, DatapathError> {
-        let name = names::EXIT_CLIENTS_V4_MAP;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| DatapathError::missing_map(name))?;
-        BpfHashMap::try_from(map).map_err(|e| DatapathError::map(name, e))
+        self.typed_map_mut(names::EXIT_CLIENTS_V4_MAP)
     }
 
     fn client_map6(&mut self) -> Result<BpfHashMap<&mut MapData, [u8; 16], u32>, DatapathError> {
-        let name = names::EXIT_CLIENTS_V6_MAP;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| DatapathError::missing_map(name))?;
-        BpfHashMap::try_from(map).map_err(|e| DatapathError::map(name, e))
+        self.typed_map_mut(names::EXIT_CLIENTS_V6_MAP)
     }
 
     fn apply_client_op(&mut self, op: &ClientOp) -> Result<(), DatapathError> {
@@ -307,12 +297,7 @@ impl Datapath {
             },
             ClientOp::SetLimits { slot, limits } => {
                 let name = names::EXIT_LIMITS_MAP;
-                let map = self
-                    .ebpf
-                    .map_mut(name)
-                    .ok_or_else(|| DatapathError::missing_map(name))?;
-                let mut arr: Array<&mut MapData, ClientLimit> =
-                    Array::try_from(map).map_err(|e| DatapathError::map(name, e))?;
+                let mut arr: Array<&mut MapData, ClientLimit> = self.typed_map_mut(name)?;
                 arr.set(slot, limits.to_map(), 0)
                     .map_err(|e| DatapathError::map(name, e))
             }
@@ -320,12 +305,8 @@ impl Datapath {
                 let name = names::EXIT_CLIENT_COUNTERS_MAP;
                 let cpus =
                     aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e.to_string()))?;
-                let map = self
-                    .ebpf
-                    .map_mut(name)
-                    .ok_or_else(|| DatapathError::missing_map(name))?;
                 let mut arr: PerCpuArray<&mut MapData, ClientCounters> =
-                    PerCpuArray::try_from(map).map_err(|e| DatapathError::map(name, e))?;
+                    self.typed_map_mut(name)?;
                 let zeros = PerCpuValues::try_from(vec![ClientCounters::default(); cpus])
                     .map_err(|e| DatapathError::Cpus(e.to_string()))?;
                 arr.set(slot, zeros, 0)
