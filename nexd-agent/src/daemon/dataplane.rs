@@ -167,7 +167,7 @@ impl DataPlane {
     pub fn sync_exit(
         &mut self,
         policy: &exit::ExitPolicy,
-        clients: &[exit::ExitClient],
+        clients: &[exit::ServedClient],
         mss: MssConfig,
     ) -> anyhow::Result<()> {
         let dp = self

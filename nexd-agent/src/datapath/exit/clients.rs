@@ -30,9 +30,10 @@ use tracing::debug;
 use super::rate::ClientLimits;
 use crate::datapath::{Datapath, DatapathError};
 
-/// A client the exit node should serve.
+/// A client the exit node should serve (not to be confused with
+/// `daemon::exit_client::ExitClient`, this device as a client of one).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExitClient {
+pub struct ServedClient {
     /// The device's name in the mesh file (the client id shown to the
     /// operator).
     pub name: String,
@@ -121,7 +122,7 @@ pub struct ClientSync {
 /// slots (and addresses per family).
 pub fn plan_clients(
     current: &ClientTable,
-    wanted: &[ExitClient],
+    wanted: &[ServedClient],
     capacity: u32,
 ) -> Result<ClientPlan, ExitClientError> {
     // Validate: unique names, every address owned once, capacity.
@@ -336,7 +337,7 @@ impl Datapath {
     /// the maps partly updated; the next sync starts from empty maps.
     pub fn sync_exit_clients(
         &mut self,
-        wanted: &[ExitClient],
+        wanted: &[ServedClient],
     ) -> Result<ClientSync, DatapathError> {
         if self.exit.clients_dirty {
             self.clear_exit_clients()?;
@@ -377,8 +378,8 @@ mod tests {
         s.parse().expect("ip")
     }
 
-    fn client(name: &str, addrs: &[&str]) -> ExitClient {
-        ExitClient {
+    fn client(name: &str, addrs: &[&str]) -> ServedClient {
+        ServedClient {
             name: name.into(),
             addresses: addrs.iter().map(|a| ip(a)).collect(),
             limits: ClientLimits::default(),
@@ -527,7 +528,7 @@ mod tests {
             8,
         );
         assert!(matches!(e, Err(ExitClientError::DuplicateAddress { .. })));
-        let many: Vec<ExitClient> = (0..9).map(|i| client(&format!("c{i}"), &[])).collect();
+        let many: Vec<ServedClient> = (0..9).map(|i| client(&format!("c{i}"), &[])).collect();
         let e = plan_clients(&ClientTable::default(), &many, 8);
         assert!(matches!(
             e,
@@ -575,7 +576,10 @@ mod tests {
                     continue;
                 }
                 let a = ip(&format!("100.64.0.{}", next() % 20));
-                if wanted.iter().any(|c: &ExitClient| c.addresses.contains(&a)) {
+                if wanted
+                    .iter()
+                    .any(|c: &ServedClient| c.addresses.contains(&a))
+                {
                     continue;
                 }
                 wanted.push(client(&name, &[&a.to_string()]));

@@ -35,7 +35,7 @@ use nexd_common::{
 use tracing::info;
 
 pub use clients::{
-    ClientOp, ClientPlan, ClientSync, ClientTable, ExitClient, ExitClientError, Installed,
+    ClientOp, ClientPlan, ClientSync, ClientTable, ExitClientError, Installed, ServedClient,
     plan_clients,
 };
 pub use policy::{ExitPolicy, HostNetworks, builtin_denies, exit_policy, policy_lookup};
