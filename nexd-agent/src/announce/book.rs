@@ -473,34 +473,15 @@ fn canonical(ip: IpAddr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::{Device, Endpoint, Host};
+    use crate::testing;
 
+    /// A mesh of the devices with these keys, `d0`, `d1`...
     fn mesh_of(keys: &[&PrivateKey]) -> Mesh {
-        Mesh {
-            ipv4_prefix: "100.64.0.0/10".parse().expect("v4"),
-            ipv6_prefix: "fd00::/64".parse().expect("v6"),
-            persistent_keepalive: 25,
-            mtu: 1420,
-            agent_port: 51829,
-            devices: keys
-                .iter()
+        testing::mesh(
+            keys.iter()
                 .enumerate()
-                .map(|(i, k)| Device {
-                    name: format!("d{i}"),
-                    public_key: k.public_key(),
-                    endpoint: Some(Endpoint {
-                        host: Host::Ip(format!("192.0.2.{}", i + 1).parse().expect("ip")),
-                        port: 51820,
-                    }),
-                    listen_port: 51820,
-                    ipv4: format!("100.64.0.{}", i + 1).parse().expect("ip"),
-                    ipv6: format!("fd00::{}", i + 1).parse().expect("ip"),
-                    exit_node: false,
-                    exit_clients: None,
-                    exit_rate_limit: None,
-                })
-                .collect(),
-        }
+                .map(|(i, k)| testing::device(i, k.public_key())),
+        )
     }
 
     fn pair() -> (PrivateKey, PrivateKey, PeerBook, PeerBook, Instant) {
