@@ -376,7 +376,7 @@ impl PeerBook {
         bytes: &[u8],
         now: Instant,
     ) -> Result<(PublicKey, bool), Rejected> {
-        let from = canonical(from);
+        let from = from.to_canonical();
         let actual = *self
             .by_addr
             .get(&from)
@@ -459,14 +459,6 @@ fn believed_flags(allowed: Option<&HashSet<PublicKey>>, peer: &PublicKey, announ
     match allowed {
         Some(set) if !set.contains(peer) => announced & !wire::FLAG_EXIT,
         _ => announced,
-    }
-}
-
-/// IPv4-mapped IPv6 addresses (from a dual-stack socket) as plain IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }
 
