@@ -28,9 +28,6 @@ use crate::routing;
 /// File name inside the state directory.
 pub const FILE: &str = "installed.json";
 
-/// The nftables tables nexd may create (the record may name no other).
-pub const NFT_TABLES: [&str; 3] = ["inet nexd", "inet nexd_gw", "inet nexd_dns"];
-
 /// What an instance installed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,7 +46,8 @@ pub struct Ledger {
     pub guard_interfaces: Vec<String>,
     /// LAN interfaces with the steering classifier.
     pub lan_interfaces: Vec<String>,
-    /// nftables tables, as "family name".
+    /// nftables tables, as "family name" (`routing::nft::Table` written
+    /// out), among `routing::NFT_TABLES`.
     pub nft_tables: Vec<String>,
     /// Interfaces whose clsact qdisc nexd added (kernels without TCX).
     /// Absent in records of older versions.
@@ -98,7 +96,7 @@ impl Ledger {
         if let Some(t) = self
             .nft_tables
             .iter()
-            .find(|t| !NFT_TABLES.contains(&t.as_str()))
+            .find(|t| !routing::NFT_TABLES.iter().any(|n| n.to_string() == **t))
         {
             return Err(format!("{t:?} is not one of nexd's nftables tables"));
         }
@@ -201,6 +199,24 @@ mod tests {
         std::fs::write(path(&d), v.to_string()).expect("write");
         let l = read(&d).expect("read").expect("some");
         assert!(l.clsact_interfaces.is_empty());
+        remove(&d);
+    }
+
+    #[test]
+    fn a_record_may_name_every_table_nexd_creates_as_earlier_versions_wrote_it() {
+        let d = dir("tables");
+        let l = Ledger {
+            nft_tables: vec![
+                "inet nexd".into(),
+                "inet nexd_gw".into(),
+                "inet nexd_dns".into(),
+            ],
+            ..sample()
+        };
+        write(&d, &l).expect("write");
+        assert_eq!(read(&d).expect("read"), Some(l));
+        let named: Vec<String> = routing::NFT_TABLES.iter().map(|t| t.to_string()).collect();
+        assert_eq!(named, ["inet nexd", "inet nexd_gw", "inet nexd_dns"]);
         remove(&d);
     }
 

@@ -23,6 +23,8 @@ pub mod notify;
 pub mod offline;
 pub mod registry;
 pub mod routing;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod wireguard;
 
 /// An error and its causes on one line, each cause once: nexd's error

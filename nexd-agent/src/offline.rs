@@ -26,11 +26,11 @@ use crate::{
     daemon::lock::{InstanceLock, LockError},
     datapath,
     instance::Instance,
-    ledger::{self, NFT_TABLES},
+    ledger,
     netlink::Netlink,
     routing::{
-        PolicyNumbers, exclusions::ExcludedRoutes, nft, policy::ClientRouting, sysctl::Sysctls,
-        uplink,
+        NFT_TABLES, PolicyNumbers, exclusions::ExcludedRoutes, policy::ClientRouting,
+        sysctl::Sysctls, uplink,
     },
 };
 
@@ -128,9 +128,8 @@ pub fn restore_direct_path(inst: &Instance) -> Result<Report, OfflineError> {
             ));
         }
         for table in NFT_TABLES {
-            let (family, name) = table.split_once(' ').unwrap_or(("inet", table));
-            if nft::table_exists(family, name)? {
-                nft::delete_table(family, name)?;
+            if table.exists()? {
+                table.delete()?;
                 report.removed.push(format!("the nftables table {table}"));
             }
         }
@@ -232,8 +231,7 @@ async fn check(
         }
     }
     for table in NFT_TABLES {
-        let (family, name) = table.split_once(' ').unwrap_or(("inet", table));
-        if nft::table_exists(family, name)? {
+        if table.exists()? {
             report.remaining.push(format!("the nftables table {table}"));
         }
     }

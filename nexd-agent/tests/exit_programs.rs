@@ -20,7 +20,8 @@ use ipnet::IpNet;
 use nexd::datapath::{
     Datapath, TestContext, TestRunOutput,
     exit::{
-        ClientLimits, ExitClient, ExitClientRow, HostNetworks, RateLimit, exit_policy, mss_for_mtu,
+        ClientLimits, ExitClientRow, HostNetworks, RateLimit, ServedClient, exit_policy,
+        mss_for_mtu,
     },
 };
 use nexd_common::names;
@@ -86,19 +87,19 @@ fn datapath() -> Option<Datapath> {
     Some(dp)
 }
 
-fn clients(carol: ClientLimits) -> Vec<ExitClient> {
+fn clients(carol: ClientLimits) -> Vec<ServedClient> {
     vec![
-        ExitClient {
+        ServedClient {
             name: "alice".into(),
             addresses: vec![ip(ALICE), ip(ALICE6)],
             limits: ClientLimits::default(),
         },
-        ExitClient {
+        ServedClient {
             name: "bob".into(),
             addresses: vec![ip(BOB)],
             limits: ClientLimits::default(),
         },
-        ExitClient {
+        ServedClient {
             name: "carol".into(),
             addresses: vec![ip(CAROL)],
             limits: carol,
@@ -650,7 +651,7 @@ fn removing_a_client_cuts_it_off_and_a_new_one_starts_at_zero() {
     assert_eq!(out.outcome.action, DROP);
     assert_eq!(moved.global, vec!["exit_unauthorized"]);
     // dave takes bob's address later, and perhaps his slot: from zero.
-    list.push(ExitClient {
+    list.push(ServedClient {
         name: "dave".into(),
         addresses: vec![ip(BOB)],
         limits: ClientLimits::default(),

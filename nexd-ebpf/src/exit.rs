@@ -66,6 +66,23 @@ use crate::{
     parse::{Parsed, parse},
 };
 
+/// The skb's GSO fields, read once per packet: both `header_len` and
+/// `on_wire` need them, and two reads of the same context field let LLVM
+/// keep `ctx + offset` in a register and load through it, a "modified ctx
+/// pointer" the verifier refuses.
+#[derive(Clone, Copy)]
+struct Gso {
+    segs: u32,
+    size: u32,
+}
+
+#[inline(always)]
+fn gso(ctx: &TcContext) -> Gso {
+    // SAFETY: the skb pointer is valid for the program's run.
+    let (segs, size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
+    Gso { segs, size }
+}
+
 /// What one skb stands for on the wire: a GRO aggregate, or a GSO packet
 /// the userspace backend wrote into its TUN with a virtio header, is one
 /// skb carrying several segments, each of which goes out (or came in)
@@ -76,13 +93,11 @@ use crate::{
 /// `hdr` is the length of the headers every segment repeats (IP and L4);
 /// returns (segments, bytes).
 #[inline(always)]
-fn on_wire(ctx: &TcContext, len: u32, hdr: u32) -> (u64, u64) {
-    // SAFETY: the skb pointer is valid for the program's run.
-    let (gso_segs, gso_size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
-    let segs = if gso_segs > 0 {
-        gso_segs
-    } else if gso_size > 0 && hdr < len {
-        (len - hdr).div_ceil(gso_size).max(1)
+fn on_wire(gso: Gso, len: u32, hdr: u32) -> (u64, u64) {
+    let segs = if gso.segs > 0 {
+        gso.segs
+    } else if gso.size > 0 && hdr < len {
+        (len - hdr).div_ceil(gso.size).max(1)
     } else {
         1
     };
@@ -98,10 +113,8 @@ fn on_wire(ctx: &TcContext, len: u32, hdr: u32) -> (u64, u64) {
 /// The headers a segment of this packet repeats: everything up to the L4
 /// payload. Read only for GSO packets (the only ones that need it).
 #[inline(always)]
-fn header_len(ctx: &TcContext, proto: u8, l4: usize, later_fragment: bool) -> u32 {
-    // SAFETY: as above.
-    let (gso_segs, gso_size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
-    if (gso_size == 0 && gso_segs <= 1) || later_fragment {
+fn header_len(ctx: &TcContext, gso: Gso, proto: u8, l4: usize, later_fragment: bool) -> u32 {
+    if (gso.size == 0 && gso.segs <= 1) || later_fragment {
         return l4 as u32;
     }
     let l4_len = match proto {
@@ -163,9 +176,21 @@ fn count_denied(slot: u32, reason: usize) {
     }
 }
 
+/// Which way a packet crosses the WireGuard interface, and so which of
+/// its addresses is the client's. Always a constant where it is used:
+/// once inlined, each program keeps only its own direction's code.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// Ingress, out of the tunnel: the client is the source.
+    FromClient,
+    /// Egress, into the tunnel: the client is the destination.
+    ToClient,
+}
+
 /// What the exit programs need of a packet, whatever its family.
 struct Seen {
-    /// The client slot of the source (ingress) or destination (egress).
+    /// The client slot of the source (ingress) or destination (egress);
+    /// not looked up for the exit node's own mesh address.
     slot: Option<u32>,
     /// The destination's policy entry (ingress only).
     policy: Option<u8>,
@@ -200,58 +225,121 @@ fn client6(addr: [u8; 16]) -> Option<u32> {
     EXIT_CLIENTS_V6.get_ptr(addr).map(|p| unsafe { *p })
 }
 
+/// The one parse of both programs: the client's slot and, from the
+/// client (`way`), the destination's policy entry. A packet that is not
+/// IP, is tagged or is malformed is `Err` with the counter it counts
+/// under; what happens to it is the caller's rule.
 #[inline(always)]
-fn exit_ingress(ctx: &TcContext, l2: bool) -> i32 {
-    if exit_config().flags & FLAG_EXIT_ENFORCE == 0 {
-        return TC_NEXT;
-    }
-    let len = ctx.len();
-    let seen = match parse(ctx, l2) {
-        Parsed::Arp | Parsed::NotIp => {
-            count(Counter::NotIp, len);
-            return TC_SHOT;
-        }
-        Parsed::Vlan => {
-            count(Counter::Vlan, len);
-            return TC_SHOT;
-        }
-        Parsed::Malformed => {
-            count(Counter::Malformed, len);
-            return TC_SHOT;
-        }
+fn see(ctx: &TcContext, l2: bool, way: Way) -> Result<Seen, Counter> {
+    let from_client = way == Way::FromClient;
+    match parse(ctx, l2) {
+        Parsed::Arp | Parsed::NotIp => Err(Counter::NotIp),
+        Parsed::Vlan => Err(Counter::Vlan),
+        Parsed::Malformed => Err(Counter::Malformed),
         Parsed::V4(p) => {
-            let policy = policy4(p.dst);
-            if policy == Some(POLICY_LOCAL) {
-                count(Counter::ExitLocal, len);
-                return TC_NEXT;
-            }
-            Seen {
-                slot: client4(p.src),
+            let (client, policy) = if from_client {
+                (p.src, policy4(p.dst))
+            } else {
+                (p.dst, None)
+            };
+            Ok(Seen {
+                slot: if policy == Some(POLICY_LOCAL) {
+                    None
+                } else {
+                    client4(client)
+                },
                 policy,
                 tcp_l4: (p.proto == IPPROTO_TCP && !p.later_fragment).then_some(p.l4),
                 v6: false,
                 proto: p.proto,
                 l4: p.l4,
                 later_fragment: p.later_fragment,
-            }
+            })
         }
         Parsed::V6(p) => {
-            let policy = policy6(p.dst);
-            if policy == Some(POLICY_LOCAL) {
-                count(Counter::ExitLocal, len);
-                return TC_NEXT;
-            }
-            Seen {
-                slot: client6(p.src),
+            let (client, policy) = if from_client {
+                (p.src, policy6(p.dst))
+            } else {
+                (p.dst, None)
+            };
+            Ok(Seen {
+                slot: if policy == Some(POLICY_LOCAL) {
+                    None
+                } else {
+                    client6(client)
+                },
                 policy,
                 tcp_l4: (p.next == IPPROTO_TCP).then_some(p.l4),
                 v6: true,
                 proto: p.next,
                 l4: p.l4,
                 later_fragment: false,
+            })
+        }
+    }
+}
+
+/// A served client's packet, either way: the token bucket of its
+/// direction, MSS clamping, and the client's counters of that direction.
+#[inline(always)]
+fn serve(ctx: &TcContext, seen: &Seen, slot: u32, len: u32, way: Way) -> i32 {
+    let gso = gso(ctx);
+    let hdr = header_len(ctx, gso, seen.proto, seen.l4, seen.later_fragment);
+    let (segs, bytes) = on_wire(gso, len, hdr);
+    if let Some(limit) = EXIT_LIMITS.get_ptr_mut(slot) {
+        // SAFETY: an array map value, valid for the program's run.
+        let (bucket, reason) = match way {
+            Way::FromClient => (
+                unsafe { &raw mut (*limit).from_client },
+                DenyReason::RateFromClient,
+            ),
+            Way::ToClient => (
+                unsafe { &raw mut (*limit).to_client },
+                DenyReason::RateToClient,
+            ),
+        };
+        if !admit(bucket, bytes) {
+            count_denied(slot, reason.index());
+            count(Counter::ExitRateLimited, len);
+            return TC_SHOT;
+        }
+    }
+    clamp_parsed(ctx, seen.tcp_l4, seen.v6, len);
+    if let Some(c) = EXIT_CLIENT_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's slot of a per-CPU array value.
+        unsafe {
+            match way {
+                Way::FromClient => {
+                    (*c).rx_packets += segs;
+                    (*c).rx_bytes += bytes;
+                }
+                Way::ToClient => {
+                    (*c).tx_packets += segs;
+                    (*c).tx_bytes += bytes;
+                }
             }
         }
+    }
+    TC_NEXT
+}
+
+#[inline(always)]
+fn exit_ingress(ctx: &TcContext, l2: bool) -> i32 {
+    if exit_config().flags & FLAG_EXIT_ENFORCE == 0 {
+        return TC_NEXT;
+    }
+    let len = ctx.len();
+    let seen = match see(ctx, l2, Way::FromClient) {
+        Ok(seen) => seen,
+        Err(counter) => {
+            count(counter, len);
+            return TC_SHOT;
+        }
     };
+    if seen.policy == Some(POLICY_LOCAL) {
+        count(Counter::ExitLocal, len);
+        return TC_NEXT;
+    }
     let Some(slot) = seen.slot else {
         count(Counter::ExitUnauthorized, len);
         return TC_SHOT;
@@ -263,25 +351,7 @@ fn exit_ingress(ctx: &TcContext, l2: bool) -> i32 {
         count(Counter::ExitDenied, len);
         return TC_SHOT;
     }
-    let hdr = header_len(ctx, seen.proto, seen.l4, seen.later_fragment);
-    let (segs, bytes) = on_wire(ctx, len, hdr);
-    if let Some(limit) = EXIT_LIMITS.get_ptr_mut(slot) {
-        // SAFETY: an array map value, valid for the program's run.
-        if !admit(unsafe { &raw mut (*limit).from_client }, bytes) {
-            count_denied(slot, DenyReason::RateFromClient.index());
-            count(Counter::ExitRateLimited, len);
-            return TC_SHOT;
-        }
-    }
-    clamp_parsed(ctx, seen.tcp_l4, seen.v6, len);
-    if let Some(c) = EXIT_CLIENT_COUNTERS.get_ptr_mut(slot) {
-        // SAFETY: this CPU's slot of a per-CPU array value.
-        unsafe {
-            (*c).rx_packets += segs;
-            (*c).rx_bytes += bytes;
-        }
-    }
-    TC_NEXT
+    serve(ctx, &seen, slot, len, Way::FromClient)
 }
 
 #[inline(always)]
@@ -296,60 +366,17 @@ fn exit_egress(ctx: &TcContext, l2: bool) -> i32 {
         return TC_NEXT;
     }
     let len = ctx.len();
-    let seen = match parse(ctx, l2) {
-        Parsed::Arp | Parsed::NotIp => {
-            count(Counter::NotIp, len);
+    let seen = match see(ctx, l2, Way::ToClient) {
+        Ok(seen) => seen,
+        Err(counter) => {
+            count(counter, len);
             return TC_NEXT;
         }
-        Parsed::Vlan => {
-            count(Counter::Vlan, len);
-            return TC_NEXT;
-        }
-        Parsed::Malformed => {
-            count(Counter::Malformed, len);
-            return TC_NEXT;
-        }
-        Parsed::V4(p) => Seen {
-            slot: client4(p.dst),
-            policy: None,
-            tcp_l4: (p.proto == IPPROTO_TCP && !p.later_fragment).then_some(p.l4),
-            v6: false,
-            proto: p.proto,
-            l4: p.l4,
-            later_fragment: p.later_fragment,
-        },
-        Parsed::V6(p) => Seen {
-            slot: client6(p.dst),
-            policy: None,
-            tcp_l4: (p.next == IPPROTO_TCP).then_some(p.l4),
-            v6: true,
-            proto: p.next,
-            l4: p.l4,
-            later_fragment: false,
-        },
     };
     let Some(slot) = seen.slot else {
         return TC_NEXT;
     };
-    let hdr = header_len(ctx, seen.proto, seen.l4, seen.later_fragment);
-    let (segs, bytes) = on_wire(ctx, len, hdr);
-    if let Some(limit) = EXIT_LIMITS.get_ptr_mut(slot) {
-        // SAFETY: an array map value, valid for the program's run.
-        if !admit(unsafe { &raw mut (*limit).to_client }, bytes) {
-            count_denied(slot, DenyReason::RateToClient.index());
-            count(Counter::ExitRateLimited, len);
-            return TC_SHOT;
-        }
-    }
-    clamp_parsed(ctx, seen.tcp_l4, seen.v6, len);
-    if let Some(c) = EXIT_CLIENT_COUNTERS.get_ptr_mut(slot) {
-        // SAFETY: this CPU's slot of a per-CPU array value.
-        unsafe {
-            (*c).tx_packets += segs;
-            (*c).tx_bytes += bytes;
-        }
-    }
-    TC_NEXT
+    serve(ctx, &seen, slot, len, Way::ToClient)
 }
 
 /// Exit node, WireGuard ingress (no link-layer header).

@@ -16,14 +16,16 @@
 //!   itself look faster than "no time at all" by inflating its hold time.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use serde::Serialize;
 
+pub use super::live::PeerLive;
 use super::{
+    live,
     seq::SeqSource,
     wire::{self, Announcement, DecodeError, PairKey},
 };
@@ -88,68 +90,6 @@ impl BookCounters {
             Rejected::Replay { .. } => &mut self.replayed,
         };
         *c += 1;
-    }
-}
-
-/// Live state of one peer.
-#[derive(Debug, Clone, Default)]
-pub struct PeerLive {
-    /// Highest sequence accepted from the peer.
-    pub last_seq: u64,
-    /// When the last valid announcement arrived.
-    pub last_heard: Option<Instant>,
-    /// Flags of the last valid announcement as this device believes them:
-    /// without the exit bit when the peer may not serve this device.
-    pub flags: u8,
-    /// Flags of the last valid announcement as the peer sent them.
-    pub announced_flags: u8,
-    /// Smoothed round-trip time through the tunnel (EWMA with weight 1/8
-    /// per sample, as TCP's SRTT): exit-node selection compares these, so
-    /// one delayed heartbeat does not make an exit node look slow.
-    pub rtt: Option<Duration>,
-    /// Smoothed mean deviation of the round trip (weight 1/4 per sample,
-    /// as TCP's RTTVAR): how much later than `rtt` an answer may come
-    /// before it is late.
-    pub rttvar: Option<Duration>,
-    /// Since when this device probes the peer (`FLAG_PROBE`), if it does.
-    pub probed_since: Option<Instant>,
-    /// When the peer last answered a probe (an announcement echoing one).
-    pub probe_answered: Option<Instant>,
-    /// Declared lost by its probes' deadline and not heard since: stays
-    /// stale when probing stops, until it is heard again.
-    pub lost: bool,
-    /// Latest WireGuard handshake known for the peer. Kept across backend
-    /// resets (a userspace peer update restarts its session), so a peer
-    /// does not look unhealthy just because nexd reconfigured it.
-    pub last_handshake: Option<Instant>,
-    /// The peer's last seq and when it arrived, echoed back for its RTT.
-    echo: Option<(u64, Instant)>,
-    /// Sent sequence numbers, when, and whether each was a probe.
-    sent: VecDeque<(u64, Instant, bool)>,
-}
-
-impl PeerLive {
-    /// Whether the peer is an exit node *for this device*: it says so,
-    /// and (once enforced) the mesh file lets it serve this device.
-    pub fn is_exit(&self) -> bool {
-        self.flags & wire::FLAG_EXIT != 0
-    }
-
-    /// The peer announces itself as exit node, but the mesh file does not
-    /// let it serve this device: worth a warning in status, never used.
-    pub fn exit_not_allowed(&self) -> bool {
-        self.announced_flags & wire::FLAG_EXIT != 0 && !self.is_exit()
-    }
-
-    /// Its last announcement was a probe: it wants one back now.
-    pub fn asks_for_answer(&self) -> bool {
-        self.announced_flags & wire::FLAG_PROBE != 0
-    }
-
-    /// This device probes it, and it has answered since probing began:
-    /// its liveness can be judged by the probes' deadline.
-    pub fn watched(&self) -> bool {
-        matches!((self.probed_since, self.probe_answered), (Some(p), Some(a)) if a >= p)
     }
 }
 
@@ -402,7 +342,7 @@ impl PeerBook {
             } else if live.probed_since.is_some() {
                 if live.watched()
                     && live.last_heard.is_none_or(|h| {
-                        now.saturating_duration_since(h) >= crate::exit::probe_deadline(live)
+                        now.saturating_duration_since(h) >= live::probe_deadline(live)
                     })
                 {
                     live.lost = true;
@@ -436,7 +376,7 @@ impl PeerBook {
         bytes: &[u8],
         now: Instant,
     ) -> Result<(PublicKey, bool), Rejected> {
-        let from = canonical(from);
+        let from = from.to_canonical();
         let actual = *self
             .by_addr
             .get(&from)
@@ -522,45 +462,18 @@ fn believed_flags(allowed: Option<&HashSet<PublicKey>>, peer: &PublicKey, announ
     }
 }
 
-/// IPv4-mapped IPv6 addresses (from a dual-stack socket) as plain IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::{Device, Endpoint, Host};
+    use crate::testing;
 
+    /// A mesh of the devices with these keys, `d0`, `d1`...
     fn mesh_of(keys: &[&PrivateKey]) -> Mesh {
-        Mesh {
-            ipv4_prefix: "100.64.0.0/10".parse().expect("v4"),
-            ipv6_prefix: "fd00::/64".parse().expect("v6"),
-            persistent_keepalive: 25,
-            mtu: 1420,
-            agent_port: 51829,
-            devices: keys
-                .iter()
+        testing::mesh(
+            keys.iter()
                 .enumerate()
-                .map(|(i, k)| Device {
-                    name: format!("d{i}"),
-                    public_key: k.public_key(),
-                    endpoint: Some(Endpoint {
-                        host: Host::Ip(format!("192.0.2.{}", i + 1).parse().expect("ip")),
-                        port: 51820,
-                    }),
-                    listen_port: 51820,
-                    ipv4: format!("100.64.0.{}", i + 1).parse().expect("ip"),
-                    ipv6: format!("fd00::{}", i + 1).parse().expect("ip"),
-                    exit_node: false,
-                    exit_clients: None,
-                    exit_rate_limit: None,
-                })
-                .collect(),
-        }
+                .map(|(i, k)| testing::device(i, k.public_key())),
+        )
     }
 
     fn pair() -> (PrivateKey, PrivateKey, PeerBook, PeerBook, Instant) {

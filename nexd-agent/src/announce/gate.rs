@@ -95,7 +95,7 @@ impl Gate {
         self.peers = Some(
             peers
                 .into_iter()
-                .map(canonical)
+                .map(|ip| ip.to_canonical())
                 .map(|ip| (ip, old.remove(&ip).unwrap_or_else(|| Bucket::full(now))))
                 .collect(),
         );
@@ -106,7 +106,9 @@ impl Gate {
         let Some(peers) = &mut self.peers else {
             return Ok(());
         };
-        let bucket = peers.get_mut(&canonical(src)).ok_or(Refused::NotAPeer)?;
+        let bucket = peers
+            .get_mut(&src.to_canonical())
+            .ok_or(Refused::NotAPeer)?;
         if bucket.take(now) {
             Ok(())
         } else {
@@ -121,14 +123,6 @@ impl Gate {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// IPv4-mapped IPv6 addresses as plain IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }
 

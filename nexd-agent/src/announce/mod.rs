@@ -13,6 +13,7 @@
 
 pub mod book;
 pub mod gate;
+pub mod live;
 pub mod seq;
 pub mod wire;
 

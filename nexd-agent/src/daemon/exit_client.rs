@@ -159,7 +159,7 @@ impl ExitClient {
         if self.installed.dns == Dns::Off {
             Vec::new()
         } else {
-            vec!["inet nexd_dns".to_owned()]
+            vec![crate::routing::dns::NFT_TABLE.to_string()]
         }
     }
 

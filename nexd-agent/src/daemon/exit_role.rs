@@ -146,7 +146,7 @@ impl ExitRole {
     /// The nftables tables the role has in place (for the record).
     pub fn nft_tables(&self) -> Vec<String> {
         if self.serving() {
-            vec!["inet nexd".to_owned()]
+            vec![crate::routing::forward::NFT_TABLE.to_string()]
         } else {
             Vec::new()
         }

@@ -29,7 +29,9 @@ use super::{
     programs::Programs,
 };
 use crate::{
-    datapath::exit::{ClientLimits, ExitClient, HostNetworks, RateLimit, exit_policy, mss_for_mtu},
+    datapath::exit::{
+        ClientLimits, HostNetworks, RateLimit, ServedClient, exit_policy, mss_for_mtu,
+    },
     dns::{self, DnsConfig, DnsHandle},
     keys::PublicKey,
     mesh::{Mesh, Rate},
@@ -179,7 +181,7 @@ async fn uplinks(nl: &Netlink, fixed: Option<&str>, warn_missing: bool) -> anyho
 }
 
 /// The clients `mesh` lets this exit node serve, with their limits.
-fn clients(mesh: &Mesh, own: &PublicKey, default: Option<Rate>) -> Vec<ExitClient> {
+fn clients(mesh: &Mesh, own: &PublicKey, default: Option<Rate>) -> Vec<ServedClient> {
     mesh.exit_clients_of(own)
         .map(|d| {
             let limits = d
@@ -187,7 +189,7 @@ fn clients(mesh: &Mesh, own: &PublicKey, default: Option<Rate>) -> Vec<ExitClien
                 .or(default)
                 .map(|r| ClientLimits::both(RateLimit::new(r.bits_per_second())))
                 .unwrap_or_default();
-            ExitClient {
+            ServedClient {
                 name: d.name.clone(),
                 addresses: d.mesh_addrs().to_vec(),
                 limits,

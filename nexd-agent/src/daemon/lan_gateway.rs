@@ -45,7 +45,7 @@ impl LanGateway {
     /// The nftables tables in place (for the record).
     pub fn nft_tables(&self) -> Vec<String> {
         if self.installed.is_some() {
-            vec!["inet nexd_gw".to_owned()]
+            vec![crate::routing::gateway::NFT_TABLE.to_string()]
         } else {
             Vec::new()
         }

@@ -157,7 +157,7 @@ impl Programs {
     pub fn sync_exit(
         &mut self,
         policy: &exit::ExitPolicy,
-        clients: &[exit::ExitClient],
+        clients: &[exit::ServedClient],
         mss: MssConfig,
     ) -> anyhow::Result<()> {
         let dp = self

@@ -260,17 +260,6 @@ fn direction(t: TcAttachType) -> &'static str {
 }
 
 impl Datapath {
-    fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or_else(|| DatapathError::Missing {
-                kind: "program",
-                name: name.to_owned(),
-            })?
-            .try_into()
-            .map_err(|e| DatapathError::program(name, e))
-    }
-
     pub(super) fn attach_one(
         &mut self,
         name: &'static str,
@@ -297,6 +286,28 @@ impl Datapath {
             "eBPF program attached"
         );
         Ok(link)
+    }
+
+    /// Attaches every program of `programs` to `iface`, or none: one
+    /// that fails takes those attached before it back off.
+    pub(super) fn attach_all<const N: usize>(
+        &mut self,
+        iface: &str,
+        programs: [(&'static str, TcAttachType); N],
+    ) -> Result<Vec<Attached>, DatapathError> {
+        let mut links = Vec::with_capacity(N);
+        for (program, dir) in programs {
+            match self.attach_one(program, iface, dir) {
+                Ok(link) => links.push(Attached { program, link }),
+                Err(e) => {
+                    for a in links {
+                        let _ = self.detach_on(iface, a);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(links)
     }
 
     fn detach_one(&mut self, a: Attached) -> Result<(), DatapathError> {

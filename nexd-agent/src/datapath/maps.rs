@@ -8,9 +8,12 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use aya::maps::{
-    HashMap as BpfHashMap, MapData,
-    lpm_trie::{Key, LpmTrie},
+use aya::{
+    Pod,
+    maps::{
+        HashMap as BpfHashMap, MapData,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use ipnet::IpNet;
 use nexd_common::names;
@@ -47,80 +50,66 @@ pub fn guard_set(allow: &[IpNet], uplink_nets: &[IpNet]) -> GuardSet {
     set
 }
 
-fn v4_key(net: &ipnet::Ipv4Net) -> Key<[u8; 4]> {
+/// The key of `net` in an IPv4 LPM trie.
+pub(super) fn v4_key(net: &ipnet::Ipv4Net) -> Key<[u8; 4]> {
     Key::new(u32::from(net.prefix_len()), net.network().octets())
 }
 
-fn v6_key(net: &ipnet::Ipv6Net) -> Key<[u8; 16]> {
+/// The key of `net` in an IPv6 LPM trie.
+pub(super) fn v6_key(net: &ipnet::Ipv6Net) -> Key<[u8; 16]> {
     Key::new(u32::from(net.prefix_len()), net.network().octets())
 }
+
+/// A trie's names, IPv4 and IPv6: every trie nexd writes comes as a pair,
+/// one per family, with the same values.
+pub(super) type TriePair = (&'static str, &'static str);
 
 impl Datapath {
-    fn trie4(
+    /// The LPM trie `name` with keys `K` (`[u8; 4]` or `[u8; 16]`).
+    fn trie<K: Pod>(
         &mut self,
         name: &'static str,
-    ) -> Result<LpmTrie<&mut MapData, [u8; 4], u8>, DatapathError> {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| DatapathError::Missing {
-                kind: "map",
-                name: name.to_owned(),
-            })?;
-        LpmTrie::try_from(map).map_err(|e| DatapathError::map(name, e))
+    ) -> Result<LpmTrie<&mut MapData, K, u8>, DatapathError> {
+        self.typed_map_mut(name)
     }
 
-    fn trie6(
+    /// Writes `value` for `net` into the trie of its family.
+    pub(super) fn trie_insert(
         &mut self,
-        name: &'static str,
-    ) -> Result<LpmTrie<&mut MapData, [u8; 16], u8>, DatapathError> {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| DatapathError::Missing {
-                kind: "map",
-                name: name.to_owned(),
-            })?;
-        LpmTrie::try_from(map).map_err(|e| DatapathError::map(name, e))
-    }
-
-    fn insert(
-        &mut self,
-        v4: &'static str,
-        v6: &'static str,
+        (v4, v6): TriePair,
         net: &IpNet,
         value: u8,
     ) -> Result<(), DatapathError> {
         match net.trunc() {
             IpNet::V4(n) => self
-                .trie4(v4)?
+                .trie(v4)?
                 .insert(&v4_key(&n), value, 0)
                 .map_err(|e| DatapathError::map(v4, e)),
             IpNet::V6(n) => self
-                .trie6(v6)?
+                .trie(v6)?
                 .insert(&v6_key(&n), value, 0)
                 .map_err(|e| DatapathError::map(v6, e)),
         }
     }
 
-    fn remove(
+    /// Removes `net` from the trie of its family; a prefix that is not
+    /// there is what was wanted.
+    pub(super) fn trie_remove(
         &mut self,
-        v4: &'static str,
-        v6: &'static str,
+        (v4, v6): TriePair,
         net: &IpNet,
     ) -> Result<(), DatapathError> {
         let r = match net.trunc() {
             IpNet::V4(n) => self
-                .trie4(v4)?
+                .trie(v4)?
                 .remove(&v4_key(&n))
                 .map_err(|e| DatapathError::map(v4, e)),
             IpNet::V6(n) => self
-                .trie6(v6)?
+                .trie(v6)?
                 .remove(&v6_key(&n))
                 .map_err(|e| DatapathError::map(v6, e)),
         };
         match r {
-            // Already gone is what we wanted.
             Err(DatapathError::Map { source, .. })
                 if matches!(*source, aya::maps::MapError::KeyNotFound) =>
             {
@@ -161,7 +150,7 @@ impl Datapath {
     /// has a gap.
     fn sync_tries(
         &mut self,
-        (v4, v6): (&'static str, &'static str),
+        tries: TriePair,
         current: &mut HashMap<IpNet, u8>,
         wanted: &HashMap<IpNet, u8>,
     ) -> Result<(usize, usize), DatapathError> {
@@ -172,7 +161,7 @@ impl Datapath {
             .map(|(n, v)| (n.trunc(), *v))
             .collect();
         for (net, v) in changes {
-            self.insert(v4, v6, &net, v)?;
+            self.trie_insert(tries, &net, v)?;
             current.insert(net, v);
             added += 1;
         }
@@ -182,12 +171,12 @@ impl Datapath {
             .copied()
             .collect();
         for net in &stale {
-            self.remove(v4, v6, net)?;
+            self.trie_remove(tries, net)?;
             current.remove(net);
         }
         if added > 0 || !stale.is_empty() {
             debug!(
-                map = v4,
+                map = tries.0,
                 added,
                 removed = stale.len(),
                 total = current.len(),
@@ -207,10 +196,10 @@ impl Datapath {
         let wanted: HashSet<IpNet> = prefixes.iter().map(IpNet::trunc).collect();
         let current = std::mem::take(&mut self.mesh_prefixes);
         for net in current.difference(&wanted) {
-            self.remove(names::MESH_V4_MAP, names::MESH_V6_MAP, net)?;
+            self.trie_remove((names::MESH_V4_MAP, names::MESH_V6_MAP), net)?;
         }
         for net in wanted.difference(&current) {
-            self.insert(names::MESH_V4_MAP, names::MESH_V6_MAP, net, 1)?;
+            self.trie_insert((names::MESH_V4_MAP, names::MESH_V6_MAP), net, 1)?;
         }
         self.mesh_prefixes = wanted;
         Ok(())
@@ -237,17 +226,9 @@ impl Datapath {
             IpAddr::V6(_) => names::ENDPOINTS_V6_MAP,
         };
         let port = ep.port().to_be_bytes();
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| DatapathError::Missing {
-                kind: "map",
-                name: name.to_owned(),
-            })?;
         let r = match ep.ip() {
             IpAddr::V4(a) => {
-                let mut m: BpfHashMap<&mut MapData, [u8; 6], u8> =
-                    BpfHashMap::try_from(map).map_err(|e| DatapathError::map(name, e))?;
+                let mut m: BpfHashMap<&mut MapData, [u8; 6], u8> = self.typed_map_mut(name)?;
                 let o = a.octets();
                 let key = [o[0], o[1], o[2], o[3], port[0], port[1]];
                 if insert {
@@ -257,8 +238,7 @@ impl Datapath {
                 }
             }
             IpAddr::V6(a) => {
-                let mut m: BpfHashMap<&mut MapData, [u8; 18], u8> =
-                    BpfHashMap::try_from(map).map_err(|e| DatapathError::map(name, e))?;
+                let mut m: BpfHashMap<&mut MapData, [u8; 18], u8> = self.typed_map_mut(name)?;
                 let mut key = [0u8; 18];
                 key[..16].copy_from_slice(&a.octets());
                 key[16..].copy_from_slice(&port);
@@ -279,10 +259,10 @@ impl Datapath {
     pub fn bypass_lookup(&mut self, addr: IpAddr) -> Result<Option<u8>, DatapathError> {
         let r = match addr {
             IpAddr::V4(a) => self
-                .trie4(names::BYPASS_V4_MAP)?
+                .trie(names::BYPASS_V4_MAP)?
                 .get(&Key::new(32, a.octets()), 0),
             IpAddr::V6(a) => self
-                .trie6(names::BYPASS_V6_MAP)?
+                .trie(names::BYPASS_V6_MAP)?
                 .get(&Key::new(128, a.octets()), 0),
         };
         match r {

@@ -16,8 +16,8 @@ mod qdisc;
 use std::{collections::BTreeMap, path::PathBuf};
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, PerCpuArray},
+    Ebpf, EbpfLoader, Pod,
+    maps::{Array, Map, MapData, MapError, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions},
     util::KernelVersion,
 };
@@ -128,6 +128,20 @@ impl DatapathError {
     }
 }
 
+/// The classifier called `name` in `ebpf` (loaded or not).
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| DatapathError::Missing {
+            kind: "program",
+            name: name.to_owned(),
+        })?
+        .try_into()
+        .map_err(|e| DatapathError::program(name, e))
+}
+
 pub use nexd_proto::{AttachMode, CounterTotal};
 
 /// How programs attach on the running kernel: TCX on 6.6 and later,
@@ -229,15 +243,9 @@ impl Datapath {
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in PROGRAMS {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| DatapathError::Missing {
-                    kind: "program",
-                    name: name.to_owned(),
-                })?
-                .try_into()
+            classifier(&mut ebpf, name)?
+                .load()
                 .map_err(|e| DatapathError::program(name, e))?;
-            prog.load().map_err(|e| DatapathError::program(name, e))?;
         }
         Ok(Datapath {
             ebpf,
@@ -253,18 +261,51 @@ impl Datapath {
         })
     }
 
+    /// The classifier called `name` (loaded or not).
+    pub(crate) fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
+        classifier(&mut self.ebpf, name)
+    }
+
+    /// The map called `name` as the map type `M` (read-only).
+    pub(crate) fn typed_map<'a, M>(&'a self, name: &'static str) -> Result<M, DatapathError>
+    where
+        M: TryFrom<&'a Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or_else(|| DatapathError::missing_map(name))?;
+        M::try_from(map).map_err(|e| DatapathError::map(name, e))
+    }
+
+    /// The map called `name` as the map type `M`, to write.
+    pub(crate) fn typed_map_mut<'a, M>(&'a mut self, name: &'static str) -> Result<M, DatapathError>
+    where
+        M: TryFrom<&'a mut Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or_else(|| DatapathError::missing_map(name))?;
+        M::try_from(map).map_err(|e| DatapathError::map(name, e))
+    }
+
+    /// Writes the one entry of the array map `name` (the configuration
+    /// maps: a single value the programs read).
+    pub(crate) fn set_single<T: Pod>(
+        &mut self,
+        name: &'static str,
+        value: T,
+    ) -> Result<(), DatapathError> {
+        let mut arr: Array<&mut MapData, T> = self.typed_map_mut(name)?;
+        arr.set(0, value, 0)
+            .map_err(|e| DatapathError::map(name, e))
+    }
+
     /// Loads (verifies) `name` if it is not yet: the programs of
     /// [`ON_DEMAND`] are loaded on first use.
     pub(crate) fn ensure_loaded(&mut self, name: &str) -> Result<(), DatapathError> {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| DatapathError::Missing {
-                kind: "program",
-                name: name.to_owned(),
-            })?
-            .try_into()
-            .map_err(|e| DatapathError::program(name, e))?;
+        let prog = self.classifier(name)?;
         if prog.fd().is_err() {
             prog.load().map_err(|e| DatapathError::program(name, e))?;
             debug!(program = name, "eBPF program verified on first use");
@@ -340,18 +381,7 @@ impl Datapath {
         if cfg == self.config {
             return Ok(());
         }
-        let name = names::CONFIG_MAP;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| DatapathError::Missing {
-                kind: "map",
-                name: name.to_owned(),
-            })?;
-        let mut arr: Array<&mut aya::maps::MapData, DatapathConfig> =
-            Array::try_from(map).map_err(|e| DatapathError::map(name, e))?;
-        arr.set(0, cfg, 0)
-            .map_err(|e| DatapathError::map(name, e))?;
+        self.set_single(names::CONFIG_MAP, cfg)?;
         self.config = cfg;
         debug!(
             flags = cfg.flags,
@@ -369,12 +399,7 @@ impl Datapath {
     /// Every counter, summed over CPUs, keyed by its stable name.
     pub fn counters(&self) -> Result<BTreeMap<&'static str, CounterTotal>, DatapathError> {
         let name = names::COUNTERS_MAP;
-        let map = self.ebpf.map(name).ok_or_else(|| DatapathError::Missing {
-            kind: "map",
-            name: name.to_owned(),
-        })?;
-        let array: PerCpuArray<&aya::maps::MapData, CounterValue> =
-            PerCpuArray::try_from(map).map_err(|e| DatapathError::map(name, e))?;
+        let array: PerCpuArray<&MapData, CounterValue> = self.typed_map(name)?;
         let mut out = BTreeMap::new();
         for counter in Counter::ALL {
             let per_cpu = array
@@ -420,15 +445,7 @@ impl Datapath {
         repeat: u32,
     ) -> Result<TestRunOutput, DatapathError> {
         self.ensure_loaded(program)?;
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(program)
-            .ok_or_else(|| DatapathError::Missing {
-                kind: "program",
-                name: program.to_owned(),
-            })?
-            .try_into()
-            .map_err(|e| DatapathError::program(program, e))?;
+        let prog = self.classifier(program)?;
         // The kernel accepts a context with only the writable fields set.
         let mut ctx_in = [0u8; SK_BUFF_SIZE];
         ctx_in[SKB_MARK..SKB_MARK + 4].copy_from_slice(&ctx.mark.to_ne_bytes());

@@ -198,7 +198,7 @@ struct Allowed(RwLock<HashSet<IpAddr>>);
 
 impl Allowed {
     fn set(&self, addrs: impl IntoIterator<Item = IpAddr>) {
-        let new: HashSet<IpAddr> = addrs.into_iter().map(canonical).collect();
+        let new: HashSet<IpAddr> = addrs.into_iter().map(|ip| ip.to_canonical()).collect();
         *self.0.write().unwrap_or_else(PoisonError::into_inner) = new;
     }
 
@@ -206,15 +206,7 @@ impl Allowed {
         self.0
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .contains(&canonical(ip))
-    }
-}
-
-/// IPv4-mapped IPv6 addresses as plain IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
+            .contains(&ip.to_canonical())
     }
 }
 

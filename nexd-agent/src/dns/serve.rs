@@ -150,6 +150,84 @@ fn reap(set: &mut JoinSet<()>) {
     while set.try_join_next().is_some() {}
 }
 
+/// What waiting for the next datagram or connection gave.
+enum Next<T> {
+    Got(T),
+    /// The receive or accept failed, and the back-off has been waited.
+    Failed,
+    /// `stop` changed: the loop ends.
+    Stop,
+}
+
+/// Waits for `next` unless `stop` changes first. A failed receive or
+/// accept (e.g. EMFILE) is logged and waited out for [`ERROR_BACKOFF`],
+/// so the loop does not spin on it.
+async fn next_or_stop<T>(
+    next: impl Future<Output = std::io::Result<T>>,
+    stop: &mut watch::Receiver<bool>,
+    what: &'static str,
+) -> Next<T> {
+    let r = tokio::select! {
+        r = next => r,
+        _ = stop.changed() => return Next::Stop,
+    };
+    match r {
+        Ok(t) => Next::Got(t),
+        Err(e) => {
+            debug!(error = %e, "DNS {what} failed");
+            tokio::time::sleep(ERROR_BACKOFF).await;
+            Next::Failed
+        }
+    }
+}
+
+/// Why a query does not reach hickory.
+enum Turned {
+    /// Longer than the limit, or not a DNS query.
+    Malformed,
+    /// From a source this exit node does not serve: over UDP with the
+    /// query, to answer REFUSED; over TCP `None`, and the connection is
+    /// closed without a word.
+    NotServed(Option<Box<Request>>),
+}
+
+/// Whether a query of `len` bytes is over the limit; counted as malformed.
+fn too_long(shared: &Shared, len: usize) -> bool {
+    let over = len > shared.config.limits.max_query_len;
+    if over {
+        Counters::add(&shared.counters.malformed);
+    }
+    over
+}
+
+/// The one admission path of every query, UDP or TCP, before hickory:
+/// the size, the source (over TCP before the query is parsed, as nothing
+/// is answered there), then the form. Counts what it turns away.
+fn admit(
+    shared: &Shared,
+    bytes: Vec<u8>,
+    src: SocketAddr,
+    protocol: Protocol,
+) -> Result<Request, Turned> {
+    if too_long(shared, bytes.len()) {
+        return Err(Turned::Malformed);
+    }
+    let served = shared.allowed.contains(src.ip());
+    if !served && protocol == Protocol::Tcp {
+        Counters::add(&shared.counters.refused_connections);
+        return Err(Turned::NotServed(None));
+    }
+    let Some(request) = parse(bytes, src, protocol) else {
+        Counters::add(&shared.counters.malformed);
+        return Err(Turned::Malformed);
+    };
+    if !served {
+        Counters::add(&shared.counters.refused);
+        return Err(Turned::NotServed(Some(Box::new(request))));
+    }
+    Ok(request)
+}
+
 /// Serves one UDP socket until `stop` changes; then ends the queries in
 /// flight and closes the socket before returning.
 pub(super) async fn udp(sock: UdpSocket, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -159,38 +237,27 @@ pub(super) async fn udp(sock: UdpSocket, shared: Arc<Shared>, mut stop: watch::R
     let mut buf = vec![0u8; limits.max_query_len + 1];
     let mut in_flight = JoinSet::new();
     loop {
-        let received = tokio::select! {
-            r = sock.recv_from(&mut buf) => r,
-            _ = stop.changed() => break,
-        };
-        let (n, src) = match received {
-            Ok(r) => r,
-            Err(e) => {
-                debug!(error = %e, "DNS receive failed");
-                tokio::time::sleep(ERROR_BACKOFF).await;
-                continue;
-            }
+        let (n, src) = match next_or_stop(sock.recv_from(&mut buf), &mut stop, "receive").await {
+            Next::Got(r) => r,
+            Next::Failed => continue,
+            Next::Stop => break,
         };
         reap(&mut in_flight);
-        if n > limits.max_query_len {
-            Counters::add(&shared.counters.malformed);
-            continue;
-        }
-        let served = shared.allowed.contains(src.ip());
-        let Some(request) = parse(buf[..n].to_vec(), src, Protocol::Udp) else {
-            Counters::add(&shared.counters.malformed);
-            continue;
-        };
-        if !served {
-            // Safe to answer: the reply is no larger than the query, and
-            // on the WireGuard interface the source is authenticated.
-            Counters::add(&shared.counters.refused);
-            debug!(%src, "DNS query from a source this exit node does not serve: REFUSED");
-            if let Some(bytes) = error_response(&request, Protocol::Udp, ResponseCode::Refused) {
-                let _ = sock.try_send_to(&bytes, src);
+        let request = match admit(&shared, buf[..n].to_vec(), src, Protocol::Udp) {
+            Ok(r) => r,
+            Err(Turned::NotServed(Some(request))) => {
+                // Safe to answer: the reply is no larger than the query,
+                // and on the WireGuard interface the source is
+                // authenticated.
+                debug!(%src, "DNS query from a source this exit node does not serve: REFUSED");
+                if let Some(bytes) = error_response(&request, Protocol::Udp, ResponseCode::Refused)
+                {
+                    let _ = sock.try_send_to(&bytes, src);
+                }
+                continue;
             }
-            continue;
-        }
+            Err(_) => continue,
+        };
         let Ok(permit) = Arc::clone(&shared.in_flight).try_acquire_owned() else {
             Counters::add(&shared.counters.overloaded);
             continue;
@@ -220,17 +287,10 @@ pub(super) async fn tcp(
 ) {
     let mut connections = JoinSet::new();
     loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = stop.changed() => break,
-        };
-        let (stream, src) = match accepted {
-            Ok(r) => r,
-            Err(e) => {
-                debug!(error = %e, "DNS accept failed");
-                tokio::time::sleep(ERROR_BACKOFF).await;
-                continue;
-            }
+        let (stream, src) = match next_or_stop(listener.accept(), &mut stop, "accept").await {
+            Next::Got(r) => r,
+            Next::Failed => continue,
+            Next::Stop => break,
         };
         reap(&mut connections);
         if !shared.allowed.contains(src.ip()) {
@@ -271,8 +331,8 @@ async fn connection(
             Ok(Ok(_)) => {}
         }
         let len = usize::from(u16::from_be_bytes(len));
-        if len > limits.max_query_len {
-            Counters::add(&shared.counters.malformed);
+        // Checked before the body is read, so no more is ever allocated.
+        if too_long(shared, len) {
             return Err("query too long");
         }
         let mut body = vec![0u8; len];
@@ -281,13 +341,10 @@ async fn connection(
             Err(_) => return Err("idle in a query"),
             Ok(Err(_)) => return Err("read failed"),
         }
-        if !shared.allowed.contains(src.ip()) {
-            Counters::add(&shared.counters.refused_connections);
-            return Err("no longer served");
-        }
-        let Some(request) = parse(body, src, Protocol::Tcp) else {
-            Counters::add(&shared.counters.malformed);
-            return Err("not a query");
+        let request = match admit(shared, body, src, Protocol::Tcp) {
+            Ok(r) => r,
+            Err(Turned::NotServed(_)) => return Err("no longer served"),
+            Err(Turned::Malformed) => return Err("not a query"),
         };
         let slot = timeout(
             limits.query_timeout,

@@ -29,31 +29,10 @@ pub mod plan;
 
 use std::time::{Duration, Instant};
 
-use crate::{announce::book::PeerLive, keys::PublicKey};
-
-/// An exit node whose last announcement is older than this is stale. Three
-/// missed one-second heartbeats.
-pub const STALE_AFTER: Duration = Duration::from_secs(3);
-/// How often the client probes the exit node in use and the next one.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
-/// The shortest probe deadline: three probe intervals. A lost probe or
-/// two (1% loss makes three in a row a once-a-day event at 10 probes a
-/// second) never moves the client.
-pub const PROBE_DEADLINE_MIN: Duration = Duration::from_millis(300);
-
-/// How long a probed exit node that answers probes may stay silent before
-/// it counts as gone: three probe intervals, plus its smoothed round trip
-/// and four times its deviation (TCP's retransmission timeout, in
-/// spirit), between [`PROBE_DEADLINE_MIN`] and [`STALE_AFTER`]. A peer
-/// not watched this way gets [`STALE_AFTER`].
-pub fn probe_deadline(live: &PeerLive) -> Duration {
-    if !live.watched() {
-        return STALE_AFTER;
-    }
-    let rtt = live.rtt.unwrap_or_default();
-    let var = live.rttvar.unwrap_or_default();
-    (PROBE_INTERVAL * 3 + rtt + var * 4).clamp(PROBE_DEADLINE_MIN, STALE_AFTER)
-}
+// How long a peer may stay silent is the announcements' rule (a watched
+// exit node's probe deadline); the rules above are stated in its terms.
+pub use crate::announce::live::{PROBE_DEADLINE_MIN, PROBE_INTERVAL, STALE_AFTER, probe_deadline};
+use crate::{announce::live::PeerLive, keys::PublicKey};
 
 /// A handshake older than this means the tunnel is down (WireGuard's
 /// reject-after time).
@@ -319,19 +298,6 @@ mod tests {
         let mut plain = ok;
         plain.flags = 0;
         assert_eq!(fresh_until(&plain), None);
-    }
-
-    #[test]
-    fn the_probe_deadline_follows_round_trip_and_jitter_within_bounds() {
-        let now = Instant::now() + Duration::from_secs(1000);
-        let with = |rtt: u64, var: u64| {
-            let mut l = live(now, 0, rtt);
-            l.rttvar = Some(Duration::from_millis(var));
-            probe_deadline(&watched(l, now, 5000, 10))
-        };
-        assert_eq!(with(0, 0), PROBE_DEADLINE_MIN);
-        assert_eq!(with(80, 20), Duration::from_millis(460));
-        assert_eq!(with(2000, 500), STALE_AFTER);
     }
 
     #[test]

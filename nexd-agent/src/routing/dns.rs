@@ -36,10 +36,12 @@ use std::{
 use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::info;
 
-use super::nft::{self, NftError};
+use super::nft::{self, NftError, Table};
 
-pub const NFT_FAMILY: &str = "inet";
-pub const NFT_TABLE: &str = "nexd_dns";
+pub const NFT_TABLE: Table = Table {
+    family: "inet",
+    name: "nexd_dns",
+};
 
 /// Where the client's queries go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,10 +134,9 @@ pub fn script(ctx: &Context, redirect: Redirect, zone: u16) -> String {
             ));
         }
     }
+    let clear = NFT_TABLE.clear_script();
     format!(
-        "add table {NFT_FAMILY} {NFT_TABLE}\n\
-         delete table {NFT_FAMILY} {NFT_TABLE}\n\
-         table {NFT_FAMILY} {NFT_TABLE} {{\n\
+        "{clear}table {NFT_TABLE} {{\n\
          \x20 counter redirected {{ }}\n\
          \x20 counter refused {{ }}\n\
          \x20 counter dot_dropped {{ }}\n\
@@ -167,7 +168,7 @@ pub fn apply(ctx: &Context, redirect: Redirect) -> Result<(), NftError> {
 
 /// Deletes the table (also one left by a crashed nexd).
 pub fn remove() -> Result<(), NftError> {
-    nft::delete_table(NFT_FAMILY, NFT_TABLE)
+    NFT_TABLE.delete()
 }
 
 #[cfg(test)]

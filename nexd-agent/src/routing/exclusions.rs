@@ -14,13 +14,12 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use netlink_packet_route::route::{RouteAttribute, RouteMessage, RouteScope};
 use rtnetlink::RouteMessageBuilder;
 use tracing::{debug, info};
 
-use super::uplink::{DefaultRoute, table_of};
+use super::{routes, uplink::DefaultRoute};
 use crate::netlink::{Netlink, NetlinkError};
 
 /// Owner of the routes in nexd's exclusion table.
@@ -100,18 +99,10 @@ impl ExcludedRoutes {
             .map(|(n, v)| (*n, *v))
             .collect();
         for (net, via) in &stale {
-            let msg = self.message(net, via);
-            match nl.handle().route().del(msg).execute().await {
-                Ok(()) => {}
-                Err(rtnetlink::Error::NetlinkError(m))
-                    if matches!(m.raw_code().abs(), libc::ESRCH | libc::ENOENT) => {}
-                Err(e) => {
-                    return Err(NetlinkError::new(
-                        format!("deleting excluded route {net}"),
-                        e,
-                    ));
-                }
-            }
+            routes::delete(nl, self.message(net, via), || {
+                format!("deleting excluded route {net}")
+            })
+            .await?;
             self.installed.remove(net);
         }
         let mut added = 0usize;
@@ -119,19 +110,10 @@ impl ExcludedRoutes {
             if self.installed.get(net) == Some(via) {
                 continue;
             }
-            let msg = self.message(net, via);
-            nl.handle()
-                .route()
-                .add(msg)
-                .replace()
-                .execute()
-                .await
-                .map_err(|e| {
-                    NetlinkError::new(
-                        format!("adding excluded route {net} (table {})", self.table),
-                        e,
-                    )
-                })?;
+            routes::replace(nl, self.message(net, via), || {
+                format!("adding excluded route {net} (table {})", self.table)
+            })
+            .await?;
             self.installed.insert(*net, *via);
             added += 1;
         }
@@ -151,30 +133,9 @@ impl ExcludedRoutes {
     /// returns how many there were.
     pub async fn clear(&mut self, nl: &Netlink) -> Result<usize, NetlinkError> {
         let table = self.table;
-        let mut found: Vec<RouteMessage> = Vec::new();
-        for v6 in [false, true] {
-            let query = if v6 {
-                RouteMessageBuilder::<Ipv6Addr>::new()
-                    .table_id(table)
-                    .build()
-            } else {
-                RouteMessageBuilder::<Ipv4Addr>::new()
-                    .table_id(table)
-                    .build()
-            };
-            let mut routes = nl.handle().route().get(query).execute();
-            while let Some(r) = routes
-                .try_next()
-                .await
-                .map_err(|e| NetlinkError::new("listing routes", e))?
-            {
-                if table_of(&r) == table {
-                    found.push(r);
-                }
-            }
-        }
+        let found = routes::of_table(nl, table).await?;
         let n = found.len();
-        for mut r in found {
+        for (_, mut r) in found {
             // A dump carries attributes the delete must not repeat as-is
             // (cache info); destination, table and next hop suffice.
             r.attributes.retain(|a| {
@@ -186,17 +147,7 @@ impl ExcludedRoutes {
                         | RouteAttribute::Gateway(_)
                 )
             });
-            match nl.handle().route().del(r).execute().await {
-                Ok(()) => {}
-                Err(rtnetlink::Error::NetlinkError(m))
-                    if matches!(m.raw_code().abs(), libc::ESRCH | libc::ENOENT) => {}
-                Err(e) => {
-                    return Err(NetlinkError::new(
-                        format!("deleting a route of table {table}"),
-                        e,
-                    ));
-                }
-            }
+            routes::delete(nl, r, || format!("deleting a route of table {table}")).await?;
         }
         if n > 0 {
             debug!(routes = n, table, "exclusion table cleared");

@@ -34,13 +34,15 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{info, warn};
 
 use super::{
-    nft::{self, NftError},
+    nft::{self, NftError, Table},
     sysctl::{self, SysctlError, Sysctls},
 };
 
 /// nftables family and name of nexd's table.
-pub const NFT_FAMILY: &str = "inet";
-pub const NFT_TABLE: &str = "nexd";
+pub const NFT_TABLE: Table = Table {
+    family: "inet",
+    name: "nexd",
+};
 
 /// The named counters of the table (packets and bytes each), for status
 /// and metrics: `nft list counter inet nexd <name>`.
@@ -60,9 +62,6 @@ pub const COUNTERS: [&str; 6] = [
     // A mesh source address arriving outside the tunnel: dropped.
     "spoofed",
 ];
-
-const FORWARD_V4: &str = "net.ipv4.ip_forward";
-const FORWARD_V6: &str = "net.ipv6.conf.all.forwarding";
 
 /// Why the exit node could not start forwarding.
 #[derive(Debug, thiserror::Error)]
@@ -147,10 +146,9 @@ impl ExitRules {
             .iter()
             .map(|c| format!("  counter {c} {{ }}\n"))
             .collect();
+        let clear = NFT_TABLE.clear_script();
         format!(
-            "add table {NFT_FAMILY} {NFT_TABLE}\n\
-             delete table {NFT_FAMILY} {NFT_TABLE}\n\
-             table {NFT_FAMILY} {NFT_TABLE} {{\n\
+            "{clear}table {NFT_TABLE} {{\n\
              {counters}\
              \x20 chain prerouting {{\n\
              \x20   type filter hook prerouting priority raw; policy accept;\n\
@@ -211,11 +209,7 @@ impl ExitForwarding {
         }
         nft::apply(&rules.script())?;
         let fw = ExitForwarding { uplinks };
-        let sys = (|| {
-            sysctls.set(FORWARD_V4, "1")?;
-            sysctls.set(FORWARD_V6, "1")
-        })();
-        if let Err(e) = sys {
+        if let Err(e) = sysctls.enable_forwarding() {
             fw.remove(sysctls);
             return Err(e.into());
         }
@@ -230,23 +224,15 @@ impl ExitForwarding {
         info!(
             uplink_v4 = ?fw.uplinks.v4,
             uplink_v6 = ?fw.uplinks.v6,
-            "exit node forwarding installed (nftables table {NFT_FAMILY} {NFT_TABLE})"
+            "exit node forwarding installed (nftables table {NFT_TABLE})"
         );
         Ok(fw)
     }
 
     /// Deletes the table and restores the forwarding sysctls.
     pub fn remove(&self, sysctls: &mut Sysctls) {
-        remove_table();
-        sysctls.restore(FORWARD_V4);
-        sysctls.restore(FORWARD_V6);
-    }
-}
-
-/// Deletes nexd's nftables table (also one left by a crashed nexd).
-pub fn remove_table() {
-    if let Err(e) = nft::delete_table(NFT_FAMILY, NFT_TABLE) {
-        warn!(error = %e, "cannot delete nftables table {NFT_FAMILY} {NFT_TABLE}");
+        NFT_TABLE.remove();
+        sysctls.restore_forwarding();
     }
 }
 

@@ -9,15 +9,17 @@
 //! path leaves them out of the tunnel, and without the rule a LAN host's
 //! probe of a metadata address would leave through the gateway's own
 //! uplink, beside the tunnel.
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{
-    nft::{self, NftError},
-    sysctl::{FORWARD_V4, FORWARD_V6, SysctlError, Sysctls},
+    nft::{self, NftError, Table},
+    sysctl::{SysctlError, Sysctls},
 };
 
-pub const NFT_FAMILY: &str = "inet";
-pub const NFT_TABLE: &str = "nexd_gw";
+pub const NFT_TABLE: Table = Table {
+    family: "inet",
+    name: "nexd_gw",
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -34,10 +36,9 @@ pub fn script(wg: &str, lans: &[String]) -> String {
         .map(|l| format!("\"{l}\""))
         .collect::<Vec<_>>()
         .join(", ");
+    let clear = NFT_TABLE.clear_script();
     format!(
-        "add table {NFT_FAMILY} {NFT_TABLE}\n\
-         delete table {NFT_FAMILY} {NFT_TABLE}\n\
-         table {NFT_FAMILY} {NFT_TABLE} {{\n\
+        "{clear}table {NFT_TABLE} {{\n\
          \x20 chain forward {{\n\
          \x20   type filter hook forward priority filter; policy accept;\n\
          \x20   iifname {{ {set} }} ip daddr 169.254.0.0/16 counter drop\n\
@@ -56,29 +57,17 @@ pub struct Gateway;
 impl Gateway {
     pub fn install(wg: &str, lans: &[String], sysctls: &mut Sysctls) -> Result<Self, GatewayError> {
         nft::apply(&script(wg, lans))?;
-        let sys = (|| {
-            sysctls.set(FORWARD_V4, "1")?;
-            sysctls.set(FORWARD_V6, "1")
-        })();
-        if let Err(e) = sys {
+        if let Err(e) = sysctls.enable_forwarding() {
             Gateway.remove(sysctls);
             return Err(e.into());
         }
-        info!(lans = ?lans, "LAN gateway installed (nftables table {NFT_FAMILY} {NFT_TABLE})");
+        info!(lans = ?lans, "LAN gateway installed (nftables table {NFT_TABLE})");
         Ok(Gateway)
     }
 
     pub fn remove(&self, sysctls: &mut Sysctls) {
-        remove_table();
-        sysctls.restore(FORWARD_V4);
-        sysctls.restore(FORWARD_V6);
-    }
-}
-
-/// Deletes the gateway table (also one left by a crashed nexd).
-pub fn remove_table() {
-    if let Err(e) = nft::delete_table(NFT_FAMILY, NFT_TABLE) {
-        warn!(error = %e, "cannot delete nftables table {NFT_FAMILY} {NFT_TABLE}");
+        NFT_TABLE.remove();
+        sysctls.restore_forwarding();
     }
 }
 

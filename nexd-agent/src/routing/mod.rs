@@ -11,7 +11,9 @@
 //! * `exclusions::ExcludedRoutes`: the routes of the excluded-routes table;
 //! * `sysctl::Sysctls`: every sysctl nexd changes, with the original value
 //!   kept on disk so a crashed nexd's successor can restore it;
-//! * `uplink`: finding the interface of the default route.
+//! * `uplink`: finding the interface of the default route;
+//! * `routes` and `nft`: how routes and nftables tables are read and
+//!   written, the same way for every owner above.
 
 pub mod dns;
 pub mod exclusions;
@@ -20,6 +22,7 @@ pub mod gateway;
 pub mod host;
 pub mod nft;
 pub mod policy;
+pub mod routes;
 pub mod sysctl;
 pub mod uplink;
 
@@ -103,16 +106,16 @@ impl Default for PolicyNumbers {
     }
 }
 
-/// Deletes the nftables tables a crashed nexd may have left (exit node's
-/// forwarding, LAN gateway, DNS redirect) in one `nft` run: at start-up,
-/// three runs of `nft` were a third of a 10-device start.
+/// Every nftables table nexd may create, each named by its owner: the
+/// exit node's forwarding, the LAN gateway, the DNS redirect. The record
+/// of what nexd installed may name no other (`ledger`).
+pub const NFT_TABLES: [nft::Table; 3] = [forward::NFT_TABLE, gateway::NFT_TABLE, dns::NFT_TABLE];
+
+/// Deletes the nftables tables a crashed nexd may have left
+/// ([`NFT_TABLES`]) in one `nft` run: at start-up, three runs of `nft`
+/// were a third of a 10-device start.
 pub fn remove_leftover_tables() {
-    let tables = [
-        (forward::NFT_FAMILY, forward::NFT_TABLE),
-        (gateway::NFT_FAMILY, gateway::NFT_TABLE),
-        (dns::NFT_FAMILY, dns::NFT_TABLE),
-    ];
-    if let Err(e) = nft::delete_tables(&tables) {
+    if let Err(e) = nft::delete_tables(&NFT_TABLES) {
         tracing::warn!(error = %e, "cannot delete leftover nftables tables");
     }
 }

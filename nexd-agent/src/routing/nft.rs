@@ -2,9 +2,12 @@
 //! transaction: it applies completely or not at all.
 
 use std::{
+    fmt,
     io::Write as _,
     process::{Command, Stdio},
 };
+
+use tracing::warn;
 
 /// Why an nftables change failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,39 +42,65 @@ pub fn apply(script: &str) -> Result<(), NftError> {
     }
 }
 
-/// Deletes the table `family name` if it exists.
-pub fn delete_table(family: &str, name: &str) -> Result<(), NftError> {
-    // "add" first makes the delete succeed whether or not it existed, in
-    // one transaction.
-    apply(&format!(
-        "add table {family} {name}\ndelete table {family} {name}\n"
-    ))
+/// An nftables table of nexd's: named once, by the module that owns it
+/// (`forward`, `gateway`, `dns`), and listed for clean-up and for the
+/// record in [`super::NFT_TABLES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Table {
+    pub family: &'static str,
+    pub name: &'static str,
 }
 
-/// Deletes every table of `tables` (`(family, name)`) that exists, in one
-/// transaction: one `nft` run instead of one per table (each run costs
-/// 10-30 ms, most of it starting `nft`).
-pub fn delete_tables(tables: &[(&str, &str)]) -> Result<(), NftError> {
+impl Table {
+    /// The start of a script that replaces the table, or of one that
+    /// deletes it: "add" first makes the delete succeed whether or not it
+    /// existed, and the script is one transaction, so the table is never
+    /// missing in between.
+    pub fn clear_script(self) -> String {
+        format!("add table {self}\ndelete table {self}\n")
+    }
+
+    /// Deletes the table if it exists.
+    pub fn delete(self) -> Result<(), NftError> {
+        apply(&self.clear_script())
+    }
+
+    /// Deletes the table (also one left by a crashed nexd); a failure is
+    /// logged, for callers on their way out that can do nothing else.
+    pub fn remove(self) {
+        if let Err(e) = self.delete() {
+            warn!(error = %e, "cannot delete nftables table {self}");
+        }
+    }
+
+    /// Whether the table exists.
+    pub fn exists(self) -> Result<bool, NftError> {
+        let out = Command::new("nft")
+            .args(["list", "table", self.family, self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(NftError::Spawn)?;
+        Ok(out.success())
+    }
+}
+
+/// "family name", as `nft` writes it (and the record keeps it).
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.family, self.name)
+    }
+}
+
+/// Deletes every table of `tables` that exists, in one transaction: one
+/// `nft` run instead of one per table (each run costs 10-30 ms, most of it
+/// starting `nft`).
+pub fn delete_tables(tables: &[Table]) -> Result<(), NftError> {
     apply(&delete_tables_script(tables))
 }
 
-/// "add" first makes each delete succeed whether or not the table existed.
-fn delete_tables_script(tables: &[(&str, &str)]) -> String {
-    tables
-        .iter()
-        .map(|(family, name)| format!("add table {family} {name}\ndelete table {family} {name}\n"))
-        .collect()
-}
-
-/// Whether the table `family name` exists.
-pub fn table_exists(family: &str, name: &str) -> Result<bool, NftError> {
-    let out = Command::new("nft")
-        .args(["list", "table", family, name])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(NftError::Spawn)?;
-    Ok(out.success())
+fn delete_tables_script(tables: &[Table]) -> String {
+    tables.iter().map(|t| t.clear_script()).collect()
 }
 
 /// Checks `script` with `nft -c` in a network namespace of its own:
@@ -111,7 +140,11 @@ pub fn check(script: &str) -> Result<(), String> {
 mod tests {
     #[test]
     fn one_transaction_deletes_tables_that_may_not_exist() {
-        let s = super::delete_tables_script(&[("inet", "nexd"), ("inet", "nexd_gw")]);
+        let table = |name| super::Table {
+            family: "inet",
+            name,
+        };
+        let s = super::delete_tables_script(&[table("nexd"), table("nexd_gw")]);
         assert_eq!(
             s,
             "add table inet nexd\ndelete table inet nexd\nadd table inet nexd_gw\ndelete table inet nexd_gw\n"

@@ -27,12 +27,10 @@ use tracing::{debug, info};
 
 use super::{
     PolicyNumbers,
+    routes::{self, MAIN_TABLE},
     sysctl::{SRC_VALID_MARK, Sysctls},
-    uplink::table_of,
 };
 use crate::netlink::{Netlink, NetlinkError};
-
-const MAIN_TABLE: u32 = 254;
 
 /// Owner of the client's rules, table routes and `src_valid_mark`.
 pub struct ClientRouting {
@@ -82,32 +80,19 @@ impl ClientRouting {
             .scope(RouteScope::Link)
             .table_id(n.table)
             .build();
-        nl.handle()
-            .route()
-            .add(v4)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| {
-                NetlinkError::new(format!("adding default dev {wg_name} table {}", n.table), e)
-            })?;
+        routes::replace(nl, v4, || {
+            format!("adding default dev {wg_name} table {}", n.table)
+        })
+        .await?;
         let v6 = RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
             .output_interface(wg_index)
             .table_id(n.table)
             .build();
-        nl.handle()
-            .route()
-            .add(v6)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| {
-                NetlinkError::new(
-                    format!("adding IPv6 default dev {wg_name} table {}", n.table),
-                    e,
-                )
-            })?;
+        routes::replace(nl, v6, || {
+            format!("adding IPv6 default dev {wg_name} table {}", n.table)
+        })
+        .await?;
         debug!(table = n.table, "exit-node client routes added");
         Ok(())
     }
@@ -286,61 +271,14 @@ impl ClientRouting {
     pub async fn remove_routes(&self, nl: &Netlink) -> Result<(), NetlinkError> {
         let table = self.numbers.table;
         for r in self.find_routes(nl).await? {
-            match nl.handle().route().del(r).execute().await {
-                Ok(()) => {}
-                Err(rtnetlink::Error::NetlinkError(m))
-                    if matches!(m.raw_code().abs(), libc::ESRCH | libc::ENOENT) => {}
-                Err(e) => {
-                    return Err(NetlinkError::new(
-                        format!("deleting a route of table {table}"),
-                        e,
-                    ));
-                }
-            }
+            routes::delete(nl, r, || format!("deleting a route of table {table}")).await?;
         }
         Ok(())
     }
 
     /// Every route in nexd's table.
     async fn find_routes(&self, nl: &Netlink) -> Result<Vec<RouteMessage>, NetlinkError> {
-        let table = self.numbers.table;
-        let mut found = Vec::new();
-        let mut v4 = nl
-            .handle()
-            .route()
-            .get(
-                RouteMessageBuilder::<Ipv4Addr>::new()
-                    .table_id(table)
-                    .build(),
-            )
-            .execute();
-        while let Some(r) = v4
-            .try_next()
-            .await
-            .map_err(|e| NetlinkError::new("listing IPv4 routes", e))?
-        {
-            if table_of(&r) == table {
-                found.push(r);
-            }
-        }
-        let mut v6 = nl
-            .handle()
-            .route()
-            .get(
-                RouteMessageBuilder::<Ipv6Addr>::new()
-                    .table_id(table)
-                    .build(),
-            )
-            .execute();
-        while let Some(r) = v6
-            .try_next()
-            .await
-            .map_err(|e| NetlinkError::new("listing IPv6 routes", e))?
-        {
-            if table_of(&r) == table {
-                found.push(r);
-            }
-        }
-        Ok(found)
+        let found = routes::of_table(nl, self.numbers.table).await?;
+        Ok(found.into_iter().map(|(_, r)| r).collect())
     }
 }

@@ -149,6 +149,19 @@ impl Sysctls {
         }
     }
 
+    /// Turns IPv4 and IPv6 forwarding on (exit node, LAN gateway),
+    /// remembering the originals for [`Sysctls::restore_forwarding`].
+    pub fn enable_forwarding(&mut self) -> Result<(), SysctlError> {
+        self.set(FORWARD_V4, "1")?;
+        self.set(FORWARD_V6, "1")
+    }
+
+    /// Puts IPv4 and IPv6 forwarding back to what they were.
+    pub fn restore_forwarding(&mut self) {
+        self.restore(FORWARD_V4);
+        self.restore(FORWARD_V6);
+    }
+
     /// Puts every changed sysctl back.
     pub fn restore_all(&mut self) {
         let keys: Vec<String> = self.saved.keys().cloned().collect();

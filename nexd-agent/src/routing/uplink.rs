@@ -1,11 +1,11 @@
-//! Finding the uplink: the interface (and gateway) of the default route.
+//! Finding the uplink: the interface (and gateway) of the default route,
+//! and noticing when it may have moved.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
-use futures::TryStreamExt as _;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use rtnetlink::RouteMessageBuilder;
 
+use super::routes::{self, MAIN_TABLE, table_of};
 use crate::netlink::{Netlink, NetlinkError};
 
 /// The main table's default route of one family.
@@ -13,17 +13,6 @@ use crate::netlink::{Netlink, NetlinkError};
 pub struct DefaultRoute {
     pub oif: u32,
     pub gateway: Option<IpAddr>,
-}
-
-/// The routing table a route message belongs to.
-pub fn table_of(msg: &RouteMessage) -> u32 {
-    msg.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(msg.header.table))
 }
 
 fn default_of(msg: &RouteMessage) -> Option<DefaultRoute> {
@@ -46,25 +35,7 @@ fn default_of(msg: &RouteMessage) -> Option<DefaultRoute> {
 /// Every route of the main table, IPv4 then IPv6, with whether it is
 /// IPv6: the one listing the uplink and host readers filter.
 pub async fn main_routes(nl: &Netlink) -> Result<Vec<(bool, RouteMessage)>, NetlinkError> {
-    let mut out = Vec::new();
-    for v6 in [false, true] {
-        let query = if v6 {
-            RouteMessageBuilder::<Ipv6Addr>::new().build()
-        } else {
-            RouteMessageBuilder::<Ipv4Addr>::new().build()
-        };
-        let mut routes = nl.handle().route().get(query).execute();
-        while let Some(r) = routes
-            .try_next()
-            .await
-            .map_err(|e| NetlinkError::new("listing routes", e))?
-        {
-            if table_of(&r) == 254 {
-                out.push((v6, r));
-            }
-        }
-    }
-    Ok(out)
+    routes::of_table(nl, MAIN_TABLE).await
 }
 
 /// The IPv4 and IPv6 default routes of the main table.
@@ -149,4 +120,61 @@ pub async fn internet_reachable(nl: &Netlink, only: Option<&str>) -> Result<bool
         }
     }
     Ok(false)
+}
+
+/// Listens for the changes that move uplinks: links appearing, going or
+/// changing state, addresses, and default routes of the main table (not
+/// nexd's own tables, whose churn is nexd's own doing). Each burst of
+/// changes becomes one notice on `notices` (a full channel already holds
+/// one, which is all the loop needs to know), so the daemon re-evaluates
+/// uplinks within milliseconds instead of on a timer.
+pub fn watch_changes(
+    notices: tokio::sync::mpsc::Sender<()>,
+) -> Result<tokio::task::JoinHandle<()>, NetlinkError> {
+    use futures::StreamExt as _;
+    use netlink_packet_route::RouteNetlinkMessage;
+    use rtnetlink::constants::{
+        RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK,
+    };
+    use rtnetlink::packet_core::NetlinkPayload;
+    use rtnetlink::sys::AsyncSocket as _;
+
+    let io = |op: &str, source: std::io::Error| NetlinkError {
+        op: op.into(),
+        source,
+    };
+    let (mut conn, _handle, mut messages) = rtnetlink::new_connection()
+        .map_err(|e| io("opening a route netlink socket for change notices", e))?;
+    let groups = RTMGRP_LINK
+        | RTMGRP_IPV4_IFADDR
+        | RTMGRP_IPV6_IFADDR
+        | RTMGRP_IPV4_ROUTE
+        | RTMGRP_IPV6_ROUTE;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&rtnetlink::sys::SocketAddr::new(0, groups))
+        .map_err(|e| io("subscribing to route, address and link changes", e))?;
+    tokio::spawn(conn);
+    Ok(tokio::spawn(async move {
+        while let Some((msg, _)) = messages.next().await {
+            let relevant = match msg.payload {
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r),
+                ) => r.header.destination_prefix_length == 0 && table_of(&r) == MAIN_TABLE,
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewAddress(_)
+                    | RouteNetlinkMessage::DelAddress(_)
+                    | RouteNetlinkMessage::NewLink(_)
+                    | RouteNetlinkMessage::DelLink(_),
+                ) => true,
+                _ => false,
+            };
+            if relevant
+                && let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) =
+                    notices.try_send(())
+            {
+                return;
+            }
+        }
+    }))
 }

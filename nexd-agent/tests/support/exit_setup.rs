@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use nexd::datapath::exit::{
-    ClientLimits, ExitClient, ExitPolicy, HostNetworks, RateLimit, exit_policy,
+    ClientLimits, ExitPolicy, HostNetworks, RateLimit, ServedClient, exit_policy,
 };
 use nexd_common::exit::{DenyReason, PolicyValue};
 
@@ -29,9 +29,9 @@ pub const EXIT_V6: &str = "fd6e:6578:6400::1";
 
 /// `n` clients, optionally each rate-limited (far above what a benchmark
 /// sends, to measure the bucket's cost without drops).
-pub fn clients(n: usize, limited: bool) -> Vec<ExitClient> {
+pub fn clients(n: usize, limited: bool) -> Vec<ServedClient> {
     (0..n)
-        .map(|i| ExitClient {
+        .map(|i| ServedClient {
             name: format!("client{i}"),
             addresses: vec![IpAddr::V4(client_v4(i)), IpAddr::V6(client_v6(i))],
             limits: if limited {

@@ -30,9 +30,10 @@ use tracing::debug;
 use super::rate::ClientLimits;
 use crate::datapath::{Datapath, DatapathError};
 
-/// A client the exit node should serve.
+/// A client the exit node should serve (not to be confused with
+/// `daemon::exit_client::ExitClient`, this device as a client of one).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExitClient {
+pub struct ServedClient {
     /// The device's name in the mesh file (the client id shown to the
     /// operator).
     pub name: String,
@@ -121,7 +122,7 @@ pub struct ClientSync {
 /// slots (and addresses per family).
 pub fn plan_clients(
     current: &ClientTable,
-    wanted: &[ExitClient],
+    wanted: &[ServedClient],
     capacity: u32,
 ) -> Result<ClientPlan, ExitClientError> {
     // Validate: unique names, every address owned once, capacity.
@@ -260,21 +261,11 @@ pub fn plan_clients(
 
 impl Datapath {
     fn client_map4(&mut self) -> Result<BpfHashMap<&mut MapData, [u8; 4], u32>, DatapathError> {
-        let name = names::EXIT_CLIENTS_V4_MAP;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| DatapathError::missing_map(name))?;
-        BpfHashMap::try_from(map).map_err(|e| DatapathError::map(name, e))
+        self.typed_map_mut(names::EXIT_CLIENTS_V4_MAP)
     }
 
     fn client_map6(&mut self) -> Result<BpfHashMap<&mut MapData, [u8; 16], u32>, DatapathError> {
-        let name = names::EXIT_CLIENTS_V6_MAP;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| DatapathError::missing_map(name))?;
-        BpfHashMap::try_from(map).map_err(|e| DatapathError::map(name, e))
+        self.typed_map_mut(names::EXIT_CLIENTS_V6_MAP)
     }
 
     fn apply_client_op(&mut self, op: &ClientOp) -> Result<(), DatapathError> {
@@ -307,12 +298,7 @@ impl Datapath {
             },
             ClientOp::SetLimits { slot, limits } => {
                 let name = names::EXIT_LIMITS_MAP;
-                let map = self
-                    .ebpf
-                    .map_mut(name)
-                    .ok_or_else(|| DatapathError::missing_map(name))?;
-                let mut arr: Array<&mut MapData, ClientLimit> =
-                    Array::try_from(map).map_err(|e| DatapathError::map(name, e))?;
+                let mut arr: Array<&mut MapData, ClientLimit> = self.typed_map_mut(name)?;
                 arr.set(slot, limits.to_map(), 0)
                     .map_err(|e| DatapathError::map(name, e))
             }
@@ -320,12 +306,8 @@ impl Datapath {
                 let name = names::EXIT_CLIENT_COUNTERS_MAP;
                 let cpus =
                     aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e.to_string()))?;
-                let map = self
-                    .ebpf
-                    .map_mut(name)
-                    .ok_or_else(|| DatapathError::missing_map(name))?;
                 let mut arr: PerCpuArray<&mut MapData, ClientCounters> =
-                    PerCpuArray::try_from(map).map_err(|e| DatapathError::map(name, e))?;
+                    self.typed_map_mut(name)?;
                 let zeros = PerCpuValues::try_from(vec![ClientCounters::default(); cpus])
                     .map_err(|e| DatapathError::Cpus(e.to_string()))?;
                 arr.set(slot, zeros, 0)
@@ -355,7 +337,7 @@ impl Datapath {
     /// the maps partly updated; the next sync starts from empty maps.
     pub fn sync_exit_clients(
         &mut self,
-        wanted: &[ExitClient],
+        wanted: &[ServedClient],
     ) -> Result<ClientSync, DatapathError> {
         if self.exit.clients_dirty {
             self.clear_exit_clients()?;
@@ -396,8 +378,8 @@ mod tests {
         s.parse().expect("ip")
     }
 
-    fn client(name: &str, addrs: &[&str]) -> ExitClient {
-        ExitClient {
+    fn client(name: &str, addrs: &[&str]) -> ServedClient {
+        ServedClient {
             name: name.into(),
             addresses: addrs.iter().map(|a| ip(a)).collect(),
             limits: ClientLimits::default(),
@@ -546,7 +528,7 @@ mod tests {
             8,
         );
         assert!(matches!(e, Err(ExitClientError::DuplicateAddress { .. })));
-        let many: Vec<ExitClient> = (0..9).map(|i| client(&format!("c{i}"), &[])).collect();
+        let many: Vec<ServedClient> = (0..9).map(|i| client(&format!("c{i}"), &[])).collect();
         let e = plan_clients(&ClientTable::default(), &many, 8);
         assert!(matches!(
             e,
@@ -594,7 +576,10 @@ mod tests {
                     continue;
                 }
                 let a = ip(&format!("100.64.0.{}", next() % 20));
-                if wanted.iter().any(|c: &ExitClient| c.addresses.contains(&a)) {
+                if wanted
+                    .iter()
+                    .any(|c: &ServedClient| c.addresses.contains(&a))
+                {
                     continue;
                 }
                 wanted.push(client(&name, &[&a.to_string()]));

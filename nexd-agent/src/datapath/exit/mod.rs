@@ -27,10 +27,7 @@ mod policy;
 mod rate;
 mod stats;
 
-use aya::{
-    maps::{Array, MapData},
-    programs::TcAttachType,
-};
+use aya::programs::TcAttachType;
 use nexd_common::{
     exit::{ExitConfig, FLAG_EXIT_ENFORCE, MssConfig, PolicyValue},
     names,
@@ -38,14 +35,14 @@ use nexd_common::{
 use tracing::info;
 
 pub use clients::{
-    ClientOp, ClientPlan, ClientSync, ClientTable, ExitClient, ExitClientError, Installed,
+    ClientOp, ClientPlan, ClientSync, ClientTable, ExitClientError, Installed, ServedClient,
     plan_clients,
 };
 pub use policy::{ExitPolicy, HostNetworks, builtin_denies, exit_policy, policy_lookup};
 pub use rate::{ClientLimits, DEFAULT_BURST_MS, MIN_BURST_BYTES, RateLimit, RateParseError};
 pub use stats::ExitClientRow;
 
-use super::{Datapath, DatapathError, attach::Attached};
+use super::{Datapath, DatapathError};
 
 /// The exit data path's state in user space (nexd's mirror of the maps).
 #[derive(Debug, Default)]
@@ -95,15 +92,7 @@ impl Datapath {
         if cfg == self.exit.config {
             return Ok(());
         }
-        let name = names::EXIT_CONFIG_MAP;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| DatapathError::missing_map(name))?;
-        let mut arr: Array<&mut MapData, ExitConfig> =
-            Array::try_from(map).map_err(|e| DatapathError::map(name, e))?;
-        arr.set(0, cfg, 0)
-            .map_err(|e| DatapathError::map(name, e))?;
+        self.set_single(names::EXIT_CONFIG_MAP, cfg)?;
         self.exit.config = cfg;
         Ok(())
     }
@@ -126,15 +115,7 @@ impl Datapath {
         if mss == self.exit.mss {
             return Ok(());
         }
-        let name = names::MSS_CONFIG_MAP;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| DatapathError::missing_map(name))?;
-        let mut arr: Array<&mut MapData, MssConfig> =
-            Array::try_from(map).map_err(|e| DatapathError::map(name, e))?;
-        arr.set(0, mss, 0)
-            .map_err(|e| DatapathError::map(name, e))?;
+        self.set_single(names::MSS_CONFIG_MAP, mss)?;
         self.exit.mss = mss;
         info!(
             mss_v4 = mss.mss_v4,
@@ -168,21 +149,13 @@ impl Datapath {
         } else {
             (names::EXIT_INGRESS_PROG, names::EXIT_EGRESS_PROG)
         };
-        let mut links = Vec::new();
-        for (program, dir) in [
-            (ingress, TcAttachType::Ingress),
-            (egress, TcAttachType::Egress),
-        ] {
-            match self.attach_one(program, iface, dir) {
-                Ok(link) => links.push(Attached { program, link }),
-                Err(e) => {
-                    for a in links {
-                        let _ = self.detach_on(iface, a);
-                    }
-                    return Err(e);
-                }
-            }
-        }
+        let links = self.attach_all(
+            iface,
+            [
+                (ingress, TcAttachType::Ingress),
+                (egress, TcAttachType::Egress),
+            ],
+        )?;
         self.attached.exit = Some((iface.to_owned(), links));
         self.set_exit_enforcing(true)?;
         info!(
@@ -225,18 +198,13 @@ impl Datapath {
         } else {
             names::MSS_CLAMP_PROG
         };
-        let mut links = Vec::new();
-        for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
-            match self.attach_one(program, iface, dir) {
-                Ok(link) => links.push(Attached { program, link }),
-                Err(e) => {
-                    for a in links {
-                        let _ = self.detach_on(iface, a);
-                    }
-                    return Err(e);
-                }
-            }
-        }
+        let links = self.attach_all(
+            iface,
+            [
+                (program, TcAttachType::Ingress),
+                (program, TcAttachType::Egress),
+            ],
+        )?;
         self.attached.mss.insert(iface.to_owned(), links);
         info!(iface, "TCP MSS clamp attached");
         Ok(())

@@ -19,7 +19,6 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use aya::maps::{MapData, lpm_trie::LpmTrie};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nexd_common::{
     exit::{DenyReason, PolicyValue},
@@ -27,7 +26,7 @@ use nexd_common::{
 };
 use tracing::debug;
 
-use crate::datapath::{Datapath, DatapathError};
+use crate::datapath::{Datapath, DatapathError, maps::TriePair};
 
 /// The policy tries' content: prefix -> verdict (longest match wins; an
 /// address without a match is the internet, allowed).
@@ -179,61 +178,18 @@ pub fn policy_lookup(policy: &ExitPolicy, addr: IpAddr) -> Option<PolicyValue> {
         .map(|(_, v)| *v)
 }
 
-fn key4(net: &Ipv4Net) -> aya::maps::lpm_trie::Key<[u8; 4]> {
-    aya::maps::lpm_trie::Key::new(u32::from(net.prefix_len()), net.network().octets())
-}
-
-fn key6(net: &Ipv6Net) -> aya::maps::lpm_trie::Key<[u8; 16]> {
-    aya::maps::lpm_trie::Key::new(u32::from(net.prefix_len()), net.network().octets())
-}
+/// The policy tries, IPv4 and IPv6.
+const POLICY_TRIES: TriePair = (names::EXIT_POLICY_V4_MAP, names::EXIT_POLICY_V6_MAP);
 
 impl Datapath {
-    fn policy_trie4(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], u8>, DatapathError> {
-        let name = names::EXIT_POLICY_V4_MAP;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| DatapathError::missing_map(name))?;
-        LpmTrie::try_from(map).map_err(|e| DatapathError::map(name, e))
-    }
-
-    fn policy_trie6(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 16], u8>, DatapathError> {
-        let name = names::EXIT_POLICY_V6_MAP;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| DatapathError::missing_map(name))?;
-        LpmTrie::try_from(map).map_err(|e| DatapathError::map(name, e))
-    }
-
     fn policy_write(
         &mut self,
         net: &IpNet,
         value: Option<PolicyValue>,
     ) -> Result<(), DatapathError> {
-        let r = match (net, value) {
-            (IpNet::V4(n), Some(v)) => self
-                .policy_trie4()?
-                .insert(&key4(n), v.encode(), 0)
-                .map_err(|e| (names::EXIT_POLICY_V4_MAP, e)),
-            (IpNet::V6(n), Some(v)) => self
-                .policy_trie6()?
-                .insert(&key6(n), v.encode(), 0)
-                .map_err(|e| (names::EXIT_POLICY_V6_MAP, e)),
-            (IpNet::V4(n), None) => self
-                .policy_trie4()?
-                .remove(&key4(n))
-                .map_err(|e| (names::EXIT_POLICY_V4_MAP, e)),
-            (IpNet::V6(n), None) => self
-                .policy_trie6()?
-                .remove(&key6(n))
-                .map_err(|e| (names::EXIT_POLICY_V6_MAP, e)),
-        };
-        match r {
-            Ok(()) => Ok(()),
-            // Already gone is what we wanted.
-            Err((_, aya::maps::MapError::KeyNotFound)) if value.is_none() => Ok(()),
-            Err((name, e)) => Err(DatapathError::map(name, e)),
+        match value {
+            Some(v) => self.trie_insert(POLICY_TRIES, net, v.encode()),
+            None => self.trie_remove(POLICY_TRIES, net),
         }
     }
 

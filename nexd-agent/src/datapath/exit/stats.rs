@@ -47,12 +47,7 @@ impl Datapath {
     /// Every served client's counters, by client name.
     pub fn exit_clients(&self) -> Result<Vec<ExitClientRow>, DatapathError> {
         let name = names::EXIT_CLIENT_COUNTERS_MAP;
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or_else(|| DatapathError::missing_map(name))?;
-        let arr: PerCpuArray<&MapData, ClientCounters> =
-            PerCpuArray::try_from(map).map_err(|e| DatapathError::map(name, e))?;
+        let arr: PerCpuArray<&MapData, ClientCounters> = self.typed_map(name)?;
         let mut rows = Vec::with_capacity(self.exit.clients.clients.len());
         for (client, inst) in &self.exit.clients.clients {
             let per_cpu = arr

@@ -1,0 +1,109 @@
+//! The routes of one routing table through rtnetlink, read and written
+//! the same way by every owner of routes (`policy`, `exclusions`) and
+//! reader of them (`uplink`, `host`): which table a route belongs to,
+//! every route of a table, and adding or deleting one where "already
+//! gone" is not an error.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt as _;
+use netlink_packet_route::route::{RouteAttribute, RouteMessage};
+use rtnetlink::RouteMessageBuilder;
+
+use crate::netlink::{Netlink, NetlinkError};
+
+/// The kernel's main table.
+pub const MAIN_TABLE: u32 = 254;
+
+/// The routing table a route message belongs to (the attribute for
+/// tables above 255, the header otherwise).
+pub fn table_of(msg: &RouteMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(msg.header.table))
+}
+
+/// Every route of `table`, IPv4 then IPv6, with whether it is IPv6. The
+/// kernel may dump other tables' routes too (it filters by table only
+/// with strict checking), so they are filtered here.
+pub async fn of_table(nl: &Netlink, table: u32) -> Result<Vec<(bool, RouteMessage)>, NetlinkError> {
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        let query = if v6 {
+            RouteMessageBuilder::<Ipv6Addr>::new()
+                .table_id(table)
+                .build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .table_id(table)
+                .build()
+        };
+        let family = if v6 { "IPv6" } else { "IPv4" };
+        let mut routes = nl.handle().route().get(query).execute();
+        while let Some(r) = routes.try_next().await.map_err(|e| {
+            NetlinkError::new(format!("listing {family} routes of table {table}"), e)
+        })? {
+            if table_of(&r) == table {
+                out.push((v6, r));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Adds `msg`, replacing the route with the same destination in its
+/// table if there is one. `what` names the route for the error.
+pub async fn replace(
+    nl: &Netlink,
+    msg: RouteMessage,
+    what: impl FnOnce() -> String,
+) -> Result<(), NetlinkError> {
+    nl.handle()
+        .route()
+        .add(msg)
+        .replace()
+        .execute()
+        .await
+        .map_err(|e| NetlinkError::new(what(), e))
+}
+
+/// Deletes `msg`; a route that is already gone is what was wanted. `what`
+/// names the deletion for the error.
+pub async fn delete(
+    nl: &Netlink,
+    msg: RouteMessage,
+    what: impl FnOnce() -> String,
+) -> Result<(), NetlinkError> {
+    match nl.handle().route().del(msg).execute().await {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(m))
+            if matches!(m.raw_code().abs(), libc::ESRCH | libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(NetlinkError::new(what(), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_attribute_wins_over_the_header() {
+        let mut small = RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(MAIN_TABLE)
+            .build();
+        assert_eq!(table_of(&small), MAIN_TABLE);
+        small.attributes.clear();
+        assert_eq!(table_of(&small), MAIN_TABLE, "the header alone");
+        let large = RouteMessageBuilder::<Ipv6Addr>::new()
+            .table_id(28280)
+            .build();
+        assert_eq!(table_of(&large), 28280);
+    }
+}
