@@ -1,7 +1,9 @@
 //! Fixtures the unit tests of several modules share: a small mesh as a
-//! mesh file would describe it. Test builds only.
+//! mesh file would describe it, and every phase and configuration of the
+//! exit-node client. Test builds only.
 
 use crate::{
+    exit::{Phase, plan::Policy},
     keys::PublicKey,
     mesh::{Device, Endpoint, Host, Mesh},
 };
@@ -39,4 +41,30 @@ pub fn mesh(devices: impl IntoIterator<Item = Device>) -> Mesh {
         agent_port: 51829,
         devices: devices.into_iter().collect(),
     }
+}
+
+/// Every phase an exit-node client's transition can start or end in,
+/// with two exit nodes to move between.
+pub fn phases(a: PublicKey, b: PublicKey) -> [Phase; 5] {
+    [
+        Phase::Off,
+        Phase::Waiting,
+        Phase::Active(a),
+        Phase::Active(b),
+        Phase::Held,
+    ]
+}
+
+/// Every configuration an exit-node client can have.
+pub fn policies() -> Vec<Policy> {
+    let mut v = Vec::new();
+    for kill_switch in [false, true] {
+        for private_dns in [false, true] {
+            v.push(Policy {
+                kill_switch,
+                private_dns,
+            });
+        }
+    }
+    v
 }

@@ -166,28 +166,10 @@ mod tests {
     use crate::{keys::PrivateKey, mesh::Device};
 
     fn mesh_with_endpoints(endpoints: &[Option<Endpoint>]) -> Mesh {
-        Mesh {
-            ipv4_prefix: "100.64.0.0/10".parse().expect("v4"),
-            ipv6_prefix: "fd00::/64".parse().expect("v6"),
-            persistent_keepalive: 25,
-            mtu: 1420,
-            agent_port: 51829,
-            devices: endpoints
-                .iter()
-                .enumerate()
-                .map(|(i, ep)| Device {
-                    name: format!("d{i}"),
-                    public_key: PrivateKey::generate().public_key(),
-                    endpoint: ep.clone(),
-                    listen_port: 51820,
-                    ipv4: format!("100.64.0.{}", i + 1).parse().expect("ip"),
-                    ipv6: format!("fd00::{}", i + 1).parse().expect("ip"),
-                    exit_node: false,
-                    exit_clients: None,
-                    exit_rate_limit: None,
-                })
-                .collect(),
-        }
+        crate::testing::mesh(endpoints.iter().enumerate().map(|(i, ep)| Device {
+            endpoint: ep.clone(),
+            ..crate::testing::device(i, PrivateKey::generate().public_key())
+        }))
     }
 
     fn name(n: &str) -> Endpoint {

@@ -465,7 +465,10 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::keys::PrivateKey;
+    use crate::{
+        keys::PrivateKey,
+        testing::{phases, policies},
+    };
 
     /// A host whose kernel is an `Installed` model: a step that succeeds
     /// applies to it; the calls listed in `fail` fail, having done half
@@ -546,29 +549,6 @@ mod tests {
             probes: true,
         };
         ExitClient::new(&settings, true, now)
-    }
-
-    fn policies() -> Vec<Policy> {
-        let mut v = Vec::new();
-        for kill_switch in [false, true] {
-            for private_dns in [false, true] {
-                v.push(Policy {
-                    kill_switch,
-                    private_dns,
-                });
-            }
-        }
-        v
-    }
-
-    fn phases(a: PublicKey, b: PublicKey) -> [Phase; 5] {
-        [
-            Phase::Off,
-            Phase::Waiting,
-            Phase::Active(a),
-            Phase::Active(b),
-            Phase::Held,
-        ]
     }
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {

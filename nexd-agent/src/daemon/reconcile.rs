@@ -120,32 +120,13 @@ pub fn diff_peers(applied: &BTreeMap<PublicKey, PeerConfig>, wanted: &[PeerConfi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{keys::PrivateKey, mesh::Device};
+    use crate::keys::PrivateKey;
 
     fn mesh(n: u8) -> Mesh {
-        Mesh {
-            ipv4_prefix: "100.64.0.0/10".parse().expect("v4"),
-            ipv6_prefix: "fd00::/64".parse().expect("v6"),
-            persistent_keepalive: 25,
-            mtu: 1420,
-            agent_port: 51829,
-            devices: (1..=n)
-                .map(|i| Device {
-                    name: format!("d{i}"),
-                    public_key: PrivateKey::generate().public_key(),
-                    endpoint: Some(Endpoint {
-                        host: Host::Ip(format!("192.0.2.{i}").parse().expect("ip")),
-                        port: 51820,
-                    }),
-                    listen_port: 51820,
-                    ipv4: format!("100.64.0.{i}").parse().expect("ip"),
-                    ipv6: format!("fd00::{i}").parse().expect("ip"),
-                    exit_node: false,
-                    exit_clients: None,
-                    exit_rate_limit: None,
-                })
-                .collect(),
-        }
+        crate::testing::mesh(
+            (0..usize::from(n))
+                .map(|i| crate::testing::device(i, PrivateKey::generate().public_key())),
+        )
     }
 
     fn applied(peers: &[PeerConfig]) -> BTreeMap<PublicKey, PeerConfig> {

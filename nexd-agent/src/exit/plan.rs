@@ -329,35 +329,13 @@ pub fn broken(s: &Installed, policy: Policy) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::PrivateKey;
+    use crate::{
+        keys::PrivateKey,
+        testing::{phases, policies},
+    };
 
     fn key() -> PublicKey {
         PrivateKey::generate().public_key()
-    }
-
-    /// Every phase a transition can start or end in.
-    fn phases(a: PublicKey, b: PublicKey) -> [Phase; 5] {
-        [
-            Phase::Off,
-            Phase::Waiting,
-            Phase::Active(a),
-            Phase::Active(b),
-            Phase::Held,
-        ]
-    }
-
-    /// Every configuration a client can have.
-    fn policies() -> Vec<Policy> {
-        let mut v = Vec::new();
-        for kill_switch in [false, true] {
-            for private_dns in [false, true] {
-                v.push(Policy {
-                    kill_switch,
-                    private_dns,
-                });
-            }
-        }
-        v
     }
 
     const PLAIN: Policy = Policy {
