@@ -39,7 +39,7 @@ use nexd_testkit::{
     Netns, Node, NodeSpec,
     etcd::{EtcdCluster, MeshAdmin, key_id},
     proto::{ClientPhase, MembershipSource, MembershipState, PeerRow, RegistryInfo},
-    traffic::{ping_once, ping_until, tcp_transfer, udp_exchange},
+    traffic::{UdpStream, ping_once, ping_until, tcp_transfer, udp_exchange},
     wait_for,
     world::World,
 };
@@ -725,5 +725,72 @@ fn etcd_member_loss_outage_and_restart_from_the_cache() -> anyhow::Result<()> {
         },
     )?;
     ping_until(&lab.node("a").ns, mesh_ip(lab.node("b"), true)?, T)?;
+    Ok(())
+}
+
+/// Issue 21, finding 0: a client in exit mode whose own membership goes
+/// (revoked by the admin) loses its mesh addresses; the kernel then
+/// deletes every IPv4 route through the WireGuard interface, the default
+/// route of nexd's table among them. Held must still mean blocked, and
+/// approved again, the client must route through the exit node again.
+#[test]
+fn a_client_that_leaves_the_mesh_holds_its_traffic_and_resumes_when_approved_again()
+-> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut lab = Lab::new(&["exit1", "client"], 1)?;
+    lab.start("exit1", &["router", "--exit-node"], &[])?;
+    lab.start("client", &[], &["--exit-node-client"])?;
+    lab.admin.approve("exit1", &["--exit-node"])?;
+    lab.admin.approve("client", &[])?;
+    wait_mesh(&lab, &["exit1", "client"])?;
+    lab.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    let w = &lab.w;
+    w.inet
+        .watch("client4", &w.underlay("client", false).to_string())?;
+    w.inet
+        .watch("client6", &w.underlay("client", true).to_string())?;
+    // Traffic all along, as an application would keep sending.
+    let stream = |v6| {
+        UdpStream::start(
+            &lab.node("client").ns,
+            &lab.w.inet.ns,
+            World::server(v6),
+            Duration::from_millis(10),
+            Duration::from_secs(60),
+        )
+    };
+    let (s4, s6) = (stream(false)?, stream(true)?);
+
+    lab.admin.revoke("client")?;
+    wait_state(lab.node("client"), MembershipState::Revoked, T)?;
+    lab.node("client").wait_phase(ClientPhase::Held, T)?;
+    assert_eq!(lab.node("client").status()?.mesh_ipv4, "", "addresses gone");
+    // Held for a while: nothing may leave directly.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lab.w.inet.count("client4")?, 0, "IPv4 leaked while held");
+    assert_eq!(lab.w.inet.count("client6")?, 0, "IPv6 leaked while held");
+
+    // Approved again: the traffic flows through the exit node again.
+    let approved = Instant::now();
+    lab.admin.approve("client", &[])?;
+    wait_state(lab.node("client"), MembershipState::Member, T)?;
+    lab.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    let exit1 = |v6| lab.w.underlay("exit1", v6);
+    for (s, v6) in [(&s4, false), (&s6, true)] {
+        wait_for(
+            &format!("the client's stream (IPv6: {v6}) through exit1 again"),
+            T,
+            Duration::from_millis(50),
+            || s.first_from(exit1(v6), approved).map(|_| ()),
+        )?;
+    }
+    assert_eq!(tcp_source(&lab, "client", false)?, exit1(false));
+    assert_eq!(tcp_source(&lab, "client", true)?, exit1(true));
+    s4.finish()?;
+    s6.finish()?;
+    assert_eq!(lab.w.inet.count("client4")?, 0, "IPv4 leaked");
+    assert_eq!(lab.w.inet.count("client6")?, 0, "IPv6 leaked");
     Ok(())
 }

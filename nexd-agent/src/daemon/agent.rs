@@ -357,6 +357,7 @@ impl Daemon {
         if self.exit_role.on_host_changed(host, &self.mesh).await {
             self.tell_peers_now();
         }
+        self.verify_exit_client().await;
         if let Err(e) = self.split.sync(&self.host.nl).await {
             debug!(error = %e, "excluded routes not updated");
         }
@@ -487,6 +488,28 @@ impl Daemon {
             own: &self.own,
         };
         Some((client, candidates, steps))
+    }
+
+    /// The kernel changed routes, rules, addresses or links: what it
+    /// removed of the exit client's routing (the interface's last address
+    /// takes the tunnel's route with it) is put back now.
+    async fn verify_exit_client(&mut self) {
+        let Some((client, _, steps)) = self.exit_parts() else {
+            return;
+        };
+        if !client.routing_installed() {
+            return;
+        }
+        let missing = match steps.present().await {
+            Ok(present) => client.observe(present),
+            Err(e) => {
+                debug!(error = %crate::error_text(&e), "reading the exit-node client's routing failed");
+                false
+            }
+        };
+        if missing {
+            self.evaluate_exit().await;
+        }
     }
 
     /// The exit-node client follows the announcements (an exit node does

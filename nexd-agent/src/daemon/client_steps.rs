@@ -12,7 +12,10 @@ use crate::{
     exit::plan::{Dns, Step},
     keys::PublicKey,
     mesh::Mesh,
-    routing::{PolicyNumbers, dns, policy::ClientRouting},
+    routing::{
+        PolicyNumbers, dns,
+        policy::{ClientRouting, Present},
+    },
 };
 
 /// The kernel objects a plan's steps act on, each through its owner.
@@ -38,6 +41,8 @@ impl StepRunner for ClientSteps<'_> {
             Step::DetachGuard => host.programs.set_guard(&host.nl, false).await,
             Step::SetFwmark => Ok(self.iface.set_fwmark(Some(self.routing.numbers().fwmark))?),
             Step::ClearFwmark => Ok(self.iface.set_fwmark(None)?),
+            Step::AddFallback => Ok(self.routing.add_fallback(&host.nl).await?),
+            Step::RemoveFallback => Ok(self.routing.remove_fallback(&host.nl).await?),
             Step::AddRoutes => Ok(self
                 .routing
                 .add_routes(&host.nl, self.iface.index(), self.iface.name())
@@ -57,6 +62,14 @@ impl StepRunner for ClientSteps<'_> {
 }
 
 impl ClientSteps<'_> {
+    /// Which of the client's routing objects the kernel holds now.
+    pub async fn present(&self) -> anyhow::Result<Present> {
+        Ok(self
+            .routing
+            .present(&self.host.nl, self.iface.index())
+            .await?)
+    }
+
     fn redirect_dns(&self, d: Dns) -> anyhow::Result<()> {
         let ctx = dns::Context {
             wg: self.iface.name().to_owned(),

@@ -30,7 +30,7 @@ use crate::{
     keys::PublicKey,
     mesh::Mesh,
     metrics::{Labels, label},
-    routing::PolicyNumbers,
+    routing::{PolicyNumbers, policy::Present},
 };
 
 /// What a step does to the host: the executor's only way to touch it.
@@ -152,6 +152,45 @@ impl ExitClient {
     /// Whether this client probes exit nodes now (wanted, probes on).
     pub fn probes_wanted(&self) -> bool {
         self.probes && self.wanted
+    }
+
+    /// Whether any of the client's routing is (or may be) installed.
+    pub fn routing_installed(&self) -> bool {
+        let i = self.installed;
+        i.rules || i.routes || i.fallback
+    }
+
+    /// What the kernel holds of the client's routing now. A part the
+    /// record has but the kernel no longer does (the kernel took the
+    /// tunnel's IPv4 route with the interface's last IPv4 address, a rule
+    /// was flushed by hand) is recorded as gone, so the next evaluation
+    /// puts it back. Returns whether anything was missing.
+    pub fn observe(&mut self, present: Present) -> bool {
+        let parts = [
+            (
+                self.installed.fallback && !present.fallback,
+                "the unreachable default routes",
+            ),
+            (
+                self.installed.routes && !present.routes,
+                "the default routes into the tunnel",
+            ),
+            (self.installed.rules && !present.rules, "the policy rules"),
+        ];
+        let missing: Vec<&str> = parts.iter().filter(|(m, _)| *m).map(|(_, w)| *w).collect();
+        if missing.is_empty() {
+            return false;
+        }
+        for record in [&mut self.installed, &mut self.surely] {
+            record.fallback &= present.fallback;
+            record.routes &= present.routes;
+            record.rules &= present.rules;
+        }
+        warn!(
+            missing = %missing.join(", "),
+            "part of the exit-node client's routing is gone from the kernel (an address or link went, or it was removed by hand): putting it back"
+        );
+        true
     }
 
     /// The nftables tables the client has in place (for the record).
@@ -712,6 +751,44 @@ mod tests {
         block_on(c.transition(Phase::Held, &mut host, &book(), later)).expect("holds");
         block_on(c.transition(Phase::Active(b), &mut host, &book(), later)).expect("back");
         assert_eq!(c.failovers, 1);
+    }
+
+    #[test]
+    fn what_the_kernel_removed_is_put_back_at_the_next_evaluation() {
+        let now = Instant::now();
+        let policy = Policy {
+            kill_switch: false,
+            private_dns: true,
+        };
+        let exit = key();
+        for phase in [Phase::Active(exit), Phase::Held] {
+            let mut c = client_in(phase, policy, now);
+            let all = Present {
+                routes: true,
+                fallback: true,
+                rules: true,
+            };
+            assert!(!c.observe(all), "nothing missing");
+            // The interface lost its last IPv4 address: the kernel took
+            // the tunnel's route.
+            assert!(c.observe(Present {
+                routes: false,
+                ..all
+            }));
+            let mut host = FakeHost::new(c.installed, policy);
+            block_on(c.follow(phase, &mut host, &book(), now));
+            assert_eq!(host.ran, [Step::AddRoutes], "{phase:?}");
+            assert_eq!(c.installed, plan::target(phase, policy));
+            // Rules flushed by hand: put back, in order.
+            c.observe(Present {
+                rules: false,
+                ..all
+            });
+            let mut host = FakeHost::new(c.installed, policy);
+            block_on(c.follow(phase, &mut host, &book(), now));
+            assert_eq!(host.ran, [Step::AddRules], "{phase:?}");
+            assert!(host.broke.is_empty(), "{:?}", host.broke);
+        }
     }
 
     #[test]

@@ -53,7 +53,14 @@ pub struct Installed {
     pub fwmark: bool,
     /// Where DNS queries are redirected.
     pub dns: Dns,
-    /// `default dev <wg>` (v4 and v6) in nexd's table.
+    /// The unreachable default routes (v4 and v6) at the end of nexd's
+    /// table: they need no device, so a lookup that reaches the table
+    /// stops there whatever the kernel does to the interface.
+    pub fallback: bool,
+    /// `default dev <wg>` (v4 and v6) in nexd's table. The kernel deletes
+    /// the IPv4 one with the interface's last IPv4 address (a device
+    /// that leaves the mesh loses its mesh addresses): nexd watches for
+    /// that and puts it back.
     pub routes: bool,
     /// The peer whose AllowedIPs carry 0.0.0.0/0 and ::/0.
     pub exit_peer: Option<PublicKey>,
@@ -71,6 +78,7 @@ pub enum Step {
     AttachGuard,
     /// Point DNS at an exit node, block it, or stop redirecting it.
     Dns(Dns),
+    AddFallback,
     AddRoutes,
     /// Move the default routes in WireGuard to this peer (or to none):
     /// one peer update, touching only the old and the new exit peer.
@@ -80,6 +88,7 @@ pub enum Step {
     SteeringOff,
     RemoveRules,
     RemoveRoutes,
+    RemoveFallback,
     DetachGuard,
     ClearFwmark,
 }
@@ -92,6 +101,7 @@ impl std::fmt::Display for Step {
             Step::Dns(Dns::Via(k)) => write!(f, "redirecting DNS to exit node {k}"),
             Step::Dns(Dns::Blocked) => f.write_str("blocking DNS while traffic is held back"),
             Step::Dns(Dns::Off) => f.write_str("removing the DNS redirect"),
+            Step::AddFallback => f.write_str("adding the unreachable default routes"),
             Step::AddRoutes => f.write_str("adding the default routes into the tunnel"),
             Step::RouteVia(Some(k)) => write!(f, "moving the default routes to peer {k}"),
             Step::RouteVia(None) => f.write_str("taking the default routes off the exit peer"),
@@ -100,6 +110,7 @@ impl std::fmt::Display for Step {
             Step::SteeringOff => f.write_str("turning the LAN classifier's steering off"),
             Step::RemoveRules => f.write_str("removing the policy rules"),
             Step::RemoveRoutes => f.write_str("removing the default routes into the tunnel"),
+            Step::RemoveFallback => f.write_str("removing the unreachable default routes"),
             Step::DetachGuard => f.write_str("detaching the leak guard"),
             Step::ClearFwmark => f.write_str("clearing WireGuard's fwmark"),
         }
@@ -113,6 +124,7 @@ impl Step {
             Step::SetFwmark => s.fwmark = true,
             Step::AttachGuard => s.guard = true,
             Step::Dns(d) => s.dns = d,
+            Step::AddFallback => s.fallback = true,
             Step::AddRoutes => s.routes = true,
             Step::RouteVia(k) => s.exit_peer = k,
             Step::AddRules => s.rules = true,
@@ -120,6 +132,7 @@ impl Step {
             Step::SteeringOff => s.steering = false,
             Step::RemoveRules => s.rules = false,
             Step::RemoveRoutes => s.routes = false,
+            Step::RemoveFallback => s.fallback = false,
             Step::DetachGuard => s.guard = false,
             Step::ClearFwmark => s.fwmark = false,
         }
@@ -134,6 +147,7 @@ impl Step {
         match self {
             Step::AttachGuard
             | Step::SetFwmark
+            | Step::AddFallback
             | Step::AddRoutes
             | Step::AddRules
             | Step::SteeringOn => self.apply(s),
@@ -146,6 +160,7 @@ impl Step {
             | Step::SteeringOff
             | Step::RemoveRules
             | Step::RemoveRoutes
+            | Step::RemoveFallback
             | Step::ClearFwmark
             | Step::DetachGuard => s,
         }
@@ -161,6 +176,7 @@ impl Step {
         match self {
             Step::AttachGuard
             | Step::SetFwmark
+            | Step::AddFallback
             | Step::AddRoutes
             | Step::AddRules
             | Step::SteeringOn
@@ -170,6 +186,7 @@ impl Step {
             | Step::SteeringOff
             | Step::RemoveRules
             | Step::RemoveRoutes
+            | Step::RemoveFallback
             | Step::ClearFwmark
             | Step::DetachGuard => self.apply(s),
         }
@@ -191,6 +208,7 @@ pub fn from_uncertain(maybe: Installed, surely: Installed, to: Installed) -> Ins
         guard: pick(maybe.guard, surely.guard, to.guard),
         fwmark: pick(maybe.fwmark, surely.fwmark, to.fwmark),
         dns: pick(maybe.dns, surely.dns, to.dns),
+        fallback: pick(maybe.fallback, surely.fallback, to.fallback),
         routes: pick(maybe.routes, surely.routes, to.routes),
         exit_peer: pick(maybe.exit_peer, surely.exit_peer, to.exit_peer),
         rules: pick(maybe.rules, surely.rules, to.rules),
@@ -216,6 +234,7 @@ pub fn target(phase: Phase, policy: Policy) -> Installed {
         guard: guarded,
         fwmark: routing || guarded,
         dns,
+        fallback: routing,
         routes: routing,
         exit_peer: phase.exit_peer(),
         rules: routing,
@@ -243,6 +262,9 @@ pub fn plan(from: Installed, to: Installed) -> Vec<Step> {
     // to a resolver through the main table...
     if to.dns != from.dns && to.dns != Dns::Off {
         steps.push(Step::Dns(to.dns));
+    }
+    if to.fallback && !from.fallback {
+        steps.push(Step::AddFallback);
     }
     if to.routes && !from.routes {
         steps.push(Step::AddRoutes);
@@ -275,6 +297,9 @@ pub fn plan(from: Installed, to: Installed) -> Vec<Step> {
     if !to.routes && from.routes {
         steps.push(Step::RemoveRoutes);
     }
+    if !to.fallback && from.fallback {
+        steps.push(Step::RemoveFallback);
+    }
     if !to.guard && from.guard {
         steps.push(Step::DetachGuard);
     }
@@ -289,7 +314,9 @@ pub fn plan(from: Installed, to: Installed) -> Vec<Step> {
 /// falls through to the main table's default route, and only the guard
 /// stands in the way.
 pub fn leaks(s: &Installed) -> bool {
-    let tunnelled = s.rules && s.routes;
+    // With the fallback, a lookup ends in nexd's table even when the
+    // kernel took the tunnel's route: blocked, not leaked.
+    let tunnelled = s.rules && (s.routes || s.fallback);
     !tunnelled && !s.guard
 }
 
@@ -302,6 +329,12 @@ pub fn broken(s: &Installed, policy: Policy) -> Vec<&'static str> {
     // traffic the device believes tunnelled goes out directly.
     if s.rules && !s.routes {
         out.push("rules without routes");
+    }
+    // The kernel may take the tunnel's routes at any time (the last
+    // address of the interface goes): only the fallback, which needs no
+    // device, keeps the lookup from falling through to the main table.
+    if s.rules && !s.fallback {
+        out.push("rules without the unreachable fallback");
     }
     // The rules without WireGuard's fwmark send WireGuard's own UDP back
     // into the tunnel: nothing reaches any peer, the device is stranded.
@@ -429,6 +462,7 @@ mod tests {
             ),
             [
                 Step::SetFwmark,
+                Step::AddFallback,
                 Step::AddRoutes,
                 Step::RouteVia(Some(a)),
                 Step::AddRules,
@@ -445,6 +479,7 @@ mod tests {
             plan(target(Phase::Waiting, FULL), target(Phase::Active(a), FULL)),
             [
                 Step::Dns(Dns::Via(a)),
+                Step::AddFallback,
                 Step::AddRoutes,
                 Step::RouteVia(Some(a)),
                 Step::AddRules,
@@ -495,6 +530,7 @@ mod tests {
                 Step::Dns(Dns::Off),
                 Step::RouteVia(None),
                 Step::RemoveRoutes,
+                Step::RemoveFallback,
                 Step::DetachGuard,
                 Step::ClearFwmark,
             ]
@@ -509,10 +545,11 @@ mod tests {
     #[test]
     fn crash_restart_adoption_from_any_leftover_state() {
         let (a, b) = (key(), key());
-        for bits in 0u8..128 {
+        for bits in 0u8..=255 {
             let found = Installed {
                 guard: bits & 1 != 0,
                 fwmark: bits & 2 != 0,
+                fallback: bits & 128 != 0,
                 routes: bits & 4 != 0,
                 exit_peer: (bits & 8 != 0).then_some(a),
                 rules: bits & 16 != 0,
@@ -572,6 +609,44 @@ mod tests {
                             let reached = walk(real, &p, policy, false, &what);
                             assert_eq!(reached, goal, "{what}");
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The objects the kernel removes behind nexd's back, each with the
+    /// state it leaves: the tunnel's routes go with the interface's last
+    /// address (or the link going down). Nothing else of the client's
+    /// routing depends on a device: the fallback, the rules, the DNS
+    /// table and the fwmark stay; the guard goes only with its uplink.
+    fn kernel_removals(s: Installed) -> Vec<(&'static str, Installed)> {
+        vec![(
+            "the tunnel's routes",
+            Installed {
+                routes: false,
+                ..s
+            },
+        )]
+    }
+
+    #[test]
+    fn what_the_kernel_removes_never_leaks_and_the_plan_puts_it_back() {
+        let (a, b) = (key(), key());
+        for policy in policies() {
+            for phase in phases(a, b) {
+                let wanted = target(phase, policy);
+                for (what, left) in kernel_removals(wanted) {
+                    let what = format!("the kernel removed {what} in {phase:?} ({policy:?})");
+                    // Installed routing stays routing: blocked, not leaked.
+                    if phase.routing_installed() {
+                        assert!(!leaks(&left), "{what}: {left:?}");
+                    }
+                    let repair = plan(left, wanted);
+                    let reached = walk(left, &repair, policy, phase.routing_installed(), &what);
+                    assert_eq!(reached, wanted, "{what}");
+                    if left != wanted {
+                        assert_eq!(repair, [Step::AddRoutes], "{what}: only what went is redone");
                     }
                 }
             }

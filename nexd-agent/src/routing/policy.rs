@@ -5,6 +5,7 @@
 //! <priority>     from all lookup main suppress_prefixlength 0
 //! <priority+1>   from all not fwmark <mark> lookup <table>
 //! table <table>: default dev <wg>
+//!                unreachable default metric 4294967295
 //! ```
 //!
 //! The first rule keeps every route of the main table except its default
@@ -13,13 +14,17 @@
 //! the tunnel, where only the exit peer accepts 0.0.0.0/0 and ::/0.
 //! WireGuard's own packets carry the mark and fall through to the main
 //! table's default route. The same scheme as wg-quick, with nexd's own,
-//! fixed numbers (see `PolicyNumbers`).
+//! fixed numbers (see `PolicyNumbers`), and one addition: unreachable
+//! default routes at the end of nexd's table. The kernel deletes `default
+//! dev <wg>` with the interface's last IPv4 address; without them a
+//! lookup would then fall through to the main table's default route and
+//! leave directly. They need no device, so nothing but nexd removes them.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
-    route::{RouteMessage, RouteScope},
+    route::{RouteMessage, RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
 };
 use rtnetlink::{IpVersion, RouteMessageBuilder};
@@ -35,6 +40,20 @@ use crate::netlink::{Netlink, NetlinkError};
 /// Owner of the client's rules, table routes and `src_valid_mark`.
 pub struct ClientRouting {
     numbers: PolicyNumbers,
+}
+
+/// The metric of the unreachable fallback: after every other route.
+pub const FALLBACK_METRIC: u32 = u32::MAX;
+
+/// Which of the client's objects the kernel holds now (`present`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Present {
+    /// `default dev <wg>`, v4 and v6.
+    pub routes: bool,
+    /// The unreachable defaults, v4 and v6.
+    pub fallback: bool,
+    /// All six rules (three priorities, v4 and v6).
+    pub rules: bool,
 }
 
 fn rule_table(r: &RuleMessage) -> u32 {
@@ -95,6 +114,57 @@ impl ClientRouting {
         .await?;
         debug!(table = n.table, "exit-node client routes added");
         Ok(())
+    }
+
+    /// Adds `unreachable default` (v4 and v6) after every other route of
+    /// nexd's table. Before the rules, and removed after them.
+    pub async fn add_fallback(&self, nl: &Netlink) -> Result<(), NetlinkError> {
+        let table = self.numbers.table;
+        let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .kind(RouteType::Unreachable)
+            .priority(FALLBACK_METRIC)
+            .table_id(table)
+            .build();
+        routes::replace(nl, v4, || {
+            format!("adding unreachable default table {table}")
+        })
+        .await?;
+        let v6 = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+            .kind(RouteType::Unreachable)
+            .priority(FALLBACK_METRIC)
+            .table_id(table)
+            .build();
+        routes::replace(nl, v6, || {
+            format!("adding IPv6 unreachable default table {table}")
+        })
+        .await?;
+        debug!(table, "exit-node client fallback added");
+        Ok(())
+    }
+
+    /// Which of the client's objects the kernel holds now, so a change
+    /// made behind nexd's back (an address gone, a rule flushed by hand)
+    /// is noticed and repaired.
+    pub async fn present(&self, nl: &Netlink, wg_index: u32) -> Result<Present, NetlinkError> {
+        let found = routes::of_table(nl, self.numbers.table).await?;
+        let has = |v6: bool, fallback: bool| {
+            found.iter().any(|(is_v6, r)| {
+                *is_v6 == v6
+                    && r.header.destination_prefix_length == 0
+                    && if fallback {
+                        r.header.kind == RouteType::Unreachable
+                    } else {
+                        r.header.kind == RouteType::Unicast && routes::oif(r) == Some(wg_index)
+                    }
+            })
+        };
+        Ok(Present {
+            routes: has(false, false) && has(true, false),
+            fallback: has(false, true) && has(true, true),
+            rules: self.find_rules(nl).await?.len() >= 6,
+        })
     }
 
     /// Installs the rules (v4 and v6) and `src_valid_mark`. Idempotent:
@@ -213,7 +283,7 @@ impl ClientRouting {
     /// an earlier one failed; the first error is returned.
     pub async fn remove(&self, nl: &Netlink, sysctls: &mut Sysctls) -> Result<(), NetlinkError> {
         let rules = self.remove_rules(nl).await;
-        let routes = self.remove_routes(nl).await;
+        let routes = self.delete_routes(nl, |_| true).await;
         sysctls.restore(SRC_VALID_MARK);
         rules?;
         routes?;
@@ -267,11 +337,28 @@ impl ClientRouting {
         Ok(())
     }
 
-    /// Deletes every route in nexd's table.
+    /// Deletes every route in nexd's table but the unreachable fallback.
     pub async fn remove_routes(&self, nl: &Netlink) -> Result<(), NetlinkError> {
+        self.delete_routes(nl, |r| r.header.kind != RouteType::Unreachable)
+            .await
+    }
+
+    /// Deletes the unreachable fallback of nexd's table.
+    pub async fn remove_fallback(&self, nl: &Netlink) -> Result<(), NetlinkError> {
+        self.delete_routes(nl, |r| r.header.kind == RouteType::Unreachable)
+            .await
+    }
+
+    async fn delete_routes(
+        &self,
+        nl: &Netlink,
+        which: impl Fn(&RouteMessage) -> bool,
+    ) -> Result<(), NetlinkError> {
         let table = self.numbers.table;
         for r in self.find_routes(nl).await? {
-            routes::delete(nl, r, || format!("deleting a route of table {table}")).await?;
+            if which(&r) {
+                routes::delete(nl, r, || format!("deleting a route of table {table}")).await?;
+            }
         }
         Ok(())
     }

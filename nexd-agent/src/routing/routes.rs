@@ -27,6 +27,14 @@ pub fn table_of(msg: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(msg.header.table))
 }
 
+/// The output interface of a route, if it names one.
+pub fn oif(msg: &RouteMessage) -> Option<u32> {
+    msg.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
 /// Every route of `table`, IPv4 then IPv6, with whether it is IPv6. The
 /// kernel may dump other tables' routes too (it filters by table only
 /// with strict checking), so they are filtered here.

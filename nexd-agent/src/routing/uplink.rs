@@ -123,19 +123,26 @@ pub async fn internet_reachable(nl: &Netlink, only: Option<&str>) -> Result<bool
 }
 
 /// Listens for the changes that move uplinks: links appearing, going or
-/// changing state, addresses, and default routes of the main table (not
-/// nexd's own tables, whose churn is nexd's own doing). Each burst of
-/// changes becomes one notice on `notices` (a full channel already holds
-/// one, which is all the loop needs to know), so the daemon re-evaluates
-/// uplinks within milliseconds instead of on a timer.
+/// changing state, addresses, and default routes of the main table; and
+/// for changes to what nexd relies on: every route of `own_tables` and
+/// every policy rule (the daemon checks its own objects against them and
+/// puts back what was removed behind its back; its own changes cost one
+/// check). Each burst of changes becomes one notice on `notices` (a full
+/// channel already holds one, which is all the loop needs to know), so
+/// the daemon re-evaluates within milliseconds instead of on a timer.
 pub fn watch_changes(
     notices: tokio::sync::mpsc::Sender<()>,
+    own_tables: Vec<u32>,
 ) -> Result<tokio::task::JoinHandle<()>, NetlinkError> {
     use futures::StreamExt as _;
     use netlink_packet_route::RouteNetlinkMessage;
     use rtnetlink::constants::{
-        RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK,
+        RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE, RTMGRP_IPV6_IFADDR,
+        RTMGRP_IPV6_ROUTE, RTMGRP_LINK,
     };
+    /// RTNLGRP_IPV6_RULE (19) as a legacy group bit; rtnetlink has no
+    /// constant for it.
+    const RTMGRP_IPV6_RULE: u32 = 1 << (19 - 1);
     use rtnetlink::packet_core::NetlinkPayload;
     use rtnetlink::sys::AsyncSocket as _;
 
@@ -149,7 +156,9 @@ pub fn watch_changes(
         | RTMGRP_IPV4_IFADDR
         | RTMGRP_IPV6_IFADDR
         | RTMGRP_IPV4_ROUTE
-        | RTMGRP_IPV6_ROUTE;
+        | RTMGRP_IPV6_ROUTE
+        | RTMGRP_IPV4_RULE
+        | RTMGRP_IPV6_RULE;
     conn.socket_mut()
         .socket_mut()
         .bind(&rtnetlink::sys::SocketAddr::new(0, groups))
@@ -160,12 +169,18 @@ pub fn watch_changes(
             let relevant = match msg.payload {
                 NetlinkPayload::InnerMessage(
                     RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r),
-                ) => r.header.destination_prefix_length == 0 && table_of(&r) == MAIN_TABLE,
+                ) => {
+                    let table = table_of(&r);
+                    (r.header.destination_prefix_length == 0 && table == MAIN_TABLE)
+                        || own_tables.contains(&table)
+                }
                 NetlinkPayload::InnerMessage(
                     RouteNetlinkMessage::NewAddress(_)
                     | RouteNetlinkMessage::DelAddress(_)
                     | RouteNetlinkMessage::NewLink(_)
-                    | RouteNetlinkMessage::DelLink(_),
+                    | RouteNetlinkMessage::DelLink(_)
+                    | RouteNetlinkMessage::NewRule(_)
+                    | RouteNetlinkMessage::DelRule(_),
                 ) => true,
                 _ => false,
             };
