@@ -15,6 +15,7 @@ pub mod etcd;
 pub mod hand_tunnel;
 pub mod netns;
 pub mod node;
+pub mod rogue;
 pub mod topology;
 pub mod traffic;
 pub mod world;

@@ -16,6 +16,7 @@ use anyhow::Context as _;
 use nexd_testkit::{
     Netns, Node, NodeSpec, counter,
     proto::ClientPhase,
+    rogue::RogueMember,
     topology::{count_forwarded_to, forwarded_to, lan_behind, remove_forward_probes},
     traffic::{UdpOpts, tcp_transfer, udp_exchange, udp_exchange_with},
     wait_for,
@@ -393,5 +394,84 @@ fn excluded_routes_file_reloads_live() -> anyhow::Result<()> {
     assert!(status.success());
     let left = w.node("client").ns.ip("route show table all")?;
     assert!(!left.contains("10.1.2.0/24"), "excluded routes left behind");
+    Ok(())
+}
+
+/// Issue 21, finding 1: a mesh member adds the gateway's LAN (and an
+/// address on the gateway's uplink network) to the gateway peer's
+/// AllowedIPs on its own side and routes them into its tunnel. The
+/// gateway checks only the source (the member's own mesh address) and
+/// must still forward nothing from the tunnel into its LAN or out of its
+/// uplink, except replies to what the LAN started.
+#[test]
+fn a_member_cannot_reach_through_a_gateway_into_its_lan_or_uplink_network() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["client", "peer"])?;
+    let lan = Netns::new("lanhost")?;
+    lan_behind(&w.node("client").ns, &lan)?;
+    let spec = |args: &[&str]| NodeSpec {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        ..NodeSpec::default()
+    };
+    w.node_mut("client")
+        .start(&spec(&["--lan-interface", "lan0"]))?;
+    // The member never runs nexd: a stock wireguard-go with its key (the
+    // one in the mesh file) plays it, routing the LAN and the internet
+    // server (behind the gateway's uplink) into its tunnel towards the
+    // gateway.
+    let server = World::server(false);
+    let allowed = vec![
+        format!("{}/32", w.mesh_ip("client", false)),
+        format!("{}/128", w.mesh_ip("client", true)),
+        "10.99.0.0/24".to_owned(),
+        format!("{server}/32"),
+    ];
+    let dir = w.node("peer").dir().to_owned();
+    let _rogue = RogueMember::start(&mut w, "peer", "client", &allowed, &dir)?;
+    let peer_ns = &w.node("peer").ns;
+    // The gateway accepts the member's session.
+    wait_for(
+        "the rogue member's handshake",
+        T,
+        Duration::from_millis(100),
+        || {
+            _rogue
+                .show()
+                .ok()
+                .filter(|s| s.contains("latest handshake"))
+        },
+    )?;
+    w.inet
+        .watch("member", &w.mesh_ip("peer", false).to_string())?;
+    let lan_tcp = tcp_transfer(
+        peer_ns,
+        &lan,
+        ip(nexd_testkit::topology::LAN_HOST_V4),
+        4096,
+        Duration::from_secs(3),
+    );
+    assert!(
+        lan_tcp.is_err(),
+        "a member reached a LAN host through the gateway: {lan_tcp:?}"
+    );
+    let uplink_tcp = tcp_transfer(peer_ns, &w.inet.ns, server, 4096, Duration::from_secs(3));
+    assert!(uplink_tcp.is_err(), "{uplink_tcp:?}");
+    assert_eq!(
+        w.inet.count("member")?,
+        0,
+        "the member's packets left through the gateway's uplink"
+    );
+    // Refused and counted by the gateway; the LAN's own traffic still
+    // gets its answers from the mesh.
+    let counted =
+        w.node("client")
+            .ns
+            .exec(&["nft", "list", "counter", "inet", "nexd_gw", "from_tunnel"])?;
+    assert!(!counted.contains("packets 0 "), "{counted}");
+    let t = tcp_transfer(&lan, peer_ns, w.mesh_ip("peer", false), 64 * 1024, T)?;
+    assert_eq!(t.seen_from.ip(), w.mesh_ip("client", false));
+    drop(_rogue);
     Ok(())
 }

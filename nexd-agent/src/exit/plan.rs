@@ -621,13 +621,7 @@ mod tests {
     /// routing depends on a device: the fallback, the rules, the DNS
     /// table and the fwmark stay; the guard goes only with its uplink.
     fn kernel_removals(s: Installed) -> Vec<(&'static str, Installed)> {
-        vec![(
-            "the tunnel's routes",
-            Installed {
-                routes: false,
-                ..s
-            },
-        )]
+        vec![("the tunnel's routes", Installed { routes: false, ..s })]
     }
 
     #[test]
@@ -646,7 +640,11 @@ mod tests {
                     let reached = walk(left, &repair, policy, phase.routing_installed(), &what);
                     assert_eq!(reached, wanted, "{what}");
                     if left != wanted {
-                        assert_eq!(repair, [Step::AddRoutes], "{what}: only what went is redone");
+                        assert_eq!(
+                            repair,
+                            [Step::AddRoutes],
+                            "{what}: only what went is redone"
+                        );
                     }
                 }
             }

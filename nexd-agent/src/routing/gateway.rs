@@ -9,6 +9,14 @@
 //! path leaves them out of the tunnel, and without the rule a LAN host's
 //! probe of a metadata address would leave through the gateway's own
 //! uplink, beside the tunnel.
+//!
+//! And it keeps the mesh out of the LAN and the uplink's networks:
+//! WireGuard checks only that a peer's packets come from that peer's own
+//! addresses, so a member that routes the gateway's LAN into its tunnel
+//! (AllowedIPs are each side's own choice) would otherwise be forwarded
+//! into it. Nothing from the tunnel is forwarded anywhere but replies to
+//! connections the LAN started; the rest is dropped and counted
+//! (`nft list counter inet nexd_gw from_tunnel`).
 use tracing::info;
 
 use super::{
@@ -20,6 +28,9 @@ pub const NFT_TABLE: Table = Table {
     family: "inet",
     name: "nexd_gw",
 };
+
+/// The counter of what the mesh sent that the gateway did not forward.
+pub const FROM_TUNNEL: &str = "from_tunnel";
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -39,9 +50,12 @@ pub fn script(wg: &str, lans: &[String]) -> String {
     let clear = NFT_TABLE.clear_script();
     format!(
         "{clear}table {NFT_TABLE} {{\n\
+         \x20 counter {FROM_TUNNEL} {{ }}\n\
          \x20 chain forward {{\n\
          \x20   type filter hook forward priority filter; policy accept;\n\
          \x20   iifname {{ {set} }} ip daddr 169.254.0.0/16 counter drop\n\
+         \x20   iifname \"{wg}\" ct state established,related accept\n\
+         \x20   iifname \"{wg}\" counter name {FROM_TUNNEL} drop\n\
          \x20 }}\n\
          \x20 chain postrouting {{\n\
          \x20   type nat hook postrouting priority srcnat; policy accept;\n\
@@ -88,6 +102,14 @@ mod tests {
             s.starts_with("add table inet nexd_gw\ndelete table inet nexd_gw\n"),
             "{s}"
         );
+        // From the tunnel: replies only, the rest dropped and counted.
+        let replies = s
+            .find("iifname \"wg0\" ct state established,related accept")
+            .expect("replies accepted");
+        let drop = s
+            .find("iifname \"wg0\" counter name from_tunnel drop")
+            .expect("the rest dropped");
+        assert!(replies < drop, "{s}");
         if let Err(e) = super::nft::check(&s) {
             panic!("{e}");
         }
