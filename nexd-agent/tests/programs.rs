@@ -135,7 +135,6 @@ fn datapath() -> Option<Datapath> {
         ("255.255.255.255/32", BypassReason::Builtin),
         ("fe80::/10", BypassReason::Builtin),
         ("ff00::/8", BypassReason::Builtin),
-        ("192.0.2.1/32", BypassReason::Endpoint),
     ] {
         bypass.insert(net.parse().expect("net"), why as u8);
     }
@@ -231,10 +230,12 @@ fn steering_classifier_verdicts() {
             Some("bypassed"),
             "v4 LAN",
         ),
+        // A peer's endpoint is no way out for LAN hosts: only the
+        // gateway's own WireGuard, by its fwmark, reaches it directly.
         (
             ipv4(v4("192.0.2.1"), 17, 0, &udp(1, 51820)),
-            MARK,
-            Some("bypassed"),
+            0,
+            Some("steered_exit"),
             "v4 endpoint",
         ),
         (

@@ -49,6 +49,4 @@ pub enum BypassReason {
     Lan = 2,
     /// `--exclude-route` / `--exclude-routes-file`.
     Excluded = 3,
-    /// A mesh peer's underlay endpoint.
-    Endpoint = 4,
 }

@@ -4,8 +4,9 @@
 //! * destination in a mesh prefix: direct to the peer (left alone; the main
 //!   table routes the mesh prefix into the tunnel, where cryptokey routing
 //!   picks the peer);
-//! * destination in a bypass prefix (LAN, excluded routes, endpoints,
-//!   link-local, multicast): marked with WireGuard's fwmark, which policy
+//! * destination in a bypass prefix (LAN, excluded routes, link-local,
+//!   multicast; not the peers' endpoints, which whoever moves an endpoint
+//!   would choose): marked with WireGuard's fwmark, which policy
 //!   routing treats like WireGuard's own traffic: main table, out directly;
 //! * anything else: left unmarked, so policy routing sends it into the
 //!   tunnel, to the exit node.

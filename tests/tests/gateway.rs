@@ -475,3 +475,44 @@ fn a_member_cannot_reach_through_a_gateway_into_its_lan_or_uplink_network() -> a
     drop(_rogue);
     Ok(())
 }
+
+/// Issue 21, finding 4: a peer's endpoint address let a LAN host's
+/// traffic to it (any port, any protocol) leave directly, beside the
+/// tunnel. Whoever can move an endpoint (an unsigned endpoint record, a
+/// resolver, an on-path host rewriting a source WireGuard roams to)
+/// picks an internet address that escapes the exit node. Only
+/// WireGuard's own UDP may go to an endpoint directly.
+#[test]
+fn lan_traffic_to_a_peers_endpoint_goes_through_the_exit_node() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client", "peer"])?;
+    // The peer's endpoint points at an address on the internet.
+    let moved = "203.0.113.81";
+    w.inet.ns.ip(&format!("addr add {moved}/32 dev lo"))?;
+    for d in &mut w.devices {
+        if d.name == "peer" {
+            d.endpoint = Some(format!("{moved}:51820"));
+        }
+    }
+    w.write_mesh()?;
+    let lan = Netns::new("lanhost")?;
+    lan_behind(&w.node("client").ns, &lan)?;
+    let spec = |args: &[&str]| NodeSpec {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        ..NodeSpec::default()
+    };
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client")
+        .start(&spec(&["--exit-node-client", "--lan-interface", "lan0"]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    let seen = source(&lan, &w, ip(moved))?;
+    assert_eq!(
+        seen,
+        w.underlay("exit1", false),
+        "a LAN host's TCP to a peer's endpoint address left beside the tunnel"
+    );
+    Ok(())
+}

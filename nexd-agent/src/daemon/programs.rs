@@ -7,10 +7,7 @@
 //! marks bypass traffic) and the leak guard. Every sync is a diff, so
 //! calling it when nothing changed costs a few netlink reads.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-};
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context as _;
 use ipnet::IpNet;
@@ -43,8 +40,12 @@ pub const BUILTIN_BYPASS: [&str; 5] = [
     "ff00::/8",
 ];
 
-/// The wanted content of the bypass tries.
-pub fn bypass_set(lan: &[IpNet], excluded: &[IpNet], endpoints: &[IpAddr]) -> BypassSet {
+/// The wanted content of the bypass tries: what a LAN host's traffic may
+/// reach beside the tunnel. Not the peers' endpoints: anyone who can move
+/// an endpoint (an unsigned endpoint record, a resolver, an on-path host
+/// that makes WireGuard roam) would choose an internet address that
+/// escapes the exit node; WireGuard's own UDP goes direct by its fwmark.
+pub fn bypass_set(lan: &[IpNet], excluded: &[IpNet]) -> BypassSet {
     let mut set = BypassSet::new();
     for b in BUILTIN_BYPASS {
         if let Ok(n) = b.parse::<IpNet>() {
@@ -56,9 +57,6 @@ pub fn bypass_set(lan: &[IpNet], excluded: &[IpNet], endpoints: &[IpAddr]) -> By
     }
     for n in lan {
         set.insert(n.trunc(), BypassReason::Lan as u8);
-    }
-    for ip in endpoints {
-        set.insert(IpNet::from(*ip), BypassReason::Endpoint as u8);
     }
     set
 }
@@ -296,8 +294,7 @@ impl Programs {
         local_ifaces.extend(uplinks.iter().cloned());
         let local = local_prefixes(nl, &local_ifaces).await;
         let uplink_nets = local_prefixes(nl, &uplinks).await;
-        let endpoint_ips: Vec<IpAddr> = self.inputs.endpoints.iter().map(SocketAddr::ip).collect();
-        let bypass = bypass_set(&local, &self.inputs.exclusions, &endpoint_ips);
+        let bypass = bypass_set(&local, &self.inputs.exclusions);
         let mut allow = self.inputs.exclusions.clone();
         allow.extend(self.settings.kill_switch_allow.iter().copied());
         let guard_set = datapath::guard_set(&allow, &uplink_nets);
@@ -465,23 +462,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bypass_set_has_builtins_lan_exclusions_and_endpoints() {
+    fn bypass_set_has_builtins_lan_and_exclusions_and_no_endpoint() {
         let set = bypass_set(
             &["10.99.0.0/24".parse().expect("net")],
             &["198.51.100.0/24".parse().expect("net")],
-            &[
-                "192.0.2.1".parse().expect("ip"),
-                "2001:db8::1".parse().expect("ip"),
-            ],
         );
-        assert_eq!(set.len(), 5 + 1 + 1 + 2);
+        assert_eq!(set.len(), 5 + 1 + 1);
         assert_eq!(
-            set[&"192.0.2.1/32".parse::<IpNet>().expect("net")],
-            BypassReason::Endpoint as u8
-        );
-        assert_eq!(
-            set[&"2001:db8::1/128".parse::<IpNet>().expect("net")],
-            BypassReason::Endpoint as u8
+            set[&"10.99.0.0/24".parse::<IpNet>().expect("net")],
+            BypassReason::Lan as u8
         );
         assert_eq!(
             set[&"fe80::/10".parse::<IpNet>().expect("net")],
