@@ -216,7 +216,10 @@ mod tests {
         write(&d, &l).expect("write");
         assert_eq!(read(&d).expect("read"), Some(l));
         let named: Vec<String> = routing::NFT_TABLES.iter().map(|t| t.to_string()).collect();
-        assert_eq!(named, ["inet nexd", "inet nexd_gw", "inet nexd_dns"]);
+        assert_eq!(
+            named,
+            ["inet nexd", "inet nexd_gw", "inet nexd_dns", "inet nexd_ks"]
+        );
         remove(&d);
     }
 

@@ -99,6 +99,20 @@ impl Netlink {
         }
     }
 
+    /// The index of every link there is now.
+    pub async fn link_indices(&self) -> Result<Vec<u32>, NetlinkError> {
+        let mut links = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(link) = links
+            .try_next()
+            .await
+            .map_err(|e| NetlinkError::new("listing links", e))?
+        {
+            out.push(link.header.index);
+        }
+        Ok(out)
+    }
+
     /// Deletes the link with `index`; a link that is already gone is fine.
     pub async fn delete_link(&self, index: u32, name: &str) -> Result<(), NetlinkError> {
         match self.handle.link().del(index).execute().await {

@@ -268,3 +268,120 @@ fn kill_switch_follows_a_new_uplink() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Issue 21, finding 9: after a SIGKILL, a new interface appears and
+/// takes the default routes while nexd is down. The guard was attached
+/// to the uplinks nexd saw; what must hold the new one shut is what
+/// outlives nexd without depending on any interface: the rules and the
+/// unreachable end of nexd's table.
+#[test]
+fn kill_switch_covers_an_uplink_that_appears_while_nexd_is_down() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client"])?;
+    let lan = Netns::new("lanhost")?;
+    lan_behind(&w.node("client").ns, &lan)?;
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client").start(&spec(&[
+        "--exit-node-client",
+        "--kill-switch",
+        "--lan-interface",
+        "lan0",
+    ]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    let watch = LeakWatch::start(&w.sw, w.port("client")?, 51820)?;
+    w.node_mut("client").kill()?;
+
+    // nexd is down; a new uplink comes: client eth1 -- internet cl1.
+    veth(&w.node("client").ns, "eth1", &w.inet.ns, "cl1")?;
+    let client_ns = &w.node("client").ns;
+    client_ns.ip("addr add 10.77.0.1/24 dev eth1")?;
+    client_ns.ip("addr add fd77::1/64 dev eth1 nodad")?;
+    w.inet.ns.ip("addr add 10.77.0.254/24 dev cl1")?;
+    w.inet.ns.ip("addr add fd77::fe/64 dev cl1 nodad")?;
+    nft_script(
+        &w.inet.ns,
+        "table inet leak_cl1 {\n counter leaked { }\n chain pre {\n  type filter hook prerouting priority -300; policy accept;\n  iifname != \"cl1\" return\n  icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld2-listener-report } return\n  ip6 daddr ff02::/16 ip6 hoplimit 1 return\n  counter name leaked\n }\n}\n",
+    )?;
+    client_ns.ip("route replace default via 10.77.0.254 dev eth1")?;
+    client_ns.ip("-6 route replace default via fd77::fe dev eth1")?;
+
+    try_to_leak(&w, &lan)?;
+    let bound = UdpOpts {
+        bind_device: Some("eth1".into()),
+        mark: None,
+    };
+    assert!(
+        udp_exchange_with(
+            client_ns,
+            &w.inet.ns,
+            World::server(false),
+            Duration::from_secs(1),
+            &bound
+        )
+        .is_err(),
+        "a socket bound to the new uplink got through"
+    );
+    let (on_eth0, on_eth1) = (
+        watch.leaked()?,
+        nft_counter(&w.inet.ns, "inet", "leak_cl1", "leaked")?,
+    );
+    println!("nexd down, new uplink: {on_eth0} frames leaked on eth0, {on_eth1} on eth1");
+    assert_eq!(on_eth0, 0, "leaked on the old uplink");
+    assert_eq!(on_eth1, 0, "leaked on the new uplink");
+
+    // The eth1 counter can count: nexctl's offline disable removes what
+    // the dead nexd left, and the device goes direct.
+    let out = w
+        .node_mut("client")
+        .nexctl_on_device(&["exit-node", "disable"])?;
+    assert!(out.status.success(), "{out:?}");
+    let seen = udp_exchange(&w.node("client").ns, &w.inet.ns, World::server(false), T)?;
+    assert_eq!(seen.ip(), "10.77.0.1".parse::<IpAddr>()?);
+    assert!(
+        nft_counter(&w.inet.ns, "inet", "leak_cl1", "leaked")? > 0,
+        "the eth1 counter cannot count"
+    );
+    Ok(())
+}
+
+/// Issue 21, finding 10: a bpffs that nexd mounts itself in a mount
+/// namespace of its own (`ip netns exec` makes one per command) dies with
+/// nexd, and the pinned guard with it: `--kill-switch` refuses such a
+/// place, and says what to do, instead of promising a guard that a
+/// SIGKILL takes away.
+#[test]
+fn kill_switch_refuses_a_bpffs_that_would_die_with_nexd() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["client"])?;
+    // A plain directory of the node's, no bpffs: nexd would mount one
+    // there, in a mount namespace that is not the init one.
+    let dir = w.node("client").dir().join("no-bpffs");
+    std::fs::create_dir_all(&dir)?;
+    let dir = dir.to_str().map(str::to_owned).unwrap_or_default();
+    w.node_mut("client").spawn(&spec(&[
+        "--exit-node-client",
+        "--kill-switch",
+        "--bpffs",
+        &dir,
+    ]))?;
+    let status = w.node_mut("client").wait_exit(T)?;
+    assert!(
+        !status.success(),
+        "nexd started: {}",
+        w.node("client").log()
+    );
+    let log = w.node("client").log();
+    assert!(
+        log.contains("--kill-switch:") && log.contains("is not a mounted bpffs"),
+        "{log}"
+    );
+    // Nothing of the client's routing stays behind the refusal.
+    let rules = w.node("client").ns.ip("rule show")?;
+    assert!(!rules.contains("28280"), "{rules}");
+    Ok(())
+}

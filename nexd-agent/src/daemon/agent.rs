@@ -156,6 +156,7 @@ impl Daemon {
         let programs = &self.host.programs;
         let mut nft_tables = self.exit_role.nft_tables();
         nft_tables.extend(self.lan_gateway.nft_tables());
+        nft_tables.extend(programs.nft_tables());
         nft_tables.extend(self.exit_client.nft_tables());
         self.record.write(ledger_record::Installed {
             exit_wanted: self.exit_client.wanted(),
@@ -172,7 +173,14 @@ impl Daemon {
         async {
             // Whatever a crashed nexd left at nexd's fixed numbers goes first.
             client_steps::remove_leftovers(self.exit_client.numbers(), &mut self.host).await;
-            crate::routing::remove_leftover_tables();
+            // A previous nexd's kill switch that still holds keeps its
+            // table until this nexd's guard replaces it.
+            let keep: &[crate::routing::nft::Table] = if self.adopt_guard {
+                &[crate::routing::kill_switch::NFT_TABLE]
+            } else {
+                &[]
+            };
+            crate::routing::remove_leftover_tables(keep);
             let host = &mut self.host;
             host.programs
                 .remove_leftovers(&host.nl, self.adopt_guard)

@@ -101,6 +101,9 @@ pub struct Programs {
     inputs: Inputs,
     steering: bool,
     guard: bool,
+    /// The kill switch's nftables table may be in place (written with the
+    /// guard, or a previous nexd's taken over with it).
+    kill_switch_table: bool,
     /// The clsact qdiscs a previous nexd's record says it added.
     inherited_clsact: Vec<String>,
 }
@@ -114,14 +117,17 @@ impl Programs {
             inputs: Inputs::default(),
             steering: false,
             guard: false,
+            kill_switch_table: false,
             inherited_clsact: Vec::new(),
         }
     }
 
     /// Removes what a crashed nexd may have left of the data path: pinned
     /// guards (unless `keep_guard`: the kill switch still holds, and the
-    /// guard is taken over in place), nexd's tc filters (clsact).
-    pub async fn remove_leftovers(&self, nl: &Netlink, keep_guard: bool) {
+    /// guard is taken over in place, with the kill switch's table), nexd's
+    /// tc filters (clsact).
+    pub async fn remove_leftovers(&mut self, nl: &Netlink, keep_guard: bool) {
+        self.kill_switch_table = keep_guard;
         let clsact = &self.inherited_clsact;
         let mut ifaces = self.settings.lan_interfaces.clone();
         ifaces.extend(self.uplink_names(nl).await);
@@ -202,6 +208,12 @@ impl Programs {
         if self.settings.no_ebpf {
             self.datapath = Err("disabled with --no-ebpf".into());
             return Ok(());
+        }
+        // The guard's pin must survive nexd (a crash, a SIGKILL): refuse
+        // now rather than promise a kill switch that goes with nexd.
+        if self.settings.kill_switch {
+            datapath::check_bpffs_persistent(&self.settings.bpffs)
+                .map_err(|why| anyhow::anyhow!("--kill-switch: {why}"))?;
         }
         let opts = LoadOptions {
             exit_clients: if self.settings.exit_node {
@@ -323,6 +335,14 @@ impl Programs {
         // when the guard goes, it stops dropping before it is detached.
         dp.set_config(cfg)?;
         if self.guard {
+            // The rule that outlives nexd first, so a link that appears
+            // from here on is held shut until nexd has looked at it.
+            let known = nl
+                .link_indices()
+                .await
+                .context("listing links for the kill switch's table")?;
+            crate::routing::kill_switch::apply(self.settings.fwmark, &known)
+                .context("the kill switch's nftables table")?;
             for u in &uplinks {
                 let l2 = is_l2(nl, u).await?;
                 dp.attach_guard(
@@ -335,9 +355,16 @@ impl Programs {
                 )
                 .with_context(|| format!("attaching the leak guard to {u}"))?;
             }
-        } else if dp.guards().next().is_some() {
-            dp.detach_guards()?;
+        } else {
+            if dp.guards().next().is_some() {
+                dp.detach_guards()?;
+            }
+            // After the guards: the kill switch goes last.
+            if self.kill_switch_table {
+                crate::routing::kill_switch::NFT_TABLE.delete()?;
+            }
         }
+        self.kill_switch_table = self.guard;
         Ok(())
     }
 
@@ -382,6 +409,15 @@ impl Programs {
             "Bytes per eBPF data path verdict",
             bytes,
         );
+    }
+
+    /// The nftables tables the programs have in place (for the record).
+    pub fn nft_tables(&self) -> Vec<String> {
+        if self.kill_switch_table {
+            vec![crate::routing::kill_switch::NFT_TABLE.to_string()]
+        } else {
+            Vec::new()
+        }
     }
 
     /// For `status` and `stats`.

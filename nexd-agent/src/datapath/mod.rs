@@ -29,7 +29,7 @@ use nexd_common::{
 use tracing::{debug, info, warn};
 
 pub use attach::{GuardState, guard_pin_path, guards_on, pin_dir, remove_leftovers};
-pub use bpffs::is_bpffs;
+pub use bpffs::{check_persistent as check_bpffs_persistent, is_bpffs};
 pub use maps::{BypassSet, GuardSet, guard_set};
 pub use nexd_common::exit::{EXIT_CLIENTS_MAX, MssConfig};
 

@@ -20,6 +20,7 @@ pub mod exclusions;
 pub mod forward;
 pub mod gateway;
 pub mod host;
+pub mod kill_switch;
 pub mod nft;
 pub mod policy;
 pub mod routes;
@@ -109,13 +110,23 @@ impl Default for PolicyNumbers {
 /// Every nftables table nexd may create, each named by its owner: the
 /// exit node's forwarding, the LAN gateway, the DNS redirect. The record
 /// of what nexd installed may name no other (`ledger`).
-pub const NFT_TABLES: [nft::Table; 3] = [forward::NFT_TABLE, gateway::NFT_TABLE, dns::NFT_TABLE];
+pub const NFT_TABLES: [nft::Table; 4] = [
+    forward::NFT_TABLE,
+    gateway::NFT_TABLE,
+    dns::NFT_TABLE,
+    kill_switch::NFT_TABLE,
+];
 
 /// Deletes the nftables tables a crashed nexd may have left
-/// ([`NFT_TABLES`]) in one `nft` run: at start-up, three runs of `nft`
-/// were a third of a 10-device start.
-pub fn remove_leftover_tables() {
-    if let Err(e) = nft::delete_tables(&NFT_TABLES) {
+/// ([`NFT_TABLES`]) in one `nft` run (at start-up, three runs of `nft`
+/// were a third of a 10-device start), but those in `keep` (the kill
+/// switch's, while a previous nexd's guard is taken over).
+pub fn remove_leftover_tables(keep: &[nft::Table]) {
+    let gone: Vec<nft::Table> = NFT_TABLES
+        .into_iter()
+        .filter(|t| !keep.contains(t))
+        .collect();
+    if let Err(e) = nft::delete_tables(&gone) {
         tracing::warn!(error = %e, "cannot delete leftover nftables tables");
     }
 }
