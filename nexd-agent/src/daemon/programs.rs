@@ -104,6 +104,8 @@ pub struct Programs {
     /// The kill switch's nftables table may be in place (written with the
     /// guard, or a previous nexd's taken over with it).
     kill_switch_table: bool,
+    /// The links the table lets out through, as last written by this nexd.
+    kill_switch_links: Option<Vec<u32>>,
     /// The clsact qdiscs a previous nexd's record says it added.
     inherited_clsact: Vec<String>,
 }
@@ -118,6 +120,7 @@ impl Programs {
             steering: false,
             guard: false,
             kill_switch_table: false,
+            kill_switch_links: None,
             inherited_clsact: Vec::new(),
         }
     }
@@ -337,12 +340,16 @@ impl Programs {
         if self.guard {
             // The rule that outlives nexd first, so a link that appears
             // from here on is held shut until nexd has looked at it.
-            let known = nl
+            let mut known = nl
                 .link_indices()
                 .await
                 .context("listing links for the kill switch's table")?;
-            crate::routing::kill_switch::apply(self.settings.fwmark, &known)
-                .context("the kill switch's nftables table")?;
+            known.sort_unstable();
+            if self.kill_switch_links.as_ref() != Some(&known) {
+                crate::routing::kill_switch::apply(self.settings.fwmark, &known)
+                    .context("the kill switch's nftables table")?;
+                self.kill_switch_links = Some(known);
+            }
             for u in &uplinks {
                 let l2 = is_l2(nl, u).await?;
                 dp.attach_guard(
@@ -363,6 +370,7 @@ impl Programs {
             if self.kill_switch_table {
                 crate::routing::kill_switch::NFT_TABLE.delete()?;
             }
+            self.kill_switch_links = None;
         }
         self.kill_switch_table = self.guard;
         Ok(())
