@@ -66,66 +66,161 @@ impl Report {
     }
 }
 
-/// Removes what the instance `inst` left behind and checks the result.
+/// Removes what the instance `inst` left behind and checks the result;
+/// then the same for every other instance registered in this network
+/// namespace (`instance::REGISTRY_DIR`) that is dead: one started with
+/// options nexctl was not given (another state directory, interface,
+/// bpffs or routing numbers) is found through its registration and the
+/// record in its state directory. A live one is left alone.
 pub fn restore_direct_path(inst: &Instance) -> Result<Report, OfflineError> {
-    let _lock = if inst.state_dir.is_dir() {
-        match InstanceLock::acquire(&inst.state_dir) {
-            Ok(lock) => Some(lock),
-            Err(LockError::Held { pid, .. }) => {
-                return Err(OfflineError::Running {
-                    state_dir: inst.state_dir.clone(),
-                    socket: inst.socket.clone(),
-                    pid,
-                });
+    restore_with_registry(inst, std::path::Path::new(crate::instance::REGISTRY_DIR))
+}
+
+fn restore_with_registry(
+    inst: &Instance,
+    registry: &std::path::Path,
+) -> Result<Report, OfflineError> {
+    // The instance nexctl was pointed at: a live one is refused.
+    let mut subjects = vec![Subject::take(inst.clone(), None)?];
+    // Every other dead instance of this namespace, from its registration
+    // and the record in its state directory; a live one is left alone.
+    for (entry, reg) in crate::instance::registered_here(registry) {
+        if reg.state_dir == inst.state_dir {
+            subjects[0].entry = Some(entry);
+            continue;
+        }
+        let record = match ledger::read(&reg.state_dir) {
+            Ok(Some(r)) => r,
+            // Stopped cleanly (no record): nothing of it is left.
+            Ok(None) => {
+                crate::instance::unregister(&entry);
+                continue;
             }
-            Err(e) => return Err(OfflineError::Failed(e.into())),
+            Err(e) => {
+                warn!(error = %e, "ignoring a registered instance whose record is not nexd's");
+                continue;
+            }
+        };
+        let other = Instance {
+            socket: reg.socket.clone(),
+            state_dir: reg.state_dir.clone(),
+            interface: record.interface.clone(),
+            bpffs: record.bpffs.clone(),
+            policy: record.policy(),
+        };
+        match Subject::take(other, Some(entry)) {
+            Ok(s) => subjects.push(s),
+            Err(OfflineError::Running { .. }) => {}
+            Err(e) => return Err(e),
         }
-    } else {
-        None
-    };
-    let record = match ledger::read(&inst.state_dir) {
-        Ok(r) => r,
-        Err(e) => {
-            warn!(error = %e, "ignoring the record nexd left; removing by fixed names only");
+    }
+    let report = restore(&subjects)?;
+    if report.restored() {
+        for s in &subjects {
+            ledger::remove(&s.inst.state_dir);
+            if let Some(entry) = &s.entry {
+                crate::instance::unregister(entry);
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// One dead instance to clean up: held by its lock meanwhile, with its
+/// record and registration.
+struct Subject {
+    inst: Instance,
+    record: Option<ledger::Ledger>,
+    entry: Option<PathBuf>,
+    _lock: Option<InstanceLock>,
+}
+
+impl Subject {
+    /// Takes the instance's lock; `Running` if a nexd holds it.
+    fn take(inst: Instance, entry: Option<PathBuf>) -> Result<Self, OfflineError> {
+        let lock = if inst.state_dir.is_dir() {
+            match InstanceLock::acquire(&inst.state_dir) {
+                Ok(lock) => Some(lock),
+                Err(LockError::Held { pid, .. }) => {
+                    return Err(OfflineError::Running {
+                        state_dir: inst.state_dir.clone(),
+                        socket: inst.socket.clone(),
+                        pid,
+                    });
+                }
+                Err(e) => return Err(OfflineError::Failed(e.into())),
+            }
+        } else {
             None
-        }
-    };
+        };
+        let record = match ledger::read(&inst.state_dir) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "ignoring the record nexd left; removing by fixed names only");
+                None
+            }
+        };
+        Ok(Subject {
+            inst,
+            record,
+            entry,
+            _lock: lock,
+        })
+    }
+}
+
+/// Removes what the instances left behind, then checks once for all of
+/// them (a check between two instances' clean-ups would report what the
+/// second removes).
+fn restore(subjects: &[Subject]) -> Result<Report, OfflineError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting a runtime for netlink")?;
     let report = rt.block_on(async {
         let nl = Netlink::connect()?;
-        let mut policies = vec![inst.policy];
-        let mut wg_ifaces = vec![(inst.bpffs.clone(), inst.interface.clone())];
-        let mut ifaces: BTreeSet<String> = BTreeSet::new();
-        ifaces.insert(inst.interface.clone());
-        if let Some(r) = &record {
-            if r.policy() != inst.policy {
-                policies.push(r.policy());
-            }
-            if (r.bpffs.clone(), r.interface.clone()) != wg_ifaces[0] {
-                wg_ifaces.push((r.bpffs.clone(), r.interface.clone()));
-            }
-            ifaces.insert(r.interface.clone());
-            ifaces.extend(r.guard_interfaces.iter().cloned());
-            ifaces.extend(r.lan_interfaces.iter().cloned());
-        }
-        // Only the record knows which clsact qdiscs nexd added; without
-        // one, none is touched (another tool's are not nexd's).
-        let clsact: Vec<String> = record
-            .as_ref()
-            .map_or_else(Vec::new, |r| r.clsact_interfaces.clone());
         let uplinks = uplink::all_default_route_interfaces(&nl).await?;
-        ifaces.extend(uplinks.iter().cloned());
-
         let mut report = Report::default();
-        remove_routing(&nl, &policies, &inst.state_dir, &mut report).await?;
-        let ifaces: Vec<String> = ifaces.into_iter().collect();
-        for (bpffs, wg) in &wg_ifaces {
-            report.removed.extend(datapath::remove_leftovers(
-                bpffs, wg, &ifaces, false, &clsact,
-            ));
+        let mut all_policies = Vec::new();
+        let mut all_wg = Vec::new();
+        let mut all_ifaces: BTreeSet<String> = uplinks.iter().cloned().collect();
+        for s in subjects {
+            let inst = &s.inst;
+            let mut policies = vec![inst.policy];
+            let mut wg_ifaces = vec![(inst.bpffs.clone(), inst.interface.clone())];
+            let mut ifaces: BTreeSet<String> = uplinks.iter().cloned().collect();
+            ifaces.insert(inst.interface.clone());
+            if let Some(r) = &s.record {
+                if r.policy() != inst.policy {
+                    policies.push(r.policy());
+                }
+                if (r.bpffs.clone(), r.interface.clone()) != wg_ifaces[0] {
+                    wg_ifaces.push((r.bpffs.clone(), r.interface.clone()));
+                }
+                ifaces.insert(r.interface.clone());
+                ifaces.extend(r.guard_interfaces.iter().cloned());
+                ifaces.extend(r.lan_interfaces.iter().cloned());
+            }
+            // Only the record knows which clsact qdiscs nexd added; without
+            // one, none is touched (another tool's are not nexd's).
+            let clsact: Vec<String> = s
+                .record
+                .as_ref()
+                .map_or_else(Vec::new, |r| r.clsact_interfaces.clone());
+            remove_routing(&nl, &policies, &inst.state_dir, &mut report).await?;
+            let ifaces_now: Vec<String> = ifaces.iter().cloned().collect();
+            for (bpffs, wg) in &wg_ifaces {
+                report.removed.extend(datapath::remove_leftovers(
+                    bpffs,
+                    wg,
+                    &ifaces_now,
+                    false,
+                    &clsact,
+                ));
+            }
+            all_policies.extend(policies);
+            all_wg.extend(wg_ifaces);
+            all_ifaces.extend(ifaces);
         }
         for table in NFT_TABLES {
             if table.exists()? {
@@ -133,12 +228,10 @@ pub fn restore_direct_path(inst: &Instance) -> Result<Report, OfflineError> {
                 report.removed.push(format!("the nftables table {table}"));
             }
         }
-        check(&nl, &policies, &wg_ifaces, &ifaces, &mut report).await?;
+        let all_ifaces: Vec<String> = all_ifaces.into_iter().collect();
+        check(&nl, &all_policies, &all_wg, &all_ifaces, &mut report).await?;
         Ok::<_, anyhow::Error>(report)
     })?;
-    if report.restored() {
-        ledger::remove(&inst.state_dir);
-    }
     Ok(report)
 }
 

@@ -489,3 +489,60 @@ fn unprivileged_callers_cannot_change_state() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Issue 21, finding 14: nexd started with options on its command line
+/// (another interface, bpffs and routing numbers) is SIGKILLed with the
+/// kill switch on; nexctl, run without those options, used to find the
+/// guard on the uplink and leave it there (and the device without
+/// internet). The instance registered itself where nexctl looks, so a
+/// plain `nexctl nexd exit-node disable` removes all of it.
+#[test]
+fn offline_disable_finds_an_instance_started_with_other_options() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client"])?;
+    let rules_before = w.node("client").ns.ip("rule show")?;
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client").start(&spec(&[
+        "--exit-node-client",
+        "--kill-switch",
+        "--interface",
+        "nx8",
+        "--bpffs",
+        "/sys/fs/bpf/other",
+        "--exit-table",
+        "3200",
+        "--exit-rule-priority",
+        "3300",
+        "--exit-fwmark",
+        "0x88",
+    ]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    w.node_mut("client").kill()?;
+    assert!(
+        udp_exchange(
+            &w.node("client").ns,
+            &w.inet.ns,
+            World::server(false),
+            Duration::from_secs(2)
+        )
+        .is_err(),
+        "the dead nexd's kill switch holds"
+    );
+    // nexctl as an operator would run it: defaults only (the socket is
+    // the test's; the state directory is not given).
+    let out = w
+        .node_mut("client")
+        .nexctl_on_device(&["exit-node", "disable"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("direct path is restored"), "{stdout}");
+    assert_direct_path_back(
+        &mut w,
+        &rules_before,
+        "/sys/fs/bpf/other/nexd/nx8/guard-eth0",
+    )?;
+    Ok(())
+}

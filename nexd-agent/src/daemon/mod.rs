@@ -37,7 +37,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     control::server::{self, ControlServer},
@@ -76,6 +76,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .create(state_dir)
         .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
     let _lock = lock::InstanceLock::acquire(state_dir)?;
+    // Where nexctl finds this instance when nexd is dead and nexctl was
+    // not given its options; a clean stop removes the entry.
+    let _registration = Registration::new(state_dir, &settings.control.socket);
     let control_settings = settings.control.clone();
     server::check_socket_free(&control_settings.socket)?;
 
@@ -196,4 +199,30 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     daemon.teardown().await;
     info!("stopped");
     Ok(())
+}
+
+/// This instance's entry in `instance::REGISTRY_DIR` while it runs: gone
+/// with every way `run` returns (everything was removed by then), left
+/// behind by a crash, for nexctl to find.
+struct Registration(Option<std::path::PathBuf>);
+
+impl Registration {
+    fn new(state_dir: &std::path::Path, socket: &std::path::Path) -> Self {
+        let dir = std::path::Path::new(crate::instance::REGISTRY_DIR);
+        match crate::instance::register(dir, state_dir, socket) {
+            Ok(path) => Registration(Some(path)),
+            Err(e) => {
+                warn!(error = %e, dir = %dir.display(), "cannot register this instance: with nexd dead, `nexctl … disable` finds it only from the same options");
+                Registration(None)
+            }
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            crate::instance::unregister(path);
+        }
+    }
 }

@@ -25,7 +25,7 @@ pub fn is_bpffs(path: &Path) -> bool {
 /// with nexd's last process, and every pin in it. `Err` says why and what
 /// to do.
 pub fn check_persistent(path: &Path) -> Result<(), String> {
-    if is_bpffs(path) {
+    if within_bpffs(path) {
         return Ok(());
     }
     let ns = |p: &str| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
@@ -39,15 +39,23 @@ pub fn check_persistent(path: &Path) -> Result<(), String> {
     }
 }
 
-/// Mounts bpffs at `path` unless it is one already.
+/// Whether `path`, or the nearest of its ancestors that exists, is on a
+/// bpffs: a directory made there holds pins without a mount of nexd's.
+fn within_bpffs(path: &Path) -> bool {
+    path.ancestors().find(|p| p.exists()).is_some_and(is_bpffs)
+}
+
+/// Makes `path` a place for pins: itself, or a directory made inside a
+/// bpffs that is mounted already, else a bpffs nexd mounts there.
 pub fn ensure_mounted(path: &Path) -> Result<(), DatapathError> {
-    if is_bpffs(path) {
-        return Ok(());
-    }
+    let inside = within_bpffs(path);
     std::fs::create_dir_all(path).map_err(|e| DatapathError::Bpffs {
         path: path.to_owned(),
         reason: e.to_string(),
     })?;
+    if inside {
+        return Ok(());
+    }
     nix::mount::mount(
         Some("bpf"),
         path,
