@@ -516,3 +516,64 @@ fn lan_traffic_to_a_peers_endpoint_goes_through_the_exit_node() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// Issue 21, finding 5 (TunnelVision): the uplink's network pushes routes
+/// that cover the internet without being default routes (DHCP option 121
+/// with 0.0.0.0/1 and 128.0.0.0/1; an RA's route information for ::/1
+/// and 8000::/1). `lookup main suppress_prefixlength 0` suppressed only
+/// default routes: the device and its LAN host went direct, without the
+/// kill switch. Routes that short must not bypass the tunnel.
+#[test]
+fn routes_the_uplink_pushes_to_cover_the_internet_do_not_bypass_the_tunnel() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client"])?;
+    let lan = Netns::new("lanhost")?;
+    lan_behind(&w.node("client").ns, &lan)?;
+    let spec = |args: &[&str]| NodeSpec {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        ..NodeSpec::default()
+    };
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client")
+        .start(&spec(&["--exit-node-client", "--lan-interface", "lan0"]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    let client_ns = &w.node("client").ns;
+    let (r4, r6) = (
+        nexd_testkit::topology::ROUTER_V4,
+        nexd_testkit::topology::ROUTER_V6,
+    );
+    for half in ["0.0.0.0/1", "128.0.0.0/1"] {
+        client_ns.ip(&format!("route add {half} via {r4} dev eth0"))?;
+    }
+    for half in ["::/1", "8000::/1"] {
+        client_ns.ip(&format!("-6 route add {half} via {r6} dev eth0"))?;
+    }
+    for v6 in [false, true] {
+        let exit = w.underlay("exit1", v6);
+        assert_eq!(
+            source(client_ns, &w, World::server(v6))?,
+            exit,
+            "the device went direct (IPv6: {v6})"
+        );
+        assert_eq!(
+            source(&lan, &w, World::server(v6))?,
+            exit,
+            "the LAN host went direct (IPv6: {v6})"
+        );
+    }
+    // The pushed routes still serve what is not the internet's: the
+    // exit node's endpoint, on the uplink's own subnet, keeps the tunnel
+    // up (proven above), and mesh traffic stays direct.
+    let t = tcp_transfer(
+        client_ns,
+        &w.node("exit1").ns,
+        w.mesh_ip("exit1", false),
+        4096,
+        T,
+    )?;
+    assert_eq!(t.seen_from.ip(), w.mesh_ip("client", false));
+    Ok(())
+}

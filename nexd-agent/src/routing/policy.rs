@@ -2,14 +2,20 @@
 //!
 //! ```text
 //! <priority-1>   from all lookup <table+1>            (excluded routes)
-//! <priority>     from all lookup main suppress_prefixlength 0
+//! <priority>     from all lookup main suppress_prefixlength 7 (IPv6: 6)
 //! <priority+1>   from all not fwmark <mark> lookup <table>
 //! table <table>: default dev <wg>
 //!                unreachable default metric 4294967295
 //! ```
 //!
 //! The first rule keeps every route of the main table except its default
-//! routes (LAN, mesh prefix, anything more specific stays reachable). The
+//! routes and any other that covers a large part of the internet (LAN,
+//! mesh prefix, anything more specific stays reachable). A network that
+//! pushes 0.0.0.0/1 and 128.0.0.0/1 (DHCP option 121: TunnelVision), or
+//! ::/1 and 8000::/1 in router advertisements, would otherwise take the
+//! device's traffic past the tunnel: routes of /7 and shorter (IPv6: /6)
+//! are suppressed too. The shortest a LAN's own route is in practice is a
+//! private range (10.0.0.0/8; fc00::/7 for unique local IPv6). The
 //! second sends everything else that is not WireGuard's own marked UDP into
 //! the tunnel, where only the exit peer accepts 0.0.0.0/0 and ::/0.
 //! WireGuard's own packets carry the mark and fall through to the main
@@ -41,6 +47,13 @@ use crate::netlink::{Netlink, NetlinkError};
 pub struct ClientRouting {
     numbers: PolicyNumbers,
 }
+
+/// Main-table routes this long or shorter are not used outside the tunnel
+/// (IPv4): the default routes, and halves or quarters of the internet a
+/// network may push. Every private range is longer.
+pub const SUPPRESS_V4: u32 = 7;
+/// The same for IPv6: fc00::/7, unique local space, stays usable.
+pub const SUPPRESS_V6: u32 = 6;
 
 /// The metric of the unreachable fallback: after every other route.
 pub const FALLBACK_METRIC: u32 = u32::MAX;
@@ -203,7 +216,8 @@ impl ClientRouting {
                 )
             })?;
             let fam = if v6 { "IPv6" } else { "IPv4" };
-            // <priority>: lookup main suppress_prefixlength 0
+            // <priority>: lookup main, but not its routes that cover the
+            // internet (see SUPPRESS_V4/V6).
             let mut suppress = nl
                 .handle()
                 .rule()
@@ -214,7 +228,11 @@ impl ClientRouting {
             suppress
                 .message_mut()
                 .attributes
-                .push(RuleAttribute::SuppressPrefixLen(0));
+                .push(RuleAttribute::SuppressPrefixLen(if v6 {
+                    SUPPRESS_V6
+                } else {
+                    SUPPRESS_V4
+                }));
             // <priority+1>: not fwmark <mark> lookup <table>
             let mut not_marked = nl
                 .handle()
@@ -239,8 +257,9 @@ impl ClientRouting {
             r1.map_err(|e| {
                 NetlinkError::new(
                     format!(
-                        "adding {fam} rule {}: lookup main suppress_prefixlength 0",
-                        n.priority
+                        "adding {fam} rule {}: lookup main suppress_prefixlength {}",
+                        n.priority,
+                        if v6 { SUPPRESS_V6 } else { SUPPRESS_V4 }
                     ),
                     e,
                 )
