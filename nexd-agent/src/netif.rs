@@ -86,10 +86,14 @@ pub async fn addresses(nl: &Netlink, index: u32) -> Result<Vec<IpNet>, NetlinkEr
     Ok(out)
 }
 
-/// Adds `addr` (with its prefix length, which also installs the connected
-/// route for the whole mesh prefix) to link `index`. Already present is fine.
-/// IPv6 addresses skip duplicate address detection: the mesh file already
-/// guarantees uniqueness and DAD would delay the address by seconds.
+/// Adds `addr` to link `index`, with its prefix length (for source address
+/// selection) but without the connected route for the whole prefix: the
+/// mesh prefix holds addresses that are no member's (100.100.100.200, a
+/// cloud's metadata service, is in 100.64.0.0/10), and only members are
+/// routed into the tunnel (`MeshInterface::set_member_routes`). Already
+/// present is fine. IPv6 addresses skip duplicate address detection: the
+/// mesh file already guarantees uniqueness and DAD would delay the address
+/// by seconds.
 pub async fn add_address(
     nl: &Netlink,
     index: u32,
@@ -101,11 +105,15 @@ pub async fn add_address(
         .address()
         .add(index, addr.addr(), addr.prefix_len())
         .replace();
+    let msg = req.message_mut();
     if matches!(addr.addr(), IpAddr::V6(_)) {
-        let msg = req.message_mut();
         msg.header.flags |= AddressHeaderFlags::Nodad;
+        msg.attributes.push(AddressAttribute::Flags(
+            AddressFlags::Nodad | AddressFlags::Noprefixroute,
+        ));
+    } else {
         msg.attributes
-            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            .push(AddressAttribute::Flags(AddressFlags::Noprefixroute));
     }
     req.execute()
         .await

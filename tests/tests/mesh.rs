@@ -265,3 +265,41 @@ fn second_instance_refuses_to_start() -> anyhow::Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nexd is not running"));
     Ok(())
 }
+
+/// Issue 21, finding 15: the default mesh prefix 100.64.0.0/10 holds
+/// 100.100.100.200, a major cloud's metadata service. Only the members'
+/// addresses go into the tunnel, not the whole prefix: the device still
+/// reaches the service through its uplink, and its peers through the
+/// tunnel.
+#[test]
+fn an_address_of_the_mesh_prefix_that_is_no_members_stays_on_the_uplink() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = nexd_testkit::world::World::new(&["a", "b"])?;
+    let metadata: std::net::IpAddr = "100.100.100.200".parse()?;
+    w.inet.ns.ip(&format!("addr add {metadata}/32 dev lo"))?;
+    for n in ["a", "b"] {
+        w.node_mut(n).start(&nexd_testkit::NodeSpec::default())?;
+    }
+    let a = &w.node("a").ns;
+    let t = nexd_testkit::traffic::tcp_transfer(
+        a,
+        &w.node("b").ns,
+        w.mesh_ip("b", false),
+        4096,
+        std::time::Duration::from_secs(10),
+    )?;
+    assert_eq!(t.seen_from.ip(), w.mesh_ip("a", false));
+    let t = nexd_testkit::traffic::tcp_transfer(
+        a,
+        &w.inet.ns,
+        metadata,
+        4096,
+        std::time::Duration::from_secs(5),
+    )?;
+    assert_eq!(t.seen_from.ip(), w.underlay("a", false));
+    let routes = a.ip("route show")?;
+    assert!(!routes.contains("100.64.0.0/10"), "{routes}");
+    Ok(())
+}

@@ -235,6 +235,7 @@ impl Daemon {
             // no mesh addresses, no announcements.
             let book = self.heartbeats.book();
             iface.set_peers(Vec::new(), &|k| book.name(k).unwrap_or("?").to_owned())?;
+            iface.set_member_routes(nl, &[], &[]).await?;
             iface.set_addresses(nl, &[]).await?;
             self.heartbeats.leave(&mesh);
             self.mesh = mesh;
@@ -246,6 +247,13 @@ impl Daemon {
         let addrs = reconcile::interface_addresses(&mesh, &self.own)
             .context("this device is not in the mesh file")?;
         iface.set_addresses(nl, &addrs).await?;
+        iface
+            .set_member_routes(
+                nl,
+                &reconcile::member_routes(&mesh),
+                &[IpNet::V4(mesh.ipv4_prefix), IpNet::V6(mesh.ipv6_prefix)],
+            )
+            .await?;
         self.heartbeats.sync(&mesh, iface.name(), v4, v6);
         let book = self.heartbeats.book();
         iface.set_peers(

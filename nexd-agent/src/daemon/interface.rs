@@ -31,6 +31,7 @@ use crate::{
     metrics::{Labels, label},
     netif,
     netlink::Netlink,
+    routing,
     wireguard::{
         self, BackendChoice, BackendKind, DeviceConfig, DeviceStatus, PeerConfig, WgError,
     },
@@ -62,6 +63,8 @@ pub struct MeshInterface {
     fwmark: Option<u32>,
     /// Addresses nexd put on the interface.
     addresses: Vec<IpNet>,
+    /// The routes into the tunnel nexd added (the members' addresses).
+    member_routes: Vec<IpNet>,
     /// What the mesh wants of every peer, without the exit routes.
     peers: Vec<PeerConfig>,
     /// The peer that carries the default routes (exit-node client).
@@ -95,6 +98,7 @@ impl MeshInterface {
             settings: None,
             fwmark: None,
             addresses: Vec::new(),
+            member_routes: Vec::new(),
             peers: Vec::new(),
             exit_peer: None,
             applied: BTreeMap::new(),
@@ -247,6 +251,71 @@ impl MeshInterface {
             }
         }
         Ok(())
+    }
+
+    /// Routes `wanted` (the members' addresses, aggregated) into the
+    /// tunnel, in the main table, and nothing else of the mesh prefixes:
+    /// a whole-prefix route a previous nexd's address left on an adopted
+    /// link goes. Only differences are sent.
+    pub async fn set_member_routes(
+        &mut self,
+        nl: &Netlink,
+        wanted: &[IpNet],
+        prefixes: &[IpNet],
+    ) -> anyhow::Result<()> {
+        if self.member_routes == wanted {
+            return Ok(());
+        }
+        for net in prefixes {
+            if !wanted.contains(net) {
+                // The kernel's own route (proto kernel): any protocol.
+                let mut msg = self.route(net);
+                msg.header.protocol = netlink_packet_route::route::RouteProtocol::Unspec;
+                routing::routes::delete(nl, msg, || {
+                    format!(
+                        "deleting the route of the whole prefix {net} from {}",
+                        self.name
+                    )
+                })
+                .await?;
+            }
+        }
+        for stale in self.member_routes.clone() {
+            if !wanted.contains(&stale) {
+                routing::routes::delete(nl, self.route(&stale), || {
+                    format!("deleting the route {stale} dev {}", self.name)
+                })
+                .await?;
+                self.member_routes.retain(|r| *r != stale);
+            }
+        }
+        for net in wanted {
+            if !self.member_routes.contains(net) {
+                routing::routes::replace(nl, self.route(net), || {
+                    format!("adding the route {net} dev {}", self.name)
+                })
+                .await?;
+                self.member_routes.push(*net);
+            }
+        }
+        debug!(iface = %self.name, routes = ?self.member_routes, "member routes set");
+        Ok(())
+    }
+
+    /// `net dev <wg>` in the main table.
+    fn route(&self, net: &IpNet) -> netlink_packet_route::route::RouteMessage {
+        use rtnetlink::RouteMessageBuilder;
+        match net {
+            IpNet::V4(n) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .output_interface(self.index)
+                .scope(netlink_packet_route::route::RouteScope::Link)
+                .build(),
+            IpNet::V6(n) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .output_interface(self.index)
+                .build(),
+        }
     }
 
     /// The peers the mesh wants (without the exit routes); applies the

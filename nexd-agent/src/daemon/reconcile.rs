@@ -34,6 +34,26 @@ pub fn interface_addresses(mesh: &Mesh, own: &PublicKey) -> Option<[IpNet; 2]> {
     ])
 }
 
+/// The routes into the tunnel: every member's addresses, aggregated
+/// (members numbered in order make a few short prefixes), not the whole
+/// mesh prefix, which holds addresses that are no member's (a cloud's
+/// metadata service at 100.100.100.200 is in 100.64.0.0/10).
+pub fn member_routes(mesh: &Mesh) -> Vec<IpNet> {
+    let v4: Vec<IpNet> = mesh
+        .devices
+        .iter()
+        .map(|d| IpNet::from(IpAddr::V4(d.ipv4)))
+        .collect();
+    let v6: Vec<IpNet> = mesh
+        .devices
+        .iter()
+        .map(|d| IpNet::from(IpAddr::V6(d.ipv6)))
+        .collect();
+    let mut out = IpNet::aggregate(&v4);
+    out.extend(IpNet::aggregate(&v6));
+    out
+}
+
 /// Turns endpoints into socket addresses: literal addresses directly, names
 /// through `resolved` (filled by the caller's DNS lookups).
 pub fn endpoint_addr(
@@ -224,5 +244,32 @@ mod tests {
         let diff = diff_peers(&BTreeMap::new(), &wanted);
         assert_eq!(diff.upsert.len(), 2);
         assert!(diff.remove.is_empty());
+    }
+
+    #[test]
+    fn members_are_routed_in_few_prefixes_and_nothing_else_of_the_mesh_prefix() {
+        // d0..d5 at 100.64.0.1-6 and fd00::1-6.
+        let m = mesh(6);
+        let routes = member_routes(&m);
+        let s: Vec<String> = routes.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            s,
+            [
+                "100.64.0.1/32",
+                "100.64.0.2/31",
+                "100.64.0.4/31",
+                "100.64.0.6/32",
+                "fd00::1/128",
+                "fd00::2/127",
+                "fd00::4/127",
+                "fd00::6/128"
+            ]
+        );
+        let metadata: IpAddr = "100.100.100.200".parse().expect("ip");
+        assert!(!routes.iter().any(|r| r.contains(&metadata)));
+        for d in &m.devices {
+            assert!(routes.iter().any(|r| r.contains(&IpAddr::V4(d.ipv4))));
+            assert!(routes.iter().any(|r| r.contains(&IpAddr::V6(d.ipv6))));
+        }
     }
 }
