@@ -139,40 +139,9 @@ impl Step {
         s
     }
 
-    /// What `installed` may be after this step *failed* half-way: an
-    /// addition may or may not have happened, a removal may not have. The
-    /// rollback starts from this conservative view and removes (again)
-    /// whatever might be there; every removal is idempotent.
-    pub fn failed(self, s: Installed) -> Installed {
-        match self {
-            Step::AttachGuard
-            | Step::SetFwmark
-            | Step::AddFallback
-            | Step::AddRoutes
-            | Step::AddRules
-            | Step::SteeringOn => self.apply(s),
-            // A half-done change of where something points: claim the new
-            // target, so a rollback moves it back explicitly (the nftables
-            // table is replaced whole, a peer update is remove-then-add).
-            Step::RouteVia(_) | Step::Dns(Dns::Via(_) | Dns::Blocked) => self.apply(s),
-            // A failed removal of the redirect leaves whatever was there.
-            Step::Dns(Dns::Off)
-            | Step::SteeringOff
-            | Step::RemoveRules
-            | Step::RemoveRoutes
-            | Step::RemoveFallback
-            | Step::ClearFwmark
-            | Step::DetachGuard => s,
-        }
-    }
-}
-
-impl Step {
-    /// What is *surely* installed after this step failed half-way: the
-    /// other side of `failed`. An addition may not have happened, a
-    /// removal may have; a half-done change of where something points
-    /// leaves the old target as the sure one.
-    pub fn surely_after_failure(self, s: Installed) -> Installed {
+    /// Whether this step puts something in place (an addition, or a
+    /// change of where something points) rather than removing it.
+    fn puts(self) -> bool {
         match self {
             Step::AttachGuard
             | Step::SetFwmark
@@ -180,16 +149,36 @@ impl Step {
             | Step::AddRoutes
             | Step::AddRules
             | Step::SteeringOn
+            // A change of where something points: the nftables table is
+            // replaced whole, a peer update is remove-then-add.
             | Step::RouteVia(_)
-            | Step::Dns(Dns::Via(_) | Dns::Blocked) => s,
+            | Step::Dns(Dns::Via(_) | Dns::Blocked) => true,
             Step::Dns(Dns::Off)
             | Step::SteeringOff
             | Step::RemoveRules
             | Step::RemoveRoutes
             | Step::RemoveFallback
             | Step::ClearFwmark
-            | Step::DetachGuard => self.apply(s),
+            | Step::DetachGuard => false,
         }
+    }
+
+    /// What `installed` may be after this step *failed* half-way: what it
+    /// puts in place may be there (a half-done change of where something
+    /// points claims the new target, so a rollback moves it back
+    /// explicitly), what it removes may still be. The rollback starts from
+    /// this view and removes (again) whatever might be there; every removal
+    /// is idempotent.
+    pub fn failed(self, s: Installed) -> Installed {
+        if self.puts() { self.apply(s) } else { s }
+    }
+
+    /// What is *surely* installed after this step failed half-way: the
+    /// other side of `failed`. What it puts in place may not be there (a
+    /// change of where something points leaves the old target as the sure
+    /// one); what it removes may be gone.
+    pub fn surely_after_failure(self, s: Installed) -> Installed {
+        if self.puts() { s } else { self.apply(s) }
     }
 }
 

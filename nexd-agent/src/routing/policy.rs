@@ -133,26 +133,31 @@ impl ClientRouting {
     /// nexd's table. Before the rules, and removed after them.
     pub async fn add_fallback(&self, nl: &Netlink) -> Result<(), NetlinkError> {
         let table = self.numbers.table;
-        let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-            .kind(RouteType::Unreachable)
-            .priority(FALLBACK_METRIC)
-            .table_id(table)
-            .build();
-        routes::replace(nl, v4, || {
-            format!("adding unreachable default table {table}")
-        })
-        .await?;
-        let v6 = RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
-            .kind(RouteType::Unreachable)
-            .priority(FALLBACK_METRIC)
-            .table_id(table)
-            .build();
-        routes::replace(nl, v6, || {
-            format!("adding IPv6 unreachable default table {table}")
-        })
-        .await?;
+        for (fam, msg) in [
+            (
+                "IPv4",
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                    .kind(RouteType::Unreachable)
+                    .priority(FALLBACK_METRIC)
+                    .table_id(table)
+                    .build(),
+            ),
+            (
+                "IPv6",
+                RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+                    .kind(RouteType::Unreachable)
+                    .priority(FALLBACK_METRIC)
+                    .table_id(table)
+                    .build(),
+            ),
+        ] {
+            routes::replace(nl, msg, || {
+                format!("adding {fam} unreachable default table {table}")
+            })
+            .await?;
+        }
         debug!(table, "exit-node client fallback added");
         Ok(())
     }
