@@ -4,6 +4,13 @@
 //! they go through the same verification as values read from etcd, so a
 //! changed cache file cannot change the mesh either.
 //!
+//! It also keeps what the device verified (issue 21): every revocation,
+//! and per key the serial and digest of the newest signed value (`Mark`),
+//! so after a restart an etcd writer still cannot make it believe an older
+//! value. Marks are plain numbers, not signed values: an edited cache can
+//! raise one (and so hide a record until the admin signs above it, as
+//! deleting the record would) but never make anything believed.
+//!
 //! Written atomically (a temporary file, fsync, rename, fsync of the
 //! directory) with mode 0600.
 
@@ -14,16 +21,19 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use serde::{Deserialize, Serialize};
 
 use super::{
     location::Entry,
-    verify::{Record, Store},
+    verify::{Mark, Record, Store},
 };
 
 /// File name inside the state directory.
 pub const CACHE_FILE: &str = "registry-cache.json";
-const VERSION: u32 = 1;
+/// Version 2 added `marks`; a version 1 file is still read (its marks are
+/// those of the values it holds).
+const VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct CacheFile {
@@ -37,6 +47,10 @@ struct CacheFile {
     /// Every revocation remembered, also those deleted from etcd since
     /// (signed values, verified on load like the rest).
     revocations: Vec<(String, String)>,
+    /// Per key, the newest signed value verified: key, serial, digest
+    /// (base64).
+    #[serde(default)]
+    marks: Vec<(String, u64, String)>,
 }
 
 /// What a load found.
@@ -83,6 +97,10 @@ pub fn save(state_dir: &Path, store: &Store, now: u64) -> Result<(), CacheError>
             .revocations()
             .map(|r| (r.key.clone(), String::from_utf8_lossy(&r.raw).into_owned()))
             .collect(),
+        marks: store
+            .marks()
+            .map(|(k, m)| (k.clone(), m.serial, BASE64.encode(m.digest)))
+            .collect(),
     };
     let target = path(state_dir);
     let tmp = state_dir.join(format!(".{CACHE_FILE}.tmp"));
@@ -120,7 +138,7 @@ pub fn load(state_dir: &Path, mut store: Store) -> Result<Option<Cached>, CacheE
         path: p.clone(),
         reason: e.to_string(),
     })?;
-    if file.version != VERSION {
+    if !(1..=VERSION).contains(&file.version) {
         return Err(CacheError::Corrupt {
             path: p,
             reason: format!("version {} (this nexd writes {VERSION})", file.version),
@@ -135,6 +153,24 @@ pub fn load(state_dir: &Path, mut store: Store) -> Result<Option<Cached>, CacheE
                 store.layout().prefix()
             ),
         });
+    }
+    for (k, serial, digest) in &file.marks {
+        // A mark that does not parse is not learnt (the values it was for
+        // set their own marks below).
+        let Some(digest) = BASE64
+            .decode(digest)
+            .ok()
+            .and_then(|d| <[u8; 16]>::try_from(d.as_slice()).ok())
+        else {
+            continue;
+        };
+        store.learn_mark(
+            k,
+            Mark {
+                serial: *serial,
+                digest,
+            },
+        );
     }
     for (k, v) in &file.revocations {
         // A revocation that does not verify is simply not learnt.
@@ -224,6 +260,49 @@ mod tests {
         assert_eq!(
             membership::build(&cached.store).expect("m"),
             membership::build(&store).expect("m")
+        );
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn what_a_device_verified_before_a_restart_cannot_be_rolled_back() {
+        // Issue 21, item 2, across a restart: the device saw serial 3 of
+        // a record, saved its cache, restarted; etcd then offers serial 2.
+        let d = dir("hw");
+        let admin = AdminKey::generate();
+        let mut store = populated(&admin);
+        let (key, mut rec) = store
+            .records()
+            .find_map(|(k, r)| match r {
+                Record::Device(d) => Some((k.clone(), d.clone())),
+                _ => None,
+            })
+            .expect("a device");
+        let serial2 = store.raw(&key).expect("raw").to_vec();
+        rec.serial = 3;
+        rec.roles.exit_node = true;
+        store.put(key.clone(), seal(&admin, &key, &rec).expect("seal"));
+        save(&d, &store, 7).expect("save");
+        let fresh = Store::new(Layout::new("/m"), admin.public_key());
+        let mut cached = load(&d, fresh).expect("load").expect("present").store;
+        // A full read that finds the older record.
+        let settings = cached.layout().settings();
+        let kvs = vec![
+            (settings.clone(), cached.raw(&settings).expect("s").to_vec()),
+            (key.clone(), serial2),
+        ];
+        cached.replace_all(kvs, 50);
+        let m = membership::build(&cached).expect("m");
+        assert!(
+            m.mesh.devices.is_empty(),
+            "the serial-2 record was believed"
+        );
+        assert!(
+            m.ignored
+                .iter()
+                .any(|i| i.key == key && i.reason.contains("rolled back")),
+            "{:?}",
+            m.ignored
         );
         let _ = fs::remove_dir_all(&d);
     }

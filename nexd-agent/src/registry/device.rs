@@ -192,6 +192,7 @@ impl Registry {
             stale_lease: None,
             endpoint_lease: None,
             request_lease: None,
+            saved_marks: 0,
         };
         let task = tokio::spawn(worker.run(stop_rx));
         Ok((
@@ -274,6 +275,8 @@ struct Worker {
     /// under: a new session writes them again under its own.
     endpoint_lease: Option<i64>,
     request_lease: Option<i64>,
+    /// The store's marks generation the cache was last written at.
+    saved_marks: u64,
 }
 
 /// Why a session ended.
@@ -289,6 +292,7 @@ impl From<RegistryError> for End {
 
 impl Worker {
     async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        self.recall();
         let mut delay = self.cfg.backoff.0;
         loop {
             let ended = tokio::select! {
@@ -359,6 +363,22 @@ impl Worker {
         }
     }
 
+    /// What this device verified before it restarted (the cache's marks
+    /// and revocations), so etcd cannot take it back to anything older;
+    /// the content itself comes from etcd, or from the cache only while
+    /// etcd is unreachable (`use_cache`).
+    fn recall(&mut self) {
+        let fresh = Store::new(self.layout.clone(), self.cfg.admin);
+        match cache::load(&self.state_dir, fresh) {
+            Ok(Some(cached)) => {
+                self.store.recall(&cached.store);
+                self.saved_marks = self.store.marks_generation();
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "the registry cache is not usable"),
+        }
+    }
+
     async fn use_cache(&mut self) {
         let fresh = Store::new(self.layout.clone(), self.cfg.admin);
         match cache::load(&self.state_dir, fresh) {
@@ -369,7 +389,9 @@ impl Worker {
                         saved_at = cached.saved_at,
                         "etcd is unreachable: using the last verified membership from the cache"
                     );
-                    self.store = cached.store;
+                    let mut store = cached.store;
+                    store.recall(&self.store);
+                    self.store = store;
                     let source = Source::Cache {
                         saved_at: cached.saved_at,
                     };
@@ -644,13 +666,19 @@ impl Worker {
         let source = Source::Registry { revision };
         self.update_status(|s| s.waiting_for_approval = false);
         self.set_membership_status(&m, Some(source));
-        if self.last.as_ref().is_some_and(|l| l.same_mesh(&m)) {
-            return Ok(());
-        }
-        if cache::worth_saving(&self.store)
-            && let Err(e) = cache::save(&self.state_dir, &self.store, unix_now())
+        let same = self.last.as_ref().is_some_and(|l| l.same_mesh(&m));
+        // Also when only a mark moved: what was verified must survive a
+        // restart even if the mesh it gives did not change.
+        if (!same || self.saved_marks != self.store.marks_generation())
+            && cache::worth_saving(&self.store)
         {
-            tracing::warn!(error = %e, "cannot write the registry cache");
+            match cache::save(&self.state_dir, &self.store, unix_now()) {
+                Ok(()) => self.saved_marks = self.store.marks_generation(),
+                Err(e) => tracing::warn!(error = %e, "cannot write the registry cache"),
+            }
+        }
+        if same {
+            return Ok(());
         }
         tracing::info!(
             devices = m.mesh.devices.len(),

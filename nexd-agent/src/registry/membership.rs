@@ -357,6 +357,116 @@ mod tests {
         assert_eq!(m.mesh.devices.len(), 2);
     }
 
+    /// The signed value `add` wrote for `d`, as an etcd writer saves it.
+    fn raw_of(f: &Fixture, d: &DeviceRecord) -> Vec<u8> {
+        f.store
+            .raw(&f.store.layout().device(&d.public_key))
+            .expect("stored")
+            .to_vec()
+    }
+
+    fn ignored_reason(m: &Membership, key: &str) -> String {
+        m.ignored
+            .iter()
+            .find(|i| i.key == key)
+            .map(|i| i.reason.clone())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_role_change_rolled_back_by_an_etcd_writer_is_not_believed() {
+        // Issue 21, item 2: ex as exit node (serial 2), then without the
+        // role (serial 3); the serial-2 record written back.
+        let mut f = Fixture::new();
+        let mut ex = device("ex", 1, 2);
+        ex.roles.exit_node = true;
+        let key = f.add(&ex);
+        let as_exit_node = raw_of(&f, &ex);
+        let mut without = ex.clone();
+        without.roles.exit_node = false;
+        without.serial = 3;
+        f.add(&without);
+        assert!(!build(&f.store).expect("m").roles[&ex.public_key].exit_node);
+        f.store.put(key.clone(), as_exit_node);
+        let m = build(&f.store).expect("membership");
+        assert!(
+            !m.roles.get(&ex.public_key).is_some_and(|r| r.exit_node),
+            "the rolled-back exit-node record was believed: {:?}",
+            m.roles
+        );
+        let reason = ignored_reason(&m, &key);
+        assert!(reason.contains("rolled back"), "{reason:?}");
+        assert!(
+            reason.contains("serial 2") && reason.contains("serial 3"),
+            "{reason}"
+        );
+
+        // The same for exit_clients: serving only `a` (4), then every
+        // device (5); the serial-4 record written back.
+        let mut only_a = without.clone();
+        only_a.roles = Roles {
+            exit_node: true,
+            exit_clients: Some(vec!["a".into()]),
+        };
+        only_a.serial = 4;
+        f.add(&only_a);
+        let narrow = raw_of(&f, &only_a);
+        let mut everyone = only_a.clone();
+        everyone.roles.exit_clients = None;
+        everyone.serial = 5;
+        f.add(&everyone);
+        f.store.put(key.clone(), narrow);
+        let m = build(&f.store).expect("membership");
+        assert!(m.mesh.device(&ex.public_key).is_none(), "{:?}", m.mesh);
+        assert!(ignored_reason(&m, &key).contains("rolled back"));
+        // The newest record written back is believed again.
+        f.add(&everyone);
+        let m = build(&f.store).expect("membership");
+        assert_eq!(m.roles[&ex.public_key], everyone.roles);
+    }
+
+    #[test]
+    fn rolled_back_settings_are_not_believed() {
+        let mut f = Fixture::new();
+        let key = f.store.layout().settings();
+        let first = f.store.raw(&key).expect("settings").to_vec();
+        let mut newer = settings();
+        newer.mtu = 1380;
+        newer.serial = 4;
+        f.store
+            .put(key.clone(), seal(&f.admin, &key, &newer).expect("seal"));
+        assert_eq!(build(&f.store).expect("m").mesh.mtu, 1380);
+        f.store.put(key.clone(), first);
+        match build(&f.store) {
+            Err(MembershipError::SettingsRejected(r)) => assert!(r.contains("rolled back"), "{r}"),
+            other => panic!("the serial-1 settings were believed again: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_different_record_with_a_serial_already_verified_is_not_believed() {
+        // Two records of one key with one serial can only come from an
+        // admin misled about the serial; the first verified stays.
+        let mut f = Fixture::new();
+        let a = device("a", 1, 3);
+        let key = f.add(&a);
+        let mut other = a.clone();
+        other.roles.exit_node = true;
+        f.add(&other);
+        let m = build(&f.store).expect("membership");
+        assert!(!m.roles.get(&a.public_key).is_some_and(|r| r.exit_node));
+        assert!(ignored_reason(&m, &key).contains("rolled back"), "{m:?}");
+        // The first one written again is fine.
+        f.add(&a);
+        assert!(
+            build(&f.store)
+                .expect("m")
+                .mesh
+                .device(&a.public_key)
+                .is_some()
+        );
+    }
+
     #[test]
     fn records_outside_the_prefixes_and_missing_settings_are_reported() {
         let mut f = Fixture::new();

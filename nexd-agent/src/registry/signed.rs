@@ -45,6 +45,8 @@ pub enum Rejection {
     Revoked(String),
     #[error("conflicts with another record: {0}")]
     Conflict(String),
+    #[error("rolled back: {0}")]
+    RolledBack(String),
     #[error("unexpected key under the registry prefix")]
     UnknownKey,
 }

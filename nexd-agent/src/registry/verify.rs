@@ -4,9 +4,17 @@
 //!
 //! Nothing that fails a check is used; it stays here with its reason, so
 //! `nexctl mesh list` and the device's status can show and count it.
+//!
+//! A signature proves who wrote a value, not that it is the newest: an
+//! etcd writer can put back any value the admin ever signed. So the store
+//! keeps, per key, the newest signed value it verified (a `Mark`: its
+//! serial and a digest), also across full reads and, through the cache,
+//! restarts; an older value of that key is rejected as rolled back
+//! (issue 21).
 
 use std::collections::BTreeMap;
 
+use blake2::{Blake2s256, Digest as _};
 use serde::Serialize;
 
 use super::{
@@ -26,6 +34,36 @@ pub enum Record {
     Request(JoinRequest),
     Endpoint(PublicKey, EndpointRecord),
     Bookkeeping,
+}
+
+impl Record {
+    /// The serial a signed record carries (`None` for unsigned ones).
+    pub fn serial(&self) -> Option<u64> {
+        match self {
+            Record::Settings(s) => Some(s.serial),
+            Record::Device(d) => Some(d.serial),
+            Record::Revocation(r) => Some(r.serial),
+            Record::Request(_) | Record::Endpoint(..) | Record::Bookkeeping => None,
+        }
+    }
+}
+
+/// The newest signed value verified at one key: its serial, and a digest
+/// of the value as stored, so a second value with the same serial (which
+/// only an admin misled about the serials can sign) is told apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    pub serial: u64,
+    pub digest: [u8; 16],
+}
+
+impl Mark {
+    pub fn of(serial: u64, raw: &[u8]) -> Mark {
+        let full = Blake2s256::digest(raw);
+        let mut digest = [0u8; 16];
+        digest.copy_from_slice(&full[..16]);
+        Mark { serial, digest }
+    }
 }
 
 /// One etcd value and what the checks made of it.
@@ -61,6 +99,15 @@ pub struct Store {
     /// deleting a revocation and writing an old record back must not
     /// bring a revoked device back for a device that saw the revocation.
     remembered: BTreeMap<PublicKey, Remembered>,
+    /// The newest signed value verified per key, also after the key was
+    /// deleted or overwritten: never below it again.
+    marks: BTreeMap<String, Mark>,
+    /// The highest serial of any validly signed value seen (also of
+    /// values rejected as rolled back): the admin signs above it.
+    highest_serial: u64,
+    /// Bumped whenever a mark moves, so the device knows its cache is
+    /// behind.
+    marks_generation: u64,
     /// The etcd revision this content is at (0: never read).
     pub revision: i64,
 }
@@ -72,6 +119,9 @@ impl Store {
             admin,
             entries: BTreeMap::new(),
             remembered: BTreeMap::new(),
+            marks: BTreeMap::new(),
+            highest_serial: 0,
+            marks_generation: 0,
             revision: 0,
         }
     }
@@ -153,6 +203,10 @@ impl Store {
     }
 
     fn insert_checked(&mut self, key: String, raw: Vec<u8>, checked: Result<Record, Rejection>) {
+        let checked = checked.and_then(|record| match record.serial() {
+            Some(serial) => self.advance(&key, serial, &raw).map(|()| record),
+            None => Ok(record),
+        });
         if let Ok(Record::Revocation(r)) = &checked {
             self.remember(Remembered {
                 revocation: r.clone(),
@@ -161,6 +215,72 @@ impl Store {
             });
         }
         self.entries.insert(key, Stored { raw, checked });
+    }
+
+    /// Moves `key`'s mark to a validly signed value with `serial`, or says
+    /// why the value is older than what was verified there before.
+    fn advance(&mut self, key: &str, serial: u64, raw: &[u8]) -> Result<(), Rejection> {
+        self.highest_serial = self.highest_serial.max(serial);
+        let mark = Mark::of(serial, raw);
+        match self.marks.get(key) {
+            Some(m) if serial < m.serial => Err(Rejection::RolledBack(format!(
+                "serial {serial} is older than serial {} already verified for this key",
+                m.serial
+            ))),
+            Some(m) if serial == m.serial && m.digest != mark.digest => Err(Rejection::RolledBack(
+                format!("another record with serial {serial} was verified for this key first"),
+            )),
+            Some(m) if *m == mark => Ok(()),
+            _ => {
+                self.marks.insert(key.to_owned(), mark);
+                self.marks_generation += 1;
+                Ok(())
+            }
+        }
+    }
+
+    /// The newest signed value verified per key.
+    pub fn marks(&self) -> impl Iterator<Item = (&String, &Mark)> {
+        self.marks.iter()
+    }
+
+    /// Takes a mark kept elsewhere (the cache): values of `key` older
+    /// than it are rejected from now on. A mark only ever rises.
+    pub fn learn_mark(&mut self, key: &str, mark: Mark) {
+        if self.layout.classify(key).is_none() {
+            return;
+        }
+        self.highest_serial = self.highest_serial.max(mark.serial);
+        match self.marks.get(key) {
+            Some(m) if m.serial >= mark.serial => {}
+            _ => {
+                self.marks.insert(key.to_owned(), mark);
+                self.marks_generation += 1;
+            }
+        }
+    }
+
+    /// Takes what `other` verified (marks, revocations) without its
+    /// content: a device's memory from its cache, while the content comes
+    /// from etcd.
+    pub fn recall(&mut self, other: &Store) {
+        for (k, m) in other.marks() {
+            self.learn_mark(k, *m);
+        }
+        for r in other.revocations() {
+            self.remember(r.clone());
+        }
+        self.highest_serial = self.highest_serial.max(other.highest_serial);
+    }
+
+    /// The highest serial of any validly signed value seen.
+    pub fn highest_serial(&self) -> u64 {
+        self.highest_serial
+    }
+
+    /// Changes whenever a mark moves.
+    pub fn marks_generation(&self) -> u64 {
+        self.marks_generation
     }
 
     /// A key was deleted. Returns whether it was there.
@@ -183,6 +303,9 @@ impl Store {
         let entry = self.layout.classify(key).ok_or(Rejection::UnknownKey)?;
         match check(&self.admin, key, &entry, raw)? {
             Record::Revocation(r) => {
+                // An older revocation than one verified at this key still
+                // voids what it voids; the mark only rises.
+                let _ = self.advance(key, r.serial, raw);
                 self.remember(Remembered {
                     revocation: r,
                     key: key.to_owned(),
