@@ -102,6 +102,48 @@ impl View {
         })
     }
 
+    /// The serial the next signed change takes: above the counter and
+    /// above every validly signed serial this view read. The counter is
+    /// unsigned (an etcd writer can set it back), and a serial at or below
+    /// one already signed would let the older record win (issue 21).
+    pub fn next_serial(&self) -> u64 {
+        self.serial.max(self.store.highest_serial()) + 1
+    }
+
+    /// The record of a new member approved from `req`.
+    fn new_member(
+        &self,
+        req: &JoinRequest,
+        (ipv4, ipv6): (Ipv4Addr, Ipv6Addr),
+        roles: Roles,
+    ) -> DeviceRecord {
+        DeviceRecord {
+            name: req.name.clone(),
+            public_key: req.public_key,
+            ipv4,
+            ipv6,
+            listen_port: req.listen_port,
+            endpoint: None,
+            roles,
+            serial: self.next_serial(),
+            // Approved again after a revocation: this record names it, or
+            // it would be void like the records before it.
+            after_revocation: self.store.revocation(&req.public_key).map(|r| r.serial),
+        }
+    }
+
+    /// The revocation of `record`'s device: a fresh serial, voiding every
+    /// record of the device signed before it, whatever their serials
+    /// (some may be hidden from this view).
+    fn revocation_of(&self, record: &DeviceRecord) -> Revocation {
+        Revocation {
+            public_key: record.public_key,
+            name: record.name.clone(),
+            serial: self.next_serial(),
+            every_serial: true,
+        }
+    }
+
     /// Compare: the serial counter is still what this view saw.
     fn serial_unchanged(&self, layout: &Layout) -> Compare {
         match &self.serial_raw {
@@ -266,7 +308,7 @@ impl Admin {
                     "the prefixes cannot change while the mesh has devices (their addresses are inside them)".into(),
                 ));
             }
-            new.serial = view.serial + 1;
+            new.serial = view.next_serial();
             let sk = self.layout.settings();
             let txn = Txn::new()
                 .when([view.serial_unchanged(&self.layout)])
@@ -297,7 +339,7 @@ impl Admin {
                 .settings()
                 .cloned()
                 .ok_or_else(|| AdminError::Refused("the registry has no settings".into()))?;
-            let serial = view.serial + 1;
+            let serial = view.next_serial();
             let txn = if let Some(dev) = find_device(&m, who) {
                 let current = view
                     .store
@@ -355,16 +397,7 @@ impl Admin {
                         settings.ipv4_prefix, settings.ipv6_prefix
                     ))
                 })?;
-                let record = DeviceRecord {
-                    name: req.name.clone(),
-                    public_key: req.public_key,
-                    ipv4,
-                    ipv6,
-                    listen_port: req.listen_port,
-                    endpoint: None,
-                    roles: roles.apply(Roles::default()),
-                    serial,
-                };
+                let record = view.new_member(req, (ipv4, ipv6), roles.apply(Roles::default()));
                 let dk = self.layout.device(&record.public_key);
                 let (a4, a6) = (self.layout.alloc_v4(ipv4), self.layout.alloc_v6(ipv6));
                 let id = super::location::key_id(&record.public_key);
@@ -426,18 +459,18 @@ impl Admin {
                 .map(<[u8]>::to_vec)
                 .ok_or_else(|| AdminError::Refused(format!("device {who} vanished")))?;
             let rk = self.layout.revoked(&record.public_key);
-            let revocation = Revocation {
-                public_key: record.public_key,
-                name: record.name.clone(),
-                serial: record.serial,
-            };
+            let revocation = view.revocation_of(&record);
             let txn = Txn::new()
-                .when([Compare::value(dk.clone(), CompareOp::Equal, raw)])
+                .when([
+                    view.serial_unchanged(&self.layout),
+                    Compare::value(dk.clone(), CompareOp::Equal, raw),
+                ])
                 .and_then([
                     TxnOp::delete(dk, None),
                     TxnOp::delete(self.layout.alloc_v4(record.ipv4), None),
                     TxnOp::delete(self.layout.alloc_v6(record.ipv6), None),
                     TxnOp::put(rk.clone(), encode(key, &rk, &revocation)?, None),
+                    TxnOp::put(self.layout.serial(), revocation.serial.to_string(), None),
                 ]);
             if self.commit("the revocation", txn).await? {
                 return Ok(record);
@@ -500,6 +533,7 @@ impl Admin {
                         exit_clients: d.exit_clients.as_ref().map(|c| c.iter().cloned().collect()),
                     },
                     serial,
+                    after_revocation: None,
                 };
                 let dk = self.layout.device(&d.public_key);
                 let id = super::location::key_id(&d.public_key);
@@ -602,6 +636,130 @@ pub fn check_importable(mesh: &Mesh) -> Result<(), AdminError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{keys::PrivateKey, registry::signed::seal};
+
+    fn settings() -> Settings {
+        Settings {
+            ipv4_prefix: "100.64.0.0/10".parse().expect("v4"),
+            ipv6_prefix: "fd6e:6578:6400::/48".parse().expect("v6"),
+            mtu: 1420,
+            persistent_keepalive: 25,
+            agent_port: 51829,
+            serial: 1,
+        }
+    }
+
+    fn record(name: &str, n: u8, serial: u64) -> DeviceRecord {
+        DeviceRecord {
+            name: name.into(),
+            public_key: PrivateKey::generate().public_key(),
+            ipv4: Ipv4Addr::new(100, 64, 0, n),
+            ipv6: format!("fd6e:6578:6400::{n}").parse().expect("v6"),
+            listen_port: 51820,
+            endpoint: None,
+            roles: Roles::default(),
+            serial,
+            after_revocation: None,
+        }
+    }
+
+    /// A view as the admin reads it: `values` signed at their keys, the
+    /// unsigned counter at `counter`.
+    fn view(admin: &AdminKey, counter: u64, values: Vec<(String, Vec<u8>)>) -> View {
+        let layout = Layout::new("/m");
+        let mut store = Store::new(layout.clone(), admin.public_key());
+        let sk = layout.settings();
+        let mut all = vec![(sk.clone(), seal(admin, &sk, &settings()).expect("seal"))];
+        all.extend(values);
+        store.replace_all(all, 9);
+        View {
+            store,
+            serial_raw: Some(counter.to_string().into_bytes()),
+            serial: counter,
+        }
+    }
+
+    fn signed_device(admin: &AdminKey, d: &DeviceRecord) -> (String, Vec<u8>) {
+        let k = Layout::new("/m").device(&d.public_key);
+        let v = seal(admin, &k, d).expect("seal");
+        (k, v)
+    }
+
+    #[test]
+    fn the_admin_signs_above_every_serial_it_can_read_not_the_counter() {
+        // Issue 21, item 3: the counter at 5 and ex's record at serial 5;
+        // an etcd writer sets the counter to 1.
+        let admin = AdminKey::generate();
+        let ex = record("ex", 1, 5);
+        let v = view(&admin, 1, vec![signed_device(&admin, &ex)]);
+        assert!(
+            v.next_serial() > 5,
+            "the next change would be signed with serial {}, at or below ex's 5",
+            v.next_serial()
+        );
+        // A revocation the admin can read counts as well.
+        let gone = PrivateKey::generate().public_key();
+        let rk = Layout::new("/m").revoked(&gone);
+        let r = Revocation {
+            public_key: gone,
+            name: "gone".into(),
+            serial: 9,
+            every_serial: true,
+        };
+        let v = view(
+            &admin,
+            1,
+            vec![(rk.clone(), seal(&admin, &rk, &r).expect("seal"))],
+        );
+        assert_eq!(v.next_serial(), 10);
+        // The counter still counts when it is the highest.
+        let v = view(&admin, 12, vec![signed_device(&admin, &ex)]);
+        assert_eq!(v.next_serial(), 13);
+    }
+
+    #[test]
+    fn a_revocation_voids_every_serial_the_device_ever_had() {
+        // The admin revokes ex when its newest readable record is the
+        // serial-2 one (the serial-5 record was hidden from it).
+        let admin = AdminKey::generate();
+        let mut ex = record("ex", 1, 2);
+        let v = view(&admin, 2, vec![signed_device(&admin, &ex)]);
+        let r = v.revocation_of(&ex);
+        assert!(r.serial > 2, "{r:?}");
+        ex.serial = 5;
+        assert!(r.voids(&ex), "the serial-5 record survives {r:?}");
+    }
+
+    #[test]
+    fn a_device_approved_again_after_a_revocation_names_it() {
+        let admin = AdminKey::generate();
+        let old = record("ex", 1, 4);
+        let rk = Layout::new("/m").revoked(&old.public_key);
+        let r = Revocation {
+            public_key: old.public_key,
+            name: "ex".into(),
+            serial: 7,
+            every_serial: true,
+        };
+        let v = view(
+            &admin,
+            7,
+            vec![(rk.clone(), seal(&admin, &rk, &r).expect("seal"))],
+        );
+        let req = JoinRequest {
+            name: "ex".into(),
+            public_key: old.public_key,
+            listen_port: 51820,
+            endpoint: None,
+            exit_node: false,
+            requested_at: 0,
+        };
+        let again = v.new_member(&req, (old.ipv4, old.ipv6), Roles::default());
+        assert_eq!(again.after_revocation, Some(7), "{again:?}");
+        assert!(again.serial > 7);
+        assert!(!r.voids(&again));
+        assert!(r.voids(&old));
+    }
 
     #[test]
     fn a_mesh_with_rate_limits_is_refused_naming_the_devices() {

@@ -238,6 +238,7 @@ mod tests {
             endpoint: None,
             roles: Roles::default(),
             serial: 2,
+            after_revocation: None,
         };
         let k = s.layout().device(&d.public_key);
         s.put(k.clone(), seal(admin, &k, &d).expect("seal"));

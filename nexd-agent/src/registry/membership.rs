@@ -4,14 +4,16 @@
 //!
 //! Signed records can still disagree (an old record written back after a
 //! revocation, two records claiming one address after an admin's mistake).
-//! The rules, in order: a record whose serial is covered by a revocation
-//! is void; among the rest, the higher serial (the newer signature) wins a
-//! name or an address, and the loser is ignored with the reason.
+//! The rules, in order: a record a revocation voids is void (every record
+//! signed before it, `records::Revocation::voids`); among the rest, the
+//! higher serial (the newer signature) wins a name or an address, and the
+//! loser is ignored with the reason. (An older value of a key than one
+//! already verified never gets here: `verify::Store` rejects it.)
 
 use std::collections::{BTreeMap, HashMap};
 
 use super::{
-    records::{DeviceRecord, Roles, Settings},
+    records::{DeviceRecord, Revocation, Roles, Settings},
     signed::Rejection,
     verify::{Ignored, Record, Store},
 };
@@ -77,16 +79,16 @@ pub fn build(store: &Store) -> Result<Membership, MembershipError> {
         settings,
         devices,
         &endpoints,
-        |k| store.revoked_serial(k),
+        |k| store.revocation(k),
         std::mem::take(&mut ignored),
     ))
 }
 
-fn assemble(
+fn assemble<'a>(
     settings: &Settings,
     mut devices: Vec<(&String, &DeviceRecord)>,
     endpoints: &HashMap<PublicKey, &str>,
-    revoked_serial: impl Fn(&PublicKey) -> Option<u64>,
+    revocation: impl Fn(&PublicKey) -> Option<&'a Revocation>,
     mut ignored: Vec<Ignored>,
 ) -> Membership {
     // Newest first, so the newest signature claims names and addresses.
@@ -104,12 +106,18 @@ fn assemble(
                 reason: r.to_string(),
             })
         };
-        if let Some(rev) = revoked_serial(&d.public_key)
-            && d.serial <= rev
+        if let Some(rev) = revocation(&d.public_key)
+            && rev.voids(d)
         {
             reject(Rejection::Revoked(format!(
-                "device {:?} was revoked at serial {rev} (this record has serial {})",
-                d.name, d.serial
+                "device {:?} was revoked at serial {} (this record has serial {}{})",
+                d.name,
+                rev.serial,
+                d.serial,
+                match d.after_revocation {
+                    Some(a) => format!(", signed after the revocation at serial {a}"),
+                    None => String::new(),
+                }
             )));
             continue;
         }
@@ -219,6 +227,7 @@ mod tests {
             endpoint: None,
             roles: Roles::default(),
             serial,
+            after_revocation: None,
         }
     }
 
@@ -334,6 +343,7 @@ mod tests {
             public_key: new.public_key,
             name: "b".into(),
             serial: 5,
+            every_serial: false,
         };
         f.store
             .put(kr.clone(), seal(&f.admin, &kr, &rev).expect("seal"));
@@ -463,6 +473,72 @@ mod tests {
                 .expect("m")
                 .mesh
                 .device(&a.public_key)
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_revocation_voids_every_record_of_the_device_whatever_its_serial() {
+        // Issue 21, item 3: the admin, misled by a counter set back,
+        // revoked ex at serial 2; ex's serial-5 record is written back.
+        let mut f = Fixture::new();
+        let mut ex = device("ex", 1, 5);
+        ex.roles.exit_node = true;
+        let kr = f.store.layout().revoked(&ex.public_key);
+        let revoke = |f: &mut Fixture, serial: u64| {
+            let r = Revocation {
+                public_key: ex.public_key,
+                name: "ex".into(),
+                serial,
+                every_serial: true,
+            };
+            f.store
+                .put(kr.clone(), seal(&f.admin, &kr, &r).expect("seal"));
+        };
+        revoke(&mut f, 2);
+        f.store.delete(&kr);
+        let key = f.add(&ex);
+        let m = build(&f.store).expect("membership");
+        assert!(
+            m.mesh.device(&ex.public_key).is_none(),
+            "the serial-5 record brought ex back after its revocation at 2"
+        );
+        assert!(ignored_reason(&m, &key).starts_with("revoked"), "{m:?}");
+
+        // Approved again after the revocation: the new record names it.
+        let mut again = ex.clone();
+        again.serial = 6;
+        again.after_revocation = Some(2);
+        f.add(&again);
+        assert!(
+            build(&f.store)
+                .expect("m")
+                .mesh
+                .device(&ex.public_key)
+                .is_some()
+        );
+        // Revoked again: that record is void too, whatever its serial; only
+        // one naming the new revocation counts.
+        revoke(&mut f, 7);
+        let mut higher = again.clone();
+        higher.serial = 9;
+        f.add(&higher);
+        assert!(
+            build(&f.store)
+                .expect("m")
+                .mesh
+                .device(&ex.public_key)
+                .is_none()
+        );
+        let mut third = higher.clone();
+        third.serial = 10;
+        third.after_revocation = Some(7);
+        f.add(&third);
+        assert!(
+            build(&f.store)
+                .expect("m")
+                .mesh
+                .device(&ex.public_key)
                 .is_some()
         );
     }

@@ -51,19 +51,42 @@ pub struct DeviceRecord {
     pub endpoint: Option<String>,
     #[serde(flatten)]
     pub roles: Roles,
-    /// Increases with every signed change; a revocation covers every record
-    /// of that device up to its serial, so an old record written back into
-    /// etcd does not bring a revoked device back.
+    /// Increases with every signed change, mesh-wide: the admin signs each
+    /// change above every serial it can read.
     pub serial: u64,
+    /// For a device approved again after a revocation: the serial of that
+    /// revocation. A revocation voids every record of the device that does
+    /// not name it (or a later one), whatever their serials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_revocation: Option<u64>,
 }
 
-/// A revocation (`PREFIX/revoked/<id>`), signed: the device's records with
-/// a serial up to `serial` are void.
+/// A revocation (`PREFIX/revoked/<id>`), signed.
+///
+/// Signed since issue 21 with `every_serial`: it voids every record of the
+/// device that does not name it in `after_revocation`, so no record the
+/// admin ever signed for it (however high its serial: the unsigned serial
+/// counter can be set back under the admin) brings it back. Without
+/// `every_serial` (revocations signed before), it voids the records with a
+/// serial up to `serial`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {
     pub public_key: PublicKey,
     pub name: String,
     pub serial: u64,
+    #[serde(default)]
+    pub every_serial: bool,
+}
+
+impl Revocation {
+    /// Whether this revocation voids `record` (of the same device).
+    pub fn voids(&self, record: &DeviceRecord) -> bool {
+        if self.every_serial {
+            record.after_revocation.is_none_or(|a| a < self.serial)
+        } else {
+            record.serial <= self.serial
+        }
+    }
 }
 
 /// A device asking to join (`PREFIX/requests/<id>`), unsigned.

@@ -323,9 +323,9 @@ impl Store {
         self.remembered.values()
     }
 
-    /// The highest revoked serial of `k`, if it was ever revoked.
-    pub fn revoked_serial(&self, k: &PublicKey) -> Option<u64> {
-        self.remembered.get(k).map(|r| r.revocation.serial)
+    /// The latest revocation of `k`, if it was ever revoked.
+    pub fn revocation(&self, k: &PublicKey) -> Option<&Revocation> {
+        self.remembered.get(k).map(|r| &r.revocation)
     }
 
     pub fn entries(&self) -> impl Iterator<Item = (&String, &Stored)> {
@@ -478,6 +478,7 @@ mod tests {
                 endpoint: None,
                 roles: Roles::default(),
                 serial: u64::from(i) + 2,
+                after_revocation: None,
             };
             let key = layout.device(&d.public_key);
             // Every 37th is signed by someone else, wherever it falls.
