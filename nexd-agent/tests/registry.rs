@@ -13,7 +13,9 @@
 //! and restarted: the device reports the loss, keeps its membership,
 //! reconnects; unreachable at start: the cached membership is used; one
 //! member of three killed: approvals still arrive; TLS with client
-//! certificates works and a client without a certificate is refused.
+//! certificates works and a client without a certificate is refused; a
+//! device restarted while etcd was rolled back to an older record of it
+//! does not believe that record (issue 21: the marks in its cache).
 
 use std::{
     path::PathBuf,
@@ -132,6 +134,16 @@ impl Lab {
             Box::pin(async move { a.approve(&k, &who, &RoleChange::default()).await })
         })?;
         Ok(Instant::now())
+    }
+
+    fn make_exit_node(&self, who: &str) -> anyhow::Result<()> {
+        let who = who.to_owned();
+        let change = RoleChange {
+            exit_node: Some(true),
+            ..RoleChange::default()
+        };
+        self.admin(move |a, k| Box::pin(async move { a.approve(&k, &who, &change).await }))?;
+        Ok(())
     }
 
     fn revoke(&self, who: &str) -> anyhow::Result<Instant> {
@@ -720,5 +732,45 @@ fn tls_with_client_certificates() -> anyhow::Result<()> {
     }
     let e = cfg.validate().expect_err("missing CA file");
     assert!(e.to_string().contains("missing-ca.pem"), "{e}");
+    a.stop()
+}
+
+#[test]
+fn a_restarted_device_does_not_believe_a_record_older_than_its_cache() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let lab = Lab::new("recall", &["198.51.100.11/24"], false)?;
+    let own = PrivateKey::generate().public_key();
+    let a = lab.device_with_key("alpha", 1, own, lab.etcd_config()?)?;
+    a.wait("waiting", Duration::from_secs(10), |e| {
+        matches!(e, MembershipEvent::WaitingForApproval).then_some(())
+    })?;
+    lab.approve("alpha")?;
+    a.membership(Duration::from_secs(5), |m| has(m, "alpha"))?;
+    let key = nexd::registry::location::Layout::new("/recall").device(&own);
+    let member = lab.etcd.get(&key)?.context("alpha's record")?;
+    lab.make_exit_node("alpha")?;
+    a.membership(Duration::from_secs(5), |m| {
+        m.roles.get(&own).is_some_and(|r| r.exit_node)
+    })?;
+    a.stop()?;
+
+    // While alpha is down, an etcd writer puts its older record back;
+    // alpha starts again with etcd reachable.
+    lab.etcd.put(&key, &member)?;
+    let a = lab.device_with_key("alpha", 1, own, lab.etcd_config()?)?;
+    let s = a.wait_status("the older record ignored", |s| {
+        s.ignored
+            .iter()
+            .any(|i| i.key == key && i.reason.starts_with("rolled back"))
+    })?;
+    println!("restarted: {:?}", s.ignored);
+    a.none_for(Duration::from_secs(2), |e| match e {
+        MembershipEvent::Membership { membership, .. } => {
+            membership.roles.get(&own).is_some_and(|r| !r.exit_node)
+        }
+        _ => false,
+    })?;
     a.stop()
 }
