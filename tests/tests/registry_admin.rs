@@ -9,7 +9,10 @@
 //! written straight into etcd (unsigned, signed by another admin, moved to
 //! another key, tampered to change an address or make a device an exit
 //! node) are ignored and listed with their reason; exit statuses for an
-//! unreachable etcd, a bad command line and an unknown device.
+//! unreachable etcd, a bad command line and an unknown device; a join
+//! request replaced under the same name (issue 21) is shown with a note
+//! and refused by `approve --fingerprint`, and the device's own request
+//! is approved by its fingerprint.
 
 use std::{
     collections::HashSet,
@@ -584,5 +587,101 @@ fn tls_client_certificates_and_passwords() -> anyhow::Result<()> {
     println!("wrong password: {err}");
     assert_eq!(out.status.code(), Some(4), "{out:?}");
     assert!(err.contains("refused"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_replaced_join_request_is_refused_by_fingerprint() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let lab = Lab::new("fp")?;
+    let key = lab.key("admin.key");
+    let k = key.to_str().context("path")?;
+    lab.ok("fp", &["init", "--admin-key", k])?;
+    let requests = || -> anyhow::Result<Vec<Value>> {
+        let text = lab.ok("fp", &["requests", "--admin-key", k, "-o", "json"])?;
+        Ok(serde_json::from_str::<Vec<Value>>(&text)?)
+    };
+    // The genuine laptop asks; the admin notes its fingerprint (the
+    // device's log shows the same).
+    let genuine = request(&lab, "fp", "laptop")?;
+    let rows = requests()?;
+    let fingerprint = rows[0]["fingerprint"]
+        .as_str()
+        .context("fingerprint")?
+        .to_owned();
+    assert_eq!(fingerprint.len(), 24, "{rows:?}");
+    // Someone with the device credential deletes it and asks as "laptop".
+    lab.etcd
+        .etcdctl(&["del", "--", &format!("/fp/requests/{}", key_id(&genuine))])?;
+    let impostor = request(&lab, "fp", "laptop")?;
+    let out = lab.mesh(
+        "fp",
+        &[
+            "approve",
+            "laptop",
+            "--admin-key",
+            k,
+            "--fingerprint",
+            &fingerprint,
+        ],
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("approving the replaced request: {err}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        err.contains("replaced") && err.contains(&fingerprint),
+        "{err}"
+    );
+    assert!(device(&lab.list("fp", &key)?, "laptop").is_none());
+    // The genuine device asks again (as it does when its request goes):
+    // two keys under one name, noted in the listing.
+    let body = serde_json::json!({"name": "laptop", "public_key": genuine, "listen_port": 51820});
+    lab.etcd.put(
+        &format!("/fp/requests/{}", key_id(&genuine)),
+        &body.to_string(),
+    )?;
+    let rows = requests()?;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        assert!(
+            r["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("2 keys ask as")),
+            "{r}"
+        );
+    }
+    // Approved by its fingerprint: the genuine key, not the impostor's.
+    let out = lab.ok(
+        "fp",
+        &[
+            "approve",
+            "laptop",
+            "--admin-key",
+            k,
+            "--fingerprint",
+            &fingerprint,
+        ],
+    )?;
+    assert!(
+        out.contains(&genuine) && out.contains(&fingerprint),
+        "{out}"
+    );
+    let l = lab.list("fp", &key)?;
+    assert_eq!(
+        device(&l, "laptop").context("laptop")?["public_key"],
+        genuine.as_str()
+    );
+    // The impostor's request is left, noted as asking for a member's name.
+    let rows = requests()?;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["public_key"], impostor.as_str());
+    assert!(
+        rows[0]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("held by member")),
+        "{rows:?}"
+    );
     Ok(())
 }

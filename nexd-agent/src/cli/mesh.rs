@@ -13,6 +13,7 @@ use super::{
     registry_args::RegistryArgs,
 };
 use crate::{
+    keys::PublicKey,
     mesh::{
         self, DEFAULT_AGENT_PORT, DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, DEFAULT_KEEPALIVE,
         DEFAULT_MTU,
@@ -22,6 +23,7 @@ use crate::{
         admin::{Admin, AdminError, RoleChange, View},
         admin_key::{self, AdminKeyError},
         records::Settings,
+        requests,
         verify::Record,
     },
 };
@@ -135,6 +137,11 @@ pub struct ApproveArgs {
     /// As exit node, serve every device (the default).
     #[arg(long)]
     pub all_exit_clients: bool,
+    /// Approve only if the device's key has this fingerprint (the device
+    /// logs it while it waits; `nexctl mesh requests` shows it): a join
+    /// request replaced under the same name is refused.
+    #[arg(long, value_name = "FINGERPRINT")]
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -442,9 +449,21 @@ async fn approve(out: &mut String, r: &RegistryArgs, a: ApproveArgs) -> Result<(
             a.exit_clients.map(Some)
         },
     };
-    let done = connect(r).await?.approve(&key, &a.device, &change).await?;
+    let done = connect(r)
+        .await?
+        .approve_expecting(&key, &a.device, a.fingerprint.as_deref(), &change)
+        .await?;
     let d = &done.record;
     let roles = roles_text(&d.roles);
+    let fingerprint = requests::fingerprint(&d.public_key);
+    if done.new_member && a.fingerprint.is_none() && a.device.parse::<PublicKey>().is_err() {
+        // By name alone: the name came from an unsigned request anyone
+        // with write access to etcd could have replaced.
+        eprintln!(
+            "warning: {} was approved by name alone; check with the device that its key fingerprint is {fingerprint} (its log shows it), or approve with --fingerprint next time",
+            d.name
+        );
+    }
     if !done.changed {
         let _ = writeln!(
             out,
@@ -454,7 +473,7 @@ async fn approve(out: &mut String, r: &RegistryArgs, a: ApproveArgs) -> Result<(
     } else if done.new_member {
         let _ = writeln!(
             out,
-            "approved {} ({}): {} and {}, roles: {roles}",
+            "approved {} ({}, fingerprint {fingerprint}): {} and {}, roles: {roles}",
             d.name, d.public_key, d.ipv4, d.ipv6
         );
     } else {
@@ -475,10 +494,16 @@ fn roles_text(r: &crate::registry::records::Roles) -> String {
 struct RequestRow {
     name: String,
     public_key: String,
+    /// What the device shows, to approve with --fingerprint.
+    fingerprint: String,
     endpoint: Option<String>,
     listen_port: u16,
     asks_exit_node: bool,
     requested_at: u64,
+    /// A name asked by several keys, or held by a member with another
+    /// key: a request may have been replaced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
 }
 
 async fn requests(
@@ -488,37 +513,50 @@ async fn requests(
     k: &ReadKey,
 ) -> Result<(), Failure> {
     let view = read(r, k).await?;
+    let members = view.membership().ok();
+    let mut notes = requests::notes(&view.store, members.as_ref());
     let rows: Vec<RequestRow> = view
         .store
         .requests()
         .map(|q| RequestRow {
             name: q.name.clone(),
             public_key: q.public_key.to_string(),
+            fingerprint: requests::fingerprint(&q.public_key),
             endpoint: q.endpoint.clone(),
             listen_port: q.listen_port,
             asks_exit_node: q.exit_node,
             requested_at: q.requested_at,
+            note: notes.remove(&q.public_key),
         })
         .collect();
     render(out, format, &rows, || {
         let mut t = Table::new(&[
             "NAME",
             "PUBLIC KEY",
+            "FINGERPRINT",
             "ENDPOINT",
             "LISTEN PORT",
             "ASKS EXIT NODE",
+            "NOTE",
         ]);
         for q in &rows {
             t.row(vec![
                 q.name.clone(),
                 q.public_key.clone(),
+                q.fingerprint.clone(),
                 q.endpoint.clone().unwrap_or_else(|| "-".into()),
                 q.listen_port.to_string(),
                 if q.asks_exit_node { "yes" } else { "no" }.into(),
+                q.note.clone().unwrap_or_else(|| "-".into()),
             ]);
         }
         t
     });
+    if rows.iter().any(|q| q.note.is_some()) {
+        eprintln!(
+            "warning: some names are asked by several keys or held by another member (see NOTE): a join request may have been replaced; approve with --fingerprint as the device shows it"
+        );
+    }
     Ok(())
 }
 
@@ -744,10 +782,12 @@ mod tests {
         let rows = vec![RequestRow {
             name: "a".into(),
             public_key: "K".into(),
+            fingerprint: "0000-0000-0000-0000-0000".into(),
             endpoint: None,
             listen_port: 51820,
             asks_exit_node: true,
             requested_at: 1,
+            note: None,
         }];
         let table = || {
             let mut t = Table::new(&["NAME", "PUBLIC KEY"]);

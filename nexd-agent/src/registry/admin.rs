@@ -17,6 +17,7 @@ use super::{
     location::{Entry, Layout},
     membership::{self, Membership},
     records::{DeviceRecord, JoinRequest, Revocation, Roles, Settings},
+    requests,
     signed::seal,
     verify::{Record, Store},
 };
@@ -332,6 +333,19 @@ impl Admin {
         who: &str,
         roles: &RoleChange,
     ) -> Result<Approved, AdminError> {
+        self.approve_expecting(key, who, None, roles).await
+    }
+
+    /// `approve`, only if the device's key has `fingerprint` (as the device
+    /// shows it, `requests::fingerprint`): a join request replaced under
+    /// the same name is refused instead of approved.
+    pub async fn approve_expecting(
+        &mut self,
+        key: &AdminKey,
+        who: &str,
+        fingerprint: Option<&str>,
+        roles: &RoleChange,
+    ) -> Result<Approved, AdminError> {
         for attempt in 0..MAX_ATTEMPTS {
             let view = self.read(key.public_key()).await?;
             let m = view.membership()?;
@@ -341,6 +355,16 @@ impl Admin {
                 .ok_or_else(|| AdminError::Refused("the registry has no settings".into()))?;
             let serial = view.next_serial();
             let txn = if let Some(dev) = find_device(&m, who) {
+                if let Some(f) = fingerprint
+                    && !requests::matches(&dev.public_key, f)
+                {
+                    return Err(AdminError::Refused(format!(
+                        "member {} has key {} (fingerprint {}), not fingerprint {f}",
+                        dev.name,
+                        dev.public_key,
+                        requests::fingerprint(&dev.public_key)
+                    )));
+                }
                 let current = view
                     .store
                     .records()
@@ -379,7 +403,8 @@ impl Admin {
                     ]);
                 (txn, record, false)
             } else {
-                let req = find_request(&view.store, who)?;
+                let req =
+                    requests::find(&view.store, who, fingerprint).map_err(AdminError::Refused)?;
                 if let Some(other) = m.mesh.devices.iter().find(|d| d.name == req.name) {
                     return Err(AdminError::Refused(format!(
                         "the name {:?} is already used by device {}; revoke that one first, or have the new device ask under another name",
@@ -587,31 +612,6 @@ fn find_device<'a>(m: &'a Membership, who: &str) -> Option<&'a crate::mesh::Devi
         .devices
         .iter()
         .find(|d| Some(d.public_key) == key || d.name == who)
-}
-
-fn find_request<'a>(store: &'a Store, who: &str) -> Result<&'a JoinRequest, AdminError> {
-    if let Ok(k) = who.parse::<PublicKey>() {
-        return store.requests().find(|r| r.public_key == k).ok_or_else(|| {
-            AdminError::Refused(format!(
-                "no device with key {k} is approved or asking to join (see `nexctl mesh requests`)"
-            ))
-        });
-    }
-    let matches: Vec<&JoinRequest> = store.requests().filter(|r| r.name == who).collect();
-    match matches.as_slice() {
-        [one] => Ok(one),
-        [] => Err(AdminError::Refused(format!(
-            "no device named {who:?} is approved or asking to join (see `nexctl mesh requests`)"
-        ))),
-        many => Err(AdminError::Refused(format!(
-            "{} devices ask to join as {who:?}; approve one by its key: {}",
-            many.len(),
-            many.iter()
-                .map(|r| r.public_key.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))),
-    }
 }
 
 /// Whether the registry can hold everything `mesh` says: device records

@@ -16,6 +16,7 @@
 //! the session: reconnect after a bounded, jittered exponential backoff.
 
 use std::{
+    collections::BTreeSet,
     path::PathBuf,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -31,6 +32,7 @@ use super::{
     location::Layout,
     membership::{self, Membership},
     records::{EndpointRecord, JoinRequest},
+    requests,
     verify::{Ignored, Store},
 };
 use crate::{keys::PublicKey, mesh};
@@ -174,7 +176,7 @@ impl Registry {
         });
         let (stop, stop_rx) = oneshot::channel();
         let worker = Worker {
-            store: Store::new(layout.clone(), config.admin),
+            store: Store::for_device(layout.clone(), config.admin, own, &config.name),
             layout,
             cfg: config,
             own,
@@ -193,6 +195,7 @@ impl Registry {
             endpoint_lease: None,
             request_lease: None,
             saved_marks: 0,
+            claims_logged: BTreeSet::new(),
         };
         let task = tokio::spawn(worker.run(stop_rx));
         Ok((
@@ -277,6 +280,8 @@ struct Worker {
     request_lease: Option<i64>,
     /// The store's marks generation the cache was last written at.
     saved_marks: u64,
+    /// Claims on this device's name already logged.
+    claims_logged: BTreeSet<String>,
 }
 
 /// Why a session ended.
@@ -363,12 +368,21 @@ impl Worker {
         }
     }
 
+    fn empty_store(&self) -> Store {
+        Store::for_device(
+            self.layout.clone(),
+            self.cfg.admin,
+            self.own,
+            &self.cfg.name,
+        )
+    }
+
     /// What this device verified before it restarted (the cache's marks
     /// and revocations), so etcd cannot take it back to anything older;
     /// the content itself comes from etcd, or from the cache only while
     /// etcd is unreachable (`use_cache`).
     fn recall(&mut self) {
-        let fresh = Store::new(self.layout.clone(), self.cfg.admin);
+        let fresh = self.empty_store();
         match cache::load(&self.state_dir, fresh) {
             Ok(Some(cached)) => {
                 self.store.recall(&cached.store);
@@ -380,7 +394,7 @@ impl Worker {
     }
 
     async fn use_cache(&mut self) {
-        let fresh = Store::new(self.layout.clone(), self.cfg.admin);
+        let fresh = self.empty_store();
         match cache::load(&self.state_dir, fresh) {
             Ok(Some(cached)) => match membership::build(&cached.store) {
                 Ok(m) if m.mesh.device(&self.own).is_some() => {
@@ -640,10 +654,20 @@ impl Worker {
                 .await?;
                 self.request_lease = Some(lease);
             }
+            // Someone else asking (or approved) under this device's name:
+            // its request may have been replaced. Shown and logged once.
+            let claims = requests::claims(&self.store, m.as_ref(), &self.own, &self.cfg.name);
+            for c in &claims {
+                if self.claims_logged.insert(c.key.clone()) {
+                    tracing::warn!(key = c.key, "{}", c.reason);
+                }
+            }
+            self.update_status(|s| s.ignored.extend(claims));
             if !self.waiting {
                 tracing::info!(
                     name = self.cfg.name,
-                    "not a member of the mesh: join request published, waiting for approval"
+                    fingerprint = requests::fingerprint(&self.own),
+                    "not a member of the mesh: join request published, waiting for approval (the admin approves it with `nexctl mesh approve NAME --fingerprint FINGERPRINT`)"
                 );
                 self.waiting = true;
                 self.last = None;

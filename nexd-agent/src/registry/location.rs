@@ -180,7 +180,11 @@ impl Layout {
             Some(("revoked", id)) => keyed(id, Entry::Revoked),
             Some(("requests", id)) => keyed(id, Entry::Request),
             Some(("endpoints", id)) => keyed(id, Entry::Endpoint),
-            Some(("alloc", _)) => Entry::Bookkeeping,
+            Some(("alloc", a)) => match a.split_once('/') {
+                Some(("v4", ip)) if ip.parse::<Ipv4Addr>().is_ok() => Entry::Bookkeeping,
+                Some(("v6", ip)) if ip.parse::<Ipv6Addr>().is_ok() => Entry::Bookkeeping,
+                _ => Entry::Unknown,
+            },
             _ => Entry::Unknown,
         })
     }
@@ -247,6 +251,7 @@ mod tests {
         assert_eq!(l.classify(&l.serial()), Some(Entry::Bookkeeping));
         assert_eq!(l.classify("/nexd/devices/notakey"), Some(Entry::Unknown));
         assert_eq!(l.classify("/nexd/other"), Some(Entry::Unknown));
+        assert_eq!(l.classify("/nexd/alloc/v4/junk"), Some(Entry::Unknown));
         assert_eq!(l.classify("/nexd2/settings"), None);
         assert!(!key_id(&k).contains('/'));
     }

@@ -18,6 +18,7 @@
 //! | `verify` | the verifying reader: every value checked, rejects kept with reasons |
 //! | `membership` | verified records → `Mesh` + roles (pure) |
 //! | `allocate` | which addresses a new device gets (pure) |
+//! | `requests` | join requests: key fingerprints, names claimed twice (pure) |
 //! | `cache` | the last verified content in the state directory |
 //! | `connection` | etcd connection options (TLS, user) and error classes |
 //! | `admin` | `nexctl mesh` operations as etcd transactions |
@@ -32,6 +33,7 @@ pub mod device;
 pub mod location;
 pub mod membership;
 pub mod records;
+pub mod requests;
 pub mod signed;
 pub mod verify;
 

@@ -47,6 +47,8 @@ pub enum Rejection {
     Conflict(String),
     #[error("rolled back: {0}")]
     RolledBack(String),
+    #[error("too large: {0} bytes (an unsigned record is at most 1024)")]
+    TooLarge(usize),
     #[error("unexpected key under the registry prefix")]
     UnknownKey,
 }

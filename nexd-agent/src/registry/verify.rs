@@ -11,8 +11,16 @@
 //! serial and a digest), also across full reads and, through the cache,
 //! restarts; an older value of that key is rejected as rolled back
 //! (issue 21).
+//!
+//! Anyone with the shared device credential can also write junk under the
+//! prefix. What a store keeps of it is bounded: keys of no known kind are
+//! counted and the first `MAX_UNKNOWN_LISTED` named, never kept; unsigned
+//! values (requests, endpoints, bookkeeping) over `MAX_UNSIGNED_VALUE`
+//! bytes and rejected values over `MAX_REJECTED_RAW` are judged and not
+//! kept; and a device's store (`Store::for_device`) keeps no bookkeeping
+//! and no join request but its own and those under its name.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use blake2::{Blake2s256, Digest as _};
 use serde::Serialize;
@@ -24,6 +32,25 @@ use super::{
     signed::{self, Rejection},
 };
 use crate::{keys::PublicKey, mesh};
+
+/// Keys of no known kind named in `rejected` (the rest only counted).
+pub const MAX_UNKNOWN_LISTED: usize = 32;
+/// The largest unsigned value (join request, endpoint, bookkeeping) taken:
+/// each is a short JSON object or an id.
+pub const MAX_UNSIGNED_VALUE: usize = 1024;
+/// The largest rejected value kept as it was written (for change
+/// detection and the cache); a larger one is judged, then dropped.
+pub const MAX_REJECTED_RAW: usize = 4096;
+/// The longest key text kept for a key of no known kind.
+const MAX_UNKNOWN_KEY: usize = 200;
+
+/// Whose view a store is: the admin keeps everything it needs to decide;
+/// a device only what it uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Scope {
+    Admin,
+    Device { own: PublicKey, name: String },
+}
 
 /// A value that passed its checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +135,10 @@ pub struct Store {
     /// Bumped whenever a mark moves, so the device knows its cache is
     /// behind.
     marks_generation: u64,
+    /// Keys of no known kind (the first few) and how many were written.
+    unknown: BTreeSet<String>,
+    unknown_seen: u64,
+    scope: Scope,
     /// The etcd revision this content is at (0: never read).
     pub revision: i64,
 }
@@ -122,7 +153,47 @@ impl Store {
             marks: BTreeMap::new(),
             highest_serial: 0,
             marks_generation: 0,
+            unknown: BTreeSet::new(),
+            unknown_seen: 0,
+            scope: Scope::Admin,
             revision: 0,
+        }
+    }
+
+    /// A device's store: no bookkeeping, and no join request but `own`'s
+    /// and those under `name` (`requests::claims` shows those).
+    pub fn for_device(layout: Layout, admin: AdminPublicKey, own: PublicKey, name: &str) -> Self {
+        Store {
+            scope: Scope::Device {
+                own,
+                name: name.to_owned(),
+            },
+            ..Store::new(layout, admin)
+        }
+    }
+
+    /// Whether this store keeps `record` (found valid) at all.
+    fn wanted(&self, record: &Record) -> bool {
+        match (&self.scope, record) {
+            (Scope::Admin, _) => true,
+            (Scope::Device { .. }, Record::Bookkeeping) => false,
+            (Scope::Device { own, name }, Record::Request(q)) => {
+                q.public_key == *own || q.name == *name
+            }
+            (Scope::Device { .. }, _) => true,
+        }
+    }
+
+    /// A key of no known kind was written: counted, named while there is
+    /// room, never kept.
+    fn note_unknown(&mut self, key: &str) {
+        self.unknown_seen += 1;
+        if self.unknown.len() < MAX_UNKNOWN_LISTED {
+            let mut end = key.len().min(MAX_UNKNOWN_KEY);
+            while !key.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.unknown.insert(key[..end].to_owned());
         }
     }
 
@@ -141,10 +212,17 @@ impl Store {
     /// cost, and each is independent.
     pub fn replace_all(&mut self, kvs: impl IntoIterator<Item = (String, Vec<u8>)>, revision: i64) {
         self.entries.clear();
-        let kvs: Vec<(String, Vec<u8>)> = kvs
-            .into_iter()
-            .filter(|(k, _)| self.layout.classify(k).is_some())
-            .collect();
+        self.unknown.clear();
+        self.unknown_seen = 0;
+        let mut known = Vec::new();
+        for (k, v) in kvs {
+            match self.layout.classify(&k) {
+                None => {}
+                Some(Entry::Unknown) => self.note_unknown(&k),
+                Some(_) => known.push((k, v)),
+            }
+        }
+        let kvs = known;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let this: &Store = self;
         let checked: Vec<Result<Record, Rejection>> = if kvs.len() < 64 || threads < 2 {
@@ -184,18 +262,29 @@ impl Store {
 
     fn check_one(&self, key: &str, raw: &[u8]) -> Result<Record, Rejection> {
         match self.layout.classify(key) {
+            Some(Entry::Request(_) | Entry::Endpoint(_) | Entry::Bookkeeping)
+                if raw.len() > MAX_UNSIGNED_VALUE =>
+            {
+                Err(Rejection::TooLarge(raw.len()))
+            }
             Some(entry) => check(&self.admin, key, &entry, raw),
             None => Err(Rejection::UnknownKey),
         }
     }
 
-    /// A key was written. Returns false when the value did not change.
+    /// A key was written. Returns false when the value did not change (or
+    /// is not this store's to keep).
     pub fn put(&mut self, key: String, raw: Vec<u8>) -> bool {
         if self.entries.get(&key).is_some_and(|s| s.raw == raw) {
             return false;
         }
-        if self.layout.classify(&key).is_none() {
-            return false;
+        match self.layout.classify(&key) {
+            None => return false,
+            Some(Entry::Unknown) => {
+                self.note_unknown(&key);
+                return true;
+            }
+            Some(_) => {}
         }
         let checked = self.check_one(&key, &raw);
         self.insert_checked(key, raw, checked);
@@ -207,6 +296,17 @@ impl Store {
             Some(serial) => self.advance(&key, serial, &raw).map(|()| record),
             None => Ok(record),
         });
+        if let Ok(record) = &checked
+            && !self.wanted(record)
+        {
+            self.entries.remove(&key);
+            return;
+        }
+        let raw = if checked.is_err() && raw.len() > MAX_REJECTED_RAW {
+            Vec::new()
+        } else {
+            raw
+        };
         if let Ok(Record::Revocation(r)) = &checked {
             self.remember(Remembered {
                 revocation: r.clone(),
@@ -285,7 +385,7 @@ impl Store {
 
     /// A key was deleted. Returns whether it was there.
     pub fn delete(&mut self, key: &str) -> bool {
-        self.entries.remove(key).is_some()
+        self.entries.remove(key).is_some() || self.unknown.remove(key)
     }
 
     fn remember(&mut self, r: Remembered) {
@@ -341,7 +441,8 @@ impl Store {
 
     /// The values that failed their checks.
     pub fn rejected(&self) -> Vec<Ignored> {
-        self.entries
+        let mut out: Vec<Ignored> = self
+            .entries
             .iter()
             .filter_map(|(k, s)| {
                 s.checked.as_ref().err().map(|e| Ignored {
@@ -349,7 +450,22 @@ impl Store {
                     reason: e.to_string(),
                 })
             })
-            .collect()
+            .collect();
+        out.extend(self.unknown.iter().map(|k| Ignored {
+            key: k.clone(),
+            reason: Rejection::UnknownKey.to_string(),
+        }));
+        let listed = self.unknown.len() as u64;
+        if self.unknown_seen > listed {
+            out.push(Ignored {
+                key: format!("{}/…", self.layout.prefix()),
+                reason: format!(
+                    "{} unexpected keys under the registry prefix written; the first {listed} are listed, none is kept",
+                    self.unknown_seen
+                ),
+            });
+        }
+        out
     }
 
     /// Pending join requests.
@@ -460,6 +576,89 @@ mod tests {
         keys::PrivateKey,
         registry::{admin_key::AdminKey, records::Roles, signed::seal},
     };
+
+    #[test]
+    fn junk_under_the_prefix_is_counted_not_kept() {
+        // Issue 21, item 13: anyone with the shared device credential can
+        // write under the prefix; a device keeps none of it raw.
+        let admin = AdminKey::generate();
+        let mut s = Store::new(Layout::new("/m"), admin.public_key());
+        let kilobyte = vec![b'x'; 1024];
+        for i in 0..10_000 {
+            s.put(format!("/m/junk/{i}"), kilobyte.clone());
+        }
+        // Oversized values where unsigned records live.
+        let k = PrivateKey::generate().public_key();
+        let megabyte = vec![b' '; 1 << 20];
+        s.put(s.layout().request(&k), megabyte.clone());
+        s.put(s.layout().endpoint(&k), megabyte);
+        let kept: usize = s.entries().map(|(k, v)| k.len() + v.raw.len()).sum();
+        assert!(kept < 64 * 1024, "{kept} bytes kept");
+        let rejected = s.rejected();
+        assert!(rejected.len() <= 40, "{} listed", rejected.len());
+        assert!(
+            rejected
+                .iter()
+                .any(|i| i.reason.contains("10000 unexpected keys")),
+            "{:?}",
+            &rejected[..3.min(rejected.len())]
+        );
+        assert!(
+            rejected
+                .iter()
+                .any(|i| i.key == s.layout().request(&k) && i.reason.contains("too large")),
+            "{rejected:?}"
+        );
+        // A full read of the same junk: the same bounds.
+        let kvs: Vec<(String, Vec<u8>)> = (0..10_000)
+            .map(|i| (format!("/m/junk/{i}"), kilobyte.clone()))
+            .collect();
+        s.replace_all(kvs, 3);
+        let kept: usize = s.entries().map(|(k, v)| k.len() + v.raw.len()).sum();
+        assert!(kept < 64 * 1024, "{kept} bytes kept after a full read");
+        // Deleting junk that was never kept is harmless.
+        assert!(!s.delete("/m/junk/9999"));
+    }
+
+    #[test]
+    fn a_device_keeps_no_bookkeeping_and_only_the_requests_it_reads() {
+        let admin = AdminKey::generate();
+        let layout = Layout::new("/m");
+        let own = PrivateKey::generate().public_key();
+        let mut s = Store::for_device(layout.clone(), admin.public_key(), own, "laptop");
+        let request = |k: PublicKey, name: &str| {
+            serde_json::to_vec(&JoinRequest {
+                name: name.into(),
+                public_key: k,
+                listen_port: 51820,
+                endpoint: None,
+                exit_node: false,
+                requested_at: 0,
+            })
+            .expect("json")
+        };
+        let (twin, stranger) = (
+            PrivateKey::generate().public_key(),
+            PrivateKey::generate().public_key(),
+        );
+        s.put(layout.request(&own), request(own, "laptop"));
+        s.put(layout.request(&twin), request(twin, "laptop"));
+        s.put(layout.request(&stranger), request(stranger, "phone"));
+        s.put(layout.serial(), b"7".to_vec());
+        s.put(
+            layout.alloc_v4(std::net::Ipv4Addr::new(100, 64, 0, 1)),
+            b"x".to_vec(),
+        );
+        let keys: Vec<&String> = s.entries().map(|(k, _)| k).collect();
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert!(s.raw(&layout.request(&own)).is_some());
+        assert!(s.raw(&layout.request(&twin)).is_some());
+        // The admin's store keeps them all.
+        let mut a = Store::new(layout.clone(), admin.public_key());
+        a.put(layout.request(&stranger), request(stranger, "phone"));
+        a.put(layout.serial(), b"7".to_vec());
+        assert_eq!(a.entries().count(), 2);
+    }
 
     #[test]
     fn a_large_read_checked_in_parallel_keeps_every_verdict_with_its_key() {
