@@ -75,6 +75,61 @@ pub enum MeshCommand {
     Import(ImportArgs),
     /// Print the membership as a mesh file.
     Export(ReadKey),
+    /// Turn on the mesh's signed snapshot (or rotate its key): create the
+    /// snapshot key if FILE does not exist, name it in the settings, and
+    /// write the first snapshot. Devices that start without a cache then
+    /// believe a membership only while a valid snapshot covers it.
+    SnapshotKey(SnapshotKeyArgs),
+    /// Sign and write a new snapshot with the snapshot key (run it
+    /// periodically where that key is kept, well within the validity).
+    RefreshSnapshot(RefreshArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SnapshotKeyArgs {
+    #[command(flatten)]
+    pub key: KeyFile,
+    /// The snapshot key (ed25519, mode 0600; its public half goes to
+    /// FILE.pub): created if it does not exist.
+    #[arg(long, value_name = "FILE")]
+    pub snapshot_key: PathBuf,
+    /// The longest a snapshot may stay valid: how long a rolled-back etcd
+    /// can fool a device that has never seen the mesh (s, m, h or d).
+    #[arg(long, value_name = "DURATION", default_value = "6h", value_parser = parse_duration)]
+    pub max_validity: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RefreshArgs {
+    /// The snapshot key named in the settings. Its last snapshot is kept
+    /// in FILE.last, so etcd cannot make it sign anything older.
+    #[arg(long, value_name = "FILE")]
+    pub snapshot_key: PathBuf,
+    /// How long the new snapshot is valid (default: the most the settings
+    /// allow).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub validity: Option<u64>,
+}
+
+/// `90s`, `30m`, `6h`, `1d` or plain seconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (n, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c),
+        _ => (t, 's'),
+    };
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 30m, 6h, 1d)"))?;
+    let scale = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{s:?} is too long"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -301,6 +356,8 @@ async fn dispatch(out: &mut String, format: OutputFormat, args: MeshArgs) -> Res
         MeshCommand::List(k) => list(out, format, r, &k).await,
         MeshCommand::Import(a) => import(out, r, a).await,
         MeshCommand::Export(k) => export(out, r, &k).await,
+        MeshCommand::SnapshotKey(a) => snapshot_key(out, r, a).await,
+        MeshCommand::RefreshSnapshot(a) => refresh_snapshot(out, r, a).await,
     }
 }
 
@@ -312,6 +369,7 @@ async fn init(out: &mut String, r: &RegistryArgs, a: InitArgs) -> Result<(), Fai
         persistent_keepalive: a.keepalive,
         agent_port: a.agent_port,
         serial: 1,
+        snapshots: None,
     };
     crate::registry::verify::check_settings(&settings).map_err(Failure::Usage)?;
     if a.admin_key.exists() {
@@ -663,6 +721,136 @@ fn warn_ignored(ignored: &[crate::registry::verify::Ignored]) {
     }
 }
 
+/// `FILE.last`: the last snapshot a refresher wrote with the key at FILE.
+fn last_snapshot_path(key: &std::path::Path) -> PathBuf {
+    let mut s = key.as_os_str().to_owned();
+    s.push(".last");
+    PathBuf::from(s)
+}
+
+/// Signs and writes a snapshot, keeping it in FILE.last; prints what it
+/// did, and warns about records found rolled back.
+async fn write_snapshot(
+    out: &mut String,
+    admin: &mut Admin,
+    public: AdminPublicKey,
+    path: &std::path::Path,
+    snapshot_key: &AdminKey,
+    validity: Option<u64>,
+) -> Result<(), Failure> {
+    let last = last_snapshot_path(path);
+    let previous = match std::fs::read(&last) {
+        Ok(raw) => Some(raw),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(Failure::Other(format!(
+                "cannot read {}: {e}",
+                last.display()
+            )));
+        }
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| Failure::Other(format!("the clock is before 1970: {e}")))?
+        .as_millis();
+    let now_ms = u64::try_from(now_ms).map_err(|e| Failure::Other(e.to_string()))?;
+    let done = admin
+        .refresh_snapshot(public, snapshot_key, validity, previous.as_deref(), now_ms)
+        .await?;
+    // Written after etcd took it: the memory never runs ahead of what
+    // devices could have read.
+    let tmp = last.with_extension("last.tmp");
+    std::fs::write(&tmp, &done.raw)
+        .and_then(|()| std::fs::rename(&tmp, &last))
+        .map_err(|e| Failure::Other(format!("cannot write {}: {e}", last.display())))?;
+    let s = &done.snapshot;
+    let _ = writeln!(
+        out,
+        "snapshot version {}: {} devices in force, serials up to {}, valid until Unix time {} ({} s)",
+        s.version,
+        s.devices.len(),
+        s.serial,
+        s.expires,
+        s.expires - s.issued
+    );
+    for r in &done.rolled_back {
+        eprintln!(
+            "warning: etcd holds a record older than the previous snapshot (rolled back?); the snapshot keeps the newer serial: {r}"
+        );
+    }
+    Ok(())
+}
+
+async fn snapshot_key(
+    out: &mut String,
+    r: &RegistryArgs,
+    a: SnapshotKeyArgs,
+) -> Result<(), Failure> {
+    let key = AdminKey::load(&a.key.admin_key)?;
+    let mut admin = connect(r).await?;
+    let snapshot_key = if a.snapshot_key.exists() {
+        AdminKey::load(&a.snapshot_key)?
+    } else {
+        let k = AdminKey::generate();
+        k.create_snapshot_key_file(&a.snapshot_key)?;
+        k
+    };
+    if snapshot_key.public_key() == key.public_key() {
+        return Err(Failure::Usage(
+            "the snapshot key must not be the admin key (it is kept online)".into(),
+        ));
+    }
+    let s = admin
+        .set_snapshot_key(&key, snapshot_key.public_key(), a.max_validity)
+        .await?;
+    let _ = writeln!(
+        out,
+        "the mesh's snapshots are signed by {} (valid at most {} s; settings serial {})",
+        snapshot_key.public_key(),
+        a.max_validity,
+        s.serial
+    );
+    write_snapshot(
+        out,
+        &mut admin,
+        key.public_key(),
+        &a.snapshot_key,
+        &snapshot_key,
+        None,
+    )
+    .await?;
+    let _ = writeln!(
+        out,
+        "run `nexctl mesh refresh-snapshot --snapshot-key {}` well within that, e.g. hourly (dist/nexd-snapshot-refresh.timer)",
+        a.snapshot_key.display()
+    );
+    Ok(())
+}
+
+async fn refresh_snapshot(
+    out: &mut String,
+    r: &RegistryArgs,
+    a: RefreshArgs,
+) -> Result<(), Failure> {
+    let public = r.registry_admin_key.ok_or_else(|| {
+        Failure::Usage(
+            "give --registry-admin-key PUBLIC_KEY: the snapshot covers only what the admin signed"
+                .into(),
+        )
+    })?;
+    let snapshot_key = AdminKey::load(&a.snapshot_key)?;
+    let mut admin = connect(r).await?;
+    write_snapshot(
+        out,
+        &mut admin,
+        public,
+        &a.snapshot_key,
+        &snapshot_key,
+        a.validity,
+    )
+    .await
+}
+
 async fn export(out: &mut String, r: &RegistryArgs, k: &ReadKey) -> Result<(), Failure> {
     let view = read(r, k).await?;
     let m = view.membership()?;
@@ -752,6 +940,18 @@ mod tests {
         // The registry options work after the verb too, and -o anywhere.
         let m = mesh(&["list", "--registry", "etcd://h:1/p", "-o", "json"]).expect("parse");
         assert!(m.registry.registry.is_some());
+    }
+
+    #[test]
+    fn durations_parse_with_a_unit_or_as_seconds() {
+        assert_eq!(parse_duration("90s"), Ok(90));
+        assert_eq!(parse_duration("30m"), Ok(1800));
+        assert_eq!(parse_duration("6h"), Ok(21_600));
+        assert_eq!(parse_duration("1d"), Ok(86_400));
+        assert_eq!(parse_duration("45"), Ok(45));
+        assert!(parse_duration("6x").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
     }
 
     #[test]

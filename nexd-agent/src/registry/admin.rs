@@ -16,7 +16,7 @@ use super::{
     connection::{EtcdConfig, RegistryError},
     location::{Entry, Layout},
     membership::{self, Membership},
-    records::{DeviceRecord, JoinRequest, Revocation, Roles, Settings},
+    records::{DeviceRecord, JoinRequest, Revocation, Roles, Settings, Snapshot, SnapshotPolicy},
     requests,
     signed::seal,
     verify::{Record, Store},
@@ -73,6 +73,17 @@ pub struct Approved {
     pub changed: bool,
     /// True for a new member, false for a role change.
     pub new_member: bool,
+}
+
+/// What `refresh_snapshot` wrote.
+#[derive(Debug, Clone)]
+pub struct Refreshed {
+    pub snapshot: Snapshot,
+    /// The signed value, for the refresher to keep as its memory.
+    pub raw: Vec<u8>,
+    /// Records etcd holds older than the previous snapshot says are in
+    /// force (kept at their previous serials): someone rolled them back.
+    pub rolled_back: Vec<String>,
 }
 
 /// A connection to one mesh's registry.
@@ -536,6 +547,7 @@ impl Admin {
             persistent_keepalive: mesh.persistent_keepalive,
             agent_port: mesh.agent_port,
             serial: 1,
+            snapshots: None,
         };
         self.init(key, settings).await?;
         let mut serial = 1u64;
@@ -584,6 +596,88 @@ impl Admin {
             }
         }
         Ok(mesh.devices.len())
+    }
+
+    /// Names `snapshot_key` in the settings as the key that signs the
+    /// mesh's snapshots, valid for at most `max_validity` seconds (turns
+    /// snapshots on, or rotates the key). Write a snapshot right after
+    /// (`refresh_snapshot`): devices without memory believe nothing until
+    /// one is there.
+    pub async fn set_snapshot_key(
+        &mut self,
+        key: &AdminKey,
+        snapshot_key: AdminPublicKey,
+        max_validity: u64,
+    ) -> Result<Settings, AdminError> {
+        if max_validity == 0 {
+            return Err(AdminError::Refused(
+                "a snapshot valid for 0 s would never be believed".into(),
+            ));
+        }
+        self.set(key, |s| {
+            s.snapshots = Some(SnapshotPolicy {
+                key: snapshot_key,
+                max_validity,
+            });
+        })
+        .await
+    }
+
+    /// Signs and writes a new snapshot of the registry with the snapshot
+    /// key, valid for `validity` seconds (the settings' most when `None`)
+    /// from `now_ms`. `previous` is the last snapshot this refresher
+    /// wrote (its memory: etcd cannot make it sign anything older). The
+    /// write is guarded by the serial counter, so a concurrent change
+    /// makes it read again.
+    pub async fn refresh_snapshot(
+        &mut self,
+        admin: AdminPublicKey,
+        snapshot_key: &AdminKey,
+        validity: Option<u64>,
+        previous: Option<&[u8]>,
+        now_ms: u64,
+    ) -> Result<Refreshed, AdminError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            let mut view = self.read(admin).await?;
+            let policy = view.store.snapshot_policy().cloned().ok_or_else(|| {
+                AdminError::Refused(
+                    "the mesh settings name no snapshot key (`nexctl mesh snapshot-key` sets one)"
+                        .into(),
+                )
+            })?;
+            if policy.key != snapshot_key.public_key() {
+                return Err(AdminError::Refused(format!(
+                    "the mesh settings name snapshot key {}, not this one ({})",
+                    policy.key,
+                    snapshot_key.public_key()
+                )));
+            }
+            if let Some(p) = previous {
+                // A previous snapshot of another key (before a rotation)
+                // does not verify and is simply not learnt.
+                let _ = view.store.learn_snapshot(p);
+            }
+            let (snapshot, rolled_back) = super::snapshot::build(
+                &view.store,
+                now_ms,
+                validity.unwrap_or(policy.max_validity),
+            )
+            .map_err(AdminError::Refused)?;
+            let sk = self.layout.snapshot();
+            let raw = encode(snapshot_key, &sk, &snapshot)?;
+            let txn = Txn::new()
+                .when([view.serial_unchanged(&self.layout)])
+                .and_then([TxnOp::put(sk, raw.clone(), None)]);
+            if self.commit("writing the snapshot", txn).await? {
+                return Ok(Refreshed {
+                    snapshot,
+                    raw,
+                    rolled_back,
+                });
+            }
+            back_off(attempt).await;
+        }
+        Err(contention())
     }
 
     /// Writes a value as is, bypassing every check (tests and benches use
@@ -646,6 +740,7 @@ mod tests {
             persistent_keepalive: 25,
             agent_port: 51829,
             serial: 1,
+            snapshots: None,
         }
     }
 

@@ -51,6 +51,10 @@ struct CacheFile {
     /// (base64).
     #[serde(default)]
     marks: Vec<(String, u64, String)>,
+    /// The newest snapshot verified, also if etcd no longer holds it (a
+    /// signed value, verified on load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot: Option<String>,
 }
 
 /// What a load found.
@@ -82,7 +86,13 @@ pub fn save(state_dir: &Path, store: &Store, now: u64) -> Result<(), CacheError>
         .filter(|(k, _)| {
             matches!(
                 layout.classify(k),
-                Some(Entry::Settings | Entry::Device(_) | Entry::Revoked(_) | Entry::Endpoint(_))
+                Some(
+                    Entry::Settings
+                        | Entry::Snapshot
+                        | Entry::Device(_)
+                        | Entry::Revoked(_)
+                        | Entry::Endpoint(_)
+                )
             )
         })
         .map(|(k, s)| (k.clone(), String::from_utf8_lossy(&s.raw).into_owned()))
@@ -101,6 +111,9 @@ pub fn save(state_dir: &Path, store: &Store, now: u64) -> Result<(), CacheError>
             .marks()
             .map(|(k, m)| (k.clone(), m.serial, BASE64.encode(m.digest)))
             .collect(),
+        snapshot: store
+            .snapshot()
+            .map(|k| String::from_utf8_lossy(&k.raw).into_owned()),
     };
     let target = path(state_dir);
     let tmp = state_dir.join(format!(".{CACHE_FILE}.tmp"));
@@ -180,6 +193,11 @@ pub fn load(state_dir: &Path, mut store: Store) -> Result<Option<Cached>, CacheE
         file.entries.into_iter().map(|(k, v)| (k, v.into_bytes())),
         file.revision,
     );
+    if let Some(raw) = &file.snapshot {
+        // After the settings, which name the key it is verified with; one
+        // that does not verify is simply not learnt.
+        let _ = store.learn_snapshot(raw.as_bytes());
+    }
     Ok(Some(Cached {
         store,
         saved_at: file.saved_at,
@@ -227,6 +245,7 @@ mod tests {
             persistent_keepalive: 25,
             agent_port: 51829,
             serial: 1,
+            snapshots: None,
         };
         s.put(k.clone(), seal(admin, &k, &settings).expect("seal"));
         let d = DeviceRecord {

@@ -32,7 +32,7 @@ use super::{
     location::Layout,
     membership::{self, Membership},
     records::{EndpointRecord, JoinRequest},
-    requests,
+    requests, snapshot,
     verify::{Ignored, Store},
 };
 use crate::{keys::PublicKey, mesh};
@@ -196,6 +196,8 @@ impl Registry {
             request_lease: None,
             saved_marks: 0,
             claims_logged: BTreeSet::new(),
+            memory: false,
+            stale_logged: false,
         };
         let task = tokio::spawn(worker.run(stop_rx));
         Ok((
@@ -282,6 +284,12 @@ struct Worker {
     saved_marks: u64,
     /// Claims on this device's name already logged.
     claims_logged: BTreeSet<String>,
+    /// Whether this device remembers the mesh (a cache with settings, or
+    /// a membership it accepted): then it follows etcd without a valid
+    /// snapshot, its marks keeping anything older out.
+    memory: bool,
+    /// A stale snapshot was logged (once per run).
+    stale_logged: bool,
 }
 
 /// Why a session ended.
@@ -387,6 +395,7 @@ impl Worker {
             Ok(Some(cached)) => {
                 self.store.recall(&cached.store);
                 self.saved_marks = self.store.marks_generation();
+                self.memory = cache::worth_saving(&cached.store);
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "the registry cache is not usable"),
@@ -411,6 +420,7 @@ impl Worker {
                     };
                     self.set_membership_status(&m, Some(source));
                     self.last = Some(m.clone());
+                    self.memory = true;
                     self.emit(MembershipEvent::Membership {
                         membership: Box::new(m),
                         source,
@@ -427,10 +437,38 @@ impl Worker {
         }
     }
 
+    /// Whether what the store holds may be believed by a device with no
+    /// memory of the mesh (`snapshot::fresh`, against this clock).
+    fn freshness(&self) -> Result<(), String> {
+        snapshot::fresh(
+            self.store.snapshot_policy(),
+            self.store.snapshot().map(|k| &k.snapshot),
+            unix_now(),
+        )
+    }
+
+    /// The snapshot's state for the status's ignored records, when it is
+    /// not valid.
+    fn snapshot_note(&self) -> Option<Ignored> {
+        let why = self.freshness().err()?;
+        Some(Ignored {
+            key: self.layout.snapshot(),
+            reason: if self.memory {
+                format!(
+                    "stale: {why}; this device keeps following etcd, believing nothing older than what it verified"
+                )
+            } else {
+                format!("no membership believed yet: {why}")
+            },
+        })
+    }
+
     fn set_membership_status(&self, m: &Membership, source: Option<Source>) {
+        let note = self.snapshot_note();
         self.update_status(|s| {
             s.devices = m.mesh.devices.len();
             s.ignored = m.ignored.clone();
+            s.ignored.extend(note);
             if source.is_some() {
                 s.source = source;
             }
@@ -613,9 +651,11 @@ impl Worker {
     async fn publish(&mut self, kv: &mut etcd_client::KvClient, lease: i64) -> Result<(), End> {
         let cfg = self.cfg.etcd.clone();
         let revision = self.store.revision;
+        let note = self.snapshot_note();
         self.update_status(|s| {
             s.revision = revision;
             s.ignored = self.store.rejected();
+            s.ignored.extend(note);
         });
         if let Some(ep) = &self.endpoint {
             let key = self.layout.endpoint(&self.own);
@@ -638,6 +678,22 @@ impl Worker {
         let member = m
             .as_ref()
             .is_some_and(|m| m.mesh.device(&self.own).is_some());
+        if member
+            && !self.memory
+            && let Err(why) = self.freshness()
+        {
+            // Never saw the mesh, and nothing says what etcd shows is
+            // current: believe nothing yet (issue 21). Asking to join
+            // would be wrong too; wait for a valid snapshot.
+            if !self.stale_logged {
+                self.stale_logged = true;
+                tracing::warn!(
+                    reason = why,
+                    "not believing the membership etcd shows until a valid snapshot covers it"
+                );
+            }
+            return Ok(());
+        }
         if !member {
             let key = self.layout.request(&self.own);
             if self.store.raw(&key) != Some(self.request.as_slice())
@@ -709,7 +765,17 @@ impl Worker {
             revision,
             "registry membership changed"
         );
+        if let Err(why) = self.freshness()
+            && !self.stale_logged
+        {
+            self.stale_logged = true;
+            tracing::warn!(
+                reason = why,
+                "the registry's snapshot is not valid: following etcd with what this device verified"
+            );
+        }
         self.last = Some(m.clone());
+        self.memory = true;
         self.emit(MembershipEvent::Membership {
             membership: Box::new(m),
             source,

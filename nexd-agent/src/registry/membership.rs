@@ -9,11 +9,19 @@
 //! higher serial (the newer signature) wins a name or an address, and the
 //! loser is ignored with the reason. (An older value of a key than one
 //! already verified never gets here: `verify::Store` rejects it.)
+//!
+//! The newest snapshot the store verified (`records::Snapshot`) adds
+//! floors: settings or a device record older than the serial it lists is
+//! rolled back, and a device record it does not list whose serial it
+//! covers is no longer in force (replaced or revoked before it). That is
+//! what lets a device that never saw the mesh before tell a rolled-back
+//! etcd from the current one (`snapshot::fresh`).
 
 use std::collections::{BTreeMap, HashMap};
 
 use super::{
-    records::{DeviceRecord, Revocation, Roles, Settings},
+    location::key_id,
+    records::{DeviceRecord, Revocation, Roles, Settings, Snapshot},
     signed::Rejection,
     verify::{Ignored, Record, Store},
 };
@@ -65,7 +73,10 @@ pub fn build(store: &Store) -> Result<Membership, MembershipError> {
             Record::Endpoint(k, e) => {
                 endpoints.insert(*k, e.endpoint.as_str());
             }
-            Record::Revocation(_) | Record::Request(_) | Record::Bookkeeping => {}
+            Record::Revocation(_)
+            | Record::Request(_)
+            | Record::Snapshot(_)
+            | Record::Bookkeeping => {}
         }
     }
     let mut ignored = store.rejected();
@@ -75,20 +86,56 @@ pub fn build(store: &Store) -> Result<Membership, MembershipError> {
             None => MembershipError::NoSettings,
         });
     };
+    let snapshot = store.snapshot().map(|k| &k.snapshot);
+    if let Some(s) = snapshot
+        && settings.serial < s.settings
+    {
+        return Err(MembershipError::SettingsRejected(
+            Rejection::RolledBack(format!(
+                "the settings' serial {} is older than serial {} in the snapshot of version {}",
+                settings.serial, s.settings, s.version
+            ))
+            .to_string(),
+        ));
+    }
     Ok(assemble(
         settings,
         devices,
         &endpoints,
-        |k| store.revocation(k),
+        Floors {
+            revocation: &|k| store.revocation(k),
+            snapshot,
+        },
         std::mem::take(&mut ignored),
     ))
 }
 
-fn assemble<'a>(
+/// What voids a validly signed device record besides its key's own mark.
+struct Floors<'a> {
+    revocation: &'a dyn Fn(&PublicKey) -> Option<&'a Revocation>,
+    snapshot: Option<&'a Snapshot>,
+}
+
+/// Why `d` is older than what `s` says is in force, if it is.
+fn stale(s: &Snapshot, d: &DeviceRecord) -> Option<String> {
+    match s.devices.get(&key_id(&d.public_key)) {
+        Some(&floor) if d.serial < floor => Some(format!(
+            "serial {} is older than serial {floor} in the snapshot of version {}",
+            d.serial, s.version
+        )),
+        None if d.serial <= s.serial => Some(format!(
+            "serial {} is not in the snapshot of version {}, which covers every serial up to {}: the record was replaced or revoked before it",
+            d.serial, s.version, s.serial
+        )),
+        _ => None,
+    }
+}
+
+fn assemble(
     settings: &Settings,
     mut devices: Vec<(&String, &DeviceRecord)>,
     endpoints: &HashMap<PublicKey, &str>,
-    revocation: impl Fn(&PublicKey) -> Option<&'a Revocation>,
+    floors: Floors<'_>,
     mut ignored: Vec<Ignored>,
 ) -> Membership {
     // Newest first, so the newest signature claims names and addresses.
@@ -106,7 +153,11 @@ fn assemble<'a>(
                 reason: r.to_string(),
             })
         };
-        if let Some(rev) = revocation(&d.public_key)
+        if let Some(why) = floors.snapshot.and_then(|s| stale(s, d)) {
+            reject(Rejection::RolledBack(why));
+            continue;
+        }
+        if let Some(rev) = (floors.revocation)(&d.public_key)
             && rev.voids(d)
         {
             reject(Rejection::Revoked(format!(
@@ -214,6 +265,7 @@ mod tests {
             persistent_keepalive: 25,
             agent_port: 51829,
             serial: 1,
+            snapshots: None,
         }
     }
 

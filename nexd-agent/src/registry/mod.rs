@@ -17,6 +17,7 @@
 //! | `signed` | the canonical signed encoding: seal and open |
 //! | `verify` | the verifying reader: every value checked, rejects kept with reasons |
 //! | `membership` | verified records → `Mesh` + roles (pure) |
+//! | `snapshot` | the signed, expiring snapshot: built, and when a device may believe etcd (pure) |
 //! | `allocate` | which addresses a new device gets (pure) |
 //! | `requests` | join requests: key fingerprints, names claimed twice (pure) |
 //! | `cache` | the last verified content in the state directory |
@@ -35,6 +36,7 @@ pub mod membership;
 pub mod records;
 pub mod requests;
 pub mod signed;
+pub mod snapshot;
 pub mod verify;
 
 pub use admin_key::{AdminKey, AdminPublicKey};

@@ -238,6 +238,7 @@ mod tests {
             persistent_keepalive: 25,
             agent_port: 51829,
             serial: 1,
+            snapshots: None,
         };
         s.put(k.clone(), seal(&admin, &k, &settings).expect("seal"));
         (admin, s)

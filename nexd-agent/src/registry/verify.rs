@@ -28,7 +28,9 @@ use serde::Serialize;
 use super::{
     admin_key::AdminPublicKey,
     location::{Entry, Layout},
-    records::{DeviceRecord, EndpointRecord, JoinRequest, Revocation, Settings},
+    records::{
+        DeviceRecord, EndpointRecord, JoinRequest, Revocation, Settings, Snapshot, SnapshotPolicy,
+    },
     signed::{self, Rejection},
 };
 use crate::{keys::PublicKey, mesh};
@@ -56,6 +58,7 @@ enum Scope {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Settings(Settings),
+    Snapshot(Snapshot),
     Device(DeviceRecord),
     Revocation(Revocation),
     Request(JoinRequest),
@@ -64,10 +67,12 @@ pub enum Record {
 }
 
 impl Record {
-    /// The serial a signed record carries (`None` for unsigned ones).
+    /// The serial a signed record carries, for its key's mark (a
+    /// snapshot's version; `None` for unsigned records).
     pub fn serial(&self) -> Option<u64> {
         match self {
             Record::Settings(s) => Some(s.serial),
+            Record::Snapshot(s) => Some(s.version),
             Record::Device(d) => Some(d.serial),
             Record::Revocation(r) => Some(r.serial),
             Record::Request(_) | Record::Endpoint(..) | Record::Bookkeeping => None,
@@ -107,6 +112,14 @@ pub struct Ignored {
     pub reason: String,
 }
 
+/// The newest valid snapshot seen, with the signed value it came in, so
+/// the cache can keep it signed; kept also after its key was deleted.
+#[derive(Debug, Clone)]
+pub struct KeptSnapshot {
+    pub snapshot: Snapshot,
+    pub raw: Vec<u8>,
+}
+
 /// A valid revocation with the signed value it came in, so the cache can
 /// keep it signed.
 #[derive(Debug, Clone)]
@@ -126,6 +139,9 @@ pub struct Store {
     /// deleting a revocation and writing an old record back must not
     /// bring a revoked device back for a device that saw the revocation.
     remembered: BTreeMap<PublicKey, Remembered>,
+    /// The newest valid snapshot seen: its serials are floors for every
+    /// record (`membership`), also once etcd no longer holds it.
+    snapshot: Option<KeptSnapshot>,
     /// The newest signed value verified per key, also after the key was
     /// deleted or overwritten: never below it again.
     marks: BTreeMap<String, Mark>,
@@ -150,6 +166,7 @@ impl Store {
             admin,
             entries: BTreeMap::new(),
             remembered: BTreeMap::new(),
+            snapshot: None,
             marks: BTreeMap::new(),
             highest_serial: 0,
             marks_generation: 0,
@@ -222,6 +239,13 @@ impl Store {
                 Some(_) => known.push((k, v)),
             }
         }
+        // The settings first: they name the key the snapshot is checked with.
+        let settings = self.layout.settings();
+        if let Some(i) = known.iter().position(|(k, _)| *k == settings) {
+            let (k, v) = known.swap_remove(i);
+            let checked = self.check_one(&k, &v);
+            self.insert_checked(k, v, checked);
+        }
         let kvs = known;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let this: &Store = self;
@@ -267,9 +291,14 @@ impl Store {
             {
                 Err(Rejection::TooLarge(raw.len()))
             }
-            Some(entry) => check(&self.admin, key, &entry, raw),
+            Some(entry) => check(&self.admin, self.snapshot_key(), key, &entry, raw),
             None => Err(Rejection::UnknownKey),
         }
+    }
+
+    /// The key the settings in force name for the snapshot.
+    fn snapshot_key(&self) -> Option<&AdminPublicKey> {
+        self.snapshot_policy().map(|p| &p.key)
     }
 
     /// A key was written. Returns false when the value did not change (or
@@ -286,8 +315,17 @@ impl Store {
             }
             Some(_) => {}
         }
+        let settings = key == self.layout.settings();
         let checked = self.check_one(&key, &raw);
         self.insert_checked(key, raw, checked);
+        if settings {
+            // The snapshot key may have changed with them.
+            let sk = self.layout.snapshot();
+            if let Some(raw) = self.entries.get(&sk).map(|s| s.raw.clone()) {
+                let checked = self.check_one(&sk, &raw);
+                self.insert_checked(sk, raw, checked);
+            }
+        }
         true
     }
 
@@ -296,6 +334,9 @@ impl Store {
             Some(serial) => self.advance(&key, serial, &raw).map(|()| record),
             None => Ok(record),
         });
+        if let Ok(Record::Snapshot(snap)) = &checked {
+            self.keep_snapshot(snap, &raw);
+        }
         if let Ok(record) = &checked
             && !self.wanted(record)
         {
@@ -320,7 +361,10 @@ impl Store {
     /// Moves `key`'s mark to a validly signed value with `serial`, or says
     /// why the value is older than what was verified there before.
     fn advance(&mut self, key: &str, serial: u64, raw: &[u8]) -> Result<(), Rejection> {
-        self.highest_serial = self.highest_serial.max(serial);
+        // A snapshot's version is no serial (its `serial` counts, below).
+        if key != self.layout.snapshot() {
+            self.highest_serial = self.highest_serial.max(serial);
+        }
         let mark = Mark::of(serial, raw);
         match self.marks.get(key) {
             Some(m) if serial < m.serial => Err(Rejection::RolledBack(format!(
@@ -370,7 +414,62 @@ impl Store {
         for r in other.revocations() {
             self.remember(r.clone());
         }
+        if let Some(k) = other.snapshot() {
+            self.keep_snapshot(&k.snapshot, &k.raw);
+        }
         self.highest_serial = self.highest_serial.max(other.highest_serial);
+    }
+
+    /// Keeps `snap` if it is the newest snapshot seen.
+    fn keep_snapshot(&mut self, snap: &Snapshot, raw: &[u8]) {
+        self.highest_serial = self.highest_serial.max(snap.serial);
+        if self
+            .snapshot
+            .as_ref()
+            .is_none_or(|k| k.snapshot.version < snap.version)
+        {
+            self.snapshot = Some(KeptSnapshot {
+                snapshot: snap.clone(),
+                raw: raw.to_vec(),
+            });
+        }
+    }
+
+    /// The newest valid snapshot seen (also if etcd no longer holds it).
+    pub fn snapshot(&self) -> Option<&KeptSnapshot> {
+        self.snapshot.as_ref()
+    }
+
+    /// The snapshot policy of the settings in force, if any.
+    pub fn snapshot_policy(&self) -> Option<&SnapshotPolicy> {
+        match self.entries.get(&self.layout.settings()) {
+            Some(Stored {
+                checked: Ok(Record::Settings(s)),
+                ..
+            }) => s.snapshots.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Learns a signed snapshot kept elsewhere (the cache, the refresher's
+    /// last one), verified with the snapshot key the settings in force
+    /// name, without making it part of the content.
+    pub fn learn_snapshot(&mut self, raw: &[u8]) -> Result<(), Rejection> {
+        let key = self.layout.snapshot();
+        match check(
+            &self.admin,
+            self.snapshot_key(),
+            &key,
+            &Entry::Snapshot,
+            raw,
+        )? {
+            Record::Snapshot(snap) => {
+                let _ = self.advance(&key, snap.version, raw);
+                self.keep_snapshot(&snap, raw);
+                Ok(())
+            }
+            _ => Err(Rejection::Invalid("not a snapshot".into())),
+        }
     }
 
     /// The highest serial of any validly signed value seen.
@@ -401,7 +500,7 @@ impl Store {
     /// making it part of the content; it is verified like any value.
     pub fn learn_revocation(&mut self, key: &str, raw: &[u8]) -> Result<(), Rejection> {
         let entry = self.layout.classify(key).ok_or(Rejection::UnknownKey)?;
-        match check(&self.admin, key, &entry, raw)? {
+        match check(&self.admin, None, key, &entry, raw)? {
             Record::Revocation(r) => {
                 // An older revocation than one verified at this key still
                 // voids what it voids; the mark only rises.
@@ -482,9 +581,11 @@ impl Store {
     }
 }
 
-/// Checks one value found at `key`.
+/// Checks one value found at `key`: every record signed by `admin`, but
+/// the snapshot, signed by `snapshot_key` (the key the settings name).
 pub fn check(
     admin: &AdminPublicKey,
+    snapshot_key: Option<&AdminPublicKey>,
     key: &str,
     entry: &Entry,
     raw: &[u8],
@@ -503,6 +604,22 @@ pub fn check(
             let s: Settings = signed::open(admin, key, raw)?;
             check_settings(&s).map_err(Rejection::Invalid)?;
             Ok(Record::Settings(s))
+        }
+        Entry::Snapshot => {
+            let sk = snapshot_key.ok_or_else(|| {
+                Rejection::Invalid("the mesh settings name no snapshot key".into())
+            })?;
+            let s: Snapshot = signed::open(sk, key, raw)?;
+            if s.expires <= s.issued {
+                return Err(Rejection::Invalid(format!(
+                    "expires ({}) before it was issued ({})",
+                    s.expires, s.issued
+                )));
+            }
+            if let Some(id) = s.devices.keys().find(|id| !super::location::is_key_id(id)) {
+                return Err(Rejection::Invalid(format!("{id:?} is not a device id")));
+            }
+            Ok(Record::Snapshot(s))
         }
         Entry::Device(k) => {
             let d: DeviceRecord = signed::open(admin, key, raw)?;
