@@ -12,7 +12,9 @@
 //! unreachable etcd, a bad command line and an unknown device; a join
 //! request replaced under the same name (issue 21) is shown with a note
 //! and refused by `approve --fingerprint`, and the device's own request
-//! is approved by its fingerprint.
+//! is approved by its fingerprint; `snapshot-key` and `refresh-snapshot`
+//! keep the mesh's signed snapshot, against which `list` shows a
+//! rolled-back record as such, and the refresher warns about it.
 
 use std::{
     collections::HashSet,
@@ -683,5 +685,121 @@ fn a_replaced_join_request_is_refused_by_fingerprint() -> anyhow::Result<()> {
             .is_some_and(|n| n.contains("held by member")),
         "{rows:?}"
     );
+    Ok(())
+}
+
+#[test]
+fn the_snapshot_through_nexctl_and_a_rollback_it_exposes() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let lab = Lab::new("snap")?;
+    let key = lab.key("admin.key");
+    let k = key.to_str().context("path")?;
+    lab.ok("s", &["init", "--admin-key", k])?;
+    let public = std::fs::read_to_string(lab.key("admin.key.pub"))?
+        .trim()
+        .to_owned();
+    let ka = request(&lab, "s", "alpha")?;
+    lab.ok("s", &["approve", &ka, "--admin-key", k, "--exit-node"])?;
+
+    // Snapshots on: a new key (0600), the settings naming it, a first
+    // snapshot, and the refresher's memory next to the key.
+    let snap = lab.key("snapshot.key");
+    let sk = snap.to_str().context("path")?;
+    let out = lab.ok(
+        "s",
+        &[
+            "snapshot-key",
+            "--admin-key",
+            k,
+            "--snapshot-key",
+            sk,
+            "--max-validity",
+            "1h",
+        ],
+    )?;
+    println!("{out}");
+    assert!(
+        out.contains("snapshot version") && out.contains("1 devices"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::metadata(&snap)?.permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(lab.key("snapshot.key.last").exists());
+    assert!(lab.etcd.get("/s/snapshot")?.is_some());
+    let refresh = |extra: &[&str]| -> anyhow::Result<Output> {
+        let mut args = vec![
+            "refresh-snapshot",
+            "--snapshot-key",
+            sk,
+            "--registry-admin-key",
+            &public,
+        ];
+        args.extend_from_slice(extra);
+        lab.mesh("s", &args)
+    };
+
+    // The role change, then a snapshot; an etcd writer puts the
+    // exit-node record back: `list` shows it rolled back, not alpha as
+    // exit node again.
+    let a_path = format!("/s/devices/{}", key_id(&ka));
+    let as_exit_node = lab.etcd.get(&a_path)?.context("alpha")?;
+    lab.ok(
+        "s",
+        &["approve", "alpha", "--admin-key", k, "--no-exit-node"],
+    )?;
+    let out = refresh(&["--validity", "30m"])?;
+    assert!(out.status.success(), "{out:?}");
+    lab.etcd.put(&a_path, &as_exit_node)?;
+    let l = lab.list("s", &key)?;
+    assert!(
+        device(&l, "alpha").is_none(),
+        "the rolled-back record is listed: {l}"
+    );
+    let reason = l["ignored"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["key"] == a_path.as_str()))
+        .and_then(|i| i["reason"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        reason.starts_with("rolled back") && reason.contains("snapshot"),
+        "{l}"
+    );
+    // The refresher sees it too: it warns, and keeps the newer serial.
+    let out = refresh(&[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("refresh over a rollback: {err}");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        err.contains("rolled back") && err.contains(&a_path),
+        "{err}"
+    );
+    assert!(device(&lab.list("s", &key)?, "alpha").is_none());
+
+    // Refused: another key than the settings name (the admin's own), a
+    // validity beyond theirs, and no admin key to verify with.
+    let out = lab.mesh(
+        "s",
+        &[
+            "refresh-snapshot",
+            "--snapshot-key",
+            k,
+            "--registry-admin-key",
+            &public,
+        ],
+    )?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("name snapshot key"),
+        "{out:?}"
+    );
+    let out = refresh(&["--validity", "2h"])?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = lab.mesh("s", &["refresh-snapshot", "--snapshot-key", sk])?;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     Ok(())
 }
