@@ -833,6 +833,11 @@ fn a_restarted_device_does_not_believe_a_record_older_than_its_cache() -> anyhow
         }
         _ => false,
     })?;
+    // Had the admin restored that state on purpose (etcd from a backup),
+    // signing it again above what devices saw makes it the newest.
+    lab.admin(|a, k| Box::pin(async move { a.resign(&k, 3).await }))?;
+    let (_, m, _) = a.membership(Duration::from_secs(5), |m| has(m, "alpha"))?;
+    assert!(!m.roles[&own].exit_node, "{m:?}");
     a.stop()
 }
 

@@ -83,6 +83,20 @@ pub enum MeshCommand {
     /// Sign and write a new snapshot with the snapshot key (run it
     /// periodically where that key is kept, well within the validity).
     RefreshSnapshot(RefreshArgs),
+    /// Sign the settings and every device in force again, as `list` shows
+    /// them, with new serials: after restoring etcd from an older backup,
+    /// devices ignore the restored records as rolled back until then.
+    Resign(ResignArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ResignArgs {
+    #[command(flatten)]
+    pub key: KeyFile,
+    /// Sign above this serial too: the highest a device reports in its
+    /// ignored records ("older than serial N already verified").
+    #[arg(long, value_name = "SERIAL", default_value_t = 0)]
+    pub above: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -358,6 +372,15 @@ async fn dispatch(out: &mut String, format: OutputFormat, args: MeshArgs) -> Res
         MeshCommand::Export(k) => export(out, r, &k).await,
         MeshCommand::SnapshotKey(a) => snapshot_key(out, r, a).await,
         MeshCommand::RefreshSnapshot(a) => refresh_snapshot(out, r, a).await,
+        MeshCommand::Resign(a) => {
+            let key = AdminKey::load(&a.key.admin_key)?;
+            let (first, last) = connect(r).await?.resign(&key, a.above).await?;
+            let _ = writeln!(
+                out,
+                "signed the settings and every device in force again, serials {first} to {last}"
+            );
+            Ok(())
+        }
     }
 }
 

@@ -122,6 +122,31 @@ impl View {
         self.serial.max(self.store.highest_serial()) + 1
     }
 
+    /// The settings and every device record in force, unchanged but for
+    /// fresh serials above `above` and above everything this view reads.
+    fn resigned(&self, above: u64) -> Result<(Settings, Vec<DeviceRecord>), AdminError> {
+        let m = self.membership()?;
+        let mut serial = self.next_serial().max(above.saturating_add(1));
+        let mut settings = self
+            .settings()
+            .cloned()
+            .ok_or_else(|| AdminError::Refused("the registry has no settings".into()))?;
+        settings.serial = serial;
+        let mut devices = Vec::with_capacity(m.mesh.devices.len());
+        for (_, r) in self.store.records() {
+            if let Record::Device(d) = r
+                && m.serials.get(&d.public_key) == Some(&d.serial)
+            {
+                serial += 1;
+                devices.push(DeviceRecord {
+                    serial,
+                    ..d.clone()
+                });
+            }
+        }
+        Ok((settings, devices))
+    }
+
     /// The record of a new member approved from `req`.
     fn new_member(
         &self,
@@ -516,6 +541,53 @@ impl Admin {
         Err(contention())
     }
 
+    /// Signs the settings and every device record in force again, as they
+    /// are, with serials above `above` and above every serial this view
+    /// reads. After etcd was restored from an older backup, devices that
+    /// verified newer records ignore the restored ones as rolled back;
+    /// this makes what etcd holds now the newest. Returns the first and
+    /// last serial used. Each transaction is guarded by the counter, so a
+    /// concurrent change stops it with an error.
+    pub async fn resign(&mut self, key: &AdminKey, above: u64) -> Result<(u64, u64), AdminError> {
+        let view = self.read(key.public_key()).await?;
+        let (settings, devices) = view.resigned(above)?;
+        let first = settings.serial;
+        let sk = self.layout.settings();
+        let mut before = view.serial_raw.clone();
+        let mut batches: Vec<(Vec<TxnOp>, u64)> = vec![(
+            vec![TxnOp::put(sk.clone(), encode(key, &sk, &settings)?, None)],
+            settings.serial,
+        )];
+        for chunk in devices.chunks(DEVICES_PER_TXN) {
+            let mut ops = Vec::with_capacity(chunk.len());
+            for d in chunk {
+                let dk = self.layout.device(&d.public_key);
+                ops.push(TxnOp::put(dk.clone(), encode(key, &dk, d)?, None));
+            }
+            batches.push((ops, chunk.last().map_or(first, |d| d.serial)));
+        }
+        let mut last = first;
+        for (mut ops, serial) in batches {
+            ops.push(TxnOp::put(self.layout.serial(), serial.to_string(), None));
+            let guard = match &before {
+                Some(raw) => Compare::value(self.layout.serial(), CompareOp::Equal, raw.clone()),
+                None => Compare::version(self.layout.serial(), CompareOp::Equal, 0),
+            };
+            if !self
+                .commit("signing again", Txn::new().when([guard]).and_then(ops))
+                .await?
+            {
+                return Err(AdminError::Unavailable(format!(
+                    "another admin changed {} meanwhile; records up to serial {last} were signed again, run it again",
+                    self.cfg.url
+                )));
+            }
+            before = Some(serial.to_string().into_bytes());
+            last = serial;
+        }
+        Ok((first, last))
+    }
+
     /// Writes a mesh file's settings and devices (with their exit roles)
     /// into an empty prefix.
     /// Devices go in transactions of `DEVICES_PER_TXN`, each guarded by the
@@ -810,6 +882,41 @@ mod tests {
         // The counter still counts when it is the highest.
         let v = view(&admin, 12, vec![signed_device(&admin, &ex)]);
         assert_eq!(v.next_serial(), 13);
+    }
+
+    #[test]
+    fn signing_again_keeps_every_record_and_goes_above_what_devices_saw() {
+        // etcd restored from a backup: ex's record at serial 3, the counter
+        // at 3; devices verified serials up to 9 meanwhile.
+        let admin = AdminKey::generate();
+        let mut ex = record("ex", 1, 3);
+        ex.roles.exit_node = true;
+        let b = record("b", 2, 2);
+        let v = view(
+            &admin,
+            3,
+            vec![signed_device(&admin, &ex), signed_device(&admin, &b)],
+        );
+        let (settings, devices) = v.resigned(9).expect("resigned");
+        assert_eq!(settings.serial, 10);
+        assert_eq!(devices.len(), 2);
+        let mut serials: Vec<u64> = devices.iter().map(|d| d.serial).collect();
+        serials.sort_unstable();
+        assert_eq!(serials, [11, 12]);
+        let again = devices
+            .iter()
+            .find(|d| d.public_key == ex.public_key)
+            .expect("ex");
+        assert_eq!(
+            DeviceRecord {
+                serial: ex.serial,
+                ..again.clone()
+            },
+            ex
+        );
+        // Without a floor: above what the view reads.
+        let (settings, _) = v.resigned(0).expect("resigned");
+        assert_eq!(settings.serial, 4);
     }
 
     #[test]
