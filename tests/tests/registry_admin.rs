@@ -780,6 +780,32 @@ fn the_snapshot_through_nexctl_and_a_rollback_it_exposes() -> anyhow::Result<()>
     );
     assert!(device(&lab.list("s", &key)?, "alpha").is_none());
 
+    // A mesh given its snapshot key at init: its first settings name it,
+    // and a snapshot is there at once.
+    let snap2 = lab.key("snapshot2.key");
+    let out = lab.ok(
+        "s2",
+        &[
+            "init",
+            "--admin-key",
+            lab.key("admin2.key").to_str().context("p")?,
+            "--snapshot-key",
+            snap2.to_str().context("p")?,
+            "--max-validity",
+            "2h",
+        ],
+    )?;
+    assert!(
+        out.contains("snapshot version") && out.contains("7200 s"),
+        "{out}"
+    );
+    assert!(snap2.exists() && lab.etcd.get("/s2/snapshot")?.is_some());
+    let first = lab.etcd.get("/s2/settings")?.context("settings")?;
+    assert!(
+        first.contains("max_validity") && first.contains("serial\\\":1"),
+        "{first}"
+    );
+
     // Refused: another key than the settings name (the admin's own), a
     // validity beyond theirs, and no admin key to verify with.
     let out = lab.mesh(

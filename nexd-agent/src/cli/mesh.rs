@@ -22,7 +22,7 @@ use crate::{
         AdminKey, AdminPublicKey, RegistryError,
         admin::{Admin, AdminError, RoleChange, View},
         admin_key::{self, AdminKeyError},
-        records::Settings,
+        records::{Settings, SnapshotPolicy},
         requests,
         verify::Record,
     },
@@ -164,6 +164,14 @@ pub struct InitArgs {
     /// UDP port of the in-tunnel announcements.
     #[arg(long, default_value_t = DEFAULT_AGENT_PORT)]
     pub agent_port: u16,
+    /// Also create the mesh's snapshot key here (0600; refused if the file
+    /// exists) and name it in the very first settings, so no settings
+    /// without it are ever signed (see `snapshot-key`).
+    #[arg(long, value_name = "FILE")]
+    pub snapshot_key: Option<PathBuf>,
+    /// With --snapshot-key: the longest a snapshot may stay valid.
+    #[arg(long, value_name = "DURATION", default_value = "6h", value_parser = parse_duration)]
+    pub max_validity: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -385,6 +393,7 @@ async fn dispatch(out: &mut String, format: OutputFormat, args: MeshArgs) -> Res
 }
 
 async fn init(out: &mut String, r: &RegistryArgs, a: InitArgs) -> Result<(), Failure> {
+    let snapshot_key = a.snapshot_key.as_ref().map(|_| AdminKey::generate());
     let settings = Settings {
         ipv4_prefix: a.ipv4_prefix,
         ipv6_prefix: a.ipv6_prefix,
@@ -392,20 +401,25 @@ async fn init(out: &mut String, r: &RegistryArgs, a: InitArgs) -> Result<(), Fai
         persistent_keepalive: a.keepalive,
         agent_port: a.agent_port,
         serial: 1,
-        snapshots: None,
+        snapshots: snapshot_key.as_ref().map(|k| SnapshotPolicy {
+            key: k.public_key(),
+            max_validity: a.max_validity,
+        }),
     };
     crate::registry::verify::check_settings(&settings).map_err(Failure::Usage)?;
-    if a.admin_key.exists() {
-        return Err(AdminKeyError::Exists {
-            path: a.admin_key.clone(),
+    for path in std::iter::once(&a.admin_key).chain(a.snapshot_key.as_ref()) {
+        if path.exists() {
+            return Err(AdminKeyError::Exists { path: path.clone() }.into());
         }
-        .into());
     }
     let mut admin = connect(r).await?;
     let key = AdminKey::generate();
-    // The key first: a mesh whose key was never written could never be
+    // The keys first: a mesh whose key was never written could never be
     // changed again.
     key.create_file(&a.admin_key)?;
+    if let (Some(path), Some(sk)) = (&a.snapshot_key, &snapshot_key) {
+        sk.create_snapshot_key_file(path)?;
+    }
     match admin.init(&key, settings).await {
         Ok(s) => {
             let _ = writeln!(
@@ -429,12 +443,23 @@ async fn init(out: &mut String, r: &RegistryArgs, a: InitArgs) -> Result<(), Fai
                 key.public_key(),
                 admin_key::public_path(&a.admin_key).display()
             );
+            if let (Some(path), Some(sk)) = (&a.snapshot_key, &snapshot_key) {
+                write_snapshot(out, &mut admin, key.public_key(), path, sk, None).await?;
+                let _ = writeln!(
+                    out,
+                    "snapshot key: {} (keep it where `nexctl mesh refresh-snapshot --snapshot-key {}` runs, e.g. hourly: dist/nexd-snapshot-refresh.timer)",
+                    path.display(),
+                    path.display()
+                );
+            }
             Ok(())
         }
         Err(e) => {
-            // Nothing was written to etcd: the new key serves no mesh.
-            let _ = std::fs::remove_file(&a.admin_key);
-            let _ = std::fs::remove_file(admin_key::public_path(&a.admin_key));
+            // Nothing was written to etcd: the new keys serve no mesh.
+            for path in std::iter::once(&a.admin_key).chain(a.snapshot_key.as_ref()) {
+                let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(admin_key::public_path(path));
+            }
             Err(e.into())
         }
     }
