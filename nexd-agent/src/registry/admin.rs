@@ -802,33 +802,13 @@ pub fn check_importable(mesh: &Mesh) -> Result<(), AdminError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{keys::PrivateKey, registry::signed::seal};
-
-    fn settings() -> Settings {
-        Settings {
-            ipv4_prefix: "100.64.0.0/10".parse().expect("v4"),
-            ipv6_prefix: "fd6e:6578:6400::/48".parse().expect("v6"),
-            mtu: 1420,
-            persistent_keepalive: 25,
-            agent_port: 51829,
-            serial: 1,
-            snapshots: None,
-        }
-    }
-
-    fn record(name: &str, n: u8, serial: u64) -> DeviceRecord {
-        DeviceRecord {
-            name: name.into(),
-            public_key: PrivateKey::generate().public_key(),
-            ipv4: Ipv4Addr::new(100, 64, 0, n),
-            ipv6: format!("fd6e:6578:6400::{n}").parse().expect("v6"),
-            listen_port: 51820,
-            endpoint: None,
-            roles: Roles::default(),
-            serial,
-            after_revocation: None,
-        }
-    }
+    use crate::{
+        keys::PrivateKey,
+        registry::{
+            fixtures::{device, settings},
+            signed::seal,
+        },
+    };
 
     /// A view as the admin reads it: `values` signed at their keys, the
     /// unsigned counter at `counter`.
@@ -857,7 +837,7 @@ mod tests {
         // Issue 21, item 3: the counter at 5 and ex's record at serial 5;
         // an etcd writer sets the counter to 1.
         let admin = AdminKey::generate();
-        let ex = record("ex", 1, 5);
+        let ex = device("ex", 1, 5);
         let v = view(&admin, 1, vec![signed_device(&admin, &ex)]);
         assert!(
             v.next_serial() > 5,
@@ -889,9 +869,9 @@ mod tests {
         // etcd restored from a backup: ex's record at serial 3, the counter
         // at 3; devices verified serials up to 9 meanwhile.
         let admin = AdminKey::generate();
-        let mut ex = record("ex", 1, 3);
+        let mut ex = device("ex", 1, 3);
         ex.roles.exit_node = true;
-        let b = record("b", 2, 2);
+        let b = device("b", 2, 2);
         let v = view(
             &admin,
             3,
@@ -924,7 +904,7 @@ mod tests {
         // The admin revokes ex when its newest readable record is the
         // serial-2 one (the serial-5 record was hidden from it).
         let admin = AdminKey::generate();
-        let mut ex = record("ex", 1, 2);
+        let mut ex = device("ex", 1, 2);
         let v = view(&admin, 2, vec![signed_device(&admin, &ex)]);
         let r = v.revocation_of(&ex);
         assert!(r.serial > 2, "{r:?}");
@@ -935,7 +915,7 @@ mod tests {
     #[test]
     fn a_device_approved_again_after_a_revocation_names_it() {
         let admin = AdminKey::generate();
-        let old = record("ex", 1, 4);
+        let old = device("ex", 1, 4);
         let rk = Layout::new("/m").revoked(&old.public_key);
         let r = Revocation {
             public_key: old.public_key,

@@ -217,15 +217,12 @@ mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
-    use crate::{
-        keys::PrivateKey,
-        registry::{
-            admin_key::AdminKey,
-            location::Layout,
-            membership,
-            records::{DeviceRecord, Roles, Settings},
-            signed::seal,
-        },
+    use crate::registry::{
+        admin_key::AdminKey,
+        fixtures::{device, settings},
+        location::Layout,
+        membership,
+        signed::seal,
     };
 
     fn dir(name: &str) -> PathBuf {
@@ -238,27 +235,8 @@ mod tests {
     fn populated(admin: &AdminKey) -> Store {
         let mut s = Store::new(Layout::new("/m"), admin.public_key());
         let k = s.layout().settings();
-        let settings = Settings {
-            ipv4_prefix: "100.64.0.0/10".parse().expect("v4"),
-            ipv6_prefix: "fd6e:6578:6400::/48".parse().expect("v6"),
-            mtu: 1420,
-            persistent_keepalive: 25,
-            agent_port: 51829,
-            serial: 1,
-            snapshots: None,
-        };
-        s.put(k.clone(), seal(admin, &k, &settings).expect("seal"));
-        let d = DeviceRecord {
-            name: "a".into(),
-            public_key: PrivateKey::generate().public_key(),
-            ipv4: "100.64.0.1".parse().expect("v4"),
-            ipv6: "fd6e:6578:6400::1".parse().expect("v6"),
-            listen_port: 51820,
-            endpoint: None,
-            roles: Roles::default(),
-            serial: 2,
-            after_revocation: None,
-        };
+        s.put(k.clone(), seal(admin, &k, &settings()).expect("seal"));
+        let d = device("a", 1, 2);
         let k = s.layout().device(&d.public_key);
         s.put(k.clone(), seal(admin, &k, &d).expect("seal"));
         s.revision = 42;

@@ -385,6 +385,18 @@ impl Worker {
         )
     }
 
+    /// Tells the daemon about a membership believed: from now on this
+    /// device remembers the mesh.
+    async fn accept(&mut self, m: Membership, source: Source) {
+        self.last = Some(m.clone());
+        self.memory = true;
+        self.emit(MembershipEvent::Membership {
+            membership: Box::new(m),
+            source,
+        })
+        .await;
+    }
+
     /// What this device verified before it restarted (the cache's marks
     /// and revocations), so etcd cannot take it back to anything older;
     /// the content itself comes from etcd, or from the cache only while
@@ -419,13 +431,7 @@ impl Worker {
                         saved_at: cached.saved_at,
                     };
                     self.set_membership_status(&m, Some(source));
-                    self.last = Some(m.clone());
-                    self.memory = true;
-                    self.emit(MembershipEvent::Membership {
-                        membership: Box::new(m),
-                        source,
-                    })
-                    .await;
+                    self.accept(m, source).await;
                 }
                 Ok(_) => tracing::info!("the registry cache does not list this device; not used"),
                 Err(e) => {
@@ -774,13 +780,7 @@ impl Worker {
                 "the registry's snapshot is not valid: following etcd with what this device verified"
             );
         }
-        self.last = Some(m.clone());
-        self.memory = true;
-        self.emit(MembershipEvent::Membership {
-            membership: Box::new(m),
-            source,
-        })
-        .await;
+        self.accept(m, source).await;
         Ok(())
     }
 }

@@ -246,6 +246,7 @@ mod tests {
         keys::PrivateKey,
         registry::{
             admin_key::AdminKey,
+            fixtures::{device, settings},
             location::Layout,
             records::{EndpointRecord, Revocation},
             signed::seal,
@@ -257,33 +258,16 @@ mod tests {
         store: Store,
     }
 
-    fn settings() -> Settings {
-        Settings {
-            ipv4_prefix: "100.64.0.0/10".parse().expect("v4"),
-            ipv6_prefix: "fd6e:6578:6400::/48".parse().expect("v6"),
-            mtu: 1420,
-            persistent_keepalive: 25,
-            agent_port: 51829,
-            serial: 1,
-            snapshots: None,
-        }
-    }
-
-    fn device(name: &str, n: u8, serial: u64) -> DeviceRecord {
-        DeviceRecord {
-            name: name.into(),
-            public_key: PrivateKey::generate().public_key(),
-            ipv4: std::net::Ipv4Addr::new(100, 64, 0, n),
-            ipv6: format!("fd6e:6578:6400::{n}").parse().expect("v6"),
-            listen_port: 51820,
-            endpoint: None,
-            roles: Roles::default(),
-            serial,
-            after_revocation: None,
-        }
-    }
-
     impl Fixture {
+        /// Whether the membership built now lists `k`.
+        fn in_mesh(&self, k: &PublicKey) -> bool {
+            build(&self.store)
+                .expect("membership")
+                .mesh
+                .device(k)
+                .is_some()
+        }
+
         fn new() -> Self {
             let admin = AdminKey::generate();
             let mut store = Store::new(Layout::new("/m"), admin.public_key());
@@ -520,13 +504,7 @@ mod tests {
         assert!(ignored_reason(&m, &key).contains("rolled back"), "{m:?}");
         // The first one written again is fine.
         f.add(&a);
-        assert!(
-            build(&f.store)
-                .expect("m")
-                .mesh
-                .device(&a.public_key)
-                .is_some()
-        );
+        assert!(f.in_mesh(&a.public_key));
     }
 
     #[test]
@@ -562,37 +540,19 @@ mod tests {
         again.serial = 6;
         again.after_revocation = Some(2);
         f.add(&again);
-        assert!(
-            build(&f.store)
-                .expect("m")
-                .mesh
-                .device(&ex.public_key)
-                .is_some()
-        );
+        assert!(f.in_mesh(&ex.public_key));
         // Revoked again: that record is void too, whatever its serial; only
         // one naming the new revocation counts.
         revoke(&mut f, 7);
         let mut higher = again.clone();
         higher.serial = 9;
         f.add(&higher);
-        assert!(
-            build(&f.store)
-                .expect("m")
-                .mesh
-                .device(&ex.public_key)
-                .is_none()
-        );
+        assert!(!f.in_mesh(&ex.public_key));
         let mut third = higher.clone();
         third.serial = 10;
         third.after_revocation = Some(7);
         f.add(&third);
-        assert!(
-            build(&f.store)
-                .expect("m")
-                .mesh
-                .device(&ex.public_key)
-                .is_some()
-        );
+        assert!(f.in_mesh(&ex.public_key));
     }
 
     #[test]

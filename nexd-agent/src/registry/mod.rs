@@ -31,6 +31,8 @@ pub mod allocate;
 pub mod cache;
 pub mod connection;
 pub mod device;
+#[cfg(test)]
+mod fixtures;
 pub mod location;
 pub mod membership;
 pub mod records;

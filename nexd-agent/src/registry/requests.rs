@@ -203,9 +203,10 @@ mod tests {
         keys::PrivateKey,
         registry::{
             admin_key::AdminKey,
+            fixtures::{device, settings},
             location::Layout,
             membership,
-            records::{DeviceRecord, Roles, Settings},
+            records::DeviceRecord,
             signed::seal,
         },
     };
@@ -231,16 +232,7 @@ mod tests {
         let admin = AdminKey::generate();
         let mut s = Store::new(Layout::new("/m"), admin.public_key());
         let k = s.layout().settings();
-        let settings = Settings {
-            ipv4_prefix: "100.64.0.0/10".parse().expect("v4"),
-            ipv6_prefix: "fd6e:6578:6400::/48".parse().expect("v6"),
-            mtu: 1420,
-            persistent_keepalive: 25,
-            agent_port: 51829,
-            serial: 1,
-            snapshots: None,
-        };
-        s.put(k.clone(), seal(&admin, &k, &settings).expect("seal"));
+        s.put(k.clone(), seal(&admin, &k, &settings()).expect("seal"));
         (admin, s)
     }
 
@@ -248,13 +240,7 @@ mod tests {
         let d = DeviceRecord {
             name: q.name.clone(),
             public_key: q.public_key,
-            ipv4: "100.64.0.1".parse().expect("v4"),
-            ipv6: "fd6e:6578:6400::1".parse().expect("v6"),
-            listen_port: 51820,
-            endpoint: None,
-            roles: Roles::default(),
-            serial: 2,
-            after_revocation: None,
+            ..device("", 1, 2)
         };
         let k = store.layout().device(&d.public_key);
         store.put(k.clone(), seal(admin, &k, &d).expect("seal"));

@@ -138,14 +138,12 @@ pub fn build(store: &Store, now_ms: u64, validity: u64) -> Result<(Snapshot, Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        keys::PrivateKey,
-        registry::{
-            admin_key::AdminKey,
-            location::Layout,
-            records::{DeviceRecord, Revocation, Roles, Settings},
-            signed::seal,
-        },
+    use crate::registry::{
+        admin_key::AdminKey,
+        fixtures::{device, settings},
+        location::Layout,
+        records::{DeviceRecord, Revocation, Settings},
+        signed::seal,
     };
 
     struct Mesh {
@@ -154,20 +152,6 @@ mod tests {
         layout: Layout,
         /// What etcd holds.
         etcd: BTreeMap<String, Vec<u8>>,
-    }
-
-    fn device(name: &str, n: u8, serial: u64) -> DeviceRecord {
-        DeviceRecord {
-            name: name.into(),
-            public_key: PrivateKey::generate().public_key(),
-            ipv4: std::net::Ipv4Addr::new(100, 64, 0, n),
-            ipv6: format!("fd6e:6578:6400::{n}").parse().expect("v6"),
-            listen_port: 51820,
-            endpoint: None,
-            roles: Roles::default(),
-            serial,
-            after_revocation: None,
-        }
     }
 
     impl Mesh {
@@ -181,16 +165,11 @@ mod tests {
                 etcd: BTreeMap::new(),
             };
             let settings = Settings {
-                ipv4_prefix: "100.64.0.0/10".parse().expect("v4"),
-                ipv6_prefix: "fd6e:6578:6400::/48".parse().expect("v6"),
-                mtu: 1420,
-                persistent_keepalive: 25,
-                agent_port: 51829,
-                serial: 1,
                 snapshots: Some(SnapshotPolicy {
                     key: m.snapshot_key.public_key(),
                     max_validity: 3600,
                 }),
+                ..settings()
             };
             let k = m.layout.settings();
             m.etcd
