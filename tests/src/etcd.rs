@@ -593,6 +593,22 @@ impl MeshAdmin {
         ])
     }
 
+    /// `nexctl mesh list -o json`, verified with the admin's public key:
+    /// what the admin sees.
+    pub fn list(&self) -> anyhow::Result<serde_json::Value> {
+        let text = self.ok(&["list", "--registry-admin-key", &self.public, "-o", "json"])?;
+        serde_json::from_str(&text).with_context(|| format!("list is not JSON: {text}"))
+    }
+
+    /// The serial `nexctl mesh list` shows for device `name`, if listed.
+    pub fn serial_of(&self, name: &str) -> anyhow::Result<Option<u64>> {
+        let l = self.list()?;
+        Ok(l["devices"]
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d["name"] == name))
+            .and_then(|d| d["serial"].as_u64()))
+    }
+
     /// nexd's options to join this mesh as `name`, publishing `endpoint`
     /// (`HOST:PORT`) if given.
     pub fn device_args(&self, name: &str, endpoint: Option<&str>) -> Vec<String> {

@@ -9,7 +9,12 @@
 //! written straight into etcd (unsigned, signed by another admin, moved to
 //! another key, tampered to change an address or make a device an exit
 //! node) are ignored and listed with their reason; exit statuses for an
-//! unreachable etcd, a bad command line and an unknown device.
+//! unreachable etcd, a bad command line and an unknown device; a join
+//! request replaced under the same name (issue 21) is shown with a note
+//! and refused by `approve --fingerprint`, and the device's own request
+//! is approved by its fingerprint; `snapshot-key` and `refresh-snapshot`
+//! keep the mesh's signed snapshot, against which `list` shows a
+//! rolled-back record as such, and the refresher warns about it.
 
 use std::{
     collections::HashSet,
@@ -584,5 +589,243 @@ fn tls_client_certificates_and_passwords() -> anyhow::Result<()> {
     println!("wrong password: {err}");
     assert_eq!(out.status.code(), Some(4), "{out:?}");
     assert!(err.contains("refused"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_replaced_join_request_is_refused_by_fingerprint() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let lab = Lab::new("fp")?;
+    let key = lab.key("admin.key");
+    let k = key.to_str().context("path")?;
+    lab.ok("fp", &["init", "--admin-key", k])?;
+    let requests = || -> anyhow::Result<Vec<Value>> {
+        let text = lab.ok("fp", &["requests", "--admin-key", k, "-o", "json"])?;
+        Ok(serde_json::from_str::<Vec<Value>>(&text)?)
+    };
+    // The genuine laptop asks; the admin notes its fingerprint (the
+    // device's log shows the same).
+    let genuine = request(&lab, "fp", "laptop")?;
+    let rows = requests()?;
+    let fingerprint = rows[0]["fingerprint"]
+        .as_str()
+        .context("fingerprint")?
+        .to_owned();
+    assert_eq!(fingerprint.len(), 24, "{rows:?}");
+    // Someone with the device credential deletes it and asks as "laptop".
+    lab.etcd
+        .etcdctl(&["del", "--", &format!("/fp/requests/{}", key_id(&genuine))])?;
+    let impostor = request(&lab, "fp", "laptop")?;
+    let out = lab.mesh(
+        "fp",
+        &[
+            "approve",
+            "laptop",
+            "--admin-key",
+            k,
+            "--fingerprint",
+            &fingerprint,
+        ],
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("approving the replaced request: {err}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        err.contains("replaced") && err.contains(&fingerprint),
+        "{err}"
+    );
+    assert!(device(&lab.list("fp", &key)?, "laptop").is_none());
+    // The genuine device asks again (as it does when its request goes):
+    // two keys under one name, noted in the listing.
+    let body = serde_json::json!({"name": "laptop", "public_key": genuine, "listen_port": 51820});
+    lab.etcd.put(
+        &format!("/fp/requests/{}", key_id(&genuine)),
+        &body.to_string(),
+    )?;
+    let rows = requests()?;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        assert!(
+            r["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("2 keys ask as")),
+            "{r}"
+        );
+    }
+    // Approved by its fingerprint: the genuine key, not the impostor's.
+    let out = lab.ok(
+        "fp",
+        &[
+            "approve",
+            "laptop",
+            "--admin-key",
+            k,
+            "--fingerprint",
+            &fingerprint,
+        ],
+    )?;
+    assert!(
+        out.contains(&genuine) && out.contains(&fingerprint),
+        "{out}"
+    );
+    let l = lab.list("fp", &key)?;
+    assert_eq!(
+        device(&l, "laptop").context("laptop")?["public_key"],
+        genuine.as_str()
+    );
+    // The impostor's request is left, noted as asking for a member's name.
+    let rows = requests()?;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["public_key"], impostor.as_str());
+    assert!(
+        rows[0]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("held by member")),
+        "{rows:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_snapshot_through_nexctl_and_a_rollback_it_exposes() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let lab = Lab::new("snap")?;
+    let key = lab.key("admin.key");
+    let k = key.to_str().context("path")?;
+    lab.ok("s", &["init", "--admin-key", k])?;
+    let public = std::fs::read_to_string(lab.key("admin.key.pub"))?
+        .trim()
+        .to_owned();
+    let ka = request(&lab, "s", "alpha")?;
+    lab.ok("s", &["approve", &ka, "--admin-key", k, "--exit-node"])?;
+
+    // Snapshots on: a new key (0600), the settings naming it, a first
+    // snapshot, and the refresher's memory next to the key.
+    let snap = lab.key("snapshot.key");
+    let sk = snap.to_str().context("path")?;
+    let out = lab.ok(
+        "s",
+        &[
+            "snapshot-key",
+            "--admin-key",
+            k,
+            "--snapshot-key",
+            sk,
+            "--max-validity",
+            "1h",
+        ],
+    )?;
+    println!("{out}");
+    assert!(
+        out.contains("snapshot version") && out.contains("1 devices"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::metadata(&snap)?.permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(lab.key("snapshot.key.last").exists());
+    assert!(lab.etcd.get("/s/snapshot")?.is_some());
+    let refresh = |extra: &[&str]| -> anyhow::Result<Output> {
+        let mut args = vec![
+            "refresh-snapshot",
+            "--snapshot-key",
+            sk,
+            "--registry-admin-key",
+            &public,
+        ];
+        args.extend_from_slice(extra);
+        lab.mesh("s", &args)
+    };
+
+    // The role change, then a snapshot; an etcd writer puts the
+    // exit-node record back: `list` shows it rolled back, not alpha as
+    // exit node again.
+    let a_path = format!("/s/devices/{}", key_id(&ka));
+    let as_exit_node = lab.etcd.get(&a_path)?.context("alpha")?;
+    lab.ok(
+        "s",
+        &["approve", "alpha", "--admin-key", k, "--no-exit-node"],
+    )?;
+    let out = refresh(&["--validity", "30m"])?;
+    assert!(out.status.success(), "{out:?}");
+    lab.etcd.put(&a_path, &as_exit_node)?;
+    let l = lab.list("s", &key)?;
+    assert!(
+        device(&l, "alpha").is_none(),
+        "the rolled-back record is listed: {l}"
+    );
+    let reason = l["ignored"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["key"] == a_path.as_str()))
+        .and_then(|i| i["reason"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        reason.starts_with("rolled back") && reason.contains("snapshot"),
+        "{l}"
+    );
+    // The refresher sees it too: it warns, and keeps the newer serial.
+    let out = refresh(&[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("refresh over a rollback: {err}");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        err.contains("rolled back") && err.contains(&a_path),
+        "{err}"
+    );
+    assert!(device(&lab.list("s", &key)?, "alpha").is_none());
+
+    // A mesh given its snapshot key at init: its first settings name it,
+    // and a snapshot is there at once.
+    let snap2 = lab.key("snapshot2.key");
+    let out = lab.ok(
+        "s2",
+        &[
+            "init",
+            "--admin-key",
+            lab.key("admin2.key").to_str().context("p")?,
+            "--snapshot-key",
+            snap2.to_str().context("p")?,
+            "--max-validity",
+            "2h",
+        ],
+    )?;
+    assert!(
+        out.contains("snapshot version") && out.contains("7200 s"),
+        "{out}"
+    );
+    assert!(snap2.exists() && lab.etcd.get("/s2/snapshot")?.is_some());
+    let first = lab.etcd.get("/s2/settings")?.context("settings")?;
+    assert!(
+        first.contains("max_validity") && first.contains("serial\\\":1"),
+        "{first}"
+    );
+
+    // Refused: another key than the settings name (the admin's own), a
+    // validity beyond theirs, and no admin key to verify with.
+    let out = lab.mesh(
+        "s",
+        &[
+            "refresh-snapshot",
+            "--snapshot-key",
+            k,
+            "--registry-admin-key",
+            &public,
+        ],
+    )?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("name snapshot key"),
+        "{out:?}"
+    );
+    let out = refresh(&["--validity", "2h"])?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = lab.mesh("s", &["refresh-snapshot", "--snapshot-key", sk])?;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     Ok(())
 }

@@ -22,6 +22,13 @@
 //!   new device made exit node, an existing device made exit node, a
 //!   changed address) are ignored by every nexd (each lists them as
 //!   ignored) and change nothing they could not also delete;
+//! * a writer to etcd cannot roll back a signed change (issue 21): the
+//!   exit-node record saved before `approve --no-exit-node` and written
+//!   back is ignored by every nexd as older than what it verified, and
+//!   the client never lists nor routes through that node again; with the
+//!   serial counter set back, the admin's next serial is still above every
+//!   serial it can read, and the revocation voids every record of the
+//!   device, so the record written back after it brings nothing back;
 //! * one etcd member of three killed: approvals still propagate; all
 //!   killed: the mesh keeps working and a restarted nexd comes up from its
 //!   cache; etcd back: changes propagate again.
@@ -792,5 +799,205 @@ fn a_client_that_leaves_the_mesh_holds_its_traffic_and_resumes_when_approved_aga
     s6.finish()?;
     assert_eq!(lab.w.inet.count("client4")?, 0, "IPv4 leaked");
     assert_eq!(lab.w.inet.count("client6")?, 0, "IPv6 leaked");
+    Ok(())
+}
+
+/// Fails if `bad` says something (what is wrong) at any poll within `d`.
+fn never_for(what: &str, d: Duration, bad: impl Fn() -> Option<String>) -> anyhow::Result<()> {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if let Some(why) = bad() {
+            bail!("{what}: {why}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Why the client would be using or offered `exit`, if it is.
+fn uses_exit(lab: &Lab, exit: &str) -> Option<String> {
+    let client = lab.node("client");
+    if let Ok(rows) = client.exit_nodes()
+        && let Some(r) = rows.iter().find(|r| r.name == exit)
+    {
+        return Some(format!("the client lists {exit} as exit node: {r:?}"));
+    }
+    if let Ok(peers) = client.peers()
+        && let Some(p) = peers.iter().find(|p| {
+            p.allowed_ips
+                .iter()
+                .any(|a| a == "0.0.0.0/0" || a == "::/0")
+        })
+    {
+        return Some(format!(
+            "the client routes the internet to {}: {p:?}",
+            p.name
+        ));
+    }
+    match client.client_phase() {
+        Ok(ClientPhase::Held) => None,
+        other => Some(format!("the client's phase is {other:?}, not held")),
+    }
+}
+
+/// The reason `node` gives for ignoring `key`, once it does.
+fn wait_ignored_reason(node: &Node, key: &str) -> anyhow::Result<String> {
+    wait_for(
+        &format!("{} to ignore {key}", node.name),
+        T,
+        Duration::from_millis(50),
+        || {
+            registry(node)
+                .ok()?
+                .ignored
+                .into_iter()
+                .find(|i| i.key == key)
+                .map(|i| i.reason)
+        },
+    )
+    .with_context(|| format!("{}: {:?}", node.name, registry(node)))
+}
+
+#[test]
+fn a_rolled_back_role_change_is_not_believed() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut lab = Lab::new(&["ex", "client"], 1)?;
+    lab.start("ex", &["router", "--exit-node"], &[])?;
+    lab.start("client", &[], &["--exit-node-client"])?;
+    lab.admin.approve("ex", &["--exit-node"])?;
+    lab.admin.approve("client", &[])?;
+    wait_mesh(&lab, &["ex", "client"])?;
+    lab.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    assert_eq!(active_exit(&lab).as_deref(), Some("ex"));
+
+    // The exit-node record as an etcd writer saves it, then the admin
+    // takes the role away: the client holds (ex was its only exit node).
+    let ex_path = lab.record_key("ex")?;
+    let as_exit_node = lab.etcd.get(&ex_path)?.context("ex's record")?;
+    lab.admin.approve("ex", &["--no-exit-node"])?;
+    let without_role = lab.etcd.get(&ex_path)?.context("ex's record")?;
+    lab.node("client").wait_phase(ClientPhase::Held, T * 2)?;
+    let w = &lab.w;
+    w.inet.watch("ex4", &w.underlay("ex", false).to_string())?;
+
+    // The writer puts the exit-node record back. Every nexd has verified
+    // a newer record of that key: it ignores this one, saying why, and the
+    // client never lists ex nor routes anything through it.
+    lab.etcd.put(&ex_path, &as_exit_node)?;
+    never_for(
+        "the rolled-back exit-node record was believed",
+        Duration::from_secs(3),
+        || uses_exit(&lab, "ex"),
+    )?;
+    for n in ["ex", "client"] {
+        let reason = wait_ignored_reason(lab.node(n), &ex_path)?;
+        println!("{n} ignores the rolled-back record: {reason}");
+        assert!(reason.contains("rolled back"), "{n}: {reason}");
+    }
+    assert!(
+        udp_exchange(
+            &lab.node("client").ns,
+            &lab.w.inet.ns,
+            World::server(false),
+            Duration::from_secs(2)
+        )
+        .is_err(),
+        "the client's traffic got out"
+    );
+    assert_eq!(lab.w.inet.count("ex4")?, 0, "traffic went out through ex");
+
+    // The admin's record written back: ex is a member again, without the
+    // role; the client still holds.
+    lab.etcd.put(&ex_path, &without_role)?;
+    wait_mesh(&lab, &["ex", "client"])?;
+    never_for("ex's role came back", Duration::from_secs(2), || {
+        uses_exit(&lab, "ex")
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_revocation_holds_when_the_serial_counter_is_set_back() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut lab = Lab::new(&["ex", "client", "late"], 1)?;
+    lab.start("ex", &["router", "--exit-node"], &[])?;
+    lab.start("client", &[], &["--exit-node-client"])?;
+    // Serials 2 to 5; ex's record ends at serial 5, the counter at 5.
+    lab.admin.approve("ex", &["--exit-node"])?;
+    lab.admin.approve("client", &[])?;
+    lab.admin.approve("ex", &["--exit-clients", "client"])?;
+    lab.admin.approve("ex", &["--all-exit-clients"])?;
+    assert_eq!(lab.admin.serial_of("ex")?, Some(5));
+    wait_mesh(&lab, &["ex", "client"])?;
+    lab.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    let ex_path = lab.record_key("ex")?;
+    let serial5 = lab.etcd.get(&ex_path)?.context("ex's record")?;
+
+    // The writer sets the unsigned counter back to 1; the admin then
+    // edits ex and revokes it.
+    let counter = format!("{PREFIX}/serial");
+    lab.etcd.put(&counter, "1")?;
+    lab.admin.approve("ex", &["--exit-clients", "client"])?;
+    let edited = lab.admin.serial_of("ex")?;
+    lab.admin.revoke("ex")?;
+    lab.node("client").wait_phase(ClientPhase::Held, T * 2)?;
+    wait_peers(lab.node("client"), &[], T)?;
+    let w = &lab.w;
+    w.inet.watch("ex4", &w.underlay("ex", false).to_string())?;
+
+    // The serial-5 record written back brings nothing back: not to the
+    // client, which saw the revocation, nor to the admin's list.
+    lab.etcd.put(&ex_path, &serial5)?;
+    never_for(
+        "the revoked exit node came back",
+        Duration::from_secs(3),
+        || {
+            uses_exit(&lab, "ex").or_else(|| {
+                let p = peer_names(lab.node("client")).ok()?;
+                p.iter()
+                    .any(|n| n == "ex")
+                    .then(|| format!("the client has ex as a peer again: {p:?}"))
+            })
+        },
+    )?;
+    // Older than the edit it verified, and void under the revocation
+    // (which voids every record of ex signed before it): either reason.
+    let reason = wait_ignored_reason(lab.node("client"), &ex_path)?;
+    println!("the client ignores the written-back record: {reason}");
+    assert!(
+        reason.starts_with("revoked") || reason.starts_with("rolled back"),
+        "{reason}"
+    );
+    assert_eq!(lab.admin.serial_of("ex")?, None, "the admin lists ex again");
+    assert!(
+        udp_exchange(
+            &lab.node("client").ns,
+            &lab.w.inet.ns,
+            World::server(false),
+            Duration::from_secs(2)
+        )
+        .is_err(),
+        "the client's traffic got out"
+    );
+    assert_eq!(lab.w.inet.count("ex4")?, 0, "traffic went out through ex");
+    // A device that joins now never verified ex's edit: the revocation
+    // alone voids the serial-5 record for it.
+    lab.start("late", &[], &[])?;
+    wait_state(lab.node("late"), MembershipState::WaitingForApproval, T)?;
+    lab.admin.approve("late", &[])?;
+    wait_mesh(&lab, &["client", "late"])?;
+    let reason = wait_ignored_reason(lab.node("late"), &ex_path)?;
+    println!("a device that joined later ignores it: {reason}");
+    assert!(reason.starts_with("revoked"), "{reason}");
+    // The edit after the counter was set back took a serial above every
+    // one the admin could read (ex's 5), not the counter's 2.
+    assert!(
+        edited.is_some_and(|s| s > 5),
+        "the edit was signed with serial {edited:?}, not above 5"
+    );
     Ok(())
 }

@@ -13,6 +13,7 @@ use super::{
     registry_args::RegistryArgs,
 };
 use crate::{
+    keys::PublicKey,
     mesh::{
         self, DEFAULT_AGENT_PORT, DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, DEFAULT_KEEPALIVE,
         DEFAULT_MTU,
@@ -21,7 +22,8 @@ use crate::{
         AdminKey, AdminPublicKey, RegistryError,
         admin::{Admin, AdminError, RoleChange, View},
         admin_key::{self, AdminKeyError},
-        records::Settings,
+        records::{Settings, SnapshotPolicy},
+        requests,
         verify::Record,
     },
 };
@@ -73,6 +75,75 @@ pub enum MeshCommand {
     Import(ImportArgs),
     /// Print the membership as a mesh file.
     Export(ReadKey),
+    /// Turn on the mesh's signed snapshot (or rotate its key): create the
+    /// snapshot key if FILE does not exist, name it in the settings, and
+    /// write the first snapshot. Devices that start without a cache then
+    /// believe a membership only while a valid snapshot covers it.
+    SnapshotKey(SnapshotKeyArgs),
+    /// Sign and write a new snapshot with the snapshot key (run it
+    /// periodically where that key is kept, well within the validity).
+    RefreshSnapshot(RefreshArgs),
+    /// Sign the settings and every device in force again, as `list` shows
+    /// them, with new serials: after restoring etcd from an older backup,
+    /// devices ignore the restored records as rolled back until then.
+    Resign(ResignArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ResignArgs {
+    #[command(flatten)]
+    pub key: KeyFile,
+    /// Sign above this serial too: the highest a device reports in its
+    /// ignored records ("older than serial N already verified").
+    #[arg(long, value_name = "SERIAL", default_value_t = 0)]
+    pub above: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SnapshotKeyArgs {
+    #[command(flatten)]
+    pub key: KeyFile,
+    /// The snapshot key (ed25519, mode 0600; its public half goes to
+    /// FILE.pub): created if it does not exist.
+    #[arg(long, value_name = "FILE")]
+    pub snapshot_key: PathBuf,
+    /// The longest a snapshot may stay valid: how long a rolled-back etcd
+    /// can fool a device that has never seen the mesh (s, m, h or d).
+    #[arg(long, value_name = "DURATION", default_value = "6h", value_parser = parse_duration)]
+    pub max_validity: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RefreshArgs {
+    /// The snapshot key named in the settings. Its last snapshot is kept
+    /// in FILE.last, so etcd cannot make it sign anything older.
+    #[arg(long, value_name = "FILE")]
+    pub snapshot_key: PathBuf,
+    /// How long the new snapshot is valid (default: the most the settings
+    /// allow).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub validity: Option<u64>,
+}
+
+/// `90s`, `30m`, `6h`, `1d` or plain seconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (n, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c),
+        _ => (t, 's'),
+    };
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 30m, 6h, 1d)"))?;
+    let scale = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{s:?} is too long"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -93,6 +164,14 @@ pub struct InitArgs {
     /// UDP port of the in-tunnel announcements.
     #[arg(long, default_value_t = DEFAULT_AGENT_PORT)]
     pub agent_port: u16,
+    /// Also create the mesh's snapshot key here (0600; refused if the file
+    /// exists) and name it in the very first settings, so no settings
+    /// without it are ever signed (see `snapshot-key`).
+    #[arg(long, value_name = "FILE")]
+    pub snapshot_key: Option<PathBuf>,
+    /// With --snapshot-key: the longest a snapshot may stay valid.
+    #[arg(long, value_name = "DURATION", default_value = "6h", value_parser = parse_duration)]
+    pub max_validity: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -135,6 +214,11 @@ pub struct ApproveArgs {
     /// As exit node, serve every device (the default).
     #[arg(long)]
     pub all_exit_clients: bool,
+    /// Approve only if the device's key has this fingerprint (the device
+    /// logs it while it waits; `nexctl mesh requests` shows it): a join
+    /// request replaced under the same name is refused.
+    #[arg(long, value_name = "FINGERPRINT")]
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -294,10 +378,22 @@ async fn dispatch(out: &mut String, format: OutputFormat, args: MeshArgs) -> Res
         MeshCommand::List(k) => list(out, format, r, &k).await,
         MeshCommand::Import(a) => import(out, r, a).await,
         MeshCommand::Export(k) => export(out, r, &k).await,
+        MeshCommand::SnapshotKey(a) => snapshot_key(out, r, a).await,
+        MeshCommand::RefreshSnapshot(a) => refresh_snapshot(out, r, a).await,
+        MeshCommand::Resign(a) => {
+            let key = AdminKey::load(&a.key.admin_key)?;
+            let (first, last) = connect(r).await?.resign(&key, a.above).await?;
+            let _ = writeln!(
+                out,
+                "signed the settings and every device in force again, serials {first} to {last}"
+            );
+            Ok(())
+        }
     }
 }
 
 async fn init(out: &mut String, r: &RegistryArgs, a: InitArgs) -> Result<(), Failure> {
+    let snapshot_key = a.snapshot_key.as_ref().map(|_| AdminKey::generate());
     let settings = Settings {
         ipv4_prefix: a.ipv4_prefix,
         ipv6_prefix: a.ipv6_prefix,
@@ -305,19 +401,25 @@ async fn init(out: &mut String, r: &RegistryArgs, a: InitArgs) -> Result<(), Fai
         persistent_keepalive: a.keepalive,
         agent_port: a.agent_port,
         serial: 1,
+        snapshots: snapshot_key.as_ref().map(|k| SnapshotPolicy {
+            key: k.public_key(),
+            max_validity: a.max_validity,
+        }),
     };
     crate::registry::verify::check_settings(&settings).map_err(Failure::Usage)?;
-    if a.admin_key.exists() {
-        return Err(AdminKeyError::Exists {
-            path: a.admin_key.clone(),
+    for path in std::iter::once(&a.admin_key).chain(a.snapshot_key.as_ref()) {
+        if path.exists() {
+            return Err(AdminKeyError::Exists { path: path.clone() }.into());
         }
-        .into());
     }
     let mut admin = connect(r).await?;
     let key = AdminKey::generate();
-    // The key first: a mesh whose key was never written could never be
+    // The keys first: a mesh whose key was never written could never be
     // changed again.
     key.create_file(&a.admin_key)?;
+    if let (Some(path), Some(sk)) = (&a.snapshot_key, &snapshot_key) {
+        sk.create_snapshot_key_file(path)?;
+    }
     match admin.init(&key, settings).await {
         Ok(s) => {
             let _ = writeln!(
@@ -341,12 +443,23 @@ async fn init(out: &mut String, r: &RegistryArgs, a: InitArgs) -> Result<(), Fai
                 key.public_key(),
                 admin_key::public_path(&a.admin_key).display()
             );
+            if let (Some(path), Some(sk)) = (&a.snapshot_key, &snapshot_key) {
+                write_snapshot(out, &mut admin, key.public_key(), path, sk, None).await?;
+                let _ = writeln!(
+                    out,
+                    "snapshot key: {} (keep it where `nexctl mesh refresh-snapshot --snapshot-key {}` runs, e.g. hourly: dist/nexd-snapshot-refresh.timer)",
+                    path.display(),
+                    path.display()
+                );
+            }
             Ok(())
         }
         Err(e) => {
-            // Nothing was written to etcd: the new key serves no mesh.
-            let _ = std::fs::remove_file(&a.admin_key);
-            let _ = std::fs::remove_file(admin_key::public_path(&a.admin_key));
+            // Nothing was written to etcd: the new keys serve no mesh.
+            for path in std::iter::once(&a.admin_key).chain(a.snapshot_key.as_ref()) {
+                let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(admin_key::public_path(path));
+            }
             Err(e.into())
         }
     }
@@ -442,9 +555,21 @@ async fn approve(out: &mut String, r: &RegistryArgs, a: ApproveArgs) -> Result<(
             a.exit_clients.map(Some)
         },
     };
-    let done = connect(r).await?.approve(&key, &a.device, &change).await?;
+    let done = connect(r)
+        .await?
+        .approve_expecting(&key, &a.device, a.fingerprint.as_deref(), &change)
+        .await?;
     let d = &done.record;
     let roles = roles_text(&d.roles);
+    let fingerprint = requests::fingerprint(&d.public_key);
+    if done.new_member && a.fingerprint.is_none() && a.device.parse::<PublicKey>().is_err() {
+        // By name alone: the name came from an unsigned request anyone
+        // with write access to etcd could have replaced.
+        eprintln!(
+            "warning: {} was approved by name alone; check with the device that its key fingerprint is {fingerprint} (its log shows it), or approve with --fingerprint next time",
+            d.name
+        );
+    }
     if !done.changed {
         let _ = writeln!(
             out,
@@ -454,7 +579,7 @@ async fn approve(out: &mut String, r: &RegistryArgs, a: ApproveArgs) -> Result<(
     } else if done.new_member {
         let _ = writeln!(
             out,
-            "approved {} ({}): {} and {}, roles: {roles}",
+            "approved {} ({}, fingerprint {fingerprint}): {} and {}, roles: {roles}",
             d.name, d.public_key, d.ipv4, d.ipv6
         );
     } else {
@@ -475,10 +600,16 @@ fn roles_text(r: &crate::registry::records::Roles) -> String {
 struct RequestRow {
     name: String,
     public_key: String,
+    /// What the device shows, to approve with --fingerprint.
+    fingerprint: String,
     endpoint: Option<String>,
     listen_port: u16,
     asks_exit_node: bool,
     requested_at: u64,
+    /// A name asked by several keys, or held by a member with another
+    /// key: a request may have been replaced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
 }
 
 async fn requests(
@@ -488,37 +619,50 @@ async fn requests(
     k: &ReadKey,
 ) -> Result<(), Failure> {
     let view = read(r, k).await?;
+    let members = view.membership().ok();
+    let mut notes = requests::notes(&view.store, members.as_ref());
     let rows: Vec<RequestRow> = view
         .store
         .requests()
         .map(|q| RequestRow {
             name: q.name.clone(),
             public_key: q.public_key.to_string(),
+            fingerprint: requests::fingerprint(&q.public_key),
             endpoint: q.endpoint.clone(),
             listen_port: q.listen_port,
             asks_exit_node: q.exit_node,
             requested_at: q.requested_at,
+            note: notes.remove(&q.public_key),
         })
         .collect();
     render(out, format, &rows, || {
         let mut t = Table::new(&[
             "NAME",
             "PUBLIC KEY",
+            "FINGERPRINT",
             "ENDPOINT",
             "LISTEN PORT",
             "ASKS EXIT NODE",
+            "NOTE",
         ]);
         for q in &rows {
             t.row(vec![
                 q.name.clone(),
                 q.public_key.clone(),
+                q.fingerprint.clone(),
                 q.endpoint.clone().unwrap_or_else(|| "-".into()),
                 q.listen_port.to_string(),
                 if q.asks_exit_node { "yes" } else { "no" }.into(),
+                q.note.clone().unwrap_or_else(|| "-".into()),
             ]);
         }
         t
     });
+    if rows.iter().any(|q| q.note.is_some()) {
+        eprintln!(
+            "warning: some names are asked by several keys or held by another member (see NOTE): a join request may have been replaced; approve with --fingerprint as the device shows it"
+        );
+    }
     Ok(())
 }
 
@@ -625,6 +769,136 @@ fn warn_ignored(ignored: &[crate::registry::verify::Ignored]) {
     }
 }
 
+/// `FILE.last`: the last snapshot a refresher wrote with the key at FILE.
+fn last_snapshot_path(key: &std::path::Path) -> PathBuf {
+    let mut s = key.as_os_str().to_owned();
+    s.push(".last");
+    PathBuf::from(s)
+}
+
+/// Signs and writes a snapshot, keeping it in FILE.last; prints what it
+/// did, and warns about records found rolled back.
+async fn write_snapshot(
+    out: &mut String,
+    admin: &mut Admin,
+    public: AdminPublicKey,
+    path: &std::path::Path,
+    snapshot_key: &AdminKey,
+    validity: Option<u64>,
+) -> Result<(), Failure> {
+    let last = last_snapshot_path(path);
+    let previous = match std::fs::read(&last) {
+        Ok(raw) => Some(raw),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(Failure::Other(format!(
+                "cannot read {}: {e}",
+                last.display()
+            )));
+        }
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| Failure::Other(format!("the clock is before 1970: {e}")))?
+        .as_millis();
+    let now_ms = u64::try_from(now_ms).map_err(|e| Failure::Other(e.to_string()))?;
+    let done = admin
+        .refresh_snapshot(public, snapshot_key, validity, previous.as_deref(), now_ms)
+        .await?;
+    // Written after etcd took it: the memory never runs ahead of what
+    // devices could have read.
+    let tmp = last.with_extension("last.tmp");
+    std::fs::write(&tmp, &done.raw)
+        .and_then(|()| std::fs::rename(&tmp, &last))
+        .map_err(|e| Failure::Other(format!("cannot write {}: {e}", last.display())))?;
+    let s = &done.snapshot;
+    let _ = writeln!(
+        out,
+        "snapshot version {}: {} devices in force, serials up to {}, valid until Unix time {} ({} s)",
+        s.version,
+        s.devices.len(),
+        s.serial,
+        s.expires,
+        s.expires - s.issued
+    );
+    for r in &done.rolled_back {
+        eprintln!(
+            "warning: etcd holds a record older than the previous snapshot (rolled back?); the snapshot keeps the newer serial: {r}"
+        );
+    }
+    Ok(())
+}
+
+async fn snapshot_key(
+    out: &mut String,
+    r: &RegistryArgs,
+    a: SnapshotKeyArgs,
+) -> Result<(), Failure> {
+    let key = AdminKey::load(&a.key.admin_key)?;
+    let mut admin = connect(r).await?;
+    let snapshot_key = if a.snapshot_key.exists() {
+        AdminKey::load(&a.snapshot_key)?
+    } else {
+        let k = AdminKey::generate();
+        k.create_snapshot_key_file(&a.snapshot_key)?;
+        k
+    };
+    if snapshot_key.public_key() == key.public_key() {
+        return Err(Failure::Usage(
+            "the snapshot key must not be the admin key (it is kept online)".into(),
+        ));
+    }
+    let s = admin
+        .set_snapshot_key(&key, snapshot_key.public_key(), a.max_validity)
+        .await?;
+    let _ = writeln!(
+        out,
+        "the mesh's snapshots are signed by {} (valid at most {} s; settings serial {})",
+        snapshot_key.public_key(),
+        a.max_validity,
+        s.serial
+    );
+    write_snapshot(
+        out,
+        &mut admin,
+        key.public_key(),
+        &a.snapshot_key,
+        &snapshot_key,
+        None,
+    )
+    .await?;
+    let _ = writeln!(
+        out,
+        "run `nexctl mesh refresh-snapshot --snapshot-key {}` well within that, e.g. hourly (dist/nexd-snapshot-refresh.timer)",
+        a.snapshot_key.display()
+    );
+    Ok(())
+}
+
+async fn refresh_snapshot(
+    out: &mut String,
+    r: &RegistryArgs,
+    a: RefreshArgs,
+) -> Result<(), Failure> {
+    let public = r.registry_admin_key.ok_or_else(|| {
+        Failure::Usage(
+            "give --registry-admin-key PUBLIC_KEY: the snapshot covers only what the admin signed"
+                .into(),
+        )
+    })?;
+    let snapshot_key = AdminKey::load(&a.snapshot_key)?;
+    let mut admin = connect(r).await?;
+    write_snapshot(
+        out,
+        &mut admin,
+        public,
+        &a.snapshot_key,
+        &snapshot_key,
+        a.validity,
+    )
+    .await
+}
+
 async fn export(out: &mut String, r: &RegistryArgs, k: &ReadKey) -> Result<(), Failure> {
     let view = read(r, k).await?;
     let m = view.membership()?;
@@ -717,6 +991,18 @@ mod tests {
     }
 
     #[test]
+    fn durations_parse_with_a_unit_or_as_seconds() {
+        assert_eq!(parse_duration("90s"), Ok(90));
+        assert_eq!(parse_duration("30m"), Ok(1800));
+        assert_eq!(parse_duration("6h"), Ok(21_600));
+        assert_eq!(parse_duration("1d"), Ok(86_400));
+        assert_eq!(parse_duration("45"), Ok(45));
+        assert!(parse_duration("6x").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
     fn failures_map_to_nexctl_exit_statuses() {
         let unreachable = Failure::Admin(AdminError::Registry(RegistryError::Unreachable {
             endpoints: "h:1".into(),
@@ -744,10 +1030,12 @@ mod tests {
         let rows = vec![RequestRow {
             name: "a".into(),
             public_key: "K".into(),
+            fingerprint: "0000-0000-0000-0000-0000".into(),
             endpoint: None,
             listen_port: 51820,
             asks_exit_node: true,
             requested_at: 1,
+            note: None,
         }];
         let table = || {
             let mut t = Table::new(&["NAME", "PUBLIC KEY"]);

@@ -16,7 +16,8 @@ use super::{
     connection::{EtcdConfig, RegistryError},
     location::{Entry, Layout},
     membership::{self, Membership},
-    records::{DeviceRecord, JoinRequest, Revocation, Roles, Settings},
+    records::{DeviceRecord, JoinRequest, Revocation, Roles, Settings, Snapshot, SnapshotPolicy},
+    requests,
     signed::seal,
     verify::{Record, Store},
 };
@@ -74,6 +75,17 @@ pub struct Approved {
     pub new_member: bool,
 }
 
+/// What `refresh_snapshot` wrote.
+#[derive(Debug, Clone)]
+pub struct Refreshed {
+    pub snapshot: Snapshot,
+    /// The signed value, for the refresher to keep as its memory.
+    pub raw: Vec<u8>,
+    /// Records etcd holds older than the previous snapshot says are in
+    /// force (kept at their previous serials): someone rolled them back.
+    pub rolled_back: Vec<String>,
+}
+
 /// A connection to one mesh's registry.
 pub struct Admin {
     cfg: EtcdConfig,
@@ -100,6 +112,73 @@ impl View {
             Record::Settings(s) => Some(s),
             _ => None,
         })
+    }
+
+    /// The serial the next signed change takes: above the counter and
+    /// above every validly signed serial this view read. The counter is
+    /// unsigned (an etcd writer can set it back), and a serial at or below
+    /// one already signed would let the older record win (issue 21).
+    pub fn next_serial(&self) -> u64 {
+        self.serial.max(self.store.highest_serial()) + 1
+    }
+
+    /// The settings and every device record in force, unchanged but for
+    /// fresh serials above `above` and above everything this view reads.
+    fn resigned(&self, above: u64) -> Result<(Settings, Vec<DeviceRecord>), AdminError> {
+        let m = self.membership()?;
+        let mut serial = self.next_serial().max(above.saturating_add(1));
+        let mut settings = self
+            .settings()
+            .cloned()
+            .ok_or_else(|| AdminError::Refused("the registry has no settings".into()))?;
+        settings.serial = serial;
+        let mut devices = Vec::with_capacity(m.mesh.devices.len());
+        for (_, r) in self.store.records() {
+            if let Record::Device(d) = r
+                && m.serials.get(&d.public_key) == Some(&d.serial)
+            {
+                serial += 1;
+                devices.push(DeviceRecord {
+                    serial,
+                    ..d.clone()
+                });
+            }
+        }
+        Ok((settings, devices))
+    }
+
+    /// The record of a new member approved from `req`.
+    fn new_member(
+        &self,
+        req: &JoinRequest,
+        (ipv4, ipv6): (Ipv4Addr, Ipv6Addr),
+        roles: Roles,
+    ) -> DeviceRecord {
+        DeviceRecord {
+            name: req.name.clone(),
+            public_key: req.public_key,
+            ipv4,
+            ipv6,
+            listen_port: req.listen_port,
+            endpoint: None,
+            roles,
+            serial: self.next_serial(),
+            // Approved again after a revocation: this record names it, or
+            // it would be void like the records before it.
+            after_revocation: self.store.revocation(&req.public_key).map(|r| r.serial),
+        }
+    }
+
+    /// The revocation of `record`'s device: a fresh serial, voiding every
+    /// record of the device signed before it, whatever their serials
+    /// (some may be hidden from this view).
+    fn revocation_of(&self, record: &DeviceRecord) -> Revocation {
+        Revocation {
+            public_key: record.public_key,
+            name: record.name.clone(),
+            serial: self.next_serial(),
+            every_serial: true,
+        }
     }
 
     /// Compare: the serial counter is still what this view saw.
@@ -266,7 +345,7 @@ impl Admin {
                     "the prefixes cannot change while the mesh has devices (their addresses are inside them)".into(),
                 ));
             }
-            new.serial = view.serial + 1;
+            new.serial = view.next_serial();
             let sk = self.layout.settings();
             let txn = Txn::new()
                 .when([view.serial_unchanged(&self.layout)])
@@ -290,6 +369,19 @@ impl Admin {
         who: &str,
         roles: &RoleChange,
     ) -> Result<Approved, AdminError> {
+        self.approve_expecting(key, who, None, roles).await
+    }
+
+    /// `approve`, only if the device's key has `fingerprint` (as the device
+    /// shows it, `requests::fingerprint`): a join request replaced under
+    /// the same name is refused instead of approved.
+    pub async fn approve_expecting(
+        &mut self,
+        key: &AdminKey,
+        who: &str,
+        fingerprint: Option<&str>,
+        roles: &RoleChange,
+    ) -> Result<Approved, AdminError> {
         for attempt in 0..MAX_ATTEMPTS {
             let view = self.read(key.public_key()).await?;
             let m = view.membership()?;
@@ -297,8 +389,18 @@ impl Admin {
                 .settings()
                 .cloned()
                 .ok_or_else(|| AdminError::Refused("the registry has no settings".into()))?;
-            let serial = view.serial + 1;
+            let serial = view.next_serial();
             let txn = if let Some(dev) = find_device(&m, who) {
+                if let Some(f) = fingerprint
+                    && !requests::matches(&dev.public_key, f)
+                {
+                    return Err(AdminError::Refused(format!(
+                        "member {} has key {} (fingerprint {}), not fingerprint {f}",
+                        dev.name,
+                        dev.public_key,
+                        requests::fingerprint(&dev.public_key)
+                    )));
+                }
                 let current = view
                     .store
                     .records()
@@ -337,7 +439,8 @@ impl Admin {
                     ]);
                 (txn, record, false)
             } else {
-                let req = find_request(&view.store, who)?;
+                let req =
+                    requests::find(&view.store, who, fingerprint).map_err(AdminError::Refused)?;
                 if let Some(other) = m.mesh.devices.iter().find(|d| d.name == req.name) {
                     return Err(AdminError::Refused(format!(
                         "the name {:?} is already used by device {}; revoke that one first, or have the new device ask under another name",
@@ -355,16 +458,7 @@ impl Admin {
                         settings.ipv4_prefix, settings.ipv6_prefix
                     ))
                 })?;
-                let record = DeviceRecord {
-                    name: req.name.clone(),
-                    public_key: req.public_key,
-                    ipv4,
-                    ipv6,
-                    listen_port: req.listen_port,
-                    endpoint: None,
-                    roles: roles.apply(Roles::default()),
-                    serial,
-                };
+                let record = view.new_member(req, (ipv4, ipv6), roles.apply(Roles::default()));
                 let dk = self.layout.device(&record.public_key);
                 let (a4, a6) = (self.layout.alloc_v4(ipv4), self.layout.alloc_v6(ipv6));
                 let id = super::location::key_id(&record.public_key);
@@ -426,18 +520,18 @@ impl Admin {
                 .map(<[u8]>::to_vec)
                 .ok_or_else(|| AdminError::Refused(format!("device {who} vanished")))?;
             let rk = self.layout.revoked(&record.public_key);
-            let revocation = Revocation {
-                public_key: record.public_key,
-                name: record.name.clone(),
-                serial: record.serial,
-            };
+            let revocation = view.revocation_of(&record);
             let txn = Txn::new()
-                .when([Compare::value(dk.clone(), CompareOp::Equal, raw)])
+                .when([
+                    view.serial_unchanged(&self.layout),
+                    Compare::value(dk.clone(), CompareOp::Equal, raw),
+                ])
                 .and_then([
                     TxnOp::delete(dk, None),
                     TxnOp::delete(self.layout.alloc_v4(record.ipv4), None),
                     TxnOp::delete(self.layout.alloc_v6(record.ipv6), None),
                     TxnOp::put(rk.clone(), encode(key, &rk, &revocation)?, None),
+                    TxnOp::put(self.layout.serial(), revocation.serial.to_string(), None),
                 ]);
             if self.commit("the revocation", txn).await? {
                 return Ok(record);
@@ -445,6 +539,53 @@ impl Admin {
             back_off(attempt).await;
         }
         Err(contention())
+    }
+
+    /// Signs the settings and every device record in force again, as they
+    /// are, with serials above `above` and above every serial this view
+    /// reads. After etcd was restored from an older backup, devices that
+    /// verified newer records ignore the restored ones as rolled back;
+    /// this makes what etcd holds now the newest. Returns the first and
+    /// last serial used. Each transaction is guarded by the counter, so a
+    /// concurrent change stops it with an error.
+    pub async fn resign(&mut self, key: &AdminKey, above: u64) -> Result<(u64, u64), AdminError> {
+        let view = self.read(key.public_key()).await?;
+        let (settings, devices) = view.resigned(above)?;
+        let first = settings.serial;
+        let sk = self.layout.settings();
+        let mut before = view.serial_raw.clone();
+        let mut batches: Vec<(Vec<TxnOp>, u64)> = vec![(
+            vec![TxnOp::put(sk.clone(), encode(key, &sk, &settings)?, None)],
+            settings.serial,
+        )];
+        for chunk in devices.chunks(DEVICES_PER_TXN) {
+            let mut ops = Vec::with_capacity(chunk.len());
+            for d in chunk {
+                let dk = self.layout.device(&d.public_key);
+                ops.push(TxnOp::put(dk.clone(), encode(key, &dk, d)?, None));
+            }
+            batches.push((ops, chunk.last().map_or(first, |d| d.serial)));
+        }
+        let mut last = first;
+        for (mut ops, serial) in batches {
+            ops.push(TxnOp::put(self.layout.serial(), serial.to_string(), None));
+            let guard = match &before {
+                Some(raw) => Compare::value(self.layout.serial(), CompareOp::Equal, raw.clone()),
+                None => Compare::version(self.layout.serial(), CompareOp::Equal, 0),
+            };
+            if !self
+                .commit("signing again", Txn::new().when([guard]).and_then(ops))
+                .await?
+            {
+                return Err(AdminError::Unavailable(format!(
+                    "another admin changed {} meanwhile; records up to serial {last} were signed again, run it again",
+                    self.cfg.url
+                )));
+            }
+            before = Some(serial.to_string().into_bytes());
+            last = serial;
+        }
+        Ok((first, last))
     }
 
     /// Writes a mesh file's settings and devices (with their exit roles)
@@ -478,6 +619,7 @@ impl Admin {
             persistent_keepalive: mesh.persistent_keepalive,
             agent_port: mesh.agent_port,
             serial: 1,
+            snapshots: None,
         };
         self.init(key, settings).await?;
         let mut serial = 1u64;
@@ -500,6 +642,7 @@ impl Admin {
                         exit_clients: d.exit_clients.as_ref().map(|c| c.iter().cloned().collect()),
                     },
                     serial,
+                    after_revocation: None,
                 };
                 let dk = self.layout.device(&d.public_key);
                 let id = super::location::key_id(&d.public_key);
@@ -525,6 +668,88 @@ impl Admin {
             }
         }
         Ok(mesh.devices.len())
+    }
+
+    /// Names `snapshot_key` in the settings as the key that signs the
+    /// mesh's snapshots, valid for at most `max_validity` seconds (turns
+    /// snapshots on, or rotates the key). Write a snapshot right after
+    /// (`refresh_snapshot`): devices without memory believe nothing until
+    /// one is there.
+    pub async fn set_snapshot_key(
+        &mut self,
+        key: &AdminKey,
+        snapshot_key: AdminPublicKey,
+        max_validity: u64,
+    ) -> Result<Settings, AdminError> {
+        if max_validity == 0 {
+            return Err(AdminError::Refused(
+                "a snapshot valid for 0 s would never be believed".into(),
+            ));
+        }
+        self.set(key, |s| {
+            s.snapshots = Some(SnapshotPolicy {
+                key: snapshot_key,
+                max_validity,
+            });
+        })
+        .await
+    }
+
+    /// Signs and writes a new snapshot of the registry with the snapshot
+    /// key, valid for `validity` seconds (the settings' most when `None`)
+    /// from `now_ms`. `previous` is the last snapshot this refresher
+    /// wrote (its memory: etcd cannot make it sign anything older). The
+    /// write is guarded by the serial counter, so a concurrent change
+    /// makes it read again.
+    pub async fn refresh_snapshot(
+        &mut self,
+        admin: AdminPublicKey,
+        snapshot_key: &AdminKey,
+        validity: Option<u64>,
+        previous: Option<&[u8]>,
+        now_ms: u64,
+    ) -> Result<Refreshed, AdminError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            let mut view = self.read(admin).await?;
+            let policy = view.store.snapshot_policy().cloned().ok_or_else(|| {
+                AdminError::Refused(
+                    "the mesh settings name no snapshot key (`nexctl mesh snapshot-key` sets one)"
+                        .into(),
+                )
+            })?;
+            if policy.key != snapshot_key.public_key() {
+                return Err(AdminError::Refused(format!(
+                    "the mesh settings name snapshot key {}, not this one ({})",
+                    policy.key,
+                    snapshot_key.public_key()
+                )));
+            }
+            if let Some(p) = previous {
+                // A previous snapshot of another key (before a rotation)
+                // does not verify and is simply not learnt.
+                let _ = view.store.learn_snapshot(p);
+            }
+            let (snapshot, rolled_back) = super::snapshot::build(
+                &view.store,
+                now_ms,
+                validity.unwrap_or(policy.max_validity),
+            )
+            .map_err(AdminError::Refused)?;
+            let sk = self.layout.snapshot();
+            let raw = encode(snapshot_key, &sk, &snapshot)?;
+            let txn = Txn::new()
+                .when([view.serial_unchanged(&self.layout)])
+                .and_then([TxnOp::put(sk, raw.clone(), None)]);
+            if self.commit("writing the snapshot", txn).await? {
+                return Ok(Refreshed {
+                    snapshot,
+                    raw,
+                    rolled_back,
+                });
+            }
+            back_off(attempt).await;
+        }
+        Err(contention())
     }
 
     /// Writes a value as is, bypassing every check (tests and benches use
@@ -555,31 +780,6 @@ fn find_device<'a>(m: &'a Membership, who: &str) -> Option<&'a crate::mesh::Devi
         .find(|d| Some(d.public_key) == key || d.name == who)
 }
 
-fn find_request<'a>(store: &'a Store, who: &str) -> Result<&'a JoinRequest, AdminError> {
-    if let Ok(k) = who.parse::<PublicKey>() {
-        return store.requests().find(|r| r.public_key == k).ok_or_else(|| {
-            AdminError::Refused(format!(
-                "no device with key {k} is approved or asking to join (see `nexctl mesh requests`)"
-            ))
-        });
-    }
-    let matches: Vec<&JoinRequest> = store.requests().filter(|r| r.name == who).collect();
-    match matches.as_slice() {
-        [one] => Ok(one),
-        [] => Err(AdminError::Refused(format!(
-            "no device named {who:?} is approved or asking to join (see `nexctl mesh requests`)"
-        ))),
-        many => Err(AdminError::Refused(format!(
-            "{} devices ask to join as {who:?}; approve one by its key: {}",
-            many.len(),
-            many.iter()
-                .map(|r| r.public_key.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))),
-    }
-}
-
 /// Whether the registry can hold everything `mesh` says: device records
 /// have no `exit_rate_limit` yet, and an import must not drop one
 /// silently.
@@ -602,6 +802,146 @@ pub fn check_importable(mesh: &Mesh) -> Result<(), AdminError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        keys::PrivateKey,
+        registry::{
+            fixtures::{device, settings},
+            signed::seal,
+        },
+    };
+
+    /// A view as the admin reads it: `values` signed at their keys, the
+    /// unsigned counter at `counter`.
+    fn view(admin: &AdminKey, counter: u64, values: Vec<(String, Vec<u8>)>) -> View {
+        let layout = Layout::new("/m");
+        let mut store = Store::new(layout.clone(), admin.public_key());
+        let sk = layout.settings();
+        let mut all = vec![(sk.clone(), seal(admin, &sk, &settings()).expect("seal"))];
+        all.extend(values);
+        store.replace_all(all, 9);
+        View {
+            store,
+            serial_raw: Some(counter.to_string().into_bytes()),
+            serial: counter,
+        }
+    }
+
+    fn signed_device(admin: &AdminKey, d: &DeviceRecord) -> (String, Vec<u8>) {
+        let k = Layout::new("/m").device(&d.public_key);
+        let v = seal(admin, &k, d).expect("seal");
+        (k, v)
+    }
+
+    #[test]
+    fn the_admin_signs_above_every_serial_it_can_read_not_the_counter() {
+        // Issue 21, item 3: the counter at 5 and ex's record at serial 5;
+        // an etcd writer sets the counter to 1.
+        let admin = AdminKey::generate();
+        let ex = device("ex", 1, 5);
+        let v = view(&admin, 1, vec![signed_device(&admin, &ex)]);
+        assert!(
+            v.next_serial() > 5,
+            "the next change would be signed with serial {}, at or below ex's 5",
+            v.next_serial()
+        );
+        // A revocation the admin can read counts as well.
+        let gone = PrivateKey::generate().public_key();
+        let rk = Layout::new("/m").revoked(&gone);
+        let r = Revocation {
+            public_key: gone,
+            name: "gone".into(),
+            serial: 9,
+            every_serial: true,
+        };
+        let v = view(
+            &admin,
+            1,
+            vec![(rk.clone(), seal(&admin, &rk, &r).expect("seal"))],
+        );
+        assert_eq!(v.next_serial(), 10);
+        // The counter still counts when it is the highest.
+        let v = view(&admin, 12, vec![signed_device(&admin, &ex)]);
+        assert_eq!(v.next_serial(), 13);
+    }
+
+    #[test]
+    fn signing_again_keeps_every_record_and_goes_above_what_devices_saw() {
+        // etcd restored from a backup: ex's record at serial 3, the counter
+        // at 3; devices verified serials up to 9 meanwhile.
+        let admin = AdminKey::generate();
+        let mut ex = device("ex", 1, 3);
+        ex.roles.exit_node = true;
+        let b = device("b", 2, 2);
+        let v = view(
+            &admin,
+            3,
+            vec![signed_device(&admin, &ex), signed_device(&admin, &b)],
+        );
+        let (settings, devices) = v.resigned(9).expect("resigned");
+        assert_eq!(settings.serial, 10);
+        assert_eq!(devices.len(), 2);
+        let mut serials: Vec<u64> = devices.iter().map(|d| d.serial).collect();
+        serials.sort_unstable();
+        assert_eq!(serials, [11, 12]);
+        let again = devices
+            .iter()
+            .find(|d| d.public_key == ex.public_key)
+            .expect("ex");
+        assert_eq!(
+            DeviceRecord {
+                serial: ex.serial,
+                ..again.clone()
+            },
+            ex
+        );
+        // Without a floor: above what the view reads.
+        let (settings, _) = v.resigned(0).expect("resigned");
+        assert_eq!(settings.serial, 4);
+    }
+
+    #[test]
+    fn a_revocation_voids_every_serial_the_device_ever_had() {
+        // The admin revokes ex when its newest readable record is the
+        // serial-2 one (the serial-5 record was hidden from it).
+        let admin = AdminKey::generate();
+        let mut ex = device("ex", 1, 2);
+        let v = view(&admin, 2, vec![signed_device(&admin, &ex)]);
+        let r = v.revocation_of(&ex);
+        assert!(r.serial > 2, "{r:?}");
+        ex.serial = 5;
+        assert!(r.voids(&ex), "the serial-5 record survives {r:?}");
+    }
+
+    #[test]
+    fn a_device_approved_again_after_a_revocation_names_it() {
+        let admin = AdminKey::generate();
+        let old = device("ex", 1, 4);
+        let rk = Layout::new("/m").revoked(&old.public_key);
+        let r = Revocation {
+            public_key: old.public_key,
+            name: "ex".into(),
+            serial: 7,
+            every_serial: true,
+        };
+        let v = view(
+            &admin,
+            7,
+            vec![(rk.clone(), seal(&admin, &rk, &r).expect("seal"))],
+        );
+        let req = JoinRequest {
+            name: "ex".into(),
+            public_key: old.public_key,
+            listen_port: 51820,
+            endpoint: None,
+            exit_node: false,
+            requested_at: 0,
+        };
+        let again = v.new_member(&req, (old.ipv4, old.ipv6), Roles::default());
+        assert_eq!(again.after_revocation, Some(7), "{again:?}");
+        assert!(again.serial > 7);
+        assert!(!r.voids(&again));
+        assert!(r.voids(&old));
+    }
 
     #[test]
     fn a_mesh_with_rate_limits_is_refused_naming_the_devices() {

@@ -20,7 +20,11 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 const PRIVATE_HEADER: &str =
     "# nexd mesh admin private key (ed25519): signs membership; keep it offline";
 
-/// The admin's signing key. Debug never prints the key material.
+/// First line of a snapshot key file.
+const SNAPSHOT_HEADER: &str = "# nexd mesh snapshot key (ed25519): signs only the mesh's snapshot; kept where `nexctl mesh refresh-snapshot` runs";
+
+/// The admin's signing key (also the type of a mesh's snapshot key).
+/// Debug never prints the key material.
 pub struct AdminKey(SigningKey);
 
 /// The admin's public key: what every device checks signatures against.
@@ -69,13 +73,23 @@ impl AdminKey {
     /// Writes the key to `path` (mode 0600, never over an existing file)
     /// and the public key next to it as `<path>.pub`.
     pub fn create_file(&self, path: &Path) -> Result<(), AdminKeyError> {
+        self.create_file_with(path, PRIVATE_HEADER)
+    }
+
+    /// `create_file` for a mesh's snapshot key: the same format, a first
+    /// line that says what it is.
+    pub fn create_snapshot_key_file(&self, path: &Path) -> Result<(), AdminKeyError> {
+        self.create_file_with(path, SNAPSHOT_HEADER)
+    }
+
+    fn create_file_with(&self, path: &Path, header: &str) -> Result<(), AdminKeyError> {
         let write = || -> io::Result<()> {
             let mut f = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
                 .open(path)?;
-            writeln!(f, "{PRIVATE_HEADER}")?;
+            writeln!(f, "{header}")?;
             writeln!(f, "{}", BASE64.encode(self.0.to_bytes()))?;
             f.sync_all()
         };
@@ -166,6 +180,19 @@ impl fmt::Display for AdminPublicKey {
 impl fmt::Debug for AdminPublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "AdminPublicKey({self})")
+    }
+}
+
+impl serde::Serialize for AdminPublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for AdminPublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -4,6 +4,13 @@
 //! they go through the same verification as values read from etcd, so a
 //! changed cache file cannot change the mesh either.
 //!
+//! It also keeps what the device verified (issue 21): every revocation,
+//! and per key the serial and digest of the newest signed value (`Mark`),
+//! so after a restart an etcd writer still cannot make it believe an older
+//! value. Marks are plain numbers, not signed values: an edited cache can
+//! raise one (and so hide a record until the admin signs above it, as
+//! deleting the record would) but never make anything believed.
+//!
 //! Written atomically (a temporary file, fsync, rename, fsync of the
 //! directory) with mode 0600.
 
@@ -14,16 +21,19 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use serde::{Deserialize, Serialize};
 
 use super::{
     location::Entry,
-    verify::{Record, Store},
+    verify::{Mark, Record, Store},
 };
 
 /// File name inside the state directory.
 pub const CACHE_FILE: &str = "registry-cache.json";
-const VERSION: u32 = 1;
+/// Version 2 added `marks`; a version 1 file is still read (its marks are
+/// those of the values it holds).
+const VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct CacheFile {
@@ -37,6 +47,14 @@ struct CacheFile {
     /// Every revocation remembered, also those deleted from etcd since
     /// (signed values, verified on load like the rest).
     revocations: Vec<(String, String)>,
+    /// Per key, the newest signed value verified: key, serial, digest
+    /// (base64).
+    #[serde(default)]
+    marks: Vec<(String, u64, String)>,
+    /// The newest snapshot verified, also if etcd no longer holds it (a
+    /// signed value, verified on load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot: Option<String>,
 }
 
 /// What a load found.
@@ -68,7 +86,13 @@ pub fn save(state_dir: &Path, store: &Store, now: u64) -> Result<(), CacheError>
         .filter(|(k, _)| {
             matches!(
                 layout.classify(k),
-                Some(Entry::Settings | Entry::Device(_) | Entry::Revoked(_) | Entry::Endpoint(_))
+                Some(
+                    Entry::Settings
+                        | Entry::Snapshot
+                        | Entry::Device(_)
+                        | Entry::Revoked(_)
+                        | Entry::Endpoint(_)
+                )
             )
         })
         .map(|(k, s)| (k.clone(), String::from_utf8_lossy(&s.raw).into_owned()))
@@ -83,6 +107,13 @@ pub fn save(state_dir: &Path, store: &Store, now: u64) -> Result<(), CacheError>
             .revocations()
             .map(|r| (r.key.clone(), String::from_utf8_lossy(&r.raw).into_owned()))
             .collect(),
+        marks: store
+            .marks()
+            .map(|(k, m)| (k.clone(), m.serial, BASE64.encode(m.digest)))
+            .collect(),
+        snapshot: store
+            .snapshot()
+            .map(|k| String::from_utf8_lossy(&k.raw).into_owned()),
     };
     let target = path(state_dir);
     let tmp = state_dir.join(format!(".{CACHE_FILE}.tmp"));
@@ -120,7 +151,7 @@ pub fn load(state_dir: &Path, mut store: Store) -> Result<Option<Cached>, CacheE
         path: p.clone(),
         reason: e.to_string(),
     })?;
-    if file.version != VERSION {
+    if !(1..=VERSION).contains(&file.version) {
         return Err(CacheError::Corrupt {
             path: p,
             reason: format!("version {} (this nexd writes {VERSION})", file.version),
@@ -136,6 +167,24 @@ pub fn load(state_dir: &Path, mut store: Store) -> Result<Option<Cached>, CacheE
             ),
         });
     }
+    for (k, serial, digest) in &file.marks {
+        // A mark that does not parse is not learnt (the values it was for
+        // set their own marks below).
+        let Some(digest) = BASE64
+            .decode(digest)
+            .ok()
+            .and_then(|d| <[u8; 16]>::try_from(d.as_slice()).ok())
+        else {
+            continue;
+        };
+        store.learn_mark(
+            k,
+            Mark {
+                serial: *serial,
+                digest,
+            },
+        );
+    }
     for (k, v) in &file.revocations {
         // A revocation that does not verify is simply not learnt.
         let _ = store.learn_revocation(k, v.as_bytes());
@@ -144,6 +193,11 @@ pub fn load(state_dir: &Path, mut store: Store) -> Result<Option<Cached>, CacheE
         file.entries.into_iter().map(|(k, v)| (k, v.into_bytes())),
         file.revision,
     );
+    if let Some(raw) = &file.snapshot {
+        // After the settings, which name the key it is verified with; one
+        // that does not verify is simply not learnt.
+        let _ = store.learn_snapshot(raw.as_bytes());
+    }
     Ok(Some(Cached {
         store,
         saved_at: file.saved_at,
@@ -163,15 +217,12 @@ mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
-    use crate::{
-        keys::PrivateKey,
-        registry::{
-            admin_key::AdminKey,
-            location::Layout,
-            membership,
-            records::{DeviceRecord, Roles, Settings},
-            signed::seal,
-        },
+    use crate::registry::{
+        admin_key::AdminKey,
+        fixtures::{device, settings},
+        location::Layout,
+        membership,
+        signed::seal,
     };
 
     fn dir(name: &str) -> PathBuf {
@@ -184,25 +235,8 @@ mod tests {
     fn populated(admin: &AdminKey) -> Store {
         let mut s = Store::new(Layout::new("/m"), admin.public_key());
         let k = s.layout().settings();
-        let settings = Settings {
-            ipv4_prefix: "100.64.0.0/10".parse().expect("v4"),
-            ipv6_prefix: "fd6e:6578:6400::/48".parse().expect("v6"),
-            mtu: 1420,
-            persistent_keepalive: 25,
-            agent_port: 51829,
-            serial: 1,
-        };
-        s.put(k.clone(), seal(admin, &k, &settings).expect("seal"));
-        let d = DeviceRecord {
-            name: "a".into(),
-            public_key: PrivateKey::generate().public_key(),
-            ipv4: "100.64.0.1".parse().expect("v4"),
-            ipv6: "fd6e:6578:6400::1".parse().expect("v6"),
-            listen_port: 51820,
-            endpoint: None,
-            roles: Roles::default(),
-            serial: 2,
-        };
+        s.put(k.clone(), seal(admin, &k, &settings()).expect("seal"));
+        let d = device("a", 1, 2);
         let k = s.layout().device(&d.public_key);
         s.put(k.clone(), seal(admin, &k, &d).expect("seal"));
         s.revision = 42;
@@ -224,6 +258,49 @@ mod tests {
         assert_eq!(
             membership::build(&cached.store).expect("m"),
             membership::build(&store).expect("m")
+        );
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn what_a_device_verified_before_a_restart_cannot_be_rolled_back() {
+        // Issue 21, item 2, across a restart: the device saw serial 3 of
+        // a record, saved its cache, restarted; etcd then offers serial 2.
+        let d = dir("hw");
+        let admin = AdminKey::generate();
+        let mut store = populated(&admin);
+        let (key, mut rec) = store
+            .records()
+            .find_map(|(k, r)| match r {
+                Record::Device(d) => Some((k.clone(), d.clone())),
+                _ => None,
+            })
+            .expect("a device");
+        let serial2 = store.raw(&key).expect("raw").to_vec();
+        rec.serial = 3;
+        rec.roles.exit_node = true;
+        store.put(key.clone(), seal(&admin, &key, &rec).expect("seal"));
+        save(&d, &store, 7).expect("save");
+        let fresh = Store::new(Layout::new("/m"), admin.public_key());
+        let mut cached = load(&d, fresh).expect("load").expect("present").store;
+        // A full read that finds the older record.
+        let settings = cached.layout().settings();
+        let kvs = vec![
+            (settings.clone(), cached.raw(&settings).expect("s").to_vec()),
+            (key.clone(), serial2),
+        ];
+        cached.replace_all(kvs, 50);
+        let m = membership::build(&cached).expect("m");
+        assert!(
+            m.mesh.devices.is_empty(),
+            "the serial-2 record was believed"
+        );
+        assert!(
+            m.ignored
+                .iter()
+                .any(|i| i.key == key && i.reason.contains("rolled back")),
+            "{:?}",
+            m.ignored
         );
         let _ = fs::remove_dir_all(&d);
     }

@@ -16,6 +16,7 @@
 //! the session: reconnect after a bounded, jittered exponential backoff.
 
 use std::{
+    collections::BTreeSet,
     path::PathBuf,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -31,6 +32,7 @@ use super::{
     location::Layout,
     membership::{self, Membership},
     records::{EndpointRecord, JoinRequest},
+    requests, snapshot,
     verify::{Ignored, Store},
 };
 use crate::{keys::PublicKey, mesh};
@@ -174,7 +176,7 @@ impl Registry {
         });
         let (stop, stop_rx) = oneshot::channel();
         let worker = Worker {
-            store: Store::new(layout.clone(), config.admin),
+            store: Store::for_device(layout.clone(), config.admin, own, &config.name),
             layout,
             cfg: config,
             own,
@@ -192,6 +194,10 @@ impl Registry {
             stale_lease: None,
             endpoint_lease: None,
             request_lease: None,
+            saved_marks: 0,
+            claims_logged: BTreeSet::new(),
+            memory: false,
+            stale_logged: false,
         };
         let task = tokio::spawn(worker.run(stop_rx));
         Ok((
@@ -274,6 +280,16 @@ struct Worker {
     /// under: a new session writes them again under its own.
     endpoint_lease: Option<i64>,
     request_lease: Option<i64>,
+    /// The store's marks generation the cache was last written at.
+    saved_marks: u64,
+    /// Claims on this device's name already logged.
+    claims_logged: BTreeSet<String>,
+    /// Whether this device remembers the mesh (a cache with settings, or
+    /// a membership it accepted): then it follows etcd without a valid
+    /// snapshot, its marks keeping anything older out.
+    memory: bool,
+    /// A stale snapshot was logged (once per run).
+    stale_logged: bool,
 }
 
 /// Why a session ended.
@@ -289,6 +305,7 @@ impl From<RegistryError> for End {
 
 impl Worker {
     async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        self.recall();
         let mut delay = self.cfg.backoff.0;
         loop {
             let ended = tokio::select! {
@@ -359,8 +376,46 @@ impl Worker {
         }
     }
 
+    fn empty_store(&self) -> Store {
+        Store::for_device(
+            self.layout.clone(),
+            self.cfg.admin,
+            self.own,
+            &self.cfg.name,
+        )
+    }
+
+    /// Tells the daemon about a membership believed: from now on this
+    /// device remembers the mesh.
+    async fn accept(&mut self, m: Membership, source: Source) {
+        self.last = Some(m.clone());
+        self.memory = true;
+        self.emit(MembershipEvent::Membership {
+            membership: Box::new(m),
+            source,
+        })
+        .await;
+    }
+
+    /// What this device verified before it restarted (the cache's marks
+    /// and revocations), so etcd cannot take it back to anything older;
+    /// the content itself comes from etcd, or from the cache only while
+    /// etcd is unreachable (`use_cache`).
+    fn recall(&mut self) {
+        let fresh = self.empty_store();
+        match cache::load(&self.state_dir, fresh) {
+            Ok(Some(cached)) => {
+                self.store.recall(&cached.store);
+                self.saved_marks = self.store.marks_generation();
+                self.memory = cache::worth_saving(&cached.store);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "the registry cache is not usable"),
+        }
+    }
+
     async fn use_cache(&mut self) {
-        let fresh = Store::new(self.layout.clone(), self.cfg.admin);
+        let fresh = self.empty_store();
         match cache::load(&self.state_dir, fresh) {
             Ok(Some(cached)) => match membership::build(&cached.store) {
                 Ok(m) if m.mesh.device(&self.own).is_some() => {
@@ -369,17 +424,14 @@ impl Worker {
                         saved_at = cached.saved_at,
                         "etcd is unreachable: using the last verified membership from the cache"
                     );
-                    self.store = cached.store;
+                    let mut store = cached.store;
+                    store.recall(&self.store);
+                    self.store = store;
                     let source = Source::Cache {
                         saved_at: cached.saved_at,
                     };
                     self.set_membership_status(&m, Some(source));
-                    self.last = Some(m.clone());
-                    self.emit(MembershipEvent::Membership {
-                        membership: Box::new(m),
-                        source,
-                    })
-                    .await;
+                    self.accept(m, source).await;
                 }
                 Ok(_) => tracing::info!("the registry cache does not list this device; not used"),
                 Err(e) => {
@@ -391,10 +443,38 @@ impl Worker {
         }
     }
 
+    /// Whether what the store holds may be believed by a device with no
+    /// memory of the mesh (`snapshot::fresh`, against this clock).
+    fn freshness(&self) -> Result<(), String> {
+        snapshot::fresh(
+            self.store.snapshot_policy(),
+            self.store.snapshot().map(|k| &k.snapshot),
+            unix_now(),
+        )
+    }
+
+    /// The snapshot's state for the status's ignored records, when it is
+    /// not valid.
+    fn snapshot_note(&self) -> Option<Ignored> {
+        let why = self.freshness().err()?;
+        Some(Ignored {
+            key: self.layout.snapshot(),
+            reason: if self.memory {
+                format!(
+                    "stale: {why}; this device keeps following etcd, believing nothing older than what it verified"
+                )
+            } else {
+                format!("no membership believed yet: {why}")
+            },
+        })
+    }
+
     fn set_membership_status(&self, m: &Membership, source: Option<Source>) {
+        let note = self.snapshot_note();
         self.update_status(|s| {
             s.devices = m.mesh.devices.len();
             s.ignored = m.ignored.clone();
+            s.ignored.extend(note);
             if source.is_some() {
                 s.source = source;
             }
@@ -577,9 +657,11 @@ impl Worker {
     async fn publish(&mut self, kv: &mut etcd_client::KvClient, lease: i64) -> Result<(), End> {
         let cfg = self.cfg.etcd.clone();
         let revision = self.store.revision;
+        let note = self.snapshot_note();
         self.update_status(|s| {
             s.revision = revision;
             s.ignored = self.store.rejected();
+            s.ignored.extend(note);
         });
         if let Some(ep) = &self.endpoint {
             let key = self.layout.endpoint(&self.own);
@@ -602,6 +684,22 @@ impl Worker {
         let member = m
             .as_ref()
             .is_some_and(|m| m.mesh.device(&self.own).is_some());
+        if member
+            && !self.memory
+            && let Err(why) = self.freshness()
+        {
+            // Never saw the mesh, and nothing says what etcd shows is
+            // current: believe nothing yet (issue 21). Asking to join
+            // would be wrong too; wait for a valid snapshot.
+            if !self.stale_logged {
+                self.stale_logged = true;
+                tracing::warn!(
+                    reason = why,
+                    "not believing the membership etcd shows until a valid snapshot covers it"
+                );
+            }
+            return Ok(());
+        }
         if !member {
             let key = self.layout.request(&self.own);
             if self.store.raw(&key) != Some(self.request.as_slice())
@@ -618,10 +716,20 @@ impl Worker {
                 .await?;
                 self.request_lease = Some(lease);
             }
+            // Someone else asking (or approved) under this device's name:
+            // its request may have been replaced. Shown and logged once.
+            let claims = requests::claims(&self.store, m.as_ref(), &self.own, &self.cfg.name);
+            for c in &claims {
+                if self.claims_logged.insert(c.key.clone()) {
+                    tracing::warn!(key = c.key, "{}", c.reason);
+                }
+            }
+            self.update_status(|s| s.ignored.extend(claims));
             if !self.waiting {
                 tracing::info!(
                     name = self.cfg.name,
-                    "not a member of the mesh: join request published, waiting for approval"
+                    fingerprint = requests::fingerprint(&self.own),
+                    "not a member of the mesh: join request published, waiting for approval (the admin approves it with `nexctl mesh approve NAME --fingerprint FINGERPRINT`)"
                 );
                 self.waiting = true;
                 self.last = None;
@@ -644,25 +752,35 @@ impl Worker {
         let source = Source::Registry { revision };
         self.update_status(|s| s.waiting_for_approval = false);
         self.set_membership_status(&m, Some(source));
-        if self.last.as_ref().is_some_and(|l| l.same_mesh(&m)) {
-            return Ok(());
-        }
-        if cache::worth_saving(&self.store)
-            && let Err(e) = cache::save(&self.state_dir, &self.store, unix_now())
+        let same = self.last.as_ref().is_some_and(|l| l.same_mesh(&m));
+        // Also when only a mark moved: what was verified must survive a
+        // restart even if the mesh it gives did not change.
+        if (!same || self.saved_marks != self.store.marks_generation())
+            && cache::worth_saving(&self.store)
         {
-            tracing::warn!(error = %e, "cannot write the registry cache");
+            match cache::save(&self.state_dir, &self.store, unix_now()) {
+                Ok(()) => self.saved_marks = self.store.marks_generation(),
+                Err(e) => tracing::warn!(error = %e, "cannot write the registry cache"),
+            }
+        }
+        if same {
+            return Ok(());
         }
         tracing::info!(
             devices = m.mesh.devices.len(),
             revision,
             "registry membership changed"
         );
-        self.last = Some(m.clone());
-        self.emit(MembershipEvent::Membership {
-            membership: Box::new(m),
-            source,
-        })
-        .await;
+        if let Err(why) = self.freshness()
+            && !self.stale_logged
+        {
+            self.stale_logged = true;
+            tracing::warn!(
+                reason = why,
+                "the registry's snapshot is not valid: following etcd with what this device verified"
+            );
+        }
+        self.accept(m, source).await;
         Ok(())
     }
 }

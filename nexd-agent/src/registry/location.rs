@@ -10,6 +10,7 @@
 //! PREFIX/alloc/v4/<address>  address taken (value: <id>), for compare-and-swap allocation
 //! PREFIX/alloc/v6/<address>
 //! PREFIX/serial              the last serial handed out (a decimal number)
+//! PREFIX/snapshot            signed by the snapshot key: the serials in force, until when
 //! ```
 //!
 //! `<id>` is the device's WireGuard public key in URL-safe base64 without
@@ -101,6 +102,7 @@ pub struct Layout {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
     Settings,
+    Snapshot,
     Device(PublicKey),
     Revoked(PublicKey),
     Request(PublicKey),
@@ -166,6 +168,10 @@ impl Layout {
         format!("{}/serial", self.prefix)
     }
 
+    pub fn snapshot(&self) -> String {
+        format!("{}/snapshot", self.prefix)
+    }
+
     /// What `key` is; `None` when it is not under this prefix at all.
     pub fn classify(&self, key: &str) -> Option<Entry> {
         let rest = key.strip_prefix(&self.all())?;
@@ -175,12 +181,17 @@ impl Layout {
         };
         Some(match rest.split_once('/') {
             None if rest == "settings" => Entry::Settings,
+            None if rest == "snapshot" => Entry::Snapshot,
             None if rest == "serial" => Entry::Bookkeeping,
             Some(("devices", id)) => keyed(id, Entry::Device),
             Some(("revoked", id)) => keyed(id, Entry::Revoked),
             Some(("requests", id)) => keyed(id, Entry::Request),
             Some(("endpoints", id)) => keyed(id, Entry::Endpoint),
-            Some(("alloc", _)) => Entry::Bookkeeping,
+            Some(("alloc", a)) => match a.split_once('/') {
+                Some(("v4", ip)) if ip.parse::<Ipv4Addr>().is_ok() => Entry::Bookkeeping,
+                Some(("v6", ip)) if ip.parse::<Ipv6Addr>().is_ok() => Entry::Bookkeeping,
+                _ => Entry::Unknown,
+            },
             _ => Entry::Unknown,
         })
     }
@@ -191,7 +202,12 @@ pub fn key_id(k: &PublicKey) -> String {
     URL_SAFE_NO_PAD.encode(k.0)
 }
 
-fn parse_key_id(id: &str) -> Option<PublicKey> {
+/// Whether `id` is a device id (the canonical spelling of a key).
+pub fn is_key_id(id: &str) -> bool {
+    parse_key_id(id).is_some()
+}
+
+pub fn parse_key_id(id: &str) -> Option<PublicKey> {
     let bytes = URL_SAFE_NO_PAD.decode(id).ok()?;
     let arr: [u8; 32] = bytes.as_slice().try_into().ok()?;
     // Only the canonical spelling: two ids must never name one key.
@@ -245,8 +261,10 @@ mod tests {
             Some(Entry::Bookkeeping)
         );
         assert_eq!(l.classify(&l.serial()), Some(Entry::Bookkeeping));
+        assert_eq!(l.classify(&l.snapshot()), Some(Entry::Snapshot));
         assert_eq!(l.classify("/nexd/devices/notakey"), Some(Entry::Unknown));
         assert_eq!(l.classify("/nexd/other"), Some(Entry::Unknown));
+        assert_eq!(l.classify("/nexd/alloc/v4/junk"), Some(Entry::Unknown));
         assert_eq!(l.classify("/nexd2/settings"), None);
         assert!(!key_id(&k).contains('/'));
     }

@@ -4,14 +4,24 @@
 //!
 //! Signed records can still disagree (an old record written back after a
 //! revocation, two records claiming one address after an admin's mistake).
-//! The rules, in order: a record whose serial is covered by a revocation
-//! is void; among the rest, the higher serial (the newer signature) wins a
-//! name or an address, and the loser is ignored with the reason.
+//! The rules, in order: a record a revocation voids is void (every record
+//! signed before it, `records::Revocation::voids`); among the rest, the
+//! higher serial (the newer signature) wins a name or an address, and the
+//! loser is ignored with the reason. (An older value of a key than one
+//! already verified never gets here: `verify::Store` rejects it.)
+//!
+//! The newest snapshot the store verified (`records::Snapshot`) adds
+//! floors: settings or a device record older than the serial it lists is
+//! rolled back, and a device record it does not list whose serial it
+//! covers is no longer in force (replaced or revoked before it). That is
+//! what lets a device that never saw the mesh before tell a rolled-back
+//! etcd from the current one (`snapshot::fresh`).
 
 use std::collections::{BTreeMap, HashMap};
 
 use super::{
-    records::{DeviceRecord, Roles, Settings},
+    location::key_id,
+    records::{DeviceRecord, Revocation, Roles, Settings, Snapshot},
     signed::Rejection,
     verify::{Ignored, Record, Store},
 };
@@ -63,7 +73,10 @@ pub fn build(store: &Store) -> Result<Membership, MembershipError> {
             Record::Endpoint(k, e) => {
                 endpoints.insert(*k, e.endpoint.as_str());
             }
-            Record::Revocation(_) | Record::Request(_) | Record::Bookkeeping => {}
+            Record::Revocation(_)
+            | Record::Request(_)
+            | Record::Snapshot(_)
+            | Record::Bookkeeping => {}
         }
     }
     let mut ignored = store.rejected();
@@ -73,20 +86,56 @@ pub fn build(store: &Store) -> Result<Membership, MembershipError> {
             None => MembershipError::NoSettings,
         });
     };
+    let snapshot = store.snapshot().map(|k| &k.snapshot);
+    if let Some(s) = snapshot
+        && settings.serial < s.settings
+    {
+        return Err(MembershipError::SettingsRejected(
+            Rejection::RolledBack(format!(
+                "the settings' serial {} is older than serial {} in the snapshot of version {}",
+                settings.serial, s.settings, s.version
+            ))
+            .to_string(),
+        ));
+    }
     Ok(assemble(
         settings,
         devices,
         &endpoints,
-        |k| store.revoked_serial(k),
+        Floors {
+            revocation: &|k| store.revocation(k),
+            snapshot,
+        },
         std::mem::take(&mut ignored),
     ))
+}
+
+/// What voids a validly signed device record besides its key's own mark.
+struct Floors<'a> {
+    revocation: &'a dyn Fn(&PublicKey) -> Option<&'a Revocation>,
+    snapshot: Option<&'a Snapshot>,
+}
+
+/// Why `d` is older than what `s` says is in force, if it is.
+fn stale(s: &Snapshot, d: &DeviceRecord) -> Option<String> {
+    match s.devices.get(&key_id(&d.public_key)) {
+        Some(&floor) if d.serial < floor => Some(format!(
+            "serial {} is older than serial {floor} in the snapshot of version {}",
+            d.serial, s.version
+        )),
+        None if d.serial <= s.serial => Some(format!(
+            "serial {} is not in the snapshot of version {}, which covers every serial up to {}: the record was replaced or revoked before it",
+            d.serial, s.version, s.serial
+        )),
+        _ => None,
+    }
 }
 
 fn assemble(
     settings: &Settings,
     mut devices: Vec<(&String, &DeviceRecord)>,
     endpoints: &HashMap<PublicKey, &str>,
-    revoked_serial: impl Fn(&PublicKey) -> Option<u64>,
+    floors: Floors<'_>,
     mut ignored: Vec<Ignored>,
 ) -> Membership {
     // Newest first, so the newest signature claims names and addresses.
@@ -104,12 +153,22 @@ fn assemble(
                 reason: r.to_string(),
             })
         };
-        if let Some(rev) = revoked_serial(&d.public_key)
-            && d.serial <= rev
+        if let Some(why) = floors.snapshot.and_then(|s| stale(s, d)) {
+            reject(Rejection::RolledBack(why));
+            continue;
+        }
+        if let Some(rev) = (floors.revocation)(&d.public_key)
+            && rev.voids(d)
         {
             reject(Rejection::Revoked(format!(
-                "device {:?} was revoked at serial {rev} (this record has serial {})",
-                d.name, d.serial
+                "device {:?} was revoked at serial {} (this record has serial {}{})",
+                d.name,
+                rev.serial,
+                d.serial,
+                match d.after_revocation {
+                    Some(a) => format!(", signed after the revocation at serial {a}"),
+                    None => String::new(),
+                }
             )));
             continue;
         }
@@ -187,6 +246,7 @@ mod tests {
         keys::PrivateKey,
         registry::{
             admin_key::AdminKey,
+            fixtures::{device, settings},
             location::Layout,
             records::{EndpointRecord, Revocation},
             signed::seal,
@@ -198,31 +258,16 @@ mod tests {
         store: Store,
     }
 
-    fn settings() -> Settings {
-        Settings {
-            ipv4_prefix: "100.64.0.0/10".parse().expect("v4"),
-            ipv6_prefix: "fd6e:6578:6400::/48".parse().expect("v6"),
-            mtu: 1420,
-            persistent_keepalive: 25,
-            agent_port: 51829,
-            serial: 1,
-        }
-    }
-
-    fn device(name: &str, n: u8, serial: u64) -> DeviceRecord {
-        DeviceRecord {
-            name: name.into(),
-            public_key: PrivateKey::generate().public_key(),
-            ipv4: std::net::Ipv4Addr::new(100, 64, 0, n),
-            ipv6: format!("fd6e:6578:6400::{n}").parse().expect("v6"),
-            listen_port: 51820,
-            endpoint: None,
-            roles: Roles::default(),
-            serial,
-        }
-    }
-
     impl Fixture {
+        /// Whether the membership built now lists `k`.
+        fn in_mesh(&self, k: &PublicKey) -> bool {
+            build(&self.store)
+                .expect("membership")
+                .mesh
+                .device(k)
+                .is_some()
+        }
+
         fn new() -> Self {
             let admin = AdminKey::generate();
             let mut store = Store::new(Layout::new("/m"), admin.public_key());
@@ -334,6 +379,7 @@ mod tests {
             public_key: new.public_key,
             name: "b".into(),
             serial: 5,
+            every_serial: false,
         };
         f.store
             .put(kr.clone(), seal(&f.admin, &kr, &rev).expect("seal"));
@@ -355,6 +401,158 @@ mod tests {
         f.add(&again);
         let m = build(&f.store).expect("membership");
         assert_eq!(m.mesh.devices.len(), 2);
+    }
+
+    /// The signed value `add` wrote for `d`, as an etcd writer saves it.
+    fn raw_of(f: &Fixture, d: &DeviceRecord) -> Vec<u8> {
+        f.store
+            .raw(&f.store.layout().device(&d.public_key))
+            .expect("stored")
+            .to_vec()
+    }
+
+    fn ignored_reason(m: &Membership, key: &str) -> String {
+        m.ignored
+            .iter()
+            .find(|i| i.key == key)
+            .map(|i| i.reason.clone())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_role_change_rolled_back_by_an_etcd_writer_is_not_believed() {
+        // Issue 21, item 2: ex as exit node (serial 2), then without the
+        // role (serial 3); the serial-2 record written back.
+        let mut f = Fixture::new();
+        let mut ex = device("ex", 1, 2);
+        ex.roles.exit_node = true;
+        let key = f.add(&ex);
+        let as_exit_node = raw_of(&f, &ex);
+        let mut without = ex.clone();
+        without.roles.exit_node = false;
+        without.serial = 3;
+        f.add(&without);
+        assert!(!build(&f.store).expect("m").roles[&ex.public_key].exit_node);
+        f.store.put(key.clone(), as_exit_node);
+        let m = build(&f.store).expect("membership");
+        assert!(
+            !m.roles.get(&ex.public_key).is_some_and(|r| r.exit_node),
+            "the rolled-back exit-node record was believed: {:?}",
+            m.roles
+        );
+        let reason = ignored_reason(&m, &key);
+        assert!(reason.contains("rolled back"), "{reason:?}");
+        assert!(
+            reason.contains("serial 2") && reason.contains("serial 3"),
+            "{reason}"
+        );
+
+        // The same for exit_clients: serving only `a` (4), then every
+        // device (5); the serial-4 record written back.
+        let mut only_a = without.clone();
+        only_a.roles = Roles {
+            exit_node: true,
+            exit_clients: Some(vec!["a".into()]),
+        };
+        only_a.serial = 4;
+        f.add(&only_a);
+        let narrow = raw_of(&f, &only_a);
+        let mut everyone = only_a.clone();
+        everyone.roles.exit_clients = None;
+        everyone.serial = 5;
+        f.add(&everyone);
+        f.store.put(key.clone(), narrow);
+        let m = build(&f.store).expect("membership");
+        assert!(m.mesh.device(&ex.public_key).is_none(), "{:?}", m.mesh);
+        assert!(ignored_reason(&m, &key).contains("rolled back"));
+        // The newest record written back is believed again.
+        f.add(&everyone);
+        let m = build(&f.store).expect("membership");
+        assert_eq!(m.roles[&ex.public_key], everyone.roles);
+    }
+
+    #[test]
+    fn rolled_back_settings_are_not_believed() {
+        let mut f = Fixture::new();
+        let key = f.store.layout().settings();
+        let first = f.store.raw(&key).expect("settings").to_vec();
+        let mut newer = settings();
+        newer.mtu = 1380;
+        newer.serial = 4;
+        f.store
+            .put(key.clone(), seal(&f.admin, &key, &newer).expect("seal"));
+        assert_eq!(build(&f.store).expect("m").mesh.mtu, 1380);
+        f.store.put(key.clone(), first);
+        match build(&f.store) {
+            Err(MembershipError::SettingsRejected(r)) => assert!(r.contains("rolled back"), "{r}"),
+            other => panic!("the serial-1 settings were believed again: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_different_record_with_a_serial_already_verified_is_not_believed() {
+        // Two records of one key with one serial can only come from an
+        // admin misled about the serial; the first verified stays.
+        let mut f = Fixture::new();
+        let a = device("a", 1, 3);
+        let key = f.add(&a);
+        let mut other = a.clone();
+        other.roles.exit_node = true;
+        f.add(&other);
+        let m = build(&f.store).expect("membership");
+        assert!(!m.roles.get(&a.public_key).is_some_and(|r| r.exit_node));
+        assert!(ignored_reason(&m, &key).contains("rolled back"), "{m:?}");
+        // The first one written again is fine.
+        f.add(&a);
+        assert!(f.in_mesh(&a.public_key));
+    }
+
+    #[test]
+    fn a_revocation_voids_every_record_of_the_device_whatever_its_serial() {
+        // Issue 21, item 3: the admin, misled by a counter set back,
+        // revoked ex at serial 2; ex's serial-5 record is written back.
+        let mut f = Fixture::new();
+        let mut ex = device("ex", 1, 5);
+        ex.roles.exit_node = true;
+        let kr = f.store.layout().revoked(&ex.public_key);
+        let revoke = |f: &mut Fixture, serial: u64| {
+            let r = Revocation {
+                public_key: ex.public_key,
+                name: "ex".into(),
+                serial,
+                every_serial: true,
+            };
+            f.store
+                .put(kr.clone(), seal(&f.admin, &kr, &r).expect("seal"));
+        };
+        revoke(&mut f, 2);
+        f.store.delete(&kr);
+        let key = f.add(&ex);
+        let m = build(&f.store).expect("membership");
+        assert!(
+            m.mesh.device(&ex.public_key).is_none(),
+            "the serial-5 record brought ex back after its revocation at 2"
+        );
+        assert!(ignored_reason(&m, &key).starts_with("revoked"), "{m:?}");
+
+        // Approved again after the revocation: the new record names it.
+        let mut again = ex.clone();
+        again.serial = 6;
+        again.after_revocation = Some(2);
+        f.add(&again);
+        assert!(f.in_mesh(&ex.public_key));
+        // Revoked again: that record is void too, whatever its serial; only
+        // one naming the new revocation counts.
+        revoke(&mut f, 7);
+        let mut higher = again.clone();
+        higher.serial = 9;
+        f.add(&higher);
+        assert!(!f.in_mesh(&ex.public_key));
+        let mut third = higher.clone();
+        third.serial = 10;
+        third.after_revocation = Some(7);
+        f.add(&third);
+        assert!(f.in_mesh(&ex.public_key));
     }
 
     #[test]

@@ -17,7 +17,9 @@
 //! | `signed` | the canonical signed encoding: seal and open |
 //! | `verify` | the verifying reader: every value checked, rejects kept with reasons |
 //! | `membership` | verified records → `Mesh` + roles (pure) |
+//! | `snapshot` | the signed, expiring snapshot: built, and when a device may believe etcd (pure) |
 //! | `allocate` | which addresses a new device gets (pure) |
+//! | `requests` | join requests: key fingerprints, names claimed twice (pure) |
 //! | `cache` | the last verified content in the state directory |
 //! | `connection` | etcd connection options (TLS, user) and error classes |
 //! | `admin` | `nexctl mesh` operations as etcd transactions |
@@ -29,10 +31,14 @@ pub mod allocate;
 pub mod cache;
 pub mod connection;
 pub mod device;
+#[cfg(test)]
+mod fixtures;
 pub mod location;
 pub mod membership;
 pub mod records;
+pub mod requests;
 pub mod signed;
+pub mod snapshot;
 pub mod verify;
 
 pub use admin_key::{AdminKey, AdminPublicKey};

@@ -6,11 +6,15 @@
 //! Unknown fields are accepted, so an older agent still reads records
 //! written by a newer admin: a signed body is authentic as a whole.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+use super::admin_key::AdminPublicKey;
 use crate::keys::PublicKey;
 
 /// The mesh-wide settings (`PREFIX/settings`), signed.
@@ -23,6 +27,43 @@ pub struct Settings {
     pub agent_port: u16,
     /// Serial at which these settings were signed.
     pub serial: u64,
+    /// Set when the mesh keeps a signed, expiring snapshot (`snapshot`):
+    /// a device that starts without a cache then believes a membership
+    /// only with a valid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<SnapshotPolicy>,
+}
+
+/// Who may sign the mesh's snapshot, and for how long at most.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotPolicy {
+    /// The online snapshot key: it signs `PREFIX/snapshot` and nothing
+    /// else (a device verifies every other key with the admin key only).
+    pub key: AdminPublicKey,
+    /// The longest a snapshot may stay valid, seconds: how long a rolled
+    /// back etcd can fool a device that has never seen the mesh.
+    pub max_validity: u64,
+}
+
+/// The mesh's snapshot (`PREFIX/snapshot`), signed by the snapshot key:
+/// the serial of every record in force when it was made, and until when
+/// it may be believed. Modelled on TUF's snapshot and timestamp roles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Rises with every snapshot (milliseconds since the epoch when it was
+    /// made, or one above the previous one).
+    pub version: u64,
+    /// Unix seconds when it was made and when it stops being believed.
+    pub issued: u64,
+    pub expires: u64,
+    /// Every serial up to this one was signed before the snapshot: a
+    /// device record with such a serial that `devices` does not list is
+    /// no longer in force.
+    pub serial: u64,
+    /// The serial of the settings in force.
+    pub settings: u64,
+    /// The serial of every device record in force, by device id.
+    pub devices: BTreeMap<String, u64>,
 }
 
 /// What a device may do besides being a member (issue 13's mesh-file
@@ -51,19 +92,42 @@ pub struct DeviceRecord {
     pub endpoint: Option<String>,
     #[serde(flatten)]
     pub roles: Roles,
-    /// Increases with every signed change; a revocation covers every record
-    /// of that device up to its serial, so an old record written back into
-    /// etcd does not bring a revoked device back.
+    /// Increases with every signed change, mesh-wide: the admin signs each
+    /// change above every serial it can read.
     pub serial: u64,
+    /// For a device approved again after a revocation: the serial of that
+    /// revocation. A revocation voids every record of the device that does
+    /// not name it (or a later one), whatever their serials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_revocation: Option<u64>,
 }
 
-/// A revocation (`PREFIX/revoked/<id>`), signed: the device's records with
-/// a serial up to `serial` are void.
+/// A revocation (`PREFIX/revoked/<id>`), signed.
+///
+/// Signed since issue 21 with `every_serial`: it voids every record of the
+/// device that does not name it in `after_revocation`, so no record the
+/// admin ever signed for it (however high its serial: the unsigned serial
+/// counter can be set back under the admin) brings it back. Without
+/// `every_serial` (revocations signed before), it voids the records with a
+/// serial up to `serial`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {
     pub public_key: PublicKey,
     pub name: String,
     pub serial: u64,
+    #[serde(default)]
+    pub every_serial: bool,
+}
+
+impl Revocation {
+    /// Whether this revocation voids `record` (of the same device).
+    pub fn voids(&self, record: &DeviceRecord) -> bool {
+        if self.every_serial {
+            record.after_revocation.is_none_or(|a| a < self.serial)
+        } else {
+            record.serial <= self.serial
+        }
+    }
 }
 
 /// A device asking to join (`PREFIX/requests/<id>`), unsigned.

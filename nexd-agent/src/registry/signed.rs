@@ -45,6 +45,10 @@ pub enum Rejection {
     Revoked(String),
     #[error("conflicts with another record: {0}")]
     Conflict(String),
+    #[error("rolled back: {0}")]
+    RolledBack(String),
+    #[error("too large: {0} bytes (an unsigned record is at most 1024)")]
+    TooLarge(usize),
     #[error("unexpected key under the registry prefix")]
     UnknownKey,
 }
