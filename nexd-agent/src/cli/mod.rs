@@ -9,6 +9,7 @@ pub mod nexctl;
 pub mod nexd;
 pub mod output;
 pub mod registry_args;
+pub mod watch;
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::{
     exit,
     output::{self, OutputFormat, Table, human_age, human_bytes},
+    watch::{self, WatchArgs},
 };
 use crate::control::{
     client::{self, ClientError},
@@ -89,12 +90,14 @@ pub enum NexdCommand {
 #[derive(Debug, Subcommand)]
 pub enum ExitNodeCommand {
     /// Exit nodes of the mesh: ENDPOINT ADDRESS, PUBLIC KEY, NAME, MESH IP,
-    /// STATUS, ACTIVE, RTT.
-    List,
+    /// STATUS, ACTIVE, RTT. With --watch, redrawn in place.
+    List(WatchArgs),
     /// On an exit node: the devices it serves, with what they sent (RX)
     /// and received (TX) through it, what it refused (DENIED, by reason in
     /// json/yaml) and their RATE LIMIT (to the client / from the client).
-    Clients,
+    /// With --watch, redrawn in place, with each client's rates (RX/S,
+    /// TX/S) since the last refresh.
+    Clients(WatchArgs),
     /// Send this device's non-mesh traffic through an exit node. Fails (and
     /// changes nothing) when none is available.
     Enable,
@@ -493,9 +496,17 @@ fn peers_list(ctx: &Ctx) -> Result<(), ClientError> {
 }
 
 fn exit_node(ctx: &Ctx, cmd: ExitNodeCommand) -> Result<(), ClientError> {
+    if let ExitNodeCommand::List(w) | ExitNodeCommand::Clients(w) = &cmd
+        && let Some(interval) = w
+            .interval()
+            .map_err(|e| ClientError::BadReply(e.to_string()))?
+    {
+        watch_exit(ctx, &cmd, interval, w.count);
+        return Ok(());
+    }
     let method = match &cmd {
-        ExitNodeCommand::List => Method::ExitNodeList,
-        ExitNodeCommand::Clients => Method::ExitNodeClients,
+        ExitNodeCommand::List(_) => Method::ExitNodeList,
+        ExitNodeCommand::Clients(_) => Method::ExitNodeClients,
         ExitNodeCommand::Enable => Method::ExitNodeEnable,
         ExitNodeCommand::Disable(_) => Method::ExitNodeDisable,
     };
@@ -516,18 +527,47 @@ fn exit_node(ctx: &Ctx, cmd: ExitNodeCommand) -> Result<(), ClientError> {
             Ok(())
         }
         Reply::ExitNodes { exit_nodes } => {
-            print_exit_nodes(ctx.output, &exit_nodes);
+            print!("{}", render_exit_nodes(ctx.output, &exit_nodes));
             Ok(())
         }
         Reply::ExitClients { clients } => {
-            print_exit_clients(ctx.output, &clients);
+            print!("{}", render_exit_clients(ctx.output, &clients, None));
             Ok(())
         }
         other => Err(unexpected(&other)),
     }
 }
 
-fn print_exit_clients(format: OutputFormat, rows: &[ExitClientRow]) {
+/// `exit-node list --watch` and `exit-node clients --watch`.
+fn watch_exit(ctx: &Ctx, cmd: &ExitNodeCommand, interval: Duration, count: Option<u64>) {
+    let mut last: Option<(std::time::Instant, Vec<ExitClientRow>)> = None;
+    watch::run(ctx.output, interval, count, || match cmd {
+        ExitNodeCommand::Clients(_) => match ctx.call(Method::ExitNodeClients)? {
+            Reply::ExitClients { clients } => {
+                let now = std::time::Instant::now();
+                let rates = last
+                    .as_ref()
+                    .map(|(t, before)| watch::client_rates(before, &clients, now - *t));
+                let text = render_exit_clients(ctx.output, &clients, rates.as_ref());
+                last = Some((now, clients));
+                Ok(text)
+            }
+            other => Err(unexpected(&other)),
+        },
+        _ => match ctx.call(Method::ExitNodeList)? {
+            Reply::ExitNodes { exit_nodes } => Ok(render_exit_nodes(ctx.output, &exit_nodes)),
+            other => Err(unexpected(&other)),
+        },
+    });
+}
+
+/// The clients' table; with `rates` (a watch), each client's RX/S and
+/// TX/S since the last refresh as well.
+fn render_exit_clients(
+    format: OutputFormat,
+    rows: &[ExitClientRow],
+    rates: Option<&std::collections::BTreeMap<String, (f64, f64)>>,
+) -> String {
     let rate = |bps: Option<u64>| {
         bps.map_or_else(
             || "-".to_owned(),
@@ -537,15 +577,20 @@ fn print_exit_clients(format: OutputFormat, rows: &[ExitClientRow]) {
             },
         )
     };
-    output::print(format, &rows, || {
-        let mut t = Table::new(&["CLIENT", "MESH IP", "RX", "TX", "DENIED", "RATE LIMIT"]);
+    let mut out = String::new();
+    output::render(&mut out, format, &rows, || {
+        let mut headers = vec!["CLIENT", "MESH IP", "RX", "TX", "DENIED", "RATE LIMIT"];
+        if rates.is_some() {
+            headers.extend(["RX/S", "TX/S"]);
+        }
+        let mut t = Table::new(&headers);
         for r in rows {
             let limit = match (r.rate_limit_to_client, r.rate_limit_from_client) {
                 (None, None) => "-".to_owned(),
                 (to, from) if to == from => rate(to),
                 (to, from) => format!("{}/{}", rate(to), rate(from)),
             };
-            t.row(vec![
+            let mut cells = vec![
                 r.client.clone(),
                 r.addresses
                     .iter()
@@ -556,10 +601,16 @@ fn print_exit_clients(format: OutputFormat, rows: &[ExitClientRow]) {
                 human_bytes(r.tx_bytes),
                 r.denied_total.to_string(),
                 limit,
-            ]);
+            ];
+            if let Some(rates) = rates {
+                let (rx, tx) = rates.get(&r.client).copied().unzip();
+                cells.extend([watch::rate_cell(rx), watch::rate_cell(tx)]);
+            }
+            t.row(cells);
         }
         t
     });
+    out
 }
 
 /// nexd is not running: remove what it left (its record and its fixed
@@ -598,8 +649,9 @@ fn disable_offline(inst: &Instance) -> Result<(), ClientError> {
     }
 }
 
-fn print_exit_nodes(format: OutputFormat, rows: &[ExitNodeRow]) {
-    output::print(format, &rows, || {
+fn render_exit_nodes(format: OutputFormat, rows: &[ExitNodeRow]) -> String {
+    let mut out = String::new();
+    output::render(&mut out, format, &rows, || {
         let mut t = Table::new(&[
             "ENDPOINT ADDRESS",
             "PUBLIC KEY",
@@ -623,6 +675,7 @@ fn print_exit_nodes(format: OutputFormat, rows: &[ExitNodeRow]) {
         }
         t
     });
+    out
 }
 
 fn stats(ctx: &Ctx) -> Result<(), ClientError> {
