@@ -63,6 +63,28 @@ pub async fn of_table(nl: &Netlink, table: u32) -> Result<Vec<(bool, RouteMessag
     Ok(out)
 }
 
+/// Every route of every table (main, local, policy-routing tables, nexd's
+/// own), IPv4 then IPv6, with whether it is IPv6: table 0 in the request
+/// asks for all of them, with or without strict checking.
+pub async fn of_every_table(nl: &Netlink) -> Result<Vec<(bool, RouteMessage)>, NetlinkError> {
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        let query = if v6 {
+            RouteMessageBuilder::<Ipv6Addr>::new().table_id(0).build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new().table_id(0).build()
+        };
+        let family = if v6 { "IPv6" } else { "IPv4" };
+        let mut routes = nl.handle().route().get(query).execute();
+        while let Some(r) = routes.try_next().await.map_err(|e| {
+            NetlinkError::new(format!("listing the {family} routes of every table"), e)
+        })? {
+            out.push((v6, r));
+        }
+    }
+    Ok(out)
+}
+
 /// Adds `msg`, replacing the route with the same destination in its
 /// table if there is one. `what` names the route for the error.
 pub async fn replace(
