@@ -156,6 +156,17 @@ impl PolicyValue {
     }
 }
 
+/// The bit of the packet mark (`skb->mark`) the exit node's ingress
+/// program sets on every packet of a served client it lets through. The
+/// exit node's nftables forward chain drops packets from the tunnel
+/// without it and clears it on the rest: whatever stops the programs
+/// (a killed nexd whose TCX links die with it, a detach by anyone), the
+/// table left behind forwards nothing they did not see. Other packets'
+/// marks are left alone; a firewall that rewrites the whole mark of
+/// packets from the tunnel before the forward hook makes them dropped
+/// (counted as `unchecked`).
+pub const EXIT_PASSED_MARK: u32 = 1 << 24;
+
 /// Flag: the exit programs enforce (authorization, policy, limits) and
 /// count. Off: they pass everything untouched.
 pub const FLAG_EXIT_ENFORCE: u32 = 1 << 0;
