@@ -69,7 +69,7 @@ pub fn exit_clients(v: &View<'_>) -> Response {
             v.exit_role.not_serving_reason(v.mesh),
         );
     }
-    match v.host.programs.exit_clients() {
+    match v.exit_role.client_rows(v.host) {
         Ok(clients) => Response::ok(Reply::ExitClients { clients }),
         Err(e) => Response::error(
             ErrorCode::Internal,
