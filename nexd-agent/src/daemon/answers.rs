@@ -145,6 +145,7 @@ fn exit_info(v: &View<'_>) -> ExitInfo {
         uplink_ipv4: uplinks.and_then(|u| u.v4.clone()),
         uplink_ipv6: uplinks.and_then(|u| u.v6.clone()),
         withdrawn: v.exit_role.withdrawn(Instant::now()),
+        conntrack: v.exit_role.conntrack(),
     }
 }
 

@@ -153,6 +153,13 @@ impl ExitRole {
         Ok(rows)
     }
 
+    /// The exit node's connection tracking, while serving.
+    pub fn conntrack(&self) -> Option<nexd_proto::ConntrackInfo> {
+        self.server
+            .as_ref()
+            .and_then(|_| crate::routing::conntrack::read())
+    }
+
     /// The interfaces the clients' traffic leaves through, while serving.
     pub fn uplinks(&self) -> Option<&Uplinks> {
         self.server.as_ref().map(ExitServer::uplinks)
@@ -248,6 +255,43 @@ impl ExitRole {
             "Each client's rate limit by direction (absent: unlimited)",
             limit,
         );
+        if let Some(ct) = self.conntrack() {
+            let gauge = |reg: &mut Metrics, name: &str, help: &str, v: u64| {
+                let g = Gauge::<i64>::default();
+                g.set(i64::try_from(v).unwrap_or(i64::MAX));
+                reg.register(name, help, g);
+            };
+            gauge(
+                reg,
+                "nexd_exit_conntrack_entries",
+                "Flows the exit node's connection tracking holds",
+                ct.entries,
+            );
+            if let Some(max) = ct.max {
+                gauge(
+                    reg,
+                    "nexd_exit_conntrack_max",
+                    "The size of the exit node's connection tracking table",
+                    max,
+                );
+            }
+            if let Some(m) = ct.masqueraded {
+                gauge(
+                    reg,
+                    "nexd_exit_masqueraded_flows",
+                    "Flows the exit node masquerades now",
+                    m,
+                );
+            }
+            if let Some(p) = ct.busiest_destination_ports {
+                gauge(
+                    reg,
+                    "nexd_exit_busiest_destination_ports",
+                    "Masquerade ports the busiest destination uses (of 64512)",
+                    p,
+                );
+            }
+        }
         if !server.probe_failures().is_empty() {
             let failures = Family::<Labels, Counter>::default();
             for (target, n) in server.probe_failures() {
