@@ -481,6 +481,12 @@ mod tests {
         }
     }
 
+    /// Where `needle` is in the script `s` (it must be there).
+    fn position(s: &str, needle: &str) -> usize {
+        s.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} missing from\n{s}"))
+    }
+
     /// The whole table, as nft reads it. Any change here is a change of
     /// the exit node's security policy: review it as such.
     #[test]
@@ -551,10 +557,7 @@ table inet nexd {
     #[test]
     fn from_the_tunnel_the_mark_is_checked_first_then_the_uplinks_then_the_limits() {
         let s = rules().script();
-        let at = |needle: &str| {
-            s.find(needle)
-                .unwrap_or_else(|| panic!("{needle:?} missing from\n{s}"))
-        };
+        let at = |needle: &str| position(&s, needle);
         assert!(at("\"inbound_dropped\" drop") < at("\"unchecked\" drop"));
         assert!(at("\"unchecked\" drop") < at("meta mark set"));
         assert!(at("meta mark set") < at("\"not_uplink\" drop"));
@@ -606,10 +609,7 @@ table inet nexd {
     #[test]
     fn towards_the_tunnel_replies_pass_before_anything_new_is_dropped() {
         let s = rules().script();
-        let at = |needle: &str| {
-            s.find(needle)
-                .unwrap_or_else(|| panic!("{needle:?} missing from\n{s}"))
-        };
+        let at = |needle: &str| position(&s, needle);
         // Under `policy accept` only an explicit drop refuses anything:
         // the reply rule must come first, then the drop of everything else
         // towards the tunnel (from outside, and from the tunnel itself: a
