@@ -131,6 +131,8 @@ fn mesh_of(n: usize) -> anyhow::Result<Mesh> {
             exit_node: false,
             exit_clients: None,
             exit_rate_limit: None,
+            exit_flow_limit: None,
+            exit_new_flow_rate: None,
         });
     }
     Ok(Mesh {

@@ -26,6 +26,8 @@ pub fn device(i: usize, public_key: PublicKey) -> Device {
         exit_node: false,
         exit_clients: None,
         exit_rate_limit: None,
+        exit_flow_limit: None,
+        exit_new_flow_rate: None,
     }
 }
 

@@ -156,9 +156,14 @@ fn exit_node_resolver_bounds_what_clients_can_make_it_hold() -> anyhow::Result<(
         "hole.conf",
         &format!("nameserver {UPSTREAM}\noptions timeout:2\n"),
     )?;
+    // One client: its own shares as large as everyone's, so the global
+    // bounds are what this test meets.
     let limits = Limits {
         max_in_flight: 4,
+        per_client_in_flight: 4,
         max_tcp_connections: 2,
+        per_client_tcp_connections: 2,
+        per_client_rate: 1000,
         query_timeout: Duration::from_millis(500),
         tcp_idle_timeout: Duration::from_millis(800),
         max_query_len: 512,
@@ -243,5 +248,166 @@ fn exit_node_resolver_bounds_what_clients_can_make_it_hold() -> anyhow::Result<(
     })?;
     assert_eq!(tcp, (true, true), "(third closed at once, idle closed)");
     assert_eq!(resolver.counters()?.overloaded_connections, 1);
+    Ok(())
+}
+
+/// An upstream on `UPSTREAM:53` (UDP) in `inet` that answers every name
+/// with `WWW_V4` (TTL 0, so nothing is cached in between) except names
+/// starting with "never", which it never answers; until dropped.
+struct SelectiveUpstream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SelectiveUpstream {
+    fn start(inet: &nexd_testkit::Netns) -> anyhow::Result<Self> {
+        use hickory_server::proto::rr::{RData, Record, rdata::A};
+        let addr = SocketAddr::new(ip(UPSTREAM), 53);
+        let sock = inet.run_in(move || UdpSocket::bind(addr).context("upstream bind"))?;
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let Some(query) = q.queries.first().cloned() else {
+                    continue;
+                };
+                if query.name().to_ascii().starts_with("never") {
+                    continue;
+                }
+                let mut r = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
+                r.metadata.recursion_desired = q.metadata.recursion_desired;
+                r.metadata.recursion_available = true;
+                r.add_query(query.clone());
+                if query.query_type() == RecordType::A {
+                    r.add_answer(Record::from_rdata(
+                        query.name().clone(),
+                        0,
+                        RData::A(A(WWW_V4)),
+                    ));
+                }
+                if let Ok(bytes) = r.to_vec() {
+                    let _ = sock.send_to(&bytes, peer);
+                }
+            }
+        });
+        Ok(SelectiveUpstream {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for SelectiveUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Issue 21, finding 7: the resolver's bounds hold per client. One
+/// served client (100.64.0.3) sends 300 queries a second for names that
+/// never resolve, then holds 70 TCP connections; the other (100.64.0.2)
+/// gets every one of its UDP queries answered meanwhile, and its TCP
+/// query too. The first client's excess is counted.
+#[test]
+fn one_client_cannot_starve_another_of_answers() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let Lab { client, exit, inet } = Lab::new("dnsf", &["100.64.0.2/10", "100.64.0.3/10"])?;
+    let _upstream = SelectiveUpstream::start(&inet)?;
+    let resolv_conf = TempFile::new(
+        "selective.conf",
+        &format!("nameserver {UPSTREAM}\noptions timeout:2\n"),
+    )?;
+    let config = DnsConfig {
+        bind: vec![ip("100.64.0.1")],
+        port: dns::PORT,
+        interface: Some("wg0".into()),
+        resolv_conf: resolv_conf.0.clone(),
+        limits: Limits::default(),
+    };
+    let resolver = Resolver::start(&exit, config, vec![ip("100.64.0.2"), ip("100.64.0.3")])?;
+    // Control: both are answered.
+    for src in ["100.64.0.2", "100.64.0.3"] {
+        let a = udp_query(&client, src, "100.64.0.1", "ok.nexd.test.", RecordType::A)?;
+        assert_eq!(answered(a, src)?, [IpAddr::V4(WWW_V4)]);
+    }
+
+    // The flood: 300 queries a second for 4 s, each for a new name.
+    let flood = client.spawn_in(|| -> anyhow::Result<usize> {
+        let s = UdpSocket::bind("100.64.0.3:0")?;
+        let start = std::time::Instant::now();
+        let mut sent = 0usize;
+        while start.elapsed() < Duration::from_secs(4) {
+            let due = (start.elapsed().as_secs_f64() * 300.0) as usize;
+            while sent < due {
+                let mut m = Message::new(sent as u16, MessageType::Query, OpCode::Query);
+                m.metadata.recursion_desired = true;
+                m.add_query(Query::query(
+                    Name::from_str(&format!("never{sent}.nexd.test."))?,
+                    RecordType::A,
+                ));
+                s.send_to(&m.to_vec()?, "100.64.0.1:53")?;
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(sent)
+    })?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut lost = Vec::new();
+    for i in 0..10 {
+        let name = format!("ok{i}.nexd.test.");
+        let a = udp_query(&client, "100.64.0.2", "100.64.0.1", &name, RecordType::A)?;
+        if answered(a, &name).is_err() {
+            lost.push(i);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sent = flood
+        .join()
+        .map_err(|_| anyhow::anyhow!("the flood panicked"))??;
+    let c = resolver.counters()?;
+    eprintln!("flood: {sent} queries; counters {c:?}");
+    assert!(
+        lost.is_empty(),
+        "the other client lost queries {lost:?} of 10 during the flood"
+    );
+    assert!(c.overloaded + c.rate_limited > 0, "{c:?}");
+
+    // 70 TCP connections held by one client; the other's TCP query.
+    let held = client.run_in(|| -> anyhow::Result<Vec<TcpStream>> {
+        let server = SocketAddr::new(ip("100.64.0.1"), 53);
+        let mut held = Vec::new();
+        for _ in 0..70 {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.bind(&SocketAddr::new(ip("100.64.0.3"), 0).into())?;
+            s.connect_timeout(&server.into(), WAIT)?;
+            held.push(TcpStream::from(s));
+        }
+        Ok(held)
+    })?;
+    std::thread::sleep(Duration::from_millis(200));
+    let tcp = tcp_query(&client, "100.64.0.1", "tcp.nexd.test.", RecordType::A)?;
+    assert_eq!(
+        answered(
+            tcp,
+            "the other client's TCP query while 70 connections are held"
+        )?,
+        [IpAddr::V4(WWW_V4)]
+    );
+    assert!(resolver.counters()?.overloaded_connections > 0);
+    drop(held);
     Ok(())
 }

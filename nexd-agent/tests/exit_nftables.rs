@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use nexd::routing::forward::{ExitRules, Uplinks};
+use nexd::routing::forward::{EXIT_PASSED_MARK, ExitRules, FlowClient, FlowLimits, Uplinks};
 use nexd_testkit::{
     Netns,
     netns::veth,
@@ -86,7 +86,25 @@ fn rules() -> ExitRules {
             "100.64.0.1".parse().expect("ip"),
             "fd6e:6578:6400::1".parse().expect("ip"),
         )),
+        allow: Vec::new(),
+        clients: vec![FlowClient {
+            name: "client".into(),
+            addresses: vec![ip("100.64.0.2"), ip("fd6e:6578:6400::2")],
+            limits: FlowLimits::DEFAULT,
+        }],
     }
+}
+
+/// Stands in for the exit programs on the tunnel's ingress: they mark
+/// every packet they let through, and the table forwards nothing else.
+fn programs_pass_everything(exit: &Netns) -> anyhow::Result<()> {
+    nft_script(
+        exit,
+        &format!(
+            "table inet programs {{\n chain pre {{ type filter hook prerouting priority -300; policy accept;\n\
+             \x20 iifname \"wg0\" meta mark set meta mark | {EXIT_PASSED_MARK:#x}\n }}\n}}\n"
+        ),
+    )
 }
 
 fn counter(ns: &Netns, name: &str) -> anyhow::Result<u64> {
@@ -129,6 +147,14 @@ fn exit_table_forwards_out_refuses_in_and_guards_the_host() -> anyhow::Result<()
     seen_from(&l.client, &l.exit, "192.0.2.1").context("control: host address before the table")?;
 
     nft_script(&l.exit, &rules().script())?;
+
+    // Without the exit programs' mark nothing from the tunnel is
+    // forwarded (the table a killed nexd leaves behind), counted.
+    refused(&l.client, &l.inet, "203.0.113.10")?;
+    refused(&l.client, &l.inet, "2001:db8:203::10")?;
+    assert!(counter(&l.exit, "unchecked")? > 0);
+    assert_eq!(counter(&l.exit, "forwarded")?, 0);
+    programs_pass_everything(&l.exit)?;
 
     // Out through the exit node: masqueraded to its uplink address.
     assert_eq!(

@@ -668,3 +668,45 @@ fn removing_a_client_cuts_it_off_and_a_new_one_starts_at_zero() {
     );
     assert_eq!(rows(&dp)["dave"].rx_packets, 1);
 }
+
+/// Issue 21, finding 11: the ingress program marks what it lets through
+/// for forwarding (`EXIT_PASSED_MARK`, which the exit node's nftables
+/// forward chain requires), keeping the mark's other bits; nothing it
+/// drops, nothing addressed to the exit node itself and nothing on
+/// egress gets the bit.
+#[test]
+fn what_the_ingress_program_passes_carries_the_mark_and_nothing_else_does() {
+    use nexd_common::exit::EXIT_PASSED_MARK;
+    let Some(mut dp) = datapath() else { return };
+    let marked = TestContext {
+        mark: 0x6e78,
+        ..TestContext::default()
+    };
+    for (src, dst) in [(ALICE, INTERNET), (ALICE6, INTERNET6), (ALICE, "10.30.1.1")] {
+        let out = run(&mut dp, INGRESS, &udp_packet(ip(src), ip(dst), 100), marked);
+        assert_eq!(out.outcome.action, PASS, "{src} -> {dst}");
+        assert_eq!(
+            out.outcome.mark,
+            0x6e78 | EXIT_PASSED_MARK,
+            "{src} -> {dst}: {:#x}",
+            out.outcome.mark
+        );
+    }
+    for (src, dst, action) in [
+        (ALICE, "10.20.1.7", DROP),
+        (STRANGER, INTERNET, DROP),
+        (ALICE, EXIT, PASS),
+    ] {
+        let out = run(&mut dp, INGRESS, &udp_packet(ip(src), ip(dst), 100), marked);
+        assert_eq!(out.outcome.action, action, "{src} -> {dst}");
+        assert_eq!(out.outcome.mark, 0x6e78, "{src} -> {dst}");
+    }
+    let out = run(
+        &mut dp,
+        EGRESS,
+        &udp_packet(ip(INTERNET), ip(ALICE), 100),
+        FORWARDED,
+    );
+    assert_eq!(out.outcome.action, PASS);
+    assert_eq!(out.outcome.mark, 0, "egress marked a packet");
+}

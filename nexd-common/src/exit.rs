@@ -47,11 +47,18 @@ pub enum DenyReason {
     RateFromClient = 11,
     /// Over the client's rate limit, to the client.
     RateToClient = 12,
+    /// IPv6 prefixes that carry IPv4 addresses to a translator or relay:
+    /// the local-use NAT64 prefix 64:ff9b:1::/48 and 6to4's 2002::/16
+    /// (through a NAT64 gateway or a 6to4 router in the exit host's
+    /// network they reach IPv4 space the IPv4 policy denies). Inside the
+    /// well-known NAT64 prefix 64:ff9b::/96 each IPv4 deny is repeated
+    /// with its own reason instead.
+    Translated = 13,
 }
 
 impl DenyReason {
     /// Number of reasons (slots of [`ClientCounters::denied`]).
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 14;
 
     /// Every reason, in index order.
     pub const ALL: [DenyReason; Self::COUNT] = [
@@ -68,6 +75,7 @@ impl DenyReason {
         DenyReason::Reserved,
         DenyReason::RateFromClient,
         DenyReason::RateToClient,
+        DenyReason::Translated,
     ];
 
     /// The stable snake_case name used by `nexctl` and the metrics.
@@ -86,6 +94,7 @@ impl DenyReason {
             DenyReason::Reserved => "reserved",
             DenyReason::RateFromClient => "rate_limit_from_client",
             DenyReason::RateToClient => "rate_limit_to_client",
+            DenyReason::Translated => "translated",
         }
     }
 
@@ -146,6 +155,17 @@ impl PolicyValue {
         }
     }
 }
+
+/// The bit of the packet mark (`skb->mark`) the exit node's ingress
+/// program sets on every packet of a served client it lets through. The
+/// exit node's nftables forward chain drops packets from the tunnel
+/// without it and clears it on the rest: whatever stops the programs
+/// (a killed nexd whose TCX links die with it, a detach by anyone), the
+/// table left behind forwards nothing they did not see. Other packets'
+/// marks are left alone; a firewall that rewrites the whole mark of
+/// packets from the tunnel before the forward hook makes them dropped
+/// (counted as `unchecked`).
+pub const EXIT_PASSED_MARK: u32 = 1 << 24;
 
 /// Flag: the exit programs enforce (authorization, policy, limits) and
 /// count. Off: they pass everything untouched.

@@ -13,7 +13,9 @@
 //!    denied prefix wins by being longer;
 //! 4. the client's token bucket for this direction, if it has a limit;
 //! 5. MSS clamping of SYNs;
-//! 6. the client's counters.
+//! 6. the mark bit `EXIT_PASSED_MARK`, which the nftables forward chain
+//!    requires (so a table outliving the programs forwards nothing);
+//! 7. the client's counters.
 //!
 //! Egress (packets into the tunnel): only packets the exit node forwards
 //! (received on another interface) to a served client: the client's other
@@ -51,8 +53,8 @@ use aya_ebpf::{
 use nexd_common::{
     counters::Counter,
     exit::{
-        BUCKET_FRAC_BITS, Bucket, DENIED_SLOTS, DenyReason, FLAG_EXIT_ENFORCE, POLICY_ALLOW,
-        POLICY_LOCAL,
+        BUCKET_FRAC_BITS, Bucket, DENIED_SLOTS, DenyReason, EXIT_PASSED_MARK, FLAG_EXIT_ENFORCE,
+        POLICY_ALLOW, POLICY_LOCAL,
     },
 };
 
@@ -305,6 +307,13 @@ fn serve(ctx: &TcContext, seen: &Seen, slot: u32, len: u32, way: Way) -> i32 {
         }
     }
     clamp_parsed(ctx, seen.tcp_l4, seen.v6, len);
+    if way == Way::FromClient {
+        // Seen and let through: the nftables forward chain forwards only
+        // what carries this bit (see EXIT_PASSED_MARK).
+        // SAFETY: the skb pointer is valid for the program's run.
+        let mark = unsafe { (*ctx.skb.skb).mark };
+        ctx.set_mark(mark | EXIT_PASSED_MARK);
+    }
     if let Some(c) = EXIT_CLIENT_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: this CPU's slot of a per-CPU array value.
         unsafe {

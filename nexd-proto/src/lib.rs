@@ -297,6 +297,29 @@ pub struct ExitInfo {
     /// loss); absent while it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub withdrawn: Option<String>,
+    /// Exit node: what its connection tracking holds (absent when not
+    /// serving, or without conntrack).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<ConntrackInfo>,
+}
+
+/// An exit node's connection tracking and masquerade port use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackInfo {
+    /// Tracked flows now (`nf_conntrack_count`).
+    pub entries: u64,
+    /// The table's size (`nf_conntrack_max`).
+    pub max: Option<u64>,
+    /// Flows masqueraded now (absent where the kernel does not list its
+    /// flows: no `/proc/net/nf_conntrack`).
+    pub masqueraded: Option<u64>,
+    /// The destination with the most masqueraded flows, e.g.
+    /// `udp 203.0.113.10:53 as 192.0.2.1`...
+    pub busiest_destination: Option<String>,
+    /// ...and how many ports of the masquerade address it uses...
+    pub busiest_destination_ports: Option<u64>,
+    /// ...of this many (TCP and UDP get ports 1024-65535).
+    pub ports_per_destination: u64,
 }
 
 /// Reply to `version`.

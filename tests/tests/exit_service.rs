@@ -878,3 +878,188 @@ fn dns_goes_through_the_exit_node_resolver() -> anyhow::Result<()> {
     drop(lan);
     Ok(())
 }
+
+// ---- 4. Flows and masquerade ports: one client cannot take them all -------
+
+/// A UDP echo server on `addr:port` in `ns` that answers every source,
+/// until dropped.
+struct UdpEcho {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    fn start(ns: &Netns, addr: IpAddr, port: u16) -> anyhow::Result<Self> {
+        let sock = ns.run_in(move || {
+            std::net::UdpSocket::bind(SocketAddr::new(addr, port)).context("echo bind")
+        })?;
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], peer);
+                }
+            }
+        });
+        Ok(UdpEcho {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends one datagram from each local port of `ports` (0: an ephemeral
+/// one) to `to`, `per_second` at most, and returns how many were echoed
+/// within `wait` after the last one.
+fn udp_flows(
+    from: &Netns,
+    to: SocketAddr,
+    ports: Vec<u16>,
+    per_second: u32,
+    wait: Duration,
+) -> anyhow::Result<usize> {
+    from.run_in(move || -> anyhow::Result<usize> {
+        let gap = Duration::from_secs(1) / per_second.max(1);
+        let mut socks = Vec::new();
+        for p in ports {
+            let s = std::net::UdpSocket::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), p))?;
+            s.set_nonblocking(true)?;
+            s.send_to(b"nexd-flow", to)?;
+            socks.push(s);
+            std::thread::sleep(gap);
+        }
+        let deadline = Instant::now() + wait;
+        let mut echoed = vec![false; socks.len()];
+        let mut buf = [0u8; 64];
+        while Instant::now() < deadline && echoed.iter().any(|e| !e) {
+            for (s, e) in socks.iter().zip(echoed.iter_mut()) {
+                if !*e && s.recv_from(&mut buf).is_ok() {
+                    *e = true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(echoed.iter().filter(|e| **e).count())
+    })
+}
+
+/// Issue 21, finding 8: one client cannot exhaust the exit node's
+/// masquerade ports or its connection tracking. "hog" (default limits)
+/// sends from source ports 1-511 to one server port (the ports a
+/// masquerade that keeps the port's class maps into 1-511); "other" then
+/// gets its flow from port 124 to the same server through. "crowd"
+/// (`exit_flow_limit = 100`) opens 300 flows: about 100 get through, the
+/// rest are refused and counted as `flow_limit` in its row; "burst"
+/// (`exit_new_flow_rate = 20`) opens 200 at once: most refused as
+/// `new_flow_rate`. "other" is served throughout, and the exit node
+/// shows its connection tracking and masquerade port use.
+#[test]
+fn one_client_cannot_exhaust_the_exit_nodes_flows_or_ports() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut w = World::new(&["exit1", "hog", "crowd", "burst", "other"])?;
+    let mesh = with_device_line(&mesh_toml(&w.devices), "crowd", "exit_flow_limit = 100")?;
+    let mesh = with_device_line(&mesh, "burst", "exit_new_flow_rate = 20")?;
+    for n in &w.nodes {
+        n.write_mesh(&mesh)?;
+    }
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    let clients = ["hog", "crowd", "burst", "other"];
+    for c in clients {
+        w.node_mut(c).start(&spec(&["--exit-node-client"]))?;
+    }
+    for c in clients {
+        w.node(c).wait_phase(ClientPhase::Active, T * 2)?;
+        wait_exit_path(&w, &w.node(c).ns, "exit1")?;
+    }
+    let server = SocketAddr::new(ip(SERVER_V4), 7777);
+    let _echo = UdpEcho::start(&w.inet.ns, server.ip(), server.port())?;
+    let wait = Duration::from_secs(2);
+
+    // hog: 511 flows from the low ports, then other from port 124.
+    let hogged = udp_flows(&w.node("hog").ns, server, (1..=511).collect(), 2000, wait)?;
+    eprintln!("hog: {hogged} of 511 low-port flows echoed");
+    let others = udp_flows(&w.node("other").ns, server, vec![124], 1, T)?;
+    assert_eq!(
+        others, 1,
+        "other's flow from port 124 got no answer after hog's 511 low-port flows"
+    );
+
+    // crowd: 300 flows against a limit of 100.
+    let crowded = udp_flows(&w.node("crowd").ns, server, vec![0; 300], 150, wait)?;
+    let row = client_row(w.node("exit1"), "crowd")?;
+    eprintln!("crowd: {crowded} of 300 flows echoed; {:?}", row.denied);
+    assert!(
+        (90..=110).contains(&crowded),
+        "crowd got {crowded} of 300 flows through a limit of 100"
+    );
+    assert!(
+        row.denied.get("flow_limit").copied().unwrap_or(0) >= 150,
+        "{row:?}"
+    );
+    assert_eq!(
+        udp_flows(&w.node("other").ns, server, vec![0; 5], 50, T)?,
+        5
+    );
+
+    // burst: 200 new flows at once against 20 a second.
+    let bursted = udp_flows(&w.node("burst").ns, server, vec![0; 200], 1000, wait)?;
+    let row = client_row(w.node("exit1"), "burst")?;
+    eprintln!("burst: {bursted} of 200 flows echoed; {:?}", row.denied);
+    assert!(
+        bursted < 100,
+        "burst got {bursted} of 200 new flows through"
+    );
+    assert!(
+        row.denied.get("new_flow_rate").copied().unwrap_or(0) >= 100,
+        "{row:?}"
+    );
+    assert_eq!(
+        udp_flows(&w.node("other").ns, server, vec![0; 5], 50, T)?,
+        5
+    );
+    let other = client_row(w.node("exit1"), "other")?;
+    assert!(other.denied.is_empty(), "{other:?}");
+
+    // The exit node shows what its connection tracking holds.
+    let status: Value = w.node("exit1").nexctl_json(&["nexd", "status"])?;
+    let ct = &status["exit_node"]["conntrack"];
+    eprintln!("conntrack: {ct}");
+    assert!(ct["entries"].as_u64().is_some_and(|n| n >= 100), "{status}");
+    assert!(
+        ct["masqueraded"].as_u64().is_some_and(|n| n >= 100),
+        "{status}"
+    );
+    assert!(
+        ct["busiest_destination_ports"]
+            .as_u64()
+            .is_some_and(|n| n >= 100),
+        "{status}"
+    );
+    let metrics = w.node("exit1").nexctl(&["nexd", "metrics"])?;
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    assert!(text.contains("nexd_exit_conntrack_entries"), "{text}");
+    assert!(
+        text.contains(
+            "nexd_exit_client_denied_packets_total{client=\"crowd\",reason=\"flow_limit\"}"
+        ),
+        "{text}"
+    );
+    eprintln!("flows test: {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -791,3 +791,195 @@ fn a_flood_of_forged_announcements_does_not_make_the_exit_node_stale() -> anyhow
     eprintln!("flood test: {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
+
+/// Issue 21, finding 6: the exit node forwards its clients out of its
+/// uplinks only, whatever the routing tables say, and its policy follows
+/// every route change at once. A partner link only the exit host has
+/// ("partner0", to a namespace with 198.51.100.10 and .130 on lo): an
+/// `ip rule` sends the lower half of 198.51.100.0/24 to table 100, whose
+/// only route is a default route via the partner (no routed subnet for
+/// the policy to see: only the uplink check can stop it, counted as
+/// `not_uplink`); the upper half is routed there through main only after
+/// the exit node started (the policy has it within a second, counted as
+/// `connected`). Neither is reachable from the client or its LAN host,
+/// and the partner sees nothing.
+#[test]
+fn client_traffic_leaves_through_the_uplinks_only_whatever_the_tables_say() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    const LOW: &str = "198.51.100.10";
+    const HIGH: &str = "198.51.100.130";
+    let started = Instant::now();
+    let mut w = World::new(&["exit1", "client"])?;
+    let exit_v4 = w.underlay("exit1", false);
+    let exit_ns = &w.node("exit1").ns;
+    let partner = Netns::new("partner")?;
+    veth(exit_ns, "partner0", &partner, "eth0")?;
+    exit_ns.ip("addr add 10.77.0.1/24 dev partner0")?;
+    partner.ip("addr add 10.77.0.2/24 dev eth0")?;
+    partner.ip(&format!("addr add {LOW}/32 dev lo"))?;
+    partner.ip(&format!("addr add {HIGH}/32 dev lo"))?;
+    // The partner routes the mesh back (as a partner that accepted the
+    // mesh's addresses would): a leak would be answered.
+    partner.ip("route add 100.64.0.0/10 via 10.77.0.1")?;
+    partner.ip("route add 10.99.0.0/24 via 10.77.0.1")?;
+    exit_ns.ip("route add default via 10.77.0.2 table 100")?;
+    exit_ns.ip("rule add to 198.51.100.0/25 lookup 100 priority 100")?;
+    count_arrivals(&partner, &[LOW, HIGH])?;
+    let partner_seen = || nft_counter(&partner, "inet", "probe", "seen");
+    // Control: the exit host reaches the partner through table 100.
+    tcp_transfer(exit_ns, &partner, ip(LOW), 1024, T).context("the partner through table 100")?;
+
+    let lan = Netns::new("lanhost")?;
+    lan_behind(&w.node("client").ns, &lan)?;
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client")
+        .start(&spec(&["--exit-node-client", "--lan-interface", "lan0"]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    let client_ns = &w.node("client").ns;
+    let exit_ns = &w.node("exit1").ns;
+    // Control: the internet through the exit node.
+    assert_eq!(tcp_source(&w, client_ns, false)?, exit_v4);
+    assert_eq!(tcp_source(&w, &lan, false)?, exit_v4);
+
+    let before = partner_seen()?;
+    assert_unreachable(client_ns, &partner, ip(LOW), "table 100, from the client")?;
+    assert_unreachable(&lan, &partner, ip(LOW), "table 100, from the LAN host")?;
+    assert_eq!(
+        partner_seen()?,
+        before,
+        "the partner saw the client's packets through table 100"
+    );
+    assert!(
+        nft_counter(exit_ns, "inet", "nexd", "not_uplink")? > 0,
+        "leaving through partner0 was not counted"
+    );
+
+    // A route added to main while the exit node runs: the control first
+    // (the exit host reaches it), then the policy has it within a second.
+    exit_ns.ip("route add 198.51.100.128/25 via 10.77.0.2")?;
+    tcp_transfer(exit_ns, &partner, ip(HIGH), 1024, T).context("the partner through main")?;
+    let before = partner_seen()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let denied_before = denied(w.node("exit1"), "client")?;
+    assert_unreachable(client_ns, &partner, ip(HIGH), "a route added at runtime")?;
+    let denied_after = denied(w.node("exit1"), "client")?;
+    assert!(
+        reason(&denied_after, "connected") > reason(&denied_before, "connected"),
+        "the route added at runtime is not in the policy a second later: {denied_before:?} -> {denied_after:?}"
+    );
+    assert_eq!(
+        partner_seen()?,
+        before,
+        "the partner saw the client's packets"
+    );
+    // The internet still works.
+    assert_eq!(tcp_source(&w, client_ns, false)?, exit_v4);
+    eprintln!(
+        "uplinks-only test: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Issue 21, finding 11: an exit node that dies (SIGKILL) leaves its
+/// nftables table and IP forwarding behind, and on kernel WireGuard the
+/// link and its peers too; its programs go with it where they are TCX
+/// links. What is left must forward nothing the programs did not pass:
+/// the table drops whatever arrives from the tunnel without the mark the
+/// exit programs set (counted as `unchecked`).
+///
+/// On kernel WireGuard (the VM suite) the client is killed first, so its
+/// link and routes keep sending through the tunnel, then the exit node:
+/// on a TCX kernel nothing of the client's reaches the internet or the
+/// exit host's private neighbour; on a clsact kernel the programs outlive
+/// nexd and keep enforcing (the neighbour stays unreachable). With the
+/// userspace backend the tunnel dies with the process, so a stand-in
+/// takes its place: a veth named like the tunnel, carrying the client's
+/// mesh address, into the dead exit node's namespace.
+#[test]
+fn an_exit_node_that_dies_forwards_nothing_its_programs_did_not_pass() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let kernel = nexd_testkit::kernel_wireguard();
+    let mut w = World::new(&["exit1", "client"])?;
+    let exit_v4 = w.underlay("exit1", false);
+    let exit_ns = &w.node("exit1").ns;
+    let vpc = Netns::new("vpc")?;
+    veth(exit_ns, "vpc0", &vpc, "eth0")?;
+    exit_ns.ip("addr add 10.1.0.1/24 dev vpc0")?;
+    vpc.ip(&format!("addr add {VPC_HOST}/24 dev eth0"))?;
+    vpc.ip("route add 100.64.0.0/10 via 10.1.0.1")?;
+    count_arrivals(&vpc, &[VPC_HOST])?;
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client").start(&spec(&["--exit-node-client"]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    // Control: the internet through the exit node.
+    assert_eq!(tcp_source(&w, &w.node("client").ns, false)?, exit_v4);
+
+    if kernel {
+        w.node_mut("client").kill()?;
+    }
+    w.node_mut("exit1").kill()?;
+    let exit_ns = &w.node("exit1").ns;
+    // What a crash leaves: the table and forwarding.
+    let table = exit_ns.exec(&["nft", "list", "table", "inet", "nexd"])?;
+    assert!(table.contains("chain forward"), "{table}");
+    assert_eq!(
+        exit_ns
+            .exec(&["sysctl", "-n", "net.ipv4.ip_forward"])?
+            .trim(),
+        "1"
+    );
+    let standin;
+    let from: &Netns = if kernel {
+        &w.node("client").ns
+    } else {
+        standin = Netns::new("standin")?;
+        veth(exit_ns, "wg0", &standin, "c0")?;
+        exit_ns.ip("addr add 100.64.0.1/10 dev wg0")?;
+        standin.ip(&format!(
+            "addr add {}/10 dev c0",
+            w.mesh_ip("client", false)
+        ))?;
+        standin.ip("route add default via 100.64.0.1")?;
+        &standin
+    };
+    let programs_gone = !kernel || nexd_testkit::tcx_kernel();
+    let unchecked = nft_counter(exit_ns, "inet", "nexd", "unchecked").unwrap_or(0);
+    let vpc_before = nft_counter(&vpc, "inet", "probe", "seen")?;
+    let internet = udp_exchange(from, &w.inet.ns, World::server(false), BLOCKED);
+    assert_unreachable(
+        from,
+        &vpc,
+        ip(VPC_HOST),
+        "the exit host's neighbour after the crash",
+    )?;
+    assert_eq!(
+        nft_counter(&vpc, "inet", "probe", "seen")?,
+        vpc_before,
+        "the neighbour saw packets through the dead exit node"
+    );
+    if programs_gone {
+        assert!(
+            internet.is_err(),
+            "the dead exit node forwarded to the internet: {internet:?}"
+        );
+        let now = nft_counter(exit_ns, "inet", "nexd", "unchecked")?;
+        assert!(now > unchecked, "unchecked {unchecked} -> {now}");
+        // Control: without the table's forward rules the same packets are
+        // forwarded (and masqueraded): the table is what stops them.
+        exit_ns.exec(&["nft", "flush", "chain", "inet", "nexd", "forward"])?;
+        udp_exchange(from, &w.inet.ns, World::server(false), T)
+            .context("control: forwarded once the forward chain is flushed")?;
+    } else {
+        eprintln!("clsact: the programs outlived nexd; the internet: {internet:?}");
+    }
+    eprintln!("crash test: {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -396,6 +396,9 @@ fn status(ctx: &Ctx) -> Result<(), ClientError> {
         ] {
             t.row(vec![k.into(), v]);
         }
+        if let Some(ct) = &info.exit_node.conntrack {
+            t.row(vec!["EXIT CONNTRACK".into(), conntrack_text(ct)]);
+        }
         match &info.registry {
             None => t.row(vec!["MESH FILE".into(), info.mesh_file.clone()]),
             Some(r) => {
@@ -409,6 +412,25 @@ fn status(ctx: &Ctx) -> Result<(), ClientError> {
         t
     });
     Ok(())
+}
+
+/// The EXIT CONNTRACK row of `status`: an exit node's tracked flows, and
+/// the masquerade ports its busiest destination uses.
+fn conntrack_text(ct: &nexd_proto::ConntrackInfo) -> String {
+    let mut s = match ct.max {
+        Some(max) => format!("{} of {max} flows", ct.entries),
+        None => format!("{} flows", ct.entries),
+    };
+    if let Some(m) = ct.masqueraded {
+        s.push_str(&format!(", {m} masqueraded"));
+    }
+    if let (Some(d), Some(p)) = (&ct.busiest_destination, ct.busiest_destination_ports) {
+        s.push_str(&format!(
+            "; busiest {d}: {p} of {} ports",
+            ct.ports_per_destination
+        ));
+    }
+    s
 }
 
 /// The REGISTRY, MEMBERSHIP and IGNORED RECORDS rows of `status` (nexd
@@ -706,6 +728,26 @@ fn stats(ctx: &Ctx) -> Result<(), ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_exit_nodes_conntrack_reads_as_one_line() {
+        let mut ct = nexd_proto::ConntrackInfo {
+            entries: 640,
+            max: Some(262_144),
+            masqueraded: Some(632),
+            busiest_destination: Some("udp 203.0.113.10:7777 as 192.0.2.1".into()),
+            busiest_destination_ports: Some(628),
+            ports_per_destination: 64_512,
+        };
+        assert_eq!(
+            conntrack_text(&ct),
+            "640 of 262144 flows, 632 masqueraded; busiest udp 203.0.113.10:7777 as 192.0.2.1: 628 of 64512 ports"
+        );
+        ct.max = None;
+        ct.masqueraded = None;
+        ct.busiest_destination = None;
+        assert_eq!(conntrack_text(&ct), "640 flows");
+    }
 
     #[test]
     fn exit_node_alias_parses_like_the_long_form() {

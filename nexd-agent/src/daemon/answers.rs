@@ -69,7 +69,7 @@ pub fn exit_clients(v: &View<'_>) -> Response {
             v.exit_role.not_serving_reason(v.mesh),
         );
     }
-    match v.host.programs.exit_clients() {
+    match v.exit_role.client_rows(v.host) {
         Ok(clients) => Response::ok(Reply::ExitClients { clients }),
         Err(e) => Response::error(
             ErrorCode::Internal,
@@ -145,6 +145,7 @@ fn exit_info(v: &View<'_>) -> ExitInfo {
         uplink_ipv4: uplinks.and_then(|u| u.v4.clone()),
         uplink_ipv6: uplinks.and_then(|u| u.v6.clone()),
         withdrawn: v.exit_role.withdrawn(Instant::now()),
+        conntrack: v.exit_role.conntrack(),
     }
 }
 

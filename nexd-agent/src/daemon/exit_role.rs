@@ -126,6 +126,40 @@ impl ExitRole {
         self.server.as_ref().and_then(|s| s.withdrawn(now))
     }
 
+    /// Each served client's row for `exit-node clients` and the metrics:
+    /// the data path's counters, with what the nftables table refused of
+    /// it (its flow limits) among its denied packets.
+    pub fn client_rows(
+        &self,
+        host: &Host,
+    ) -> Result<Vec<crate::datapath::exit::ExitClientRow>, String> {
+        let mut rows = host.programs.exit_clients()?;
+        let Some(server) = &self.server else {
+            return Ok(rows);
+        };
+        match server.flow_refusals() {
+            Ok(refused) => {
+                for row in &mut rows {
+                    for (reason, n) in refused.get(&row.client).into_iter().flatten() {
+                        *row.denied.entry(reason.clone()).or_default() += n;
+                        row.denied_total += n;
+                    }
+                }
+            }
+            // The data path's part is still right; the log says why the
+            // rest is missing.
+            Err(e) => tracing::debug!(error = %e, "the exit table's per-client counters not read"),
+        }
+        Ok(rows)
+    }
+
+    /// The exit node's connection tracking, while serving.
+    pub fn conntrack(&self) -> Option<nexd_proto::ConntrackInfo> {
+        self.server
+            .as_ref()
+            .and_then(|_| crate::routing::conntrack::read())
+    }
+
     /// The interfaces the clients' traffic leaves through, while serving.
     pub fn uplinks(&self) -> Option<&Uplinks> {
         self.server.as_ref().map(ExitServer::uplinks)
@@ -172,7 +206,7 @@ impl ExitRole {
         let limit = Family::<Labels, Gauge>::default();
         // A failed read leaves the families empty: the scrape still works,
         // and the failure is in the log (and in `exit-node clients`).
-        for c in host.programs.exit_clients().unwrap_or_else(|e| {
+        for c in self.client_rows(host).unwrap_or_else(|e| {
             tracing::debug!(error = %e, "exit clients' counters not read");
             Vec::new()
         }) {
@@ -221,6 +255,43 @@ impl ExitRole {
             "Each client's rate limit by direction (absent: unlimited)",
             limit,
         );
+        if let Some(ct) = self.conntrack() {
+            let gauge = |reg: &mut Metrics, name: &str, help: &str, v: u64| {
+                let g = Gauge::<i64>::default();
+                g.set(i64::try_from(v).unwrap_or(i64::MAX));
+                reg.register(name, help, g);
+            };
+            gauge(
+                reg,
+                "nexd_exit_conntrack_entries",
+                "Flows the exit node's connection tracking holds",
+                ct.entries,
+            );
+            if let Some(max) = ct.max {
+                gauge(
+                    reg,
+                    "nexd_exit_conntrack_max",
+                    "The size of the exit node's connection tracking table",
+                    max,
+                );
+            }
+            if let Some(m) = ct.masqueraded {
+                gauge(
+                    reg,
+                    "nexd_exit_masqueraded_flows",
+                    "Flows the exit node masquerades now",
+                    m,
+                );
+            }
+            if let Some(p) = ct.busiest_destination_ports {
+                gauge(
+                    reg,
+                    "nexd_exit_busiest_destination_ports",
+                    "Masquerade ports the busiest destination uses (of 64512)",
+                    p,
+                );
+            }
+        }
         if !server.probe_failures().is_empty() {
             let failures = Family::<Labels, Counter>::default();
             for (target, n) in server.probe_failures() {

@@ -37,7 +37,7 @@ use crate::{
     mesh::{Mesh, Rate},
     netlink::Netlink,
     routing::{
-        forward::{ExitForwarding, ExitRules, Uplinks},
+        forward::{ExitForwarding, ExitRules, FlowClient, FlowLimits, Uplinks},
         host, uplink,
     },
 };
@@ -180,6 +180,23 @@ async fn uplinks(nl: &Netlink, fixed: Option<&str>, warn_missing: bool) -> anyho
     Ok(Uplinks { v4, v6 })
 }
 
+/// The clients `mesh` lets this exit node serve, with their flow limits
+/// (the mesh file's, else the defaults), for the nftables table.
+fn flow_clients(mesh: &Mesh, own: &PublicKey) -> Vec<FlowClient> {
+    mesh.exit_clients_of(own)
+        .map(|d| FlowClient {
+            name: d.name.clone(),
+            addresses: d.mesh_addrs().to_vec(),
+            limits: FlowLimits {
+                max_flows: d.exit_flow_limit.unwrap_or(FlowLimits::DEFAULT.max_flows),
+                new_per_second: d
+                    .exit_new_flow_rate
+                    .unwrap_or(FlowLimits::DEFAULT.new_per_second),
+            },
+        })
+        .collect()
+}
+
 /// The clients `mesh` lets this exit node serve, with their limits.
 fn clients(mesh: &Mesh, own: &PublicKey, default: Option<Rate>) -> Vec<ServedClient> {
     mesh.exit_clients_of(own)
@@ -231,7 +248,10 @@ impl ExitServer {
         let probes = (!settings.probe_targets.is_empty()).then(ProbeHealth::default);
         let mut server = ExitServer {
             own: *own,
-            forwarding: ExitForwarding { uplinks },
+            forwarding: ExitForwarding {
+                uplinks,
+                clients: Vec::new(),
+            },
             dns: None,
             routes_ok: internet,
             // Not announced before the first round answers (at once, a
@@ -296,6 +316,8 @@ impl ExitServer {
             mesh_v4: mesh.ipv4_prefix,
             mesh_v6: mesh.ipv6_prefix,
             own: Some((v4, v6)),
+            allow: self.settings.allow.clone(),
+            clients: flow_clients(mesh, &self.own),
         }
     }
 
@@ -323,6 +345,14 @@ impl ExitServer {
 
     pub fn uplinks(&self) -> &Uplinks {
         &self.forwarding.uplinks
+    }
+
+    /// What the nftables table refused of each client (flow limits), by
+    /// client name and reason.
+    pub fn flow_refusals(
+        &self,
+    ) -> Result<BTreeMap<String, BTreeMap<String, u64>>, crate::routing::nft::NftError> {
+        self.forwarding.refusals()
     }
 
     /// Whether to announce this exit node now: the internet is reachable

@@ -418,6 +418,8 @@ mod tests {
             exit_node: false,
             exit_clients: None,
             exit_rate_limit: None,
+            exit_flow_limit: None,
+            exit_new_flow_rate: None,
         }
     }
 

@@ -102,9 +102,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // tethering, a renumbered interface), not on a timer.
     let (uplink_changes, mut uplinks_changed) = mpsc::channel(1);
     // Also the client's own table and rules: what the kernel (or anyone)
-    // removes of them behind nexd's back is put back.
-    let _watch =
-        crate::routing::uplink::watch_changes(uplink_changes, vec![settings.client.numbers.table])?;
+    // removes of them behind nexd's back is put back. Not the excluded
+    // routes nexd writes itself (tens of thousands at a time).
+    let _watch = crate::routing::uplink::watch_changes(
+        uplink_changes,
+        vec![settings.client.numbers.table],
+        vec![settings.client.numbers.exclusion_table()],
+    )?;
     let (announcements, mut incoming) = mpsc::channel(crate::announce::QUEUE);
     let (resolved_tx, mut resolved) = mpsc::channel(4);
     let (exit_probe_tx, mut exit_probe_rounds) = mpsc::channel(4);

@@ -14,7 +14,10 @@
 //! decide itself: the sockets (bound to the mesh addresses and to the
 //! WireGuard interface), who is answered (a source address set the daemon
 //! keeps current), and the bounds: queries in flight, TCP connections,
-//! per-query and idle deadlines, message sizes. hickory-server's own
+//! per-query and idle deadlines, message sizes, each of queries in flight,
+//! rate and TCP connections also per client address (one client's flood
+//! of names that never resolve must not cost another its answers).
+//! hickory-server's own
 //! `Server` is not used because it accepts TCP connections and spawns a
 //! task per UDP datagram without a limit, and checks the source only after
 //! reading a query.
@@ -27,6 +30,8 @@
 
 mod serve;
 mod upstream;
+
+mod per_client;
 
 use std::{
     collections::HashSet,
@@ -92,8 +97,19 @@ pub struct Limits {
     /// UDP query is dropped (the client retries) and a TCP query waits
     /// for a slot up to `query_timeout`, then gets SERVFAIL.
     pub max_in_flight: usize,
+    /// The same for each client address: one client holding queries that
+    /// never resolve leaves the others room.
+    pub per_client_in_flight: usize,
     /// Open TCP connections; beyond it new ones are closed at once.
     pub max_tcp_connections: usize,
+    /// The same for each client address.
+    pub per_client_tcp_connections: usize,
+    /// Queries a second from each client address (bursts of twice as
+    /// many); beyond it a UDP query is dropped and a TCP connection
+    /// closed, counted as `rate_limited`. Names that miss the cache go
+    /// upstream: the bound is also what one client can make the exit node
+    /// send to its resolvers.
+    pub per_client_rate: u32,
     /// A query not answered within this gets SERVFAIL.
     pub query_timeout: Duration,
     /// A TCP connection with no complete query for this long is closed
@@ -111,7 +127,10 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_in_flight: 256,
+            per_client_in_flight: 32,
             max_tcp_connections: 64,
+            per_client_tcp_connections: 8,
+            per_client_rate: 100,
             query_timeout: Duration::from_secs(5),
             tcp_idle_timeout: Duration::from_secs(10),
             max_query_len: 4096,
@@ -149,11 +168,15 @@ pub struct DnsCounters {
     /// TCP connections from a source the exit node does not serve: closed
     /// before anything was read.
     pub refused_connections: u64,
-    /// UDP queries dropped because `max_in_flight` were being answered.
+    /// UDP queries dropped because `max_in_flight` (or the client's
+    /// `per_client_in_flight`) were being answered.
     pub overloaded: u64,
-    /// TCP connections closed at once because `max_tcp_connections` were
-    /// open.
+    /// TCP connections closed at once because `max_tcp_connections` (or
+    /// the client's `per_client_tcp_connections`) were open.
     pub overloaded_connections: u64,
+    /// Queries over their client's `per_client_rate`: dropped (UDP), or
+    /// the connection closed (TCP).
+    pub rate_limited: u64,
     /// Queries not answered within `query_timeout`: answered SERVFAIL.
     pub timed_out: u64,
     /// Datagrams or TCP messages that are not a query (unparsable, too
@@ -168,6 +191,7 @@ struct Counters {
     refused_connections: AtomicU64,
     overloaded: AtomicU64,
     overloaded_connections: AtomicU64,
+    rate_limited: AtomicU64,
     timed_out: AtomicU64,
     malformed: AtomicU64,
 }
@@ -185,6 +209,7 @@ impl Counters {
             refused_connections: get(&self.refused_connections),
             overloaded: get(&self.overloaded),
             overloaded_connections: get(&self.overloaded_connections),
+            rate_limited: get(&self.rate_limited),
             timed_out: get(&self.timed_out),
             malformed: get(&self.malformed),
         }
@@ -217,6 +242,8 @@ struct Shared {
     catalog: RwLock<Arc<Catalog>>,
     in_flight: Arc<Semaphore>,
     connections: Arc<Semaphore>,
+    /// Each client address's share of the bounds.
+    clients: per_client::Clients,
     counters: Counters,
 }
 
@@ -252,6 +279,7 @@ pub fn start(
         catalog: RwLock::new(Arc::new(catalog)),
         in_flight: Arc::new(Semaphore::new(config.limits.max_in_flight)),
         connections: Arc::new(Semaphore::new(config.limits.max_tcp_connections)),
+        clients: per_client::Clients::new(config.limits),
         counters: Counters::default(),
         config,
     });
@@ -303,6 +331,9 @@ impl DnsHandle {
     /// on open TCP connections too.
     pub fn update_allowed(&self, allowed: impl IntoIterator<Item = IpAddr>) {
         self.shared.allowed.set(allowed);
+        self.shared
+            .clients
+            .retain(|ip| self.shared.allowed.contains(ip));
     }
 
     /// Reads the upstream resolvers again (the resolv.conf may have

@@ -1,12 +1,12 @@
 //! The serving loops, UDP and TCP, with the checks and bounds that come
 //! before any query reaches hickory: the size, the source (a set lookup;
-//! over TCP before anything is read), then a slot among the queries in
-//! flight.
+//! over TCP before anything is read), the client's rate, then a slot among
+//! its own queries in flight and among everyone's.
 
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use hickory_server::{
@@ -258,13 +258,24 @@ pub(super) async fn udp(sock: UdpSocket, shared: Arc<Shared>, mut stop: watch::R
             }
             Err(_) => continue,
         };
+        let client = shared.clients.of(src.ip());
+        if !client.admit(Instant::now()) {
+            Counters::add(&shared.counters.rate_limited);
+            continue;
+        }
+        // The client's own share first: a client at its bound takes
+        // nothing of everyone's.
+        let Ok(own) = Arc::clone(&client.in_flight).try_acquire_owned() else {
+            Counters::add(&shared.counters.overloaded);
+            continue;
+        };
         let Ok(permit) = Arc::clone(&shared.in_flight).try_acquire_owned() else {
             Counters::add(&shared.counters.overloaded);
             continue;
         };
         let (shared, sock) = (Arc::clone(&shared), Arc::clone(&sock));
         in_flight.spawn(async move {
-            let _permit = permit;
+            let _permits = (own, permit);
             let bytes = match answer(&shared, &request).await {
                 Ok(b) | Err(Unanswered::Failed(b)) => b,
                 Err(Unanswered::Malformed) => return,
@@ -298,13 +309,18 @@ pub(super) async fn tcp(
             debug!(%src, "DNS connection from a source this exit node does not serve: closed");
             continue;
         }
+        let client = shared.clients.of(src.ip());
+        let Ok(own) = Arc::clone(&client.tcp).try_acquire_owned() else {
+            Counters::add(&shared.counters.overloaded_connections);
+            continue;
+        };
         let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
             Counters::add(&shared.counters.overloaded_connections);
             continue;
         };
         let shared = Arc::clone(&shared);
         connections.spawn(async move {
-            let _permit = permit;
+            let _permits = (own, permit);
             if let Err(why) = connection(stream, src, &shared).await {
                 debug!(%src, why, "DNS connection closed");
             }
@@ -346,13 +362,19 @@ async fn connection(
             Err(Turned::NotServed(_)) => return Err("no longer served"),
             Err(Turned::Malformed) => return Err("not a query"),
         };
-        let slot = timeout(
-            limits.query_timeout,
-            Arc::clone(&shared.in_flight).acquire_owned(),
-        )
+        let client = shared.clients.of(src.ip());
+        if !client.admit(Instant::now()) {
+            Counters::add(&shared.counters.rate_limited);
+            return Err("over the client's query rate");
+        }
+        let slot = timeout(limits.query_timeout, async {
+            let own = Arc::clone(&client.in_flight).acquire_owned().await?;
+            let all = Arc::clone(&shared.in_flight).acquire_owned().await?;
+            Ok::<_, tokio::sync::AcquireError>((own, all))
+        })
         .await;
         let bytes = match slot {
-            Ok(Ok(_permit)) => match answer(shared, &request).await {
+            Ok(Ok(_permits)) => match answer(shared, &request).await {
                 Ok(b) | Err(Unanswered::Failed(b)) => b,
                 Err(Unanswered::Malformed) => return Err("unanswerable"),
             },

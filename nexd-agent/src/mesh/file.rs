@@ -121,6 +121,8 @@ struct RawDevice {
     exit_node: Option<Spanned<bool>>,
     exit_clients: Option<Spanned<Vec<Spanned<String>>>>,
     exit_rate_limit: Option<Spanned<String>>,
+    exit_flow_limit: Option<Spanned<i64>>,
+    exit_new_flow_rate: Option<Spanned<i64>>,
 }
 
 /// The problems of one file so far, each located by turning its byte offset
@@ -271,6 +273,20 @@ fn mtu(mtu: &i64) -> Result<u32, String> {
         .ok_or_else(|| format!("{mtu} is out of range (1280, the IPv6 minimum, to 65535)"))
 }
 
+/// A whole number inside `range`; `what` says what it counts.
+fn count_in(value: &i64, range: &std::ops::RangeInclusive<u32>, what: &str) -> Result<u32, String> {
+    u32::try_from(*value)
+        .ok()
+        .filter(|v| range.contains(v))
+        .ok_or_else(|| {
+            format!(
+                "{value} is out of range ({} to {} {what})",
+                range.start(),
+                range.end()
+            )
+        })
+}
+
 /// A UDP port nexd listens on: 0 (any port) is not one.
 fn port(port: &i64) -> Result<u16, String> {
     u16::try_from(*port)
@@ -406,6 +422,20 @@ impl DeviceCheck<'_, '_> {
                 .map_err(|m| self.add(r.span(), format!("exit_rate_limit {m}")))
                 .ok()
         });
+        let exit_flow_limit = d.exit_flow_limit.as_ref().and_then(|v| {
+            count_in(v.get_ref(), &super::FLOW_LIMIT_RANGE, "flows")
+                .map_err(|m| self.add(v.span(), format!("exit_flow_limit: {m}")))
+                .ok()
+        });
+        let exit_new_flow_rate = d.exit_new_flow_rate.as_ref().and_then(|v| {
+            count_in(
+                v.get_ref(),
+                &super::NEW_FLOW_RATE_RANGE,
+                "new flows a second",
+            )
+            .map_err(|m| self.add(v.span(), format!("exit_new_flow_rate: {m}")))
+            .ok()
+        });
 
         if self.problems.found.len() != before {
             return None;
@@ -420,6 +450,8 @@ impl DeviceCheck<'_, '_> {
             exit_node,
             exit_clients,
             exit_rate_limit,
+            exit_flow_limit,
+            exit_new_flow_rate,
         })
     }
 
@@ -975,7 +1007,7 @@ mod tests {
     fn exit_node_fields_are_read() {
         let mesh = parse(&exit_file(
             "exit_node = true\nexit_clients = [\"a\"]\n",
-            "exit_rate_limit = \"200mbit\"\n",
+            "exit_rate_limit = \"200mbit\"\nexit_flow_limit = 100\nexit_new_flow_rate = 20\n",
         ))
         .expect("valid");
         let [exit, a, b] = &mesh.devices[..] else {
@@ -989,6 +1021,11 @@ mod tests {
             b.exit_rate_limit.map(|r| r.bits_per_second()),
             Some(200_000_000)
         );
+        assert_eq!(
+            (b.exit_flow_limit, b.exit_new_flow_rate),
+            (Some(100), Some(20))
+        );
+        assert_eq!((a.exit_flow_limit, a.exit_new_flow_rate), (None, None));
         // Absent keys: not an exit node, no limit.
         let plain = parse(&exit_file("", "")).expect("valid");
         assert!(
@@ -1042,6 +1079,24 @@ mod tests {
             "{joined}"
         );
         assert_eq!(p.len(), 3, "{joined}");
+
+        let p = problems(&exit_file(
+            "",
+            "exit_flow_limit = 15\nexit_new_flow_rate = 0\n",
+        ));
+        let joined: Vec<String> = p.iter().map(ToString::to_string).collect();
+        let joined = joined.join("\n");
+        assert!(
+            joined.contains(
+                "device \"b\": exit_flow_limit: 15 is out of range (16 to 1000000 flows)"
+            ),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("device \"b\": exit_new_flow_rate: 0 is out of range (1 to 100000 new flows a second)"),
+            "{joined}"
+        );
+        assert_eq!(p.len(), 2, "{joined}");
 
         let p = problems(&exit_file("exit_clients = [\"a\"]\n", ""));
         assert_eq!(p.len(), 1, "{p:?}");

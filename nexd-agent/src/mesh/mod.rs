@@ -80,7 +80,20 @@ pub struct Device {
     /// `exit_rate_limit`: the most this device may send, and receive,
     /// through an exit node (each direction on its own).
     pub exit_rate_limit: Option<Rate>,
+    /// `exit_flow_limit`: flows (connection-tracking entries) this device
+    /// may hold at once at an exit node; `None`: the exit node's default.
+    pub exit_flow_limit: Option<u32>,
+    /// `exit_new_flow_rate`: new flows per second this device may open
+    /// through an exit node (bursts of twice as many); `None`: the
+    /// default.
+    pub exit_new_flow_rate: Option<u32>,
 }
+
+/// The range `exit_flow_limit` accepts: below 16 a device cannot browse;
+/// above a million it is no bound (conntrack tables are smaller).
+pub const FLOW_LIMIT_RANGE: std::ops::RangeInclusive<u32> = 16..=1_000_000;
+/// The range `exit_new_flow_rate` accepts (new flows per second).
+pub const NEW_FLOW_RATE_RANGE: std::ops::RangeInclusive<u32> = 1..=100_000;
 
 /// A device's underlay address as written in the file. Names are resolved
 /// when the peer is configured, so a DNS change is picked up on reload.

@@ -781,20 +781,24 @@ fn find_device<'a>(m: &'a Membership, who: &str) -> Option<&'a crate::mesh::Devi
 }
 
 /// Whether the registry can hold everything `mesh` says: device records
-/// have no `exit_rate_limit` yet, and an import must not drop one
-/// silently.
+/// have no `exit_rate_limit`, `exit_flow_limit` or `exit_new_flow_rate`
+/// yet, and an import must not drop one silently.
 pub fn check_importable(mesh: &Mesh) -> Result<(), AdminError> {
     let limited: Vec<&str> = mesh
         .devices
         .iter()
-        .filter(|d| d.exit_rate_limit.is_some())
+        .filter(|d| {
+            d.exit_rate_limit.is_some()
+                || d.exit_flow_limit.is_some()
+                || d.exit_new_flow_rate.is_some()
+        })
         .map(|d| d.name.as_str())
         .collect();
     if limited.is_empty() {
         return Ok(());
     }
     Err(AdminError::Refused(format!(
-        "exit_rate_limit is set for {}: the registry's device records cannot carry rate limits yet; remove them from the file to import it (nothing was written)",
+        "exit_rate_limit, exit_flow_limit or exit_new_flow_rate is set for {}: the registry's device records cannot carry per-client limits yet; remove them from the file to import it (nothing was written)",
         limited.join(", ")
     )))
 }

@@ -220,6 +220,8 @@ fn assemble(
                 .as_ref()
                 .map(|c| c.iter().cloned().collect()),
             exit_rate_limit: None,
+            exit_flow_limit: None,
+            exit_new_flow_rate: None,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));

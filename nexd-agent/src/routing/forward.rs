@@ -12,25 +12,54 @@
 //!   and counted, from outside and from another client alike. The chain's policy stays `accept` (nexd does
 //!   not decide for the host's other traffic), so the refusal is an
 //!   explicit `drop`: an accept-only rule for replies, as before, changed
-//!   nothing under `policy accept`. Traffic from the tunnel is accepted
-//!   here: by the time it reaches netfilter, the eBPF program on the
-//!   WireGuard ingress has let it through;
+//!   nothing under `policy accept`. From the tunnel, in this order:
+//!   - only what the exit program on the WireGuard ingress let through:
+//!     it sets [`EXIT_PASSED_MARK`] on every packet it passes, and a
+//!     packet without it is dropped (`unchecked`). With the programs
+//!     gone (a nexd killed on a TCX kernel, whose program links die with
+//!     it; programs detached by anyone) the table left behind forwards
+//!     nothing instead of everything. The bit is cleared again here, so
+//!     nothing after this chain sees it;
+//!   - out of the uplinks only (per family), or to a subnet the operator
+//!     shares with `--exit-allow` (through whatever interface routes it):
+//!     a route in another table, a policy rule, a route added at runtime
+//!     before the policy caught up cannot take a client elsewhere
+//!     (`not_uplink`);
+//!   - a new flow of a client passes its limits: new flows per second
+//!     and flows tracked at once, per client (one chain per client with
+//!     its own `limit` and `ct count`, reached through one verdict-map
+//!     lookup of the source; both families of a client count together),
+//!     refused and counted per client (`new_flow_rate_<k>`,
+//!     `flow_limit_<k>`) beyond them;
 //! * input: from the WireGuard interface, only this exit node's own mesh
 //!   addresses (its mesh services: announcements, DNS) are reachable, not
 //!   the host's other addresses (its uplink address, a metadata address
 //!   on lo...). No address list to maintain: "not my mesh address";
-//! * postrouting: masquerade of the mesh prefixes out of the uplink.
+//! * postrouting: masquerade of the mesh prefixes out of the uplink, TCP
+//!   and UDP to ports 1024-65535 whatever the source port: without a
+//!   range the kernel keeps a port below 512 below 512, so 511 flows of
+//!   one client to one server took every port another client's flow
+//!   from a low port could get.
 //!
 //! Connection tracking stays in netfilter rather than in eBPF: nexd runs
 //! on kernels from 5.8, the conntrack kfuncs need much newer ones, and
-//! masquerade needs the same flows tracked anyway.
+//! masquerade needs the same flows tracked anyway. For the same reason the
+//! flow limits are nftables': a flow is a conntrack entry, which the TC
+//! program (before conntrack) cannot see for UDP, and `ct count` counts
+//! exactly the entries alive (it forgets closed ones as it goes).
 //!
 //! The table is replaced atomically (one `nft -f` transaction) and deleted
-//! on stop; forwarding sysctls go back to their original values.
+//! on stop; forwarding sysctls go back to their original values. A
+//! replacement starts the flow counts afresh: flows open before it are
+//! not counted until they end.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+pub use nexd_common::exit::EXIT_PASSED_MARK;
 use tracing::{info, warn};
 
 use super::{
@@ -46,7 +75,7 @@ pub const NFT_TABLE: Table = Table {
 
 /// The named counters of the table (packets and bytes each), for status
 /// and metrics: `nft list counter inet nexd <name>`.
-pub const COUNTERS: [&str; 6] = [
+pub const COUNTERS: [&str; 8] = [
     // From the tunnel, forwarded (after the eBPF program let it through).
     "forwarded",
     // Replies and related ICMP towards the tunnel.
@@ -61,7 +90,72 @@ pub const COUNTERS: [&str; 6] = [
     "masqueraded",
     // A mesh source address arriving outside the tunnel: dropped.
     "spoofed",
+    // From the tunnel without the exit program's mark: dropped.
+    "unchecked",
+    // From the tunnel towards an interface that is not an uplink (and
+    // not to an `--exit-allow` subnet): dropped.
+    "not_uplink",
 ];
+
+/// A served client's bounds on connection tracking at the exit node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowLimits {
+    /// Flows (conntrack entries) of the client at once.
+    pub max_flows: u32,
+    /// New flows per second; bursts of twice as many pass.
+    pub new_per_second: u32,
+}
+
+impl FlowLimits {
+    /// Far above what a device (or a small LAN behind a gateway) opens,
+    /// far below what fills a conntrack table (65,536 entries on a small
+    /// machine) or one destination's masquerade ports (64,512) alone.
+    pub const DEFAULT: FlowLimits = FlowLimits {
+        max_flows: 4096,
+        new_per_second: 200,
+    };
+}
+
+impl Default for FlowLimits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// A client the exit node serves, as its table knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowClient {
+    pub name: String,
+    /// Its mesh addresses.
+    pub addresses: Vec<IpAddr>,
+    pub limits: FlowLimits,
+}
+
+/// Per-client counter names in the table, by the client's position.
+fn client_counter(what: &str, k: usize) -> String {
+    format!("{what}_{k}")
+}
+
+/// What the table refused of each client, by reason (`flow_limit`,
+/// `new_flow_rate`), from the table's named counters (packets): refusals
+/// of clients without any are left out.
+pub fn client_refusals(
+    clients: &[FlowClient],
+    counters: &BTreeMap<String, u64>,
+) -> BTreeMap<String, BTreeMap<String, u64>> {
+    let mut out: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for (k, c) in clients.iter().enumerate() {
+        for what in ["flow_limit", "new_flow_rate"] {
+            if let Some(n) = counters.get(&client_counter(what, k)).filter(|n| **n > 0) {
+                *out.entry(c.name.clone())
+                    .or_default()
+                    .entry(what.to_owned())
+                    .or_default() += n;
+            }
+        }
+    }
+    out
+}
 
 /// Why the exit node could not start forwarding.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +190,12 @@ pub struct ExitRules {
     /// tunnel may reach. `None` leaves the input path alone (what
     /// [`ExitForwarding::install`] does until the daemon passes them).
     pub own: Option<(Ipv4Addr, Ipv6Addr)>,
+    /// `--exit-allow`: subnets shared with the clients, reached through
+    /// whatever interface routes them (everything else leaves through the
+    /// uplinks only).
+    pub allow: Vec<IpNet>,
+    /// The clients served, with their flow limits.
+    pub clients: Vec<FlowClient>,
 }
 
 /// The nftables transaction for the exit node, without the input guard
@@ -107,8 +207,19 @@ pub fn script(wg: &str, uplinks: &Uplinks, v4: Ipv4Net, v6: Ipv6Net) -> String {
         mesh_v4: v4,
         mesh_v6: v6,
         own: None,
+        allow: Vec::new(),
+        clients: Vec::new(),
     }
     .script()
+}
+
+/// A set's elements, as nft writes them.
+fn elements<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
+    items
+        .into_iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl ExitRules {
@@ -120,17 +231,20 @@ impl ExitRules {
             mesh_v4: v4,
             mesh_v6: v6,
             own,
+            allow,
+            clients,
         } = self;
         let mut nat = String::new();
-        if let Some(up) = &uplinks.v4 {
-            nat.push_str(&format!(
-                "    oifname \"{up}\" ip saddr {v4} counter name \"masqueraded\" masquerade\n"
-            ));
-        }
-        if let Some(up) = &uplinks.v6 {
-            nat.push_str(&format!(
-                "    oifname \"{up}\" ip6 saddr {v6} counter name \"masqueraded\" masquerade\n"
-            ));
+        for (up, fam, mesh) in [
+            (&uplinks.v4, "ip", v4.to_string()),
+            (&uplinks.v6, "ip6", v6.to_string()),
+        ] {
+            if let Some(up) = up {
+                nat.push_str(&format!(
+                    "    oifname \"{up}\" {fam} saddr {mesh} meta l4proto {{ tcp, udp }} counter name \"masqueraded\" masquerade to :1024-65535\n\
+                     \x20   oifname \"{up}\" {fam} saddr {mesh} counter name \"masqueraded\" masquerade\n"
+                ));
+            }
         }
         let input = match own {
             None => String::new(),
@@ -142,23 +256,102 @@ impl ExitRules {
                  \x20 }}\n"
             ),
         };
-        let counters: String = COUNTERS
+        let mut counters: String = COUNTERS
             .iter()
             .map(|c| format!("  counter {c} {{ }}\n"))
             .collect();
+        let mut sets = String::new();
+        let mut uplink_only = String::new();
+        for (up, nfproto, fam, addr_type, tag, v6) in [
+            (&uplinks.v4, "ipv4", "ip", "ipv4_addr", "4", false),
+            (&uplinks.v6, "ipv6", "ip6", "ipv6_addr", "6", true),
+        ] {
+            let shared: Vec<String> = allow
+                .iter()
+                .filter(|n| matches!(n, IpNet::V6(_)) == v6)
+                .map(|n| n.trunc().to_string())
+                .collect();
+            let mut rule = format!("    iifname \"{wg}\" meta nfproto {nfproto}");
+            if let Some(up) = up {
+                rule.push_str(&format!(" oifname != \"{up}\""));
+            }
+            if !shared.is_empty() {
+                sets.push_str(&format!(
+                    "  set allow{tag} {{ type {addr_type}; flags interval; elements = {{ {} }} }}\n",
+                    shared.join(", ")
+                ));
+                rule.push_str(&format!(" {fam} daddr != @allow{tag}"));
+            }
+            rule.push_str(" counter name \"not_uplink\" drop\n");
+            uplink_only.push_str(&rule);
+        }
+        let mut limits = String::new();
+        let mut per_client = String::new();
+        for (k, c) in clients.iter().enumerate() {
+            let (rate, flows) = (
+                client_counter("new_flow_rate", k),
+                client_counter("flow_limit", k),
+            );
+            counters.push_str(&format!(
+                "  counter {rate} {{ }}\n  counter {flows} {{ }}\n"
+            ));
+            let FlowLimits {
+                max_flows,
+                new_per_second,
+            } = c.limits;
+            let burst = new_per_second.saturating_mul(2);
+            per_client.push_str(&format!(
+                "  chain client_{k} {{\n\
+                 \x20   limit rate over {new_per_second}/second burst {burst} packets counter name \"{rate}\" drop\n\
+                 \x20   ct count over {max_flows} counter name \"{flows}\" drop\n\
+                 \x20 }}\n"
+            ));
+        }
+        for (addr_type, fam, tag, v6) in [
+            ("ipv4_addr", "ip", "4", false),
+            ("ipv6_addr", "ip6", "6", true),
+        ] {
+            let members: Vec<String> = clients
+                .iter()
+                .enumerate()
+                .flat_map(|(k, c)| {
+                    c.addresses
+                        .iter()
+                        .filter(move |a| a.is_ipv6() == v6)
+                        .map(move |a| format!("{a} : jump client_{k}"))
+                })
+                .collect();
+            if !members.is_empty() {
+                sets.push_str(&format!(
+                    "  map clients{tag} {{ type {addr_type} : verdict; elements = {{ {} }} }}\n",
+                    elements(members)
+                ));
+                limits.push_str(&format!(
+                    "    iifname \"{wg}\" ct state new {fam} saddr vmap @clients{tag}\n"
+                ));
+            }
+        }
+        let mark = EXIT_PASSED_MARK;
+        let keep = !EXIT_PASSED_MARK;
         let clear = NFT_TABLE.clear_script();
         format!(
             "{clear}table {NFT_TABLE} {{\n\
              {counters}\
+             {sets}\
              \x20 chain prerouting {{\n\
              \x20   type filter hook prerouting priority raw; policy accept;\n\
              \x20   iifname != \"{wg}\" ip saddr {v4} counter name \"spoofed\" drop\n\
              \x20   iifname != \"{wg}\" ip6 saddr {v6} counter name \"spoofed\" drop\n\
              \x20 }}\n\
+             {per_client}\
              \x20 chain forward {{\n\
              \x20   type filter hook forward priority filter; policy accept;\n\
              \x20   oifname \"{wg}\" ct state established,related counter name \"returned\" accept\n\
              \x20   oifname \"{wg}\" counter name \"inbound_dropped\" drop\n\
+             \x20   iifname \"{wg}\" meta mark & {mark:#010x} == 0 counter name \"unchecked\" drop\n\
+             \x20   iifname \"{wg}\" meta mark set meta mark & {keep:#010x}\n\
+             {uplink_only}\
+             {limits}\
              \x20   iifname \"{wg}\" counter name \"forwarded\" accept\n\
              \x20 }}\n\
              {input}\
@@ -174,6 +367,8 @@ impl ExitRules {
 /// The installed exit node forwarding.
 pub struct ExitForwarding {
     pub uplinks: Uplinks,
+    /// The clients as the table numbers them (its per-client counters).
+    pub clients: Vec<FlowClient>,
 }
 
 impl ExitForwarding {
@@ -194,6 +389,8 @@ impl ExitForwarding {
                 mesh_v4: v4,
                 mesh_v6: v6,
                 own: None,
+                allow: Vec::new(),
+                clients: Vec::new(),
             },
             sysctls,
         )
@@ -208,7 +405,10 @@ impl ExitForwarding {
             return Err(ForwardError::NoUplink);
         }
         nft::apply(&rules.script())?;
-        let fw = ExitForwarding { uplinks };
+        let fw = ExitForwarding {
+            uplinks,
+            clients: rules.clients.clone(),
+        };
         if let Err(e) = sysctls.enable_forwarding() {
             fw.remove(sysctls);
             return Err(e.into());
@@ -227,6 +427,12 @@ impl ExitForwarding {
             "exit node forwarding installed (nftables table {NFT_TABLE})"
         );
         Ok(fw)
+    }
+
+    /// What the table refused of each client (by client name, then
+    /// reason), from its counters.
+    pub fn refusals(&self) -> Result<BTreeMap<String, BTreeMap<String, u64>>, NftError> {
+        Ok(client_refusals(&self.clients, &NFT_TABLE.counters()?))
     }
 
     /// Deletes the table and restores the forwarding sysctls.
@@ -253,7 +459,32 @@ mod tests {
                 "100.64.0.1".parse().expect("ip"),
                 "fd6e:6578:6400::1".parse().expect("ip"),
             )),
+            allow: vec!["10.1.0.7/24".parse().expect("net")],
+            clients: vec![
+                FlowClient {
+                    name: "a".into(),
+                    addresses: vec![
+                        "100.64.0.2".parse().expect("ip"),
+                        "fd6e:6578:6400::2".parse().expect("ip"),
+                    ],
+                    limits: FlowLimits::DEFAULT,
+                },
+                FlowClient {
+                    name: "b".into(),
+                    addresses: vec!["100.64.0.3".parse().expect("ip")],
+                    limits: FlowLimits {
+                        max_flows: 100,
+                        new_per_second: 20,
+                    },
+                },
+            ],
         }
+    }
+
+    /// Where `needle` is in the script `s` (it must be there).
+    fn position(s: &str, needle: &str) -> usize {
+        s.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} missing from\n{s}"))
     }
 
     /// The whole table, as nft reads it. Any change here is a change of
@@ -269,15 +500,38 @@ table inet nexd {
   counter local_dropped { }
   counter masqueraded { }
   counter spoofed { }
+  counter unchecked { }
+  counter not_uplink { }
+  counter new_flow_rate_0 { }
+  counter flow_limit_0 { }
+  counter new_flow_rate_1 { }
+  counter flow_limit_1 { }
+  set allow4 { type ipv4_addr; flags interval; elements = { 10.1.0.0/24 } }
+  map clients4 { type ipv4_addr : verdict; elements = { 100.64.0.2 : jump client_0, 100.64.0.3 : jump client_1 } }
+  map clients6 { type ipv6_addr : verdict; elements = { fd6e:6578:6400::2 : jump client_0 } }
   chain prerouting {
     type filter hook prerouting priority raw; policy accept;
     iifname != "wg0" ip saddr 100.64.0.0/10 counter name "spoofed" drop
     iifname != "wg0" ip6 saddr fd6e:6578:6400::/48 counter name "spoofed" drop
   }
+  chain client_0 {
+    limit rate over 200/second burst 400 packets counter name "new_flow_rate_0" drop
+    ct count over 4096 counter name "flow_limit_0" drop
+  }
+  chain client_1 {
+    limit rate over 20/second burst 40 packets counter name "new_flow_rate_1" drop
+    ct count over 100 counter name "flow_limit_1" drop
+  }
   chain forward {
     type filter hook forward priority filter; policy accept;
     oifname "wg0" ct state established,related counter name "returned" accept
     oifname "wg0" counter name "inbound_dropped" drop
+    iifname "wg0" meta mark & 0x01000000 == 0 counter name "unchecked" drop
+    iifname "wg0" meta mark set meta mark & 0xfeffffff
+    iifname "wg0" meta nfproto ipv4 oifname != "eth0" ip daddr != @allow4 counter name "not_uplink" drop
+    iifname "wg0" meta nfproto ipv6 oifname != "eth1" counter name "not_uplink" drop
+    iifname "wg0" ct state new ip saddr vmap @clients4
+    iifname "wg0" ct state new ip6 saddr vmap @clients6
     iifname "wg0" counter name "forwarded" accept
   }
   chain input {
@@ -287,21 +541,75 @@ table inet nexd {
   }
   chain postrouting {
     type nat hook postrouting priority srcnat; policy accept;
+    oifname "eth0" ip saddr 100.64.0.0/10 meta l4proto { tcp, udp } counter name "masqueraded" masquerade to :1024-65535
     oifname "eth0" ip saddr 100.64.0.0/10 counter name "masqueraded" masquerade
+    oifname "eth1" ip6 saddr fd6e:6578:6400::/48 meta l4proto { tcp, udp } counter name "masqueraded" masquerade to :1024-65535
     oifname "eth1" ip6 saddr fd6e:6578:6400::/48 counter name "masqueraded" masquerade
   }
 }
 "#;
         assert_eq!(rules().script(), expected);
+        if let Err(e) = nft::check(expected) {
+            panic!("{e}");
+        }
+    }
+
+    #[test]
+    fn from_the_tunnel_the_mark_is_checked_first_then_the_uplinks_then_the_limits() {
+        let s = rules().script();
+        let at = |needle: &str| position(&s, needle);
+        assert!(at("\"inbound_dropped\" drop") < at("\"unchecked\" drop"));
+        assert!(at("\"unchecked\" drop") < at("meta mark set"));
+        assert!(at("meta mark set") < at("\"not_uplink\" drop"));
+        assert!(at("\"not_uplink\" drop") < at("vmap @clients4"));
+        assert!(at("vmap @clients4") < at("\"forwarded\" accept"));
+    }
+
+    #[test]
+    fn a_family_without_uplink_forwards_only_to_shared_subnets() {
+        let mut r = rules();
+        r.uplinks.v6 = None;
+        r.allow.push("fd10:1::/64".parse().expect("net"));
+        let s = r.script();
+        assert!(
+            s.contains("iifname \"wg0\" meta nfproto ipv6 ip6 daddr != @allow6 counter name \"not_uplink\" drop"),
+            "{s}"
+        );
+        r.allow.clear();
+        let s = r.script();
+        assert!(
+            s.contains("iifname \"wg0\" meta nfproto ipv6 counter name \"not_uplink\" drop"),
+            "{s}"
+        );
+        assert!(!s.contains("allow4"), "{s}");
+        if let Err(e) = nft::check(&s) {
+            panic!("{e}");
+        }
+    }
+
+    #[test]
+    fn refusals_are_read_back_per_client_by_name() {
+        let r = rules();
+        let counters: BTreeMap<String, u64> = [
+            ("flow_limit_0", 0),
+            ("new_flow_rate_0", 0),
+            ("flow_limit_1", 7),
+            ("new_flow_rate_1", 3),
+            ("forwarded", 99),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let by = client_refusals(&r.clients, &counters);
+        assert_eq!(by.len(), 1, "{by:?}");
+        assert_eq!(by["b"]["flow_limit"], 7);
+        assert_eq!(by["b"]["new_flow_rate"], 3);
     }
 
     #[test]
     fn towards_the_tunnel_replies_pass_before_anything_new_is_dropped() {
         let s = rules().script();
-        let at = |needle: &str| {
-            s.find(needle)
-                .unwrap_or_else(|| panic!("{needle:?} missing from\n{s}"))
-        };
+        let at = |needle: &str| position(&s, needle);
         // Under `policy accept` only an explicit drop refuses anything:
         // the reply rule must come first, then the drop of everything else
         // towards the tunnel (from outside, and from the tunnel itself: a
@@ -319,6 +627,8 @@ table inet nexd {
     fn without_own_addresses_there_is_no_input_chain() {
         let mut r = rules();
         r.own = None;
+        r.allow.clear();
+        r.clients.clear();
         let s = r.script();
         assert!(!s.contains("chain input"), "{s}");
         assert!(s.contains("\"inbound_dropped\" drop"), "{s}");

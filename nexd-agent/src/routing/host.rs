@@ -1,8 +1,9 @@
 //! What networks the host itself has: every address of every interface
-//! and the destinations of its routes. An exit node denies its clients all
-//! of it (its own addresses, its connected and routed subnets: the VPC,
-//! a private network only it reaches), so it reads them here and again
-//! whenever links, addresses or routes change.
+//! and the destinations of its routes, in every routing table. An exit
+//! node denies its clients all of it (its own addresses, its connected
+//! and routed subnets: the VPC, a private network only it reaches, a
+//! partner's prefix a policy rule sends through table 100), so it reads
+//! them here and again whenever links, addresses or routes change.
 
 use std::net::IpAddr;
 
@@ -13,7 +14,7 @@ use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute},
 };
 
-use super::uplink::main_routes;
+use super::routes;
 use crate::netlink::{Netlink, NetlinkError};
 
 /// Every address of every interface, with its prefix length.
@@ -39,13 +40,16 @@ pub async fn addresses(nl: &Netlink) -> Result<Vec<IpNet>, NetlinkError> {
     Ok(out)
 }
 
-/// Destinations of the main table's routes other than the default routes
-/// and the halves that split a default (0.0.0.0/1 and 128.0.0.0/1, ::/1
-/// and 8000::/1, as VPN clients install): subnets the host reaches that
-/// are not the internet.
+/// Destinations of the routes of every table other than the default
+/// routes and the halves that split a default (0.0.0.0/1 and 128.0.0.0/1,
+/// ::/1 and 8000::/1, as VPN clients install): subnets the host reaches
+/// that are not the internet. Every table, not main alone: a policy rule
+/// can send any destination through any of them, so a route anywhere is
+/// a subnet the host reaches (the nftables table also keeps clients'
+/// traffic on the uplinks, whatever routing decides).
 pub async fn routed_subnets(nl: &Netlink) -> Result<Vec<IpNet>, NetlinkError> {
     let mut out = Vec::new();
-    for (_, r) in main_routes(nl).await? {
+    for (_, r) in routes::of_every_table(nl).await? {
         let len = r.header.destination_prefix_length;
         if len <= 1 {
             continue;

@@ -15,6 +15,7 @@
 //! * `routes` and `nft`: how routes and nftables tables are read and
 //!   written, the same way for every owner above.
 
+pub mod conntrack;
 pub mod dns;
 pub mod exclusions;
 pub mod forward;

@@ -73,6 +73,22 @@ impl Table {
         }
     }
 
+    /// The table's named counters: name -> packets.
+    pub fn counters(self) -> Result<std::collections::BTreeMap<String, u64>, NftError> {
+        let out = Command::new("nft")
+            .args(["-j", "list", "counters", "table", self.family, self.name])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(NftError::Spawn)?;
+        if !out.status.success() {
+            return Err(NftError::Rejected(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ));
+        }
+        counters_of(&out.stdout)
+            .map_err(|e| NftError::Rejected(format!("unreadable counter listing: {e}")))
+    }
+
     /// Whether the table exists.
     pub fn exists(self) -> Result<bool, NftError> {
         let out = Command::new("nft")
@@ -83,6 +99,21 @@ impl Table {
             .map_err(NftError::Spawn)?;
         Ok(out.success())
     }
+}
+
+/// Named counters in `nft -j list counters` output: name -> packets.
+fn counters_of(json: &[u8]) -> Result<std::collections::BTreeMap<String, u64>, String> {
+    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    let list = v["nftables"]
+        .as_array()
+        .ok_or_else(|| "no \"nftables\" list".to_owned())?;
+    Ok(list
+        .iter()
+        .filter_map(|e| {
+            let c = &e["counter"];
+            Some((c["name"].as_str()?.to_owned(), c["packets"].as_u64()?))
+        })
+        .collect())
 }
 
 /// "family name", as `nft` writes it (and the record keeps it).
@@ -138,6 +169,16 @@ pub fn check(script: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn counters_are_read_by_name() {
+        let json = br#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"counter": {"family": "inet", "name": "forwarded", "table": "nexd", "handle": 4, "packets": 12, "bytes": 900}}, {"counter": {"family": "inet", "name": "flow_limit_0", "table": "nexd", "handle": 5, "packets": 3, "bytes": 90}}]}"#;
+        let c = super::counters_of(json).expect("listing");
+        assert_eq!(c.len(), 2);
+        assert_eq!(c["forwarded"], 12);
+        assert_eq!(c["flow_limit_0"], 3);
+        assert!(super::counters_of(b"not json").is_err());
+    }
+
     #[test]
     fn one_transaction_deletes_tables_that_may_not_exist() {
         let table = |name| super::Table {

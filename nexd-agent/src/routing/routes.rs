@@ -35,10 +35,9 @@ pub fn oif(msg: &RouteMessage) -> Option<u32> {
     })
 }
 
-/// Every route of `table`, IPv4 then IPv6, with whether it is IPv6. The
-/// kernel may dump other tables' routes too (it filters by table only
-/// with strict checking), so they are filtered here.
-pub async fn of_table(nl: &Netlink, table: u32) -> Result<Vec<(bool, RouteMessage)>, NetlinkError> {
+/// What a route dump for `table` returns (0: every table), IPv4 then
+/// IPv6, with whether it is IPv6.
+async fn dump(nl: &Netlink, table: u32) -> Result<Vec<(bool, RouteMessage)>, NetlinkError> {
     let mut out = Vec::new();
     for v6 in [false, true] {
         let query = if v6 {
@@ -53,14 +52,32 @@ pub async fn of_table(nl: &Netlink, table: u32) -> Result<Vec<(bool, RouteMessag
         let family = if v6 { "IPv6" } else { "IPv4" };
         let mut routes = nl.handle().route().get(query).execute();
         while let Some(r) = routes.try_next().await.map_err(|e| {
-            NetlinkError::new(format!("listing {family} routes of table {table}"), e)
+            let of = match table {
+                0 => "every table".to_owned(),
+                t => format!("table {t}"),
+            };
+            NetlinkError::new(format!("listing {family} routes of {of}"), e)
         })? {
-            if table_of(&r) == table {
-                out.push((v6, r));
-            }
+            out.push((v6, r));
         }
     }
     Ok(out)
+}
+
+/// Every route of `table`, IPv4 then IPv6, with whether it is IPv6. The
+/// kernel may dump other tables' routes too (it filters by table only
+/// with strict checking), so they are filtered here.
+pub async fn of_table(nl: &Netlink, table: u32) -> Result<Vec<(bool, RouteMessage)>, NetlinkError> {
+    let mut routes = dump(nl, table).await?;
+    routes.retain(|(_, r)| table_of(r) == table);
+    Ok(routes)
+}
+
+/// Every route of every table (main, local, policy-routing tables, nexd's
+/// own), IPv4 then IPv6, with whether it is IPv6: table 0 in the request
+/// asks for all of them, with or without strict checking.
+pub async fn of_every_table(nl: &Netlink) -> Result<Vec<(bool, RouteMessage)>, NetlinkError> {
+    dump(nl, 0).await
 }
 
 /// Adds `msg`, replacing the route with the same destination in its

@@ -33,7 +33,7 @@ fn default_of(msg: &RouteMessage) -> Option<DefaultRoute> {
 }
 
 /// Every route of the main table, IPv4 then IPv6, with whether it is
-/// IPv6: the one listing the uplink and host readers filter.
+/// IPv6: the one listing the uplink readers filter.
 pub async fn main_routes(nl: &Netlink) -> Result<Vec<(bool, RouteMessage)>, NetlinkError> {
     routes::of_table(nl, MAIN_TABLE).await
 }
@@ -122,17 +122,35 @@ pub async fn internet_reachable(nl: &Netlink, only: Option<&str>) -> Result<bool
     Ok(false)
 }
 
+/// Whether a route event matters: every route of every table does (a
+/// default route moves uplinks; any other route, in main or in a table a
+/// policy rule uses, changes what an exit node's clients may not reach;
+/// `own_tables` hold what nexd relies on), except nexd's own churn and
+/// the kernel's: routes of `churn_tables` (the excluded routes, which
+/// nexd itself writes by the tens of thousands) and cached clones (PMTU
+/// and redirect exceptions, which come and go with traffic and change no
+/// table).
+fn route_event_matters(msg: &RouteMessage, own_tables: &[u32], churn_tables: &[u32]) -> bool {
+    use netlink_packet_route::route::RouteFlags;
+    let table = table_of(msg);
+    own_tables.contains(&table)
+        || !(churn_tables.contains(&table) || msg.header.flags.contains(RouteFlags::Cloned))
+}
+
 /// Listens for the changes that move uplinks: links appearing, going or
-/// changing state, addresses, and default routes of the main table; and
-/// for changes to what nexd relies on: every route of `own_tables` and
-/// every policy rule (the daemon checks its own objects against them and
-/// puts back what was removed behind its back; its own changes cost one
-/// check). Each burst of changes becomes one notice on `notices` (a full
+/// changing state, addresses, and routes (default routes move uplinks;
+/// the others are what an exit node's policy is made of); and for
+/// changes to what nexd relies on: every route of `own_tables` and every
+/// policy rule (the daemon checks its own objects against them and puts
+/// back what was removed behind its back; its own changes cost one
+/// check). Routes of `churn_tables` (nexd's excluded routes) do not
+/// count. Each burst of changes becomes one notice on `notices` (a full
 /// channel already holds one, which is all the loop needs to know), so
 /// the daemon re-evaluates within milliseconds instead of on a timer.
 pub fn watch_changes(
     notices: tokio::sync::mpsc::Sender<()>,
     own_tables: Vec<u32>,
+    churn_tables: Vec<u32>,
 ) -> Result<tokio::task::JoinHandle<()>, NetlinkError> {
     use futures::StreamExt as _;
     use netlink_packet_route::RouteNetlinkMessage;
@@ -169,11 +187,7 @@ pub fn watch_changes(
             let relevant = match msg.payload {
                 NetlinkPayload::InnerMessage(
                     RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r),
-                ) => {
-                    let table = table_of(&r);
-                    (r.header.destination_prefix_length == 0 && table == MAIN_TABLE)
-                        || own_tables.contains(&table)
-                }
+                ) => route_event_matters(&r, &own_tables, &churn_tables),
                 NetlinkPayload::InnerMessage(
                     RouteNetlinkMessage::NewAddress(_)
                     | RouteNetlinkMessage::DelAddress(_)
@@ -192,4 +206,46 @@ pub fn watch_changes(
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use netlink_packet_route::route::RouteFlags;
+    use rtnetlink::RouteMessageBuilder;
+
+    use super::*;
+
+    /// Issue 21, finding 6: a route added to main (or any table) while an
+    /// exit node runs changes its policy, so it must wake the daemon; the
+    /// excluded routes nexd writes itself (28281 here) do not.
+    #[test]
+    fn every_route_event_matters_but_nexds_churn_and_the_kernels_cached_clones() {
+        let route = |table: u32, len: u8| {
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .table_id(table)
+                .destination_prefix(Ipv4Addr::new(198, 51, 100, 0), len)
+                .build()
+        };
+        for (table, len) in [
+            (MAIN_TABLE, 0),
+            (MAIN_TABLE, 25),
+            (100, 25),
+            (255, 32),
+            (28280, 0),
+        ] {
+            assert!(
+                route_event_matters(&route(table, len), &[28280], &[28281]),
+                "{table} /{len}"
+            );
+        }
+        assert!(!route_event_matters(&route(28281, 24), &[28280], &[28281]));
+        let mut clone = route(MAIN_TABLE, 32);
+        clone.header.flags |= RouteFlags::Cloned;
+        assert!(!route_event_matters(&clone, &[28280], &[28281]));
+        let mut own_clone = route(28280, 32);
+        own_clone.header.flags |= RouteFlags::Cloned;
+        assert!(route_event_matters(&own_clone, &[28280], &[28281]));
+    }
 }

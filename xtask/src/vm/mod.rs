@@ -50,7 +50,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Arch::Amd64)]
     pub arch: Arch,
     /// Only these test binaries of the suite (repeatable): mesh,
-    /// exit_node, gateway (and programs on arm64). Default: all.
+    /// exit_node, gateway, exit_trust (and programs on arm64). Default: all.
     #[arg(long = "test", value_name = "BINARY")]
     pub tests: Vec<String>,
     /// Instead of the suite: install the amd64 .deb in a Debian system
@@ -83,8 +83,10 @@ pub struct Case {
 
 /// The tests run inside: mesh up over kernel WireGuard; exit node
 /// enable/disable with the source-address proof and direct mesh traffic;
-/// the steering classifier and the leak guard; clean stops throughout.
-pub const SUITE: [Case; 3] = [
+/// the steering classifier and the leak guard; clean stops throughout;
+/// an exit node killed on kernel WireGuard (its link, peers, forwarding
+/// and table left behind) forwarding nothing its programs did not see.
+pub const SUITE: [Case; 4] = [
     Case {
         package: "nexd-tests",
         binary: "mesh",
@@ -101,6 +103,12 @@ pub const SUITE: [Case; 3] = [
         package: "nexd-tests",
         binary: "gateway",
         test: "lan_gateway_split_tunnel_and_kill_switch",
+        ignored: false,
+    },
+    Case {
+        package: "nexd-tests",
+        binary: "exit_trust",
+        test: "an_exit_node_that_dies_forwards_nothing_its_programs_did_not_pass",
         ignored: false,
     },
 ];
@@ -341,9 +349,12 @@ mod tests {
     fn suites_per_architecture() {
         let names = |c: Vec<Case>| c.iter().map(|c| c.binary).collect::<Vec<_>>();
         let amd64 = cases(Arch::Amd64, &[]).expect("amd64");
-        assert_eq!(names(amd64), ["mesh", "exit_node", "gateway"]);
+        assert_eq!(names(amd64), ["mesh", "exit_node", "gateway", "exit_trust"]);
         let arm64 = cases(Arch::Arm64, &[]).expect("arm64");
-        assert_eq!(names(arm64), ["mesh", "exit_node", "gateway", "programs"]);
+        assert_eq!(
+            names(arm64),
+            ["mesh", "exit_node", "gateway", "exit_trust", "programs"]
+        );
         let some = cases(Arch::Arm64, &["exit_node".into(), "mesh".into()]).expect("subset");
         assert_eq!(names(some), ["mesh", "exit_node"]);
         assert!(cases(Arch::Amd64, &["programs".into()]).is_err());

@@ -89,7 +89,23 @@ pub fn builtin_denies() -> Vec<(IpNet, DenyReason)> {
         (v6((0xfd00_0ec2u128 << 96) | 0x254, 128), Metadata),
         (v6(0xfe80 << 112, 10), LinkLocal),
         (v6(0xff00 << 112, 8), Multicast),
+        // Local-use NAT64 (RFC 8215; its IPv4 may sit anywhere in the
+        // address) and 6to4 (RFC 3056, deprecated by RFC 7526): through a
+        // translator or relay in the exit host's network, IPv4 space.
+        (v6(0x0064_ff9b_0001 << 80, 48), Translated),
+        (v6(0x2002 << 112, 16), Translated),
     ]
+}
+
+/// The well-known NAT64 prefix (RFC 6052), 64:ff9b::/96: a NAT64
+/// gateway in the exit host's network (a cloud's, or the operator's)
+/// turns 64:ff9b::a.b.c.d into IPv4 a.b.c.d.
+const NAT64: Ipv6Net = Ipv6Net::new_assert(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96);
+
+/// An IPv4 prefix as the NAT64 prefix carries it: 64:ff9b::a.b.c.d/(96+len).
+fn nat64(net: Ipv4Net) -> IpNet {
+    let bits = u128::from(NAT64.network()) | u128::from(u32::from(net.network()));
+    v6(bits, 96 + net.prefix_len())
 }
 
 /// Deny reasons an allow entry only overrides when it is exactly the same
@@ -135,6 +151,20 @@ pub fn exit_policy(host: &HostNetworks, allow: &[IpNet]) -> ExitPolicy {
                 }
             })
             .or_insert(DenyReason::HostAddress);
+    }
+    // What is denied in IPv4 is denied through the NAT64 prefix too,
+    // with the same reason; the rest of it (the IPv4 internet) stays
+    // open. An IPv4 allow does not open its NAT64 form: that takes an
+    // allow of the NAT64 prefix itself.
+    let mirrored: Vec<(IpNet, DenyReason)> = deny
+        .iter()
+        .filter_map(|(net, reason)| match net {
+            IpNet::V4(n) => Some((nat64(*n), *reason)),
+            IpNet::V6(_) => None,
+        })
+        .collect();
+    for (net, reason) in mirrored {
+        deny.entry(net).or_insert(reason);
     }
 
     let allow: Vec<IpNet> = allow.iter().map(IpNet::trunc).collect();
@@ -405,6 +435,44 @@ mod tests {
         let p = exit_policy(&cloud_host(), &[]);
         assert!(!p.contains_key(&net("0.0.0.0/0")));
         assert_eq!(verdict(&p, "9.9.9.9"), None);
+    }
+
+    /// Issue 21, finding 12: a NAT64 gateway or a 6to4 router in the exit
+    /// host's network turns these IPv6 destinations into IPv4 ones.
+    #[test]
+    fn nat64_and_6to4_do_not_reach_what_ipv4_denies() {
+        let p = exit_policy(&cloud_host(), &[]);
+        use DenyReason::*;
+        for (a, r) in [
+            // 64:ff9b::/96 carries the IPv4 address in its last 32 bits.
+            ("64:ff9b::10.1.2.3", Private),
+            ("64:ff9b::169.254.169.254", Metadata),
+            ("64:ff9b::168.63.129.16", Metadata),
+            ("64:ff9b::10.20.1.7", Connected),
+            ("64:ff9b::198.51.100.9", Connected),
+            ("64:ff9b::10.20.1.5", HostAddress),
+            ("64:ff9b::100.64.0.2", Mesh),
+            ("64:ff9b::127.0.0.1", HostAddress),
+            ("64:ff9b::192.168.1.1", Private),
+            // The local-use prefix and 6to4: whole.
+            ("64:ff9b:1::a01:203", Translated),
+            ("64:ff9b:1:ffff::1", Translated),
+            ("2002:a01:203::1", Translated),
+            ("2002:cb00:710a::1", Translated),
+        ] {
+            assert_eq!(denied(&p, a), Some(r), "{a}");
+        }
+        // The IPv4 internet through NAT64 stays open.
+        assert_eq!(verdict(&p, "64:ff9b::8.8.8.8"), None);
+        assert_eq!(verdict(&p, "64:ff9b::203.0.113.10"), None);
+        // Sharing an IPv4 subnet does not share its NAT64 form; allowing
+        // the NAT64 form does, but not the metadata service inside it.
+        let p = exit_policy(&cloud_host(), &[net("10.20.0.0/16")]);
+        assert_eq!(verdict(&p, "10.20.1.7"), Some(PolicyValue::Allow));
+        assert_eq!(denied(&p, "64:ff9b::10.20.1.7"), Some(Connected));
+        let p = exit_policy(&cloud_host(), &[net("64:ff9b::/96")]);
+        assert_eq!(verdict(&p, "64:ff9b::10.1.2.3"), None);
+        assert_eq!(denied(&p, "64:ff9b::169.254.169.254"), Some(Metadata));
     }
 
     #[test]
