@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::{step, workspace_root};
+use crate::{progress::step, workspace};
 
 /// The targets, in fuzz/fuzz_targets.
 pub const TARGETS: [&str; 3] = ["control_request", "mesh_file", "announcement"];
@@ -24,7 +24,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let fuzz_dir = workspace_root().join("fuzz");
+    let fuzz_dir = workspace::root().join("fuzz");
     let targets: Vec<&str> = TARGETS
         .iter()
         .copied()
@@ -77,9 +77,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 /// variables (cargo-fuzz needs nightly for -Zsanitizer; the pinned one is
 /// the one `cargo xtask setup` installs).
 fn nightly_cargo() -> anyhow::Result<Command> {
-    let c = crate::cargo_command();
+    let c = crate::workspace::cargo_command();
     let mut n = Command::new("rustup");
-    n.args(["run", &crate::nightly()?, "cargo"]);
+    n.args(["run", &crate::workspace::nightly()?, "cargo"]);
     for (k, v) in c.get_envs() {
         match v {
             Some(v) => n.env(k, v),

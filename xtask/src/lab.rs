@@ -102,7 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.no_setup {
         setup::run(&setup::Args { check: false })?;
     }
-    crate::build_agent(false)?;
+    crate::workspace::build_agent(false)?;
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         let _ = nix::sys::signal::signal(

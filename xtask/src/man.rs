@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 
-use crate::{step, workspace_root};
+use crate::{progress::step, workspace};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -19,10 +19,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let out = if args.out.is_absolute() {
         args.out.clone()
     } else {
-        workspace_root().join(&args.out)
+        workspace::root().join(&args.out)
     };
     step(&format!("writing man pages to {}", out.display()));
-    let status = crate::cargo_command()
+    let status = crate::workspace::cargo_command()
         .args([
             "run",
             "--quiet",

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::step;
+use crate::progress::step;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -138,7 +138,7 @@ fn bpf_linker_ready() -> bool {
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    let toolchain = crate::nightly()?;
+    let toolchain = crate::workspace::nightly()?;
     let (has_nightly, missing_components) = nightly_ready(&toolchain);
     let has_linker = bpf_linker_ready();
     if args.check {

@@ -2,7 +2,7 @@
 
 use anyhow::{Context as _, bail};
 
-use crate::{arch::Arch, setup, step};
+use crate::{arch::Arch, progress::step, setup};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -37,7 +37,7 @@ pub struct Args {
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    let mut cmd = crate::cargo_command();
+    let mut cmd = crate::workspace::cargo_command();
     cmd.args(args);
     let status = cmd
         .status()

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 pub use stats::Row;
 
-use crate::{setup, step};
+use crate::{progress::step, setup};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -62,7 +62,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     // Measurements need optimised binaries; --quick only checks the code
     // runs, so the debug build CI already has will do.
-    crate::build_agent(!args.quick)?;
+    crate::workspace::build_agent(!args.quick)?;
     let plan = Plan {
         quick: args.quick,
         rounds: args.rounds,

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{Case, cpio::Cpio, elf, fetch::Kernel};
-use crate::{arch::Arch, step};
+use crate::{arch::Arch, progress::step};
 
 /// The Debian packages the VM's userland comes from.
 pub const USERLAND: &[&str] = &[
@@ -77,14 +77,14 @@ pub fn build_binaries(arch: Arch, cases: &[Case], release_agent: bool) -> anyhow
     let dir = if release {
         crate::arch::build_release(arch)?
     } else {
-        crate::build_agent(release_agent)?;
+        crate::workspace::build_agent(release_agent)?;
         arch.output_dir(release_agent)
     };
     step(&format!("building the end-to-end test binaries for {arch}"));
     let mut tests = BTreeMap::new();
     let packages: BTreeSet<&str> = cases.iter().map(|c| c.package).collect();
     for package in packages {
-        let mut cmd = crate::cargo_command();
+        let mut cmd = crate::workspace::cargo_command();
         cmd.arg("test").args(arch.cargo_target_args());
         if release {
             cmd.arg("--release");

@@ -32,7 +32,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{arch::Arch, step, workspace_root};
+use crate::{arch::Arch, progress::step, workspace};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -148,7 +148,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("fetching packages needs root; run `sudo cargo xtask vm-test`");
     }
-    let cache = workspace_root().join("target/vm-cache");
+    let cache = workspace::root().join("target/vm-cache");
     std::fs::create_dir_all(&cache)?;
     if args.systemd {
         return systemd::run(&cache, args);

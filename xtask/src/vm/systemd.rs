@@ -25,7 +25,7 @@ use super::{
     cpio::{Cpio, Owner},
     fetch, image,
 };
-use crate::{arch::Arch, step};
+use crate::{arch::Arch, progress::step};
 
 /// The packages of the system besides the Essential ones: systemd as init,
 /// udev and kmod as on any Debian machine, the package's dependencies (so
