@@ -11,7 +11,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 
-use crate::{progress::step, workspace};
+use crate::{
+    progress::step,
+    setup::{self, Need},
+    workspace,
+};
 
 /// A Debian architecture nexd supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -141,6 +145,10 @@ pub fn unit_tests_under_qemu(arch: Arch) -> anyhow::Result<()> {
     if arch.is_host() {
         bail!("{arch} is this machine's architecture: run `cargo test` instead");
     }
+    setup::ensure(
+        "the unit tests under qemu-user",
+        &[Need::Build, Need::Arm64, Need::QemuUser],
+    )?;
     let (qemu, sysroot) = arch.qemu_user();
     step(&format!(
         "nexd-agent's unit tests for {arch} under {qemu} (release build)"

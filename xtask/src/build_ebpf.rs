@@ -7,7 +7,11 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::{progress::step, workspace};
+use crate::{
+    progress::step,
+    setup::{self, Need},
+    workspace,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,6 +22,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    setup::ensure("building the eBPF programs", &[Need::Build])?;
     let root = workspace::root();
     let arch = std::env::consts::ARCH;
     step("building nexd-ebpf for bpfel-unknown-none");

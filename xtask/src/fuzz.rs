@@ -8,7 +8,11 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::{progress::step, workspace};
+use crate::{
+    progress::step,
+    setup::{self, Need},
+    workspace,
+};
 
 /// The targets, in fuzz/fuzz_targets.
 pub const TARGETS: [&str; 3] = ["control_request", "mesh_file", "announcement"];
@@ -37,6 +41,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             TARGETS.join(", ")
         );
     }
+    setup::ensure("fuzzing", &[Need::Build, Need::Fuzz])?;
     step("building the fuzz targets (nightly, AddressSanitizer)");
     let mut build = nightly_cargo()?;
     build
@@ -93,13 +98,4 @@ fn nightly_cargo() -> anyhow::Result<Command> {
         n.current_dir(dir);
     }
     Ok(n)
-}
-
-/// Whether cargo-fuzz is installed.
-pub fn installed() -> bool {
-    Command::new("cargo")
-        .args(["fuzz", "--version"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
 }

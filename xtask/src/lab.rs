@@ -19,7 +19,10 @@ use nexd_testkit::{
     world::{Naming, World},
 };
 
-use crate::setup;
+use crate::setup::{self, Need};
+
+/// What the lab needs installed: nexd built, and network namespaces.
+pub const NEEDS: &[Need] = &[Need::Build, Need::Namespaces];
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -100,7 +103,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("a lab is already up (kept with --keep); remove it with `cargo xtask lab down`");
     }
     if !args.no_setup {
-        setup::run(&setup::Args { check: false })?;
+        setup::ensure("the lab", NEEDS)?;
     }
     crate::workspace::build_agent(false)?;
     // SAFETY: installing a handler that only stores to an atomic.

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 
-use crate::{progress::step, workspace};
+use crate::{
+    progress::step,
+    setup::{self, Need},
+    workspace,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,6 +25,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         workspace::root().join(&args.out)
     };
+    setup::ensure("the man pages (nexctl writes them)", &[Need::Build])?;
     step(&format!("writing man pages to {}", out.display()));
     let status = crate::workspace::cargo_command()
         .args([

@@ -17,7 +17,12 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{arch::Arch, progress::step, workspace};
+use crate::{
+    arch::Arch,
+    progress::step,
+    setup::{self, Need},
+    workspace,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -70,9 +75,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
 /// Builds and checks the packages of `arches`; returns their paths.
 pub fn build(arches: &[Arch]) -> anyhow::Result<Vec<PathBuf>> {
-    if !crate::setup::cargo_deb_installed() {
-        bail!("cargo-deb is missing; `cargo xtask setup` installs it");
+    let mut needs = vec![Need::Build, Need::Package];
+    if arches.iter().any(|a| !a.is_host()) {
+        needs.push(Need::Arm64);
     }
+    setup::ensure("the packages", &needs)?;
     // The host's binaries first: the completions come from its nexctl.
     let host = arches
         .iter()

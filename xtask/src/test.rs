@@ -2,7 +2,11 @@
 
 use anyhow::{Context as _, bail};
 
-use crate::{arch::Arch, progress::step, setup};
+use crate::{
+    arch::Arch,
+    progress::step,
+    setup::{self, Need},
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -50,7 +54,7 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     if !args.no_setup {
-        setup::run(&setup::Args { check: false })?;
+        setup::ensure("the test suite", &needs(args))?;
     }
     if !nix::unistd::geteuid().is_root() {
         bail!(
@@ -119,6 +123,26 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     step("all tests passed");
     Ok(())
+}
+
+/// What the run needs installed, as its flags say.
+fn needs(args: &Args) -> Vec<Need> {
+    let mut needs = vec![Need::Build, Need::Namespaces, Need::Tests];
+    for (skipped, what) in [
+        (args.no_lint, &[Need::Lint][..]),
+        (args.no_vm, &[Need::Vm]),
+        (
+            args.no_package,
+            &[Need::Package, Need::Arm64, Need::QemuUser],
+        ),
+        (args.no_fuzz, &[Need::Fuzz]),
+        (args.no_bench, &[Need::Bench]),
+    ] {
+        if !skipped {
+            needs.extend_from_slice(what);
+        }
+    }
+    needs
 }
 
 /// The VM runs of CI, each `None` when its flags skip it.

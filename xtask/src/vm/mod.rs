@@ -32,7 +32,12 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{arch::Arch, progress::step, workspace};
+use crate::{
+    arch::Arch,
+    progress::step,
+    setup::{self, Need},
+    workspace,
+};
 
 #[derive(Clone, clap::Args)]
 pub struct Args {
@@ -191,6 +196,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("fetching packages needs root; run `sudo cargo xtask vm-test`");
     }
+    let mut needs = vec![Need::Build, Need::Vm];
+    if !args.arch.is_host() {
+        needs.push(Need::Arm64);
+    }
+    setup::ensure("the VM tests", &needs)?;
     let cache = cache()?;
     if args.systemd {
         return systemd::run(&cache, args);
