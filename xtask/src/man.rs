@@ -30,7 +30,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let status = crate::workspace::cargo_command()
         .args([
             "run",
-            "--quiet",
             "--package",
             "nexd-agent",
             "--bin",

@@ -30,7 +30,6 @@ pub fn run(plan: &Plan, only: &[&str], release: bool) -> anyhow::Result<Vec<Row>
     let mut c = crate::workspace::cargo_command();
     c.args([
         "run",
-        "--quiet",
         "--package",
         "nexd-agent",
         "--example",

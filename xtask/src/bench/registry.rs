@@ -77,7 +77,6 @@ fn in_process(plan: &Plan) -> anyhow::Result<Vec<Row>> {
     let mut c = crate::workspace::cargo_command();
     c.args([
         "run",
-        "--quiet",
         "--package",
         "nexd-agent",
         "--example",
