@@ -216,8 +216,12 @@ type Fetching = std::thread::JoinHandle<anyhow::Result<u64>>;
 /// there with the reason if it still cannot.
 fn fetched(fetching: Option<Fetching>) {
     let Some(handle) = fetching else { return };
+    let waited = std::time::Instant::now();
     match handle.join() {
-        Ok(Ok(secs)) => step(&format!("the VMs' downloads were ready after {secs} s")),
+        Ok(Ok(secs)) => step(&format!(
+            "the VMs' downloads took {secs} s in the background (waited {} s for them here)",
+            waited.elapsed().as_secs()
+        )),
         Ok(Err(e)) => step(&format!(
             "fetching ahead for the VMs failed ({e:#}); each VM step fetches what it lacks"
         )),
