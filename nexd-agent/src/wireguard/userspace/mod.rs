@@ -43,14 +43,14 @@ use super::{
 use crate::keys::{PrivateKey, PublicKey};
 
 use engine::Shared;
-use peers::{Keys, Registry};
+use peers::{Keys, PeerRegistry};
 use tun::Tun;
 use underlay::Underlay;
 
 /// The control side's state: what was configured.
 #[derive(Default)]
 struct Control {
-    registry: Registry,
+    peers: PeerRegistry,
     key: Option<PrivateKey>,
     listen_port: Option<u16>,
     /// The port the sockets are bound to (the configured one may be 0).
@@ -64,7 +64,7 @@ impl Control {
             private_key: self.key.clone(),
             listen_port: self.bound_port,
             fwmark: self.fwmark,
-            peers: self.registry.status(Instant::now()),
+            peers: self.peers.status(Instant::now()),
         }
     }
 }
@@ -155,7 +155,7 @@ impl WireGuard for UserspaceWireGuard {
         let want = config.private_key.public_key();
         if c.key.as_ref().map(PrivateKey::public_key) != Some(want) {
             let keys = Arc::new(Keys::new(&config.private_key));
-            c.registry.rekey(&keys);
+            c.peers.rekey(&keys);
             self.shared.set_keys(keys);
             c.key = Some(config.private_key.clone());
             debug!(iface = %self.iface, public_key = %want, "device key set");
@@ -193,7 +193,7 @@ impl WireGuard for UserspaceWireGuard {
                 std::io::Error::other("the device has no private key yet"),
             ));
         };
-        if let Some(table) = c.registry.apply_changes(&keys, upsert, remove) {
+        if let Some(table) = c.peers.apply_changes(&keys, upsert, remove) {
             self.shared.set_table(table);
         }
         Ok(())
@@ -205,7 +205,7 @@ impl WireGuard for UserspaceWireGuard {
             listen_port: c.bound_port,
             fwmark: c.fwmark,
             peers: c
-                .registry
+                .peers
                 .status(Instant::now())
                 .into_iter()
                 .map(|(p, _)| p)

@@ -6,7 +6,7 @@
 //! Updates happen in place: a peer whose endpoint, AllowedIPs or keepalive
 //! change keeps its `Tunn`, so its session survives. That is what makes an
 //! exit-node failover (moving 0.0.0.0/0 and ::/0 from one peer to another)
-//! cost no handshake. The `Registry` is the control side's record; every
+//! cost no handshake. The `PeerRegistry` is the control side's record; every
 //! change builds a new immutable `Table` that the data path picks up
 //! whole.
 //!
@@ -253,13 +253,13 @@ struct Entry {
 
 /// The control side's record of the peers.
 #[derive(Default)]
-pub struct Registry {
+pub struct PeerRegistry {
     entries: BTreeMap<PublicKey, Entry>,
     next_index: u32,
     generation: u64,
 }
 
-impl Registry {
+impl PeerRegistry {
     /// Applies `remove`, then `upsert` (in place for known keys), and
     /// returns the table to swap in (the tests' view of `apply_changes`).
     #[cfg(test)]
@@ -474,7 +474,7 @@ mod tests {
             PrivateKey::generate().public_key(),
             PrivateKey::generate().public_key(),
         );
-        let mut r = Registry::default();
+        let mut r = PeerRegistry::default();
         let t = r.apply(
             &keys,
             &[
@@ -539,7 +539,7 @@ mod tests {
             7,
             None,
         );
-        let mut r = Registry::default();
+        let mut r = PeerRegistry::default();
         let t = r.apply(&keys, &[peer(theirs.public_key(), &["100.64.0.2/32"])], &[]);
         handshake(&t.peers[0], &mut responder);
         assert!(t.peers[0].lock().has_session());
@@ -574,7 +574,7 @@ mod tests {
             PrivateKey::generate().public_key(),
             PrivateKey::generate().public_key(),
         );
-        let mut r = Registry::default();
+        let mut r = PeerRegistry::default();
         r.apply(&keys, &[peer(a, &["0.0.0.0/0"])], &[]);
         let t = r.apply(&keys, &[peer(b, &["0.0.0.0/0"])], &[]);
         assert_eq!(t.route(ip("198.51.100.1")), t.by_key(&b));
@@ -587,7 +587,7 @@ mod tests {
     fn removal_and_missing_endpoint_keep_what_is_known() {
         let keys = Keys::new(&PrivateKey::generate());
         let a = PrivateKey::generate().public_key();
-        let mut r = Registry::default();
+        let mut r = PeerRegistry::default();
         let t = r.apply(&keys, &[peer(a, &["100.64.0.2/32"])], &[]);
         let p = Arc::clone(&t.peers[0]);
         p.lock().endpoint = Some("198.51.100.7:4000".parse().expect("addr"));
@@ -620,7 +620,7 @@ mod tests {
     fn the_tunn_is_built_on_first_use_with_the_current_key() {
         let keys = Keys::new(&PrivateKey::generate());
         let responder_key = PrivateKey::generate();
-        let mut r = Registry::default();
+        let mut r = PeerRegistry::default();
         let t = r.apply(
             &keys,
             &[peer(responder_key.public_key(), &["100.64.0.2/32"])],
@@ -655,7 +655,7 @@ mod tests {
         let keys = Keys::new(&PrivateKey::generate());
         let other = PrivateKey::generate();
         let a = other.public_key();
-        let mut r = Registry::default();
+        let mut r = PeerRegistry::default();
         let t = r.apply(&keys, &[peer(a, &["100.64.0.2/32"])], &[]);
         let mut dst = [0u8; 256];
         let init = match t.peers[0]
@@ -676,7 +676,7 @@ mod tests {
     #[test]
     fn the_queue_is_bounded() {
         let keys = Keys::new(&PrivateKey::generate());
-        let mut r = Registry::default();
+        let mut r = PeerRegistry::default();
         let t = r.apply(
             &keys,
             &[peer(PrivateKey::generate().public_key(), &[])],
