@@ -37,8 +37,9 @@ use boringtun::noise::{
 use tracing::{debug, trace, warn};
 
 use super::{
+    message::{MessageType, completes_handshake},
     offload::{self, VNET_HDR_LEN},
-    peers::{Keys, PeerState, Table, completes_handshake, keepalive_due},
+    peers::{Keys, PeerState, Table, keepalive_due},
     tun::Tun,
     underlay::{RecvBatch, SLOT, SendBatch, UdpSocket, Underlay},
 };
@@ -589,7 +590,7 @@ impl<'a> Rx<'a> {
             Drops::add(&drops.invalid, 1);
             return;
         };
-        let kind = d[0];
+        let kind = MessageType::of_packet(&packet);
         let pi = match packet {
             Packet::HandshakeInit(p) => {
                 // MACs (and under load the cookie) before the expensive DH.
@@ -655,13 +656,13 @@ impl<'a> Rx<'a> {
                 true
             }
             TunnResult::WriteToNetwork(out) => {
-                let sent_kind = out[0];
+                let sent_kind = MessageType::of(out);
                 sent += out.len();
                 if !self.replies.push(out, src) {
                     flush(self.shared, Some(underlay), &mut self.replies);
                     self.replies.push(out, src);
                 }
-                if completes_handshake(kind, sent_kind) {
+                if sent_kind.is_some_and(|sent| completes_handshake(kind, sent)) {
                     l.state.last_handshake = Some(now);
                 }
                 // What boringtun queued itself (keepalives from its timers).
@@ -674,9 +675,9 @@ impl<'a> Rx<'a> {
                         self.replies.push(q, src);
                     }
                 }
-                sent_kind != 3
+                sent_kind != Some(MessageType::CookieReply)
             }
-            TunnResult::Done => kind == 4,
+            TunnResult::Done => kind == MessageType::Data,
             TunnResult::Err(e) => {
                 trace!(error = ?e, %src, "datagram dropped");
                 Drops::add(&drops.invalid, 1);

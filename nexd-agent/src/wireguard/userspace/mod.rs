@@ -7,6 +7,7 @@
 //! | `underlay` | the UDP sockets (IPv4, IPv6), their fwmark, GSO and GRO |
 //! | `offload` | nothing: virtio-net headers, segmentation and merging (pure) |
 //! | `allowed_ips` | nothing: the longest-prefix table (pure) |
+//! | `message` | nothing: WireGuard's message types and what they mean for the handshake (pure) |
 //! | `peers` | each peer's noise state, endpoint, counters and queue; the table the data path reads |
 //! | `engine` | the threads `wg-tx` and `wg-rx` and the state they share |
 //! | `super::uapi` | the read-only UAPI socket for `wg show` |
@@ -23,6 +24,7 @@
 
 mod allowed_ips;
 mod engine;
+mod message;
 mod offload;
 mod peers;
 mod tun;

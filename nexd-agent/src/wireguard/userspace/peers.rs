@@ -208,15 +208,6 @@ pub fn keepalive_due(interval: u16, last_sent: Option<Instant>, now: Instant) ->
         })
 }
 
-/// Whether processing a received message of type `received` that produced
-/// a message of type `sent` completed a handshake: an initiation answered
-/// with a response (we are the responder), or a response answered with
-/// the first keepalive (we are the initiator). A cookie reply completes
-/// nothing.
-pub fn completes_handshake(received: u8, sent: u8) -> bool {
-    matches!((received, sent), (1, 2) | (2, 4))
-}
-
 /// The data path's view: immutable, swapped whole on every change.
 #[derive(Default)]
 pub struct Table {
@@ -419,6 +410,7 @@ mod tests {
     use boringtun::noise::TunnResult;
 
     use super::*;
+    use crate::wireguard::userspace::message::MessageType;
 
     fn net(s: &str) -> IpNet {
         s.parse().expect("prefix")
@@ -457,14 +449,6 @@ mod tests {
         assert!(keepalive_due(25, None, now));
         assert!(!keepalive_due(25, Some(now), now + Duration::from_secs(24)));
         assert!(keepalive_due(25, Some(now), now + Duration::from_secs(25)));
-    }
-
-    #[test]
-    fn handshakes_complete_on_response_and_first_keepalive_only() {
-        assert!(completes_handshake(1, 2));
-        assert!(completes_handshake(2, 4));
-        assert!(!completes_handshake(1, 3), "a cookie reply");
-        assert!(!completes_handshake(4, 4));
     }
 
     #[test]
@@ -559,7 +543,7 @@ mod tests {
         let mut out = [0u8; 256];
         let pkt = [0x45u8; 40];
         assert!(
-            matches!(s.tunn().encapsulate(&pkt, &mut out), TunnResult::WriteToNetwork(d) if d[0] == 4)
+            matches!(s.tunn().encapsulate(&pkt, &mut out), TunnResult::WriteToNetwork(d) if MessageType::of(d) == Some(MessageType::Data))
         );
         // A new device key ends it, as on any WireGuard key change.
         drop(s);
