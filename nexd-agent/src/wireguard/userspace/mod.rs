@@ -3,13 +3,17 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | `tun` | the TUN file descriptor and its offloads (the link lives as long as it) |
+//! | `tun` | the TUN file descriptor, its offloads and its (merged) writes (the link lives as long as it) |
 //! | `underlay` | the UDP sockets (IPv4, IPv6), their fwmark, GSO and GRO |
 //! | `offload` | nothing: virtio-net headers, segmentation and merging (pure) |
 //! | `allowed_ips` | nothing: the longest-prefix table (pure) |
-//! | `message` | nothing: WireGuard's message types and what they mean for the handshake (pure) |
 //! | `peers` | each peer's noise state, endpoint, counters and queue; the table the data path reads |
-//! | `engine` | the threads `wg-tx` and `wg-rx` and the state they share |
+//! | `message` | nothing: WireGuard's message types and what they mean for the handshake (pure) |
+//! | `batch` | nothing: the fixed-slot batches the cores fill and the threads empty (pure) |
+//! | `drops` | the drop counters, and the reasons the data path gives |
+//! | `tx` | nothing: the send side's decisions (a TUN packet to its peer, each peer's timers) |
+//! | `rx` | nothing: the receive side's decisions (a datagram in, its outcome out) |
+//! | `engine` | the threads `wg-tx` and `wg-rx` and the state they share: the I/O around `tx` and `rx` |
 //! | `super::uapi` | the read-only UAPI socket for `wg show` |
 //!
 //! Why not boringtun's device: one packet per syscall and no offloads
@@ -23,11 +27,15 @@
 //! joined by `shutdown`. No signal is touched.
 
 mod allowed_ips;
+mod batch;
+mod drops;
 mod engine;
 mod message;
 mod offload;
 mod peers;
+mod rx;
 mod tun;
+mod tx;
 mod underlay;
 
 use std::{
