@@ -34,6 +34,8 @@ mod message;
 mod offload;
 mod peers;
 mod rx;
+#[cfg(test)]
+mod testing;
 mod tun;
 mod tx;
 mod underlay;

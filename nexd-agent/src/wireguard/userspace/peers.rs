@@ -66,9 +66,15 @@ pub struct Keys {
 
 impl Keys {
     pub fn new(key: &PrivateKey) -> Self {
+        Keys::with_handshake_limit(key, HANDSHAKE_RATE_LIMIT)
+    }
+
+    /// With another limit of handshake messages per second (the tests'
+    /// device under load).
+    pub fn with_handshake_limit(key: &PrivateKey, limit: u64) -> Self {
         let secret = x25519::StaticSecret::from(key.to_bytes());
         let public = x25519::PublicKey::from(&secret);
-        let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        let limiter = Arc::new(RateLimiter::new(&public, limit));
         Keys {
             secret,
             public,

@@ -267,3 +267,255 @@ fn drain_tunn_queue(s: &mut PeerState, replies: &mut SendBatch, to: SocketAddr) 
     sent
 }
 
+#[cfg(test)]
+mod tests {
+    use boringtun::noise::{TunnResult, errors::WireGuardError};
+
+    use super::*;
+    use crate::wireguard::userspace::{
+        drops::DropCounts,
+        testing::{Device, addr, connected, pair, udp4},
+        tx::Sent,
+    };
+
+    fn types(out: &[(SocketAddr, Vec<u8>)]) -> Vec<Option<MessageType>> {
+        out.iter().map(|(_, d)| MessageType::of(d)).collect()
+    }
+
+    #[test]
+    fn a_handshake_through_the_cores_then_data_both_ways() {
+        let (mut a, mut b) = pair();
+        let hello = udp4(a.tun_ip, b.tun_ip, b"hello");
+        // No session: the packet waits, an initiation goes out.
+        assert_eq!(a.send(&hello).expect("a route"), Sent::Queued);
+        let init = a.take_out();
+        assert_eq!(types(&init), [Some(MessageType::HandshakeInitiation)]);
+        assert_eq!(init[0].0, b.addr);
+        // b answers and has a session (as responder).
+        assert!(matches!(b.receive(a.addr, &init[0].1), Received::Handshake));
+        assert!(b.peer(&a.public).lock().last_handshake.is_some());
+        let resp = b.take_out();
+        assert_eq!(types(&resp), [Some(MessageType::HandshakeResponse)]);
+        // a completes it: the first keepalive and the waiting packet.
+        assert!(matches!(a.receive(b.addr, &resp[0].1), Received::Handshake));
+        assert!(a.peer(&b.public).lock().last_handshake.is_some());
+        let data = a.take_out();
+        assert_eq!(
+            types(&data),
+            [Some(MessageType::Data), Some(MessageType::Data)]
+        );
+        let got = b.receive_batch(&[(a.addr, data[0].1.clone()), (a.addr, data[1].1.clone())]);
+        assert!(
+            matches!(got[..], [Received::Keepalive, Received::ToTun]),
+            "{got:?}"
+        );
+        assert_eq!(b.take_tun(), vec![hello]);
+        // And back, encrypted at once.
+        let world = udp4(b.tun_ip, a.tun_ip, b"world");
+        assert_eq!(b.send(&world).expect("a route"), Sent::Encrypted);
+        let got = b.deliver(&mut a);
+        assert!(matches!(got[..], [Received::ToTun]), "{got:?}");
+        assert_eq!(a.take_tun(), vec![world]);
+        for d in [&a, &b] {
+            assert_eq!(d.drops.snapshot(), DropCounts::default());
+        }
+        let (pa, pb) = (a.peer(&b.public), b.peer(&a.public));
+        // Every datagram counted once on each side.
+        let a_sent = [&init[0].1, &data[0].1, &data[1].1]
+            .map(Vec::len)
+            .iter()
+            .sum::<usize>();
+        assert_eq!(pa.tx_bytes.load(Ordering::Relaxed), a_sent as u64);
+        assert_eq!(pb.rx_bytes.load(Ordering::Relaxed), a_sent as u64);
+        assert_eq!(
+            pa.rx_bytes.load(Ordering::Relaxed),
+            pb.tx_bytes.load(Ordering::Relaxed)
+        );
+    }
+
+    #[test]
+    fn under_load_an_initiation_gets_a_cookie_and_the_retry_with_it_passes() {
+        let mut a = Device::new("192.0.2.1:51820", "100.64.0.1");
+        // b is under load from its first handshake message on.
+        let mut b = Device::with_handshake_limit("192.0.2.2:51820", "100.64.0.2", Some(0));
+        a.knows(&b);
+        b.knows(&a);
+        let hello = udp4(a.tun_ip, b.tun_ip, b"hello");
+        a.send(&hello).expect("a route");
+        let init = a.take_out();
+        assert!(matches!(
+            b.receive(a.addr, &init[0].1),
+            Received::CookieSent
+        ));
+        // Answered before any DH: b did not even build its Tunn for a.
+        assert!(b.peer(&a.public).lock().built_tunn().is_none());
+        let cookie = b.take_out();
+        assert_eq!(types(&cookie), [Some(MessageType::CookieReply)]);
+        assert_eq!(cookie[0].0, a.addr);
+        // The same initiation again: still no cookie MAC, still a cookie.
+        assert!(matches!(
+            b.receive(a.addr, &init[0].1),
+            Received::CookieSent
+        ));
+        b.take_out();
+        assert!(matches!(
+            a.receive(b.addr, &cookie[0].1),
+            Received::CookieStored
+        ));
+        // The retry (Tunn's timer sends it after 5 s) carries the cookie.
+        let mut slot = [0u8; 256];
+        let retry = match a
+            .peer(&b.public)
+            .lock()
+            .tunn()
+            .format_handshake_initiation(&mut slot, true)
+        {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("no initiation: {other:?}"),
+        };
+        assert!(matches!(b.receive(a.addr, &retry), Received::Handshake));
+        b.deliver(&mut a);
+        a.deliver(&mut b);
+        assert_eq!(b.take_tun(), vec![hello]);
+        assert_eq!(b.drops.snapshot(), DropCounts::default());
+    }
+
+    #[test]
+    fn an_authenticated_datagram_from_a_new_address_moves_the_endpoint() {
+        let (mut a, mut b) = connected();
+        let moved = addr("198.51.100.9:40000");
+        let pkt = udp4(a.tun_ip, b.tun_ip, b"from a new network");
+        a.send(&pkt).expect("a route");
+        let out = a.take_out();
+        assert!(matches!(b.receive(moved, &out[0].1), Received::ToTun));
+        assert_eq!(b.peer(&a.public).lock().endpoint, Some(moved));
+        // b's next datagram goes there.
+        b.send(&udp4(b.tun_ip, a.tun_ip, b"reply"))
+            .expect("a route");
+        assert_eq!(b.take_out()[0].0, moved);
+        // A keepalive is authenticated too.
+        b.send(&udp4(b.tun_ip, a.tun_ip, b"x")).expect("a route");
+        b.take_out();
+        let back = a.addr;
+        let mut s = a.peer(&b.public).lock();
+        let mut slot = [0u8; 64];
+        let keepalive = match s.tunn().encapsulate(&[], &mut slot) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("no keepalive: {other:?}"),
+        };
+        drop(s);
+        assert!(matches!(b.receive(back, &keepalive), Received::Keepalive));
+        assert_eq!(b.peer(&a.public).lock().endpoint, Some(back));
+    }
+
+    #[test]
+    fn a_replayed_datagram_is_dropped_and_counted() {
+        let (mut a, mut b) = connected();
+        let pkt = udp4(a.tun_ip, b.tun_ip, b"once");
+        a.send(&pkt).expect("a route");
+        let d = a.take_out().remove(0).1;
+        assert!(matches!(b.receive(a.addr, &d), Received::ToTun));
+        let rx = b.peer(&a.public).rx_bytes.load(Ordering::Relaxed);
+        // The same datagram again, from elsewhere.
+        let replayer = addr("203.0.113.66:9999");
+        let r = b.receive(replayer, &d);
+        assert!(
+            matches!(
+                r,
+                Received::Dropped(DropReason::Rejected(WireGuardError::DuplicateCounter))
+            ),
+            "{r:?}"
+        );
+        assert_eq!(b.take_tun(), vec![pkt]);
+        assert_eq!(b.drops.snapshot().invalid, 1);
+        let p = b.peer(&a.public);
+        assert_eq!(p.rx_bytes.load(Ordering::Relaxed), rx);
+        assert_eq!(p.lock().endpoint, Some(a.addr));
+    }
+
+    #[test]
+    fn forged_datagrams_are_dropped_counted_and_move_nothing() {
+        let (mut a, mut b) = connected();
+        let forger = addr("203.0.113.66:9999");
+        a.send(&udp4(a.tun_ip, b.tun_ip, b"genuine"))
+            .expect("a route");
+        let genuine = a.take_out().remove(0).1;
+        // A flipped bit in the ciphertext.
+        let mut forged = genuine.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        let r = b.receive(forger, &forged);
+        assert!(
+            matches!(
+                r,
+                Received::Dropped(DropReason::Rejected(WireGuardError::InvalidAeadTag))
+            ),
+            "{r:?}"
+        );
+        // For a receiver index nobody has.
+        let mut stray = genuine.clone();
+        stray[4..8].copy_from_slice(&0x00ff_ff00u32.to_le_bytes());
+        assert!(matches!(
+            b.receive(forger, &stray),
+            Received::Dropped(DropReason::UnknownPeer)
+        ));
+        // An initiation with a wrong MAC, and no WireGuard message at all.
+        let (mut c, _) = pair();
+        c.knows(&b);
+        c.send(&udp4(c.tun_ip, b.tun_ip, b"x")).expect("a route");
+        let mut init = c.take_out().remove(0).1;
+        init[20] ^= 1;
+        assert!(matches!(
+            b.receive(forger, &init),
+            Received::Dropped(DropReason::Rejected(WireGuardError::InvalidMac))
+        ));
+        assert!(matches!(
+            b.receive(forger, &[1, 2, 3, 4, 5]),
+            Received::Dropped(DropReason::Malformed)
+        ));
+        assert!(b.take_tun().is_empty());
+        assert!(b.take_out().is_empty(), "a forged datagram was answered");
+        assert_eq!(
+            b.drops.snapshot(),
+            DropCounts {
+                invalid: 4,
+                ..DropCounts::default()
+            }
+        );
+        assert_eq!(b.peer(&a.public).lock().endpoint, Some(a.addr));
+        // The genuine one still passes.
+        assert!(matches!(b.receive(a.addr, &genuine), Received::ToTun));
+    }
+
+    #[test]
+    fn a_packet_from_outside_the_peers_allowed_ips_is_dropped_and_counted() {
+        let (mut a, mut b) = connected();
+        let spoofed = udp4(
+            "10.9.9.9".parse().expect("address"),
+            b.tun_ip,
+            b"not a's address",
+        );
+        a.send(&spoofed).expect("a route");
+        let got = a.deliver(&mut b);
+        assert!(
+            matches!(got[..], [Received::Dropped(DropReason::Source)]),
+            "{got:?}"
+        );
+        assert!(b.take_tun().is_empty());
+        assert_eq!(b.drops.snapshot().source, 1);
+        // a's own address still passes, in the same batch as another
+        // spoofed one.
+        let own = udp4(a.tun_ip, b.tun_ip, b"mine");
+        a.send(&spoofed).expect("a route");
+        a.send(&own).expect("a route");
+        let got = a.deliver(&mut b);
+        assert!(
+            matches!(
+                got[..],
+                [Received::Dropped(DropReason::Source), Received::ToTun]
+            ),
+            "{got:?}"
+        );
+        assert_eq!(b.take_tun(), vec![own]);
+    }
+}

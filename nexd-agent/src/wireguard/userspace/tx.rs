@@ -206,3 +206,109 @@ pub(super) fn note_sent(peer: &Peer, s: &mut PeerState, sent: usize, now: Instan
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        keys::PrivateKey,
+        wireguard::{
+            PeerConfig,
+            userspace::{
+                drops::DropCounts,
+                message::MessageType,
+                rx::Received,
+                testing::{connected, ip, net, pair, udp4},
+            },
+        },
+    };
+
+    #[test]
+    fn a_packet_without_a_route_or_an_endpoint_is_dropped_and_counted() {
+        let (mut a, _) = pair();
+        let r = a.send(&udp4(a.tun_ip, ip("100.64.0.9"), b"nobody"));
+        assert!(matches!(r, Err(DropReason::NoRoute)), "{r:?}");
+        // A peer known by its key and prefix, not yet by its address.
+        a.add_peer(PeerConfig {
+            public_key: PrivateKey::generate().public_key(),
+            endpoint: None,
+            allowed_ips: vec![net("100.64.0.9/32")],
+            persistent_keepalive: 0,
+        });
+        let r = a.send(&udp4(a.tun_ip, ip("100.64.0.9"), b"where"));
+        assert!(matches!(r, Err(DropReason::NoEndpoint)), "{r:?}");
+        let r = a.send(&[0x10, 0, 0]);
+        assert!(matches!(r, Err(DropReason::Malformed)), "{r:?}");
+        assert!(a.take_out().is_empty());
+        assert_eq!(
+            a.drops.snapshot(),
+            DropCounts {
+                no_route: 1,
+                no_endpoint: 1,
+                invalid: 1,
+                ..DropCounts::default()
+            }
+        );
+    }
+
+    #[test]
+    fn packets_wait_for_the_handshake_sixteen_at_most_in_order() {
+        let (mut a, mut b) = pair();
+        let pkts: Vec<Vec<u8>> = (0..=QUEUE_PACKETS)
+            .map(|i| udp4(a.tun_ip, b.tun_ip, &[i as u8; 10]))
+            .collect();
+        let sent: Vec<Sent> = pkts.iter().map(|p| a.send(p).expect("a route")).collect();
+        assert!(sent[..QUEUE_PACKETS].iter().all(|s| *s == Sent::Queued));
+        assert_eq!(sent[QUEUE_PACKETS], Sent::QueueFull);
+        assert_eq!(a.drops.snapshot().queue_full, 1);
+        // One initiation, however many reads wanted one.
+        let out = a.take_out();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            MessageType::of(&out[0].1),
+            Some(MessageType::HandshakeInitiation)
+        );
+        b.receive(a.addr, &out[0].1);
+        b.deliver(&mut a);
+        // The first keepalive, then the queue in order.
+        let got = a.deliver(&mut b);
+        assert_eq!(got.len(), 1 + QUEUE_PACKETS);
+        assert_eq!(b.take_tun(), pkts[..QUEUE_PACKETS].to_vec());
+    }
+
+    #[test]
+    fn a_packet_too_large_for_a_slot_is_dropped_and_counted() {
+        let (mut a, _) = connected();
+        let big = udp4(a.tun_ip, ip("100.64.0.2"), &[7; SLOT]);
+        assert_eq!(a.send(&big).expect("a route"), Sent::TooLarge);
+        assert!(a.take_out().is_empty());
+        assert_eq!(a.drops.snapshot().queue_full, 1);
+    }
+
+    #[test]
+    fn the_persistent_keepalive_goes_out_after_an_idle_interval() {
+        let (mut a, mut b) = connected();
+        a.add_peer(b.as_peer(25));
+        let peer = std::sync::Arc::clone(a.peer(&b.public));
+        // Just sent: nothing due.
+        tick(&peer, a.now + Duration::from_secs(24), &mut a.out);
+        assert!(a.take_out().is_empty());
+        let later = a.now + Duration::from_secs(25);
+        tick(&peer, later, &mut a.out);
+        let got = a.deliver(&mut b);
+        assert!(matches!(got[..], [Received::Keepalive]), "{got:?}");
+        assert_eq!(peer.lock().last_sent, Some(later));
+        // Without a session, the keepalive is an initiation.
+        let (mut c, d) = pair();
+        c.add_peer(d.as_peer(25));
+        let peer = std::sync::Arc::clone(c.peer(&d.public));
+        tick(&peer, c.now, &mut c.out);
+        let out = c.take_out();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            MessageType::of(&out[0].1),
+            Some(MessageType::HandshakeInitiation)
+        );
+    }
+}
