@@ -416,15 +416,10 @@ mod tests {
     use boringtun::noise::TunnResult;
 
     use super::*;
-    use crate::wireguard::userspace::message::MessageType;
-
-    fn net(s: &str) -> IpNet {
-        s.parse().expect("prefix")
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("address")
-    }
+    use crate::wireguard::userspace::{
+        message::MessageType,
+        testing::{ip, net},
+    };
 
     /// The patched boringtun is in use (vendor/boringtun/NEXD-PATCH.md):
     /// upstream's `Tunn` is 11,040 bytes with its session slots inline,
@@ -448,6 +443,14 @@ mod tests {
         }
     }
 
+    /// A device's keys, two peers' public keys and an empty registry.
+    fn two_keys() -> (Keys, PublicKey, PublicKey, PeerRegistry) {
+        let keys = Keys::new(&PrivateKey::generate());
+        let a = PrivateKey::generate().public_key();
+        let b = PrivateKey::generate().public_key();
+        (keys, a, b, PeerRegistry::default())
+    }
+
     #[test]
     fn keepalive_is_due_after_an_idle_interval() {
         let now = Instant::now();
@@ -459,12 +462,7 @@ mod tests {
 
     #[test]
     fn failover_moves_the_default_route_and_keeps_both_peers() {
-        let keys = Keys::new(&PrivateKey::generate());
-        let (a, b) = (
-            PrivateKey::generate().public_key(),
-            PrivateKey::generate().public_key(),
-        );
-        let mut r = PeerRegistry::default();
+        let (keys, a, b, mut r) = two_keys();
         let t = r.apply(
             &keys,
             &[
@@ -559,12 +557,7 @@ mod tests {
 
     #[test]
     fn a_prefix_claimed_twice_belongs_to_the_later_claim() {
-        let keys = Keys::new(&PrivateKey::generate());
-        let (a, b) = (
-            PrivateKey::generate().public_key(),
-            PrivateKey::generate().public_key(),
-        );
-        let mut r = PeerRegistry::default();
+        let (keys, a, b, mut r) = two_keys();
         r.apply(&keys, &[peer(a, &["0.0.0.0/0"])], &[]);
         let t = r.apply(&keys, &[peer(b, &["0.0.0.0/0"])], &[]);
         assert_eq!(t.route(ip("198.51.100.1")), t.by_key(&b));

@@ -97,7 +97,10 @@ impl<'t> Receiver<'t> {
         replies: &mut SendBatch,
     ) -> Received {
         debug_assert!(!plain.is_full() && replies.room() >= REPLY_ROOM);
-        let r = self.decide(src, d, plain, replies);
+        let r = match self.addressee(src, d, replies) {
+            Ok(to) => self.open(to, src, d, plain, replies),
+            Err(r) => r,
+        };
         if let Received::Dropped(reason) = &r {
             trace!(%src, %reason, "datagram dropped");
             self.drops.count(reason, 1);
@@ -105,17 +108,18 @@ impl<'t> Receiver<'t> {
         r
     }
 
-    fn decide(
+    /// The datagram through the `Tunn` of peer `pi`, the message of type
+    /// `kind` it is for: decrypted, answered or refused; when
+    /// authenticated, the peer's endpoint and counters updated and its
+    /// queue sent.
+    fn open(
         &mut self,
+        (kind, pi): (MessageType, usize),
         src: SocketAddr,
         d: &[u8],
         plain: &mut PlainBatch,
         replies: &mut SendBatch,
     ) -> Received {
-        let (kind, pi) = match self.addressee(src, d, replies) {
-            Ok(found) => found,
-            Err(r) => return r,
-        };
         let table = self.table;
         let l = lock(&mut self.locked, table, pi);
         let now = self.now;
