@@ -6,7 +6,10 @@
 //! forged one are told apart for tests and traces); the seven counters
 //! are what they always were.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::{
+    net::IpAddr,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use boringtun::noise::errors::WireGuardError;
 
@@ -32,9 +35,9 @@ pub enum DropReason {
     /// boringtun refused the message: a wrong MAC, a replayed or too old
     /// counter, a wrong tag, no session for it.
     Rejected(WireGuardError),
-    /// Decrypted, but its inner source is not in the sending peer's
-    /// AllowedIPs (cryptokey routing).
-    Source,
+    /// Decrypted, but its inner source (this address) is not in the
+    /// sending peer's AllowedIPs (cryptokey routing).
+    Source(IpAddr),
     /// The underlay could not send it (or had no socket yet).
     Send,
     /// The TUN refused it.
@@ -51,7 +54,9 @@ impl std::fmt::Display for DropReason {
             DropReason::Malformed => f.write_str("malformed"),
             DropReason::UnknownPeer => f.write_str("for no known peer"),
             DropReason::Rejected(e) => write!(f, "refused by the noise protocol: {e:?}"),
-            DropReason::Source => f.write_str("inner source not in the peer's AllowedIPs"),
+            DropReason::Source(from) => {
+                write!(f, "inner source {from} not in the peer's AllowedIPs")
+            }
             DropReason::Send => f.write_str("the underlay could not send it"),
             DropReason::Tun => f.write_str("the TUN refused it"),
         }
@@ -95,7 +100,7 @@ impl Drops {
             DropReason::Malformed | DropReason::UnknownPeer | DropReason::Rejected(_) => {
                 &self.invalid
             }
-            DropReason::Source => &self.source,
+            DropReason::Source(_) => &self.source,
             DropReason::Send => &self.send,
             DropReason::Tun => &self.tun,
         };
@@ -131,7 +136,7 @@ mod tests {
             DropReason::Malformed,
             DropReason::UnknownPeer,
             DropReason::Rejected(WireGuardError::DuplicateCounter),
-            DropReason::Source,
+            DropReason::Source(IpAddr::from([10, 0, 0, 1])),
             DropReason::Send,
             DropReason::Tun,
         ] {

@@ -108,10 +108,10 @@ impl<'t> Receiver<'t> {
         r
     }
 
-    /// The datagram through the `Tunn` of peer `pi`, the message of type
-    /// `kind` it is for: decrypted, answered or refused; when
-    /// authenticated, the peer's endpoint and counters updated and its
-    /// queue sent.
+    /// Passes the datagram (of type `kind`, for peer `pi`) through the
+    /// peer's `Tunn`, which decrypts, answers or refuses it; once it is
+    /// authenticated, the peer's endpoint follows it and the packets that
+    /// waited for the handshake go out.
     fn open(
         &mut self,
         (kind, pi): (MessageType, usize),
@@ -248,8 +248,7 @@ fn accept(
         plain.commit(len);
         Received::ToTun
     } else {
-        trace!(%from, "inner source not in the peer's AllowedIPs; dropped");
-        Received::Dropped(DropReason::Source)
+        Received::Dropped(DropReason::Source(from))
     }
 }
 
@@ -278,7 +277,7 @@ mod tests {
     use super::*;
     use crate::wireguard::userspace::{
         drops::DropCounts,
-        testing::{Device, addr, connected, pair, udp4},
+        testing::{Device, addr, connected, ip, pair, udp4},
         tx::Sent,
     };
 
@@ -494,15 +493,12 @@ mod tests {
     #[test]
     fn a_packet_from_outside_the_peers_allowed_ips_is_dropped_and_counted() {
         let (mut a, mut b) = connected();
-        let spoofed = udp4(
-            "10.9.9.9".parse().expect("address"),
-            b.tun_ip,
-            b"not a's address",
-        );
+        let foreign = ip("10.9.9.9");
+        let spoofed = udp4(foreign, b.tun_ip, b"not a's address");
         a.send(&spoofed).expect("a route");
         let got = a.deliver(&mut b);
         assert!(
-            matches!(got[..], [Received::Dropped(DropReason::Source)]),
+            matches!(got[..], [Received::Dropped(DropReason::Source(from))] if from == foreign),
             "{got:?}"
         );
         assert!(b.take_tun().is_empty());
@@ -516,7 +512,7 @@ mod tests {
         assert!(
             matches!(
                 got[..],
-                [Received::Dropped(DropReason::Source), Received::ToTun]
+                [Received::Dropped(DropReason::Source(_)), Received::ToTun]
             ),
             "{got:?}"
         );
