@@ -98,13 +98,15 @@ impl Need {
                 "util-linux",
             ],
             // etcd-server and etcd-client: the registry tests' etcd and
-            // etcdctl; openssl: their TLS certificates.
+            // etcdctl; openssl: their TLS certificates; prometheus (with
+            // promtool): the shipped alerting rules checked and fired.
             Need::Tests => &[
                 "wireguard-tools",
                 "iperf3",
                 "etcd-server",
                 "etcd-client",
                 "openssl",
+                "prometheus",
             ],
             // The independent userspace WireGuard the throughput benchmark
             // compares with.
@@ -125,7 +127,7 @@ impl Need {
             Need::Build => "to build nexd: bpf-linker against LLVM 22, protoc",
             Need::Lint => "to lint",
             Need::Namespaces => "to run nexd in network namespaces",
-            Need::Tests => "for the tests: WireGuard's tools, etcd, openssl, iperf3",
+            Need::Tests => "for the tests: WireGuard's tools, etcd, openssl, iperf3, prometheus",
             Need::Bench => "for the benchmarks' userspace WireGuard baseline",
             Need::Fuzz => "to fuzz",
             Need::Package => "to make the Debian packages",
@@ -358,6 +360,42 @@ impl Missing {
     }
 }
 
+/// Debian's "policy-rc.d" in place while packages are installed, so that
+/// no package starts its service (etcd, prometheus, keepalived...) in
+/// the root namespace: the tests start their own inside namespaces, and a
+/// machine must not gain daemons from a setup. One already there (as in
+/// container images) is left alone.
+struct NoServiceStarts(Option<&'static str>);
+
+impl NoServiceStarts {
+    const PATH: &'static str = "/usr/sbin/policy-rc.d";
+
+    fn install() -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        if std::path::Path::new(Self::PATH).exists() {
+            return Ok(Self(None));
+        }
+        std::fs::write(
+            Self::PATH,
+            "#!/bin/sh\n# Written by `cargo xtask setup` while it installs packages; removed after.\nexit 101\n",
+        )
+        .with_context(|| format!("writing {}", Self::PATH))?;
+        std::fs::set_permissions(Self::PATH, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {} executable", Self::PATH))?;
+        Ok(Self(Some(Self::PATH)))
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if let Some(path) = self.0
+            && let Err(e) = std::fs::remove_file(path)
+        {
+            eprintln!("warning: could not remove {path}: {e}");
+        }
+    }
+}
+
 /// `cargo xtask setup`: every part (or those of `--for`).
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let parts = if args.parts.is_empty() {
@@ -410,6 +448,7 @@ pub fn ensure(task: &str, needs: &[Need]) -> anyhow::Result<bool> {
             what.join("; ")
         ));
         exec(Command::new("apt-get").args(["update", "-q"]))?;
+        let _no_services = NoServiceStarts::install()?;
         exec(
             Command::new("apt-get")
                 .args(["install", "-y", "-q", "--no-install-recommends"])
