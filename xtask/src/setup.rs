@@ -14,6 +14,9 @@ use anyhow::{Context as _, bail};
 
 use crate::progress::step;
 
+mod no_start;
+pub use no_start::install_without_starting;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Only report what is missing; install nothing.
@@ -36,6 +39,9 @@ pub enum Need {
     Namespaces,
     /// The host test suite's tools: WireGuard's, etcd, openssl, iperf3.
     Tests,
+    /// The exit group tests' daemons: keepalived (VRRP), conntrackd and
+    /// conntrack (state sync), installed without starting their services.
+    ExitGroups,
     /// The benchmarks' baseline: wireguard-go.
     Bench,
     /// cargo-fuzz.
@@ -55,11 +61,12 @@ pub enum Need {
 
 impl Need {
     /// Every part, as `cargo xtask setup` installs them.
-    pub const ALL: [Need; 11] = [
+    pub const ALL: [Need; 12] = [
         Need::Build,
         Need::Lint,
         Need::Namespaces,
         Need::Tests,
+        Need::ExitGroups,
         Need::Bench,
         Need::Fuzz,
         Need::Package,
@@ -109,6 +116,7 @@ impl Need {
             // The independent userspace WireGuard the throughput benchmark
             // compares with.
             Need::Bench => &["wireguard-go"],
+            Need::ExitGroups => &["keepalived", "conntrackd", "conntrack"],
             // The cross linker and libc (.cargo/config.toml names the linker).
             Need::Arm64 => &["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"],
             // No binfmt registration: cargo's runner calls it.
@@ -127,12 +135,23 @@ impl Need {
             Need::Namespaces => "to run nexd in network namespaces",
             Need::Tests => "for the tests: WireGuard's tools, etcd, openssl, iperf3",
             Need::Bench => "for the benchmarks' userspace WireGuard baseline",
+            Need::ExitGroups => "for the exit group tests: keepalived, conntrackd, conntrack",
             Need::Fuzz => "to fuzz",
             Need::Package => "to make the Debian packages",
             Need::Arm64 => "to cross-build for arm64",
             Need::QemuUser => "to run arm64 binaries under qemu-user",
             Need::Vm => "to build the VM tests' images",
             Need::Explore => "to look at packets by hand",
+        }
+    }
+
+    /// The daemons its packages bring as services, which the tests start
+    /// in their own namespaces and which must never start on the machine
+    /// itself: its packages install through [`install_without_starting`].
+    fn daemons(self) -> &'static [&'static str] {
+        match self {
+            Need::ExitGroups => &["keepalived", "conntrackd"],
+            _ => &[],
         }
     }
 
@@ -410,12 +429,20 @@ pub fn ensure(task: &str, needs: &[Need]) -> anyhow::Result<bool> {
             what.join("; ")
         ));
         exec(Command::new("apt-get").args(["update", "-q"]))?;
-        exec(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&all)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        let (quiet, plain): (Vec<_>, Vec<_>) =
+            m.debs.iter().partition(|(n, _)| !n.daemons().is_empty());
+        let plain: Vec<&str> = plain.iter().flat_map(|(_, d)| d).copied().collect();
+        if !plain.is_empty() {
+            exec(
+                Command::new("apt-get")
+                    .args(["install", "-y", "-q", "--no-install-recommends"])
+                    .args(&plain)
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
+        }
+        for (n, debs) in quiet {
+            install_without_starting(debs, n.daemons())?;
+        }
     }
     if !m.stable.is_empty() {
         step(&format!(
@@ -514,6 +541,17 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), count, "a package listed in two parts");
+    }
+
+    #[test]
+    fn service_daemons_are_installed_without_starting() {
+        // keepalived and conntrackd would act on the machine's own network.
+        assert_eq!(Need::ExitGroups.daemons(), ["keepalived", "conntrackd"]);
+        for n in Need::ALL {
+            if n != Need::ExitGroups {
+                assert!(n.daemons().is_empty(), "{n:?}");
+            }
+        }
     }
 
     #[test]
