@@ -138,6 +138,11 @@ impl Files {
     pub fn conntrackd_log(&self) -> PathBuf {
         self.dir.join("conntrackd.log")
     }
+    /// conntrackd writes none of its own; nexd writes its child's pid here
+    /// so a later nexd can end one a crash left.
+    pub fn conntrackd_pid(&self) -> PathBuf {
+        self.dir.join("conntrackd.pid")
+    }
 }
 
 #[cfg(test)]
