@@ -122,6 +122,25 @@ fn group_world() -> anyhow::Result<World> {
     }
     for client in ["client1", "client2"] {
         w.node(client).wait_phase(ClientPhase::Active, T)?;
+        // A client takes an exit node only with a WireGuard session up
+        // (a handshake within 180 s), as a standby member always has on a
+        // mesh that has run for a second; right after start it may not.
+        wait_for(
+            "sessions with both members",
+            T,
+            Duration::from_millis(50),
+            || {
+                let peers = w.node(client).peers().ok()?;
+                ["exit1", "exit2"]
+                    .iter()
+                    .all(|e| {
+                        peers
+                            .iter()
+                            .any(|p| p.name == *e && p.latest_handshake_seconds.is_some())
+                    })
+                    .then_some(())
+            },
+        )?;
     }
     Ok(w)
 }
@@ -499,6 +518,23 @@ fn flows_survive_a_crash_of_the_holder() -> anyhow::Result<()> {
         after, before,
         "no flow reconnected: the server accepted no new connection"
     );
+
+    // A stop removes what the member installed: its daemons, the egress
+    // address, the table.
+    let pids = daemon_pids(&w, second);
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    w.node_mut(second).stop()?;
+    for pid in pids {
+        assert!(
+            kill(Pid::from_raw(pid), None).is_err(),
+            "pid {pid} of {second}'s daemons outlived nexd"
+        );
+    }
+    let ns = &w.node(second).ns;
+    let addrs = ns.ip("-4 addr show dev eth0")?;
+    assert!(!addrs.contains(EGRESS), "{addrs}");
+    let tables = ns.exec(&["nft", "list", "tables"])?;
+    assert!(!tables.contains("nexd"), "{tables}");
     Ok(())
 }
 
