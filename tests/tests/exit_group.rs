@@ -12,7 +12,9 @@
 //! keepalived and conntrackd frozen and killed, its links taken down.
 //! Every flow continues on the same connection (the server accepted no
 //! new one, none was reset), from the group's egress address; the longest
-//! gap is printed.
+//! gap is printed. Nothing reaches the internet from a client's underlay
+//! meanwhile (v4 and v6), and stopping the new holder removes its daemons,
+//! the egress address and its table.
 //!
 //! `without_state_sync_the_flows_stall`: the same with the standby's
 //! conntrackd frozen before the flows start: the new holder has no state
@@ -468,6 +470,14 @@ fn flows_survive_a_crash_of_the_holder() -> anyhow::Result<()> {
     // Let the state reach the standby.
     std::thread::sleep(Duration::from_millis(1500));
 
+    // From here on the internet counts anything that arrives straight
+    // from a client's underlay: a leak during the takeover.
+    for (i, client) in ["client1", "client2"].iter().enumerate() {
+        for v6 in [false, true] {
+            let name = format!("leak{i}{}", if v6 { 6 } else { 4 });
+            w.inet.watch(&name, &w.underlay(client, v6).to_string())?;
+        }
+    }
     let crashed = Instant::now();
     crash(&mut w, &first)?;
     holder_among(&w, &[second], T, Duration::from_millis(5))?;
@@ -518,6 +528,13 @@ fn flows_survive_a_crash_of_the_holder() -> anyhow::Result<()> {
         after, before,
         "no flow reconnected: the server accepted no new connection"
     );
+    for name in ["leak04", "leak06", "leak14", "leak16"] {
+        assert_eq!(
+            w.inet.count(name)?,
+            0,
+            "{name}: a client leaked during the takeover"
+        );
+    }
 
     // A stop removes what the member installed: its daemons, the egress
     // address, the table.
