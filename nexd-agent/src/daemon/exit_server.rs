@@ -273,6 +273,15 @@ impl ExitServer {
             settings,
         };
         if let Some(membership) = Membership::of(mesh, own) {
+            let uplink = &membership.group.uplink;
+            if server.forwarding.uplinks.v4.as_deref() != Some(uplink.as_str()) {
+                warn!(
+                    group = %membership.group.name,
+                    group_uplink = %uplink,
+                    ipv4_uplink = ?server.forwarding.uplinks.v4,
+                    "the clients' IPv4 traffic does not leave through the exit group's uplink, where the egress address lives: replies to it arrive elsewhere; give --uplink {uplink}"
+                );
+            }
             let mut group = GroupMember::start(&host.nl, membership, &server.settings.state_dir)
                 .await
                 .context("joining the exit group")?;
