@@ -16,6 +16,9 @@
 //! meanwhile (v4 and v6), and stopping the new holder removes its daemons,
 //! the egress address and its table.
 //!
+//! `flows_survive_a_stop_of_the_holder`: the same when the holder's nexd
+//! is stopped (SIGTERM, maintenance): keepalived hands the address over.
+//!
 //! `without_state_sync_the_flows_stall`: the same with the standby's
 //! conntrackd frozen before the flows start: the new holder has no state
 //! for them and, with loose tracking off, the echo flow does not recover.
@@ -442,8 +445,27 @@ fn accepted(run: &Run) -> Vec<SocketAddr> {
     run.accepted.lock().map(|a| a.clone()).unwrap_or_default()
 }
 
+/// How the holder goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Departure {
+    /// As a dead host: see [`crash`].
+    Crash,
+    /// Maintenance: nexd stopped with SIGTERM (keepalived hands the
+    /// address over with a priority 0 advert).
+    Stop,
+}
+
 #[test]
 fn flows_survive_a_crash_of_the_holder() -> anyhow::Result<()> {
+    flows_survive(Departure::Crash)
+}
+
+#[test]
+fn flows_survive_a_stop_of_the_holder() -> anyhow::Result<()> {
+    flows_survive(Departure::Stop)
+}
+
+fn flows_survive(departure: Departure) -> anyhow::Result<()> {
     if !nexd_testkit::privileged()? {
         return Ok(());
     }
@@ -479,9 +501,20 @@ fn flows_survive_a_crash_of_the_holder() -> anyhow::Result<()> {
         }
     }
     let crashed = Instant::now();
-    crash(&mut w, &first)?;
+    match departure {
+        Departure::Crash => crash(&mut w, &first)?,
+        Departure::Stop => w.node(&first).signal(Signal::SIGTERM)?,
+    }
     holder_among(&w, &[second], T, Duration::from_millis(5))?;
     let took_after = crashed.elapsed();
+    if departure == Departure::Stop {
+        w.node_mut(&first).wait_exit(T)?;
+        let left = w.node(&first).ns.ip("-4 addr show dev eth0")?;
+        assert!(
+            !left.contains(EGRESS),
+            "the stopped member kept the address: {left}"
+        );
+    }
     // The flows must carry on for a while after the takeover.
     std::thread::sleep(Duration::from_secs(4));
     let end = Instant::now();
@@ -511,7 +544,7 @@ fn flows_survive_a_crash_of_the_holder() -> anyhow::Result<()> {
         outcomes.push((f.name, outcome.is_ok(), gap));
     }
     eprintln!(
-        "exit group failover: {second} held the egress address {} ms after the crash; longest gap {} ms\n  {}",
+        "exit group failover ({departure:?}): {second} held the egress address {} ms after it; longest gap {} ms\n  {}",
         took_after.as_millis(),
         longest.as_millis(),
         report.join("\n  ")
