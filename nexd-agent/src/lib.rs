@@ -24,6 +24,7 @@ pub mod notify;
 pub mod offline;
 pub mod registry;
 pub mod routing;
+pub mod state_file;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod wireguard;

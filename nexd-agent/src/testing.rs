@@ -72,3 +72,18 @@ pub fn policies() -> Vec<Policy> {
     }
     v
 }
+
+/// An address in a test; a typo is the test's bug, so it panics.
+pub fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().expect("ip")
+}
+
+/// A prefix in a test.
+pub fn net(s: &str) -> ipnet::IpNet {
+    s.parse().expect("net")
+}
+
+/// An address and port in a test.
+pub fn sock(s: &str) -> std::net::SocketAddr {
+    s.parse().expect("address")
+}

@@ -105,13 +105,15 @@ impl Need {
                 "util-linux",
             ],
             // etcd-server and etcd-client: the registry tests' etcd and
-            // etcdctl; openssl: their TLS certificates.
+            // etcdctl; openssl: their TLS certificates; prometheus (with
+            // promtool): the shipped alerting rules checked and fired.
             Need::Tests => &[
                 "wireguard-tools",
                 "iperf3",
                 "etcd-server",
                 "etcd-client",
                 "openssl",
+                "prometheus",
             ],
             // The independent userspace WireGuard the throughput benchmark
             // compares with.
@@ -133,7 +135,7 @@ impl Need {
             Need::Build => "to build nexd: bpf-linker against LLVM 22, protoc",
             Need::Lint => "to lint",
             Need::Namespaces => "to run nexd in network namespaces",
-            Need::Tests => "for the tests: WireGuard's tools, etcd, openssl, iperf3",
+            Need::Tests => "for the tests: WireGuard's tools, etcd, openssl, iperf3, prometheus",
             Need::Bench => "for the benchmarks' userspace WireGuard baseline",
             Need::ExitGroups => "for the exit group tests: keepalived, conntrackd, conntrack",
             Need::Fuzz => "to fuzz",
@@ -146,10 +148,11 @@ impl Need {
     }
 
     /// The daemons its packages bring as services, which the tests start
-    /// in their own namespaces and which must never start on the machine
-    /// itself: its packages install through [`install_without_starting`].
+    /// in their own namespaces and which must never run on the machine
+    /// itself: checked for after [`install_without_starting`].
     fn daemons(self) -> &'static [&'static str] {
         match self {
+            Need::Tests => &["prometheus"],
             Need::ExitGroups => &["keepalived", "conntrackd"],
             _ => &[],
         }
@@ -429,20 +432,16 @@ pub fn ensure(task: &str, needs: &[Need]) -> anyhow::Result<bool> {
             what.join("; ")
         ));
         exec(Command::new("apt-get").args(["update", "-q"]))?;
-        let (quiet, plain): (Vec<_>, Vec<_>) =
-            m.debs.iter().partition(|(n, _)| !n.daemons().is_empty());
-        let plain: Vec<&str> = plain.iter().flat_map(|(_, d)| d).copied().collect();
-        if !plain.is_empty() {
-            exec(
-                Command::new("apt-get")
-                    .args(["install", "-y", "-q", "--no-install-recommends"])
-                    .args(&plain)
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            )?;
-        }
-        for (n, debs) in quiet {
-            install_without_starting(debs, n.daemons())?;
-        }
+        // Every package goes in without starting a service (etcd,
+        // prometheus, keepalived...): the tests start their own inside
+        // namespaces, and a machine must not gain daemons from a setup.
+        let daemons: Vec<&str> = m
+            .debs
+            .iter()
+            .flat_map(|(n, _)| n.daemons())
+            .copied()
+            .collect();
+        install_without_starting(&all, &daemons)?;
     }
     if !m.stable.is_empty() {
         step(&format!(
@@ -544,12 +543,16 @@ mod tests {
     }
 
     #[test]
-    fn service_daemons_are_installed_without_starting() {
+    fn the_daemons_checked_for_come_with_their_parts_packages() {
         // keepalived and conntrackd would act on the machine's own network.
         assert_eq!(Need::ExitGroups.daemons(), ["keepalived", "conntrackd"]);
+        assert_eq!(Need::Tests.daemons(), ["prometheus"]);
         for n in Need::ALL {
-            if n != Need::ExitGroups {
-                assert!(n.daemons().is_empty(), "{n:?}");
+            for d in n.daemons() {
+                assert!(
+                    n.debs().iter().any(|p| p.starts_with(d)),
+                    "{n:?}: {d} is no package of it"
+                );
             }
         }
     }

@@ -1,5 +1,5 @@
-//! Installing Debian packages that bring a service (keepalived,
-//! conntrackd, later prometheus) without starting it: the tests run these
+//! Installing Debian packages without starting the services they bring
+//! (etcd, prometheus, keepalived, conntrackd): the tests run these
 //! daemons inside their own network namespaces, with their own files, and
 //! one started by the package in the root namespace would act on the
 //! machine's own network (conntrackd syncing its conntrack table, keepalived
