@@ -133,6 +133,7 @@ fn mesh_of(n: usize) -> anyhow::Result<Mesh> {
             exit_rate_limit: None,
             exit_flow_limit: None,
             exit_new_flow_rate: None,
+            exit_group: None,
         });
     }
     Ok(Mesh {
@@ -142,6 +143,7 @@ fn mesh_of(n: usize) -> anyhow::Result<Mesh> {
         mtu: 1420,
         agent_port: 51829,
         devices,
+        exit_groups: Vec::new(),
     })
 }
 

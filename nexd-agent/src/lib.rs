@@ -12,6 +12,7 @@ pub mod devsock;
 pub mod dns;
 pub mod exclude;
 pub mod exit;
+pub mod exit_group;
 pub mod instance;
 pub mod keys;
 pub mod ledger;

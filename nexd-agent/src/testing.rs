@@ -28,6 +28,7 @@ pub fn device(i: usize, public_key: PublicKey) -> Device {
         exit_rate_limit: None,
         exit_flow_limit: None,
         exit_new_flow_rate: None,
+        exit_group: None,
     }
 }
 
@@ -42,6 +43,7 @@ pub fn mesh(devices: impl IntoIterator<Item = Device>) -> Mesh {
         mtu: 1420,
         agent_port: 51829,
         devices: devices.into_iter().collect(),
+        exit_groups: Vec::new(),
     }
 }
 

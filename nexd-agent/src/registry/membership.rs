@@ -222,6 +222,7 @@ fn assemble(
             exit_rate_limit: None,
             exit_flow_limit: None,
             exit_new_flow_rate: None,
+            exit_group: None,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -234,6 +235,7 @@ fn assemble(
             mtu: settings.mtu,
             agent_port: settings.agent_port,
             devices: out,
+            exit_groups: Vec::new(),
         },
         roles,
         serials,
