@@ -586,7 +586,6 @@ fn routes_the_uplink_pushes_to_cover_the_internet_do_not_bypass_the_tunnel() -> 
 /// stop removed the table before the tunnel: a member that keeps sending
 /// into the LAN got through in both windows.
 #[test]
-#[ignore = "finding B: a starting or stopping gateway forwards a member into its LAN"]
 fn a_starting_or_stopping_gateway_lets_no_member_into_its_lan() -> anyhow::Result<()> {
     if !nexd_testkit::privileged()? {
         return Ok(());

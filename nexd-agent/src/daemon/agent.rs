@@ -181,6 +181,9 @@ impl Daemon {
                 &[]
             };
             crate::routing::remove_leftover_tables(keep);
+            // Before the tunnel has a peer: a host that forwards of its
+            // own would otherwise forward a member into the LAN.
+            self.lan_gateway.close_tunnel()?;
             let host = &mut self.host;
             host.programs
                 .remove_leftovers(&host.nl, self.adopt_guard)
@@ -627,7 +630,6 @@ impl Daemon {
         self.heartbeats.close();
         let host = &mut self.host;
         host.programs.remove();
-        self.lan_gateway.remove(&mut host.sysctls);
         if let Err(e) = self.split.clear(&host.nl).await {
             teardown_warning("removing the excluded routes", &e);
         }
@@ -635,6 +637,9 @@ impl Daemon {
         if let Some(iface) = self.iface.take() {
             iface.remove(&host.nl).await;
         }
+        // After the tunnel: a host that forwards of its own would
+        // otherwise forward a member into the LAN until it is gone.
+        self.lan_gateway.remove(&mut host.sysctls);
         // Everything is gone: nothing is left for a successor to adopt.
         self.record.remove();
     }
