@@ -714,3 +714,42 @@ fn a_starting_or_stopping_gateway_lets_no_member_into_its_lan() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// Attack on issue 21, finding 5 (TunnelVision, IPv6): routes of /7 and
+/// longer stay usable outside the tunnel (so that fc00::/7 does), but
+/// sixteen of them, 2000::/7 to 3e00::/7, cover every global unicast
+/// address, and they fit in one router advertisement as route
+/// information options (which NetworkManager and systemd-networkd
+/// install). The device's IPv6 goes direct, without the kill switch.
+#[test]
+#[ignore = "finding D: sixteen /7 routes an RA pushes take all global IPv6 past the tunnel"]
+fn sixteen_ipv6_routes_a_router_advertises_do_not_bypass_the_tunnel() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client"])?;
+    let lan = Netns::new("lanhost")?;
+    lan_behind(&w.node("client").ns, &lan)?;
+    let spec = |args: &[&str]| NodeSpec {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        ..NodeSpec::default()
+    };
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client")
+        .start(&spec(&["--exit-node-client", "--lan-interface", "lan0"]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    let client_ns = &w.node("client").ns;
+    let r6 = nexd_testkit::topology::ROUTER_V6;
+    for i in 0..16u16 {
+        let first = 0x2000 + (i << 9);
+        client_ns.ip(&format!("-6 route add {first:x}::/7 via {r6} dev eth0"))?;
+    }
+    let exit = w.underlay("exit1", true);
+    let device = source(client_ns, &w, World::server(true))?;
+    let host = source(&lan, &w, World::server(true))?;
+    println!("IPv6 to the server: the device seen as {device}, its LAN host as {host}");
+    assert_eq!(device, exit, "the device went direct");
+    assert_eq!(host, exit, "the LAN host went direct");
+    Ok(())
+}
