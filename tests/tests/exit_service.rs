@@ -1072,7 +1072,6 @@ fn one_client_cannot_exhaust_the_exit_nodes_flows_or_ports() -> anyhow::Result<(
 /// 100 flows sends to 300 ports of the exit node's mesh address: how many
 /// entries does the exit node hold for it?
 #[test]
-#[ignore = "finding E: a client's flows to the exit node's own mesh address escape its flow limit"]
 fn a_clients_flows_to_the_exit_node_itself_count_against_its_limit() -> anyhow::Result<()> {
     if !nexd_testkit::privileged()? {
         return Ok(());
