@@ -939,7 +939,6 @@ fn removing_the_clients_routing_while_active_leaks_nothing() -> anyhow::Result<(
 /// families before adding them again, and the client's IPv6 (IPv4)
 /// left directly in between.
 #[test]
-#[ignore = "finding C: the repair of one family's rules leaks the other family"]
 fn repairing_one_familys_rule_leaks_nothing_of_the_other() -> anyhow::Result<()> {
     if !nexd_testkit::privileged()? {
         return Ok(());
@@ -972,11 +971,18 @@ fn repairing_one_familys_rule_leaks_nothing_of_the_other() -> anyhow::Result<()>
     for _ in 0..5 {
         for v6 in [false, true] {
             let before = (w.inet.count("leak4")?, w.inet.count("leak6")?);
-            ns.ip(if v6 {
+            if let Err(e) = ns.ip(if v6 {
                 "-6 rule del priority 28279"
             } else {
                 "rule del priority 28279"
-            })?;
+            }) {
+                bail!(
+                    "{e}\n{}\n{}\n{}",
+                    ns.ip("rule show")?,
+                    ns.ip("-6 rule show")?,
+                    w.node("client").log()
+                );
+            }
             std::thread::sleep(Duration::from_millis(300));
             let after = (w.inet.count("leak4")?, w.inet.count("leak6")?);
             if v6 {
