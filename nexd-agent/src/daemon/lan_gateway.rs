@@ -38,11 +38,16 @@ impl LanGateway {
         }
     }
 
+    /// Whether this device is a gateway (`--lan-interface` given).
+    pub fn configured(&self) -> bool {
+        !self.settings.lan_interfaces.is_empty()
+    }
+
     /// Writes the table before the tunnel has a peer, so nothing from
     /// the tunnel is forwarded into the LAN whatever the host's
     /// forwarding says; nothing without LAN interfaces.
     pub fn close_tunnel(&mut self) -> anyhow::Result<()> {
-        if self.settings.lan_interfaces.is_empty() {
+        if !self.configured() {
             return Ok(());
         }
         Gateway::close_tunnel(&self.settings.wg_iface, &self.settings.lan_interfaces)?;
