@@ -1115,3 +1115,56 @@ fn a_clients_flows_to_the_exit_node_itself_count_against_its_limit() -> anyhow::
     );
     Ok(())
 }
+
+/// Attack on issue 21, finding 15 meeting the DNS redirect: queries to
+/// the mesh prefix are left alone ("already inside the tunnel"), but
+/// since issue 21 only the members' addresses of the prefix are routed
+/// into the tunnel. A network that numbers itself in CGNAT space (a
+/// carrier's, 100.64.0.0/10 like the mesh's default prefix) with its
+/// resolver there: the client's and its LAN host's queries to it go
+/// straight to it, beside the exit node, with exit mode active.
+#[test]
+#[ignore = "finding F: DNS to a non-member address of the mesh prefix is not redirected and leaves directly"]
+fn dns_to_a_resolver_in_the_mesh_prefix_that_is_no_member_goes_through_the_exit_node()
+-> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    const CARRIER_RESOLVER: &str = "100.100.0.53";
+    let mut w = World::new(&["exit1", "client"])?;
+    let lan = Netns::new("lanhost")?;
+    lan_behind(&w.node("client").ns, &lan)?;
+    w.inet.ns.ip(&format!("addr add {UPSTREAM}/32 dev lo"))?;
+    let _upstream = DnsServer::start(&w.inet.ns, &[ip(UPSTREAM)], WWW, UPSTREAM_V4, UPSTREAM_V6)?;
+    // The uplink network is also numbered in 100.100.0.0/16, with its
+    // resolver there.
+    let resolver_ns = Netns::new("carrierdns")?;
+    w.sw.attach(&resolver_ns, "eth0", &[&format!("{CARRIER_RESOLVER}/16")])?;
+    let carrier = DnsServer::start(&resolver_ns, &[ip(CARRIER_RESOLVER)], WWW, LAN_V4, LAN_V6)?;
+    w.node("client").ns.ip("addr add 100.100.0.2/16 dev eth0")?;
+    w.node_mut("exit1").use_resolv_conf(&format!(
+        "nameserver {UPSTREAM}\noptions timeout:1 attempts:2\n"
+    ))?;
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client")
+        .start(&spec(&["--exit-node-client", "--lan-interface", "lan0"]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    wait_exit_path(&w, &w.node("client").ns, "exit1")?;
+    let mut got = Vec::new();
+    for ns in [&w.node("client").ns, &lan] {
+        for t in [Transport::Udp, Transport::Tcp] {
+            let answer = ask(ns, CARRIER_RESOLVER, RecordType::A, t)?;
+            got.push(format!("{} {t:?}: {answer:?}", ns.name()));
+        }
+    }
+    let seen = carrier.seen();
+    println!("{}; the carrier's resolver saw {seen:?}", got.join("; "));
+    assert_eq!(
+        seen,
+        [],
+        "the network's resolver in the mesh prefix saw queries: {}",
+        got.join("; ")
+    );
+    Ok(())
+}
