@@ -1168,3 +1168,66 @@ fn dns_to_a_resolver_in_the_mesh_prefix_that_is_no_member_goes_through_the_exit_
     );
     Ok(())
 }
+
+/// Attack on issue 21, finding 8, the other way round: `ct state new`
+/// matches every packet of a flow in its original direction until the
+/// first reply, so a single one-way UDP flow (a stream whose far end
+/// answers late, or never: telemetry, RTP before the other side speaks)
+/// spends the client's new-flow rate with each datagram. One flow of
+/// 1,000 datagrams in a second, within every bound the client has: how
+/// many arrive?
+#[test]
+#[ignore = "finding G: each datagram of a one-way UDP flow counts as a new flow against the client's rate"]
+fn one_one_way_flow_is_one_flow_not_a_flow_per_datagram() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client"])?;
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client").start(&spec(&["--exit-node-client"]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    wait_exit_path(&w, &w.node("client").ns, "exit1")?;
+    let sink_addr = SocketAddr::new(ip(SERVER_V4), 7778);
+    let sink = w
+        .inet
+        .ns
+        .run_in(move || std::net::UdpSocket::bind(sink_addr).context("sink bind"))?;
+    sink.set_read_timeout(Some(Duration::from_millis(1500)))?;
+    // Read while the client sends (the socket's buffer holds a few
+    // hundred), until 1.5 s of silence (bounded by the 1,000 sent).
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut got = 0u32;
+        while got < 1000 && sink.recv_from(&mut buf).is_ok() {
+            got += 1;
+        }
+        got
+    });
+    let sent = w.node("client").ns.run_in(move || -> anyhow::Result<u32> {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let mut sent = 0;
+        for _ in 0..1000 {
+            if s.send_to(b"one-way", sink_addr).is_ok() {
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(sent)
+    })?;
+    let got = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("sink thread panicked"))?;
+    let row = client_row(w.node("exit1"), "client")?;
+    eprintln!(
+        "one one-way flow: {got} of {sent} datagrams arrived; denied {:?}",
+        row.denied
+    );
+    assert!(
+        got >= sent * 95 / 100,
+        "one flow lost {} of {sent} datagrams to the new-flow rate: {:?}",
+        sent - got,
+        row.denied
+    );
+    Ok(())
+}
