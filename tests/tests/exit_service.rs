@@ -1177,7 +1177,6 @@ fn dns_to_a_resolver_in_the_mesh_prefix_that_is_no_member_goes_through_the_exit_
 /// 1,000 datagrams in a second, within every bound the client has: how
 /// many arrive?
 #[test]
-#[ignore = "finding G: each datagram of a one-way UDP flow counts as a new flow against the client's rate"]
 fn one_one_way_flow_is_one_flow_not_a_flow_per_datagram() -> anyhow::Result<()> {
     if !nexd_testkit::privileged()? {
         return Ok(());

@@ -325,8 +325,12 @@ impl ExitRules {
                     "  map clients{tag} {{ type {addr_type} : verdict; elements = {{ {} }} }}\n",
                     elements(members)
                 ));
+                // Only a flow's first packet: until the first reply every
+                // packet of a flow is `ct state new`, and a one-way flow's
+                // datagrams would each spend the client's new-flow rate.
+                // Its entry is confirmed once that packet leaves the hooks.
                 limits.push_str(&format!(
-                    "    iifname \"{wg}\" ct state new {fam} saddr vmap @clients{tag}\n"
+                    "    iifname \"{wg}\" ct state new ct status & confirmed == 0 {fam} saddr vmap @clients{tag}\n"
                 ));
             }
         }
@@ -537,16 +541,16 @@ table inet nexd {
     iifname "wg0" meta mark set meta mark & 0xfeffffff
     iifname "wg0" meta nfproto ipv4 oifname != "eth0" ip daddr != @allow4 counter name "not_uplink" drop
     iifname "wg0" meta nfproto ipv6 oifname != "eth1" counter name "not_uplink" drop
-    iifname "wg0" ct state new ip saddr vmap @clients4
-    iifname "wg0" ct state new ip6 saddr vmap @clients6
+    iifname "wg0" ct state new ct status & confirmed == 0 ip saddr vmap @clients4
+    iifname "wg0" ct state new ct status & confirmed == 0 ip6 saddr vmap @clients6
     iifname "wg0" counter name "forwarded" accept
   }
   chain input {
     type filter hook input priority filter; policy accept;
     iifname "wg0" ip daddr != 100.64.0.1 counter name "local_dropped" drop
     iifname "wg0" ip6 daddr != fd6e:6578:6400::1 counter name "local_dropped" drop
-    iifname "wg0" ct state new ip saddr vmap @clients4
-    iifname "wg0" ct state new ip6 saddr vmap @clients6
+    iifname "wg0" ct state new ct status & confirmed == 0 ip saddr vmap @clients4
+    iifname "wg0" ct state new ct status & confirmed == 0 ip6 saddr vmap @clients6
   }
   chain postrouting {
     type nat hook postrouting priority srcnat; policy accept;
