@@ -105,7 +105,9 @@ impl RogueMember {
         self.wg(&["show", IFACE])
     }
 
-    fn wg(&self, args: &[&str]) -> anyhow::Result<String> {
+    /// Runs `wg` on the rogue side (a malicious member does what it
+    /// likes with its own WireGuard: forget sessions, re-handshake).
+    pub fn wg(&self, args: &[&str]) -> anyhow::Result<String> {
         let p = self.holder.to_string();
         let mut c = Command::new("nsenter");
         c.args(["-t", &p, "-m", "-n", "--", "wg"]).args(args);

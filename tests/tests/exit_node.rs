@@ -866,3 +866,146 @@ fn exit_node_switches_to_a_clearly_faster_one_after_the_dwell_time() -> anyhow::
     drop(relays);
     Ok(())
 }
+
+/// Attack on issue 21, finding 0: what nexd's client routing relies on
+/// is removed while exit mode is active (the whole of nexd's table, v4
+/// and v6; the rule that sends unmarked traffic there), while the client
+/// sends to the internet every millisecond. nexd puts it back; how many
+/// datagrams left directly meanwhile? Measured: flushing the v4 table
+/// leaked 4 v4 datagrams (the unreachable fallback goes with the table);
+/// deleting the v4 rule leaked 8 v4 and 1 v6, the v6 rule 7 v6 and 1 v4.
+/// The cross-family part was the repair (fixed, see
+/// `repairing_one_familys_rule_leaks_nothing_of_the_other`); what is left
+/// is the time until nexd notices, which only a second line that does
+/// not depend on these objects (a rule-level `unreachable` after the
+/// table lookup, say) would close.
+#[test]
+#[ignore = "finding C (rest): removing nexd's table or its rule by hand leaks that family for milliseconds, until the repair"]
+fn removing_the_clients_routing_while_active_leaks_nothing() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client"])?;
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client").start(&spec(&["--exit-node-client"]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    for v6 in [false, true] {
+        let name = if v6 { "leak6" } else { "leak4" };
+        w.inet.watch(name, &w.underlay("client", v6).to_string())?;
+    }
+    let client = Netns::attach(w.node("client").ns.name())?;
+    let flood = client.spawn_in(|| {
+        let s4 = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let s6 = std::net::UdpSocket::bind("[::]:0")?;
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            let _ = s4.send_to(b"x", (World::server(false), 9));
+            let _ = s6.send_to(b"x", (World::server(true), 9));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    })?;
+    let ns = &w.node("client").ns;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut seen = Vec::new();
+    for (what, cmd) in [
+        ("table 28280 flushed (v4)", "route flush table 28280"),
+        ("table 28280 flushed (v6)", "-6 route flush table 28280"),
+        ("rule 28279 deleted (v4)", "rule del priority 28279"),
+        ("rule 28279 deleted (v6)", "-6 rule del priority 28279"),
+    ] {
+        let before = (w.inet.count("leak4")?, w.inet.count("leak6")?);
+        ns.ip(cmd)?;
+        std::thread::sleep(Duration::from_millis(800));
+        let after = (w.inet.count("leak4")?, w.inet.count("leak6")?);
+        seen.push(format!(
+            "{what}: {} v4, {} v6 leaked",
+            after.0 - before.0,
+            after.1 - before.1
+        ));
+    }
+    flood
+        .join()
+        .map_err(|_| anyhow::anyhow!("flood thread panicked"))??;
+    println!("{}", seen.join("; "));
+    println!("{}", ns.ip("rule show")?);
+    println!("{}", ns.ip("route show table 28280")?);
+    let leaked = (w.inet.count("leak4")?, w.inet.count("leak6")?);
+    assert_eq!(leaked, (0, 0), "{}", seen.join("; "));
+    Ok(())
+}
+
+/// Attack on issue 21, finding 0, the repair itself: one family's rule
+/// is deleted by hand; nexd puts it back. The other family's traffic
+/// must not notice: the repair used to delete every rule of both
+/// families before adding them again, and the client's IPv6 (IPv4)
+/// left directly in between.
+#[test]
+fn repairing_one_familys_rule_leaks_nothing_of_the_other() -> anyhow::Result<()> {
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client"])?;
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client").start(&spec(&["--exit-node-client"]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    for v6 in [false, true] {
+        let name = if v6 { "leak6" } else { "leak4" };
+        w.inet.watch(name, &w.underlay("client", v6).to_string())?;
+    }
+    let client = Netns::attach(w.node("client").ns.name())?;
+    let flood = client.spawn_in(|| {
+        let s4 = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let s6 = std::net::UdpSocket::bind("[::]:0")?;
+        let until = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < until {
+            let _ = s4.send_to(b"x", (World::server(false), 9));
+            let _ = s6.send_to(b"x", (World::server(true), 9));
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        Ok(())
+    })?;
+    let ns = &w.node("client").ns;
+    std::thread::sleep(Duration::from_millis(300));
+    // (v4 leaked while v6 was repaired, v6 leaked while v4 was)
+    let mut cross = (0, 0);
+    for _ in 0..5 {
+        for v6 in [false, true] {
+            let before = (w.inet.count("leak4")?, w.inet.count("leak6")?);
+            if let Err(e) = ns.ip(if v6 {
+                "-6 rule del priority 28279"
+            } else {
+                "rule del priority 28279"
+            }) {
+                bail!(
+                    "{e}\n{}\n{}\n{}",
+                    ns.ip("rule show")?,
+                    ns.ip("-6 rule show")?,
+                    w.node("client").log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let after = (w.inet.count("leak4")?, w.inet.count("leak6")?);
+            if v6 {
+                cross.0 += after.0 - before.0;
+            } else {
+                cross.1 += after.1 - before.1;
+            }
+        }
+    }
+    flood
+        .join()
+        .map_err(|_| anyhow::anyhow!("flood thread panicked"))??;
+    println!(
+        "repairs of the other family's rule leaked {} v4 and {} v6 datagrams",
+        cross.0, cross.1
+    );
+    assert_eq!(
+        cross,
+        (0, 0),
+        "(v4, v6) leaked by the other family's repair"
+    );
+    Ok(())
+}

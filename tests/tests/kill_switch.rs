@@ -385,3 +385,78 @@ fn kill_switch_refuses_a_bpffs_that_would_die_with_nexd() -> anyhow::Result<()> 
     assert!(!rules.contains("28280"), "{rules}");
     Ok(())
 }
+
+/// Attack on issue 21, finding 9: an interface that nexd knew but that
+/// was no uplink when nexd died (a laptop's Wi-Fi, present but without a
+/// default route) becomes the uplink while nexd is down. `inet nexd_ks`
+/// lets out through every link nexd knew, and the guard is only on the
+/// links that were uplinks: nothing holds the new uplink shut.
+#[test]
+#[ignore = "finding A: a known link that becomes the uplink while nexd is down leaks"]
+fn kill_switch_covers_a_known_link_that_becomes_the_uplink_while_nexd_is_down() -> anyhow::Result<()>
+{
+    if !nexd_testkit::privileged()? {
+        return Ok(());
+    }
+    let mut w = World::new(&["exit1", "client"])?;
+    let lan = Netns::new("lanhost")?;
+    lan_behind(&w.node("client").ns, &lan)?;
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client").start(&spec(&[
+        "--exit-node-client",
+        "--kill-switch",
+        "--lan-interface",
+        "lan0",
+    ]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    // A second link, up and addressed, with no default route: not an
+    // uplink while nexd runs.
+    veth(&w.node("client").ns, "eth1", &w.inet.ns, "cl1")?;
+    let client_ns = &w.node("client").ns;
+    client_ns.ip("addr add 10.77.0.1/24 dev eth1")?;
+    client_ns.ip("addr add fd77::1/64 dev eth1 nodad")?;
+    w.inet.ns.ip("addr add 10.77.0.254/24 dev cl1")?;
+    w.inet.ns.ip("addr add fd77::fe/64 dev cl1 nodad")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let ks = client_ns.exec(&["nft", "list", "table", "inet", "nexd_ks"])?;
+    assert!(ks.contains("\"eth1\""), "nexd did not learn eth1: {ks}");
+    let watch = LeakWatch::start(&w.sw, w.port("client")?, 51820)?;
+    w.node_mut("client").kill()?;
+
+    // nexd is down; the known link takes the default route.
+    let client_ns = &w.node("client").ns;
+    nft_script(
+        &w.inet.ns,
+        "table inet leak_cl1 {\n counter leaked { }\n chain pre {\n  type filter hook prerouting priority -300; policy accept;\n  iifname != \"cl1\" return\n  icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld2-listener-report } return\n  ip6 daddr ff02::/16 ip6 hoplimit 1 return\n  counter name leaked\n }\n}\n",
+    )?;
+    client_ns.ip("route replace default via 10.77.0.254 dev eth1")?;
+    client_ns.ip("-6 route replace default via fd77::fe dev eth1")?;
+
+    try_to_leak(&w, &lan)?;
+    let bound = UdpOpts {
+        bind_device: Some("eth1".into()),
+        mark: None,
+    };
+    let through = udp_exchange_with(
+        client_ns,
+        &w.inet.ns,
+        World::server(false),
+        Duration::from_secs(1),
+        &bound,
+    );
+    let (on_eth0, on_eth1) = (
+        watch.leaked()?,
+        nft_counter(&w.inet.ns, "inet", "leak_cl1", "leaked")?,
+    );
+    println!(
+        "nexd down, known link became the uplink: {on_eth0} frames leaked on eth0, {on_eth1} on eth1; bound socket: {through:?}"
+    );
+    assert!(
+        through.is_err(),
+        "a socket bound to the link that became the uplink got through: {through:?}"
+    );
+    assert_eq!(on_eth0, 0, "leaked on the old uplink");
+    assert_eq!(on_eth1, 0, "leaked on the new uplink");
+    Ok(())
+}

@@ -174,13 +174,21 @@ impl Daemon {
             // Whatever a crashed nexd left at nexd's fixed numbers goes first.
             client_steps::remove_leftovers(self.exit_client.numbers(), &mut self.host).await;
             // A previous nexd's kill switch that still holds keeps its
-            // table until this nexd's guard replaces it.
-            let keep: &[crate::routing::nft::Table] = if self.adopt_guard {
-                &[crate::routing::kill_switch::NFT_TABLE]
-            } else {
-                &[]
-            };
-            crate::routing::remove_leftover_tables(keep);
+            // table until this nexd's guard replaces it; a gateway's table
+            // stays until it is rewritten (in one transaction) just below:
+            // a tunnel a crashed nexd left (kernel WireGuard keeps its
+            // peers) never forwards into the LAN in between.
+            let mut keep = Vec::new();
+            if self.adopt_guard {
+                keep.push(crate::routing::kill_switch::NFT_TABLE);
+            }
+            if self.lan_gateway.configured() {
+                keep.push(crate::routing::gateway::NFT_TABLE);
+            }
+            crate::routing::remove_leftover_tables(&keep);
+            // Before the tunnel has a peer: a host that forwards of its
+            // own would otherwise forward a member into the LAN.
+            self.lan_gateway.close_tunnel()?;
             let host = &mut self.host;
             host.programs
                 .remove_leftovers(&host.nl, self.adopt_guard)
@@ -627,7 +635,6 @@ impl Daemon {
         self.heartbeats.close();
         let host = &mut self.host;
         host.programs.remove();
-        self.lan_gateway.remove(&mut host.sysctls);
         if let Err(e) = self.split.clear(&host.nl).await {
             teardown_warning("removing the excluded routes", &e);
         }
@@ -635,6 +642,9 @@ impl Daemon {
         if let Some(iface) = self.iface.take() {
             iface.remove(&host.nl).await;
         }
+        // After the tunnel: a host that forwards of its own would
+        // otherwise forward a member into the LAN until it is gone.
+        self.lan_gateway.remove(&mut host.sysctls);
         // Everything is gone: nothing is left for a successor to adopt.
         self.record.remove();
     }

@@ -290,14 +290,13 @@ impl ExitRules {
                 )
             }
         };
-        let input = match own {
+        let mut input = match own {
             None => String::new(),
             Some((own4, own6)) => format!(
                 "  chain input {{\n\
                  \x20   type filter hook input priority filter; policy accept;\n\
                  \x20   iifname \"{wg}\" ip daddr != {own4} counter name \"local_dropped\" drop\n\
-                 \x20   iifname \"{wg}\" ip6 daddr != {own6} counter name \"local_dropped\" drop\n\
-                 \x20 }}\n"
+                 \x20   iifname \"{wg}\" ip6 daddr != {own6} counter name \"local_dropped\" drop\n"
             ),
         };
         let mut counters: String = COUNTERS
@@ -370,10 +369,22 @@ impl ExitRules {
                     "  map clients{tag} {{ type {addr_type} : verdict; elements = {{ {} }} }}\n",
                     elements(members)
                 ));
+                // Only a flow's first packet: until the first reply every
+                // packet of a flow is `ct state new`, and a one-way flow's
+                // datagrams would each spend the client's new-flow rate.
+                // Its entry is confirmed once that packet leaves the hooks.
                 limits.push_str(&format!(
-                    "    iifname \"{wg}\" ct state new {fam} saddr vmap @clients{tag}\n"
+                    "    iifname \"{wg}\" ct state new ct status & confirmed == 0 {fam} saddr vmap @clients{tag}\n"
                 ));
             }
+        }
+        if !input.is_empty() {
+            // What a client sends to the exit node's own mesh address (any
+            // port of it: DNS, announcements, the rest refused) is tracked
+            // too: it counts against the same per-client bounds as its
+            // forwarded flows, or one client could fill the table with it.
+            input.push_str(&limits);
+            input.push_str("  }\n");
         }
         let mark = EXIT_PASSED_MARK;
         let keep = !EXIT_PASSED_MARK;
@@ -627,14 +638,16 @@ table inet nexd {
     iifname "wg0" meta mark set meta mark & 0xfeffffff
     iifname "wg0" meta nfproto ipv4 oifname != "eth0" ip daddr != @allow4 counter name "not_uplink" drop
     iifname "wg0" meta nfproto ipv6 oifname != "eth1" counter name "not_uplink" drop
-    iifname "wg0" ct state new ip saddr vmap @clients4
-    iifname "wg0" ct state new ip6 saddr vmap @clients6
+    iifname "wg0" ct state new ct status & confirmed == 0 ip saddr vmap @clients4
+    iifname "wg0" ct state new ct status & confirmed == 0 ip6 saddr vmap @clients6
     iifname "wg0" counter name "forwarded" accept
   }
   chain input {
     type filter hook input priority filter; policy accept;
     iifname "wg0" ip daddr != 100.64.0.1 counter name "local_dropped" drop
     iifname "wg0" ip6 daddr != fd6e:6578:6400::1 counter name "local_dropped" drop
+    iifname "wg0" ct state new ct status & confirmed == 0 ip saddr vmap @clients4
+    iifname "wg0" ct state new ct status & confirmed == 0 ip6 saddr vmap @clients6
   }
   chain postrouting {
     type nat hook postrouting priority srcnat; policy accept;

@@ -69,6 +69,12 @@ pub fn script(wg: &str, lans: &[String]) -> String {
 pub struct Gateway;
 
 impl Gateway {
+    /// Writes the table alone, forwarding untouched: before the tunnel has
+    /// a peer (`install` rewrites it in one transaction).
+    pub fn close_tunnel(wg: &str, lans: &[String]) -> Result<(), GatewayError> {
+        Ok(nft::apply(&script(wg, lans))?)
+    }
+
     pub fn install(wg: &str, lans: &[String], sysctls: &mut Sysctls) -> Result<Self, GatewayError> {
         nft::apply(&script(wg, lans))?;
         if let Err(e) = sysctls.enable_forwarding() {

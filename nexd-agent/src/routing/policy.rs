@@ -30,6 +30,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
+    AddressFamily,
     route::{RouteMessage, RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
 };
@@ -84,6 +85,63 @@ fn rule_priority(r: &RuleMessage) -> Option<u32> {
         RuleAttribute::Priority(p) => Some(*p),
         _ => None,
     })
+}
+
+/// What tells nexd's rules apart, from each other and from anything else
+/// at its priorities: what `add_rules` writes and the kernel dumps back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RuleKey {
+    v6: bool,
+    priority: Option<u32>,
+    table: u32,
+    action: RuleAction,
+    fwmark: Option<u32>,
+    invert: bool,
+    suppress: Option<u32>,
+}
+
+fn rule_key(r: &RuleMessage) -> RuleKey {
+    RuleKey {
+        v6: r.header.family == AddressFamily::Inet6,
+        priority: rule_priority(r),
+        table: rule_table(r),
+        action: r.header.action,
+        fwmark: r.attributes.iter().find_map(|a| match a {
+            RuleAttribute::FwMark(m) => Some(*m),
+            _ => None,
+        }),
+        invert: r.header.flags.contains(RuleFlags::Invert),
+        // The kernel dumps "none" as u32::MAX (its -1).
+        suppress: r.attributes.iter().find_map(|a| match a {
+            RuleAttribute::SuppressPrefixLen(l) if *l != u32::MAX => Some(*l),
+            _ => None,
+        }),
+    }
+}
+
+/// The three rules of a family, in order of priority.
+fn wanted_rules(n: PolicyNumbers, v6: bool) -> [RuleKey; 3] {
+    let rule = |priority: u32, table: u32| RuleKey {
+        v6,
+        priority: Some(priority),
+        table,
+        action: RuleAction::ToTable,
+        fwmark: None,
+        invert: false,
+        suppress: None,
+    };
+    [
+        rule(n.priority - 1, n.exclusion_table()),
+        RuleKey {
+            suppress: Some(if v6 { SUPPRESS_V6 } else { SUPPRESS_V4 }),
+            ..rule(n.priority, MAIN_TABLE)
+        },
+        RuleKey {
+            fwmark: Some(n.fwmark),
+            invert: true,
+            ..rule(n.priority + 1, n.table)
+        },
+    ]
 }
 
 impl ClientRouting {
@@ -186,8 +244,12 @@ impl ClientRouting {
     }
 
     /// Installs the rules (v4 and v6) and `src_valid_mark`. Idempotent:
-    /// whatever sits at nexd's priorities is replaced, so re-enabling never
-    /// piles rules up.
+    /// what sits at nexd's priorities ends up exactly these rules, so
+    /// re-enabling never piles rules up. Only the missing rules are added,
+    /// and what is not one of them is deleted after: a repair of one
+    /// family's rules must not leave the other family's traffic without
+    /// its rules (it went to the main table, directly, while every rule
+    /// was deleted before any was added back).
     pub async fn add_rules(&self, nl: &Netlink, sysctls: &mut Sysctls) -> Result<(), NetlinkError> {
         let n = self.numbers;
         // As wg-quick: reverse-path checks honour marks, so strict
@@ -195,92 +257,118 @@ impl ClientRouting {
         if let Err(e) = sysctls.set(SRC_VALID_MARK, "1") {
             tracing::warn!(error = %e, "cannot set src_valid_mark");
         }
-        self.remove_rules(nl).await?;
+        let present = self.find_rules(nl).await?;
+        let have: Vec<RuleKey> = present.iter().map(rule_key).collect();
         for v6 in [false, true] {
-            // <priority-1>: lookup <exclusion table>
-            let excl = nl
-                .handle()
-                .rule()
-                .add()
-                .priority(n.priority - 1)
-                .table_id(n.exclusion_table())
-                .action(RuleAction::ToTable);
-            let r0 = if v6 {
-                excl.v6().execute().await
-            } else {
-                excl.v4().execute().await
-            };
-            r0.map_err(|e| {
-                NetlinkError::new(
-                    format!(
-                        "adding rule {}: lookup {}",
-                        n.priority - 1,
-                        n.exclusion_table()
-                    ),
-                    e,
-                )
-            })?;
+            let [excl_key, suppress_key, not_marked_key] = wanted_rules(n, v6);
             let fam = if v6 { "IPv6" } else { "IPv4" };
+            // <priority-1>: lookup <exclusion table>
+            if !have.contains(&excl_key) {
+                let excl = nl
+                    .handle()
+                    .rule()
+                    .add()
+                    .priority(n.priority - 1)
+                    .table_id(n.exclusion_table())
+                    .action(RuleAction::ToTable);
+                let r0 = if v6 {
+                    excl.v6().execute().await
+                } else {
+                    excl.v4().execute().await
+                };
+                r0.map_err(|e| {
+                    NetlinkError::new(
+                        format!(
+                            "adding rule {}: lookup {}",
+                            n.priority - 1,
+                            n.exclusion_table()
+                        ),
+                        e,
+                    )
+                })?;
+            }
             // <priority>: lookup main, but not its routes that cover the
             // internet (see SUPPRESS_V4/V6).
-            let mut suppress = nl
-                .handle()
-                .rule()
-                .add()
-                .priority(n.priority)
-                .table_id(MAIN_TABLE)
-                .action(RuleAction::ToTable);
-            suppress
-                .message_mut()
-                .attributes
-                .push(RuleAttribute::SuppressPrefixLen(if v6 {
-                    SUPPRESS_V6
+            if !have.contains(&suppress_key) {
+                let mut suppress = nl
+                    .handle()
+                    .rule()
+                    .add()
+                    .priority(n.priority)
+                    .table_id(MAIN_TABLE)
+                    .action(RuleAction::ToTable);
+                suppress
+                    .message_mut()
+                    .attributes
+                    .push(RuleAttribute::SuppressPrefixLen(if v6 {
+                        SUPPRESS_V6
+                    } else {
+                        SUPPRESS_V4
+                    }));
+                let r1 = if v6 {
+                    suppress.v6().execute().await
                 } else {
-                    SUPPRESS_V4
-                }));
+                    suppress.v4().execute().await
+                };
+                r1.map_err(|e| {
+                    NetlinkError::new(
+                        format!(
+                            "adding {fam} rule {}: lookup main suppress_prefixlength {}",
+                            n.priority,
+                            if v6 { SUPPRESS_V6 } else { SUPPRESS_V4 }
+                        ),
+                        e,
+                    )
+                })?;
+            }
             // <priority+1>: not fwmark <mark> lookup <table>
-            let mut not_marked = nl
-                .handle()
-                .rule()
-                .add()
-                .priority(n.priority + 1)
-                .table_id(n.table)
-                .fw_mark(n.fwmark)
-                .action(RuleAction::ToTable);
-            not_marked.message_mut().header.flags |= RuleFlags::Invert;
-            let (r1, r2) = if v6 {
-                (
-                    suppress.v6().execute().await,
-                    not_marked.v6().execute().await,
-                )
-            } else {
-                (
-                    suppress.v4().execute().await,
-                    not_marked.v4().execute().await,
-                )
-            };
-            r1.map_err(|e| {
-                NetlinkError::new(
-                    format!(
-                        "adding {fam} rule {}: lookup main suppress_prefixlength {}",
-                        n.priority,
-                        if v6 { SUPPRESS_V6 } else { SUPPRESS_V4 }
-                    ),
-                    e,
-                )
-            })?;
-            r2.map_err(|e| {
-                NetlinkError::new(
-                    format!(
-                        "adding {fam} rule {}: not fwmark {:#x} lookup {}",
-                        n.priority + 1,
-                        n.fwmark,
-                        n.table
-                    ),
-                    e,
-                )
-            })?;
+            if !have.contains(&not_marked_key) {
+                let mut not_marked = nl
+                    .handle()
+                    .rule()
+                    .add()
+                    .priority(n.priority + 1)
+                    .table_id(n.table)
+                    .fw_mark(n.fwmark)
+                    .action(RuleAction::ToTable);
+                not_marked.message_mut().header.flags |= RuleFlags::Invert;
+                let r2 = if v6 {
+                    not_marked.v6().execute().await
+                } else {
+                    not_marked.v4().execute().await
+                };
+                r2.map_err(|e| {
+                    NetlinkError::new(
+                        format!(
+                            "adding {fam} rule {}: not fwmark {:#x} lookup {}",
+                            n.priority + 1,
+                            n.fwmark,
+                            n.table
+                        ),
+                        e,
+                    )
+                })?;
+            }
         }
+        // Now that every rule is in: what is none of them (or a second
+        // copy of one) goes.
+        let wanted: Vec<RuleKey> = [false, true]
+            .into_iter()
+            .flat_map(|v6| wanted_rules(n, v6))
+            .collect();
+        let mut kept = Vec::new();
+        let extra: Vec<RuleMessage> = present
+            .into_iter()
+            .filter(|r| {
+                let k = rule_key(r);
+                let keep = wanted.contains(&k) && !kept.contains(&k);
+                if keep {
+                    kept.push(k);
+                }
+                !keep
+            })
+            .collect();
+        self.delete_rules(nl, extra).await?;
         info!(
             table = n.table,
             fwmark = n.fwmark,
@@ -351,7 +439,16 @@ impl ClientRouting {
     /// Deletes every rule at nexd's three priorities that points at the
     /// main table or one of nexd's tables.
     pub async fn remove_rules(&self, nl: &Netlink) -> Result<(), NetlinkError> {
-        for r in self.find_rules(nl).await? {
+        let found = self.find_rules(nl).await?;
+        self.delete_rules(nl, found).await
+    }
+
+    async fn delete_rules(
+        &self,
+        nl: &Netlink,
+        rules: Vec<RuleMessage>,
+    ) -> Result<(), NetlinkError> {
+        for r in rules {
             match nl.handle().rule().del(r).execute().await {
                 Ok(()) => {}
                 Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code().abs() == libc::ENOENT => {}
@@ -391,5 +488,81 @@ impl ClientRouting {
     async fn find_routes(&self, nl: &Netlink) -> Result<Vec<RouteMessage>, NetlinkError> {
         let found = routes::of_table(nl, self.numbers.table).await?;
         Ok(found.into_iter().map(|(_, r)| r).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_route::rule::RuleHeader;
+
+    use super::*;
+
+    /// A rule as the kernel dumps it (header table 252 with the table as
+    /// an attribute, "no suppression" as u32::MAX, the mark's mask).
+    fn dumped(v6: bool, priority: u32, table: u32, extra: Vec<RuleAttribute>) -> RuleMessage {
+        let mut r = RuleMessage::default();
+        r.header = RuleHeader {
+            family: if v6 {
+                AddressFamily::Inet6
+            } else {
+                AddressFamily::Inet
+            },
+            table: if table > 255 { 252 } else { table as u8 },
+            action: RuleAction::ToTable,
+            ..RuleHeader::default()
+        };
+        r.attributes = vec![
+            RuleAttribute::Table(table),
+            RuleAttribute::Priority(priority),
+        ];
+        r.attributes.extend(extra);
+        r
+    }
+
+    /// What `add_rules` finds in place is recognised as its own, so a
+    /// repair adds only what is missing and deletes nothing it keeps.
+    #[test]
+    fn the_rules_the_kernel_dumps_back_are_recognised_as_nexds() {
+        let n = PolicyNumbers {
+            table: 28280,
+            fwmark: 28280,
+            priority: 28278,
+        };
+        for v6 in [false, true] {
+            let suppress = if v6 { SUPPRESS_V6 } else { SUPPRESS_V4 };
+            let mut not_marked = dumped(
+                v6,
+                28279,
+                28280,
+                vec![
+                    RuleAttribute::SuppressPrefixLen(u32::MAX),
+                    RuleAttribute::FwMark(28280),
+                    RuleAttribute::FwMask(u32::MAX),
+                ],
+            );
+            not_marked.header.flags |= RuleFlags::Invert;
+            let found = [
+                dumped(
+                    v6,
+                    28277,
+                    28281,
+                    vec![RuleAttribute::SuppressPrefixLen(u32::MAX)],
+                ),
+                dumped(
+                    v6,
+                    28278,
+                    MAIN_TABLE,
+                    vec![RuleAttribute::SuppressPrefixLen(suppress)],
+                ),
+                not_marked,
+            ];
+            let keys: Vec<RuleKey> = found.iter().map(rule_key).collect();
+            assert_eq!(keys, wanted_rules(n, v6), "IPv6: {v6}");
+            // The other family's rules are not these.
+            assert!(wanted_rules(n, !v6).iter().all(|k| !keys.contains(k)));
+        }
+        // Without the inversion it is another rule.
+        let plain = dumped(false, 28279, 28280, vec![RuleAttribute::FwMark(28280)]);
+        assert!(!wanted_rules(n, false).contains(&rule_key(&plain)));
     }
 }
