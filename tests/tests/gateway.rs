@@ -722,7 +722,6 @@ fn a_starting_or_stopping_gateway_lets_no_member_into_its_lan() -> anyhow::Resul
 /// information options (which NetworkManager and systemd-networkd
 /// install). The device's IPv6 goes direct, without the kill switch.
 #[test]
-#[ignore = "finding D: sixteen /7 routes an RA pushes take all global IPv6 past the tunnel"]
 fn sixteen_ipv6_routes_a_router_advertises_do_not_bypass_the_tunnel() -> anyhow::Result<()> {
     if !nexd_testkit::privileged()? {
         return Ok(());

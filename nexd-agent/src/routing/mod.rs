@@ -37,7 +37,7 @@ pub struct PolicyNumbers {
     pub table: u32,
     /// Mark on WireGuard's own UDP packets.
     pub fwmark: u32,
-    /// Priority of `lookup main suppress_prefixlength 7` (6 for IPv6); the
+    /// Priority of `lookup main suppress_prefixlength 7` (31 for IPv6); the
     /// `not fwmark lookup <table>` rule sits at `priority + 1`, and the
     /// excluded routes' `lookup <table + 1>` at `priority - 1`.
     pub priority: u32,

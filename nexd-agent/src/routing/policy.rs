@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! <priority-1>   from all lookup <table+1>            (excluded routes)
-//! <priority>     from all lookup main suppress_prefixlength 7 (IPv6: 6)
+//! <priority>     from all lookup main suppress_prefixlength 7 (IPv6: 31)
 //! <priority+1>   from all not fwmark <mark> lookup <table>
 //! table <table>: default dev <wg>
 //!                unreachable default metric 4294967295
@@ -13,9 +13,13 @@
 //! mesh prefix, anything more specific stays reachable). A network that
 //! pushes 0.0.0.0/1 and 128.0.0.0/1 (DHCP option 121: TunnelVision), or
 //! ::/1 and 8000::/1 in router advertisements, would otherwise take the
-//! device's traffic past the tunnel: routes of /7 and shorter (IPv6: /6)
-//! are suppressed too. The shortest a LAN's own route is in practice is a
-//! private range (10.0.0.0/8; fc00::/7 for unique local IPv6). The
+//! device's traffic past the tunnel: routes of /7 and shorter (IPv6: /31)
+//! are suppressed too. The shortest a LAN's own IPv4 route is in practice
+//! is a private range (10.0.0.0/8). For IPv6 a few route options cover
+//! the whole internet at any short length (sixteen /7s cover 2000::/3), so
+//! everything shorter than an allocation (/32) is suppressed: a LAN's
+//! site prefixes (/48 to /64) and an organisation's /32 stay, a pushed
+//! fc00::/7 does not (exclude it with `--exclude` if it is wanted). The
 //! second sends everything else that is not WireGuard's own marked UDP into
 //! the tunnel, where only the exit peer accepts 0.0.0.0/0 and ::/0.
 //! WireGuard's own packets carry the mark and fall through to the main
@@ -53,8 +57,10 @@ pub struct ClientRouting {
 /// (IPv4): the default routes, and halves or quarters of the internet a
 /// network may push. Every private range is longer.
 pub const SUPPRESS_V4: u32 = 7;
-/// The same for IPv6: fc00::/7, unique local space, stays usable.
-pub const SUPPRESS_V6: u32 = 6;
+/// The same for IPv6, up to an allocation's length: a router
+/// advertisement's sixteen /7 route options cover 2000::/3, and each /32
+/// covers a whole provider or organisation (of 2^29 in global space).
+pub const SUPPRESS_V6: u32 = 31;
 
 /// The metric of the unreachable fallback: after every other route.
 pub const FALLBACK_METRIC: u32 = u32::MAX;
