@@ -214,6 +214,13 @@ pub struct ApproveArgs {
     /// As exit node, serve every device (the default).
     #[arg(long)]
     pub all_exit_clients: bool,
+    /// As exit node, how much it can forward ("2gbit", "500mbit"): clients
+    /// spread over exit nodes by it, and an exit node cannot claim more.
+    #[arg(long, value_name = "RATE", value_parser = crate::mesh::rate::parse, conflicts_with = "no_exit_capacity")]
+    pub exit_capacity: Option<crate::mesh::Rate>,
+    /// Forget the exit node's capacity (its link speed counts).
+    #[arg(long)]
+    pub no_exit_capacity: bool,
     /// Approve only if the device's key has this fingerprint (the device
     /// logs it while it waits; `nexctl mesh requests` shows it): a join
     /// request replaced under the same name is refused.
@@ -554,6 +561,11 @@ async fn approve(out: &mut String, r: &RegistryArgs, a: ApproveArgs) -> Result<(
         } else {
             a.exit_clients.map(Some)
         },
+        exit_capacity: if a.no_exit_capacity {
+            Some(None)
+        } else {
+            a.exit_capacity.map(|r| Some(r.bits_per_second()))
+        },
     };
     let done = connect(r)
         .await?
@@ -589,10 +601,15 @@ async fn approve(out: &mut String, r: &RegistryArgs, a: ApproveArgs) -> Result<(
 }
 
 fn roles_text(r: &crate::registry::records::Roles) -> String {
+    let capacity = r
+        .exit_capacity
+        .and_then(crate::mesh::Rate::from_bits_per_second)
+        .map(|c| format!(", capacity {c}"))
+        .unwrap_or_default();
     match (&r.exit_node, &r.exit_clients) {
         (false, _) => "member".into(),
-        (true, None) => "exit node (serves every device)".into(),
-        (true, Some(c)) => format!("exit node (serves {})", c.join(",")),
+        (true, None) => format!("exit node (serves every device{capacity})"),
+        (true, Some(c)) => format!("exit node (serves {}{capacity})", c.join(",")),
     }
 }
 

@@ -87,6 +87,12 @@ pub struct Device {
     /// through an exit node (bursts of twice as many); `None`: the
     /// default.
     pub exit_new_flow_rate: Option<u32>,
+    /// `exit_capacity` on an exit node: how much it can forward (the
+    /// operator's word). Clients spread over exit nodes in proportion to
+    /// it and judge an exit node's load against it; what an exit node
+    /// announces of its own capacity is believed only up to this
+    /// (`exit::load`). `None`: its link speed, up to a default.
+    pub exit_capacity: Option<Rate>,
 }
 
 /// The range `exit_flow_limit` accepts: below 16 a device cannot browse;

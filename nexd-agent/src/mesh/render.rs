@@ -63,6 +63,9 @@ pub fn render(mesh: &Mesh, header: &[String]) -> String {
         if let Some(n) = d.exit_new_flow_rate {
             let _ = writeln!(s, "exit_new_flow_rate = {n}");
         }
+        if let Some(rate) = &d.exit_capacity {
+            let _ = writeln!(s, "exit_capacity = {}", quote(&rate.to_string()));
+        }
     }
     s
 }
@@ -80,7 +83,7 @@ mod tests {
              [[device]]\nname = \"b.c-d\"\npublic_key = \"{}\"\nlisten_port = 5000\nipv4 = \"100.100.0.2\"\nipv6 = \"fd00:1::2\"\n\
              [[device]]\nname = \"e\"\npublic_key = \"{}\"\nendpoint = \"exit.example.net:51820\"\nipv4 = \"100.100.0.3\"\nipv6 = \"fd00:1::3\"\n\
              exit_node = true\nexit_clients = [\"a\", \"b.c-d\"]\n\
-             [[device]]\nname = \"f\"\npublic_key = \"{}\"\nipv4 = \"100.100.0.4\"\nipv6 = \"fd00:1::4\"\nexit_node = true\nexit_rate_limit = \"200mbit\"\nexit_flow_limit = 100\nexit_new_flow_rate = 20\n",
+             [[device]]\nname = \"f\"\npublic_key = \"{}\"\nipv4 = \"100.100.0.4\"\nipv6 = \"fd00:1::4\"\nexit_node = true\nexit_rate_limit = \"200mbit\"\nexit_flow_limit = 100\nexit_new_flow_rate = 20\nexit_capacity = \"1500mbit\"\n",
             PrivateKey::generate().public_key(),
             PrivateKey::generate().public_key(),
             PrivateKey::generate().public_key(),
@@ -94,6 +97,7 @@ mod tests {
         );
         assert!(mesh.devices.iter().any(|d| d.exit_rate_limit.is_some()));
         assert!(mesh.devices.iter().any(|d| d.exit_flow_limit == Some(100)));
+        assert!(mesh.devices.iter().any(|d| d.exit_capacity.is_some()));
         let out = render(&mesh, &["exported".into()]);
         assert!(out.starts_with("# exported\n"));
         assert_eq!(parse(&out).expect("rendered file parses"), mesh);
