@@ -11,7 +11,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 
-use crate::{step, workspace_root};
+use crate::{
+    progress::step,
+    setup::{self, Need},
+    workspace,
+};
 
 /// A Debian architecture nexd supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -74,7 +78,7 @@ impl Arch {
     /// The directory cargo writes this architecture's binaries to.
     pub fn output_dir(self, release: bool) -> PathBuf {
         let profile = if release { "release" } else { "debug" };
-        let target = workspace_root().join("target");
+        let target = workspace::root().join("target");
         if self.is_host() {
             target.join(profile)
         } else {
@@ -108,7 +112,7 @@ impl std::fmt::Display for Arch {
 
 /// Runs `cargo <args>` for `arch` (with `--target` when cross-building).
 pub fn cargo(arch: Arch, args: &[&str]) -> anyhow::Result<()> {
-    let mut c = crate::cargo_command();
+    let mut c = crate::workspace::cargo_command();
     let (verb, rest) = args.split_first().context("no cargo verb")?;
     c.arg(verb).args(arch.cargo_target_args()).args(rest);
     let status = c
@@ -141,11 +145,15 @@ pub fn unit_tests_under_qemu(arch: Arch) -> anyhow::Result<()> {
     if arch.is_host() {
         bail!("{arch} is this machine's architecture: run `cargo test` instead");
     }
+    setup::ensure(
+        "the unit tests under qemu-user",
+        &[Need::Build, Need::Arm64, Need::QemuUser],
+    )?;
     let (qemu, sysroot) = arch.qemu_user();
     step(&format!(
         "nexd-agent's unit tests for {arch} under {qemu} (release build)"
     ));
-    let mut c = crate::cargo_command();
+    let mut c = crate::workspace::cargo_command();
     c.args(["test", "--release", "--target", arch.rust_target()])
         .args(["--package", "nexd-agent", "--lib"])
         .env(arch.runner_var(), format!("{qemu} -L {sysroot}"));

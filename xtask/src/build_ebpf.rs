@@ -7,7 +7,11 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::{step, workspace_root};
+use crate::{
+    progress::step,
+    setup::{self, Need},
+    workspace,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,10 +22,11 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let root = workspace_root();
+    setup::ensure("building the eBPF programs", &[Need::Build])?;
+    let root = workspace::root();
     let arch = std::env::consts::ARCH;
     step("building nexd-ebpf for bpfel-unknown-none");
-    let toolchain = crate::nightly()?;
+    let toolchain = crate::workspace::nightly()?;
     let mut cmd = Command::new("rustup");
     cmd.args([
         "run",
@@ -65,7 +70,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 /// the pinned nightly: the code that runs in the kernel is linted like the
 /// rest (the workspace's clippy cannot build it).
 pub fn clippy() -> anyhow::Result<()> {
-    let toolchain = crate::nightly()?;
+    let toolchain = crate::workspace::nightly()?;
     let status = Command::new("rustup")
         .args([
             "run",
@@ -78,7 +83,7 @@ pub fn clippy() -> anyhow::Result<()> {
         ])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .args(["--", "-D", "warnings"])
-        .current_dir(workspace_root().join("nexd-ebpf"))
+        .current_dir(workspace::root().join("nexd-ebpf"))
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO")
         .env_remove("RUSTC")

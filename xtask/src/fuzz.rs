@@ -8,7 +8,11 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::{step, workspace_root};
+use crate::{
+    progress::step,
+    setup::{self, Need},
+    workspace,
+};
 
 /// The targets, in fuzz/fuzz_targets.
 pub const TARGETS: [&str; 3] = ["control_request", "mesh_file", "announcement"];
@@ -21,10 +25,28 @@ pub struct Args {
     /// Only this target.
     #[arg(long)]
     pub target: Option<String>,
+    /// Build the targets without optimisation (`cargo fuzz build --dev`,
+    /// still with AddressSanitizer and debug assertions): much quicker to
+    /// build from nothing, fewer runs a second. For a short smoke run like
+    /// CI's; fuzzing to find something wants the optimised default.
+    #[arg(long)]
+    pub dev: bool,
+}
+
+impl Args {
+    /// cargo fuzz's build flags (the same for `build` and `run`, so `run`
+    /// finds the build fresh).
+    fn build_flags(&self) -> &'static [&'static str] {
+        if self.dev {
+            &["--dev"]
+        } else {
+            &["--release", "--debug-assertions"]
+        }
+    }
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let fuzz_dir = workspace_root().join("fuzz");
+    let fuzz_dir = workspace::root().join("fuzz");
     let targets: Vec<&str> = TARGETS
         .iter()
         .copied()
@@ -37,11 +59,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             TARGETS.join(", ")
         );
     }
-    step("building the fuzz targets (nightly, AddressSanitizer)");
+    setup::ensure("fuzzing", &[Need::Build, Need::Fuzz])?;
+    step(&format!(
+        "building the fuzz targets (nightly, AddressSanitizer, {})",
+        if args.dev { "unoptimised" } else { "optimised" }
+    ));
     let mut build = nightly_cargo()?;
     build
         .current_dir(&fuzz_dir)
-        .args(["fuzz", "build", "--release", "--debug-assertions"]);
+        .args(["fuzz", "build"])
+        .args(args.build_flags());
     if !build
         .status()
         .context("cannot run cargo fuzz; `cargo xtask setup` installs it")?
@@ -55,7 +82,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         std::fs::create_dir_all(&scratch)?;
         let status = nightly_cargo()?
             .current_dir(&fuzz_dir)
-            .args(["fuzz", "run", "--release", "--debug-assertions", t])
+            .args(["fuzz", "run"])
+            .args(args.build_flags())
+            .arg(t)
             .arg(&scratch)
             .arg(fuzz_dir.join("corpus").join(t))
             .arg("--")
@@ -77,9 +106,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 /// variables (cargo-fuzz needs nightly for -Zsanitizer; the pinned one is
 /// the one `cargo xtask setup` installs).
 fn nightly_cargo() -> anyhow::Result<Command> {
-    let c = crate::cargo_command();
+    let c = crate::workspace::cargo_command();
     let mut n = Command::new("rustup");
-    n.args(["run", &crate::nightly()?, "cargo"]);
+    n.args(["run", &crate::workspace::nightly()?, "cargo"]);
     for (k, v) in c.get_envs() {
         match v {
             Some(v) => n.env(k, v),
@@ -93,13 +122,4 @@ fn nightly_cargo() -> anyhow::Result<Command> {
         n.current_dir(dir);
     }
     Ok(n)
-}
-
-/// Whether cargo-fuzz is installed.
-pub fn installed() -> bool {
-    Command::new("cargo")
-        .args(["fuzz", "--version"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
 }

@@ -19,7 +19,10 @@ use nexd_testkit::{
     world::{Naming, World},
 };
 
-use crate::setup;
+use crate::setup::{self, Need};
+
+/// What the lab needs installed: nexd built, and network namespaces.
+pub const NEEDS: &[Need] = &[Need::Build, Need::Namespaces];
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -100,9 +103,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("a lab is already up (kept with --keep); remove it with `cargo xtask lab down`");
     }
     if !args.no_setup {
-        setup::run(&setup::Args { check: false })?;
+        setup::ensure("the lab", NEEDS)?;
     }
-    crate::build_agent(false)?;
+    crate::workspace::build_agent(false)?;
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         let _ = nix::sys::signal::signal(

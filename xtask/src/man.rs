@@ -6,7 +6,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 
-use crate::{step, workspace_root};
+use crate::{
+    progress::step,
+    setup::{self, Need},
+    workspace,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -19,13 +23,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let out = if args.out.is_absolute() {
         args.out.clone()
     } else {
-        workspace_root().join(&args.out)
+        workspace::root().join(&args.out)
     };
+    setup::ensure("the man pages (nexctl writes them)", &[Need::Build])?;
     step(&format!("writing man pages to {}", out.display()));
-    let status = crate::cargo_command()
+    let status = crate::workspace::cargo_command()
         .args([
             "run",
-            "--quiet",
             "--package",
             "nexd-agent",
             "--bin",

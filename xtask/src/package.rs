@@ -17,7 +17,12 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{arch::Arch, step, workspace_root};
+use crate::{
+    arch::Arch,
+    progress::step,
+    setup::{self, Need},
+    workspace,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -70,9 +75,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
 /// Builds and checks the packages of `arches`; returns their paths.
 pub fn build(arches: &[Arch]) -> anyhow::Result<Vec<PathBuf>> {
-    if !crate::setup::cargo_deb_installed() {
-        bail!("cargo-deb is missing; `cargo xtask setup` installs it");
+    let mut needs = vec![Need::Build, Need::Package];
+    if arches.iter().any(|a| !a.is_host()) {
+        needs.push(Need::Arm64);
     }
+    setup::ensure("the packages", &needs)?;
     // The host's binaries first: the completions come from its nexctl.
     let host = arches
         .iter()
@@ -82,8 +89,8 @@ pub fn build(arches: &[Arch]) -> anyhow::Result<Vec<PathBuf>> {
     let host_bins = if arches.contains(&host) {
         crate::arch::build_release(host)?
     } else {
-        crate::build_agent(false)?;
-        workspace_root().join("target/debug")
+        crate::workspace::build_agent(false)?;
+        workspace::root().join("target/debug")
     };
     generate_assets(&host_bins.join("nexctl"))?;
     let mut debs = Vec::new();
@@ -98,7 +105,7 @@ pub fn build(arches: &[Arch]) -> anyhow::Result<Vec<PathBuf>> {
 
 /// Man pages and completions into target/package-assets.
 fn generate_assets(nexctl: &Path) -> anyhow::Result<()> {
-    let root = workspace_root().join(ASSETS);
+    let root = workspace::root().join(ASSETS);
     let man = root.join("man");
     // Stale pages of a removed subcommand must not be packaged.
     let _ = std::fs::remove_dir_all(&man);
@@ -129,9 +136,9 @@ fn generate_assets(nexctl: &Path) -> anyhow::Result<()> {
 /// `cargo deb --no-build` for `arch`, then the checks; returns the .deb.
 fn cargo_deb(arch: Arch) -> anyhow::Result<PathBuf> {
     step(&format!("cargo deb for {arch}"));
-    let out_dir = workspace_root().join(OUT);
+    let out_dir = workspace::root().join(OUT);
     std::fs::create_dir_all(&out_dir)?;
-    let mut c = crate::cargo_command();
+    let mut c = crate::workspace::cargo_command();
     c.args(["deb", "--package", "nexd-agent", "--no-build", "--output"])
         .arg(&out_dir)
         .args(arch.cargo_target_args());
@@ -159,7 +166,7 @@ fn cargo_deb(arch: Arch) -> anyhow::Result<PathBuf> {
 /// that it is what we mean to ship: its control fields, conffiles, files,
 /// and binaries for the right machine.
 fn check(deb: &Path, arch: Arch) -> anyhow::Result<()> {
-    let dir = workspace_root().join(ASSETS).join(format!("check-{arch}"));
+    let dir = workspace::root().join(ASSETS).join(format!("check-{arch}"));
     let _ = std::fs::remove_dir_all(&dir);
     let status = Command::new("dpkg-deb")
         .arg("--raw-extract")

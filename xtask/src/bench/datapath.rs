@@ -27,10 +27,9 @@ struct Samples {
 pub fn run(plan: &Plan, only: &[&str], release: bool) -> anyhow::Result<Vec<Row>> {
     let json =
         std::env::temp_dir().join(format!("nexd-bench-datapath-{}.json", std::process::id()));
-    let mut c = crate::cargo_command();
+    let mut c = crate::workspace::cargo_command();
     c.args([
         "run",
-        "--quiet",
         "--package",
         "nexd-agent",
         "--example",

@@ -516,7 +516,7 @@ fn nft_client_packets(ns: &Netns) -> anyhow::Result<u64> {
 /// Builds the `exit_datapath` example (release unless quick) and returns
 /// its path.
 fn build_example(release: bool) -> anyhow::Result<PathBuf> {
-    let mut c = crate::cargo_command();
+    let mut c = crate::workspace::cargo_command();
     c.args([
         "build",
         "--package",
@@ -532,7 +532,7 @@ fn build_example(release: bool) -> anyhow::Result<PathBuf> {
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| crate::workspace_root().join("target"));
+        .unwrap_or_else(|| crate::workspace::root().join("target"));
     let path = target
         .join(if release { "release" } else { "debug" })
         .join("examples/exit_datapath");

@@ -15,7 +15,10 @@ use std::path::PathBuf;
 use anyhow::bail;
 pub use stats::Row;
 
-use crate::{setup, step};
+use crate::{
+    progress::step,
+    setup::{self, Need},
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -58,11 +61,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         );
     }
     if !args.no_setup {
-        setup::run(&setup::Args { check: false })?;
+        setup::ensure(
+            "the benchmarks",
+            &[Need::Build, Need::Namespaces, Need::Tests, Need::Bench],
+        )?;
     }
     // Measurements need optimised binaries; --quick only checks the code
     // runs, so the debug build CI already has will do.
-    crate::build_agent(!args.quick)?;
+    crate::workspace::build_agent(!args.quick)?;
     let plan = Plan {
         quick: args.quick,
         rounds: args.rounds,

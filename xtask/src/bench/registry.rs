@@ -74,10 +74,9 @@ pub fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
 fn in_process(plan: &Plan) -> anyhow::Result<Vec<Row>> {
     let json =
         std::env::temp_dir().join(format!("nexd-bench-registry-{}.json", std::process::id()));
-    let mut c = crate::cargo_command();
+    let mut c = crate::workspace::cargo_command();
     c.args([
         "run",
-        "--quiet",
         "--package",
         "nexd-agent",
         "--example",

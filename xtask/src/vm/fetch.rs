@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{arch::Arch, step};
+use crate::{arch::Arch, progress::step};
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let desc = format!("{cmd:?}");

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{Case, cpio::Cpio, elf, fetch::Kernel};
-use crate::{arch::Arch, step};
+use crate::{arch::Arch, progress::step};
 
 /// The Debian packages the VM's userland comes from.
 pub const USERLAND: &[&str] = &[
@@ -77,43 +77,55 @@ pub fn build_binaries(arch: Arch, cases: &[Case], release_agent: bool) -> anyhow
     let dir = if release {
         crate::arch::build_release(arch)?
     } else {
-        crate::build_agent(release_agent)?;
+        crate::workspace::build_agent(release_agent)?;
         arch.output_dir(release_agent)
     };
     step(&format!("building the end-to-end test binaries for {arch}"));
-    let mut tests = BTreeMap::new();
-    let packages: BTreeSet<&str> = cases.iter().map(|c| c.package).collect();
+    // One cargo call for every package, nexd-agent always among them: its
+    // tests depend on nexd-tests, so features resolve as for `cargo test`
+    // and nexd-agent's unit tests, and the binaries reuse the crates those
+    // built (nexd-tests alone resolved narrower features and rebuilt 38
+    // crates for arm64, 17 for amd64).
+    let mut packages: BTreeSet<&str> = cases.iter().map(|c| c.package).collect();
+    packages.insert("nexd-agent");
+    let mut cmd = crate::workspace::cargo_command();
+    cmd.arg("test").args(arch.cargo_target_args());
+    if release {
+        cmd.arg("--release");
+    }
     for package in packages {
-        let mut cmd = crate::cargo_command();
-        cmd.arg("test").args(arch.cargo_target_args());
-        if release {
-            cmd.arg("--release");
+        cmd.args(["--package", package]);
+    }
+    cmd.args(["--no-run", "--message-format=json-diagnostic-rendered-ansi"]);
+    for c in cases {
+        cmd.args(["--test", c.binary]);
+    }
+    // cargo's progress (stderr) shows; the JSON (stdout) names the binaries.
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let messages = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+    let mut tests = BTreeMap::new();
+    let mut diagnostics = String::new();
+    for v in messages {
+        if let Some(rendered) = v["message"]["rendered"].as_str() {
+            diagnostics.push_str(rendered);
         }
-        cmd.args(["--package", package, "--no-run", "--message-format=json"]);
-        for c in cases.iter().filter(|c| c.package == package) {
-            cmd.args(["--test", c.binary]);
+        if v["reason"] != "compiler-artifact" {
+            continue;
         }
-        let out = cmd.output().context("cargo test --no-run")?;
-        if !out.status.success() {
-            bail!(
-                "building the tests failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        if let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str())
+            && cases.iter().any(|c| c.binary == name)
+        {
+            tests.insert(name.to_owned(), PathBuf::from(exe));
         }
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            if v["reason"] != "compiler-artifact" {
-                continue;
-            }
-            if let (Some(name), Some(exe)) =
-                (v["target"]["name"].as_str(), v["executable"].as_str())
-                && cases.iter().any(|c| c.binary == name)
-            {
-                tests.insert(name.to_owned(), PathBuf::from(exe));
-            }
-        }
+    }
+    if !out.status.success() {
+        bail!("building the tests failed ({}):\n{diagnostics}", out.status);
     }
     for c in cases {
         if !tests.contains_key(c.binary) {

@@ -24,7 +24,7 @@ mod systemd;
 
 use std::{
     io::{BufRead as _, BufReader},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -32,9 +32,14 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{arch::Arch, step, workspace_root};
+use crate::{
+    arch::Arch,
+    progress::step,
+    setup::{self, Need},
+    workspace,
+};
 
-#[derive(clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct Args {
     /// Kernels: 6.1 (bookworm), 6.12 (bookworm-backports) or a path to a
     /// Debian linux-image .deb. Repeatable; default: 6.1 and 6.12 (with
@@ -152,20 +157,63 @@ fn cases(arch: Arch, only: &[String]) -> anyhow::Result<Vec<Case>> {
         .collect())
 }
 
+/// Where everything the VMs boot is fetched to, once.
+fn cache() -> anyhow::Result<PathBuf> {
+    let cache = workspace::root().join("target/vm-cache");
+    std::fs::create_dir_all(&cache)?;
+    Ok(cache)
+}
+
+/// The kernels a run boots: those asked for, else the suite's two (the
+/// systemd test's one).
+fn kernels(args: &Args) -> Vec<String> {
+    match (args.kernels.is_empty(), args.systemd) {
+        (false, _) => args.kernels.clone(),
+        (true, false) => vec!["6.1".to_owned(), "6.12".to_owned()],
+        (true, true) => vec!["6.1".to_owned()],
+    }
+}
+
+/// Fetches into the cache what the runs `runs` will boot (qemu, the
+/// userland or the systemd system, the kernels), leaving what is there, so
+/// that the runs find it. `cargo xtask test` calls this in the background
+/// while it compiles: from nothing it takes about 4 minutes, nearly all
+/// of it waiting on the mirror and the disk (about 40 s of CPU), which the
+/// VM steps would otherwise wait through one after the other.
+pub fn fetch_ahead(runs: &[Args]) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("fetching packages needs root; run `sudo cargo xtask vm-test`");
+    }
+    let cache = cache()?;
+    for args in runs {
+        let arch = if args.systemd { Arch::Amd64 } else { args.arch };
+        fetch::qemu(&cache, arch)?;
+        if args.systemd {
+            systemd::rootfs(&cache)?;
+        } else {
+            fetch::debian_tree(&cache, "userland", arch, image::USERLAND)?;
+        }
+        for k in kernels(args) {
+            fetch::kernel(&cache, &k, arch)?;
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: &Args) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("fetching packages needs root; run `sudo cargo xtask vm-test`");
     }
-    let cache = workspace_root().join("target/vm-cache");
-    std::fs::create_dir_all(&cache)?;
+    let mut needs = vec![Need::Build, Need::Vm];
+    if !args.arch.is_host() {
+        needs.push(Need::Arm64);
+    }
+    setup::ensure("the VM tests", &needs)?;
+    let cache = cache()?;
     if args.systemd {
         return systemd::run(&cache, args);
     }
-    let kernels = if args.kernels.is_empty() {
-        vec!["6.1".to_owned(), "6.12".to_owned()]
-    } else {
-        args.kernels.clone()
-    };
+    let kernels = kernels(args);
     let cases = if args.bench {
         vec![BENCH]
     } else {

@@ -25,7 +25,7 @@ use super::{
     cpio::{Cpio, Owner},
     fetch, image,
 };
-use crate::{arch::Arch, step};
+use crate::{arch::Arch, progress::step};
 
 /// The packages of the system besides the Essential ones: systemd as init,
 /// udev and kmod as on any Debian machine, the package's dependencies (so
@@ -73,11 +73,7 @@ pub fn run(cache: &Path, args: &Args) -> anyhow::Result<()> {
         .context("no amd64 package was built")?;
     let qemu = fetch::qemu(cache, Arch::Amd64)?;
     let root = rootfs(cache)?;
-    let kernels = if args.kernels.is_empty() {
-        vec!["6.1".to_owned()]
-    } else {
-        args.kernels.clone()
-    };
+    let kernels = super::kernels(args);
     let mut failures = Vec::new();
     for k in &kernels {
         let kernel = fetch::kernel(cache, k, Arch::Amd64)?;
@@ -131,7 +127,7 @@ pub fn run(cache: &Path, args: &Args) -> anyhow::Result<()> {
 }
 
 /// The Debian system, built once (and again when the recipe changes).
-fn rootfs(cache: &Path) -> anyhow::Result<PathBuf> {
+pub(super) fn rootfs(cache: &Path) -> anyhow::Result<PathBuf> {
     let root = cache.join("systemd-rootfs-amd64");
     let stamp = root.join(".nexd-recipe");
     let want = format!("{RECIPE}:{}", PACKAGES.join(","));

@@ -122,14 +122,7 @@ impl<T: Copy> AllowedIps<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn net(s: &str) -> IpNet {
-        s.parse().expect("prefix")
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("address")
-    }
+    use crate::wireguard::userspace::testing::{ip, net};
 
     #[test]
     fn longest_prefix_wins_in_both_families() {

@@ -3,12 +3,17 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | `tun` | the TUN file descriptor and its offloads (the link lives as long as it) |
+//! | `tun` | the TUN file descriptor, its offloads and its (merged) writes (the link lives as long as it) |
 //! | `underlay` | the UDP sockets (IPv4, IPv6), their fwmark, GSO and GRO |
 //! | `offload` | nothing: virtio-net headers, segmentation and merging (pure) |
 //! | `allowed_ips` | nothing: the longest-prefix table (pure) |
 //! | `peers` | each peer's noise state, endpoint, counters and queue; the table the data path reads |
-//! | `engine` | the threads `wg-tx` and `wg-rx` and the state they share |
+//! | `message` | nothing: WireGuard's message types and what they mean for the handshake (pure) |
+//! | `batch` | nothing: the fixed-slot batches the cores fill and the threads empty (pure) |
+//! | `drops` | the drop counters, and the reasons the data path gives |
+//! | `tx` | nothing: the send side's decisions (a TUN packet to its peer, each peer's timers) |
+//! | `rx` | nothing: the receive side's decisions (a datagram in, its outcome out) |
+//! | `engine` | the threads `wg-tx` and `wg-rx` and the state they share: the I/O around `tx` and `rx` |
 //! | `super::uapi` | the read-only UAPI socket for `wg show` |
 //!
 //! Why not boringtun's device: one packet per syscall and no offloads
@@ -22,10 +27,17 @@
 //! joined by `shutdown`. No signal is touched.
 
 mod allowed_ips;
+mod batch;
+mod drops;
 mod engine;
+mod message;
 mod offload;
 mod peers;
+mod rx;
+#[cfg(test)]
+mod testing;
 mod tun;
+mod tx;
 mod underlay;
 
 use std::{
@@ -43,14 +55,14 @@ use super::{
 use crate::keys::{PrivateKey, PublicKey};
 
 use engine::Shared;
-use peers::{Keys, Registry};
+use peers::{Keys, PeerRegistry};
 use tun::Tun;
 use underlay::Underlay;
 
 /// The control side's state: what was configured.
 #[derive(Default)]
 struct Control {
-    registry: Registry,
+    peers: PeerRegistry,
     key: Option<PrivateKey>,
     listen_port: Option<u16>,
     /// The port the sockets are bound to (the configured one may be 0).
@@ -64,7 +76,7 @@ impl Control {
             private_key: self.key.clone(),
             listen_port: self.bound_port,
             fwmark: self.fwmark,
-            peers: self.registry.status(Instant::now()),
+            peers: self.peers.status(Instant::now()),
         }
     }
 }
@@ -155,7 +167,7 @@ impl WireGuard for UserspaceWireGuard {
         let want = config.private_key.public_key();
         if c.key.as_ref().map(PrivateKey::public_key) != Some(want) {
             let keys = Arc::new(Keys::new(&config.private_key));
-            c.registry.rekey(&keys);
+            c.peers.rekey(&keys);
             self.shared.set_keys(keys);
             c.key = Some(config.private_key.clone());
             debug!(iface = %self.iface, public_key = %want, "device key set");
@@ -193,7 +205,7 @@ impl WireGuard for UserspaceWireGuard {
                 std::io::Error::other("the device has no private key yet"),
             ));
         };
-        if let Some(table) = c.registry.apply_changes(&keys, upsert, remove) {
+        if let Some(table) = c.peers.apply_changes(&keys, upsert, remove) {
             self.shared.set_table(table);
         }
         Ok(())
@@ -205,7 +217,7 @@ impl WireGuard for UserspaceWireGuard {
             listen_port: c.bound_port,
             fwmark: c.fwmark,
             peers: c
-                .registry
+                .peers
                 .status(Instant::now())
                 .into_iter()
                 .map(|(p, _)| p)

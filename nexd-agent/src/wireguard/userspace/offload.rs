@@ -589,14 +589,7 @@ mod tests {
         t[14..16].copy_from_slice(&512u16.to_be_bytes());
         t[20..32].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 3]);
         t.extend(payload(seq, n));
-        let mut p = if v6 {
-            ipv6(PROTO_TCP, &t)
-        } else {
-            ipv4(PROTO_TCP, &t, 0, true)
-        };
-        let l4 = if v6 { 40 } else { 20 };
-        set_l4_checksum(&mut p, v6, l4, true);
-        p
+        checksummed(v6, PROTO_TCP, &t)
     }
 
     fn udp(v6: bool, seed: u32, n: usize) -> Vec<u8> {
@@ -605,13 +598,19 @@ mod tests {
         u[2..4].copy_from_slice(&4001u16.to_be_bytes());
         u[4..6].copy_from_slice(&((8 + n) as u16).to_be_bytes());
         u.extend(payload(seed, n));
+        checksummed(v6, PROTO_UDP, &u)
+    }
+
+    /// The transport segment `l4` in an IPv4 (DF, id 0) or IPv6 packet,
+    /// its checksum computed.
+    fn checksummed(v6: bool, proto: u8, l4: &[u8]) -> Vec<u8> {
         let mut p = if v6 {
-            ipv6(PROTO_UDP, &u)
+            ipv6(proto, l4)
         } else {
-            ipv4(PROTO_UDP, &u, 0, true)
+            ipv4(proto, l4, 0, true)
         };
-        let l4 = if v6 { 40 } else { 20 };
-        set_l4_checksum(&mut p, v6, l4, false);
+        let at = if v6 { 40 } else { 20 };
+        set_l4_checksum(&mut p, v6, at, proto == PROTO_TCP);
         p
     }
 
@@ -767,41 +766,31 @@ mod tests {
         bad_csum.extend(tcp(false, 1, 10, TCP_ACK));
         assert_eq!(split_all(&mut bad_csum), Err(SplitError::ChecksumOffset));
         // GSO TCPv4 on a UDP packet, and on an IPv6 packet.
-        for (pkt, gso) in [
-            (udp(false, 0, 3000), GSO_TCPV4),
-            (tcp(true, 0, 3000, TCP_ACK), GSO_TCPV4),
-        ] {
-            let mut f = VirtioNetHdr {
-                gso_type: gso,
-                gso_size: 1000,
-                ..VirtioNetHdr::default()
-            }
-            .encode()
-            .to_vec();
-            f.extend(pkt);
+        for pkt in [udp(false, 0, 3000), tcp(true, 0, 3000, TCP_ACK)] {
+            let mut f = gso_frame(GSO_TCPV4, 1000, &pkt);
             assert_eq!(split_all(&mut f), Err(SplitError::Headers));
         }
-        let mut ufo = VirtioNetHdr {
-            gso_type: 3,
-            gso_size: 1000,
+        let mut ufo = gso_frame(3, 1000, &udp(false, 0, 3000));
+        assert_eq!(split_all(&mut ufo), Err(SplitError::UnsupportedGso(3)));
+        // Garbage never panics.
+        for len in 0..80 {
+            let garbage: Vec<u8> = (0..len).map(|i| if i == 0 { 0x45 } else { 0xff }).collect();
+            let _ = split_all(&mut gso_frame(GSO_TCPV4, 7, &garbage));
+        }
+    }
+
+    /// A TUN read: a virtio-net header asking for GSO of `gso_type` in
+    /// segments of `gso_size`, then `pkt`.
+    fn gso_frame(gso_type: u8, gso_size: u16, pkt: &[u8]) -> Vec<u8> {
+        let mut f = VirtioNetHdr {
+            gso_type,
+            gso_size,
             ..VirtioNetHdr::default()
         }
         .encode()
         .to_vec();
-        ufo.extend(udp(false, 0, 3000));
-        assert_eq!(split_all(&mut ufo), Err(SplitError::UnsupportedGso(3)));
-        // Garbage never panics.
-        for len in 0..80 {
-            let mut f = VirtioNetHdr {
-                gso_type: GSO_TCPV4,
-                gso_size: 7,
-                ..VirtioNetHdr::default()
-            }
-            .encode()
-            .to_vec();
-            f.extend((0..len).map(|i| if i == 0 { 0x45 } else { 0xff }));
-            let _ = split_all(&mut f);
-        }
+        f.extend_from_slice(pkt);
+        f
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! Updates happen in place: a peer whose endpoint, AllowedIPs or keepalive
 //! change keeps its `Tunn`, so its session survives. That is what makes an
 //! exit-node failover (moving 0.0.0.0/0 and ::/0 from one peer to another)
-//! cost no handshake. The `Registry` is the control side's record; every
+//! cost no handshake. The `PeerRegistry` is the control side's record; every
 //! change builds a new immutable `Table` that the data path picks up
 //! whole.
 //!
@@ -66,9 +66,15 @@ pub struct Keys {
 
 impl Keys {
     pub fn new(key: &PrivateKey) -> Self {
+        Keys::with_handshake_limit(key, HANDSHAKE_RATE_LIMIT)
+    }
+
+    /// With another limit of handshake messages per second (the tests'
+    /// device under load).
+    pub fn with_handshake_limit(key: &PrivateKey, limit: u64) -> Self {
         let secret = x25519::StaticSecret::from(key.to_bytes());
         let public = x25519::PublicKey::from(&secret);
-        let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        let limiter = Arc::new(RateLimiter::new(&public, limit));
         Keys {
             secret,
             public,
@@ -208,15 +214,6 @@ pub fn keepalive_due(interval: u16, last_sent: Option<Instant>, now: Instant) ->
         })
 }
 
-/// Whether processing a received message of type `received` that produced
-/// a message of type `sent` completed a handshake: an initiation answered
-/// with a response (we are the responder), or a response answered with
-/// the first keepalive (we are the initiator). A cookie reply completes
-/// nothing.
-pub fn completes_handshake(received: u8, sent: u8) -> bool {
-    matches!((received, sent), (1, 2) | (2, 4))
-}
-
 /// The data path's view: immutable, swapped whole on every change.
 #[derive(Default)]
 pub struct Table {
@@ -253,13 +250,13 @@ struct Entry {
 
 /// The control side's record of the peers.
 #[derive(Default)]
-pub struct Registry {
+pub struct PeerRegistry {
     entries: BTreeMap<PublicKey, Entry>,
     next_index: u32,
     generation: u64,
 }
 
-impl Registry {
+impl PeerRegistry {
     /// Applies `remove`, then `upsert` (in place for known keys), and
     /// returns the table to swap in (the tests' view of `apply_changes`).
     #[cfg(test)]
@@ -419,14 +416,10 @@ mod tests {
     use boringtun::noise::TunnResult;
 
     use super::*;
-
-    fn net(s: &str) -> IpNet {
-        s.parse().expect("prefix")
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("address")
-    }
+    use crate::wireguard::userspace::{
+        message::MessageType,
+        testing::{ip, net},
+    };
 
     /// The patched boringtun is in use (vendor/boringtun/NEXD-PATCH.md):
     /// upstream's `Tunn` is 11,040 bytes with its session slots inline,
@@ -450,6 +443,14 @@ mod tests {
         }
     }
 
+    /// A device's keys, two peers' public keys and an empty registry.
+    fn two_keys() -> (Keys, PublicKey, PublicKey, PeerRegistry) {
+        let keys = Keys::new(&PrivateKey::generate());
+        let a = PrivateKey::generate().public_key();
+        let b = PrivateKey::generate().public_key();
+        (keys, a, b, PeerRegistry::default())
+    }
+
     #[test]
     fn keepalive_is_due_after_an_idle_interval() {
         let now = Instant::now();
@@ -460,21 +461,8 @@ mod tests {
     }
 
     #[test]
-    fn handshakes_complete_on_response_and_first_keepalive_only() {
-        assert!(completes_handshake(1, 2));
-        assert!(completes_handshake(2, 4));
-        assert!(!completes_handshake(1, 3), "a cookie reply");
-        assert!(!completes_handshake(4, 4));
-    }
-
-    #[test]
     fn failover_moves_the_default_route_and_keeps_both_peers() {
-        let keys = Keys::new(&PrivateKey::generate());
-        let (a, b) = (
-            PrivateKey::generate().public_key(),
-            PrivateKey::generate().public_key(),
-        );
-        let mut r = Registry::default();
+        let (keys, a, b, mut r) = two_keys();
         let t = r.apply(
             &keys,
             &[
@@ -539,7 +527,7 @@ mod tests {
             7,
             None,
         );
-        let mut r = Registry::default();
+        let mut r = PeerRegistry::default();
         let t = r.apply(&keys, &[peer(theirs.public_key(), &["100.64.0.2/32"])], &[]);
         handshake(&t.peers[0], &mut responder);
         assert!(t.peers[0].lock().has_session());
@@ -559,7 +547,7 @@ mod tests {
         let mut out = [0u8; 256];
         let pkt = [0x45u8; 40];
         assert!(
-            matches!(s.tunn().encapsulate(&pkt, &mut out), TunnResult::WriteToNetwork(d) if d[0] == 4)
+            matches!(s.tunn().encapsulate(&pkt, &mut out), TunnResult::WriteToNetwork(d) if MessageType::of(d) == Some(MessageType::Data))
         );
         // A new device key ends it, as on any WireGuard key change.
         drop(s);
@@ -569,12 +557,7 @@ mod tests {
 
     #[test]
     fn a_prefix_claimed_twice_belongs_to_the_later_claim() {
-        let keys = Keys::new(&PrivateKey::generate());
-        let (a, b) = (
-            PrivateKey::generate().public_key(),
-            PrivateKey::generate().public_key(),
-        );
-        let mut r = Registry::default();
+        let (keys, a, b, mut r) = two_keys();
         r.apply(&keys, &[peer(a, &["0.0.0.0/0"])], &[]);
         let t = r.apply(&keys, &[peer(b, &["0.0.0.0/0"])], &[]);
         assert_eq!(t.route(ip("198.51.100.1")), t.by_key(&b));
@@ -587,7 +570,7 @@ mod tests {
     fn removal_and_missing_endpoint_keep_what_is_known() {
         let keys = Keys::new(&PrivateKey::generate());
         let a = PrivateKey::generate().public_key();
-        let mut r = Registry::default();
+        let mut r = PeerRegistry::default();
         let t = r.apply(&keys, &[peer(a, &["100.64.0.2/32"])], &[]);
         let p = Arc::clone(&t.peers[0]);
         p.lock().endpoint = Some("198.51.100.7:4000".parse().expect("addr"));
@@ -620,7 +603,7 @@ mod tests {
     fn the_tunn_is_built_on_first_use_with_the_current_key() {
         let keys = Keys::new(&PrivateKey::generate());
         let responder_key = PrivateKey::generate();
-        let mut r = Registry::default();
+        let mut r = PeerRegistry::default();
         let t = r.apply(
             &keys,
             &[peer(responder_key.public_key(), &["100.64.0.2/32"])],
@@ -655,7 +638,7 @@ mod tests {
         let keys = Keys::new(&PrivateKey::generate());
         let other = PrivateKey::generate();
         let a = other.public_key();
-        let mut r = Registry::default();
+        let mut r = PeerRegistry::default();
         let t = r.apply(&keys, &[peer(a, &["100.64.0.2/32"])], &[]);
         let mut dst = [0u8; 256];
         let init = match t.peers[0]
@@ -676,7 +659,7 @@ mod tests {
     #[test]
     fn the_queue_is_bounded() {
         let keys = Keys::new(&PrivateKey::generate());
-        let mut r = Registry::default();
+        let mut r = PeerRegistry::default();
         let t = r.apply(
             &keys,
             &[peer(PrivateKey::generate().public_key(), &[])],

@@ -1,6 +1,7 @@
 //! The TUN device of the userspace backend: its one file descriptor, opened
 //! with `IFF_VNET_HDR` and TCP/UDP segmentation offloads where the kernel
-//! accepts them.
+//! accepts them, and the writes of a batch of decrypted packets (merged
+//! into super-packets by `offload`).
 //!
 //! With the offloads, the kernel hands nexd up to 64 KiB of one TCP (TSO)
 //! or UDP (USO, Linux 6.2+) flow per read, and accepts as much per write,
@@ -21,7 +22,12 @@ use std::{
     },
 };
 
-use tracing::warn;
+use tracing::{debug, trace, warn};
+
+use super::{
+    batch::PlainBatch,
+    offload::{self, VNET_HDR_LEN},
+};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -186,8 +192,60 @@ impl Tun {
     }
 
     /// One packet from its parts (vnet header first when on).
-    pub fn write(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+    fn write(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
         (&self.file).write_vectored(parts)
+    }
+
+    /// Writes every packet of `batch`, segments of one flow merged into
+    /// super-packets where the offloads allow (`offload::plan`), and
+    /// empties it; returns how many packets were refused.
+    pub fn write_batch(&self, batch: &mut PlainBatch) -> usize {
+        let mut failed = 0;
+        if !self.offloads.vnet_hdr {
+            for i in 0..batch.len() {
+                if let Err(e) = self.write(&[IoSlice::new(batch.packet(i))]) {
+                    trace!(error = %e, "TUN write failed");
+                    failed += 1;
+                }
+            }
+            batch.clear();
+            return failed;
+        }
+        let pkts: Vec<&[u8]> = (0..batch.len()).map(|i| batch.packet(i)).collect();
+        let zero = [0u8; VNET_HDR_LEN];
+        let mut head = [0u8; 128];
+        for g in offload::plan(&pkts, self.offloads.uso) {
+            let first = pkts[g.members[0]];
+            if g.is_single() {
+                if let Err(e) = self.write(&[IoSlice::new(&zero), IoSlice::new(first)]) {
+                    trace!(error = %e, "TUN write failed");
+                    failed += 1;
+                }
+                continue;
+            }
+            let hl = g.header_len();
+            let last_psh = g.members.last().is_some_and(|&m| offload::has_psh(pkts[m]));
+            head[..hl].copy_from_slice(&first[..hl]);
+            let vnet = offload::merge_headers(&mut head[..hl], &g, last_psh).encode();
+            let mut iov = Vec::with_capacity(g.members.len() + 2);
+            iov.push(IoSlice::new(&vnet));
+            iov.push(IoSlice::new(&head[..hl]));
+            iov.extend(g.members.iter().map(|&m| IoSlice::new(&pkts[m][hl..])));
+            if let Err(e) = self.write(&iov) {
+                // The merged packet was refused: the segments one by one.
+                debug!(error = %e, segments = g.members.len(), "TUN refused a merged packet");
+                for &m in &g.members {
+                    if self
+                        .write(&[IoSlice::new(&zero), IoSlice::new(pkts[m])])
+                        .is_err()
+                    {
+                        failed += 1;
+                    }
+                }
+            }
+        }
+        batch.clear();
+        failed
     }
 }
 

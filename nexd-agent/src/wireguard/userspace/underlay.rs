@@ -30,6 +30,8 @@ use std::{
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tracing::{debug, warn};
 
+use super::batch::SendBatch;
+
 /// Socket buffer size asked for (with the FORCE variants, root may exceed
 /// the sysctl limits): room for a few 64 KiB GSO/GRO batches.
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -41,10 +43,6 @@ const GSO_MAX_BYTES: usize = 65_000;
 
 /// A blocked send gives up after this; the datagrams are dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Datagram slot size in send and receive batches: the largest datagram
-/// nexd sends is an MTU of 1,500 plus 32 bytes of WireGuard.
-pub const SLOT: usize = 2048;
 
 /// Messages per `recvmmsg`.
 const RECV_MESSAGES: usize = 8;
@@ -218,82 +216,19 @@ impl Underlay {
         let mut dropped = 0;
         for sock in self.sockets() {
             let idx: Vec<usize> = (0..batch.len())
-                .filter(|&i| batch.dests[i].is_ipv6() == sock.v6)
+                .filter(|&i| batch.dest(i).is_ipv6() == sock.v6)
                 .collect();
             if !idx.is_empty() {
                 dropped += send_on(sock, batch, &idx);
             }
         }
         if self.v6.is_none() {
-            dropped += batch.dests.iter().filter(|d| d.is_ipv6()).count();
+            dropped += (0..batch.len())
+                .filter(|&i| batch.dest(i).is_ipv6())
+                .count();
         }
         batch.clear();
         dropped
-    }
-}
-
-/// Encrypted datagrams waiting to be sent: fixed slots, reused.
-pub struct SendBatch {
-    buf: Vec<u8>,
-    lens: Vec<usize>,
-    dests: Vec<SocketAddr>,
-    capacity: usize,
-}
-
-impl SendBatch {
-    pub fn new(capacity: usize) -> Self {
-        SendBatch {
-            buf: vec![0; capacity * SLOT],
-            lens: Vec::with_capacity(capacity),
-            dests: Vec::with_capacity(capacity),
-            capacity,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.lens.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.lens.is_empty()
-    }
-
-    pub fn is_full(&self) -> bool {
-        self.lens.len() == self.capacity
-    }
-
-    /// The next free slot (check `is_full` first), to be filled and then
-    /// `commit`ted.
-    pub fn slot(&mut self) -> &mut [u8] {
-        let i = self.lens.len().min(self.capacity - 1);
-        &mut self.buf[i * SLOT..(i + 1) * SLOT]
-    }
-
-    /// Takes the first `len` bytes of the slot `slot` returned.
-    pub fn commit(&mut self, len: usize, to: SocketAddr) {
-        if !self.is_full() {
-            self.lens.push(len.min(SLOT));
-            self.dests.push(to);
-        }
-    }
-
-    /// Copies `data` into the next slot. False when full or too large.
-    pub fn push(&mut self, data: &[u8], to: SocketAddr) -> bool {
-        if self.is_full() || data.len() > SLOT {
-            return false;
-        }
-        self.slot()[..data.len()].copy_from_slice(data);
-        self.commit(data.len(), to);
-        true
-    }
-
-    pub fn clear(&mut self) {
-        self.lens.clear();
-        self.dests.clear();
-    }
-
-    fn datagram(&self, i: usize) -> &[u8] {
-        &self.buf[i * SLOT..i * SLOT + self.lens[i]]
     }
 }
 
@@ -347,7 +282,7 @@ fn sockaddr(to: &SocketAddr) -> SockAddr {
 fn send_on(sock: &UdpSocket, batch: &SendBatch, idx: &[usize]) -> usize {
     let items: Vec<(usize, SocketAddr)> = idx
         .iter()
-        .map(|&i| (batch.lens[i], batch.dests[i]))
+        .map(|&i| (batch.datagram(i).len(), batch.dest(i)))
         .collect();
     let gso = sock.gso.load(Ordering::Relaxed);
     let plan = runs(&items, gso);
@@ -411,7 +346,7 @@ fn sendmmsg(sock: &UdpSocket, batch: &SendBatch, idx: &[usize], plan: &[Run]) ->
         .collect();
     let addrs: Vec<SockAddr> = plan
         .iter()
-        .map(|r| sockaddr(&batch.dests[idx[r.start]]))
+        .map(|r| sockaddr(&batch.dest(idx[r.start])))
         .collect();
     let mut cmsgs = vec![[0u64; 4]; plan.len()];
     let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(plan.len());
@@ -645,20 +580,6 @@ mod tests {
         let big: Vec<(usize, SocketAddr)> = (0..60).map(|_| (1500, x)).collect();
         let r = runs(&big, true);
         assert!(r.iter().all(|r| r.count * r.size <= GSO_MAX_BYTES), "{r:?}");
-    }
-
-    #[test]
-    fn send_batch_slots_fill_and_refuse_when_full() {
-        let x = a("192.0.2.1:1");
-        let mut b = SendBatch::new(2);
-        assert!(b.push(&[1, 2, 3], x));
-        b.slot()[..2].copy_from_slice(&[9, 9]);
-        b.commit(2, x);
-        assert!(b.is_full());
-        assert!(!b.push(&[4], x));
-        assert_eq!(b.datagram(0), &[1, 2, 3]);
-        assert_eq!(b.datagram(1), &[9, 9]);
-        assert!(!SendBatch::new(1).push(&[0; SLOT + 1], x));
     }
 
     /// Real sockets on loopback: a GSO send arrives as the datagrams it
