@@ -71,7 +71,7 @@ const LOAD_AT: usize = 68;
 /// An exit node's load as it reports it: the raw wire fields, kept
 /// exactly (a decoded announcement encodes to the same bytes). All zeros
 /// (the default) is what an exit node that predates them sends: no load
-/// information. What a client believes of it is `exit::load`'s business.
+/// information. What a client believes of it is `exit::select::Load::believe`'s business.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LoadReport {
     /// `LOAD_PRESENT`, and bits for later use.

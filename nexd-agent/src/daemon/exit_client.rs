@@ -26,6 +26,7 @@ use crate::{
     exit::{
         self, Candidate, Phase,
         plan::{self, Dns, Installed, Policy, Step},
+        select::{self, Choice, Held, Offer, Reason},
     },
     keys::PublicKey,
     mesh::Mesh,
@@ -81,6 +82,11 @@ pub struct ExitClient {
     /// When the active exit node became active: a faster one may replace
     /// it only after `exit::SWITCH_DWELL`.
     since: Instant,
+    /// Since when the active exit node has been overloaded
+    /// (`exit::select`: the client leaves it after `OVERLOAD_DWELL`).
+    overloaded_since: Option<Instant>,
+    /// Why the last choice chose what it chose (`exit-node list`).
+    reason: Reason,
     failovers: u64,
     /// What may be installed: every step that succeeded, and what a
     /// failed one may have done. Rollbacks and the record go by this.
@@ -116,6 +122,8 @@ impl ExitClient {
             wanted,
             phase: Phase::Off,
             since: now,
+            overloaded_since: None,
+            reason: Reason::NoneAvailable,
             failovers: 0,
             installed: Installed::default(),
             surely: Installed::default(),
@@ -215,22 +223,42 @@ impl ExitClient {
             .ok_or(())
     }
 
-    /// The exit node `exit::choose` picks now.
-    fn choose(&self, c: &Candidates<'_>, now: Instant) -> Option<PublicKey> {
-        let pinned = self.pinned(c).ok()?;
-        let current = self.phase.exit_peer().map(|key| exit::Current {
+    /// The exit node `exit::select` picks now, and why.
+    fn choose(&self, c: &Candidates<'_>, now: Instant) -> Choice {
+        let Ok(pinned) = self.pinned(c) else {
+            return Choice {
+                exit: None,
+                reason: Reason::PinnedUnavailable,
+                overloaded_since: None,
+            };
+        };
+        let held = self.phase.exit_peer().map(|key| Held {
             key,
             since: self.since,
+            overloaded_since: self.overloaded_since,
         });
-        exit::choose(current, pinned, candidates(c.book), now)
+        select::select(c.own, pinned, held, &offers(c), now)
     }
 
-    /// The exit nodes to probe: the one in use and the next one.
+    /// Takes a choice in: its reason and the overload clock go with it.
+    fn take(&mut self, choice: &Choice) {
+        self.reason = choice.reason;
+        self.overloaded_since = choice.overloaded_since;
+    }
+
+    /// The exit nodes to probe: the one in use and the one `select` would
+    /// move to if it went away.
     pub fn probe_targets(&self, c: &Candidates<'_>, now: Instant) -> Vec<PublicKey> {
         let Ok(pinned) = self.pinned(c) else {
             return Vec::new();
         };
-        exit::probe_targets(self.phase.exit_peer(), pinned, candidates(c.book), now)
+        let active = self.phase.exit_peer();
+        let others: Vec<Offer<'_>> = offers(c)
+            .into_iter()
+            .filter(|o| Some(o.candidate.key) != active)
+            .collect();
+        let standby = select::select(c.own, pinned, None, &others, now).exit;
+        active.into_iter().chain(standby).collect()
     }
 
     /// When the exit node in use goes stale unless it is heard from again:
@@ -245,7 +273,9 @@ impl ExitClient {
     /// Moves to the phase the announcements call for.
     pub async fn evaluate(&mut self, c: &Candidates<'_>, host: &mut impl StepRunner, now: Instant) {
         let chosen = if self.wanted {
-            self.choose(c, now)
+            let choice = self.choose(c, now);
+            self.take(&choice);
+            choice.exit
         } else {
             None
         };
@@ -298,9 +328,11 @@ impl ExitClient {
             self.wanted = true;
             return Ok(());
         }
-        let Some(chosen) = self.choose(c, now) else {
+        let choice = self.choose(c, now);
+        let Some(chosen) = choice.exit else {
             return Err(EnableError::Unavailable);
         };
+        self.take(&choice);
         self.transition(Phase::Active(chosen), host, c.book, now)
             .await?;
         self.wanted = true;
@@ -340,7 +372,7 @@ impl ExitClient {
             return Err(TransitionError { failed, rollback });
         }
         if next != prev {
-            log_transition(prev, next, book, now);
+            log_transition(prev, next, self.reason, book, now);
         }
         if let (Phase::Active(a), Phase::Active(b)) = (prev, next)
             && a != b
@@ -439,18 +471,25 @@ impl ExitClient {
     }
 }
 
-/// Every peer the book knows, as a candidate for `exit::choose`.
-fn candidates(book: &PeerBook) -> impl Iterator<Item = Candidate<'_>> {
-    book.keys().filter_map(|k| {
-        Some(Candidate {
-            key: *k,
-            name: book.name(k)?,
-            live: book.live(k)?,
+/// Every peer the book knows, as a candidate for `exit::select`, with the
+/// capacity the mesh file gives it.
+fn offers<'a>(c: &Candidates<'a>) -> Vec<Offer<'a>> {
+    let book = c.book;
+    book.keys()
+        .filter_map(|k| {
+            Some(Offer {
+                candidate: Candidate {
+                    key: *k,
+                    name: book.name(k)?,
+                    live: book.live(k)?,
+                },
+                signed_capacity: c.mesh.device(k).and_then(|d| d.exit_capacity),
+            })
         })
-    })
+        .collect()
 }
 
-fn log_transition(prev: Phase, next: Phase, book: &PeerBook, now: Instant) {
+fn log_transition(prev: Phase, next: Phase, reason: Reason, book: &PeerBook, now: Instant) {
     let name = |k: &PublicKey| book.name(k).unwrap_or("?").to_owned();
     let available = |k: &PublicKey| {
         book.live(k).and_then(|l| exit::status(l, now)) == Some(exit::ExitStatus::Available)
@@ -463,6 +502,17 @@ fn log_transition(prev: Phase, next: Phase, book: &PeerBook, now: Instant) {
         (_, Phase::Waiting) => info!(
             "exit-node client wanted, but no exit node is available yet: waiting (the device keeps its direct path)"
         ),
+        (Phase::Active(old), Phase::Active(new))
+            if available(&old) && matches!(reason, Reason::Overloaded { .. }) =>
+        {
+            info!(
+                from = %name(&old),
+                to = %name(&new),
+                "exit node {} is overloaded: switching to {} ({reason})",
+                name(&old),
+                name(&new)
+            )
+        }
         (Phase::Active(old), Phase::Active(new)) if available(&old) => info!(
             from = %name(&old),
             to = %name(&new),

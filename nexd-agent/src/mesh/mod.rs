@@ -91,7 +91,8 @@ pub struct Device {
     /// operator's word). Clients spread over exit nodes in proportion to
     /// it and judge an exit node's load against it; what an exit node
     /// announces of its own capacity is believed only up to this
-    /// (`exit::load`). `None`: its link speed, up to a default.
+    /// (`exit::select::Load::believe`). `None`: its link speed, up to
+    /// 1 Gbit/s.
     pub exit_capacity: Option<Rate>,
 }
 
