@@ -157,6 +157,12 @@ impl ExitClient {
         self.pin.as_deref()
     }
 
+    /// Why the client uses the exit node it uses (as of the last
+    /// evaluation).
+    pub fn reason(&self) -> Reason {
+        self.reason
+    }
+
     /// Whether this client probes exit nodes now (wanted, probes on).
     pub fn probes_wanted(&self) -> bool {
         self.probes && self.wanted
@@ -433,7 +439,7 @@ impl ExitClient {
 
     /// The client's side of the metrics: the exit node in use, the phase,
     /// the failovers.
-    pub fn register_metrics(&self, reg: &mut Metrics, book: &PeerBook) {
+    pub fn register_metrics(&self, reg: &mut Metrics, book: &PeerBook, mesh: &Mesh) {
         let active = Family::<Labels, Gauge>::default();
         if let Some(k) = self.phase.exit_peer() {
             active
@@ -460,6 +466,54 @@ impl ExitClient {
             "nexd_exit_node_client_phase",
             "The exit-node client's phase (1 for the current one)",
             phase,
+        );
+        // Issue 23: each exit node's load as this client believes it, and
+        // why it uses the one it uses.
+        let forwarded = Family::<Labels, Gauge>::default();
+        let capacity = Family::<Labels, Gauge>::default();
+        let clients = Family::<Labels, Gauge>::default();
+        for k in book.keys() {
+            let (Some(name), Some(live)) = (book.name(k), book.live(k)) else {
+                continue;
+            };
+            if !live.is_exit() {
+                continue;
+            }
+            let signed = mesh.device(k).and_then(|d| d.exit_capacity);
+            let Some(load) = select::Load::believe(&live.load, signed) else {
+                continue;
+            };
+            let l = label("exit_node", name);
+            let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            forwarded.get_or_create(&l).set(gauge(load.forwarded_bps));
+            capacity.get_or_create(&l).set(gauge(load.capacity_bps));
+            clients.get_or_create(&l).set(i64::from(load.clients));
+        }
+        reg.register(
+            "nexd_exit_node_forwarded_bits_per_second",
+            "What each exit node reports forwarding through its uplinks (the busier direction)",
+            forwarded,
+        );
+        reg.register(
+            "nexd_exit_node_capacity_bits_per_second",
+            "Each exit node's capacity as this client believes it (bounded by the mesh file's exit_capacity)",
+            capacity,
+        );
+        reg.register(
+            "nexd_exit_node_clients",
+            "Devices using each exit node, as it reports",
+            clients,
+        );
+        let reason = Family::<Labels, Gauge>::default();
+        if self.wanted {
+            reason
+                .get_or_create(&label("reason", self.reason.label()))
+                .set(1);
+        }
+        reg.register(
+            "nexd_exit_node_choice_reason",
+            "1 for why this client uses the exit node it uses (spread, kept, overloaded, failover, rtt_only, pinned, ...)",
+            reason,
         );
         let failovers: Counter = Counter::default();
         failovers.inc_by(self.failovers);
