@@ -212,8 +212,7 @@ fn exit_rows(v: &View<'_>, now: Instant) -> Vec<ExitNodeRow> {
                     headroom_bps: l.headroom_bps(),
                     clients: l.clients,
                 }),
-                chosen_because: (active == Some(d.public_key))
-                    .then(|| v.exit_client.reason().to_string()),
+                chosen_because: (active == Some(d.public_key)).then(|| v.exit_client.reason_text()),
             })
         })
         .collect();

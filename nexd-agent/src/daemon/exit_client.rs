@@ -85,8 +85,11 @@ pub struct ExitClient {
     /// Since when the active exit node has been overloaded
     /// (`exit::select`: the client leaves it after `OVERLOAD_DWELL`).
     overloaded_since: Option<Instant>,
-    /// Why the last choice chose what it chose (`exit-node list`).
+    /// What the last evaluation said (kept, overloaded for so long, ...).
     reason: Reason,
+    /// Why the exit node in use was chosen when the client moved to it
+    /// (`exit-node list`: a later "kept" does not hide it).
+    chosen: Reason,
     failovers: u64,
     /// What may be installed: every step that succeeded, and what a
     /// failed one may have done. Rollbacks and the record go by this.
@@ -124,6 +127,7 @@ impl ExitClient {
             since: now,
             overloaded_since: None,
             reason: Reason::NoneAvailable,
+            chosen: Reason::NoneAvailable,
             failovers: 0,
             installed: Installed::default(),
             surely: Installed::default(),
@@ -157,10 +161,14 @@ impl ExitClient {
         self.pin.as_deref()
     }
 
-    /// Why the client uses the exit node it uses (as of the last
-    /// evaluation).
-    pub fn reason(&self) -> Reason {
-        self.reason
+    /// Why the client uses the exit node it uses: why it was chosen, and
+    /// what the last evaluation said of it when that differs.
+    pub fn reason_text(&self) -> String {
+        if self.reason == self.chosen {
+            self.chosen.to_string()
+        } else {
+            format!("{} (now: {})", self.chosen, self.reason)
+        }
     }
 
     /// Whether this client probes exit nodes now (wanted, probes on).
@@ -248,6 +256,9 @@ impl ExitClient {
 
     /// Takes a choice in: its reason and the overload clock go with it.
     fn take(&mut self, choice: &Choice) {
+        if choice.exit != self.phase.exit_peer() {
+            self.chosen = choice.reason;
+        }
         self.reason = choice.reason;
         self.overloaded_since = choice.overloaded_since;
     }
@@ -507,12 +518,12 @@ impl ExitClient {
         let reason = Family::<Labels, Gauge>::default();
         if self.wanted {
             reason
-                .get_or_create(&label("reason", self.reason.label()))
+                .get_or_create(&label("reason", self.chosen.label()))
                 .set(1);
         }
         reg.register(
             "nexd_exit_node_choice_reason",
-            "1 for why this client uses the exit node it uses (spread, kept, overloaded, failover, rtt_only, pinned, ...)",
+            "1 for why this client chose the exit node it uses (spread, failover, overloaded, faster, rtt_only, pinned, ...)",
             reason,
         );
         let failovers: Counter = Counter::default();
