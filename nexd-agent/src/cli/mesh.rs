@@ -1008,6 +1008,40 @@ mod tests {
     }
 
     #[test]
+    fn approve_takes_an_exit_capacity_as_a_rate() {
+        let approve = |extra: &[&str]| {
+            let mut args = vec!["approve", "gw1", "--admin-key", "/k", "--exit-node"];
+            args.extend_from_slice(extra);
+            mesh(&args).map(|m| match m.command {
+                MeshCommand::Approve(a) => a,
+                other => panic!("{other:?}"),
+            })
+        };
+        let a = approve(&["--exit-capacity", "2gbit"]).expect("parse");
+        assert_eq!(
+            a.exit_capacity.map(crate::mesh::Rate::bits_per_second),
+            Some(2_000_000_000)
+        );
+        assert!(
+            approve(&["--no-exit-capacity"])
+                .expect("parse")
+                .no_exit_capacity
+        );
+        let e = approve(&["--exit-capacity", "2gbps"]).expect_err("ambiguous");
+        assert!(e.to_string().contains("ambiguous"), "{e}");
+        assert!(approve(&["--exit-capacity", "1gbit", "--no-exit-capacity"]).is_err());
+        let roles = crate::registry::records::Roles {
+            exit_node: true,
+            exit_capacity: Some(500_000_000),
+            ..Default::default()
+        };
+        assert_eq!(
+            roles_text(&roles),
+            "exit node (serves every device, capacity 500mbit)"
+        );
+    }
+
+    #[test]
     fn durations_parse_with_a_unit_or_as_seconds() {
         assert_eq!(parse_duration("90s"), Ok(90));
         assert_eq!(parse_duration("30m"), Ok(1800));

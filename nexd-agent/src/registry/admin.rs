@@ -844,6 +844,34 @@ mod tests {
     }
 
     #[test]
+    fn a_role_change_sets_keeps_or_clears_the_exit_capacity() {
+        let sized = Roles {
+            exit_node: true,
+            exit_capacity: Some(2_000_000_000),
+            ..Roles::default()
+        };
+        // Not named: kept, whatever else changes.
+        let other = RoleChange {
+            exit_clients: Some(Some(vec!["a".into()])),
+            ..RoleChange::default()
+        };
+        assert_eq!(
+            other.apply(sized.clone()).exit_capacity,
+            Some(2_000_000_000)
+        );
+        let set = RoleChange {
+            exit_capacity: Some(Some(500_000_000)),
+            ..RoleChange::default()
+        };
+        assert_eq!(set.apply(sized.clone()).exit_capacity, Some(500_000_000));
+        let clear = RoleChange {
+            exit_capacity: Some(None),
+            ..RoleChange::default()
+        };
+        assert_eq!(clear.apply(sized).exit_capacity, None);
+    }
+
+    #[test]
     fn the_admin_signs_above_every_serial_it_can_read_not_the_counter() {
         // Issue 21, item 3: the counter at 5 and ex's record at serial 5;
         // an etcd writer sets the counter to 1.
