@@ -638,6 +638,14 @@ mod tests {
         used
     }
 
+    /// Where `me` goes first with every exit node equally loaded, and its
+    /// index in `x`.
+    fn first_choice(me: &PublicKey, x: &mut [Exit]) -> (PublicKey, usize) {
+        let first = run(me, x, 1, |_, _| 0)[0];
+        let i = x.iter().position(|e| e.key == first).expect("one");
+        (first, i)
+    }
+
     fn moves(used: &[PublicKey]) -> usize {
         used.windows(2).filter(|w| w[0] != w[1]).count()
     }
@@ -663,10 +671,9 @@ mod tests {
     fn a_sustained_overload_moves_once_after_the_dwell_and_not_back() {
         let me = client(7);
         let mut x = exits(Instant::now(), &[100, 100]);
-        // Learn where this client goes first, then overload that one from
-        // second 10 to second 100; the other stays at 50%.
-        let first = run(&me, &mut x, 1, |_, _| 0)[0];
-        let first_i = x.iter().position(|e| e.key == first).expect("one");
+        // Overload where this client goes first from second 10 to second
+        // 100; the other stays at 50%.
+        let (first, first_i) = first_choice(&me, &mut x);
         let used = run(&me, &mut x, 200, |t, e| {
             if e == first_i && (10..100).contains(&t) {
                 95
@@ -684,11 +691,16 @@ mod tests {
     fn never_to_an_exit_node_this_client_would_overload() {
         let me = client(3);
         let mut x = exits(Instant::now(), &[100, 100]);
-        let first = run(&me, &mut x, 1, |_, _| 0)[0];
-        let first_i = x.iter().position(|e| e.key == first).expect("one");
-        // The other is at 85%: one client's share of the first one (95
-        // Mbit/s over 10 clients) would take it past 90%.
-        let used = run(&me, &mut x, 120, |_, e| if e == first_i { 95 } else { 85 });
+        let (first, first_i) = first_choice(&me, &mut x);
+        // From second 10 the first one is overloaded and the other at 85%:
+        // one client's share of the first one (95 Mbit/s over 10 clients)
+        // would take it past 90%.
+        let used = run(&me, &mut x, 120, |t, e| match (t < 10, e == first_i) {
+            (true, _) => 50,
+            (false, true) => 95,
+            (false, false) => 85,
+        });
+        assert_eq!(used[0], first);
         assert_eq!(moves(&used), 0);
         let now = Instant::now();
         for e in x.iter_mut() {
