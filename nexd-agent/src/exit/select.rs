@@ -45,6 +45,11 @@ use crate::{announce::wire::LoadReport, keys::PublicKey, mesh::Rate};
 /// An exit node forwarding at least this fraction of its capacity is
 /// overloaded: its clients' flows queue behind each other.
 pub const OVERLOADED_AT: f64 = 0.9;
+/// When an exit node is overloaded, only the share of its clients that
+/// brings it back to this fraction of its capacity leaves it
+/// ([`Load::leaving_share`]): all of them at once would overload the
+/// next one (a herd moving every dwell).
+pub const RELIEVED_AT: f64 = 0.8;
 /// How long the exit node in use must be overloaded, without a break,
 /// before the client leaves it.
 pub const OVERLOAD_DWELL: Duration = SWITCH_DWELL;
@@ -107,6 +112,17 @@ impl Load {
         self.capacity_bps > 0
             && self.forwarded_bps.saturating_add(extra) as f64
                 >= OVERLOADED_AT * self.capacity_bps as f64
+    }
+
+    /// The share of its clients that should leave it to bring it down to
+    /// [`RELIEVED_AT`], assuming they forward alike: 0 when it is not
+    /// above that.
+    pub fn leaving_share(&self) -> f64 {
+        if self.forwarded_bps == 0 {
+            return 0.0;
+        }
+        let keep = RELIEVED_AT * self.capacity_bps as f64;
+        ((self.forwarded_bps as f64 - keep) / self.forwarded_bps as f64).clamp(0.0, 1.0)
     }
 
     /// What one of its clients forwards on average: the estimate of what
@@ -172,6 +188,9 @@ pub enum Reason {
     /// The one in use is overloaded, but every other comparable exit node
     /// would be overloaded with this client too.
     KeptNowhereBetter,
+    /// The one in use is overloaded; the share of its clients that leaves
+    /// it does not include this one (its hash).
+    KeptOthersLeave,
     /// The one in use was overloaded for the dwell: moved, weighted by
     /// headroom among this many.
     Overloaded { among: usize },
@@ -193,6 +212,7 @@ impl Reason {
             Reason::Kept => "kept",
             Reason::KeptOverloaded { .. } => "kept_overloaded",
             Reason::KeptNowhereBetter => "kept_nowhere_better",
+            Reason::KeptOthersLeave => "kept_others_leave",
             Reason::Overloaded { .. } => "overloaded",
             Reason::Faster { .. } => "faster",
         }
@@ -228,6 +248,10 @@ impl fmt::Display for Reason {
                 "in use; overloaded (at least {}% of its capacity) for {for_secs} s, moves after {} s",
                 pct(OVERLOADED_AT),
                 OVERLOAD_DWELL.as_secs()
+            ),
+            Reason::KeptOthersLeave => write!(
+                f,
+                "in use; overloaded, but only a share of its clients leaves it, and not this one"
             ),
             Reason::KeptNowhereBetter => write!(
                 f,
@@ -380,10 +404,21 @@ pub fn select(
             for_secs: overloaded_for.as_secs(),
         });
     }
+    if !leaves(me, &active.key(), &load) {
+        return kept(Reason::KeptOthersLeave);
+    }
     match spread(me, &elsewhere) {
         Some(k) => Choice::new(Some(k), Reason::Overloaded { among }),
         None => kept(Reason::KeptNowhereBetter),
     }
+}
+
+/// Whether `me` is in the share of an overloaded exit node's clients that
+/// leaves it: its hash of the exit node below `load.leaving_share()`. The
+/// same clients for the same exit node every time, so a share stays a
+/// share however often the clients look.
+pub fn leaves(me: &PublicKey, exit: &PublicKey, load: &Load) -> bool {
+    unit_hash(b"nexd exit leave v1", me, exit) < load.leaving_share()
 }
 
 /// Weighted rendezvous hashing: the key in `pool` (key, weight) with the
@@ -398,16 +433,17 @@ pub fn spread(me: &PublicKey, pool: &[(PublicKey, u64)]) -> Option<PublicKey> {
         .filter(|(_, w)| all_zero || *w > 0)
         .map(|(k, w)| {
             let w = if all_zero { 1.0 } else { *w as f64 };
-            (k, w / -unit_hash(me, k).ln())
+            (k, w / -unit_hash(b"nexd exit rendezvous v1", me, k).ln())
         })
         .max_by(|(ka, a), (kb, b)| a.total_cmp(b).then_with(|| ka.cmp(kb)))
         .map(|(k, _)| *k)
 }
 
-/// A hash of (client, exit node) in the open interval (0, 1).
-fn unit_hash(me: &PublicKey, exit: &PublicKey) -> f64 {
+/// A hash of (client, exit node) in the open interval (0, 1); `purpose`
+/// keeps the rendezvous and the leaving decisions independent.
+fn unit_hash(purpose: &[u8], me: &PublicKey, exit: &PublicKey) -> f64 {
     let mut h = Blake2s256::new();
-    h.update(b"nexd exit rendezvous v1");
+    h.update(purpose);
     h.update(me.0);
     h.update(exit.0);
     let d = h.finalize();
@@ -669,11 +705,20 @@ mod tests {
 
     #[test]
     fn a_sustained_overload_moves_once_after_the_dwell_and_not_back() {
-        let me = client(7);
+        // A client in the share that leaves an exit node at 95% (a sixth:
+        // 95 -> 80).
+        let at_95 = Load {
+            forwarded_bps: 95 * MBIT,
+            capacity_bps: 100 * MBIT,
+            clients: 10,
+        };
         let mut x = exits(Instant::now(), &[100, 100]);
+        let (me, (first, first_i)) = (0..)
+            .map(|i| (client(i), first_choice(&client(i), &mut x)))
+            .find(|(me, (first, _))| leaves(me, first, &at_95))
+            .expect("a client that leaves");
         // Overload where this client goes first from second 10 to second
         // 100; the other stays at 50%.
-        let (first, first_i) = first_choice(&me, &mut x);
         let used = run(&me, &mut x, 200, |t, e| {
             if e == first_i && (10..100).contains(&t) {
                 95
@@ -688,10 +733,45 @@ mod tests {
     }
 
     #[test]
+    fn only_a_share_of_an_overloaded_exit_nodes_clients_leave_it() {
+        // 1,000 clients on a full 100 Mbit/s exit node for 40 s, an idle
+        // one beside it: a fifth leave (100 -> 80), not all of them (who
+        // would fill the other one and come back a dwell later).
+        let now = Instant::now();
+        let mut x = exits(now, &[100, 100]);
+        x[0].live.load.forwarded_kbps = 100_000;
+        x[0].live.load.clients = 1_000;
+        let o = offers(&x);
+        let held = Some(Held {
+            key: x[0].key,
+            since: now - Duration::from_secs(40),
+            overloaded_since: Some(now - Duration::from_secs(40)),
+        });
+        let mut left = 0usize;
+        for i in 0..1_000 {
+            let c = select(&client(i), None, held, &o, now);
+            match c.reason {
+                Reason::Overloaded { among: 1 } => left += 1,
+                Reason::KeptOthersLeave => {}
+                r => panic!("client {i}: {r:?}"),
+            }
+        }
+        assert!(left.abs_diff(200) <= 40, "{left} left");
+    }
+
+    #[test]
     fn never_to_an_exit_node_this_client_would_overload() {
-        let me = client(3);
         let mut x = exits(Instant::now(), &[100, 100]);
-        let (first, first_i) = first_choice(&me, &mut x);
+        let at_95 = Load {
+            forwarded_bps: 95 * MBIT,
+            capacity_bps: 100 * MBIT,
+            clients: 10,
+        };
+        // A client that would leave, were there room elsewhere.
+        let (me, (first, first_i)) = (0..)
+            .map(|i| (client(i), first_choice(&client(i), &mut x)))
+            .find(|(me, (first, _))| leaves(me, first, &at_95))
+            .expect("a client that leaves");
         // From second 10 the first one is overloaded and the other at 85%:
         // one client's share of the first one (95 Mbit/s over 10 clients)
         // would take it past 90%.
@@ -808,8 +888,10 @@ mod tests {
     fn the_same_client_gets_the_same_answer_and_reasons_print() {
         let a = PrivateKey::generate().public_key();
         let x = exit_key(1);
-        assert_eq!(unit_hash(&a, &x), unit_hash(&a, &x));
-        assert!(unit_hash(&a, &x) > 0.0 && unit_hash(&a, &x) < 1.0);
+        let h = |p: &[u8]| unit_hash(p, &a, &x);
+        assert_eq!(h(b"p"), h(b"p"));
+        assert!(h(b"p") > 0.0 && h(b"p") < 1.0);
+        assert_ne!(h(b"p"), h(b"q"));
         assert_eq!(spread(&a, &[]), None);
         assert_eq!(spread(&a, &[(x, 0)]), Some(x));
         assert_eq!(spread(&a, &[(x, 0), (exit_key(2), 1)]), Some(exit_key(2)));
