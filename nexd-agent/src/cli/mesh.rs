@@ -601,11 +601,15 @@ async fn approve(out: &mut String, r: &RegistryArgs, a: ApproveArgs) -> Result<(
 }
 
 fn roles_text(r: &crate::registry::records::Roles) -> String {
-    let capacity = r
-        .exit_capacity
-        .and_then(crate::mesh::Rate::from_bits_per_second)
-        .map(|c| format!(", capacity {c}"))
-        .unwrap_or_default();
+    // Out of range only in a record not made by nexctl: said, not hidden.
+    let capacity =
+        r.exit_capacity.map_or_else(
+            String::new,
+            |bps| match crate::mesh::Rate::from_bits_per_second(bps) {
+                Some(c) => format!(", capacity {c}"),
+                None => format!(", capacity {bps} bit/s: out of range, ignored"),
+            },
+        );
     match (&r.exit_node, &r.exit_clients) {
         (false, _) => "member".into(),
         (true, None) => format!("exit node (serves every device{capacity})"),
