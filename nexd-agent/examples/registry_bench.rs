@@ -134,6 +134,7 @@ fn mesh_of(n: usize) -> anyhow::Result<Mesh> {
             exit_flow_limit: None,
             exit_new_flow_rate: None,
             exit_capacity: None,
+            exit_group: None,
         });
     }
     Ok(Mesh {
@@ -143,6 +144,7 @@ fn mesh_of(n: usize) -> anyhow::Result<Mesh> {
         mtu: 1420,
         agent_port: 51829,
         devices,
+        exit_groups: Vec::new(),
     })
 }
 

@@ -137,19 +137,8 @@ pub fn read(state_dir: &Path) -> Result<Option<Ledger>, LedgerError> {
 
 /// Writes `ledger` atomically (a reader sees the old or the new record).
 pub fn write(state_dir: &Path, ledger: &Ledger) -> io::Result<()> {
-    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-    let path = path(state_dir);
-    let tmp = path.with_extension("json.new");
     let bytes = serde_json::to_vec_pretty(ledger).map_err(io::Error::other)?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)
+    crate::state_file::replace(&path(state_dir), &bytes)
 }
 
 /// Removes the record (a clean stop, or everything was removed offline).

@@ -12,6 +12,7 @@ pub mod devsock;
 pub mod dns;
 pub mod exclude;
 pub mod exit;
+pub mod exit_group;
 pub mod instance;
 pub mod keys;
 pub mod ledger;
@@ -23,6 +24,7 @@ pub mod notify;
 pub mod offline;
 pub mod registry;
 pub mod routing;
+pub mod state_file;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod wireguard;

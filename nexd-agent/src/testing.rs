@@ -29,6 +29,7 @@ pub fn device(i: usize, public_key: PublicKey) -> Device {
         exit_flow_limit: None,
         exit_new_flow_rate: None,
         exit_capacity: None,
+        exit_group: None,
     }
 }
 
@@ -43,6 +44,7 @@ pub fn mesh(devices: impl IntoIterator<Item = Device>) -> Mesh {
         mtu: 1420,
         agent_port: 51829,
         devices: devices.into_iter().collect(),
+        exit_groups: Vec::new(),
     }
 }
 
@@ -70,4 +72,19 @@ pub fn policies() -> Vec<Policy> {
         }
     }
     v
+}
+
+/// An address in a test; a typo is the test's bug, so it panics.
+pub fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().expect("ip")
+}
+
+/// A prefix in a test.
+pub fn net(s: &str) -> ipnet::IpNet {
+    s.parse().expect("net")
+}
+
+/// An address and port in a test.
+pub fn sock(s: &str) -> std::net::SocketAddr {
+    s.parse().expect("address")
 }

@@ -92,6 +92,7 @@ fn rules() -> ExitRules {
             addresses: vec![ip("100.64.0.2"), ip("fd6e:6578:6400::2")],
             limits: FlowLimits::DEFAULT,
         }],
+        egress: None,
     }
 }
 

@@ -14,6 +14,9 @@ use anyhow::{Context as _, bail};
 
 use crate::progress::step;
 
+mod no_start;
+pub use no_start::install_without_starting;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Only report what is missing; install nothing.
@@ -36,6 +39,9 @@ pub enum Need {
     Namespaces,
     /// The host test suite's tools: WireGuard's, etcd, openssl, iperf3.
     Tests,
+    /// The exit group tests' daemons: keepalived (VRRP), conntrackd and
+    /// conntrack (state sync), installed without starting their services.
+    ExitGroups,
     /// The benchmarks' baseline: wireguard-go.
     Bench,
     /// cargo-fuzz.
@@ -55,11 +61,12 @@ pub enum Need {
 
 impl Need {
     /// Every part, as `cargo xtask setup` installs them.
-    pub const ALL: [Need; 11] = [
+    pub const ALL: [Need; 12] = [
         Need::Build,
         Need::Lint,
         Need::Namespaces,
         Need::Tests,
+        Need::ExitGroups,
         Need::Bench,
         Need::Fuzz,
         Need::Package,
@@ -98,17 +105,20 @@ impl Need {
                 "util-linux",
             ],
             // etcd-server and etcd-client: the registry tests' etcd and
-            // etcdctl; openssl: their TLS certificates.
+            // etcdctl; openssl: their TLS certificates; prometheus (with
+            // promtool): the shipped alerting rules checked and fired.
             Need::Tests => &[
                 "wireguard-tools",
                 "iperf3",
                 "etcd-server",
                 "etcd-client",
                 "openssl",
+                "prometheus",
             ],
             // The independent userspace WireGuard the throughput benchmark
             // compares with.
             Need::Bench => &["wireguard-go"],
+            Need::ExitGroups => &["keepalived", "conntrackd", "conntrack"],
             // The cross linker and libc (.cargo/config.toml names the linker).
             Need::Arm64 => &["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"],
             // No binfmt registration: cargo's runner calls it.
@@ -125,14 +135,26 @@ impl Need {
             Need::Build => "to build nexd: bpf-linker against LLVM 22, protoc",
             Need::Lint => "to lint",
             Need::Namespaces => "to run nexd in network namespaces",
-            Need::Tests => "for the tests: WireGuard's tools, etcd, openssl, iperf3",
+            Need::Tests => "for the tests: WireGuard's tools, etcd, openssl, iperf3, prometheus",
             Need::Bench => "for the benchmarks' userspace WireGuard baseline",
+            Need::ExitGroups => "for the exit group tests: keepalived, conntrackd, conntrack",
             Need::Fuzz => "to fuzz",
             Need::Package => "to make the Debian packages",
             Need::Arm64 => "to cross-build for arm64",
             Need::QemuUser => "to run arm64 binaries under qemu-user",
             Need::Vm => "to build the VM tests' images",
             Need::Explore => "to look at packets by hand",
+        }
+    }
+
+    /// The daemons its packages bring as services, which the tests start
+    /// in their own namespaces and which must never run on the machine
+    /// itself: checked for after [`install_without_starting`].
+    fn daemons(self) -> &'static [&'static str] {
+        match self {
+            Need::Tests => &["prometheus"],
+            Need::ExitGroups => &["keepalived", "conntrackd"],
+            _ => &[],
         }
     }
 
@@ -410,12 +432,16 @@ pub fn ensure(task: &str, needs: &[Need]) -> anyhow::Result<bool> {
             what.join("; ")
         ));
         exec(Command::new("apt-get").args(["update", "-q"]))?;
-        exec(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&all)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        // Every package goes in without starting a service (etcd,
+        // prometheus, keepalived...): the tests start their own inside
+        // namespaces, and a machine must not gain daemons from a setup.
+        let daemons: Vec<&str> = m
+            .debs
+            .iter()
+            .flat_map(|(n, _)| n.daemons())
+            .copied()
+            .collect();
+        install_without_starting(&all, &daemons)?;
     }
     if !m.stable.is_empty() {
         step(&format!(
@@ -514,6 +540,21 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), count, "a package listed in two parts");
+    }
+
+    #[test]
+    fn the_daemons_checked_for_come_with_their_parts_packages() {
+        // keepalived and conntrackd would act on the machine's own network.
+        assert_eq!(Need::ExitGroups.daemons(), ["keepalived", "conntrackd"]);
+        assert_eq!(Need::Tests.daemons(), ["prometheus"]);
+        for n in Need::ALL {
+            for d in n.daemons() {
+                assert!(
+                    n.debs().iter().any(|p| p.starts_with(d)),
+                    "{n:?}: {d} is no package of it"
+                );
+            }
+        }
     }
 
     #[test]

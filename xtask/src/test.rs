@@ -133,7 +133,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
 /// What the run needs installed, as its flags say.
 fn needs(args: &Args) -> Vec<Need> {
-    let mut needs = vec![Need::Build, Need::Namespaces, Need::Tests];
+    let mut needs = vec![Need::Build, Need::Namespaces, Need::Tests, Need::ExitGroups];
     for (skipped, what) in [
         (args.no_lint, &[Need::Lint][..]),
         (args.no_vm, &[Need::Vm]),

@@ -511,6 +511,7 @@ fn believed_flags(allowed: Option<&HashSet<PublicKey>>, peer: &PublicKey, announ
 mod tests {
     use super::*;
     use crate::testing;
+    use crate::testing::ip;
 
     /// A mesh of the devices with these keys, `d0`, `d1`...
     fn mesh_of(keys: &[&PrivateKey]) -> Mesh {
@@ -714,10 +715,6 @@ mod tests {
         ba.receive(ip("100.64.0.2"), &a2, t3).expect("ok");
         ba.set_probed(&[], t3 + Duration::from_millis(50));
         assert!(!ba.live(&kb).expect("b").lost);
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("ip")
     }
 
     /// The announcement `from` sends to its first peer, as bytes.

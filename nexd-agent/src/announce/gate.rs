@@ -129,10 +129,7 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("ip")
-    }
+    use crate::testing::ip;
 
     #[test]
     fn strangers_are_refused_and_get_no_state() {

@@ -25,8 +25,7 @@
 //! announcements per run (35 years at 1,000 peers a second).
 
 use std::{
-    fs,
-    io::{self, Write as _},
+    fs, io,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -87,15 +86,8 @@ pub fn next_epoch(state_dir: &Path) -> Result<u32, EpochError> {
         return Err(EpochError::Exhausted { path });
     }
     let next = last + 1;
-    let tmp = state_dir.join(format!("{EPOCH_FILE}.tmp"));
-    let write = || -> io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        writeln!(f, "{next}")?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        fs::File::open(state_dir)?.sync_all()
-    };
-    write().map_err(|e| io_err("write", e))?;
+    crate::state_file::replace(&path, format!("{next}\n").as_bytes())
+        .map_err(|e| io_err("write", e))?;
     Ok(next)
 }
 
@@ -154,7 +146,7 @@ mod tests {
         assert_eq!(next_epoch(&d).expect("first"), 1);
         assert_eq!(next_epoch(&d).expect("second"), 2);
         assert_eq!(fs::read_to_string(d.join(EPOCH_FILE)).expect("read"), "2\n");
-        assert!(!d.join(format!("{EPOCH_FILE}.tmp")).exists());
+        assert!(!crate::state_file::temporary(&d.join(EPOCH_FILE)).exists());
         let _ = fs::remove_dir_all(&d);
     }
 

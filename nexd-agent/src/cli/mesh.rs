@@ -828,9 +828,7 @@ async fn write_snapshot(
         .await?;
     // Written after etcd took it: the memory never runs ahead of what
     // devices could have read.
-    let tmp = last.with_extension("last.tmp");
-    std::fs::write(&tmp, &done.raw)
-        .and_then(|()| std::fs::rename(&tmp, &last))
+    crate::state_file::replace(&last, &done.raw)
         .map_err(|e| Failure::Other(format!("cannot write {}: {e}", last.display())))?;
     let s = &done.snapshot;
     let _ = writeln!(

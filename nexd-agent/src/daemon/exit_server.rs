@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{
+    exit_group::GroupMember,
     exit_probe::{self, Change, ExitProbe, ProbeHealth, Round},
     host::Host,
     programs::Programs,
@@ -33,6 +34,7 @@ use crate::{
         ClientLimits, HostNetworks, RateLimit, ServedClient, exit_policy, mss_for_mtu,
     },
     dns::{self, DnsConfig, DnsHandle},
+    exit_group::Membership,
     keys::PublicKey,
     mesh::{Mesh, Rate},
     netlink::Netlink,
@@ -57,6 +59,9 @@ pub struct ExitSettings {
     /// `--exit-probe-target`: the internet counts as lost when none of
     /// these answers (see `exit_probe`); empty: routes only.
     pub probe_targets: Vec<SocketAddr>,
+    /// The state directory: an exit group member keeps its daemons'
+    /// files under it (`exit-group/`).
+    pub state_dir: std::path::PathBuf,
 }
 
 /// Where the exit probe's rounds go, and the id of the next probe task.
@@ -83,6 +88,9 @@ pub struct ExitServer {
     /// Whether to announce the exit capability, from the internet's
     /// state over time (routes and, with targets, probes).
     announcement: Announcement,
+    /// A member of an exit group: its daemons, and whether it holds the
+    /// group's egress address (only the holder announces itself).
+    group: Option<GroupMember>,
 }
 
 /// The internet's ups and downs as the mesh sees them: the pure part of
@@ -261,8 +269,25 @@ impl ExitServer {
             probe: None,
             probe_errors: String::new(),
             probe_failures: BTreeMap::new(),
+            group: None,
             settings,
         };
+        if let Some(membership) = Membership::of(mesh, own) {
+            let uplink = &membership.group.uplink;
+            if server.forwarding.uplinks.v4.as_deref() != Some(uplink.as_str()) {
+                warn!(
+                    group = %membership.group.name,
+                    group_uplink = %uplink,
+                    ipv4_uplink = ?server.forwarding.uplinks.v4,
+                    "the clients' IPv4 traffic does not leave through the exit group's uplink, where the egress address lives: replies to it arrive elsewhere; give --uplink {uplink}"
+                );
+            }
+            let mut group = GroupMember::start(&host.nl, membership, &server.settings.state_dir)
+                .await
+                .context("joining the exit group")?;
+            group.follow(&host.nl).await;
+            server.group = Some(group);
+        }
         server
             .sync_datapath(&host.nl, mesh, &mut host.programs)
             .await
@@ -318,6 +343,7 @@ impl ExitServer {
             own: Some((v4, v6)),
             allow: self.settings.allow.clone(),
             clients: flow_clients(mesh, &self.own),
+            egress: self.group.as_ref().map(GroupMember::egress),
         }
     }
 
@@ -358,7 +384,7 @@ impl ExitServer {
     /// Whether to announce this exit node now: the internet is reachable
     /// (and, after a loss, has been for `RESTORE_AFTER`).
     pub fn announces(&self, now: Instant) -> bool {
-        self.announcement.announces(now)
+        self.announcement.announces(now) && self.group.as_ref().is_none_or(GroupMember::holds)
     }
 
     /// Why this exit node does not announce itself now, if it does not
@@ -366,6 +392,12 @@ impl ExitServer {
     pub fn withdrawn(&self, now: Instant) -> Option<String> {
         if self.announces(now) {
             return None;
+        }
+        if let Some(g) = self.group.as_ref().filter(|g| !g.holds()) {
+            return Some(format!(
+                "standing by in exit group {}: another member holds its egress address",
+                g.membership().group.name
+            ));
         }
         Some(match (self.routes_ok, &self.probes) {
             (false, _) => "no default route through an interface that is up".to_owned(),
@@ -494,6 +526,7 @@ impl ExitServer {
         let Some(me) = mesh.device(&self.own) else {
             return;
         };
+        self.follow_group(host, mesh).await;
         if let Err(e) = self.sync_datapath(&host.nl, mesh, &mut host.programs).await {
             warn!(error = %crate::error_text(&e), "updating the exit node's data path failed");
         }
@@ -516,8 +549,36 @@ impl ExitServer {
     /// the internet left): the peers are then told at once.
     pub async fn refresh_host(&mut self, host: &mut Host, mesh: &Mesh) -> bool {
         let withdrawn = self.follow_internet(&host.nl).await;
+        // The egress address came or went: the peers hear at once whether
+        // this member is the group's exit node now.
+        let moved = match &mut self.group {
+            Some(g) => g.follow(&host.nl).await,
+            None => false,
+        };
         self.refresh_forwarding(host, mesh).await;
-        withdrawn
+        withdrawn || moved
+    }
+
+    /// The group this device is a member of changed (joined, left, or its
+    /// settings or members): its daemons restart with the new
+    /// configuration.
+    async fn follow_group(&mut self, host: &mut Host, mesh: &Mesh) {
+        let wanted = Membership::of(mesh, &self.own);
+        if wanted.as_ref() == self.group.as_ref().map(GroupMember::membership) {
+            return;
+        }
+        if let Some(old) = self.group.take() {
+            old.stop(&host.nl).await;
+        }
+        if let Some(membership) = wanted {
+            match GroupMember::start(&host.nl, membership, &self.settings.state_dir).await {
+                Ok(mut g) => {
+                    g.follow(&host.nl).await;
+                    self.group = Some(g);
+                }
+                Err(e) => warn!(error = %crate::error_text(&e), "joining the exit group failed"),
+            }
+        }
     }
 
     async fn refresh_forwarding(&mut self, host: &mut Host, mesh: &Mesh) {
@@ -551,6 +612,10 @@ impl ExitServer {
     /// Stops serving: the resolver, the exit programs, the table and the
     /// forwarding sysctls.
     pub async fn remove(mut self, host: &mut Host) {
+        // keepalived first: it hands the egress address over at once.
+        if let Some(g) = self.group.take() {
+            g.stop(&host.nl).await;
+        }
         // Stops the probe task.
         self.probe = None;
         if let Some(dns) = self.dns.take() {

@@ -338,6 +338,7 @@ pub fn no_devices(settings: Option<&Mesh>) -> Mesh {
     match settings {
         Some(m) => Mesh {
             devices: Vec::new(),
+            exit_groups: Vec::new(),
             ..m.clone()
         },
         None => Mesh {
@@ -347,6 +348,7 @@ pub fn no_devices(settings: Option<&Mesh>) -> Mesh {
             mtu: mesh::DEFAULT_MTU,
             agent_port: mesh::DEFAULT_AGENT_PORT,
             devices: Vec::new(),
+            exit_groups: Vec::new(),
         },
     }
 }
@@ -421,6 +423,7 @@ mod tests {
             exit_flow_limit: None,
             exit_new_flow_rate: None,
             exit_capacity: None,
+            exit_group: None,
         }
     }
 

@@ -12,6 +12,7 @@ mod answers;
 mod client_steps;
 mod endpoints;
 mod exit_client;
+mod exit_group;
 mod exit_load;
 mod exit_probe;
 mod exit_role;

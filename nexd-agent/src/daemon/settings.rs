@@ -163,6 +163,7 @@ impl Settings {
             allow: role.allow,
             rate_limit: role.rate_limit,
             probe_targets: role.probe_targets,
+            state_dir: opts.state_dir.clone(),
         });
         Ok(Settings {
             control: ControlSettings {

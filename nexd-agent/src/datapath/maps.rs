@@ -122,26 +122,28 @@ impl Datapath {
     /// Makes the bypass tries hold exactly `wanted`, touching only what
     /// differs. Returns (added or changed, removed).
     pub fn sync_bypass(&mut self, wanted: &BypassSet) -> Result<(usize, usize), DatapathError> {
-        let mut current = std::mem::take(&mut self.bypass);
-        let r = self.sync_tries(
-            (names::BYPASS_V4_MAP, names::BYPASS_V6_MAP),
-            &mut current,
-            wanted,
-        );
-        self.bypass = current;
-        r
+        let maps = (names::BYPASS_V4_MAP, names::BYPASS_V6_MAP);
+        self.sync_kept(maps, |m| &mut m.bypass, wanted)
     }
 
     /// Makes the leak guard's tries hold exactly `wanted` (see
     /// [`guard_set`]). Returns (added or changed, removed).
     pub fn sync_guard_set(&mut self, wanted: &GuardSet) -> Result<(usize, usize), DatapathError> {
-        let mut current = std::mem::take(&mut self.guard_set);
-        let r = self.sync_tries(
-            (names::GUARD_V4_MAP, names::GUARD_V6_MAP),
-            &mut current,
-            wanted,
-        );
-        self.guard_set = current;
+        let maps = (names::GUARD_V4_MAP, names::GUARD_V6_MAP);
+        self.sync_kept(maps, |m| &mut m.guard_set, wanted)
+    }
+
+    /// [`Self::sync_tries`] for the pair whose written state `kept` holds
+    /// (taken out for the sync, so the tries can be borrowed meanwhile).
+    fn sync_kept(
+        &mut self,
+        tries: TriePair,
+        kept: fn(&mut Self) -> &mut HashMap<IpNet, u8>,
+        wanted: &HashMap<IpNet, u8>,
+    ) -> Result<(usize, usize), DatapathError> {
+        let mut current = std::mem::take(kept(self));
+        let r = self.sync_tries(tries, &mut current, wanted);
+        *kept(self) = current;
         r
     }
 
@@ -276,11 +278,8 @@ impl Datapath {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::net;
     use nexd_common::config::{GUARD_ALLOW, GUARD_UPLINK_NET};
-
-    fn net(s: &str) -> IpNet {
-        s.parse().expect("net")
-    }
 
     #[test]
     fn guard_set_carries_the_flags_of_every_containing_prefix() {

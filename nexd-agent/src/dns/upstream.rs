@@ -84,10 +84,7 @@ pub(super) fn catalog(config: &DnsConfig) -> Result<Catalog, DnsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("ip")
-    }
+    use crate::testing::ip;
 
     #[test]
     fn nameservers_and_bounded_options_are_taken_from_resolv_conf() {

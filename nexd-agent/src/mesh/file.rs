@@ -20,9 +20,11 @@ use toml::Spanned;
 
 use super::{
     DEFAULT_AGENT_PORT, DEFAULT_IPV4_NET, DEFAULT_IPV6_NET, DEFAULT_KEEPALIVE, DEFAULT_LISTEN_PORT,
-    DEFAULT_MTU, Device, Endpoint, Host, Mesh, rate,
+    DEFAULT_MTU, Device, Endpoint, GroupMember, Host, Mesh, rate,
 };
 use crate::keys::PublicKey;
+
+mod group;
 
 /// One problem in the file, located.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +99,8 @@ struct RawFile {
     mesh: Option<RawMesh>,
     #[serde(default, rename = "device")]
     devices: Vec<Spanned<RawDevice>>,
+    #[serde(default, rename = "exit_group")]
+    exit_groups: Vec<Spanned<group::RawGroup>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -124,6 +128,9 @@ struct RawDevice {
     exit_flow_limit: Option<Spanned<i64>>,
     exit_new_flow_rate: Option<Spanned<i64>>,
     exit_capacity: Option<Spanned<String>>,
+    exit_group: Option<Spanned<String>>,
+    exit_group_sync_ipv4: Option<Spanned<String>>,
+    exit_group_uplink_ipv4: Option<Spanned<String>>,
 }
 
 /// The problems of one file so far, each located by turning its byte offset
@@ -168,6 +175,7 @@ pub fn parse(text: &str) -> Result<Mesh, Vec<Problem>> {
     // No `[mesh]` section: every setting takes its default.
     let settings = mesh_section(&raw.mesh.unwrap_or_default(), &mut problems);
     let roster = Roster::of(&raw.devices);
+    let groups = group::groups(&raw.exit_groups, &settings, &mut problems);
     let mut claims = Claims::default();
     let devices: Vec<Device> = raw
         .devices
@@ -178,11 +186,13 @@ pub fn parse(text: &str) -> Result<Mesh, Vec<Problem>> {
                 index,
                 label: format!("device {:?}", d.get_ref().name.get_ref()),
                 roster: &roster,
+                groups: &groups,
                 problems: &mut problems,
             };
             check.device(d.get_ref(), &settings, &mut claims)
         })
         .collect();
+    group::members(&raw.exit_groups, &raw.devices, &mut problems);
 
     if problems.found.is_empty() {
         Ok(Mesh {
@@ -192,6 +202,7 @@ pub fn parse(text: &str) -> Result<Mesh, Vec<Problem>> {
             mtu: settings.mtu,
             agent_port: settings.agent_port,
             devices,
+            exit_groups: groups.valid,
         })
     } else {
         Err(problems.found)
@@ -352,6 +363,8 @@ struct Claims {
     endpoints: Unique<Endpoint>,
     ipv4: Unique<Ipv4Addr>,
     ipv6: Unique<Ipv6Addr>,
+    group_sync: Unique<Ipv4Addr>,
+    group_uplink: Unique<Ipv4Addr>,
 }
 
 /// A device's mesh address of one family, as its field checks it.
@@ -389,6 +402,7 @@ struct DeviceCheck<'f, 'p> {
     index: usize,
     label: String,
     roster: &'f Roster<'f>,
+    groups: &'f group::Groups,
     problems: &'p mut Problems<'f>,
 }
 
@@ -450,6 +464,7 @@ impl DeviceCheck<'_, '_> {
                 .map_err(|m| self.add(r.span(), format!("exit_capacity {m}")))
                 .ok()
         });
+        let exit_group = self.exit_group(d, exit_node, claims);
 
         if self.problems.found.len() != before {
             return None;
@@ -467,6 +482,82 @@ impl DeviceCheck<'_, '_> {
             exit_flow_limit,
             exit_new_flow_rate,
             exit_capacity,
+            exit_group,
+        })
+    }
+
+    /// A member's own address in its group (`field`), claimed in `used`.
+    fn group_addr(
+        &mut self,
+        field: &str,
+        raw: Option<&Spanned<String>>,
+        used: &mut Unique<Ipv4Addr>,
+    ) -> Option<Ipv4Addr> {
+        let raw = raw?;
+        match group::member_addr(raw.get_ref()) {
+            Ok(ip) => {
+                self.claim(used, ip, raw.span(), format!("{field} {ip}"));
+                Some(ip)
+            }
+            Err(m) => {
+                self.add(raw.span(), format!("{field} {m}"));
+                None
+            }
+        }
+    }
+
+    /// `exit_group` and the member's own addresses in it.
+    fn exit_group(
+        &mut self,
+        d: &RawDevice,
+        exit_node: bool,
+        claims: &mut Claims,
+    ) -> Option<GroupMember> {
+        let sync_ipv4 = self.group_addr(
+            "exit_group_sync_ipv4",
+            d.exit_group_sync_ipv4.as_ref(),
+            &mut claims.group_sync,
+        );
+        let uplink_ipv4 = self.group_addr(
+            "exit_group_uplink_ipv4",
+            d.exit_group_uplink_ipv4.as_ref(),
+            &mut claims.group_uplink,
+        );
+        let Some(name) = &d.exit_group else {
+            for raw in [&d.exit_group_sync_ipv4, &d.exit_group_uplink_ipv4]
+                .into_iter()
+                .flatten()
+            {
+                self.add(
+                    raw.span(),
+                    "exit_group_sync_ipv4 and exit_group_uplink_ipv4 are only for members of an exit group (add exit_group, or remove them)",
+                );
+            }
+            return None;
+        };
+        let group = name.get_ref();
+        if !exit_node {
+            self.add(
+                name.span(),
+                "exit_group is only for exit nodes (add exit_node = true, or remove it)",
+            );
+        }
+        if self.groups.unicast(group).is_none() {
+            self.add(
+                name.span(),
+                format!("exit_group names {group:?}, which is not an [[exit_group]] of this file"),
+            );
+        }
+        if d.exit_group_sync_ipv4.is_none() {
+            self.add(
+                name.span(),
+                "exit_group needs exit_group_sync_ipv4 (this member's address on the group's sync link)",
+            );
+        }
+        Some(GroupMember {
+            group: group.clone(),
+            sync_ipv4: sync_ipv4?,
+            uplink_ipv4,
         })
     }
 
@@ -1184,6 +1275,141 @@ mod tests {
         let p = problems(&exit_file("exit_node = \"yes\"\n", ""));
         assert_eq!(p[0].line, 8, "{p:?}");
         assert!(p[0].message.contains("bool"), "{p:?}");
+    }
+
+    /// A group "eu" (lines 1-7, `group_extra` appended) and exit nodes
+    /// "x" (1) and "y" (2) with `x_extra` / `y_extra` appended.
+    fn group_file(group_extra: &str, x_extra: &str, y_extra: &str) -> String {
+        format!(
+            "[[exit_group]]\nname = \"eu\"\negress_ipv4 = \"198.51.100.10\"\nuplink = \"up0\"\nsync_interface = \"sync0\"\nvrrp_id = 10\n{group_extra}\n{}{x_extra}\n{}{y_extra}\n",
+            device("x", 1, &key()),
+            device("y", 2, &key()),
+        )
+    }
+
+    const MEMBER_X: &str =
+        "exit_node = true\nexit_group = \"eu\"\nexit_group_sync_ipv4 = \"10.9.0.1\"\n";
+    const MEMBER_Y: &str =
+        "exit_node = true\nexit_group = \"eu\"\nexit_group_sync_ipv4 = \"10.9.0.2\"\n";
+
+    #[test]
+    fn exit_groups_are_read_with_their_defaults_and_member_order() {
+        let mesh = parse(&group_file("", MEMBER_X, MEMBER_Y)).expect("valid");
+        let [g] = &mesh.exit_groups[..] else {
+            panic!("one group: {:?}", mesh.exit_groups);
+        };
+        assert_eq!(g.name, "eu");
+        assert_eq!(g.egress_ipv4.to_string(), "198.51.100.10/32");
+        assert_eq!(g.egress_ipv6, None);
+        assert_eq!(
+            (g.uplink.as_str(), g.sync_interface.as_str()),
+            ("up0", "sync0")
+        );
+        assert_eq!((g.vrrp_id, g.advert_centis, g.unicast), (10, 10, false));
+        let members: Vec<&str> = mesh.group_members("eu").map(|d| d.name.as_str()).collect();
+        assert_eq!(members, ["x", "y"]);
+        let x = &mesh.devices[0];
+        assert_eq!(mesh.group_of(&x.public_key), Some(g));
+        assert_eq!(
+            x.exit_group
+                .as_ref()
+                .map(|m| (m.sync_ipv4.to_string(), m.uplink_ipv4)),
+            Some(("10.9.0.1".to_owned(), None))
+        );
+        // A group of one is allowed.
+        let one = parse(&group_file("", MEMBER_X, "")).expect("valid");
+        assert_eq!(one.group_members("eu").count(), 1);
+        assert_eq!(one.group_of(&one.devices[1].public_key), None);
+    }
+
+    #[test]
+    fn exit_group_problems_name_the_group_or_device_and_field() {
+        // Group fields, each wrong.
+        assert_eq!(
+            located(&group_file(
+                "egress_ipv6 = \"fd6e:6578:6400::9\"\nadvert_interval = 0.005\n",
+                MEMBER_X,
+                ""
+            )),
+            [
+                "7:15: exit group \"eu\": egress_ipv6 fd6e:6578:6400::9 is inside the mesh prefix fd6e:6578:6400::/48; the egress address is on the uplink",
+                "8:19: exit group \"eu\": advert_interval 0.005 is not a VRRPv3 interval (0.01 to 40.95 seconds, in steps of 0.01)",
+            ]
+        );
+        let bad = "[[exit_group]]\nname = \"b\"\negress_ipv4 = \"100.64.0.9\"\nuplink = \"up 0\"\nsync_interface = \"up 0\"\nvrrp_id = 0\n";
+        assert_eq!(
+            located(&format!(
+                "{bad}{}exit_node = true\nexit_group = \"b\"\nexit_group_sync_ipv4 = \"10.9.0.1\"\n",
+                device("x", 1, &key())
+            )),
+            [
+                "3:15: exit group \"b\": egress_ipv4 100.64.0.9 is inside the mesh prefix 100.64.0.0/10; the egress address is on the uplink",
+                "4:10: exit group \"b\": uplink \"up 0\" is not an interface name (1 to 15 characters, no '/', ':' or spaces)",
+                "5:18: exit group \"b\": sync_interface \"up 0\" is not an interface name (1 to 15 characters, no '/', ':' or spaces)",
+                "5:18: exit group \"b\": sync_interface must be a link of its own, not the uplink",
+                "6:11: exit group \"b\": vrrp_id 0 is out of range (1 to 255)",
+            ]
+        );
+        // Two groups sharing an egress address and a VRRP id.
+        let second = "[[exit_group]]\nname = \"us\"\negress_ipv4 = \"198.51.100.10/24\"\nuplink = \"up0\"\nsync_interface = \"sync0\"\nvrrp_id = 10\n";
+        let text = format!(
+            "{second}{}",
+            group_file(
+                "",
+                MEMBER_X,
+                "exit_node = true\nexit_group = \"us\"\nexit_group_sync_ipv4 = \"10.9.0.2\"\n"
+            )
+        );
+        assert_eq!(
+            located(&text),
+            [
+                "9:15: exit group \"eu\": egress_ipv4 198.51.100.10 is already used by exit group \"us\"",
+                "12:11: exit group \"eu\": vrrp_id 10 is already used by exit group \"us\"",
+            ]
+        );
+        // Members: unknown group, not an exit node, no sync address, a
+        // shared sync address, the fields without a group.
+        let p = located(&group_file(
+            "",
+            "exit_group = \"eu\"\nexit_group_sync_ipv4 = \"10.9.0.1\"\n",
+            "exit_node = true\nexit_group = \"asia\"\nexit_group_sync_ipv4 = \"10.9.0.1\"\n",
+        ));
+        assert_eq!(
+            p,
+            [
+                "15:14: device \"x\": exit_group is only for exit nodes (add exit_node = true, or remove it)",
+                "27:24: device \"y\": exit_group_sync_ipv4 10.9.0.1 is already used by device \"x\"",
+                "26:14: device \"y\": exit_group names \"asia\", which is not an [[exit_group]] of this file",
+            ]
+        );
+        assert_eq!(
+            located(&group_file(
+                "",
+                "exit_node = true\nexit_group = \"eu\"\n",
+                "exit_group_uplink_ipv4 = \"198.51.100.3\"\n"
+            )),
+            [
+                "16:14: device \"x\": exit_group needs exit_group_sync_ipv4 (this member's address on the group's sync link)",
+                "25:26: device \"y\": exit_group_sync_ipv4 and exit_group_uplink_ipv4 are only for members of an exit group (add exit_group, or remove them)",
+            ]
+        );
+        // A group nobody names; unicast without the members' uplink
+        // addresses; a member address that is the egress address.
+        assert_eq!(
+            located(&group_file("", "", "")),
+            ["2:8: exit group \"eu\" has no members (add exit_group = \"eu\" to its exit nodes)"]
+        );
+        assert_eq!(
+            located(&group_file(
+                "unicast = true\n",
+                MEMBER_X,
+                "exit_node = true\nexit_group = \"eu\"\nexit_group_sync_ipv4 = \"10.9.0.2\"\nexit_group_uplink_ipv4 = \"198.51.100.10\"\n"
+            )),
+            [
+                "7:11: exit group \"eu\": unicast VRRP needs exit_group_uplink_ipv4 on device \"x\"",
+                "30:26: device \"y\": exit_group_uplink_ipv4 is exit group \"eu\"'s egress address; a member needs its own",
+            ]
+        );
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct Mesh {
     /// UDP port of the in-tunnel announcements (same on every device).
     pub agent_port: u16,
     pub devices: Vec<Device>,
+    /// The `[[exit_group]]` tables, in file order.
+    pub exit_groups: Vec<ExitGroup>,
 }
 
 /// One device of the mesh.
@@ -94,7 +96,57 @@ pub struct Device {
     /// (`exit::select::Load::believe`). `None`: its link speed, up to
     /// 1 Gbit/s.
     pub exit_capacity: Option<Rate>,
+    /// `exit_group = "NAME"` (with `exit_group_sync_ipv4` and, for
+    /// unicast VRRP, `exit_group_uplink_ipv4`): the exit group this exit
+    /// node is a member of (issue 22). Validated: the group exists and the
+    /// device is an exit node.
+    pub exit_group: Option<GroupMember>,
 }
+
+/// A device's membership in an exit group, and its own addresses there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMember {
+    /// The group's name (a `[[exit_group]]` of the same file).
+    pub group: String,
+    /// This member's address on the group's sync link, where conntrackd
+    /// sends and receives the connection state.
+    pub sync_ipv4: Ipv4Addr,
+    /// This member's own address on the uplink segment: the source of its
+    /// unicast VRRP adverts and where the other members send theirs. Required
+    /// when the group uses unicast VRRP, unused otherwise.
+    pub uplink_ipv4: Option<Ipv4Addr>,
+}
+
+/// `[[exit_group]]`: exit nodes that share one egress address on a shared
+/// uplink segment, held by one of them at a time (VRRP, keepalived), with
+/// their connection state synchronised (conntrackd), so a failover keeps
+/// every flow's egress address and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitGroup {
+    pub name: String,
+    /// The shared egress address (and the prefix length it takes on the
+    /// uplink; /32 when the file gives none): what the members SNAT their
+    /// clients to, and what the VRRP master holds.
+    pub egress_ipv4: Ipv4Net,
+    /// The shared IPv6 egress address, if the group has one.
+    pub egress_ipv6: Option<Ipv6Net>,
+    /// The interface of the shared uplink segment, the same name on every
+    /// member: where the egress address lives and VRRP speaks.
+    pub uplink: String,
+    /// The interface of the dedicated sync link.
+    pub sync_interface: String,
+    /// The VRRP virtual router id (1 to 255), unique among the groups.
+    pub vrrp_id: u8,
+    /// VRRPv3 advert interval in centiseconds (the protocol's unit);
+    /// 10 (0.1 s) unless the file says otherwise.
+    pub advert_centis: u16,
+    /// Adverts to the other members' `uplink_ipv4` instead of multicast.
+    pub unicast: bool,
+}
+
+/// The VRRP advert interval when the file gives none: 0.1 s, the interval
+/// at which takeover took 0.33-0.40 s (docs/ARCHITECTURE.md, exit groups).
+pub const DEFAULT_ADVERT_CENTIS: u16 = 10;
 
 /// The range `exit_flow_limit` accepts: below 16 a device cannot browse;
 /// above a million it is no bound (conntrack tables are smaller).
@@ -197,6 +249,25 @@ impl Mesh {
         self.devices
             .iter()
             .filter(move |c| &c.public_key != exit && e.is_some_and(|e| e.serves_name(&c.name)))
+    }
+
+    /// The exit group of the device with `key`, if it is a member of one.
+    pub fn group_of(&self, key: &PublicKey) -> Option<&ExitGroup> {
+        let member = self.device(key)?.exit_group.as_ref()?;
+        self.exit_group(&member.group)
+    }
+
+    /// The exit group called `name`.
+    pub fn exit_group(&self, name: &str) -> Option<&ExitGroup> {
+        self.exit_groups.iter().find(|g| g.name == name)
+    }
+
+    /// The members of the group called `name`, in file order: the first is
+    /// the preferred holder of the egress address (highest VRRP priority).
+    pub fn group_members<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Device> + 'a {
+        self.devices
+            .iter()
+            .filter(move |d| d.exit_group.as_ref().is_some_and(|m| m.group == name))
     }
 
     /// Every device except the one with `own` key: the peers of that device.

@@ -791,6 +791,15 @@ fn find_device<'a>(m: &'a Membership, who: &str) -> Option<&'a crate::mesh::Devi
 /// have no `exit_rate_limit`, `exit_flow_limit` or `exit_new_flow_rate`
 /// yet, and an import must not drop one silently.
 pub fn check_importable(mesh: &Mesh) -> Result<(), AdminError> {
+    // Dropped silently, a group's members would each serve on their own,
+    // masquerading to their own addresses: say so instead.
+    if !mesh.exit_groups.is_empty() {
+        let names: Vec<&str> = mesh.exit_groups.iter().map(|g| g.name.as_str()).collect();
+        return Err(AdminError::Refused(format!(
+            "the file has exit groups ({}): the registry's signed records cannot carry exit groups yet; remove them (the [[exit_group]] tables and the members' exit_group fields) to import it (nothing was written)",
+            names.join(", ")
+        )));
+    }
     let limited: Vec<&str> = mesh
         .devices
         .iter()
@@ -995,6 +1004,17 @@ mod tests {
         mesh.devices[1].exit_rate_limit = crate::mesh::Rate::from_bits_per_second(200_000_000);
         match check_importable(&mesh) {
             Err(AdminError::Refused(m)) => assert!(m.contains("for b:"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_mesh_with_exit_groups_is_refused_naming_them() {
+        let (mesh, _) = crate::exit_group::fixtures::mesh(false, false);
+        match check_importable(&mesh) {
+            Err(AdminError::Refused(m)) => {
+                assert!(m.contains("exit groups (eu)"), "{m}");
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -15,9 +15,7 @@
 //! directory) with mode 0600.
 
 use std::{
-    fs::{self, OpenOptions},
-    io::{self, Write as _},
-    os::unix::fs::OpenOptionsExt as _,
+    fs, io,
     path::{Path, PathBuf},
 };
 
@@ -116,25 +114,12 @@ pub fn save(state_dir: &Path, store: &Store, now: u64) -> Result<(), CacheError>
             .map(|k| String::from_utf8_lossy(&k.raw).into_owned()),
     };
     let target = path(state_dir);
-    let tmp = state_dir.join(format!(".{CACHE_FILE}.tmp"));
     let werr = |source| CacheError::Write {
         path: target.clone(),
         source,
     };
     let text = serde_json::to_vec(&file).map_err(|e| werr(io::Error::other(e)))?;
-    let write = || -> io::Result<()> {
-        let _ = fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&text)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &target)?;
-        fs::File::open(state_dir)?.sync_all()
-    };
-    write().map_err(werr)
+    crate::state_file::replace(&target, &text).map_err(werr)
 }
 
 /// Reads the cache into a store verified against `store`'s admin key and

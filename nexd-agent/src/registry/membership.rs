@@ -227,6 +227,7 @@ fn assemble(
                 .roles
                 .exit_capacity
                 .and_then(crate::mesh::Rate::from_bits_per_second),
+            exit_group: None,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -239,6 +240,7 @@ fn assemble(
             mtu: settings.mtu,
             agent_port: settings.agent_port,
             devices: out,
+            exit_groups: Vec::new(),
         },
         roles,
         serials,

@@ -61,6 +61,16 @@ pub struct Context {
     pub kill_switch: bool,
 }
 
+/// The two hooks a query of the LAN (through `hook`, not from the tunnel)
+/// and of the device itself (output) pass, with the match that keeps the
+/// tunnel's own traffic out of the first.
+fn from_lan_and_device(hook: &'static str, wg: &str) -> [(&'static str, String); 2] {
+    [
+        (hook, format!("iifname != \"{wg}\" ")),
+        ("output", String::new()),
+    ]
+}
+
 /// The nftables transaction for `redirect`, its queries in conntrack zone
 /// `zone` (not 0: the default zone).
 pub fn script(ctx: &Context, redirect: Redirect, zone: u16) -> String {
@@ -75,10 +85,7 @@ pub fn script(ctx: &Context, redirect: Redirect, zone: u16) -> String {
         format!("ip daddr != {{ 127.0.0.0/8, {mesh_v4} }} meta l4proto {{ tcp, udp }} th dport 53");
     let v6 = format!("ip6 daddr != {{ ::1, {mesh_v6} }} meta l4proto {{ tcp, udp }} th dport 53");
     let mut chains = String::new();
-    for (hook, iif) in [
-        ("prerouting", format!("iifname != \"{wg}\" ")),
-        ("output", String::new()),
-    ] {
+    for (hook, iif) in from_lan_and_device("prerouting", wg) {
         chains.push_str(&format!(
             "  chain zone_{hook} {{\n\
              \x20   type filter hook {hook} priority raw; policy accept;\n\
@@ -89,10 +96,7 @@ pub fn script(ctx: &Context, redirect: Redirect, zone: u16) -> String {
     }
     match redirect {
         Redirect::To(a4, a6) => {
-            for (hook, iif) in [
-                ("prerouting", format!("iifname != \"{wg}\" ")),
-                ("output", String::new()),
-            ] {
+            for (hook, iif) in from_lan_and_device("prerouting", wg) {
                 chains.push_str(&format!(
                     "  chain {hook} {{\n\
                      \x20   type nat hook {hook} priority -100; policy accept;\n\
@@ -110,10 +114,7 @@ pub fn script(ctx: &Context, redirect: Redirect, zone: u16) -> String {
             ));
         }
         Redirect::Refused => {
-            for (hook, iif) in [
-                ("forward", format!("iifname != \"{wg}\" ")),
-                ("output", String::new()),
-            ] {
+            for (hook, iif) in from_lan_and_device("forward", wg) {
                 chains.push_str(&format!(
                     "  chain refuse_{hook} {{\n\
                      \x20   type filter hook {hook} priority filter; policy accept;\n\

@@ -196,6 +196,19 @@ pub struct ExitRules {
     pub allow: Vec<IpNet>,
     /// The clients served, with their flow limits.
     pub clients: Vec<FlowClient>,
+    /// A member of an exit group (issue 22) SNATs its clients to the
+    /// group's egress address instead of masquerading to its own, and
+    /// drops whatever reaches the egress address as local traffic.
+    pub egress: Option<Egress>,
+}
+
+/// An exit group's shared egress addresses, as a member's table uses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Egress {
+    pub v4: Ipv4Addr,
+    /// Without one, IPv6 is masqueraded to the member's own address (and
+    /// its flows do not survive a failover).
+    pub v6: Option<Ipv6Addr>,
 }
 
 /// The nftables transaction for the exit node, without the input guard
@@ -209,6 +222,7 @@ pub fn script(wg: &str, uplinks: &Uplinks, v4: Ipv4Net, v6: Ipv6Net) -> String {
         own: None,
         allow: Vec::new(),
         clients: Vec::new(),
+        egress: None,
     }
     .script()
 }
@@ -233,19 +247,49 @@ impl ExitRules {
             own,
             allow,
             clients,
+            egress,
         } = self;
         let mut nat = String::new();
-        for (up, fam, mesh) in [
-            (&uplinks.v4, "ip", v4.to_string()),
-            (&uplinks.v6, "ip6", v6.to_string()),
+        let egress4 = egress.map(|e| e.v4.to_string());
+        let egress6 = egress.and_then(|e| e.v6).map(|a| format!("[{a}]"));
+        for (up, fam, mesh, to) in [
+            (&uplinks.v4, "ip", v4.to_string(), egress4.as_deref()),
+            (&uplinks.v6, "ip6", v6.to_string(), egress6.as_deref()),
         ] {
-            if let Some(up) = up {
-                nat.push_str(&format!(
+            let Some(up) = up else { continue };
+            match to {
+                None => nat.push_str(&format!(
                     "    oifname \"{up}\" {fam} saddr {mesh} meta l4proto {{ tcp, udp }} counter name \"masqueraded\" masquerade to :1024-65535\n\
                      \x20   oifname \"{up}\" {fam} saddr {mesh} counter name \"masqueraded\" masquerade\n"
-                ));
+                )),
+                // The bare address for the second rule: nft takes `[v6]`
+                // only with a port.
+                Some(to) => nat.push_str(&format!(
+                    "    oifname \"{up}\" {fam} saddr {mesh} meta l4proto {{ tcp, udp }} counter name \"masqueraded\" snat {fam} to {to}:1024-65535\n\
+                     \x20   oifname \"{up}\" {fam} saddr {mesh} counter name \"masqueraded\" snat {fam} to {}\n",
+                    to.trim_start_matches('[').trim_end_matches(']')
+                )),
             }
         }
+        // The egress address exists for the clients' NAT only: a packet of
+        // a flow this member has no state for (the holder before a commit,
+        // a flow never synced) must not reach its own TCP stack, which
+        // would answer with a reset and end the flow for every member.
+        let group_input = match egress {
+            None => String::new(),
+            Some(e) => {
+                let mut rules = format!("    ip daddr {} counter drop\n", e.v4);
+                if let Some(v6) = e.v6 {
+                    rules.push_str(&format!("    ip6 daddr {v6} counter drop\n"));
+                }
+                format!(
+                    "  chain egress_input {{\n\
+                     \x20   type filter hook input priority filter; policy accept;\n\
+                     {rules}\
+                     \x20 }}\n"
+                )
+            }
+        };
         let input = match own {
             None => String::new(),
             Some((own4, own6)) => format!(
@@ -355,6 +399,7 @@ impl ExitRules {
              \x20   iifname \"{wg}\" counter name \"forwarded\" accept\n\
              \x20 }}\n\
              {input}\
+             {group_input}\
              \x20 chain postrouting {{\n\
              \x20   type nat hook postrouting priority srcnat; policy accept;\n\
              {nat}\
@@ -391,6 +436,7 @@ impl ExitForwarding {
                 own: None,
                 allow: Vec::new(),
                 clients: Vec::new(),
+                egress: None,
             },
             sysctls,
         )
@@ -478,7 +524,58 @@ mod tests {
                     },
                 },
             ],
+            egress: None,
         }
+    }
+
+    /// A member of an exit group: SNAT to the group's egress addresses, and
+    /// nothing of them reaches the host's own stack. The rest of the table
+    /// is the one without a group.
+    #[test]
+    fn a_group_member_snats_to_the_egress_address_and_drops_it_as_local() {
+        let plain = rules().script();
+        let group = ExitRules {
+            egress: Some(Egress {
+                v4: "198.51.100.10".parse().expect("ip"),
+                v6: Some("2001:db8::10".parse().expect("ip")),
+            }),
+            ..rules()
+        }
+        .script();
+        let nat = r#"    oifname "eth0" ip saddr 100.64.0.0/10 meta l4proto { tcp, udp } counter name "masqueraded" snat ip to 198.51.100.10:1024-65535
+    oifname "eth0" ip saddr 100.64.0.0/10 counter name "masqueraded" snat ip to 198.51.100.10
+    oifname "eth1" ip6 saddr fd6e:6578:6400::/48 meta l4proto { tcp, udp } counter name "masqueraded" snat ip6 to [2001:db8::10]:1024-65535
+    oifname "eth1" ip6 saddr fd6e:6578:6400::/48 counter name "masqueraded" snat ip6 to 2001:db8::10
+"#;
+        let input = r#"  chain egress_input {
+    type filter hook input priority filter; policy accept;
+    ip daddr 198.51.100.10 counter drop
+    ip6 daddr 2001:db8::10 counter drop
+  }
+"#;
+        assert!(group.contains(nat), "{group}");
+        assert!(group.contains(input), "{group}");
+        assert!(
+            !group.contains(" masquerade to") && !group.contains("\" masquerade\n"),
+            "{group}"
+        );
+        assert!(!plain.contains("snat") && !plain.contains("egress_input"));
+        // Without an IPv6 egress address, IPv6 is masqueraded as before.
+        let v4_only = ExitRules {
+            egress: Some(Egress {
+                v4: "198.51.100.10".parse().expect("ip"),
+                v6: None,
+            }),
+            ..rules()
+        }
+        .script();
+        assert!(v4_only.contains("snat ip to 198.51.100.10:1024-65535"));
+        assert!(v4_only.contains(
+            r#"oifname "eth1" ip6 saddr fd6e:6578:6400::/48 counter name "masqueraded" masquerade"#
+        ));
+        assert!(v4_only.contains(
+            "  chain egress_input {\n    type filter hook input priority filter; policy accept;\n    ip daddr 198.51.100.10 counter drop\n  }\n"
+        ));
     }
 
     /// Where `needle` is in the script `s` (it must be there).

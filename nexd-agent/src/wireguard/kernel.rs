@@ -29,6 +29,15 @@ impl KernelWireGuard {
         })
     }
 
+    /// The device as the kernel has it now.
+    fn device(&self) -> Result<Device, WgError> {
+        Device::get(&self.name()?, Backend::Kernel).map_err(|source| WgError::Kernel {
+            iface: self.iface.clone(),
+            op: "get",
+            source,
+        })
+    }
+
     fn apply(&self, update: DeviceUpdate, op: &'static str) -> Result<(), WgError> {
         update
             .apply(&self.name()?, Backend::Kernel)
@@ -63,12 +72,7 @@ impl WireGuard for KernelWireGuard {
     }
 
     fn configure(&self, config: &DeviceConfig) -> Result<(), WgError> {
-        let current =
-            Device::get(&self.name()?, Backend::Kernel).map_err(|source| WgError::Kernel {
-                iface: self.iface.clone(),
-                op: "get",
-                source,
-            })?;
+        let current = self.device()?;
         let mut update = DeviceUpdate::new();
         let mut changed = false;
         let want_public = Key(config.private_key.public_key().0);
@@ -105,12 +109,7 @@ impl WireGuard for KernelWireGuard {
     }
 
     fn status(&self) -> Result<DeviceStatus, WgError> {
-        let dev =
-            Device::get(&self.name()?, Backend::Kernel).map_err(|source| WgError::Kernel {
-                iface: self.iface.clone(),
-                op: "get",
-                source,
-            })?;
+        let dev = self.device()?;
         let now = SystemTime::now();
         Ok(DeviceStatus {
             listen_port: dev.listen_port,

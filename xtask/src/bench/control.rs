@@ -12,7 +12,11 @@
 //!   a SIGHUP that changes nothing;
 //! * peak RSS (VmHWM) with 1,000 peers against 10 peers, and the steady
 //!   state (VmRSS 5 s after start-up) likewise;
-//! * SIGTERM to a finished clean-up with 1,000 peers against 10 peers.
+//! * SIGTERM to a finished clean-up with 1,000 peers against 10 peers;
+//! * idle: CPU time and wake-ups per second of a settled nexd with 1,000
+//!   peers against 10, and of an exit-node client with exit mode on
+//!   against the same client with it off (issue 25: laptops are our
+//!   clients, idle must mean idle).
 
 use std::{
     fmt::Write as _,
@@ -38,6 +42,12 @@ fn spec(args: &[&str]) -> NodeSpec {
         log_level: "warn".into(),
         ..NodeSpec::default()
     }
+}
+
+/// How long an idle measurement looks: long enough that the 5 s
+/// handshake retries to silent peers and the 1 s heartbeats are in it.
+fn idle_window(plan: &Plan) -> Duration {
+    Duration::from_secs(if plan.quick { 2 } else { 10 })
 }
 
 fn ms(d: Duration) -> f64 {
@@ -75,7 +85,13 @@ fn enable_and_failover(plan: &Plan) -> anyhow::Result<Vec<Row>> {
     w.node("client")
         .wait_exit_node("exit1", Duration::from_secs(20))?;
     let exit1 = w.underlay("exit1", false);
+    let client_pid = w
+        .node("client")
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("the client has no process"))?;
     let (mut enable, mut probe) = (Vec::new(), Vec::new());
+    let (mut cpu_on, mut wake_on, mut cpu_off, mut wake_off) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..=plan.rounds() {
         let t0 = Instant::now();
         let out = w.node("client").nexctl(&["exit-node", "enable"])?;
@@ -83,10 +99,19 @@ fn enable_and_failover(plan: &Plan) -> anyhow::Result<Vec<Row>> {
         let first = first_packet_via(&w, exit1, Duration::from_secs(10))?;
         let total = t0.elapsed().max(first);
         let p = first_packet_via(&w, exit1, Duration::from_secs(10))?;
+        std::thread::sleep(Duration::from_millis(500));
+        let on = idle_cost(client_pid, idle_window(plan))?;
         w.node("client").nexctl(&["exit-node", "disable"])?;
+        // Settled again (the disable's own work done) before the baseline.
+        std::thread::sleep(Duration::from_millis(500));
+        let off = idle_cost(client_pid, idle_window(plan))?;
         if round > 0 {
             enable.push(ms(total));
             probe.push(ms(p));
+            cpu_on.push(on.0);
+            wake_on.push(on.1);
+            cpu_off.push(off.0);
+            wake_off.push(off.1);
         }
     }
     let mut rows = vec![Row::new(
@@ -98,6 +123,24 @@ fn enable_and_failover(plan: &Plan) -> anyhow::Result<Vec<Row>> {
         &enable,
         false,
     )];
+    rows.push(Row::new(
+        "control",
+        "idle CPU, client in exit mode",
+        "us/s",
+        "exit mode off",
+        &cpu_off,
+        &cpu_on,
+        false,
+    ));
+    rows.push(Row::new(
+        "control",
+        "idle wake-ups, client in exit mode",
+        "1/s",
+        "exit mode off",
+        &wake_off,
+        &wake_on,
+        false,
+    ));
 
     // Failover: with probes (today's client), then with heartbeats only
     // (the 3 s design, `--no-exit-probes`) as the same run's baseline.
@@ -270,6 +313,51 @@ fn big_mesh(own: &str, n: usize, tweak: usize) -> String {
     s
 }
 
+/// CPU time (ns, every thread, from schedstat: exact, not in 10 ms
+/// ticks) and context switches (voluntary and not: each is a wake-up or
+/// a preemption) of process `pid` so far. Threads that ended meanwhile are
+/// not counted, so a window must not span a thread's exit.
+fn cpu_and_switches(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let (mut ns, mut switches) = (0u64, 0u64);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        let (Ok(sched), Ok(status)) = (
+            std::fs::read_to_string(dir.join("schedstat")),
+            std::fs::read_to_string(dir.join("status")),
+        ) else {
+            continue; // the thread ended while being read
+        };
+        ns += sched
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| anyhow::anyhow!("{}: no CPU time in {sched:?}", dir.display()))?;
+        for l in status.lines() {
+            if let Some(v) = l
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                switches += v.trim().parse::<u64>()?;
+            }
+        }
+    }
+    Ok((ns, switches))
+}
+
+/// Idle cost of `pid` over `window`: CPU microseconds per second and
+/// context switches per second.
+fn idle_cost(pid: u32, window: Duration) -> anyhow::Result<(f64, f64)> {
+    let (ns0, sw0) = cpu_and_switches(pid)?;
+    let t0 = Instant::now();
+    std::thread::sleep(window);
+    let (ns1, sw1) = cpu_and_switches(pid)?;
+    let secs = t0.elapsed().as_secs_f64();
+    Ok((
+        ns1.saturating_sub(ns0) as f64 / 1000.0 / secs,
+        sw1.saturating_sub(sw0) as f64 / secs,
+    ))
+}
+
 /// A `/proc/PID/status` field in KiB: `VmHWM` (peak RSS) or `VmRSS`.
 fn status_kib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -301,6 +389,8 @@ fn mesh_scaling(plan: &Plan) -> anyhow::Result<Vec<Row>> {
     );
     let (mut stop_small, mut stop_big) = (Vec::new(), Vec::new());
     let (mut steady_small, mut steady_big) = (Vec::new(), Vec::new());
+    let (mut cpu_small, mut cpu_big, mut wake_small, mut wake_big) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..=plan.rounds() {
         for n in [small, big] {
             node.write_mesh(&big_mesh(&own, n, usize::MAX))?;
@@ -322,6 +412,7 @@ fn mesh_scaling(plan: &Plan) -> anyhow::Result<Vec<Row>> {
             let settle = Duration::from_secs(if plan.quick { 1 } else { 5 });
             std::thread::sleep(settle.saturating_sub(t0.elapsed()));
             let steady = status_kib(pid, "VmRSS");
+            let (cpu, wakeups) = idle_cost(pid, idle_window(plan))?;
             if n == big {
                 // SIGHUP with nothing changed, then with one device changed
                 // (d7 moved, then moved back), five times each, 300 ms
@@ -373,11 +464,15 @@ fn mesh_scaling(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                     rss_big.push(rss);
                     steady_big.push(steady);
                     stop_big.push(stop);
+                    cpu_big.push(cpu);
+                    wake_big.push(wakeups);
                 } else {
                     up_small.push(up);
                     rss_small.push(rss);
                     steady_small.push(steady);
                     stop_small.push(stop);
+                    cpu_small.push(cpu);
+                    wake_small.push(wakeups);
                 }
             }
         }
@@ -417,6 +512,24 @@ fn mesh_scaling(plan: &Plan) -> anyhow::Result<Vec<Row>> {
             &format!("{} peers", small - 1),
             &steady_small,
             &steady_big,
+            false,
+        ),
+        Row::new(
+            "control",
+            &format!("idle CPU, {} peers", big - 1),
+            "us/s",
+            &format!("{} peers", small - 1),
+            &cpu_small,
+            &cpu_big,
+            false,
+        ),
+        Row::new(
+            "control",
+            &format!("idle wake-ups, {} peers", big - 1),
+            "1/s",
+            &format!("{} peers", small - 1),
+            &wake_small,
+            &wake_big,
             false,
         ),
         Row::new(

@@ -32,7 +32,7 @@ const TOOLS: [&str; 6] = ["ip", "tc", "nft", "ping", "wg", "nsenter"];
 
 /// Kernel modules the suite needs (their dependencies are added; a name
 /// this kernel does not have is skipped: built in, or another arch's).
-const MODULES: [&str; 19] = [
+const MODULES: [&str; 21] = [
     "wireguard",
     "veth",
     "bridge",
@@ -49,6 +49,11 @@ const MODULES: [&str; 19] = [
     "nft_reject_inet",
     "nft_ct",
     "nft_objref",
+    // An exit node's per-client limits: `limit rate over` (nft_limit) and
+    // `ct count over` (nft_connlimit); built in on some kernels, modules on
+    // Debian's.
+    "nft_limit",
+    "nft_connlimit",
     // The accelerated WireGuard ciphers of each architecture.
     "chacha_x86_64",
     "poly1305_x86_64",

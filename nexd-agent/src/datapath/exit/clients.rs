@@ -373,10 +373,7 @@ impl Datapath {
 mod tests {
     use super::super::rate::RateLimit;
     use super::*;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("ip")
-    }
+    use crate::testing::ip;
 
     fn client(name: &str, addrs: &[&str]) -> ServedClient {
         ServedClient {

@@ -272,14 +272,7 @@ impl Datapath {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn net(s: &str) -> IpNet {
-        s.parse().expect("net")
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("ip")
-    }
+    use crate::testing::{ip, net};
 
     /// An exit node in a cloud VPC: 10.20.1.5/24 on its uplink, a route
     /// to a peered VPC, WireGuard with mesh addresses.

@@ -536,10 +536,7 @@ fn gro_size(h: &libc::msghdr) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn a(s: &str) -> SocketAddr {
-        s.parse().expect("address")
-    }
+    use crate::testing::sock as a;
 
     #[test]
     fn equal_sizes_to_one_destination_make_one_run() {
