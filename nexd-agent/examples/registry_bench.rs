@@ -133,6 +133,7 @@ fn mesh_of(n: usize) -> anyhow::Result<Mesh> {
             exit_rate_limit: None,
             exit_flow_limit: None,
             exit_new_flow_rate: None,
+            exit_capacity: None,
             exit_group: None,
         });
     }

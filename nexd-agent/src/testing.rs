@@ -28,6 +28,7 @@ pub fn device(i: usize, public_key: PublicKey) -> Device {
         exit_rate_limit: None,
         exit_flow_limit: None,
         exit_new_flow_rate: None,
+        exit_capacity: None,
         exit_group: None,
     }
 }

@@ -157,6 +157,7 @@ fn start_liar(
                 sent_at_ms: started.elapsed().as_millis() as u64,
                 echo_seq,
                 echo_hold_ms,
+                load: Default::default(),
             };
             // The tunnel may not be up yet at the first sends.
             let _ = s.send_to(&wire::encode(&a, &pair), to);

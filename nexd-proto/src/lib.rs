@@ -251,6 +251,28 @@ pub struct ExitNodeRow {
     pub rtt_ms: Option<f64>,
     /// Seconds since its last announcement.
     pub last_heard_seconds: Option<f64>,
+    /// Its load as this client believes it (issue 23); absent when it
+    /// reports none (an agent before load-aware selection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<ExitLoad>,
+    /// On the row of the exit node in use: why this client chose it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen_because: Option<String>,
+}
+
+/// An exit node's load in `exit-node list`: what it reports, its capacity
+/// bounded by the mesh file's `exit_capacity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitLoad {
+    /// Forwarded through its uplinks, bits per second (the busier
+    /// direction).
+    pub forwarded_bps: u64,
+    /// What this client believes it can forward, bits per second.
+    pub capacity_bps: u64,
+    /// Capacity minus forwarded, bits per second.
+    pub headroom_bps: u64,
+    /// Devices using it now, as it reports.
+    pub clients: u16,
 }
 
 /// One client of the exit node, as `nexctl nexd exit-node clients` shows

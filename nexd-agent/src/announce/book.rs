@@ -27,7 +27,7 @@ pub use super::live::PeerLive;
 use super::{
     live,
     seq::SeqSource,
-    wire::{self, Announcement, DecodeError, PairKey},
+    wire::{self, Announcement, DecodeError, LoadReport, PairKey},
 };
 use crate::{
     keys::{PrivateKey, PublicKey},
@@ -122,6 +122,11 @@ pub struct PeerBook {
     /// The pair keys of a large sync's new peers, derived while start-up
     /// goes on; collected at the first use of any pair key.
     pending: Option<PendingPairs>,
+    /// This device's load, sent with the exit capability.
+    load: LoadReport,
+    /// The exit node this device uses: its announcements carry
+    /// `FLAG_USES_EXIT`, so it can count its clients.
+    uses: Option<PublicKey>,
 }
 
 impl PeerBook {
@@ -150,6 +155,8 @@ impl PeerBook {
             counters: BookCounters::default(),
             epoch: now,
             pending: None,
+            load: LoadReport::default(),
+            uses: None,
         }
     }
 
@@ -281,6 +288,32 @@ impl PeerBook {
         self.peers.keys()
     }
 
+    /// The load this device reports from now on, in the announcements
+    /// that carry the exit capability (an exit node's, `exit_role`).
+    pub fn set_load(&mut self, load: LoadReport) {
+        self.load = load;
+    }
+
+    /// The exit node this device uses from now on (`None`: none); only
+    /// the announcements to it say so.
+    pub fn set_exit_in_use(&mut self, exit: Option<PublicKey>) {
+        self.uses = exit;
+    }
+
+    /// Peers whose latest announcement, younger than `live::STALE_AFTER`,
+    /// says they use this device as exit node: its clients now.
+    pub fn clients_using(&self, now: Instant) -> usize {
+        self.peers
+            .values()
+            .filter(|e| {
+                e.live.announced_flags & wire::FLAG_USES_EXIT != 0
+                    && e.live
+                        .last_heard
+                        .is_some_and(|t| now.saturating_duration_since(t) < live::STALE_AFTER)
+            })
+            .count()
+    }
+
     /// One announcement per peer, to its mesh IPv4 address on `port`.
     pub fn outgoing(
         &mut self,
@@ -310,6 +343,16 @@ impl PeerBook {
         let (echo_seq, echo_hold_ms) = e.live.echo.map_or((0, 0), |(s, at)| {
             (s, now.saturating_duration_since(at).as_millis() as u32)
         });
+        let flags = if self.uses == Some(*key) {
+            flags | wire::FLAG_USES_EXIT
+        } else {
+            flags
+        };
+        let load = if flags & wire::FLAG_EXIT != 0 {
+            self.load
+        } else {
+            LoadReport::default()
+        };
         let a = Announcement {
             flags,
             seq,
@@ -317,6 +360,7 @@ impl PeerBook {
             sent_at_ms,
             echo_seq,
             echo_hold_ms,
+            load,
         };
         e.live
             .sent
@@ -407,6 +451,7 @@ impl PeerBook {
         e.live.last_heard = Some(now);
         e.live.lost = false;
         e.live.announced_flags = a.flags;
+        e.live.load = a.load;
         e.live.flags = believed_flags(self.exit_allowed.as_ref(), &actual, a.flags);
         if e.live.exit_not_allowed() {
             self.counters.exit_not_allowed += 1;
@@ -574,6 +619,7 @@ mod tests {
                 sent_at_ms: 0,
                 echo_seq: 0,
                 echo_hold_ms: 0,
+                load: LoadReport::default(),
             },
             &PairKey::derive(&c, &b.public_key()),
         );
@@ -839,6 +885,39 @@ mod tests {
             .into_iter()
             .collect()
         );
+    }
+
+    #[test]
+    fn an_exit_node_counts_the_clients_that_say_they_use_it_and_reports_its_load() {
+        let (_a, b, mut ba, mut bb, t0) = pair();
+        let load = LoadReport {
+            flags: wire::LOAD_PRESENT,
+            cpu_percent: 20,
+            forwarded_kbps: 8_000,
+            clients: 1,
+            ..LoadReport::default()
+        };
+        bb.set_load(load);
+        // a uses b: its announcements to b say so; b counts it while
+        // they keep coming.
+        ba.set_exit_in_use(Some(b.public_key()));
+        let (_, hb) = ba.outgoing(0, 1, t0)[0];
+        assert_eq!(bb.clients_using(t0), 0);
+        bb.receive(ip("100.64.0.1"), &hb, t0).expect("ok");
+        assert_eq!(bb.clients_using(t0), 1);
+        assert_eq!(bb.clients_using(t0 + live::STALE_AFTER), 0);
+        ba.set_exit_in_use(None);
+        let (_, hb) = ba.outgoing(0, 1, t0 + Duration::from_secs(1))[0];
+        bb.receive(ip("100.64.0.1"), &hb, t0 + Duration::from_secs(1))
+            .expect("ok");
+        assert_eq!(bb.clients_using(t0 + Duration::from_secs(1)), 0);
+        // The load goes out with the exit capability only.
+        let (_, plain) = bb.outgoing(0, 1, t0)[0];
+        ba.receive(ip("100.64.0.2"), &plain, t0).expect("ok");
+        assert!(!ba.live(&b.public_key()).expect("b").load.present());
+        let (_, exit) = bb.outgoing(wire::FLAG_EXIT, 1, t0)[0];
+        ba.receive(ip("100.64.0.2"), &exit, t0).expect("ok");
+        assert_eq!(ba.live(&b.public_key()).expect("b").load, load);
     }
 
     #[test]

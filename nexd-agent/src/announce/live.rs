@@ -48,6 +48,9 @@ pub struct PeerLive {
     pub flags: u8,
     /// Flags of the last valid announcement as the peer sent them.
     pub announced_flags: u8,
+    /// The load of its last valid announcement, as reported (zeros: it
+    /// reported none); `exit::select::Load::believe` decides what to believe of it.
+    pub load: wire::LoadReport,
     /// Smoothed round-trip time through the tunnel (EWMA with weight 1/8
     /// per sample, as TCP's SRTT): exit-node selection compares these, so
     /// one delayed heartbeat does not make an exit node look slow.

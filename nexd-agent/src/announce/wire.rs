@@ -4,15 +4,32 @@
 //! ```text
 //!  0  magic "NXAN"            4
 //!  4  version = 1             1
-//!  5  flags                   1   bit 0: exit node, bit 1: probe
+//!  5  flags                   1   bit 0: exit node, bit 1: probe,
+//!                                 bit 2: the sender uses the recipient as exit node
 //!  6  reserved                2
 //!  8  seq                     8   strictly increasing per sender
 //! 16  sender public key      32
 //! 48  sent_at_ms              8   sender's monotonic clock, for RTT
 //! 56  echo_seq                8   last seq received from the recipient (0: none)
 //! 64  echo_hold_ms            4   how long the sender held that echo
-//! 68  reserved               12
+//! 68  load                   12   an exit node's load (all zeros: none), below
 //! 80  mac                    16   BLAKE2s-128 over bytes 0..80
+//! ```
+//!
+//! The load (issue 23) went into what were 12 reserved bytes, so the
+//! version stays 1: an agent that predates it checks the MAC over them
+//! and ignores them, and an exit node that predates it sends zeros,
+//! which mean "no load information" (its clients then choose by round
+//! trip alone):
+//!
+//! ```text
+//! 68  load flags              1   bit 0: the load below is present
+//! 69  cpu busy                1   percent
+//! 70  conntrack fill          1   percent of the table
+//! 71  masquerade port use     1   percent, the busiest destination's
+//! 72  forwarded               4   kbit/s through the uplinks, the busier direction
+//! 76  link speed              2   Mbit/s of the uplinks (0: unknown)
+//! 78  clients                 2   devices using it as exit node now
 //! ```
 //!
 //! The MAC key is derived from the X25519 shared secret of sender and
@@ -43,6 +60,66 @@ pub const FLAG_EXIT: u8 = 0x01;
 /// that do not know the bit ignore it, and are then watched through their
 /// heartbeats only.
 pub const FLAG_PROBE: u8 = 0x02;
+/// Flag: the sender routes its internet traffic through the recipient
+/// (its exit node in use), so the exit node can count its clients.
+pub const FLAG_USES_EXIT: u8 = 0x04;
+
+/// Load flag: the load fields are present.
+pub const LOAD_PRESENT: u8 = 0x01;
+const LOAD_AT: usize = 68;
+
+/// An exit node's load as it reports it: the raw wire fields, kept
+/// exactly (a decoded announcement encodes to the same bytes). All zeros
+/// (the default) is what an exit node that predates them sends: no load
+/// information. What a client believes of it is `exit::select::Load::believe`'s business.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// `LOAD_PRESENT`, and bits for later use.
+    pub flags: u8,
+    pub cpu_percent: u8,
+    pub conntrack_percent: u8,
+    pub snat_percent: u8,
+    /// Bits per second forwarded through the uplinks, in kbit/s: the
+    /// busier direction, everything the uplinks carry (not only the
+    /// clients': other traffic takes the same capacity).
+    pub forwarded_kbps: u32,
+    /// The uplinks' link speed in Mbit/s (0: unknown), the capacity when
+    /// the mesh file names none.
+    pub link_mbps: u16,
+    /// Devices whose latest announcement says they use this exit node.
+    pub clients: u16,
+}
+
+impl LoadReport {
+    /// Whether the sender reported its load (not an older exit node's
+    /// zeros).
+    pub fn present(&self) -> bool {
+        self.flags & LOAD_PRESENT != 0
+    }
+
+    fn write(&self, b: &mut [u8]) {
+        b[0] = self.flags;
+        b[1] = self.cpu_percent;
+        b[2] = self.conntrack_percent;
+        b[3] = self.snat_percent;
+        b[4..8].copy_from_slice(&self.forwarded_kbps.to_be_bytes());
+        b[8..10].copy_from_slice(&self.link_mbps.to_be_bytes());
+        b[10..12].copy_from_slice(&self.clients.to_be_bytes());
+    }
+
+    fn read(b: &[u8]) -> Self {
+        let u16_at = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+        LoadReport {
+            flags: b[0],
+            cpu_percent: b[1],
+            conntrack_percent: b[2],
+            snat_percent: b[3],
+            forwarded_kbps: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+            link_mbps: u16_at(8),
+            clients: u16_at(10),
+        }
+    }
+}
 
 /// The content of an announcement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +130,8 @@ pub struct Announcement {
     pub sent_at_ms: u64,
     pub echo_seq: u64,
     pub echo_hold_ms: u32,
+    /// The sender's load, when it is an exit node (zeros otherwise).
+    pub load: LoadReport,
 }
 
 impl Announcement {
@@ -111,6 +190,7 @@ pub fn encode(a: &Announcement, key: &PairKey) -> [u8; LEN] {
     b[48..56].copy_from_slice(&a.sent_at_ms.to_be_bytes());
     b[56..64].copy_from_slice(&a.echo_seq.to_be_bytes());
     b[64..68].copy_from_slice(&a.echo_hold_ms.to_be_bytes());
+    a.load.write(&mut b[LOAD_AT..MAC_AT]);
     let mac = key.mac(&b[..MAC_AT]);
     b[MAC_AT..].copy_from_slice(&mac);
     b
@@ -156,6 +236,7 @@ pub fn decode(b: &[u8], key: &PairKey) -> Result<Announcement, DecodeError> {
         sent_at_ms: u64_at(48),
         echo_seq: u64_at(56),
         echo_hold_ms: u32::from_be_bytes(hold),
+        load: LoadReport::read(&b[LOAD_AT..MAC_AT]),
     })
 }
 
@@ -175,7 +256,53 @@ mod tests {
             sent_at_ms: 1234,
             echo_seq: 41,
             echo_hold_ms: 7,
+            load: LoadReport::default(),
         }
+    }
+
+    fn loaded() -> LoadReport {
+        LoadReport {
+            flags: LOAD_PRESENT,
+            cpu_percent: 37,
+            conntrack_percent: 4,
+            snat_percent: 1,
+            forwarded_kbps: 1_500_000,
+            link_mbps: 10_000,
+            clients: 12,
+        }
+    }
+
+    #[test]
+    fn the_load_round_trips_and_leaves_every_older_field_where_it_was() {
+        let a = PrivateKey::generate();
+        let b = PrivateKey::generate();
+        let to_b = PairKey::derive(&a, &b.public_key());
+        let plain = sample(a.public_key());
+        let with_load = Announcement {
+            load: loaded(),
+            ..plain
+        };
+        let old = encode(&plain, &to_b);
+        let new = encode(&with_load, &to_b);
+        // Same version, and every byte an agent before the load reads is
+        // unchanged: it decodes the new announcement as before (its MAC
+        // covers the load bytes, which it hashes without reading).
+        assert_eq!(old[..LOAD_AT], new[..LOAD_AT]);
+        assert_eq!(new[4], VERSION);
+        assert_eq!(old[LOAD_AT..MAC_AT], [0u8; 12]);
+        let got = decode(&new, &PairKey::derive(&b, &a.public_key())).expect("valid");
+        assert_eq!(got, with_load);
+        assert!(got.load.present());
+        // An older exit node's zeros: no load information.
+        let got = decode(&old, &PairKey::derive(&b, &a.public_key())).expect("valid");
+        assert!(!got.load.present());
+        // The load is authenticated like the rest.
+        let mut altered = new;
+        altered[72] ^= 0x80;
+        assert_eq!(
+            decode(&altered, &PairKey::derive(&b, &a.public_key())),
+            Err(DecodeError::Mac)
+        );
     }
 
     #[test]

@@ -214,6 +214,13 @@ pub struct ApproveArgs {
     /// As exit node, serve every device (the default).
     #[arg(long)]
     pub all_exit_clients: bool,
+    /// As exit node, how much it can forward ("2gbit", "500mbit"): clients
+    /// spread over exit nodes by it, and an exit node cannot claim more.
+    #[arg(long, value_name = "RATE", value_parser = crate::mesh::rate::parse, conflicts_with = "no_exit_capacity")]
+    pub exit_capacity: Option<crate::mesh::Rate>,
+    /// Forget the exit node's capacity (its link speed counts).
+    #[arg(long)]
+    pub no_exit_capacity: bool,
     /// Approve only if the device's key has this fingerprint (the device
     /// logs it while it waits; `nexctl mesh requests` shows it): a join
     /// request replaced under the same name is refused.
@@ -554,6 +561,11 @@ async fn approve(out: &mut String, r: &RegistryArgs, a: ApproveArgs) -> Result<(
         } else {
             a.exit_clients.map(Some)
         },
+        exit_capacity: if a.no_exit_capacity {
+            Some(None)
+        } else {
+            a.exit_capacity.map(|r| Some(r.bits_per_second()))
+        },
     };
     let done = connect(r)
         .await?
@@ -589,10 +601,19 @@ async fn approve(out: &mut String, r: &RegistryArgs, a: ApproveArgs) -> Result<(
 }
 
 fn roles_text(r: &crate::registry::records::Roles) -> String {
+    // Out of range only in a record not made by nexctl: said, not hidden.
+    let capacity =
+        r.exit_capacity.map_or_else(
+            String::new,
+            |bps| match crate::mesh::Rate::from_bits_per_second(bps) {
+                Some(c) => format!(", capacity {c}"),
+                None => format!(", capacity {bps} bit/s: out of range, ignored"),
+            },
+        );
     match (&r.exit_node, &r.exit_clients) {
         (false, _) => "member".into(),
-        (true, None) => "exit node (serves every device)".into(),
-        (true, Some(c)) => format!("exit node (serves {})", c.join(",")),
+        (true, None) => format!("exit node (serves every device{capacity})"),
+        (true, Some(c)) => format!("exit node (serves {}{capacity})", c.join(",")),
     }
 }
 
@@ -986,6 +1007,40 @@ mod tests {
         // The registry options work after the verb too, and -o anywhere.
         let m = mesh(&["list", "--registry", "etcd://h:1/p", "-o", "json"]).expect("parse");
         assert!(m.registry.registry.is_some());
+    }
+
+    #[test]
+    fn approve_takes_an_exit_capacity_as_a_rate() {
+        let approve = |extra: &[&str]| {
+            let mut args = vec!["approve", "gw1", "--admin-key", "/k", "--exit-node"];
+            args.extend_from_slice(extra);
+            mesh(&args).map(|m| match m.command {
+                MeshCommand::Approve(a) => a,
+                other => panic!("{other:?}"),
+            })
+        };
+        let a = approve(&["--exit-capacity", "2gbit"]).expect("parse");
+        assert_eq!(
+            a.exit_capacity.map(crate::mesh::Rate::bits_per_second),
+            Some(2_000_000_000)
+        );
+        assert!(
+            approve(&["--no-exit-capacity"])
+                .expect("parse")
+                .no_exit_capacity
+        );
+        let e = approve(&["--exit-capacity", "2gbps"]).expect_err("ambiguous");
+        assert!(e.to_string().contains("ambiguous"), "{e}");
+        assert!(approve(&["--exit-capacity", "1gbit", "--no-exit-capacity"]).is_err());
+        let roles = crate::registry::records::Roles {
+            exit_node: true,
+            exit_capacity: Some(500_000_000),
+            ..Default::default()
+        };
+        assert_eq!(
+            roles_text(&roles),
+            "exit node (serves every device, capacity 500mbit)"
+        );
     }
 
     #[test]

@@ -672,6 +672,7 @@ fn disable_offline(inst: &Instance) -> Result<(), ClientError> {
 }
 
 fn render_exit_nodes(format: OutputFormat, rows: &[ExitNodeRow]) -> String {
+    use std::fmt::Write as _;
     let mut out = String::new();
     output::render(&mut out, format, &rows, || {
         let mut t = Table::new(&[
@@ -682,9 +683,27 @@ fn render_exit_nodes(format: OutputFormat, rows: &[ExitNodeRow]) -> String {
             "STATUS",
             "ACTIVE",
             "RTT",
+            "LOAD",
+            "HEADROOM",
+            "CLIENTS",
         ]);
         for r in rows {
-            t.row(vec![
+            let load = r.load.map_or_else(
+                || ["-".to_owned(), "-".to_owned(), "-".to_owned()],
+                |l| {
+                    [
+                        format!(
+                            "{}/{} ({}%)",
+                            bits(l.forwarded_bps),
+                            bits(l.capacity_bps),
+                            (l.forwarded_bps as f64 * 100.0 / l.capacity_bps.max(1) as f64).round()
+                        ),
+                        bits(l.headroom_bps),
+                        l.clients.to_string(),
+                    ]
+                },
+            );
+            let mut row = vec![
                 r.endpoint_address.clone().unwrap_or_else(|| "-".into()),
                 r.public_key.clone(),
                 r.name.clone(),
@@ -693,11 +712,30 @@ fn render_exit_nodes(format: OutputFormat, rows: &[ExitNodeRow]) -> String {
                 if r.active { "yes".into() } else { "no".into() },
                 r.rtt_ms
                     .map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms")),
-            ]);
+            ];
+            row.extend(load);
+            t.row(row);
         }
         t
     });
+    if matches!(format, OutputFormat::Column | OutputFormat::NoHeader)
+        && let Some(r) = rows.iter().find(|r| r.active)
+        && let Some(why) = &r.chosen_because
+    {
+        let _ = writeln!(out, "using {}: {why}", r.name);
+    }
     out
+}
+
+/// Bits per second in the largest unit that keeps it readable: `250mbit`,
+/// `1.5gbit`, `0`.
+fn bits(bps: u64) -> String {
+    match bps {
+        0 => "0".into(),
+        b if b >= 1_000_000_000 => format!("{:.1}gbit", b as f64 / 1e9),
+        b if b >= 1_000_000 => format!("{:.0}mbit", b as f64 / 1e6),
+        b => format!("{:.0}kbit", b as f64 / 1e3),
+    }
 }
 
 fn stats(ctx: &Ctx) -> Result<(), ClientError> {
@@ -747,6 +785,52 @@ mod tests {
         ct.masqueraded = None;
         ct.busiest_destination = None;
         assert_eq!(conntrack_text(&ct), "640 flows");
+    }
+
+    #[test]
+    fn exit_node_list_shows_load_headroom_and_why() {
+        let row = |name: &str, active: bool, load: Option<nexd_proto::ExitLoad>| ExitNodeRow {
+            endpoint_address: None,
+            public_key: "k".into(),
+            name: name.into(),
+            mesh_ipv4: "100.64.0.1".into(),
+            mesh_ipv6: "fd00::1".into(),
+            status: nexd_proto::ExitStatus::Available,
+            active,
+            rtt_ms: Some(1.0),
+            last_heard_seconds: Some(0.2),
+            load,
+            chosen_because: active
+                .then(|| "weighted by headroom among 2 comparable exit nodes".into()),
+        };
+        let rows = [
+            row(
+                "x1",
+                true,
+                Some(nexd_proto::ExitLoad {
+                    forwarded_bps: 150_000_000,
+                    capacity_bps: 200_000_000,
+                    headroom_bps: 50_000_000,
+                    clients: 3,
+                }),
+            ),
+            row("x2", false, None),
+        ];
+        let text = render_exit_nodes(OutputFormat::Column, &rows);
+        assert!(text.contains("LOAD") && text.contains("HEADROOM"), "{text}");
+        assert!(
+            text.contains("150mbit/200mbit (75%)") && text.contains("50mbit"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("using x1: weighted by headroom among 2 comparable exit nodes\n"),
+            "{text}"
+        );
+        // JSON carries the same, and no line after the document.
+        let json = render_exit_nodes(OutputFormat::Json, &rows);
+        assert!(json.contains("\"headroom_bps\": 50000000"), "{json}");
+        assert!(!json.contains("using x1"), "{json}");
+        assert_eq!(bits(1_500_000_000), "1.5gbit");
     }
 
     #[test]

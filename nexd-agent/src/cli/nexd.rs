@@ -79,7 +79,8 @@ pub struct AgentArgs {
     #[arg(long, global = true, env = "NEXD_EXIT_NODE_CLIENT", value_parser = clap::builder::BoolishValueParser::new())]
     pub exit_node_client: bool,
     /// Use only this exit node (mesh name or public key); without it nexd
-    /// picks the available one with the lowest RTT.
+    /// spreads over the available ones by headroom, among those with a
+    /// round trip comparable to the fastest's.
     #[arg(
         long = "exit-node",
         env = "NEXD_EXIT_NODE",

@@ -351,6 +351,13 @@ impl Daemon {
                 Err(e) => debug!(error = %e, "reading WireGuard status failed"),
             }
         }
+        let clients = self.heartbeats.book().clients_using(now);
+        if let Some(load) = self
+            .exit_role
+            .load_report(&self.host, &self.mesh, clients, now)
+        {
+            self.heartbeats.set_load(load);
+        }
         let exit = self.exit_role.announces(now);
         self.heartbeats.send_due(exit, self.mesh.agent_port, now);
         self.evaluate_exit().await;
@@ -547,6 +554,14 @@ impl Daemon {
                 .evaluate(&candidates, &mut steps, Instant::now())
                 .await;
         }
+        self.announce_exit_in_use();
+    }
+
+    /// The announcements to the exit node in use say so, so it counts
+    /// this device among its clients.
+    fn announce_exit_in_use(&mut self) {
+        let exit = self.exit_client.phase().exit_peer();
+        self.heartbeats.set_exit_in_use(exit);
     }
 
     fn view(&self) -> View<'_> {

@@ -7,10 +7,10 @@ use std::time::Instant;
 use super::{interface::HEALTHY_HANDSHAKE, view::View};
 use crate::{
     control::protocol::{
-        ClientPhase, CounterRow, ErrorCode, ExitInfo, ExitNodeRow, PROTOCOL_VERSION, PeerRow,
-        Reply, Response, Role, StatsInfo, StatusInfo, VersionInfo,
+        ClientPhase, CounterRow, ErrorCode, ExitInfo, ExitLoad, ExitNodeRow, PROTOCOL_VERSION,
+        PeerRow, Reply, Response, Role, StatsInfo, StatusInfo, VersionInfo,
     },
-    exit::{self, Phase},
+    exit::{self, Phase, select::Load},
     wireguard::DeviceStatus,
 };
 
@@ -206,6 +206,13 @@ fn exit_rows(v: &View<'_>, now: Instant) -> Vec<ExitNodeRow> {
                 last_heard_seconds: live
                     .last_heard
                     .map(|t| now.saturating_duration_since(t).as_secs_f64()),
+                load: Load::believe(&live.load, d.exit_capacity).map(|l| ExitLoad {
+                    forwarded_bps: l.forwarded_bps,
+                    capacity_bps: l.capacity_bps,
+                    headroom_bps: l.headroom_bps(),
+                    clients: l.clients,
+                }),
+                chosen_because: (active == Some(d.public_key)).then(|| v.exit_client.reason_text()),
             })
         })
         .collect();

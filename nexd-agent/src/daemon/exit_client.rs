@@ -26,6 +26,7 @@ use crate::{
     exit::{
         self, Candidate, Phase,
         plan::{self, Dns, Installed, Policy, Step},
+        select::{self, Choice, Held, Offer, Reason},
     },
     keys::PublicKey,
     mesh::Mesh,
@@ -81,6 +82,14 @@ pub struct ExitClient {
     /// When the active exit node became active: a faster one may replace
     /// it only after `exit::SWITCH_DWELL`.
     since: Instant,
+    /// Since when the active exit node has been overloaded
+    /// (`exit::select`: the client leaves it after `OVERLOAD_DWELL`).
+    overloaded_since: Option<Instant>,
+    /// What the last evaluation said (kept, overloaded for so long, ...).
+    reason: Reason,
+    /// Why the exit node in use was chosen when the client moved to it
+    /// (`exit-node list`: a later "kept" does not hide it).
+    chosen: Reason,
     failovers: u64,
     /// What may be installed: every step that succeeded, and what a
     /// failed one may have done. Rollbacks and the record go by this.
@@ -116,6 +125,9 @@ impl ExitClient {
             wanted,
             phase: Phase::Off,
             since: now,
+            overloaded_since: None,
+            reason: Reason::NoneAvailable,
+            chosen: Reason::NoneAvailable,
             failovers: 0,
             installed: Installed::default(),
             surely: Installed::default(),
@@ -147,6 +159,16 @@ impl ExitClient {
 
     pub fn pin(&self) -> Option<&str> {
         self.pin.as_deref()
+    }
+
+    /// Why the client uses the exit node it uses: why it was chosen, and
+    /// what the last evaluation said of it when that differs.
+    pub fn reason_text(&self) -> String {
+        if self.reason == self.chosen {
+            self.chosen.to_string()
+        } else {
+            format!("{} (now: {})", self.chosen, self.reason)
+        }
     }
 
     /// Whether this client probes exit nodes now (wanted, probes on).
@@ -215,22 +237,45 @@ impl ExitClient {
             .ok_or(())
     }
 
-    /// The exit node `exit::choose` picks now.
-    fn choose(&self, c: &Candidates<'_>, now: Instant) -> Option<PublicKey> {
-        let pinned = self.pinned(c).ok()?;
-        let current = self.phase.exit_peer().map(|key| exit::Current {
+    /// The exit node `exit::select` picks now, and why.
+    fn choose(&self, c: &Candidates<'_>, now: Instant) -> Choice {
+        let Ok(pinned) = self.pinned(c) else {
+            return Choice {
+                exit: None,
+                reason: Reason::PinnedUnavailable,
+                overloaded_since: None,
+            };
+        };
+        let held = self.phase.exit_peer().map(|key| Held {
             key,
             since: self.since,
+            overloaded_since: self.overloaded_since,
         });
-        exit::choose(current, pinned, candidates(c.book), now)
+        select::select(c.own, pinned, held, &offers(c), now)
     }
 
-    /// The exit nodes to probe: the one in use and the next one.
+    /// Takes a choice in: its reason and the overload clock go with it.
+    fn take(&mut self, choice: &Choice) {
+        if choice.exit != self.phase.exit_peer() {
+            self.chosen = choice.reason;
+        }
+        self.reason = choice.reason;
+        self.overloaded_since = choice.overloaded_since;
+    }
+
+    /// The exit nodes to probe: the one in use and the one `select` would
+    /// move to if it went away.
     pub fn probe_targets(&self, c: &Candidates<'_>, now: Instant) -> Vec<PublicKey> {
         let Ok(pinned) = self.pinned(c) else {
             return Vec::new();
         };
-        exit::probe_targets(self.phase.exit_peer(), pinned, candidates(c.book), now)
+        let active = self.phase.exit_peer();
+        let others: Vec<Offer<'_>> = offers(c)
+            .into_iter()
+            .filter(|o| Some(o.candidate.key) != active)
+            .collect();
+        let standby = select::select(c.own, pinned, None, &others, now).exit;
+        active.into_iter().chain(standby).collect()
     }
 
     /// When the exit node in use goes stale unless it is heard from again:
@@ -245,7 +290,9 @@ impl ExitClient {
     /// Moves to the phase the announcements call for.
     pub async fn evaluate(&mut self, c: &Candidates<'_>, host: &mut impl StepRunner, now: Instant) {
         let chosen = if self.wanted {
-            self.choose(c, now)
+            let choice = self.choose(c, now);
+            self.take(&choice);
+            choice.exit
         } else {
             None
         };
@@ -298,9 +345,11 @@ impl ExitClient {
             self.wanted = true;
             return Ok(());
         }
-        let Some(chosen) = self.choose(c, now) else {
+        let choice = self.choose(c, now);
+        let Some(chosen) = choice.exit else {
             return Err(EnableError::Unavailable);
         };
+        self.take(&choice);
         self.transition(Phase::Active(chosen), host, c.book, now)
             .await?;
         self.wanted = true;
@@ -340,7 +389,7 @@ impl ExitClient {
             return Err(TransitionError { failed, rollback });
         }
         if next != prev {
-            log_transition(prev, next, book, now);
+            log_transition(prev, next, self.reason, book, now);
         }
         if let (Phase::Active(a), Phase::Active(b)) = (prev, next)
             && a != b
@@ -401,7 +450,7 @@ impl ExitClient {
 
     /// The client's side of the metrics: the exit node in use, the phase,
     /// the failovers.
-    pub fn register_metrics(&self, reg: &mut Metrics, book: &PeerBook) {
+    pub fn register_metrics(&self, reg: &mut Metrics, book: &PeerBook, mesh: &Mesh) {
         let active = Family::<Labels, Gauge>::default();
         if let Some(k) = self.phase.exit_peer() {
             active
@@ -429,6 +478,54 @@ impl ExitClient {
             "The exit-node client's phase (1 for the current one)",
             phase,
         );
+        // Issue 23: each exit node's load as this client believes it, and
+        // why it uses the one it uses.
+        let forwarded = Family::<Labels, Gauge>::default();
+        let capacity = Family::<Labels, Gauge>::default();
+        let clients = Family::<Labels, Gauge>::default();
+        for k in book.keys() {
+            let (Some(name), Some(live)) = (book.name(k), book.live(k)) else {
+                continue;
+            };
+            if !live.is_exit() {
+                continue;
+            }
+            let signed = mesh.device(k).and_then(|d| d.exit_capacity);
+            let Some(load) = select::Load::believe(&live.load, signed) else {
+                continue;
+            };
+            let l = label("exit_node", name);
+            let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            forwarded.get_or_create(&l).set(gauge(load.forwarded_bps));
+            capacity.get_or_create(&l).set(gauge(load.capacity_bps));
+            clients.get_or_create(&l).set(i64::from(load.clients));
+        }
+        reg.register(
+            "nexd_exit_node_forwarded_bits_per_second",
+            "What each exit node reports forwarding through its uplinks (the busier direction)",
+            forwarded,
+        );
+        reg.register(
+            "nexd_exit_node_capacity_bits_per_second",
+            "Each exit node's capacity as this client believes it (bounded by the mesh file's exit_capacity)",
+            capacity,
+        );
+        reg.register(
+            "nexd_exit_node_clients",
+            "Devices using each exit node, as it reports",
+            clients,
+        );
+        let reason = Family::<Labels, Gauge>::default();
+        if self.wanted {
+            reason
+                .get_or_create(&label("reason", self.chosen.label()))
+                .set(1);
+        }
+        reg.register(
+            "nexd_exit_node_choice_reason",
+            "1 for why this client chose the exit node it uses (spread, failover, overloaded, faster, rtt_only, pinned, ...)",
+            reason,
+        );
         let failovers: Counter = Counter::default();
         failovers.inc_by(self.failovers);
         reg.register(
@@ -439,18 +536,25 @@ impl ExitClient {
     }
 }
 
-/// Every peer the book knows, as a candidate for `exit::choose`.
-fn candidates(book: &PeerBook) -> impl Iterator<Item = Candidate<'_>> {
-    book.keys().filter_map(|k| {
-        Some(Candidate {
-            key: *k,
-            name: book.name(k)?,
-            live: book.live(k)?,
+/// Every peer the book knows, as a candidate for `exit::select`, with the
+/// capacity the mesh file gives it.
+fn offers<'a>(c: &Candidates<'a>) -> Vec<Offer<'a>> {
+    let book = c.book;
+    book.keys()
+        .filter_map(|k| {
+            Some(Offer {
+                candidate: Candidate {
+                    key: *k,
+                    name: book.name(k)?,
+                    live: book.live(k)?,
+                },
+                signed_capacity: c.mesh.device(k).and_then(|d| d.exit_capacity),
+            })
         })
-    })
+        .collect()
 }
 
-fn log_transition(prev: Phase, next: Phase, book: &PeerBook, now: Instant) {
+fn log_transition(prev: Phase, next: Phase, reason: Reason, book: &PeerBook, now: Instant) {
     let name = |k: &PublicKey| book.name(k).unwrap_or("?").to_owned();
     let available = |k: &PublicKey| {
         book.live(k).and_then(|l| exit::status(l, now)) == Some(exit::ExitStatus::Available)
@@ -463,6 +567,17 @@ fn log_transition(prev: Phase, next: Phase, book: &PeerBook, now: Instant) {
         (_, Phase::Waiting) => info!(
             "exit-node client wanted, but no exit node is available yet: waiting (the device keeps its direct path)"
         ),
+        (Phase::Active(old), Phase::Active(new))
+            if available(&old) && matches!(reason, Reason::Overloaded { .. }) =>
+        {
+            info!(
+                from = %name(&old),
+                to = %name(&new),
+                "exit node {} is overloaded: switching to {} ({reason})",
+                name(&old),
+                name(&new)
+            )
+        }
         (Phase::Active(old), Phase::Active(new)) if available(&old) => info!(
             from = %name(&old),
             to = %name(&new),

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::{
+    exit_load::{self, ForwardMeter, Forwarded},
     exit_probe::Round,
     exit_server::{self, ExitServer, ExitSettings, ProbeWiring},
     host::Host,
@@ -37,6 +38,8 @@ pub struct ExitRole {
     probe_tasks: u64,
     /// `follow` has run once (start-up logs differ from later changes).
     followed: bool,
+    /// Forwarded bits per second, for the load this exit node announces.
+    meter: ForwardMeter,
 }
 
 impl ExitRole {
@@ -52,6 +55,7 @@ impl ExitRole {
             probe_rounds: probes,
             probe_tasks: 0,
             followed: false,
+            meter: ForwardMeter::default(),
         }
     }
 
@@ -151,6 +155,43 @@ impl ExitRole {
             Err(e) => tracing::debug!(error = %e, "the exit table's per-client counters not read"),
         }
         Ok(rows)
+    }
+
+    /// The load to announce, while serving (issue 23): forwarded bits per
+    /// second from the data path's per-client counters, `clients` (the
+    /// peers that say they use this exit node), the uplink's link speed
+    /// lowered to this device's `exit_capacity` in the mesh file. Counters
+    /// that cannot be read count as nothing forwarded (logged at debug).
+    pub fn load_report(
+        &mut self,
+        host: &Host,
+        mesh: &Mesh,
+        clients: usize,
+        now: Instant,
+    ) -> Option<crate::announce::wire::LoadReport> {
+        let server = self.server.as_ref()?;
+        let totals = match host.programs.exit_clients() {
+            Ok(rows) => rows.iter().fold(Forwarded::default(), |t, r| Forwarded {
+                from_clients: t.from_clients + r.rx_bytes,
+                to_clients: t.to_clients + r.tx_bytes,
+            }),
+            Err(e) => {
+                tracing::debug!(error = %e, "exit clients' counters not read for the load");
+                Forwarded::default()
+            }
+        };
+        let bps = self.meter.sample(totals, now);
+        let uplinks = server.uplinks();
+        let link = uplinks
+            .v4
+            .as_deref()
+            .or(uplinks.v6.as_deref())
+            .map_or(0, link_bits_per_second);
+        let capacity = mesh
+            .device(&self.own)
+            .and_then(|d| d.exit_capacity)
+            .map(crate::mesh::Rate::bits_per_second);
+        Some(exit_load::report(bps, clients, link, capacity, None))
     }
 
     /// The exit node's connection tracking, while serving.
@@ -315,4 +356,13 @@ impl ExitRole {
             );
         }
     }
+}
+
+/// The interface's link speed from sysfs, bits per second; 0 when the
+/// kernel does not know it (virtual devices report -1 or fail).
+fn link_bits_per_second(interface: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/class/net/{interface}/speed"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or(0, |mbit| mbit.saturating_mul(1_000_000))
 }

@@ -135,6 +135,17 @@ impl Heartbeats {
         }
     }
 
+    /// The load this exit node announces from now on (issue 23).
+    pub fn set_load(&mut self, load: wire::LoadReport) {
+        self.book.set_load(load);
+    }
+
+    /// The exit node this device uses (its announcements to it say so,
+    /// and it counts this device among its clients).
+    pub fn set_exit_in_use(&mut self, exit: Option<PublicKey>) {
+        self.book.set_exit_in_use(exit);
+    }
+
     /// Sends every peer a heartbeat when one is due.
     pub fn send_due(&mut self, exit_node: bool, agent_port: u16, now: Instant) {
         if self

@@ -422,6 +422,7 @@ mod tests {
             exit_rate_limit: None,
             exit_flow_limit: None,
             exit_new_flow_rate: None,
+            exit_capacity: None,
             exit_group: None,
         }
     }

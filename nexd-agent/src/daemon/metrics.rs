@@ -28,7 +28,7 @@ pub fn text(v: &View<'_>) -> String {
         iface.register_metrics(&mut reg, v.book());
     }
     v.heartbeats.register_metrics(&mut reg, Instant::now());
-    v.exit_client.register_metrics(&mut reg, v.book());
+    v.exit_client.register_metrics(&mut reg, v.book(), v.mesh);
     v.exit_role.register_metrics(&mut reg, v.host);
     v.membership.register_metrics(&mut reg);
 

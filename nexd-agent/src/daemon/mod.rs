@@ -13,6 +13,7 @@ mod client_steps;
 mod endpoints;
 mod exit_client;
 mod exit_group;
+mod exit_load;
 mod exit_probe;
 mod exit_role;
 mod exit_server;

@@ -26,6 +26,7 @@
 //!   holds internet traffic back (fail-closed) instead of leaking it.
 
 pub mod plan;
+pub mod select;
 
 use std::time::{Duration, Instant};
 

@@ -127,6 +127,7 @@ struct RawDevice {
     exit_rate_limit: Option<Spanned<String>>,
     exit_flow_limit: Option<Spanned<i64>>,
     exit_new_flow_rate: Option<Spanned<i64>>,
+    exit_capacity: Option<Spanned<String>>,
     exit_group: Option<Spanned<String>>,
     exit_group_sync_ipv4: Option<Spanned<String>>,
     exit_group_uplink_ipv4: Option<Spanned<String>>,
@@ -451,6 +452,18 @@ impl DeviceCheck<'_, '_> {
             .ok()
         });
 
+        let exit_capacity = d.exit_capacity.as_ref().and_then(|r| {
+            if !exit_node {
+                self.add(
+                    r.span(),
+                    "exit_capacity is only for exit nodes (add exit_node = true, or remove it)",
+                );
+                return None;
+            }
+            rate::parse(r.get_ref())
+                .map_err(|m| self.add(r.span(), format!("exit_capacity {m}")))
+                .ok()
+        });
         let exit_group = self.exit_group(d, exit_node, claims);
 
         if self.problems.found.len() != before {
@@ -468,6 +481,7 @@ impl DeviceCheck<'_, '_> {
             exit_rate_limit,
             exit_flow_limit,
             exit_new_flow_rate,
+            exit_capacity,
             exit_group,
         })
     }
@@ -1093,6 +1107,69 @@ mod tests {
             device("a", 2, &key()),
             device("b", 3, &key())
         )
+    }
+
+    #[test]
+    fn exit_capacity_is_read_in_bits_per_second() {
+        for (text, bps) in [
+            ("2gbit", 2_000_000_000),
+            ("500mbit", 500_000_000),
+            ("1.5gbit", 1_500_000_000),
+            ("100mbyte", 800_000_000),
+        ] {
+            let mesh = parse(&exit_file(
+                &format!("exit_node = true\nexit_capacity = \"{text}\"\n"),
+                "",
+            ))
+            .expect("valid");
+            assert_eq!(
+                mesh.devices[0]
+                    .exit_capacity
+                    .map(crate::mesh::Rate::bits_per_second),
+                Some(bps),
+                "{text}"
+            );
+        }
+        let absent = parse(&exit_file("exit_node = true\n", "")).expect("valid");
+        assert_eq!(absent.devices[0].exit_capacity, None);
+    }
+
+    #[test]
+    fn a_bad_exit_capacity_names_the_device_and_the_field() {
+        for (value, says) in [
+            ("\"2gbps\"", "ambiguous"),
+            ("\"fast\"", "unknown unit"),
+            ("\"1.2.3gbit\"", "not a number"),
+            ("\"500\"", "no unit"),
+            ("\"10kbit\"", "out of range"),
+        ] {
+            let Err(p) = parse(&exit_file(
+                &format!("exit_node = true\nexit_capacity = {value}\n"),
+                "",
+            )) else {
+                panic!("{value} is refused");
+            };
+            let joined = p
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert!(
+                joined.contains("device \"exit\": exit_capacity") && joined.contains(says),
+                "{value}: {joined}"
+            );
+        }
+        // A number is not a rate (TOML's type error, located).
+        assert!(parse(&exit_file("exit_node = true\nexit_capacity = 2\n", "")).is_err());
+        // Only an exit node has a capacity.
+        let Err(p) = parse(&exit_file("", "exit_capacity = \"1gbit\"\n")) else {
+            panic!("a capacity without exit_node is refused");
+        };
+        assert!(
+            p[0].to_string()
+                .contains("device \"b\": exit_capacity is only for exit nodes"),
+            "{p:?}"
+        );
     }
 
     #[test]

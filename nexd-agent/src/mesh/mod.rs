@@ -89,6 +89,13 @@ pub struct Device {
     /// through an exit node (bursts of twice as many); `None`: the
     /// default.
     pub exit_new_flow_rate: Option<u32>,
+    /// `exit_capacity` on an exit node: how much it can forward (the
+    /// operator's word). Clients spread over exit nodes in proportion to
+    /// it and judge an exit node's load against it; what an exit node
+    /// announces of its own capacity is believed only up to this
+    /// (`exit::select::Load::believe`). `None`: its link speed, up to
+    /// 1 Gbit/s.
+    pub exit_capacity: Option<Rate>,
     /// `exit_group = "NAME"` (with `exit_group_sync_ipv4` and, for
     /// unicast VRRP, `exit_group_uplink_ipv4`): the exit group this exit
     /// node is a member of (issue 22). Validated: the group exists and the

@@ -102,7 +102,7 @@ pub fn parse(s: &str) -> Result<Rate, String> {
     })?;
     Rate::from_bits_per_second(bits).ok_or_else(|| {
         format!(
-            "{s:?} is out of range ({} to {}; leave exit_rate_limit out for no limit)",
+            "{s:?} is out of range ({} to {})",
             Rate {
                 bits_per_second: MIN_BITS_PER_SECOND
             },

@@ -63,6 +63,9 @@ pub fn render(mesh: &Mesh, header: &[String]) -> String {
         if let Some(n) = d.exit_new_flow_rate {
             let _ = writeln!(s, "exit_new_flow_rate = {n}");
         }
+        if let Some(rate) = &d.exit_capacity {
+            let _ = writeln!(s, "exit_capacity = {}", quote(&rate.to_string()));
+        }
         if let Some(m) = &d.exit_group {
             let _ = writeln!(
                 s,
@@ -128,7 +131,7 @@ mod tests {
              [[device]]\nname = \"b.c-d\"\npublic_key = \"{}\"\nlisten_port = 5000\nipv4 = \"100.100.0.2\"\nipv6 = \"fd00:1::2\"\n\
              [[device]]\nname = \"e\"\npublic_key = \"{}\"\nendpoint = \"exit.example.net:51820\"\nipv4 = \"100.100.0.3\"\nipv6 = \"fd00:1::3\"\n\
              exit_node = true\nexit_clients = [\"a\", \"b.c-d\"]\n\
-             [[device]]\nname = \"f\"\npublic_key = \"{}\"\nipv4 = \"100.100.0.4\"\nipv6 = \"fd00:1::4\"\nexit_node = true\nexit_rate_limit = \"200mbit\"\nexit_flow_limit = 100\nexit_new_flow_rate = 20\n\
+             [[device]]\nname = \"f\"\npublic_key = \"{}\"\nipv4 = \"100.100.0.4\"\nipv6 = \"fd00:1::4\"\nexit_node = true\nexit_rate_limit = \"200mbit\"\nexit_flow_limit = 100\nexit_new_flow_rate = 20\nexit_capacity = \"1500mbit\"\n\
              exit_group = \"eu\"\nexit_group_sync_ipv4 = \"10.9.0.1\"\nexit_group_uplink_ipv4 = \"198.51.100.2\"\n\
              [[exit_group]]\nname = \"eu\"\negress_ipv4 = \"198.51.100.10/24\"\negress_ipv6 = \"2001:db8::10\"\nuplink = \"eth1\"\nsync_interface = \"sync0\"\nvrrp_id = 7\nadvert_interval = 0.25\nunicast = true\n",
             PrivateKey::generate().public_key(),
@@ -144,6 +147,7 @@ mod tests {
         );
         assert!(mesh.devices.iter().any(|d| d.exit_rate_limit.is_some()));
         assert!(mesh.devices.iter().any(|d| d.exit_flow_limit == Some(100)));
+        assert!(mesh.devices.iter().any(|d| d.exit_capacity.is_some()));
         assert_eq!(mesh.exit_groups.len(), 1);
         assert_eq!(mesh.exit_groups[0].advert_centis, 25);
         let out = render(&mesh, &["exported".into()]);

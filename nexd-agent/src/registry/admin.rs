@@ -51,6 +51,8 @@ pub struct RoleChange {
     pub exit_node: Option<bool>,
     /// `Some(None)`: serve every device; `Some(Some(names))`: only these.
     pub exit_clients: Option<Option<Vec<String>>>,
+    /// `Some(None)`: no capacity (the link speed); `Some(Some(bps))`.
+    pub exit_capacity: Option<Option<u64>>,
 }
 
 impl RoleChange {
@@ -60,6 +62,9 @@ impl RoleChange {
         }
         if let Some(c) = &self.exit_clients {
             r.exit_clients = c.clone();
+        }
+        if let Some(c) = self.exit_capacity {
+            r.exit_capacity = c;
         }
         r
     }
@@ -636,10 +641,12 @@ impl Admin {
                     listen_port: d.listen_port,
                     endpoint: d.endpoint.as_ref().map(ToString::to_string),
                     // The exit roles come along (the file's exit_node and
-                    // exit_clients); check_importable refused rate limits.
+                    // exit_clients, exit_capacity); check_importable
+                    // refused rate limits.
                     roles: Roles {
                         exit_node: d.exit_node,
                         exit_clients: d.exit_clients.as_ref().map(|c| c.iter().cloned().collect()),
+                        exit_capacity: d.exit_capacity.map(crate::mesh::Rate::bits_per_second),
                     },
                     serial,
                     after_revocation: None,
@@ -843,6 +850,34 @@ mod tests {
         let k = Layout::new("/m").device(&d.public_key);
         let v = seal(admin, &k, d).expect("seal");
         (k, v)
+    }
+
+    #[test]
+    fn a_role_change_sets_keeps_or_clears_the_exit_capacity() {
+        let sized = Roles {
+            exit_node: true,
+            exit_capacity: Some(2_000_000_000),
+            ..Roles::default()
+        };
+        // Not named: kept, whatever else changes.
+        let other = RoleChange {
+            exit_clients: Some(Some(vec!["a".into()])),
+            ..RoleChange::default()
+        };
+        assert_eq!(
+            other.apply(sized.clone()).exit_capacity,
+            Some(2_000_000_000)
+        );
+        let set = RoleChange {
+            exit_capacity: Some(Some(500_000_000)),
+            ..RoleChange::default()
+        };
+        assert_eq!(set.apply(sized.clone()).exit_capacity, Some(500_000_000));
+        let clear = RoleChange {
+            exit_capacity: Some(None),
+            ..RoleChange::default()
+        };
+        assert_eq!(clear.apply(sized).exit_capacity, None);
     }
 
     #[test]

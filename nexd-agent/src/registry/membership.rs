@@ -222,6 +222,11 @@ fn assemble(
             exit_rate_limit: None,
             exit_flow_limit: None,
             exit_new_flow_rate: None,
+            // Out of range (only a hand-made record): no capacity.
+            exit_capacity: d
+                .roles
+                .exit_capacity
+                .and_then(crate::mesh::Rate::from_bits_per_second),
             exit_group: None,
         });
     }
@@ -295,6 +300,7 @@ mod tests {
         let mut b = device("b", 2, 3);
         b.endpoint = Some("192.0.2.2:51820".into());
         b.roles.exit_node = true;
+        b.roles.exit_capacity = Some(2_000_000_000);
         f.add(&a);
         f.add(&b);
         // a publishes its endpoint under its lease.
@@ -311,7 +317,7 @@ mod tests {
         let text = format!(
             "[mesh]\nipv4_prefix = \"100.64.0.0/10\"\nipv6_prefix = \"fd6e:6578:6400::/48\"\n\
              [[device]]\nname = \"a\"\npublic_key = \"{}\"\nendpoint = \"198.51.100.7:4000\"\nlisten_port = 51820\nipv4 = \"100.64.0.1\"\nipv6 = \"fd6e:6578:6400::1\"\n\
-             [[device]]\nname = \"b\"\npublic_key = \"{}\"\nendpoint = \"192.0.2.2:51820\"\nipv4 = \"100.64.0.2\"\nipv6 = \"fd6e:6578:6400::2\"\nexit_node = true\n",
+             [[device]]\nname = \"b\"\npublic_key = \"{}\"\nendpoint = \"192.0.2.2:51820\"\nipv4 = \"100.64.0.2\"\nipv6 = \"fd6e:6578:6400::2\"\nexit_node = true\nexit_capacity = \"2gbit\"\n",
             a.public_key, b.public_key
         );
         assert_eq!(m.mesh, mesh::parse(&text).expect("file"));
@@ -457,6 +463,7 @@ mod tests {
         only_a.roles = Roles {
             exit_node: true,
             exit_clients: Some(vec!["a".into()]),
+            ..Roles::default()
         };
         only_a.serial = 4;
         f.add(&only_a);

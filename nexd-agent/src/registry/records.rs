@@ -76,6 +76,11 @@ pub struct Roles {
     /// The devices (by name) this exit node serves; `None`: every device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_clients: Option<Vec<String>>,
+    /// The exit node's capacity in bits per second (the mesh file's
+    /// `exit_capacity`): signed with the rest, so an exit node cannot
+    /// raise it. Absent in records signed before issue 23.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_capacity: Option<u64>,
 }
 
 /// An approved device (`PREFIX/devices/<id>`), signed.
