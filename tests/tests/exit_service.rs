@@ -1124,7 +1124,6 @@ fn a_clients_flows_to_the_exit_node_itself_count_against_its_limit() -> anyhow::
 /// resolver there: the client's and its LAN host's queries to it go
 /// straight to it, beside the exit node, with exit mode active.
 #[test]
-#[ignore = "finding F: DNS to a non-member address of the mesh prefix is not redirected and leaves directly"]
 fn dns_to_a_resolver_in_the_mesh_prefix_that_is_no_member_goes_through_the_exit_node()
 -> anyhow::Result<()> {
     if !nexd_testkit::privileged()? {

@@ -52,6 +52,7 @@ use super::{
 use crate::{
     announce::Incoming,
     control::protocol::{ErrorCode, Method, Reply, Response},
+    exit::plan::Dns,
     keys::{PrivateKey, PublicKey},
     mesh::Mesh,
     netlink::Netlink,
@@ -318,6 +319,7 @@ impl Daemon {
         if let Err(e) = self.apply_mesh(mesh).await {
             log_error_lines("applying the membership failed", &e);
         }
+        self.refresh_dns_redirect();
         if let Err(e) = self.sync_programs().await {
             log_error_lines("updating the data path failed", &e);
         }
@@ -540,6 +542,22 @@ impl Daemon {
         };
         if missing {
             self.evaluate_exit().await;
+        }
+    }
+
+    /// The DNS redirect leaves queries to the members' addresses alone,
+    /// so it follows the members: one that left must not keep an address
+    /// the redirect skips (routed to the uplink now, its queries would go
+    /// direct).
+    fn refresh_dns_redirect(&mut self) {
+        let dns = self.exit_client.installed_dns();
+        if dns == Dns::Off {
+            return;
+        }
+        if let Some((_, _, steps)) = self.exit_parts()
+            && let Err(e) = steps.refresh_dns(dns)
+        {
+            log_error_lines("updating the DNS redirect for the members failed", &e);
         }
     }
 

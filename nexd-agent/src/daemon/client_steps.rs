@@ -70,12 +70,18 @@ impl ClientSteps<'_> {
             .await?)
     }
 
+    /// Writes the DNS redirect `d` again, for members that changed.
+    pub fn refresh_dns(&self, d: Dns) -> anyhow::Result<()> {
+        self.redirect_dns(d)
+    }
+
     fn redirect_dns(&self, d: Dns) -> anyhow::Result<()> {
         let ctx = dns::Context {
             wg: self.iface.name().to_owned(),
             mesh_v4: self.mesh.ipv4_prefix,
             mesh_v6: self.mesh.ipv6_prefix,
             kill_switch: self.kill_switch,
+            members: super::reconcile::member_routes(self.mesh),
         };
         let redirect = match d {
             Dns::Off => return Ok(dns::remove()?),

@@ -215,6 +215,11 @@ impl ExitClient {
         true
     }
 
+    /// The DNS redirect in place (`Off` when none is).
+    pub fn installed_dns(&self) -> Dns {
+        self.installed.dns
+    }
+
     /// The nftables tables the client has in place (for the record).
     pub fn nft_tables(&self) -> Vec<String> {
         if self.installed.dns == Dns::Off {

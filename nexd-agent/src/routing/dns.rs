@@ -33,7 +33,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tracing::info;
 
 use super::nft::{self, NftError, Table};
@@ -58,6 +58,12 @@ pub struct Context {
     pub wg: String,
     pub mesh_v4: Ipv4Net,
     pub mesh_v6: Ipv6Net,
+    /// The members' addresses (aggregated, as routed into the tunnel):
+    /// queries to them are left alone. Not the whole mesh prefix: an
+    /// address of it that is no member's is routed to the uplink, and a
+    /// resolver there (a carrier's network in 100.64.0.0/10) would get
+    /// queries directly.
+    pub members: Vec<IpNet>,
     pub kill_switch: bool,
 }
 
@@ -79,11 +85,20 @@ pub fn script(ctx: &Context, redirect: Redirect, zone: u16) -> String {
         mesh_v4,
         mesh_v6,
         kill_switch,
+        members: _,
     } = ctx;
     // Queries this table acts on: DNS to anything but loopback and the mesh.
+    let of = |v6: bool| -> String {
+        ctx.members
+            .iter()
+            .filter(|n| matches!(n, IpNet::V6(_)) == v6)
+            .map(|n| format!(", {}", n.trunc()))
+            .collect()
+    };
+    let (members4, members6) = (of(false), of(true));
     let v4 =
-        format!("ip daddr != {{ 127.0.0.0/8, {mesh_v4} }} meta l4proto {{ tcp, udp }} th dport 53");
-    let v6 = format!("ip6 daddr != {{ ::1, {mesh_v6} }} meta l4proto {{ tcp, udp }} th dport 53");
+        format!("ip daddr != {{ 127.0.0.0/8{members4} }} meta l4proto {{ tcp, udp }} th dport 53");
+    let v6 = format!("ip6 daddr != {{ ::1{members6} }} meta l4proto {{ tcp, udp }} th dport 53");
     let mut chains = String::new();
     for (hook, iif) in from_lan_and_device("prerouting", wg) {
         chains.push_str(&format!(
@@ -182,6 +197,10 @@ mod tests {
             mesh_v4: "100.64.0.0/10".parse().expect("v4"),
             mesh_v6: "fd6e:6578:6400::/48".parse().expect("v6"),
             kill_switch,
+            members: vec![
+                "100.64.0.0/30".parse().expect("v4"),
+                "fd6e:6578:6400::/126".parse().expect("v6"),
+            ],
         }
     }
 
@@ -200,7 +219,7 @@ mod tests {
             "{s}"
         );
         assert!(
-            s.contains("iifname != \"wg0\" ip daddr != { 127.0.0.0/8, 100.64.0.0/10 } meta l4proto { tcp, udp } th dport 53 counter name \"redirected\" dnat ip to 100.64.0.1:53"),
+            s.contains("iifname != \"wg0\" ip daddr != { 127.0.0.0/8, 100.64.0.0/30 } meta l4proto { tcp, udp } th dport 53 counter name \"redirected\" dnat ip to 100.64.0.1:53"),
             "{s}"
         );
         assert!(s.contains("type nat hook output priority -100"), "{s}");
