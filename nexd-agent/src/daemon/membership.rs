@@ -412,18 +412,10 @@ mod tests {
     fn device(name: &str, key: PublicKey, n: u8) -> Device {
         Device {
             name: name.into(),
-            public_key: key,
             endpoint: None,
-            listen_port: 51820,
             ipv4: std::net::Ipv4Addr::new(100, 64, 0, n),
             ipv6: format!("fd6e:6578:6400::{n}").parse().expect("v6"),
-            exit_node: false,
-            exit_clients: None,
-            exit_rate_limit: None,
-            exit_flow_limit: None,
-            exit_new_flow_rate: None,
-            exit_capacity: None,
-            exit_group: None,
+            ..crate::testing::device(usize::from(n), key)
         }
     }
 

@@ -214,17 +214,7 @@ pub struct Egress {
 /// The nftables transaction for the exit node, without the input guard
 /// (kept for the daemon's current call; see [`ExitRules::script`]).
 pub fn script(wg: &str, uplinks: &Uplinks, v4: Ipv4Net, v6: Ipv6Net) -> String {
-    ExitRules {
-        wg: wg.to_owned(),
-        uplinks: uplinks.clone(),
-        mesh_v4: v4,
-        mesh_v6: v6,
-        own: None,
-        allow: Vec::new(),
-        clients: Vec::new(),
-        egress: None,
-    }
-    .script()
+    ExitRules::basic(wg, uplinks.clone(), v4, v6).script()
 }
 
 /// A set's elements, as nft writes them.
@@ -237,6 +227,21 @@ fn elements<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
 }
 
 impl ExitRules {
+    /// The rules without the input guard, shared subnets, clients' limits
+    /// or a group: what the table is before the daemon knows more.
+    pub fn basic(wg: &str, uplinks: Uplinks, mesh_v4: Ipv4Net, mesh_v6: Ipv6Net) -> Self {
+        ExitRules {
+            wg: wg.to_owned(),
+            uplinks,
+            mesh_v4,
+            mesh_v6,
+            own: None,
+            allow: Vec::new(),
+            clients: Vec::new(),
+            egress: None,
+        }
+    }
+
     /// The nftables transaction: replaces the table whole.
     pub fn script(&self) -> String {
         let ExitRules {
@@ -438,19 +443,7 @@ impl ExitForwarding {
         v6: Ipv6Net,
         sysctls: &mut Sysctls,
     ) -> Result<Self, ForwardError> {
-        Self::apply(
-            &ExitRules {
-                wg: wg.to_owned(),
-                uplinks,
-                mesh_v4: v4,
-                mesh_v6: v6,
-                own: None,
-                allow: Vec::new(),
-                clients: Vec::new(),
-                egress: None,
-            },
-            sysctls,
-        )
+        Self::apply(&ExitRules::basic(wg, uplinks, v4, v6), sysctls)
     }
 
     /// Installs (or replaces, atomically) the nftables table, then turns
