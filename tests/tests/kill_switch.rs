@@ -392,7 +392,6 @@ fn kill_switch_refuses_a_bpffs_that_would_die_with_nexd() -> anyhow::Result<()> 
 /// lets out through every link nexd knew, and the guard is only on the
 /// links that were uplinks: nothing holds the new uplink shut.
 #[test]
-#[ignore = "finding A: a known link that becomes the uplink while nexd is down leaks"]
 fn kill_switch_covers_a_known_link_that_becomes_the_uplink_while_nexd_is_down() -> anyhow::Result<()>
 {
     if !nexd_testkit::privileged()? {

@@ -105,7 +105,7 @@ pub struct Programs {
     /// guard, or a previous nexd's taken over with it).
     kill_switch_table: bool,
     /// The links the table lets out through, as last written by this nexd.
-    kill_switch_links: Option<Vec<u32>>,
+    kill_switch_links: Option<crate::routing::kill_switch::Allowed>,
     /// The clsact qdiscs a previous nexd's record says it added.
     inherited_clsact: Vec<String>,
 }
@@ -340,15 +340,27 @@ impl Programs {
         if self.guard {
             // The rule that outlives nexd first, so a link that appears
             // from here on is held shut until nexd has looked at it.
-            let mut known = nl
-                .link_indices()
+            let mut open = Vec::new();
+            for name in uplinks
+                .iter()
+                .map(String::as_str)
+                .chain(["lo", self.settings.wg_iface.as_str()])
+            {
+                if let Some(i) = nl
+                    .link_index(name)
+                    .await
+                    .with_context(|| format!("finding {name} for the kill switch's table"))?
+                {
+                    open.push(i);
+                }
+            }
+            let allowed = crate::routing::kill_switch::Allowed::read(nl, open)
                 .await
-                .context("listing links for the kill switch's table")?;
-            known.sort_unstable();
-            if self.kill_switch_links.as_ref() != Some(&known) {
-                crate::routing::kill_switch::apply(self.settings.fwmark, &known)
+                .context("reading links and routes for the kill switch's table")?;
+            if self.kill_switch_links.as_ref() != Some(&allowed) {
+                crate::routing::kill_switch::apply(self.settings.fwmark, &allowed)
                     .context("the kill switch's nftables table")?;
-                self.kill_switch_links = Some(known);
+                self.kill_switch_links = Some(allowed);
             }
             for u in &uplinks {
                 let l2 = is_l2(nl, u).await?;

@@ -5,14 +5,9 @@
 //! partner's prefix a policy rule sends through table 100), so it reads
 //! them here and again whenever links, addresses or routes change.
 
-use std::net::IpAddr;
-
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
-use netlink_packet_route::{
-    address::AddressAttribute,
-    route::{RouteAddress, RouteAttribute},
-};
+use netlink_packet_route::address::AddressAttribute;
 
 use super::routes;
 use crate::netlink::{Netlink, NetlinkError};
@@ -50,19 +45,11 @@ pub async fn addresses(nl: &Netlink) -> Result<Vec<IpNet>, NetlinkError> {
 pub async fn routed_subnets(nl: &Netlink) -> Result<Vec<IpNet>, NetlinkError> {
     let mut out = Vec::new();
     for (_, r) in routes::of_every_table(nl).await? {
-        let len = r.header.destination_prefix_length;
-        if len <= 1 {
+        if r.header.destination_prefix_length <= 1 {
             continue;
         }
-        let dst = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
-            RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
-            _ => None,
-        });
-        if let Some(ip) = dst
-            && let Ok(net) = IpNet::new(ip, len)
-        {
-            out.push(net.trunc());
+        if let Some(net) = routes::destination(&r) {
+            out.push(net);
         }
     }
     out.sort();

@@ -4,10 +4,11 @@
 //! every route of a table, and adding or deleting one where "already
 //! gone" is not an error.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt as _;
-use netlink_packet_route::route::{RouteAttribute, RouteMessage};
+use ipnet::IpNet;
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::RouteMessageBuilder;
 
 use crate::netlink::{Netlink, NetlinkError};
@@ -25,6 +26,19 @@ pub fn table_of(msg: &RouteMessage) -> u32 {
             _ => None,
         })
         .unwrap_or(u32::from(msg.header.table))
+}
+
+/// The destination prefix of a route (`None` for a default route, which
+/// carries no destination, or an address of another family).
+pub fn destination(msg: &RouteMessage) -> Option<IpNet> {
+    let ip = msg.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+        RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+        _ => None,
+    })?;
+    IpNet::new(ip, msg.header.destination_prefix_length)
+        .ok()
+        .map(|n| n.trunc())
 }
 
 /// The output interface of a route, if it names one.
