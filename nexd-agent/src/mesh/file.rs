@@ -876,6 +876,20 @@ mod tests {
         parse(text).expect_err("must be rejected")
     }
 
+    /// Asserts the problems are exactly `expected` in number, each one
+    /// found (as a part of a `line:column: message`).
+    fn reports(p: &[Problem], expected: &[&str]) {
+        let joined = p
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        for e in expected {
+            assert!(joined.contains(e), "{e:?} not in:\n{joined}");
+        }
+        assert_eq!(p.len(), expected.len(), "{joined}");
+    }
+
     #[test]
     fn syntax_error_has_line_and_column() {
         let p = problems("[mesh]\nmtu = = 3\n");
@@ -907,36 +921,17 @@ mod tests {
             device("a", 2, &k),
             "[[device]]\nname = \"c\"\npublic_key = \"AAAA\"\nendpoint = \"192.0.2.1:51820\"\nipv4 = \"10.0.0.1\"\nipv6 = \"fd6e:6578:6400::1\"\n"
         );
-        let p = problems(&text);
-        let msgs: Vec<String> = p.iter().map(ToString::to_string).collect();
-        let joined = msgs.join("\n");
-        assert!(
-            joined.contains("9:8: duplicate device name \"a\""),
-            "{joined}"
+        reports(
+            &problems(&text),
+            &[
+                "9:8: duplicate device name \"a\"",
+                "10:14: device \"a\": public_key is already used by device \"a\"",
+                "17:14: device \"c\": public_key is not a WireGuard public key",
+                "18:12: device \"c\": endpoint 192.0.2.1:51820 is already used",
+                "19:8: device \"c\": ipv4 10.0.0.1 is not inside the mesh prefix 100.64.0.0/10",
+                "20:8: device \"c\": ipv6 fd6e:6578:6400::1 is already used",
+            ],
         );
-        assert!(
-            joined.contains("10:14: device \"a\": public_key is already used by device \"a\""),
-            "{joined}"
-        );
-        assert!(
-            joined.contains("17:14: device \"c\": public_key is not a WireGuard public key"),
-            "{joined}"
-        );
-        assert!(
-            joined.contains("18:12: device \"c\": endpoint 192.0.2.1:51820 is already used"),
-            "{joined}"
-        );
-        assert!(
-            joined.contains(
-                "19:8: device \"c\": ipv4 10.0.0.1 is not inside the mesh prefix 100.64.0.0/10"
-            ),
-            "{joined}"
-        );
-        assert!(
-            joined.contains("20:8: device \"c\": ipv6 fd6e:6578:6400::1 is already used"),
-            "{joined}"
-        );
-        assert_eq!(p.len(), 6, "{joined}");
     }
 
     /// Every problem of `text`, as `line:column: message`.
@@ -1228,44 +1223,26 @@ mod tests {
             "exit_node = true\nexit_clients = [\"a\", \"nobody\", \"a\"]\n",
             "exit_rate_limit = \"200mbps\"\n",
         ));
-        let joined = p
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\n");
-        assert!(
-            joined.contains("9:22: device \"exit\": exit_clients names \"nobody\", which is not a device of this file"),
-            "{joined}"
+        reports(
+            &p,
+            &[
+                "9:22: device \"exit\": exit_clients names \"nobody\", which is not a device of this file",
+                "9:32: device \"exit\": exit_clients lists \"a\" twice",
+                "25:19: device \"b\": exit_rate_limit \"200mbps\": unit \"mbps\" is ambiguous",
+            ],
         );
-        assert!(
-            joined.contains("9:32: device \"exit\": exit_clients lists \"a\" twice"),
-            "{joined}"
-        );
-        assert!(
-            joined.contains(
-                "25:19: device \"b\": exit_rate_limit \"200mbps\": unit \"mbps\" is ambiguous"
-            ),
-            "{joined}"
-        );
-        assert_eq!(p.len(), 3, "{joined}");
 
         let p = problems(&exit_file(
             "",
             "exit_flow_limit = 15\nexit_new_flow_rate = 0\n",
         ));
-        let joined: Vec<String> = p.iter().map(ToString::to_string).collect();
-        let joined = joined.join("\n");
-        assert!(
-            joined.contains(
-                "device \"b\": exit_flow_limit: 15 is out of range (16 to 1000000 flows)"
-            ),
-            "{joined}"
+        reports(
+            &p,
+            &[
+                "device \"b\": exit_flow_limit: 15 is out of range (16 to 1000000 flows)",
+                "device \"b\": exit_new_flow_rate: 0 is out of range (1 to 100000 new flows a second)",
+            ],
         );
-        assert!(
-            joined.contains("device \"b\": exit_new_flow_rate: 0 is out of range (1 to 100000 new flows a second)"),
-            "{joined}"
-        );
-        assert_eq!(p.len(), 2, "{joined}");
 
         let p = problems(&exit_file("exit_clients = [\"a\"]\n", ""));
         assert_eq!(p.len(), 1, "{p:?}");
