@@ -14,7 +14,7 @@ use std::{
     str::FromStr,
 };
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -687,16 +687,27 @@ impl DeviceCheck<'_, '_> {
     }
 }
 
-fn parse_v4_prefix(s: &str) -> Result<Ipv4Net, String> {
-    let net: Ipv4Net = s
+/// `s` as a prefix of the family `N` (`example` shows one), without host
+/// bits.
+fn whole_prefix<N>(s: &str, example: &str) -> Result<N, String>
+where
+    N: std::str::FromStr + Copy + Into<IpNet>,
+{
+    let net: N = s
         .parse()
-        .map_err(|_| format!("{s:?} is not an IPv4 prefix like 100.64.0.0/10"))?;
-    if net.trunc() != net {
+        .map_err(|_| format!("{s:?} is not an {example}"))?;
+    let as_ip: IpNet = net.into();
+    if as_ip.trunc() != as_ip {
         return Err(format!(
             "{s} has host bits set; the prefix is {}",
-            net.trunc()
+            as_ip.trunc()
         ));
     }
+    Ok(net)
+}
+
+fn parse_v4_prefix(s: &str) -> Result<Ipv4Net, String> {
+    let net: Ipv4Net = whole_prefix(s, "IPv4 prefix like 100.64.0.0/10")?;
     if net.prefix_len() > 30 {
         return Err(format!("{s} is too small for a mesh (at most /30)"));
     }
@@ -704,15 +715,7 @@ fn parse_v4_prefix(s: &str) -> Result<Ipv4Net, String> {
 }
 
 fn parse_v6_prefix(s: &str) -> Result<Ipv6Net, String> {
-    let net: Ipv6Net = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not an IPv6 prefix like fd6e:6578:6400::/48"))?;
-    if net.trunc() != net {
-        return Err(format!(
-            "{s} has host bits set; the prefix is {}",
-            net.trunc()
-        ));
-    }
+    let net: Ipv6Net = whole_prefix(s, "IPv6 prefix like fd6e:6578:6400::/48")?;
     const ULA: Ipv6Net = Ipv6Net::new_assert(Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7);
     if !ULA.contains(&net) {
         return Err(format!(

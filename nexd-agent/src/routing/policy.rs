@@ -125,6 +125,57 @@ fn rule_key(r: &RuleMessage) -> RuleKey {
     }
 }
 
+impl std::fmt::Display for RuleKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} rule", if self.v6 { "IPv6" } else { "IPv4" })?;
+        if let Some(p) = self.priority {
+            write!(f, " {p}:")?;
+        }
+        if let Some(m) = self.fwmark {
+            let not = if self.invert { " not" } else { "" };
+            write!(f, "{not} fwmark {m:#x}")?;
+        }
+        match self.table {
+            MAIN_TABLE => f.write_str(" lookup main")?,
+            t => write!(f, " lookup {t}")?,
+        }
+        if let Some(l) = self.suppress {
+            write!(f, " suppress_prefixlength {l}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Adds the rule `key` describes (what the kernel dumps back as `key`).
+async fn add_rule(nl: &Netlink, key: RuleKey) -> Result<(), NetlinkError> {
+    let mut req = nl
+        .handle()
+        .rule()
+        .add()
+        .table_id(key.table)
+        .action(key.action);
+    if let Some(p) = key.priority {
+        req = req.priority(p);
+    }
+    if let Some(m) = key.fwmark {
+        req = req.fw_mark(m);
+    }
+    if key.invert {
+        req.message_mut().header.flags |= RuleFlags::Invert;
+    }
+    if let Some(l) = key.suppress {
+        req.message_mut()
+            .attributes
+            .push(RuleAttribute::SuppressPrefixLen(l));
+    }
+    let done = if key.v6 {
+        req.v6().execute().await
+    } else {
+        req.v4().execute().await
+    };
+    done.map_err(|e| NetlinkError::new(format!("adding {key}"), e))
+}
+
 /// The three rules of a family, in order of priority.
 fn wanted_rules(n: PolicyNumbers, v6: bool) -> [RuleKey; 3] {
     let rule = |priority: u32, table: u32| RuleKey {
@@ -197,25 +248,20 @@ impl ClientRouting {
     /// nexd's table. Before the rules, and removed after them.
     pub async fn add_fallback(&self, nl: &Netlink) -> Result<(), NetlinkError> {
         let table = self.numbers.table;
+        // After every other route of the table, needing no device.
+        fn last_unreachable<T>(b: RouteMessageBuilder<T>, table: u32) -> RouteMessage {
+            b.kind(RouteType::Unreachable)
+                .priority(FALLBACK_METRIC)
+                .table_id(table)
+                .build()
+        }
+        let v4 =
+            RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(Ipv4Addr::UNSPECIFIED, 0);
+        let v6 =
+            RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(Ipv6Addr::UNSPECIFIED, 0);
         for (fam, msg) in [
-            (
-                "IPv4",
-                RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-                    .kind(RouteType::Unreachable)
-                    .priority(FALLBACK_METRIC)
-                    .table_id(table)
-                    .build(),
-            ),
-            (
-                "IPv6",
-                RouteMessageBuilder::<Ipv6Addr>::new()
-                    .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
-                    .kind(RouteType::Unreachable)
-                    .priority(FALLBACK_METRIC)
-                    .table_id(table)
-                    .build(),
-            ),
+            ("IPv4", last_unreachable(v4, table)),
+            ("IPv6", last_unreachable(v6, table)),
         ] {
             routes::replace(nl, msg, || {
                 format!("adding {fam} unreachable default table {table}")
@@ -265,95 +311,9 @@ impl ClientRouting {
         }
         let present = self.find_rules(nl).await?;
         let have: Vec<RuleKey> = present.iter().map(rule_key).collect();
-        for v6 in [false, true] {
-            let [excl_key, suppress_key, not_marked_key] = wanted_rules(n, v6);
-            let fam = if v6 { "IPv6" } else { "IPv4" };
-            // <priority-1>: lookup <exclusion table>
-            if !have.contains(&excl_key) {
-                let excl = nl
-                    .handle()
-                    .rule()
-                    .add()
-                    .priority(n.priority - 1)
-                    .table_id(n.exclusion_table())
-                    .action(RuleAction::ToTable);
-                let r0 = if v6 {
-                    excl.v6().execute().await
-                } else {
-                    excl.v4().execute().await
-                };
-                r0.map_err(|e| {
-                    NetlinkError::new(
-                        format!(
-                            "adding rule {}: lookup {}",
-                            n.priority - 1,
-                            n.exclusion_table()
-                        ),
-                        e,
-                    )
-                })?;
-            }
-            // <priority>: lookup main, but not its routes that cover the
-            // internet (see SUPPRESS_V4/V6).
-            if !have.contains(&suppress_key) {
-                let mut suppress = nl
-                    .handle()
-                    .rule()
-                    .add()
-                    .priority(n.priority)
-                    .table_id(MAIN_TABLE)
-                    .action(RuleAction::ToTable);
-                suppress
-                    .message_mut()
-                    .attributes
-                    .push(RuleAttribute::SuppressPrefixLen(if v6 {
-                        SUPPRESS_V6
-                    } else {
-                        SUPPRESS_V4
-                    }));
-                let r1 = if v6 {
-                    suppress.v6().execute().await
-                } else {
-                    suppress.v4().execute().await
-                };
-                r1.map_err(|e| {
-                    NetlinkError::new(
-                        format!(
-                            "adding {fam} rule {}: lookup main suppress_prefixlength {}",
-                            n.priority,
-                            if v6 { SUPPRESS_V6 } else { SUPPRESS_V4 }
-                        ),
-                        e,
-                    )
-                })?;
-            }
-            // <priority+1>: not fwmark <mark> lookup <table>
-            if !have.contains(&not_marked_key) {
-                let mut not_marked = nl
-                    .handle()
-                    .rule()
-                    .add()
-                    .priority(n.priority + 1)
-                    .table_id(n.table)
-                    .fw_mark(n.fwmark)
-                    .action(RuleAction::ToTable);
-                not_marked.message_mut().header.flags |= RuleFlags::Invert;
-                let r2 = if v6 {
-                    not_marked.v6().execute().await
-                } else {
-                    not_marked.v4().execute().await
-                };
-                r2.map_err(|e| {
-                    NetlinkError::new(
-                        format!(
-                            "adding {fam} rule {}: not fwmark {:#x} lookup {}",
-                            n.priority + 1,
-                            n.fwmark,
-                            n.table
-                        ),
-                        e,
-                    )
-                })?;
+        for key in [false, true].into_iter().flat_map(|v6| wanted_rules(n, v6)) {
+            if !have.contains(&key) {
+                add_rule(nl, key).await?;
             }
         }
         // Now that every rule is in: what is none of them (or a second
@@ -527,6 +487,26 @@ mod tests {
 
     /// What `add_rules` finds in place is recognised as its own, so a
     /// repair adds only what is missing and deletes nothing it keeps.
+    #[test]
+    fn each_rule_is_named_as_ip_rule_shows_it() {
+        let n = PolicyNumbers::default();
+        let [excl, main, table] = wanted_rules(n, false);
+        assert_eq!(excl.to_string(), "IPv4 rule 28277: lookup 28281");
+        assert_eq!(
+            main.to_string(),
+            "IPv4 rule 28278: lookup main suppress_prefixlength 7"
+        );
+        assert_eq!(
+            table.to_string(),
+            "IPv4 rule 28279: not fwmark 0x6e78 lookup 28280"
+        );
+        let [_, main6, _] = wanted_rules(n, true);
+        assert_eq!(
+            main6.to_string(),
+            "IPv6 rule 28278: lookup main suppress_prefixlength 31"
+        );
+    }
+
     #[test]
     fn the_rules_the_kernel_dumps_back_are_recognised_as_nexds() {
         let n = PolicyNumbers {
