@@ -867,6 +867,38 @@ fn exit_node_switches_to_a_clearly_faster_one_after_the_dwell_time() -> anyhow::
     Ok(())
 }
 
+/// A client in exit mode through exit1, the internet server counting
+/// what arrives from the client's own addresses (`leak4`, `leak6`), and a
+/// thread sending a UDP datagram per family to the server every `gap`
+/// for `for_`.
+fn active_client_flooding(
+    for_: Duration,
+    gap: Duration,
+) -> anyhow::Result<(World, std::thread::JoinHandle<anyhow::Result<()>>)> {
+    let mut w = World::new(&["exit1", "client"])?;
+    w.node_mut("exit1")
+        .start(&spec(&["router", "--exit-node"]))?;
+    w.node_mut("client").start(&spec(&["--exit-node-client"]))?;
+    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
+    for v6 in [false, true] {
+        let name = if v6 { "leak6" } else { "leak4" };
+        w.inet.watch(name, &w.underlay("client", v6).to_string())?;
+    }
+    let client = Netns::attach(w.node("client").ns.name())?;
+    let flood = client.spawn_in(move || {
+        let s4 = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let s6 = std::net::UdpSocket::bind("[::]:0")?;
+        let until = Instant::now() + for_;
+        while Instant::now() < until {
+            let _ = s4.send_to(b"x", (World::server(false), 9));
+            let _ = s6.send_to(b"x", (World::server(true), 9));
+            std::thread::sleep(gap);
+        }
+        Ok(())
+    })?;
+    Ok((w, flood))
+}
+
 /// Attack on issue 21, finding 0: what nexd's client routing relies on
 /// is removed while exit mode is active (the whole of nexd's table, v4
 /// and v6; the rule that sends unmarked traffic there), while the client
@@ -885,27 +917,7 @@ fn removing_the_clients_routing_while_active_leaks_nothing() -> anyhow::Result<(
     if !nexd_testkit::privileged()? {
         return Ok(());
     }
-    let mut w = World::new(&["exit1", "client"])?;
-    w.node_mut("exit1")
-        .start(&spec(&["router", "--exit-node"]))?;
-    w.node_mut("client").start(&spec(&["--exit-node-client"]))?;
-    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
-    for v6 in [false, true] {
-        let name = if v6 { "leak6" } else { "leak4" };
-        w.inet.watch(name, &w.underlay("client", v6).to_string())?;
-    }
-    let client = Netns::attach(w.node("client").ns.name())?;
-    let flood = client.spawn_in(|| {
-        let s4 = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        let s6 = std::net::UdpSocket::bind("[::]:0")?;
-        let until = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < until {
-            let _ = s4.send_to(b"x", (World::server(false), 9));
-            let _ = s6.send_to(b"x", (World::server(true), 9));
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
-    })?;
+    let (w, flood) = active_client_flooding(Duration::from_secs(5), Duration::from_millis(1))?;
     let ns = &w.node("client").ns;
     std::thread::sleep(Duration::from_millis(500));
     let mut seen = Vec::new();
@@ -946,27 +958,7 @@ fn repairing_one_familys_rule_leaks_nothing_of_the_other() -> anyhow::Result<()>
     if !nexd_testkit::privileged()? {
         return Ok(());
     }
-    let mut w = World::new(&["exit1", "client"])?;
-    w.node_mut("exit1")
-        .start(&spec(&["router", "--exit-node"]))?;
-    w.node_mut("client").start(&spec(&["--exit-node-client"]))?;
-    w.node("client").wait_phase(ClientPhase::Active, T * 2)?;
-    for v6 in [false, true] {
-        let name = if v6 { "leak6" } else { "leak4" };
-        w.inet.watch(name, &w.underlay("client", v6).to_string())?;
-    }
-    let client = Netns::attach(w.node("client").ns.name())?;
-    let flood = client.spawn_in(|| {
-        let s4 = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        let s6 = std::net::UdpSocket::bind("[::]:0")?;
-        let until = Instant::now() + Duration::from_secs(8);
-        while Instant::now() < until {
-            let _ = s4.send_to(b"x", (World::server(false), 9));
-            let _ = s6.send_to(b"x", (World::server(true), 9));
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        Ok(())
-    })?;
+    let (w, flood) = active_client_flooding(Duration::from_secs(8), Duration::from_micros(100))?;
     let ns = &w.node("client").ns;
     std::thread::sleep(Duration::from_millis(300));
     // (v4 leaked while v6 was repaired, v6 leaked while v4 was)
